@@ -1,0 +1,156 @@
+"""ONNX Runtime backend: trainable weights are graph inputs bound once, zero-copy, by IOBinding.
+
+Measured on this project's reference machine (DESIGN.md section 6): binding the arena views
+as OrtValues is zero-copy and in-place numpy edits are seen by the live session. Frozen
+parameters are baked into the graph as initializers before the session is created, so ORT can
+constant-fold and prepack them (a conv net whose convs are frozen keeps its fast conv path).
+`SessionOptions.add_initializer` is deliberately not used: its prepacked copies go stale.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgelearn.errors import BundleError, EdgelearnError
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+    from edgelearn.params import ParamStore
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgelearnError(
+            "the onnxruntime backend needs onnxruntime: pip install 'edgelearn[onnx]'"
+        ) from None
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarray]) -> bytes:
+    """The ONNX model with the graph inputs named in `values` turned into initializers.
+
+    Args:
+        model_path: an .onnx file without external data.
+        values: parameter name -> array (float32/int8 ...) to bake as a constant.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise EdgelearnError("baking frozen weights needs onnx: pip install 'edgelearn[onnx]'") \
+            from None
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise BundleError(f"{os.path.basename(model_path)}: not a valid ONNX model ({e})") \
+            from None
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            raise BundleError(
+                f"{os.path.basename(model_path)}: initializer {init.name!r} uses external data, "
+                "which bundles do not allow"
+            )
+    keep = [i for i in model.graph.input if i.name not in values]
+    baked = [i.name for i in model.graph.input if i.name in values]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for name in baked:
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(values[name]), name))
+    return model.SerializeToString()
+
+
+class OrtBackend:
+    """ONNX Runtime session over a bundle's model.onnx.
+
+    Args:
+        bundle: the loaded bundle.
+        threads: intra-op threads (None = ORT default, one per core).
+        providers: execution providers, e.g. ["CPUExecutionProvider"] (None = CPU).
+        graph: which model file of the bundle to run (files role, default "onnx").
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        graph: str = "onnx",
+    ) -> None:
+        if graph not in bundle.files:
+            raise BundleError(f"bundle has no {graph!r} model (it carries {bundle.formats})")
+        self.bundle = bundle
+        self.model_path = bundle.files[graph]
+        self.threads = threads
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.session: Any = None
+        self._io: Any = None
+        self._keepalive: list[Any] = []
+        self.bound: list[str] = []
+
+    def _options(self, ort: Any) -> Any:
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        return so
+
+    def bind(self, store: ParamStore) -> None:
+        """Build the session (frozen parameters baked) and bind trainable views zero-copy."""
+        ort = _import_ort()
+        frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
+        src: Any = str(self.model_path)
+        if frozen:
+            src = baked_model_bytes(self.model_path, frozen)
+        try:
+            self.session = ort.InferenceSession(
+                src, sess_options=self._options(ort), providers=self.providers
+            )
+        except Exception as e:  # ORT raises its own exception types
+            raise BundleError(f"{self.model_path.name}: onnxruntime cannot load it ({e})") \
+                from None
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        data_inputs = {t.name for t in self.bundle.inputs}
+        io = self.session.io_binding()
+        self._keepalive = []
+        self.bound = []
+        for name in store.trainable_names:
+            if name not in graph_inputs:
+                continue  # parameter unused by this graph
+            view = store[name]
+            ov = ort.OrtValue.ortvalue_from_numpy(view)
+            io.bind_ortvalue_input(name, ov)
+            self._keepalive.append((view, ov))
+            self.bound.append(name)
+        missing = graph_inputs - data_inputs - set(self.bound)
+        if missing:
+            raise BundleError(f"graph inputs {sorted(missing)} are neither data nor parameters")
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        self._io = io
+        self.store = store
+
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on `inputs` with the store's current weights (no session rebuild)."""
+        if self._io is None:
+            raise EdgelearnError("backend is not bound: call bind(store) first")
+        self.bundle.check_inputs(inputs)
+        io = self._io
+        for name, arr in inputs.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        # Outputs are re-bound every call: a bound output keeps its first shape, and the
+        # batch dimension is symbolic.
+        io.clear_binding_outputs()
+        for name in self._out_names:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        return dict(zip(self._out_names, io.copy_outputs_to_cpu()))

@@ -1,0 +1,289 @@
+"""Append-only, checksummed, fsynced journal of JSON records (e.g. per-step training state).
+
+File layout: the 8-byte magic ``b"ELJRNL01"``, then records. Each record is an 8-byte
+little-endian header ``<II`` = (payload length in bytes, CRC-32 of the payload) followed by the
+payload, a UTF-8 JSON object written with sorted keys, compact separators and
+``allow_nan=False``. Python floats round-trip exactly through JSON (``repr`` is shortest
+round-trip), so values read back compare equal to the values appended.
+
+Crash model: a write interrupted by a crash can leave a torn tail (short header, short payload,
+or bytes whose CRC does not match). Readers stop at the *first* record that is incomplete,
+oversized, fails its CRC or is not a JSON object, and report how many bytes before it are good;
+anything after that point is ignored, even if valid-looking records follow (a journal is only
+ever appended to, so valid data after a bad record means the file was damaged some other way,
+and replaying past a hole would silently skip a step). ``Journal`` truncates such a tail on open
+so new records never follow garbage.
+
+Single writer only: no file locking is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from types import TracebackType
+from typing import Any, BinaryIO
+
+from edgelearn.errors import EdgelearnError
+
+MAGIC = b"ELJRNL01"
+MAX_RECORD_BYTES = 16 << 20
+_HEADER = struct.Struct("<II")
+
+
+class JournalError(EdgelearnError, ValueError):
+    """A journal file is missing or has a bad magic, or a record cannot be journaled."""
+
+
+def _reject_constant(name: str) -> Any:
+    # json.loads accepts NaN/Infinity by default; the writer never emits them, so seeing one
+    # means the payload is not ours.
+    raise ValueError(f"non-finite JSON constant {name}")
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    """Serialize one record to header + payload bytes.
+
+    Args:
+        record: JSON-serializable dict; floats must be finite.
+
+    Returns:
+        bytes: 8-byte ``<II`` header followed by the UTF-8 JSON payload.
+    """
+    if not isinstance(record, dict):
+        raise JournalError(f"journal record must be a dict, got {type(record).__name__}")
+    try:
+        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise JournalError(f"journal record is not finite JSON (NaN/inf?): {exc}") from exc
+    except TypeError as exc:
+        raise JournalError(f"journal record is not JSON-serializable: {exc}") from exc
+    payload = text.encode("utf-8")
+    if len(payload) > MAX_RECORD_BYTES:
+        raise JournalError(
+            f"journal record is {len(payload)} bytes, over MAX_RECORD_BYTES={MAX_RECORD_BYTES}"
+        )
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _scan(
+    f: BinaryIO, path: str | os.PathLike[str], max_records: int | None
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Read records from an open journal positioned at byte 0.
+
+    Args:
+        f: binary file object opened for reading.
+        path: file path, for error messages only.
+        max_records: stop after this many records; None for all.
+
+    Returns:
+        (records, ends): decoded records and ``ends[k]`` = byte offset where the first k
+        records end (``ends[0] == len(MAGIC)``), so ``len(ends) == len(records) + 1``.
+    """
+    if f.read(len(MAGIC)) != MAGIC:
+        raise JournalError(f"{os.fspath(path)!r} is not a journal (bad or missing magic)")
+    records: list[dict[str, Any]] = []
+    ends = [len(MAGIC)]
+    while max_records is None or len(records) < max_records:
+        header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            break
+        length, crc = _HEADER.unpack(header)
+        # Checked before reading: a corrupt length must not make us allocate gigabytes.
+        if length > MAX_RECORD_BYTES:
+            break
+        payload = f.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        try:
+            record = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        except ValueError:  # includes UnicodeDecodeError and json.JSONDecodeError
+            break
+        if not isinstance(record, dict):
+            break
+        records.append(record)
+        ends.append(ends[-1] + _HEADER.size + length)
+    return records, ends
+
+
+def read_journal(
+    path: str | os.PathLike[str], *, max_records: int | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Read the valid prefix of a journal.
+
+    Reading stops at the first torn or corrupt record (short header or payload, length over
+    ``MAX_RECORD_BYTES``, CRC mismatch, payload not a JSON object); records after it are not
+    returned even if they look valid.
+
+    Args:
+        path: journal file path.
+        max_records: read at most this many records (>= 0); None reads all.
+
+    Returns:
+        (records, valid_length): list of dicts in append order, and the byte offset (from file
+        start, including the magic) where the last returned record ends.
+    """
+    if max_records is not None and (isinstance(max_records, bool) or max_records < 0):
+        raise JournalError(f"max_records must be None or >= 0, got {max_records!r}")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with-block below
+    except FileNotFoundError as exc:
+        raise JournalError(f"journal {os.fspath(path)!r} does not exist") from exc
+    with f:
+        records, ends = _scan(f, path, max_records)
+    return records, ends[-1]
+
+
+def _fsync_dir(path: str) -> None:
+    # Makes a newly created directory entry durable; directories cannot be opened on Windows.
+    if os.name != "posix":
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Append-only writer."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync_every: int = 1) -> None:
+        """Open a journal for appending, creating it or repairing a torn tail.
+
+        Args:
+            path: journal file path; created (with magic) if missing. An existing empty file,
+                or one holding only a prefix of the magic (crash during creation), is
+                re-initialized.
+            fsync_every: fsync after every this many appends (>= 1; 1 = every record).
+                Records appended since the last fsync may be lost on power failure.
+        """
+        if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
+            raise JournalError(f"fsync_every must be an int >= 1, got {fsync_every!r}")
+        self.path = os.fspath(path)
+        self.fsync_every = fsync_every
+        self._unsynced = 0
+        self._create_if_missing()
+        with open(self.path, "rb") as f:
+            records, ends = _scan(f, self.path, None)
+            size = f.seek(0, os.SEEK_END)
+        self.records: list[dict[str, Any]] = records
+        self._ends = ends
+        # Unbuffered: each append is exactly one write() syscall; O_APPEND keeps it at EOF
+        # even after ftruncate.
+        self._file: BinaryIO | None = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        if size > ends[-1]:
+            os.ftruncate(self._file.fileno(), ends[-1])
+            os.fsync(self._file.fileno())
+
+    def _create_if_missing(self) -> None:
+        try:
+            size = os.path.getsize(self.path)
+        except FileNotFoundError:
+            size = -1
+        if size >= len(MAGIC):
+            return
+        if size > 0:
+            with open(self.path, "rb") as f:
+                head = f.read()
+            if not MAGIC.startswith(head):
+                raise JournalError(f"{self.path!r} is not a journal (bad or missing magic)")
+        # Missing, empty or torn during creation: (re)write the magic durably.
+        with open(self.path, "wb") as f:
+            f.write(MAGIC)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.path)
+
+    def _require_open(self) -> BinaryIO:
+        if self._file is None:
+            raise JournalError(f"journal {self.path!r} is closed")
+        return self._file
+
+    def _write_all(self, data: bytes) -> None:
+        f = self._require_open()
+        view = memoryview(data)
+        # Raw FileIO.write may write fewer bytes than asked (e.g. near disk-full); finish it.
+        while view:
+            n = f.write(view)
+            if n is None or n <= 0:
+                raise OSError(f"short write to journal {self.path!r}")
+            view = view[n:]
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Append one record; fsync every ``fsync_every`` appends.
+
+        Args:
+            record: JSON-serializable dict with finite floats (NaN/inf raise JournalError,
+                a ValueError).
+        """
+        self._require_open()
+        data = _encode(record)
+        self._write_all(data)
+        self._require_open().flush()
+        self._ends.append(self._ends[-1] + len(data))
+        # Store the decoded payload, not the caller's object, so .records always equals what
+        # read_journal would return (tuples -> lists, int keys -> str) and later caller
+        # mutation cannot desynchronize it.
+        self.records.append(json.loads(data[_HEADER.size :]))
+        self._unsynced += 1
+        if self._unsynced >= self.fsync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Flush and fsync any appended records to stable storage."""
+        f = self._require_open()
+        f.flush()
+        os.fsync(f.fileno())
+        self._unsynced = 0
+
+    def truncate_to(self, n_records: int) -> None:
+        """Drop every record after the first ``n_records`` and fsync.
+
+        Args:
+            n_records: number of records to keep, 0 <= n_records <= len(self.records).
+        """
+        f = self._require_open()
+        if (
+            isinstance(n_records, bool)
+            or not isinstance(n_records, int)
+            or not 0 <= n_records <= len(self.records)
+        ):
+            raise JournalError(
+                f"n_records must be an int in [0, {len(self.records)}], got {n_records!r}"
+            )
+        f.flush()
+        os.ftruncate(f.fileno(), self._ends[n_records])
+        os.fsync(f.fileno())
+        del self.records[n_records:]
+        del self._ends[n_records + 1 :]
+        self._unsynced = 0
+
+    def close(self) -> None:
+        """Fsync pending records and close the file; idempotent."""
+        if self._file is None:
+            return
+        try:
+            self.sync()
+        finally:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+__all__ = ["MAGIC", "MAX_RECORD_BYTES", "Journal", "JournalError", "read_journal"]

@@ -1,0 +1,229 @@
+"""Portable, counter-based, chunk-size-independent perturbation noise for zeroth-order training.
+
+Zeroth-order optimizers such as SPSA (Spall 1992, "Multivariate stochastic approximation using
+a simultaneous perturbation gradient approximation"; Rademacher +-1 perturbations) and MeZO
+(Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes") perturb every
+parameter with a noise vector z, evaluate the loss, and later regenerate the *same* z to apply
+the update instead of storing it. For models with ~1e8 parameters z must be produced in chunks
+``[a, b)`` and never materialized in full.
+
+Chunk independence: element ``i`` of z is a pure function of ``(run_seed, step, probe, i)``.
+The triple is hashed by ``np.random.SeedSequence`` into a 128-bit Philox key; the Philox4x64
+counter-mode stream under that key is a fixed sequence of uint64 words, and element ``i`` reads
+only the words at a fixed position computed from ``i`` (word ``i // 64`` bit ``i % 64`` for
+Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter based, any word can be
+reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads exactly the words the whole
+vector would read at those positions, whatever the chunking.
+
+Kinds:
+
+* ``"rademacher"``: +-1.0 from raw bits. Pure integer ops on the Philox raw stream, which numpy
+  guarantees to be stable across versions and platforms, so values are identical on x86 and ARM.
+* ``"gaussian"``: one standard normal per element by Box-Muller in float64, cast to float32.
+  Bit-exact on the same platform and numpy build; ``log``/``cos`` come from the platform libm and
+  may differ by an ulp across CPUs/libms, which can (rarely) change the float32 result.
+* ``"pool"``: a shared noise table as in Salimans et al. 2017 ("Evolution Strategies as a
+  Scalable Alternative to Reinforcement Learning"): a float32 N(0, 1) table generated once, and z
+  is a cyclic window of it starting at an offset derived from ``(run_seed, step, probe)``. Cheap
+  per step (a memcpy), but only ``pool_size`` distinct windows exist and windows overlap.
+
+No global RNG state is read or written anywhere in this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+NOISE_KINDS = ("rademacher", "gaussian", "pool")
+DEFAULT_CHUNK = 1 << 16
+
+# numpy's Philox4x64 emits 4 uint64 words per counter increment; `advance(k)` skips k blocks.
+_WORDS_PER_BLOCK = 4
+_BITS_PER_WORD = 64
+_TWO_PI = 2.0 * math.pi
+_INV_2_53 = 1.0 / float(1 << 53)
+# Sub-chunk for Gaussian so float64 temporaries stay in cache for huge `out` arrays.
+_GAUSS_BLOCK = 1 << 15
+
+
+def _check_nonneg_int(name: str, value: object) -> int:
+    # bool is an int subclass; a True seed is almost certainly a bug, so reject it.
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be a non-negative int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _key_tuple(run_seed: int, step: int, probe: int) -> tuple[int, int]:
+    # Cached: a 1e8-element fill in 64Ki chunks calls this ~1500 times with the same triple.
+    state = np.random.SeedSequence([run_seed, step, probe]).generate_state(2, np.uint64)
+    return int(state[0]), int(state[1])
+
+
+def philox_key(run_seed: int, step: int, probe: int) -> np.ndarray:
+    """Return the 128-bit Philox key for one noise vector.
+
+    Args:
+        run_seed: non-negative int identifying the training run.
+        step: non-negative int optimizer step.
+        probe: non-negative int index of the perturbation within the step.
+
+    Returns:
+        (2,) uint64 array, ``SeedSequence([run_seed, step, probe]).generate_state(2, uint64)``.
+    """
+    key = _key_tuple(
+        _check_nonneg_int("run_seed", run_seed),
+        _check_nonneg_int("step", step),
+        _check_nonneg_int("probe", probe),
+    )
+    return np.array(key, dtype=np.uint64)
+
+
+def _raw_words(key: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Return words ``[first, first + count)`` of the Philox stream under ``key``.
+
+    Args:
+        key: (2,) uint64 Philox key.
+        first: index of the first uint64 word, >= 0.
+        count: number of words, >= 0.
+
+    Returns:
+        (count,) uint64 array.
+    """
+    bitgen = np.random.Philox(key=key)
+    # advance() counts 4-word blocks and discards any buffered words, so it only lands on block
+    # boundaries; skip the remaining `first % 4` words by drawing and dropping them.
+    bitgen.advance(first // _WORDS_PER_BLOCK)
+    skip = first % _WORDS_PER_BLOCK
+    words = bitgen.random_raw(skip + count)
+    return words[skip:]
+
+
+def noise_chunks(n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, stop)`` ranges covering ``[0, n)`` in order.
+
+    Args:
+        n: total number of elements, >= 0.
+        chunk: elements per range, >= 1 (the last range may be shorter).
+
+    Yields:
+        (start, stop) int pairs with ``stop - start <= chunk``.
+    """
+    n = _check_nonneg_int("n", n)
+    chunk = _check_nonneg_int("chunk", chunk)
+    if chunk == 0:
+        raise ValueError("chunk must be >= 1, got 0")
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
+
+
+class Noise:
+    """z(run_seed, step, probe) in chunks."""
+
+    def __init__(
+        self, kind: str = "rademacher", *, pool_size: int = 1 << 22, pool_seed: int = 0
+    ) -> None:
+        """Configure the noise generator.
+
+        Args:
+            kind: one of ``NOISE_KINDS``.
+            pool_size: entries of the shared float32 table, >= 1 (used by ``"pool"`` only).
+            pool_seed: non-negative int seeding the shared table (``"pool"`` only).
+        """
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise kind {kind!r}; expected one of {NOISE_KINDS}")
+        self.kind = kind
+        self.pool: np.ndarray | None = None
+        if kind == "pool":
+            pool_size = _check_nonneg_int("pool_size", pool_size)
+            if pool_size == 0:
+                raise ValueError("pool_size must be >= 1, got 0")
+            pool_seed = _check_nonneg_int("pool_seed", pool_seed)
+            gen = np.random.Generator(np.random.Philox(key=philox_key(pool_seed, 0, 0)))
+            self.pool = gen.standard_normal(pool_size, dtype=np.float32)
+            # Read-only: a caller mutating the table would silently change every later z.
+            self.pool.setflags(write=False)
+
+    def fill(
+        self, out: np.ndarray, *, run_seed: int, step: int, probe: int, start: int
+    ) -> np.ndarray:
+        """Write ``z[start : start + out.size]`` into ``out`` and return it.
+
+        Args:
+            out: (m,) float32, C-contiguous, writeable; overwritten.
+            run_seed: non-negative int run seed.
+            step: non-negative int optimizer step.
+            probe: non-negative int probe index within the step.
+            start: non-negative int index of ``out[0]`` within z.
+
+        Returns:
+            ``out``, holding unitless noise (+-1 or ~N(0, 1) values).
+        """
+        if not isinstance(out, np.ndarray):
+            raise ValueError(f"out must be a numpy array, got {type(out).__name__}")
+        if out.dtype != np.float32:
+            raise ValueError(f"out must have dtype float32, got {out.dtype}")
+        if out.ndim != 1:
+            raise ValueError(f"out must be 1-D, got shape {out.shape}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be C-contiguous and writeable")
+        start = _check_nonneg_int("start", start)
+        key = philox_key(run_seed, step, probe)
+        if out.size == 0:
+            return out
+        if self.kind == "rademacher":
+            self._fill_rademacher(out, key, start)
+        elif self.kind == "gaussian":
+            for a in range(0, out.size, _GAUSS_BLOCK):
+                part = out[a : a + _GAUSS_BLOCK]
+                self._fill_gaussian(part, key, start + a)
+        else:
+            self._fill_pool(out, key, start)
+        return out
+
+    @staticmethod
+    def _fill_rademacher(out: np.ndarray, key: np.ndarray, start: int) -> None:
+        m = out.size
+        first_word = start // _BITS_PER_WORD
+        last_word = (start + m - 1) // _BITS_PER_WORD
+        words = _raw_words(key, first_word, last_word - first_word + 1)
+        # '<u8' makes byte 0 the least significant byte on any host, so with bitorder="little"
+        # bit j of a word lands at position j: the mapping is endianness independent.
+        bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
+        lo = start - first_word * _BITS_PER_WORD
+        np.multiply(bits[lo : lo + m], 2, out=out, dtype=np.float32)
+        out -= 1.0
+
+    @staticmethod
+    def _fill_gaussian(out: np.ndarray, key: np.ndarray, start: int) -> None:
+        m = out.size
+        words = _raw_words(key, 2 * start, 2 * m)
+        # Top 53 bits -> uniform in float64; u1 in (0, 1] so log(u1) is finite.
+        u1 = ((words[0::2] >> np.uint64(11)).astype(np.float64) + 1.0) * _INV_2_53
+        u2 = (words[1::2] >> np.uint64(11)).astype(np.float64) * _INV_2_53
+        np.log(u1, out=u1)
+        u1 *= -2.0
+        np.sqrt(u1, out=u1)
+        u2 *= _TWO_PI
+        np.cos(u2, out=u2)
+        np.multiply(u1, u2, out=out, casting="same_kind")
+
+    def _fill_pool(self, out: np.ndarray, key: np.ndarray, start: int) -> None:
+        pool = self.pool
+        assert pool is not None  # set in __init__ for kind == "pool"
+        size = pool.size
+        pos = (int(key[0]) % size + start) % size
+        done = 0
+        m = out.size
+        # Copy contiguous runs of the table, wrapping around; no index array needed.
+        while done < m:
+            take = min(m - done, size - pos)
+            out[done : done + take] = pool[pos : pos + take]
+            done += take
+            pos = 0

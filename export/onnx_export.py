@@ -1,0 +1,282 @@
+"""Export a torch nn.Module to an edgelearn bundle (ONNX + safetensors + manifest).
+
+Every parameter (and every floating-point buffer, e.g. BatchNorm running stats) becomes an ONNX
+graph input named exactly like the torch tensor, by exporting
+`functional_call(model, params, inputs)` with the dynamo exporter (`optimize=False`). That keeps
+every torch name (exporters otherwise merge equal-valued weights such as fresh LayerNorms, or
+rename/transpose them) and puts torch-layout weights in the arena; GRU gate reordering happens
+inside the graph. The device decides at load time which parameters stay live inputs and bakes
+the rest as initializers. Parity (torch vs onnxruntime, live and baked) runs before the bundle
+directory appears; a mismatch raises and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from edgelearn.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, select_trainable, sha256_file
+from edgelearn.errors import EdgelearnError
+from edgelearn.model import Model
+from edgelearn.params import ParamSpec, ParamStore, check_name
+
+BATCH = "batch"
+_TORCH_TO_NP = {torch.float32: "float32", torch.int8: "int8", torch.int32: "int32",
+                torch.int64: "int64", torch.uint8: "uint8", torch.bool: "bool"}
+
+
+class ExportError(EdgelearnError):
+    """The model cannot be exported faithfully (unsupported op, parity mismatch, ...)."""
+
+
+class _Functional(nn.Module):
+    """forward(*inputs, *params) = functional_call(model, params, inputs)."""
+
+    def __init__(self, model: nn.Module, names: list[str], n_inputs: int):
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.n_inputs = n_inputs
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        inputs, params = args[: self.n_inputs], args[self.n_inputs :]
+        return functional_call(self.model, dict(zip(self.names, params)), inputs)
+
+
+def collect_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and floating-point buffers by torch name (tied parameters appear once)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        out[name] = p.detach()
+    for name, b in model.named_buffers():
+        if b.is_floating_point():
+            out[name] = b.detach()
+    for name, t in out.items():
+        check_name(name)
+        if t.dtype != torch.float32:
+            raise ExportError(f"parameter {name!r} is {t.dtype}; export float32 models")
+    return out
+
+
+def _as_tuple(x: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _with_batch(x: torch.Tensor, b: int, seed: int) -> torch.Tensor:
+    """A random tensor like `x` with batch size `b` (same dtype, value scale ~ N(0, 1))."""
+    g = torch.Generator().manual_seed(seed)
+    if x.is_floating_point():
+        return torch.randn((b, *x.shape[1:]), generator=g, dtype=x.dtype)
+    hi = int(x.max().item()) + 1 if x.numel() else 2
+    return torch.randint(0, max(hi, 2), (b, *x.shape[1:]), generator=g, dtype=x.dtype)
+
+
+def _to_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], params: dict[str, torch.Tensor],
+             input_names: list[str], output_names: list[str], path: Path) -> None:
+    import onnx
+
+    names = list(params)
+    wrapper = _Functional(model, names, len(inputs)).eval()
+    # torch.export specializes size-1 dims, so trace with a batch of at least 2.
+    trace_inputs = tuple(_with_batch(x, max(2, x.shape[0]), 0) for x in inputs)
+    batch = torch.export.Dim(BATCH, min=1, max=1 << 20)
+    dynamic = tuple({0: batch} for _ in inputs) + tuple(None for _ in names)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, (*trace_inputs, *params.values()),
+                                     dynamic_shapes=(dynamic,))
+            torch.onnx.export(ep, (), str(path), input_names=[*input_names, *names],
+                              output_names=output_names, dynamo=True, optimize=False,
+                              external_data=False, verbose=False)
+    except Exception as e:  # torch.export / onnx exporter raise many types
+        raise ExportError(f"torch -> ONNX export failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    m = onnx.load(str(path))
+    for vi in [*m.graph.input, *m.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and vi.name not in params and dims[0].dim_param:
+            dims[0].dim_param = BATCH
+    graph_inputs = {i.name: i for i in m.graph.input}
+    for name, t in params.items():
+        gi = graph_inputs.get(name)
+        if gi is None:
+            raise ExportError(f"parameter {name!r} did not survive export as a graph input "
+                              "(unused by forward, or merged): remove it or use it")
+        shape = [d.dim_value for d in gi.type.tensor_type.shape.dim]
+        if shape != list(t.shape):
+            raise ExportError(f"parameter {name!r} exported as {shape}, torch has {list(t.shape)}")
+    clash = {i.name for i in m.graph.initializer} & set(params)
+    if clash:
+        raise ExportError(f"parameters {sorted(clash)} were baked as initializers")
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+
+
+def _spec_json(name: str, t: torch.Tensor, dynamic: bool) -> dict[str, Any]:
+    if t.dtype not in _TORCH_TO_NP:
+        raise ExportError(f"{name!r} has dtype {t.dtype}, which bundles do not support")
+    shape: list[int | str] = list(t.shape)
+    if dynamic:
+        shape[0] = BATCH
+    return {"name": name, "shape": shape, "dtype": _TORCH_TO_NP[t.dtype]}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    import edgelearn
+
+    out = {"edgelearn": edgelearn.__version__, "torch": torch.__version__,
+           "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import onnxscript
+
+        out["onnxscript"] = onnxscript.__version__
+    except ImportError:  # pragma: no cover - the dynamo exporter needs it anyway
+        pass
+    return out
+
+
+def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
+                 batch_sizes: Sequence[int], *, live: str | None) -> float:
+    """Max |torch - onnxruntime| over random inputs of several batch sizes.
+
+    Args:
+        bundle_dir: the (temporary) bundle directory.
+        model: the torch model in eval mode.
+        example: example inputs (dtype/shape template).
+        batch_sizes: batch sizes to try.
+        live: trainable glob for the device session ("*" = all weights live inputs,
+            "" = all baked).
+    """
+    bundle = Bundle(bundle_dir)
+    dev = Model(bundle, trainable=live, threads=1)
+    worst = 0.0
+    for i, b in enumerate(batch_sizes):
+        xs = tuple(_with_batch(x, b, 1000 + i) for x in example)
+        with torch.no_grad():
+            ref = _as_tuple(model(*xs))
+        outs = dev.backend.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs)})
+        for spec, r in zip(bundle.outputs, ref):
+            worst = max(worst, float(np.max(np.abs(outs[spec.name] - r.numpy()), initial=0.0)))
+    return worst
+
+
+def export_bundle(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    trainable: str | Sequence[str] = "*",
+    formats: Sequence[str] = ("onnx",),
+    task: str = "classification",
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    parity_batch_sizes: Sequence[int] = (1, 3, 8),
+    atol: float = 1e-5,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export `model` to a bundle directory; returns a summary (the CLI's --json object).
+
+    Args:
+        model: torch module (put in eval mode; dropout/batch-norm use inference behaviour).
+        example_inputs: one tensor or a tuple, first dimension = batch (symbolic in the bundle).
+        out_dir: bundle directory to create (must not exist unless `overwrite`).
+        trainable: glob pattern(s) on parameter names marked trainable in the manifest
+            (buffers such as BatchNorm running stats are never trainable).
+        formats: model formats to write; "onnx" (TFLite comes with its own exporter).
+        task: "classification" (first output = logits) or "regression".
+        input_names / output_names: graph names (default "x" / "logits" or "output").
+        parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
+        atol: largest tolerated parity error (float32).
+        overwrite: replace an existing bundle directory.
+    """
+    unknown = set(formats) - {"onnx"}
+    if unknown:
+        raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
+    if task not in ("classification", "regression"):
+        raise ExportError(f"task must be classification or regression, not {task!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    model = model.eval()
+    example = _as_tuple(example_inputs)
+    params = collect_params(model)
+    param_names = {n for n, _ in model.named_parameters()}
+    chosen = select_trainable(sorted(param_names), trainable)
+    in_names = list(input_names or (["x"] if len(example) == 1 else
+                                    [f"x{i}" for i in range(len(example))]))
+    with torch.no_grad():
+        ref_out = _as_tuple(model(*example))
+    default_out = ["logits"] if task == "classification" else ["output"]
+    out_names = list(output_names or (default_out if len(ref_out) == 1 else
+                                      [f"output{i}" for i in range(len(ref_out))]))
+    if len(in_names) != len(example) or len(out_names) != len(ref_out):
+        raise ExportError("input_names/output_names do not match the model's inputs/outputs")
+    for n in [*in_names, *out_names]:
+        check_name(n, "input/output")
+        if n in params:
+            raise ExportError(f"input/output name {n!r} collides with a parameter name")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _to_onnx(model, example, params, in_names, out_names, tmp / "model.onnx")
+        specs = [ParamSpec(n, tuple(t.shape), "float32", n in chosen) for n, t in params.items()]
+        store = ParamStore(specs, values={n: t.numpy() for n, t in params.items()})
+        store.save(tmp / "weights.safetensors")
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "task": task,
+            "inputs": [_spec_json(n, x, True) for n, x in zip(in_names, example)],
+            "outputs": [_spec_json(n, y, True) for n, y in zip(out_names, ref_out)],
+            "params": [
+                {"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
+                 "trainable": s.trainable, "kind": "parameter" if s.name in param_names
+                 else "buffer"}
+                for s in specs
+            ],
+            "layers": [],
+            "files": {
+                role: {"path": fname, "size": (tmp / fname).stat().st_size,
+                       "sha256": sha256_file(tmp / fname)}
+                for role, fname in (("weights", "weights.safetensors"), ("onnx", "model.onnx"))
+            },
+            "exporter": _versions(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        err_live = parity_check(tmp, model, example, parity_batch_sizes, live="*")
+        err_baked = parity_check(tmp, model, example, parity_batch_sizes, live="")
+        err = max(err_live, err_baked)
+        if not err <= atol:
+            raise ExportError(f"parity check failed: torch vs onnxruntime max abs error {err:.3g}"
+                              f" > {atol:g}; no bundle written")
+        manifest["parity"] = {"onnx": {"max_abs_err": err, "batch_sizes":
+                                       list(parity_batch_sizes), "atol": atol}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    total = sum(int(t.numel()) for t in params.values())
+    return {
+        "bundle": str(out_dir),
+        "params": total,
+        "trainable_params": sum(int(params[n].numel()) for n in chosen),
+        "formats": ["onnx"],
+        "parity_max_abs_err": err,
+    }

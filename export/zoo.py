@@ -1,0 +1,112 @@
+"""Small reference architectures used by tests, examples and benchmarks (torch, host side)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Fully connected classifier: Linear-ReLU stacks and a linear head."""
+
+    def __init__(self, in_features: int = 64, hidden: tuple[int, ...] = (64,), classes: int = 10):
+        super().__init__()
+        dims = (in_features, *hidden)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.head = nn.Linear(dims[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+class CNN(nn.Module):
+    """Conv-BN-ReLU-pool x2 and a linear head, for [batch, ch, size, size] images."""
+
+    def __init__(self, in_ch: int = 1, size: int = 8, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(2 * width * (size // 4) ** 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        return self.head(torch.flatten(x, 1))
+
+
+class GRUClassifier(nn.Module):
+    """GRU over [batch, time, features], linear head on the last hidden state."""
+
+    def __init__(self, in_features: int = 6, hidden: int = 32, classes: int = 6):
+        super().__init__()
+        self.gru = nn.GRU(in_features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, TransformerEncoder (post-norm, no dropout), mean-pool, linear head."""
+
+    def __init__(self, in_features: int = 8, d_model: int = 32, heads: int = 4, layers: int = 2,
+                 classes: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(in_features, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 2 * d_model, dropout=0.0,
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class TwoNorms(nn.Module):
+    """Two freshly initialised LayerNorms: equal values that an exporter must not merge."""
+
+    def __init__(self, dim: int = 16, classes: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm2(torch.relu(self.fc(self.norm1(x)))))
+
+
+def mlp(**kw: object) -> nn.Module:
+    """MLP factory (CLI spec `export.zoo:mlp`)."""
+    return MLP(**kw)  # type: ignore[arg-type]
+
+
+def cnn(**kw: object) -> nn.Module:
+    """CNN factory."""
+    return CNN(**kw)  # type: ignore[arg-type]
+
+
+def gru(**kw: object) -> nn.Module:
+    """GRU classifier factory."""
+    return GRUClassifier(**kw)  # type: ignore[arg-type]
+
+
+def transformer(**kw: object) -> nn.Module:
+    """Small transformer encoder factory."""
+    return TinyTransformer(**kw)  # type: ignore[arg-type]
+
+
+#: name -> (factory, example input shape without batch)
+ZOO = {
+    "mlp": (mlp, (64,)),
+    "cnn": (cnn, (1, 8, 8)),
+    "gru": (gru, (12, 6)),
+    "transformer": (transformer, (10, 8)),
+    "two_norms": (TwoNorms, (16,)),
+}

@@ -1,0 +1,173 @@
+"""Tests for edgelearn.rng: chunk independence, determinism, distribution and golden values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks, philox_key
+
+N = 5000
+# Small table keeps construction fast and makes the wrap-around path run in the chunk tests.
+POOL_SIZE = 1 << 12
+ARGS = {"run_seed": 1, "step": 2, "probe": 3}
+
+
+def make(kind: str) -> Noise:
+    return Noise(kind, pool_size=POOL_SIZE) if kind == "pool" else Noise(kind)
+
+
+def whole(noise: Noise, n: int = N, **kw: int) -> np.ndarray:
+    args = {**ARGS, **kw}
+    return noise.fill(np.empty(n, np.float32), start=0, **args)
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+@pytest.mark.parametrize("chunk", [1, 7, 63, 64, 65, 1000, 4096, N])
+def test_chunked_equals_whole(kind: str, chunk: int) -> None:
+    noise = make(kind)
+    ref = whole(noise)
+    out = np.full(N, np.nan, np.float32)
+    for a, b in noise_chunks(N, chunk):
+        noise.fill(out[a:b], start=a, **ARGS)
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+@pytest.mark.parametrize("offset", [1, 3, 63, 64, 129, 255, 256, 1001])
+def test_unaligned_start_equals_whole(kind: str, offset: int) -> None:
+    # Starts that are not multiples of 64 (rademacher word) or 2 (gaussian block) must agree.
+    noise = make(kind)
+    ref = whole(noise)
+    out = noise.fill(np.empty(N - offset - 5, np.float32), start=offset, **ARGS)
+    np.testing.assert_array_equal(out, ref[offset : N - 5])
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+def test_same_args_same_values(kind: str) -> None:
+    np.testing.assert_array_equal(whole(make(kind)), whole(make(kind)))
+
+
+@pytest.mark.parametrize("kind", NOISE_KINDS)
+@pytest.mark.parametrize("change", [{"run_seed": 4}, {"step": 5}, {"probe": 6}])
+def test_different_args_different_values(kind: str, change: dict[str, int]) -> None:
+    noise = make(kind)
+    assert not np.array_equal(whole(noise), whole(noise, **change))
+
+
+def test_rademacher_matches_bit_spec() -> None:
+    # Independent reference: element i = bit (i % 64) of raw word i // 64 of the keyed stream.
+    n = 64 * 9 + 5
+    words = np.random.Philox(key=philox_key(1, 2, 3)).random_raw(10)
+    expected = [1.0 if (int(words[i // 64]) >> (i % 64)) & 1 else -1.0 for i in range(n)]
+    np.testing.assert_array_equal(whole(Noise(), n), np.array(expected, np.float32))
+
+
+def test_rademacher_values_and_mean() -> None:
+    z = whole(Noise(), 100_000)
+    assert set(np.unique(z).tolist()) == {-1.0, 1.0}
+    # std of the mean of 1e5 +-1 values is 1/sqrt(1e5) ~ 0.0032; 0.02 is > 6 sigma.
+    assert abs(float(z.mean(dtype=np.float64))) < 0.02
+
+
+def test_gaussian_moments() -> None:
+    z = whole(Noise("gaussian"), 100_000).astype(np.float64)
+    # For 1e5 N(0,1) samples: sd(mean) ~ 0.0032, sd(std) ~ 0.0022; tolerances are > 6 sigma.
+    assert abs(z.mean()) < 0.02
+    assert abs(z.std() - 1.0) < 0.015
+    assert np.isfinite(z).all()
+
+
+def test_pool_is_window_of_table() -> None:
+    noise = Noise("pool", pool_size=POOL_SIZE, pool_seed=7)
+    assert noise.pool is not None
+    offset = int(philox_key(1, 2, 3)[0]) % POOL_SIZE
+    idx = (offset + np.arange(N)) % POOL_SIZE
+    np.testing.assert_array_equal(whole(noise), noise.pool[idx])
+
+
+def test_golden_rademacher() -> None:
+    expected = [-1, 1, 1, -1, -1, 1, 1, -1, -1, 1, -1, 1, 1, -1, -1, -1]
+    z = Noise("rademacher").fill(np.empty(16, np.float32), start=0, **ARGS)
+    np.testing.assert_array_equal(z, np.array(expected, np.float32))
+
+
+def test_golden_gaussian() -> None:
+    expected = np.array([0.8081587, 1.6325673, -0.974475, 0.3670179], np.float32)
+    z = Noise("gaussian").fill(np.empty(4, np.float32), start=0, **ARGS)
+    # Exact on the platform the literals were computed on (x86-64, numpy 2.4); another libm
+    # could differ by an ulp in log/cos, hence the fallback tolerance of a few float32 ulps.
+    if not np.array_equal(z, expected):
+        np.testing.assert_allclose(z, expected, rtol=1e-6, atol=0)
+
+
+def test_philox_key_shape_and_determinism() -> None:
+    key = philox_key(1, 2, 3)
+    assert key.dtype == np.uint64
+    assert key.shape == (2,)
+    expected = np.random.SeedSequence([1, 2, 3]).generate_state(2, np.uint64)
+    np.testing.assert_array_equal(key, expected)
+
+
+def test_noise_chunks_cover_range() -> None:
+    assert list(noise_chunks(10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    assert list(noise_chunks(0, 4)) == []
+    assert next(noise_chunks(DEFAULT_CHUNK * 2)) == (0, DEFAULT_CHUNK)
+
+
+def test_empty_fill_is_noop() -> None:
+    out = np.empty(0, np.float32)
+    assert Noise().fill(out, start=123, **ARGS) is out
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((-1, 0, 0), "run_seed"),
+        ((0, -1, 0), "step"),
+        ((0, 0, -1), "probe"),
+        ((0, 0, 1.5), "probe"),
+        ((True, 0, 0), "run_seed"),
+    ],
+)
+def test_philox_key_rejects_bad_ints(args: tuple[object, object, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        philox_key(*args)  # type: ignore[arg-type]
+
+
+def test_bad_kind_raises() -> None:
+    with pytest.raises(ValueError, match="noise kind"):
+        Noise("uniform")
+
+
+@pytest.mark.parametrize("pool_size", [0, -3])
+def test_bad_pool_size_raises(pool_size: int) -> None:
+    with pytest.raises(ValueError, match="pool_size"):
+        Noise("pool", pool_size=pool_size)
+
+
+@pytest.mark.parametrize(
+    ("out", "match"),
+    [
+        (np.empty(8, np.float64), "float32"),
+        (np.empty((2, 4), np.float32), "1-D"),
+        (np.empty(16, np.float32)[::2], "contiguous"),
+        ([0.0] * 8, "numpy array"),
+    ],
+)
+def test_bad_out_raises(out: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Noise().fill(out, start=0, **ARGS)  # type: ignore[arg-type]
+
+
+def test_negative_start_and_seed_raise() -> None:
+    out = np.empty(8, np.float32)
+    with pytest.raises(ValueError, match="start"):
+        Noise().fill(out, start=-1, **ARGS)
+    with pytest.raises(ValueError, match="run_seed"):
+        Noise().fill(out, run_seed=-1, step=0, probe=0, start=0)
+
+
+def test_bad_chunk_raises() -> None:
+    with pytest.raises(ValueError, match="chunk"):
+        list(noise_chunks(10, 0))
