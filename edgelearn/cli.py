@@ -71,7 +71,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise InputError(f"{spec}: no such file")
         ms = importlib.util.spec_from_file_location(path.stem, path)
-        assert ms is not None and ms.loader is not None
+        assert ms is not None
+        assert ms.loader is not None
         module = importlib.util.module_from_spec(ms)
         ms.loader.exec_module(module)
     else:
@@ -138,10 +139,59 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Personalize a bundle on a data file; resumes when --out already holds the run."""
+    from edgelearn.bundle import load_bundle
+    from edgelearn.data import load_npz
+    from edgelearn.train import train
+
+    bundle = load_bundle(args.bundle)
+    data = load_npz(args.data, task=bundle.task)
+    options: dict[str, Any] = {"lr": args.lr, "eps": args.eps, "probes": args.probes,
+                               "noise": args.noise, "restore": args.restore,
+                               "weight_decay": args.weight_decay, "sign": args.sign,
+                               "clip": args.clip, "conservative": args.conservative,
+                               "schedule": args.schedule}
+    if args.schedule != "constant":
+        options["total_steps"] = args.steps
+    res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
+                steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                trainable=args.trainable, objective=args.objective, backend=args.backend,
+                threads=args.threads, checkpoint_every=args.checkpoint_every,
+                fsync_every=args.fsync_every,
+                progress=not args.json and sys.stderr.isatty())
+
+    def human() -> str:
+        first = "n/a" if res["loss_first"] is None else f"{res['loss_first']:.4f}"
+        last = "n/a" if res["loss_last"] is None else f"{res['loss_last']:.4f}"
+        step_ms = res["step_ms_median"]
+        timing = "" if step_ms is None else (
+            f", step {step_ms:.2f} ms, forward {res['forward_ms_median']:.2f} ms")
+        return (f"{res['steps']} steps ({res['resumed_from']} already done), loss {first} -> "
+                f"{last}{timing}, peak RSS {res['peak_rss_mb']:.0f} MB\n"
+                f"weights: {res['weights']}\njournal: {res['journal']}")
+
+    _emit(args, res, human)
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    """Rebuild trained weights from the bundle's base weights and a journal (no data)."""
+    from edgelearn.bundle import load_bundle
+    from edgelearn.train import replay_journal
+
+    bundle = load_bundle(args.bundle)
+    store, steps = replay_journal(bundle, args.journal)
+    out = store.save(args.out, metadata={"sha256": store.digest()})
+    res = {"weights": str(out), "sha256": store.digest(), "steps": steps}
+    _emit(args, res, lambda: f"replayed {steps} steps -> {out} (sha256 {res['sha256']})")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "export": cmd_export,
     "info": cmd_info,
     "eval": cmd_eval,
+    "train": cmd_train,
+    "replay": cmd_replay,
 }
 
 
@@ -182,6 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weights", default=None, help="personalized weights (.safetensors)")
     sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
     runtime(sp)
+    common(sp)
+
+    sp = sub.add_parser("train", help="personalize a bundle on device (forward-only)")
+    sp.add_argument("bundle")
+    sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
+    sp.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd")
+    sp.add_argument("--steps", type=int, required=True, help="total steps of the run")
+    sp.add_argument("--trainable", default=None,
+                    help="glob(s) of parameters to train, e.g. 'head.*' (default: manifest)")
+    sp.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    sp.add_argument("--eps", type=float, default=1e-3, help="perturbation scale")
+    sp.add_argument("--probes", type=_positive, default=1, help="perturbations per step")
+    sp.add_argument("--noise", default="rademacher", choices=["rademacher", "gaussian", "pool"])
+    sp.add_argument("--restore", default="auto", choices=["auto", "copy", "drift"],
+                    help="how weights come back after +-eps probes (README: restore policy)")
+    sp.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])
+    sp.add_argument("--weight-decay", type=float, default=0.0)
+    sp.add_argument("--sign", action="store_true", help="ZO-SignSGD update")
+    sp.add_argument("--clip", type=float, default=None, help="clip |L+ - L-|")
+    sp.add_argument("--conservative", action="store_true",
+                    help="undo an update that makes the loss worse (1 extra forward)")
+    sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
+    sp.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
+    sp.add_argument("--checkpoint-every", type=_positive, default=100)
+    sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
+    runtime(sp)
+    sp.set_defaults(batch_size=32)
+    common(sp)
+
+    sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")
+    sp.add_argument("bundle")
+    sp.add_argument("journal")
+    sp.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     common(sp)
     return p
 

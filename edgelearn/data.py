@@ -61,7 +61,9 @@ def load_npz(path: str | os.PathLike, *, task: str = "classification") -> Datase
         raise InputError(f"{name}: x has {len(x)} examples but y has {y.shape[:1]}")
     if task == "classification":
         if y.dtype.kind not in "iu" or y.ndim != 1:
-            raise InputError(f"{name}: y must be integer class labels [n], got {y.dtype}{list(y.shape)}")
+            raise InputError(
+                f"{name}: y must be integer class labels [n], got {y.dtype}{list(y.shape)}"
+            )
         y = y.astype(np.int64, copy=False)
         if y.min() < 0:
             raise InputError(f"{name}: y has negative labels")

@@ -1,4 +1,4 @@
-"""Error types: every bad input raises a subclass of EdgelearnError whose message names the problem."""
+"""Error types: bad input raises a subclass of EdgelearnError whose message names the problem."""
 
 
 class EdgelearnError(Exception):

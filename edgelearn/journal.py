@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from edgelearn.errors import EdgelearnError
+from edgelearn.params import fsync_dir
 
 MAGIC = b"ELJRNL01"
 MAX_RECORD_BYTES = 16 << 20
@@ -136,17 +137,6 @@ def read_journal(
     return records, ends[-1]
 
 
-def _fsync_dir(path: str) -> None:
-    # Makes a newly created directory entry durable; directories cannot be opened on Windows.
-    if os.name != "posix":
-        return
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Journal:
     """Append-only writer."""
 
@@ -195,7 +185,7 @@ class Journal:
             f.write(MAGIC)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def _require_open(self) -> BinaryIO:
         if self._file is None:

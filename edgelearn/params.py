@@ -149,8 +149,7 @@ class ParamStore:
 
     def segments(self, dtype: str = "float32") -> list[tuple[str, int, int]]:
         """(name, start, stop) of each trainable parameter inside `flat(dtype)`."""
-        k = self._n_trainable.get(dtype, 0)
-        return [seg for seg in self._layout.get(dtype, []) if seg[2] <= k]
+        return [seg for seg in self._layout.get(dtype, []) if self.specs[seg[0]].trainable]
 
     def n_trainable(self, dtype: str = "float32") -> int:
         """Number of trainable elements of `dtype`."""

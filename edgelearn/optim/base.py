@@ -1,0 +1,157 @@
+"""Optimizer contract shared by every forward-only optimizer.
+
+An optimizer changes the trainable slice of a ParamStore in place. A step is a short dialogue:
+`ask(store)` puts the next candidate weights into the store (returns False when the step is
+done), the caller evaluates the loss with whatever backend it likes and reports it with
+`tell(loss)`. `step(store, evaluate)` runs that dialogue with a callback. Each finished step
+leaves a JSON-able `record` (what the journal stores) from which `replay(store, record)`
+reproduces the very same float operations without any forward pass. Subclasses implement
+`_step(store)` as a generator that yields once per candidate and receives its loss, returning
+the record; public methods, validation and counters live here once (as in nevergrad/evosax).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.params import ParamStore
+
+REGISTRY: dict[str, type[Optimizer]] = {}
+
+_IDLE, _PENDING = object(), object()
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Outcome of one optimizer step.
+
+    Args:
+        step: index of the step just finished (0-based).
+        loss: loss estimate at the pre-step weights (e.g. mean of the probe losses).
+        record: JSON-able journal record; `replay` reproduces the update from it.
+        accepted: False when the update was rejected (non-finite loss, conservative check).
+        evaluations: number of forwards (loss evaluations) the step used.
+    """
+
+    step: int
+    loss: float
+    record: dict[str, Any] = field(repr=False)
+    accepted: bool = True
+    evaluations: int = 0
+
+
+def register(cls: type[Optimizer]) -> type[Optimizer]:
+    """Class decorator: make an optimizer available by its `name`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_optimizer(name: str, **options: Any) -> Optimizer:
+    """Instantiate a registered optimizer by name with keyword options."""
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}") \
+            from None
+    return cls(**options)
+
+
+class Optimizer:
+    """Base class: ask/tell bookkeeping, step counter, state (de)serialization.
+
+    Args:
+        seed: run seed; every random draw derives from (seed, step, probe).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        if not isinstance(seed, int) or seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = seed
+        self.t = 0
+        self._gen: Generator[None, float, dict[str, Any]] | None = None
+        self._last: Any = _IDLE
+        self._evals = 0
+        self._losses: list[float] = []
+        self.last_info: StepInfo | None = None
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters as JSON data (stored in the journal header)."""
+        return {"seed": self.seed}
+
+    def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
+        """Yield once per candidate placed in `store`; receive its loss; return the record."""
+        raise NotImplementedError
+
+    def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
+        """Apply a journal record to `store` with the same float operations as training."""
+        raise NotImplementedError
+
+    # -- public dialogue ------------------------------------------------------------------------
+    def ask(self, store: ParamStore) -> bool:
+        """Place the next candidate in `store`; False when the step has finished."""
+        if self._last is _PENDING:
+            raise EdgelearnError("ask() called twice without tell()")
+        try:
+            if self._gen is None:
+                self._gen = self._step(store)
+                self._evals = 0
+                self._losses = []
+                next(self._gen)
+            else:
+                self._gen.send(self._last)
+        except StopIteration as stop:
+            self._finish(stop.value)
+            return False
+        self._last = _PENDING
+        return True
+
+    def tell(self, loss: float) -> None:
+        """Report the loss of the candidate placed by the last `ask()`."""
+        if self._last is not _PENDING:
+            raise EdgelearnError("tell() without a pending ask()")
+        self._last = float(loss)
+        self._evals += 1
+        self._losses.append(self._last)
+
+    def step(self, store: ParamStore, evaluate: Callable[[], float]) -> StepInfo:
+        """One full step: evaluate every candidate with `evaluate()` (loss of current store)."""
+        while self.ask(store):
+            self.tell(evaluate())
+        assert self.last_info is not None
+        return self.last_info
+
+    def _finish(self, record: dict[str, Any]) -> None:
+        finite = [v for v in self._losses if math.isfinite(v)]
+        loss = sum(finite) / len(finite) if finite else math.nan
+        self.last_info = StepInfo(self.t, loss, record, bool(record.get("accepted", True)),
+                                  self._evals)
+        self._gen = None
+        self._last = _IDLE
+        self.t += 1
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state as JSON data (counters; subclasses add their buffers)."""
+        if self._gen is not None:
+            raise EdgelearnError("cannot save optimizer state in the middle of a step")
+        return {"name": self.name, "config": self.config(), "t": self.t}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output; the name and config must match this optimizer."""
+        if state.get("name") != self.name:
+            raise InputError(f"state is for optimizer {state.get('name')!r}, not {self.name!r}")
+        if state.get("config") != self.config():
+            diff = sorted(k for k in set(state.get("config", {})) | set(self.config())
+                          if state.get("config", {}).get(k) != self.config().get(k))
+            raise InputError(f"optimizer settings differ from the saved run: {diff}")
+        t = state.get("t")
+        if not isinstance(t, int) or t < 0:
+            raise InputError(f"bad step counter in optimizer state: {t!r}")
+        self.t = t

@@ -1,0 +1,290 @@
+"""ZO-SGD with seed replay (MeZO): two forwards per probe, one scalar, an in-place update.
+
+Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes" (MeZO; reference
+code princeton-nlp/MeZO `large_models/trainer.py`), after Spall 1992 (SPSA). Variants from
+Zhang et al. 2024, "Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning:
+A Benchmark" (ZO-Bench: sign, conservative step) and Qin et al. 2024 (FedKSeed: clip
+|L+ - L-|).
+
+For probe k of step t, z_k = z(seed, t, k) (see `edgelearn.rng`):
+    L+_k = L(theta + eps z_k),  L-_k = L(theta - eps z_k),  g_k = (L+_k - L-_k) / (2 eps)
+    theta <- theta - lr_t / q * sum_k g_k z_k      (then decoupled weight decay on >=2-D params)
+z is never stored: it is regenerated chunk by chunk (64 Ki elements) from its seed, so memory
+stays that of inference plus a few chunk buffers.
+
+Restore policy (how theta comes back after the +-eps probes):
+  * "copy": keep the unperturbed trainable slice; probes are written as copy +- eps z and the
+    update as copy - sum c_k z_k. After a step the weights are exactly the update rule applied
+    in float32 (no +-eps rounding drift). Costs one extra trainable-sized buffer.
+  * "drift": MeZO's in-place +eps, -2eps, +eps. float32 does not restore exactly (about half
+    the elements move by an ulp); the drift is reproduced bit-exactly by replay, which performs
+    the very same float operations. No extra memory.
+  * "auto" (default): "copy" when the trainable slice is at most 16 MiB, else "drift".
+The journal record of each step holds (step, seeds, projected gradients, lr, eps, losses);
+replay needs no data and no forwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import InputError
+from edgelearn.optim.base import Optimizer, register
+from edgelearn.params import ParamStore
+from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks
+
+RESTORE_POLICIES = ("auto", "copy", "drift")
+SCHEDULES = ("constant", "cosine", "linear")
+AUTO_COPY_MAX_BYTES = 16 << 20
+
+Term = tuple[np.float32, tuple[int, int, int]]
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+@register
+class ZOSGD(Optimizer):
+    """Zeroth-order SGD (MeZO) over the trainable float32 slice of a ParamStore.
+
+    Args:
+        lr: learning rate (base value of the schedule).
+        eps: perturbation scale (units of the weights).
+        probes: perturbation directions per step (q); the update averages them.
+        noise: "rademacher" (default, +-1 from random bits; bit-portable), "gaussian" or
+            "pool" (shared noise table).
+        weight_decay: decoupled decay on parameters with >= 2 dims (biases and norms skipped).
+        sign: use sign(g) instead of g (ZO-SignSGD).
+        clip: clip |L+ - L-| to this value (None = no clipping).
+        conservative: evaluate the updated weights once more and undo the update if the loss
+            got worse than the probes' mean loss (one extra forward per step).
+        restore: "auto", "copy" or "drift" (see module docstring).
+        schedule: "constant", "cosine" or "linear" decay of lr over `total_steps`.
+        total_steps: schedule length (required for non-constant schedules).
+        seed: run seed.
+        chunk: elements per noise chunk (results do not depend on it).
+        pool_size: shared-table size for noise="pool".
+    """
+
+    name = "zo-sgd"
+
+    def __init__(
+        self,
+        *,
+        lr: float = 1e-3,
+        eps: float = 1e-3,
+        probes: int = 1,
+        noise: str = "rademacher",
+        weight_decay: float = 0.0,
+        sign: bool = False,
+        clip: float | None = None,
+        conservative: bool = False,
+        restore: str = "auto",
+        schedule: str = "constant",
+        total_steps: int | None = None,
+        seed: int = 0,
+        chunk: int = DEFAULT_CHUNK,
+        pool_size: int = 1 << 22,
+    ) -> None:
+        super().__init__(seed=seed)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise InputError(f"lr must be a finite number >= 0, got {lr}")
+        if not (eps > 0 and math.isfinite(eps)):
+            raise InputError(f"eps must be a finite number > 0, got {eps}")
+        if not (isinstance(probes, int) and probes >= 1):
+            raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+        if noise not in NOISE_KINDS:
+            raise InputError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+        if restore not in RESTORE_POLICIES:
+            raise InputError(f"restore must be one of {RESTORE_POLICIES}, got {restore!r}")
+        if schedule not in SCHEDULES:
+            raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "constant" and not (isinstance(total_steps, int) and total_steps > 0):
+            raise InputError(f"schedule {schedule!r} needs total_steps > 0")
+        if clip is not None and not clip > 0:
+            raise InputError(f"clip must be > 0, got {clip}")
+        if not weight_decay >= 0:
+            raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.lr, self.eps, self.probes = float(lr), float(eps), probes
+        self.noise_kind, self.weight_decay, self.sign = noise, float(weight_decay), bool(sign)
+        self.clip = None if clip is None else float(clip)
+        self.conservative = bool(conservative)
+        self.restore = restore
+        self.schedule, self.total_steps = schedule, total_steps
+        self.chunk, self.pool_size = int(chunk), int(pool_size)
+        self.noise = Noise(noise, pool_size=pool_size, pool_seed=seed)
+        self._n: int | None = None
+        self._policy = ""
+        self._copy: np.ndarray | None = None
+        self._zbuf = np.empty(self.chunk, np.float32)
+        self._abuf = np.empty(self.chunk, np.float32)
+        self._decay_segments: list[tuple[int, int]] = []
+
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters (JSON); `chunk` is left out because results do not depend on it."""
+        return {
+            "seed": self.seed, "lr": self.lr, "eps": self.eps, "probes": self.probes,
+            "noise": self.noise_kind, "weight_decay": self.weight_decay, "sign": self.sign,
+            "clip": self.clip, "conservative": self.conservative, "restore": self.restore,
+            "schedule": self.schedule, "total_steps": self.total_steps,
+            "pool_size": self.pool_size,
+        }
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _prepare(self, store: ParamStore) -> np.ndarray:
+        """The trainable fp32 slice; sizes buffers and fixes the restore policy on first use."""
+        theta = store.flat("float32")
+        if theta.size == 0:
+            raise InputError("zo-sgd needs trainable float32 parameters; none are selected")
+        if self._n is None:
+            self._n = theta.size
+            self._policy = self.restore
+            if self._policy == "auto":
+                self._policy = "copy" if theta.nbytes <= AUTO_COPY_MAX_BYTES else "drift"
+            self._decay_segments = [
+                (a, b) for name, a, b in store.segments("float32") if store[name].ndim >= 2
+            ]
+        elif theta.size != self._n:
+            raise InputError(f"store has {theta.size} trainable elements, this optimizer "
+                             f"was set up for {self._n}")
+        return theta
+
+    @property
+    def policy(self) -> str:
+        """The restore policy in effect ("copy" or "drift"; "" before the first step)."""
+        return self._policy
+
+    def lr_at(self, t: int) -> float:
+        """Learning rate of step t under the schedule."""
+        if self.schedule == "constant":
+            return self.lr
+        assert self.total_steps is not None
+        frac = min(t / self.total_steps, 1.0)
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.lr * (1.0 - frac)
+
+    def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
+        """dst = src + sum_k coef_k * z_k, chunk by chunk (same float ops for any chunking)."""
+        z, acc = self._zbuf, self._abuf
+        for a, b in noise_chunks(dst.size, self.chunk):
+            m = b - a
+            zc, ac = z[:m], acc[:m]
+            for i, (coef, (seed, step, probe)) in enumerate(terms):
+                self.noise.fill(zc, run_seed=seed, step=step, probe=probe, start=a)
+                if i == 0:
+                    np.multiply(zc, coef, out=ac)
+                else:
+                    np.multiply(zc, coef, out=zc)
+                    np.add(ac, zc, out=ac)
+            np.add(src[a:b], ac, out=dst[a:b])
+
+    def _decay(self, theta: np.ndarray, lr: float, *, undo: bool = False) -> None:
+        if self.weight_decay == 0.0 or lr == 0.0:
+            return
+        f = np.float32(1.0 - lr * self.weight_decay)
+        op = np.divide if undo else np.multiply
+        for a, b in self._decay_segments:
+            op(theta[a:b], f, out=theta[a:b])
+
+    def _update_terms(self, record: dict[str, Any]) -> list[Term]:
+        q = len(record["seeds"])
+        return [
+            (np.float32(-(record["lr"] * g / q)), tuple(s))  # type: ignore[misc]
+            for g, s in zip(record["g"], record["seeds"], strict=True)
+        ]
+
+    # -- the step -------------------------------------------------------------------------------
+    def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
+        theta = self._prepare(store)
+        t, eps = self.t, self.eps
+        e32 = np.float32(eps)
+        copy = None
+        if self._policy == "copy":
+            if self._copy is None:
+                self._copy = np.empty_like(theta)
+            copy = self._copy
+            np.copyto(copy, theta)
+        seeds = [(self.seed, t, k) for k in range(self.probes)]
+        losses: list[tuple[float, float]] = []
+        for key in seeds:
+            if copy is not None:
+                self._combine(theta, copy, [(e32, key)])
+                lp = yield
+                self._combine(theta, copy, [(-e32, key)])
+                lm = yield
+            else:
+                self._combine(theta, theta, [(e32, key)])
+                lp = yield
+                self._combine(theta, theta, [(np.float32(-2.0 * eps), key)])
+                lm = yield
+                self._combine(theta, theta, [(e32, key)])
+            losses.append((lp, lm))
+        finite = all(math.isfinite(v) for pair in losses for v in pair)
+        gs: list[float] = []
+        for lp, lm in losses:
+            d = lp - lm if finite else 0.0
+            if self.clip is not None:
+                d = min(max(d, -self.clip), self.clip)
+            g = d / (2.0 * eps)
+            gs.append(float(np.sign(g)) if self.sign else g)
+        record: dict[str, Any] = {
+            "step": t, "seeds": [list(s) for s in seeds], "g": gs, "lr": self.lr_at(t),
+            "eps": eps, "losses": [[_finite_or_none(a), _finite_or_none(b)] for a, b in losses],
+            "accepted": finite, "undone": False,
+        }
+        if not finite:
+            if copy is not None:
+                np.copyto(theta, copy)
+            return record
+        self._apply_update(theta, record, src=copy)
+        if self.conservative:
+            l_new = yield
+            l_ref = sum(a + b for a, b in losses) / (2 * len(losses))
+            if not (math.isfinite(l_new) and l_new <= l_ref):
+                record["undone"] = True
+                self._undo_update(theta, record, copy)
+        return record
+
+    def _apply_update(self, theta: np.ndarray, record: dict[str, Any],
+                      src: np.ndarray | None) -> None:
+        self._combine(theta, theta if src is None else src, self._update_terms(record))
+        self._decay(theta, record["lr"])
+
+    def _undo_update(self, theta: np.ndarray, record: dict[str, Any],
+                     copy: np.ndarray | None) -> None:
+        if copy is not None:
+            np.copyto(theta, copy)
+            return
+        self._decay(theta, record["lr"], undo=True)
+        terms = [(-c, key) for c, key in self._update_terms(record)]
+        self._combine(theta, theta, terms)
+
+    def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
+        """Re-apply one journal record: the same float ops as the training step, no forwards."""
+        theta = self._prepare(store)
+        try:
+            seeds = [tuple(int(v) for v in s) for s in record["seeds"]]
+            eps = float(record["eps"])
+            accepted, undone = bool(record["accepted"]), bool(record.get("undone", False))
+            if len(record["g"]) != len(seeds) or any(len(s) != 3 for s in seeds):
+                raise ValueError("seeds/g lengths")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"malformed zo-sgd journal record ({e})") from None
+        if self._policy == "drift":
+            e32 = np.float32(eps)
+            for key in seeds:
+                self._combine(theta, theta, [(e32, key)])
+                self._combine(theta, theta, [(np.float32(-2.0 * eps), key)])
+                self._combine(theta, theta, [(e32, key)])
+        if accepted and not undone:
+            self._apply_update(theta, record, src=None)
+        elif accepted and undone and self._policy == "drift":
+            self._apply_update(theta, record, src=None)
+            self._undo_update(theta, record, None)
+        self.t = int(record["step"]) + 1

@@ -1,0 +1,87 @@
+"""Shared fixtures: the digits data set, and each zoo model exported once per session.
+
+Fixtures that need torch call `pytest.importorskip("torch")` so a device-only environment
+(numpy + onnxruntime, no torch) still runs every test that does not depend on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgelearn.data import Dataset
+
+ZOO_NAMES = ("mlp", "cnn", "gru", "transformer", "two_norms")
+
+
+@pytest.fixture(scope="session")
+def digits() -> Dataset:
+    """sklearn digits: x float32 [1797, 64] scaled to [0, 1], y int64 labels 0..9."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    return Dataset(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+
+@pytest.fixture(scope="session")
+def digits_npz(digits: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits data set as a `.npz` data file (x, y)."""
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    np.savez(path, x=digits.x, y=digits.y)
+    return path
+
+
+@dataclass
+class Exported:
+    """One exported zoo model: its bundle directory, the torch module it came from, the
+    example input shape (batch first) and the exporter's summary."""
+
+    path: Path
+    module: Any
+    example_shape: tuple[int, ...]
+    summary: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    """name -> Exported for every model in export.zoo.ZOO, exported once per session."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from export import export_bundle
+    from export.zoo import ZOO
+
+    root = tmp_path_factory.mktemp("bundles")
+    out: dict[str, Exported] = {}
+    for name in ZOO_NAMES:
+        factory, shape = ZOO[name]
+        torch.manual_seed(0)
+        module = factory()
+        example = torch.randn(1, *shape)
+        summary = export_bundle(module, example, root / name)
+        out[name] = Exported(root / name, module.eval(), (1, *shape), summary)
+    return out
+
+
+def torch_forward(module: Any, x: np.ndarray) -> np.ndarray:
+    """Run a torch module on a numpy batch (no grad) and return numpy."""
+    import torch
+
+    with torch.no_grad():
+        return module(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def load_store_into_torch(module: Any, store: Any) -> None:
+    """Copy every store view (parameters and float buffers) into the torch module."""
+    import torch
+
+    state = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    # Only non-float buffers (e.g. BatchNorm num_batches_tracked) may be absent from the store.
+    sd = module.state_dict()
+    assert all(not sd[k].is_floating_point() for k in missing), missing
