@@ -4,10 +4,13 @@ An optimizer changes the trainable slice of a ParamStore in place. A step is a s
 `ask(store)` puts the next candidate weights into the store (returns False when the step is
 done), the caller evaluates the loss with whatever backend it likes and reports it with
 `tell(loss)`. `step(store, evaluate)` runs that dialogue with a callback. Each finished step
-leaves a JSON-able `record` (what the journal stores) from which `replay(store, record)`
-reproduces the very same float operations without any forward pass. Subclasses implement
-`_step(store)` as a generator that yields once per candidate and receives its loss, returning
-the record; public methods, validation and counters live here once (as in nevergrad/evosax).
+leaves a JSON-able `record` (what the journal stores). The record holds, under "evals", every
+loss told during the step; `replay(store, record)` re-runs the very same step generator and
+feeds it those losses instead of running forwards, so replay performs the same float operations
+as training by construction (bit-exact), needs no data, and checks that the regenerated record
+matches the stored one. Subclasses implement `_step(store)` as a generator that yields once per
+candidate and receives its loss, returning the record; public methods, validation and counters
+live here once (as in nevergrad/evosax).
 """
 
 from __future__ import annotations
@@ -90,8 +93,37 @@ class Optimizer:
         raise NotImplementedError
 
     def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
-        """Apply a journal record to `store` with the same float operations as training."""
-        raise NotImplementedError
+        """Apply a journal record to `store` with the same float operations as training.
+
+        Re-runs the step generator at the recorded step index, feeding it the recorded losses.
+        Raises InputError if the record is malformed or does not reproduce itself.
+        """
+        evals, step = record.get("evals"), record.get("step")
+        if not (isinstance(evals, list) and isinstance(step, int) and step >= 0
+                and all(v is None or isinstance(v, int | float) for v in evals)):
+            raise InputError(f"malformed {self.name} journal record (step {step!r})")
+        if self._gen is not None:
+            raise EdgelearnError("cannot replay in the middle of a step")
+        self.t = step
+        gen = self._step(store)
+        feed = iter(evals)
+        try:
+            next(gen)
+            while True:
+                v = next(feed, _PENDING)
+                if v is _PENDING:
+                    raise InputError(f"journal record of step {step} has too few losses")
+                gen.send(math.nan if v is None else float(v))
+        except StopIteration as stop:
+            again = {**stop.value, "step": step, "evals": evals}
+        if next(feed, _PENDING) is not _PENDING:
+            raise InputError(f"journal record of step {step} has too many losses")
+        body = {k: v for k, v in record.items() if k != "kind"}
+        if again != body:
+            diff = sorted(k for k in set(again) | set(body) if again.get(k) != body.get(k))
+            raise InputError(f"journal record of step {step} does not reproduce ({diff}): "
+                             "corrupt, or written with other settings")
+        self.t = step + 1
 
     # -- public dialogue ------------------------------------------------------------------------
     def ask(self, store: ParamStore) -> bool:
@@ -128,6 +160,8 @@ class Optimizer:
         return self.last_info
 
     def _finish(self, record: dict[str, Any]) -> None:
+        record["step"] = self.t
+        record["evals"] = [v if math.isfinite(v) else None for v in self._losses]
         finite = [v for v in self._losses if math.isfinite(v)]
         loss = sum(finite) / len(finite) if finite else math.nan
         self.last_info = StepInfo(self.t, loss, record, bool(record.get("accepted", True)),

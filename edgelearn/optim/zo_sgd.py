@@ -20,8 +20,10 @@ Restore policy (how theta comes back after the +-eps probes):
     the elements move by an ulp); the drift is reproduced bit-exactly by replay, which performs
     the very same float operations. No extra memory.
   * "auto" (default): "copy" when the trainable slice is at most 16 MiB, else "drift".
+In "drift" mode the last probe's restore and the update are fused into one pass
+(theta += (eps - c) z), so a 1-probe step costs 3 elementwise passes in either mode.
 The journal record of each step holds (step, seeds, projected gradients, lr, eps, losses);
-replay needs no data and no forwards.
+replay re-runs the step with the recorded losses: no data and no forwards.
 """
 
 from __future__ import annotations
@@ -42,10 +44,6 @@ SCHEDULES = ("constant", "cosine", "linear")
 AUTO_COPY_MAX_BYTES = 16 << 20
 
 Term = tuple[np.float32, tuple[int, int, int]]
-
-
-def _finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
 
 
 @register
@@ -192,13 +190,6 @@ class ZOSGD(Optimizer):
         for a, b in self._decay_segments:
             op(theta[a:b], f, out=theta[a:b])
 
-    def _update_terms(self, record: dict[str, Any]) -> list[Term]:
-        q = len(record["seeds"])
-        return [
-            (np.float32(-(record["lr"] * g / q)), tuple(s))  # type: ignore[misc]
-            for g, s in zip(record["g"], record["seeds"], strict=True)
-        ]
-
     # -- the step -------------------------------------------------------------------------------
     def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
         theta = self._prepare(store)
@@ -212,7 +203,7 @@ class ZOSGD(Optimizer):
             np.copyto(copy, theta)
         seeds = [(self.seed, t, k) for k in range(self.probes)]
         losses: list[tuple[float, float]] = []
-        for key in seeds:
+        for k, key in enumerate(seeds):
             if copy is not None:
                 self._combine(theta, copy, [(e32, key)])
                 lp = yield
@@ -223,7 +214,8 @@ class ZOSGD(Optimizer):
                 lp = yield
                 self._combine(theta, theta, [(np.float32(-2.0 * eps), key)])
                 lm = yield
-                self._combine(theta, theta, [(e32, key)])
+                if k < len(seeds) - 1:  # the last probe's restore is fused with the update
+                    self._combine(theta, theta, [(e32, key)])
             losses.append((lp, lm))
         finite = all(math.isfinite(v) for pair in losses for v in pair)
         gs: list[float] = []
@@ -233,58 +225,31 @@ class ZOSGD(Optimizer):
                 d = min(max(d, -self.clip), self.clip)
             g = d / (2.0 * eps)
             gs.append(float(np.sign(g)) if self.sign else g)
-        record: dict[str, Any] = {
-            "step": t, "seeds": [list(s) for s in seeds], "g": gs, "lr": self.lr_at(t),
-            "eps": eps, "losses": [[_finite_or_none(a), _finite_or_none(b)] for a, b in losses],
-            "accepted": finite, "undone": False,
-        }
-        if not finite:
+        lr = self.lr_at(t)
+        record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "g": gs, "lr": lr,
+                                  "eps": eps, "accepted": finite, "undone": False}
+        if not finite:  # reject: weights back to the pre-step values, no update
             if copy is not None:
                 np.copyto(theta, copy)
+            else:
+                self._combine(theta, theta, [(e32, seeds[-1])])
             return record
-        self._apply_update(theta, record, src=copy)
+        q = len(seeds)
+        terms: list[Term] = [(np.float32(-(lr * g / q)), key) for g, key in zip(gs, seeds,
+                                                                               strict=True)]
+        if copy is None:  # theta = theta_last_minus + eps z_last - sum_k c_k z_k, one pass
+            terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])
+        self._combine(theta, theta if copy is None else copy, terms)
+        self._decay(theta, lr)
         if self.conservative:
             l_new = yield
-            l_ref = sum(a + b for a, b in losses) / (2 * len(losses))
+            l_ref = sum(a + b for a, b in losses) / (2 * q)
             if not (math.isfinite(l_new) and l_new <= l_ref):
                 record["undone"] = True
-                self._undo_update(theta, record, copy)
+                if copy is not None:
+                    np.copyto(theta, copy)
+                else:  # approximate in float32; replay repeats the same operations
+                    self._decay(theta, lr, undo=True)
+                    self._combine(theta, theta, [(np.float32(lr * g / q), key)
+                                                 for g, key in zip(gs, seeds, strict=True)])
         return record
-
-    def _apply_update(self, theta: np.ndarray, record: dict[str, Any],
-                      src: np.ndarray | None) -> None:
-        self._combine(theta, theta if src is None else src, self._update_terms(record))
-        self._decay(theta, record["lr"])
-
-    def _undo_update(self, theta: np.ndarray, record: dict[str, Any],
-                     copy: np.ndarray | None) -> None:
-        if copy is not None:
-            np.copyto(theta, copy)
-            return
-        self._decay(theta, record["lr"], undo=True)
-        terms = [(-c, key) for c, key in self._update_terms(record)]
-        self._combine(theta, theta, terms)
-
-    def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
-        """Re-apply one journal record: the same float ops as the training step, no forwards."""
-        theta = self._prepare(store)
-        try:
-            seeds = [tuple(int(v) for v in s) for s in record["seeds"]]
-            eps = float(record["eps"])
-            accepted, undone = bool(record["accepted"]), bool(record.get("undone", False))
-            if len(record["g"]) != len(seeds) or any(len(s) != 3 for s in seeds):
-                raise ValueError("seeds/g lengths")
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"malformed zo-sgd journal record ({e})") from None
-        if self._policy == "drift":
-            e32 = np.float32(eps)
-            for key in seeds:
-                self._combine(theta, theta, [(e32, key)])
-                self._combine(theta, theta, [(np.float32(-2.0 * eps), key)])
-                self._combine(theta, theta, [(e32, key)])
-        if accepted and not undone:
-            self._apply_update(theta, record, src=None)
-        elif accepted and undone and self._policy == "drift":
-            self._apply_update(theta, record, src=None)
-            self._undo_update(theta, record, None)
-        self.t = int(record["step"]) + 1

@@ -1,0 +1,155 @@
+"""Contract every registered optimizer must keep (optax-style shared suite).
+
+Runs on a pure-numpy objective (no runtime) so it is fast and torch-free: a least-squares fit
+whose loss is computed from the store views the optimizer mutates in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.optim import REGISTRY, make_optimizer
+from edgelearn.params import ParamSpec, ParamStore
+
+NAMES = sorted(REGISTRY)
+OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
+
+
+def problem(seed: int = 0) -> tuple[ParamStore, callable]:
+    """A 2-layer least-squares problem with a frozen tensor; returns (store, loss)."""
+    rng = np.random.default_rng(seed)
+    specs = [ParamSpec("w", (8, 4), "float32", True), ParamSpec("b", (4,), "float32", True),
+             ParamSpec("frozen", (3,), "float32", False)]
+    store = ParamStore(specs, values={
+        "w": rng.standard_normal((8, 4)).astype(np.float32) * 0.1,
+        "b": np.zeros(4, np.float32), "frozen": np.ones(3, np.float32)})
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    y = x @ rng.standard_normal((8, 4)).astype(np.float32) + 0.5
+
+    def loss() -> float:
+        d = (x @ store["w"] + store["b"] - y).astype(np.float64)
+        return float(np.mean(d * d))
+
+    return store, loss
+
+
+def make(name: str, **kw: object):
+    return make_optimizer(name, **{**OPTIONS.get(name, {}), "seed": 7, **kw})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learns_and_preserves_dtype_and_frozen(name: str) -> None:
+    store, loss = problem()
+    opt = make(name)
+    start = loss()
+    for _ in range(300):
+        opt.step(store, loss)
+    assert loss() < 0.2 * start
+    assert store["w"].dtype == np.float32
+    np.testing.assert_array_equal(store["frozen"], np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("restore", ["copy", "drift"])
+def test_replay_equals_training_bit_exactly(name: str, restore: str) -> None:
+    store, loss = problem()
+    opt = make(name, restore=restore)
+    base = store.copy()
+    records = [opt.step(store, loss).record for _ in range(50)]
+    again = make(name, restore=restore)
+    for r in records:
+        again.replay(base, r)
+    assert base.digest() == store.digest()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_n_plus_n_equals_2n(name: str) -> None:
+    store_a, loss_a = problem()
+    a = make(name)
+    for _ in range(40):
+        a.step(store_a, loss_a)
+
+    store_b, loss_b = problem()
+    b = make(name)
+    for _ in range(20):
+        b.step(store_b, loss_b)
+    state = b.state_dict()
+    c = make(name)
+    c.load_state_dict(state)
+    for _ in range(20):
+        c.step(store_b, loss_b)
+    assert store_a.digest() == store_b.digest()
+    assert c.state_dict() == a.state_dict()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_rejects_other_settings(name: str) -> None:
+    state = make(name).state_dict()
+    with pytest.raises(InputError, match="differ"):
+        make(name, seed=8).load_state_dict(state)
+    with pytest.raises(InputError, match="optimizer"):
+        make(name).load_state_dict({**state, "name": "other"})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_weights_other_seed_differs(name: str) -> None:
+    digests = []
+    for seed in (7, 7, 8):
+        store, loss = problem()
+        opt = make(name, seed=seed)
+        for _ in range(10):
+            opt.step(store, loss)
+        digests.append(store.digest())
+    assert digests[0] == digests[1]
+    assert digests[0] != digests[2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ask_tell_protocol(name: str) -> None:
+    store, loss = problem()
+    opt = make(name)
+    with pytest.raises(EdgelearnError):
+        opt.tell(1.0)
+    assert opt.ask(store)
+    with pytest.raises(EdgelearnError):
+        opt.ask(store)
+    opt.tell(loss())
+    with pytest.raises(EdgelearnError, match="middle of a step"):
+        opt.state_dict()
+    while opt.ask(store):
+        opt.tell(loss())
+    assert opt.t == 1
+    # The manual dialogue and step() give the same weights.
+    store2, loss2 = problem()
+    make(name).step(store2, loss2)
+    assert store2.digest() == store.digest()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("restore", ["copy", "drift"])
+def test_nan_loss_rejected_weights_exact_or_replayed(name: str, restore: str) -> None:
+    store, loss = problem()
+    opt = make(name, restore=restore)
+    opt.step(store, loss)
+    before = store.copy()
+    calls = []
+
+    def bad() -> float:
+        calls.append(1)
+        return math.nan if len(calls) == 2 else loss()
+
+    info = opt.step(store, bad)
+    assert not info.accepted
+    if restore == "copy":
+        assert store.digest() == before.digest()
+    # Whatever happened, replay reproduces it and training continues.
+    replayed = make(name, restore=restore)
+    replayed.load_state_dict({**opt.state_dict(), "t": 1})
+    replayed.replay(before, info.record)
+    assert before.digest() == store.digest()
+    info = opt.step(store, loss)
+    assert info.accepted
