@@ -59,7 +59,7 @@ class TensorSpec:
                 f"input {self.name!r} has dtype {value.dtype}, the model expects {self.dtype}"
             )
         ok = value.ndim == len(self.shape) and all(
-            isinstance(d, str) or d == v for d, v in zip(self.shape, value.shape)
+            isinstance(d, str) or d == v for d, v in zip(self.shape, value.shape, strict=False)
         )
         if not ok:
             want = "[" + ", ".join(str(d) for d in self.shape) + "]"

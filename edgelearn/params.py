@@ -10,6 +10,7 @@ with the `safetensors` library after our own validation of the header.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -129,6 +130,15 @@ class ParamStore:
             return self._views[name]
         except KeyError:
             raise KeyError(f"no parameter named {name!r}") from None
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        """Copy `value` into the parameter's view (never rebinds it: backends keep seeing it).
+
+        Makes `store[name] += delta` work in place; other values need the exact shape/dtype.
+        """
+        if value is self[name]:
+            return  # in-place operator already wrote through the view
+        self.assign({name: value})
 
     def __contains__(self, name: object) -> bool:
         return name in self._views
@@ -304,7 +314,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]
         spans.append((offs[0], offs[1], name))
         out[name] = {"dtype": dtype, "shape": tuple(shape), "data_offsets": tuple(offs)}
     spans.sort()
-    for (_, e0, a), (s1, _, b) in zip(spans, spans[1:]):
+    for (_, e0, a), (s1, _, b) in itertools.pairwise(spans):
         if s1 < e0:
             raise BundleError(f"{path.name}: tensors {a!r} and {b!r} overlap")
     return out

@@ -105,6 +105,35 @@ def _raw_words(key: np.ndarray, first: int, count: int) -> np.ndarray:
     return words[skip:]
 
 
+def rademacher_bytes(run_seed: int, step: int, probe: int, n: int) -> np.ndarray:
+    """Packed signs of a whole Rademacher vector: byte i // 8, bit i % 8 is element i.
+
+    The same bits `Noise("rademacher").fill` expands (bit set -> +1), drawn once: n/8 bytes,
+    so an optimizer can reuse one probe's signs across several passes without regenerating.
+
+    Args:
+        run_seed, step, probe: the noise key (non-negative ints).
+        n: vector length (elements).
+    Returns: uint8 array of ceil(n / 64) * 8 bytes.
+    """
+    n = _check_nonneg_int("n", n)
+    words = _raw_words(philox_key(run_seed, step, probe), 0, -(-n // _BITS_PER_WORD))
+    return words.astype("<u8", copy=False).view(np.uint8)
+
+
+_BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
+
+
+def sign_table(coef: np.float32) -> np.ndarray:
+    """(256, 8) float32 table: row b holds coef * z for the 8 elements packed in byte b.
+
+    `table[packed_bytes]` expands packed signs into coef * z exactly (+-coef, including the
+    sign of zero), in one gather instead of unpack + convert + multiply.
+    """
+    c = np.float32(coef)
+    return np.where(_BYTE_BITS, c, -c).astype(np.float32)
+
+
 def noise_chunks(n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` ranges covering ``[0, n)`` in order.
 

@@ -50,7 +50,7 @@ class _Functional(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> Any:
         inputs, params = args[: self.n_inputs], args[self.n_inputs :]
-        return functional_call(self.model, dict(zip(self.names, params)), inputs)
+        return functional_call(self.model, dict(zip(self.names, params, strict=False)), inputs)
 
 
 def collect_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -167,8 +167,9 @@ def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor
         xs = tuple(_with_batch(x, b, 1000 + i) for x in example)
         with torch.no_grad():
             ref = _as_tuple(model(*xs))
-        outs = dev.backend.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs)})
-        for spec, r in zip(bundle.outputs, ref):
+        feeds = {t.name: x.numpy() for t, x in zip(bundle.inputs, xs, strict=True)}
+        outs = dev.backend.forward(feeds)
+        for spec, r in zip(bundle.outputs, ref, strict=False):
             worst = max(worst, float(np.max(np.abs(outs[spec.name] - r.numpy()), initial=0.0)))
     return worst
 
@@ -240,8 +241,8 @@ def export_bundle(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "task": task,
-            "inputs": [_spec_json(n, x, True) for n, x in zip(in_names, example)],
-            "outputs": [_spec_json(n, y, True) for n, y in zip(out_names, ref_out)],
+            "inputs": [_spec_json(n, x, True) for n, x in zip(in_names, example, strict=False)],
+            "outputs": [_spec_json(n, y, True) for n, y in zip(out_names, ref_out, strict=False)],
             "params": [
                 {"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
                  "trainable": s.trainable, "kind": "parameter" if s.name in param_names

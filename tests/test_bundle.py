@@ -114,7 +114,7 @@ def test_trainable_globs(tiny: Path) -> None:
     assert b.load_store(trainable="").trainable_names == []
     assert b.load_store(trainable="b").trainable_names == ["b"]
     assert b.load_store(trainable="b, W").trainable_names == ["W", "b"]
-    with pytest.raises(InputError, match="'head.\\*' matches no parameter"):
+    with pytest.raises(InputError, match=r"'head\.\*' matches no parameter"):
         b.load_store(trainable="head.*")
     with pytest.raises(InputError, match="'w' matches no parameter"):  # case-sensitive
         b.param_specs("b,w")
@@ -135,7 +135,7 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 def test_missing_manifest(tiny: Path) -> None:
     (tiny / MANIFEST).unlink()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest.json"):
         load_bundle(tiny)
 
 
@@ -161,13 +161,13 @@ def test_manifest_not_object(tiny: Path) -> None:
 @pytest.mark.parametrize("version", [0, 2, "1", None, 1.5])
 def test_wrong_format_version(tiny: Path, version: Any) -> None:
     edit(tiny, format_version=version)
-    with pytest.raises(BundleError, match="format_version .* is not supported"):
+    with pytest.raises(BundleError, match=r"format_version .* is not supported"):
         load_bundle(tiny)
 
 
 def test_wrong_format(tiny: Path) -> None:
     edit(tiny, format="something.else")
-    with pytest.raises(BundleError, match="format is 'something.else'"):
+    with pytest.raises(BundleError, match=r"format is 'something.else'"):
         load_bundle(tiny)
 
 
@@ -175,10 +175,10 @@ def test_missing_file(tiny: Path) -> None:
     m = read_manifest(tiny)
     m["files"]["onnx"]["path"] = "missing.onnx"
     write_manifest(tiny, m)
-    with pytest.raises(BundleError, match="files.onnx names 'missing.onnx', which does not exist"):
+    with pytest.raises(BundleError, match=r"files.onnx names 'missing.onnx', which does not exist"):
         load_bundle(tiny)
     (tiny / "weights.safetensors").unlink()
-    with pytest.raises(BundleError, match="files.weights names 'weights.safetensors'"):
+    with pytest.raises(BundleError, match=r"files.weights names 'weights.safetensors'"):
         load_bundle(tiny)
 
 
@@ -189,7 +189,7 @@ def test_path_not_plain(tiny: Path, rel: Any) -> None:
     m = read_manifest(tiny)
     m["files"]["onnx"]["path"] = rel
     write_manifest(tiny, m)
-    with pytest.raises(BundleError, match="files.onnx.path .* is not a plain file name"):
+    with pytest.raises(BundleError, match=r"files.onnx.path .* is not a plain file name"):
         load_bundle(tiny)
 
 
@@ -205,7 +205,7 @@ def test_symlink_outside(tiny: Path) -> None:
     outside = tiny.parent / "elsewhere.onnx"
     shutil.move(tiny / "model.onnx", outside)
     os.symlink(outside, tiny / "model.onnx")
-    with pytest.raises(BundleError, match="files.onnx 'model.onnx' resolves outside the bundle"):
+    with pytest.raises(BundleError, match=r"files.onnx 'model.onnx' resolves outside the bundle"):
         load_bundle(tiny)
 
 
@@ -225,7 +225,7 @@ def test_sha256_mismatch(tiny: Path) -> None:
     raw = bytearray((tiny / "weights.safetensors").read_bytes())
     raw[-1] ^= 0x01  # one bit of tensor data, size unchanged
     (tiny / "weights.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match="weights.safetensors: sha256 does not match"):
+    with pytest.raises(BundleError, match=r"weights.safetensors: sha256 does not match"):
         load_bundle(tiny)
     load_bundle(tiny, verify=False)  # header still valid: verify=False skips only the hash
 
@@ -234,7 +234,7 @@ def test_missing_sha256(tiny: Path) -> None:
     m = read_manifest(tiny)
     del m["files"]["onnx"]["sha256"]
     write_manifest(tiny, m)
-    with pytest.raises(BundleError, match="files.onnx has no sha256"):
+    with pytest.raises(BundleError, match=r"files.onnx has no sha256"):
         load_bundle(tiny)
 
 
@@ -254,7 +254,7 @@ def test_truncated_weights_without_size_entry(tiny: Path) -> None:
     del m["files"]["weights"]["size"]
     m["files"]["weights"]["sha256"] = sha256_file(path)  # even a consistent hash
     write_manifest(tiny, m)
-    with pytest.raises(BundleError, match="offsets .* outside"):
+    with pytest.raises(BundleError, match=r"offsets .* outside"):
         load_bundle(tiny)
 
 
@@ -278,7 +278,7 @@ def test_header_has_extra_tensor(tiny: Path) -> None:
     m = read_manifest(tiny)
     del m["params"][1]
     write_manifest(tiny, m)
-    with pytest.raises(BundleError, match="unexpected tensors \\['b'\\]"):
+    with pytest.raises(BundleError, match=r"unexpected tensors \['b'\]"):
         load_bundle(tiny)
 
 
@@ -324,9 +324,9 @@ def test_corrupt_onnx_is_bundle_error(tiny: Path) -> None:
     from edgelearn.model import Model
 
     b = load_bundle(tiny)
-    with pytest.raises(BundleError, match="model.onnx"):
+    with pytest.raises(BundleError, match=r"model.onnx"):
         Model(b, trainable="*")
-    with pytest.raises(BundleError, match="model.onnx"):
+    with pytest.raises(BundleError, match=r"model.onnx"):
         Model(b, trainable=())
 
 
@@ -350,7 +350,8 @@ def test_ort_forward_matches_numpy(tiny: Path, trainable: Any, batch: int) -> No
     w = weights()
     out = model.backend.forward({"x": x})
     assert list(out) == ["y"]
-    assert out["y"].shape == (batch, D_OUT) and out["y"].dtype == np.float32
+    assert out["y"].shape == (batch, D_OUT)
+    assert out["y"].dtype == np.float32
     np.testing.assert_allclose(out["y"], x @ w["W"] + w["b"], atol=1e-6)
     np.testing.assert_allclose(model.predict(x), x @ w["W"] + w["b"], atol=1e-6)
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import Exported, load_store_into_torch, torch_forward
 
 from edgelearn.bundle import load_bundle
+from edgelearn.errors import InputError
 from edgelearn.model import Model
-from conftest import Exported, load_store_into_torch, torch_forward
 
 pytestmark = pytest.mark.torch
 
@@ -68,7 +69,8 @@ def test_in_place_update_parity(bundles: dict[str, Exported], arch: str) -> None
             np.float32
         )
     after = model.predict(x)
-    assert model.backend is backend and model.backend.session is session
+    assert model.backend is backend
+    assert model.backend.session is session
     assert max_err(after, before) > 1e-4  # the update was seen at all
 
     ref_module = copy.deepcopy(e.module)
@@ -201,7 +203,8 @@ def test_export_refuses_tiny_atol(tmp_path: Path) -> None:
     out = tmp_path / "t"
     with pytest.raises(ExportError, match="parity check failed"):
         export_bundle(transformer(), torch.randn(1, 10, 8), out, atol=1e-12)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_into_existing_dir(tmp_path: Path) -> None:
@@ -234,7 +237,7 @@ def test_export_trainable_glob(tmp_path: Path) -> None:
     b = load_bundle(tmp_path / "h")
     assert [p.name for p in b.params if p.trainable] == ["head.weight", "head.bias"]
     assert res["trainable_params"] == 8 * 10 + 10
-    with pytest.raises(Exception, match="matches no parameter"):  # noqa: PT011
+    with pytest.raises(InputError, match="matches no parameter"):
         export_bundle(mlp(hidden=(8,)), torch.randn(1, 64), tmp_path / "n", trainable="nope.*")
     assert not (tmp_path / "n").exists()
     with pytest.raises(ExportError, match="tflite"):

@@ -153,3 +153,24 @@ def test_nan_loss_rejected_weights_exact_or_replayed(name: str, restore: str) ->
     assert before.digest() == store.digest()
     info = opt.step(store, loss)
     assert info.accepted
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian", "pool"])
+def test_zo_copy_policy_step_is_exactly_the_update_rule(noise: str) -> None:
+    """After a copy-policy step: theta == theta0 + float32(-lr * g) * z, bit for bit."""
+    from edgelearn.rng import Noise
+
+    store, loss = problem()
+    theta0 = store.flat().copy()
+    opt = make_optimizer("zo-sgd", lr=0.01, eps=1e-3, seed=7, restore="copy", noise=noise,
+                         pool_size=1 << 12)
+    info = opt.step(store, loss)
+    z = Noise(noise, pool_size=1 << 12, pool_seed=7).fill(
+        np.empty(theta0.size, np.float32), run_seed=7, step=0, probe=0, start=0)
+    expected = theta0 + np.float32(-(info.record["lr"] * info.record["g"][0])) * z
+    np.testing.assert_array_equal(store.flat(), expected)
+    # And the probes saw exactly theta0 +- eps z: recompute both losses.
+    store.flat()[...] = theta0 + np.float32(1e-3) * z
+    lp = loss()
+    store.flat()[...] = theta0 + np.float32(-1e-3) * z
+    assert info.record["evals"] == [lp, loss()]

@@ -54,8 +54,10 @@ def test_trainable_first_and_contiguous_per_dtype(store: ParamStore) -> None:
     assert store.trainable_names == ["w1", "q.w", "b1"]
     assert set(store.arenas) == {"float32", "int8"}
     f32, i8 = store.arenas["float32"], store.arenas["int8"]
-    assert f32.dtype == np.float32 and f32.size == 3 + 6 + 4 + 3
-    assert i8.dtype == np.int8 and i8.size == 8 + 5
+    assert f32.dtype == np.float32
+    assert f32.size == 3 + 6 + 4 + 3
+    assert i8.dtype == np.int8
+    assert i8.size == 8 + 5
     # fp32: trainable w1, b1 (spec order), then frozen.a, frozen.b
     np.testing.assert_array_equal(
         f32,
@@ -98,7 +100,8 @@ def test_flat_is_a_writable_view(store: ParamStore) -> None:
     assert store["w1"][0, 0] == np.float32(123.0)
     np.testing.assert_array_equal(store["b1"], np.array([7, 8, 9], np.float32))
     flat *= 0
-    assert not store["w1"].any() and not store["b1"].any()
+    assert not store["w1"].any()
+    assert not store["b1"].any()
     np.testing.assert_array_equal(store["frozen.a"], values()["frozen.a"])  # untouched
     store.flat("int8")[:] = 3
     np.testing.assert_array_equal(store["q.w"], np.full((4, 2), 3, np.int8))
@@ -125,7 +128,9 @@ def test_segments_skip_frozen_empty_param() -> None:
 
 def test_all_frozen_and_state_and_copy(store: ParamStore) -> None:
     s = ParamStore([ParamSpec("a", (2,), trainable=False)], values={"a": np.ones(2, np.float32)})
-    assert s.flat().size == 0 and s.segments() == [] and s.trainable_names == []
+    assert s.flat().size == 0
+    assert s.segments() == []
+    assert s.trainable_names == []
     st = store.state()
     assert list(st) == store.names
     assert all(np.shares_memory(st[n], store[n]) for n in st)
@@ -140,7 +145,8 @@ def test_unknown_name_and_dtype() -> None:
     s = ParamStore(SPECS)
     with pytest.raises(KeyError, match="nope"):
         s["nope"]
-    assert "w1" in s and "nope" not in s
+    assert "w1" in s
+    assert "nope" not in s
     with pytest.raises(BundleError, match="float16"):
         ParamStore([ParamSpec("h", (2,), "float16")])
     with pytest.raises(BundleError, match="duplicate"):
@@ -250,15 +256,15 @@ def test_failed_save_keeps_old_file(store: ParamStore, tmp_path: Path) -> None:
 
 def test_load_rejects_other_params(store: ParamStore, tmp_path: Path) -> None:
     path = store.save(tmp_path / "w.safetensors")
-    with pytest.raises(BundleError, match="missing tensors.*extra"):
+    with pytest.raises(BundleError, match=r"missing tensors.*extra"):
         ParamStore.from_file(path, [*SPECS, ParamSpec("extra", (1,))])
-    with pytest.raises(BundleError, match="unexpected tensors.*b1"):
+    with pytest.raises(BundleError, match=r"unexpected tensors.*b1"):
         ParamStore.from_file(path, [s for s in SPECS if s.name != "b1"])
     bad = [ParamSpec("w1", (3, 2)) if s.name == "w1" else s for s in SPECS]
-    with pytest.raises(BundleError, match="'w1'.*manifest says"):
+    with pytest.raises(BundleError, match=r"'w1'.*manifest says"):
         ParamStore.from_file(path, bad)
     bad = [ParamSpec("q.w", (4, 2), "uint8") if s.name == "q.w" else s for s in SPECS]
-    with pytest.raises(BundleError, match="'q.w'.*int8"):
+    with pytest.raises(BundleError, match=r"'q.w'.*int8"):
         ParamStore.from_file(path, bad)
 
 
@@ -394,3 +400,15 @@ def test_load_validates_before_reading(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="overlap"):
         store.load(path)
     assert not store["a"].any()
+
+
+def test_setitem_writes_in_place(store: ParamStore) -> None:
+    view = store["w1"]
+    store["w1"] += np.float32(1.0)  # in-place operator on the view: no rebinding
+    assert store["w1"] is view
+    np.testing.assert_array_equal(view, values()["w1"] + np.float32(1.0))
+    store["b1"] = np.array([1, 2, 3], np.float32)  # assignment copies into the arena
+    assert np.shares_memory(store["b1"], store.arenas["float32"])
+    np.testing.assert_array_equal(store.flat()[6:9], np.array([1, 2, 3], np.float32))
+    with pytest.raises(BundleError, match="'b1'"):
+        store["b1"] = np.array([1, 2, 3], np.float64)

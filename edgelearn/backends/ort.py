@@ -153,4 +153,4 @@ class OrtBackend:
         for name in self._out_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        return dict(zip(self._out_names, io.copy_outputs_to_cpu()))
+        return dict(zip(self._out_names, io.copy_outputs_to_cpu(), strict=False))
