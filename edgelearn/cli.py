@@ -80,9 +80,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     factory = getattr(module, attr, None)
     if factory is None:
         raise InputError(f"{spec} has no attribute {attr!r}")
-    kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    try:
+        kwargs = json.loads(args.kwargs) if args.kwargs else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"--kwargs is not valid JSON ({e})") from None
+    if not isinstance(kwargs, dict):
+        raise InputError("--kwargs must be a JSON object")
     torch.manual_seed(args.seed)
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise InputError(f"{args.spec}: {e}") from None
     example = torch.randn(*args.example_shape)
     res = export_bundle(model, example, args.out, trainable=args.trainable, task=args.task,
                         overwrite=args.overwrite)
