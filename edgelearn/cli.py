@@ -50,6 +50,31 @@ def _positive(text: str) -> int:
     return v
 
 
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """Backend, threads, providers and memory budget from flags, else the --device profile."""
+    from edgelearn.devices import load_profile, resolve_backend
+
+    prof = load_profile(args.device) if getattr(args, "device", None) else None
+    budget = getattr(args, "memory_budget_mb", None)
+    return {
+        "backend": resolve_backend(prof, args.backend),
+        "threads": args.threads or (prof.threads if prof else None),
+        "providers": _usable_providers(prof.providers) if prof else None,
+        "memory_budget_mb": budget if budget is not None else
+        (prof.memory_budget_mb if prof else None),
+    }
+
+
+def _usable_providers(wanted: Sequence[str]) -> list[str] | None:
+    """The profile's ORT providers that this onnxruntime build has (CUDA only on GPU builds)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    have = set(ort.get_available_providers())
+    return [p for p in wanted if p in have] or None
+
+
 # -- commands --------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> None:
     """Host side: import a factory `module.py:name` (or `pkg.module:name`) and export it."""
@@ -130,8 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)
-    model = Model(bundle, backend=args.backend, trainable=(), weights=args.weights,
-                  threads=args.threads)
+    rt = _runtime(args)
+    model = Model(bundle, backend=rt["backend"], trainable=(), weights=args.weights,
+                  threads=rt["threads"], providers=rt["providers"])
     t0 = time.perf_counter()
     res = model.evaluate(data, batch_size=args.batch_size, objective=args.objective)
     res["seconds"] = time.perf_counter() - t0
@@ -155,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)
+    rt = _runtime(args)
     options: dict[str, Any] = {"lr": args.lr, "eps": args.eps, "probes": args.probes,
                                "noise": args.noise, "restore": args.restore,
                                "weight_decay": args.weight_decay, "sign": args.sign,
@@ -164,8 +191,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         options["total_steps"] = args.steps
     res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
                 steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                trainable=args.trainable, objective=args.objective, backend=args.backend,
-                threads=args.threads, checkpoint_every=args.checkpoint_every,
+                trainable=args.trainable, objective=args.objective, backend=rt["backend"],
+                threads=rt["threads"], providers=rt["providers"],
+                memory_budget_mb=rt["memory_budget_mb"], checkpoint_every=args.checkpoint_every,
                 fsync_every=args.fsync_every,
                 progress=not args.json and sys.stderr.isatty())
 
@@ -194,12 +222,75 @@ def cmd_replay(args: argparse.Namespace) -> None:
     _emit(args, res, lambda: f"replayed {steps} steps -> {out} (sha256 {res['sha256']})")
 
 
+def cmd_device(args: argparse.Namespace) -> None:
+    """Detect this machine, show its profile, and (with a bundle) what fits its memory budget."""
+    from edgelearn.devices import detect, list_profiles, load_profile, resolve_backend
+
+    if args.list:
+        res: dict[str, Any] = {"profiles": [load_profile(n).to_json() for n in list_profiles()]}
+        _emit(args, res, lambda: "\n".join(f"{p['name']:20s} {p['description']}"
+                                           for p in res["profiles"]))
+        return
+    machine = detect()
+    name = args.device or machine["profile"]
+    prof = load_profile(name) if name else None
+    res = {"machine": machine, "profile": prof.to_json() if prof else None}
+    if args.bundle:
+        from edgelearn.budget import plan_batch
+        from edgelearn.bundle import load_bundle
+        from edgelearn.model import Model
+        from edgelearn.optim import REGISTRY, make_optimizer
+
+        bundle = load_bundle(args.bundle)
+        backend = resolve_backend(prof, args.backend)
+        budget = args.memory_budget_mb or (prof.memory_budget_mb if prof else None) or \
+            machine["memory_available_mb"]
+        model = Model(bundle, backend=backend, trainable=args.trainable,
+                      threads=prof.threads if prof else None)
+        fits = {}
+        for opt_name in sorted(REGISTRY):
+            try:
+                opt = make_optimizer(opt_name)
+                fits[opt_name] = plan_batch(bundle, batch_size=args.batch_size, budget_mb=budget,
+                                            extra_bytes=opt.memory_bytes(model.store))
+            except EdgelearnError as e:
+                fits[opt_name] = {"error": str(e)}
+        res["bundle"] = {"path": str(bundle.path), "backend": backend, "budget_mb": budget,
+                         "trainable_params": model.store.n_trainable("float32"),
+                         "max_batch": {k: v.get("batch_size") for k, v in fits.items()},
+                         "plans": fits}
+
+    def human() -> str:
+        m = machine
+        lines = [f"machine: {m['arch']} {m['board'] or ''} {m['cores']} cores, "
+                 f"{m['memory_total_mb']} MB RAM ({m['memory_available_mb']} MB free), "
+                 f"Python {m['python']}, glibc {m['glibc']}, numpy {m['numpy']}",
+                 f"runtimes importable: {', '.join(m['backends']) or 'none'}",
+                 f"profile: {prof.name + ' - ' + prof.description if prof else 'none'}"]
+        if prof:
+            for rt, c in prof.runtimes.items():
+                numpy_req = f", numpy {c['numpy']}" if "numpy" in c else ""
+                lines.append(f"  {rt}: python {c.get('python', '?')}, glibc "
+                             f"{c.get('glibc', '?')}{numpy_req}")
+        if "bundle" in res:
+            b = res["bundle"]
+            lines.append(f"bundle {b['path']} on {b['backend']}, budget {b['budget_mb']} MB:")
+            for k, v in b["plans"].items():
+                lines.append(f"  {k}: " + (v["error"] if "error" in v else
+                             f"max batch {v['batch_size']} (of {v['requested_batch_size']}), "
+                             f"predicted peak {v['predicted_peak_mb']} MB"))
+        return "\n".join(lines)
+
+    _emit(args, res, human)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "export": cmd_export,
     "info": cmd_info,
     "eval": cmd_eval,
     "train": cmd_train,
     "replay": cmd_replay,
+    "device": cmd_device,
 }
 
 
@@ -213,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     def runtime(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--backend", default="onnxruntime", help="onnxruntime (default)")
+        sp.add_argument("--backend", default=None,
+                        help="onnxruntime (default) | litert; default: the --device profile's")
+        sp.add_argument("--device", default=None,
+                        help="device profile name (see `edgelearn device --list`) or .toml path")
         sp.add_argument("--threads", type=_positive, default=None,
                         help="runtime intra-op threads (default: runtime's choice)")
         sp.add_argument("--batch-size", type=_positive, default=256, help="examples per forward")
@@ -266,8 +360,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
     sp.add_argument("--checkpoint-every", type=_positive, default=100)
     sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
+    sp.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="peak memory allowed; the batch shrinks to fit (default: profile's)")
     runtime(sp)
     sp.set_defaults(batch_size=32)
+    common(sp)
+
+    sp = sub.add_parser("device", help="detect this machine; what fits its memory budget")
+    sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
+    sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
+    sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
+    sp.add_argument("--backend", default=None, help="backend (default: the profile's)")
+    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
+    sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
+    sp.add_argument("--memory-budget-mb", type=float, default=None)
     common(sp)
 
     sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn.budget import plan_batch
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import EdgelearnError, InputError
@@ -150,6 +151,8 @@ def train(
     objective: str | None = None,
     backend: str = "onnxruntime",
     threads: int | None = None,
+    providers: list[str] | None = None,
+    memory_budget_mb: float | None = None,
     checkpoint_every: int = 100,
     fsync_every: int = 1,
     progress: bool = False,
@@ -169,6 +172,9 @@ def train(
         objective: loss name (default from the task: cross-entropy / mse).
         backend: runtime backend name.
         threads: runtime threads.
+        providers: ORT execution providers (None = CPU).
+        memory_budget_mb: peak memory the run may use (MiB); the batch shrinks to fit, or the
+            run is refused with InputError if even batch 1 would not fit.
         checkpoint_every: steps between checkpoints.
         fsync_every: journal records between fsyncs.
         progress: draw a progress bar on stderr.
@@ -179,12 +185,26 @@ def train(
         raise InputError("steps must be >= 0")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
+    if memory_budget_mb is not None:
+        weights_mb = sum(p.nbytes for p in bundle.params) / (1 << 20)
+        if 2 * weights_mb > memory_budget_mb:
+            raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
+                             f"within a memory budget of {memory_budget_mb:.0f} MB")
+    model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
+                  providers=providers)
     model.check_data(data)
     store = model.store
     opts = dict(options or {})
     opts.setdefault("seed", seed)
     opt = make_optimizer(optimizer, **opts)
+    plan = None
+    if memory_budget_mb is not None:
+        plan = plan_batch(bundle, batch_size=batch_size, budget_mb=memory_budget_mb,
+                          extra_bytes=opt.memory_bytes(store))
+        if plan["batch_size"] < batch_size:
+            print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
+                  f"{memory_budget_mb:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
+            batch_size = plan["batch_size"]
     loss_name = objective or default_loss(bundle.task)
     loss_fn = get_loss(loss_name)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
@@ -235,6 +255,8 @@ def train(
         "step_ms_median": 1e3 * statistics.median(times_step) if times_step else None,
         "forward_ms_median": 1e3 * statistics.median(times_fwd) if times_fwd else None,
         "peak_rss_mb": peak_rss_mb(),
+        "batch_size": batch_size,
+        "memory_plan": plan,
     }
 
 

@@ -88,6 +88,10 @@ class Optimizer:
         """Hyperparameters as JSON data (stored in the journal header)."""
         return {"seed": self.seed}
 
+    def memory_bytes(self, store: ParamStore) -> int:
+        """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
+        return 0
+
     def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
         """Yield once per candidate placed in `store`; receive its loss; return the record."""
         raise NotImplementedError

@@ -163,6 +163,16 @@ class ZOSGD(Optimizer):
                              f"was set up for {self._n}")
         return theta
 
+    def memory_bytes(self, store: ParamStore) -> int:
+        """Restore copy (copy policy) + packed signs of every probe + two chunk buffers."""
+        n = store.n_trainable("float32")
+        policy = self.restore
+        if policy == "auto":
+            policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
+        signs = self.probes * (-(-n // 64) * 8) if self.noise_kind == "rademacher" else 0
+        pool = 4 * self.pool_size if self.noise_kind == "pool" else 0
+        return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.chunk
+
     @property
     def policy(self) -> str:
         """The restore policy in effect ("copy" or "drift"; "" before the first step)."""

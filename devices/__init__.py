@@ -1,0 +1,1 @@
+"""Device profiles (TOML files in this package); loaded by `edgelearn.devices`."""

@@ -1,0 +1,114 @@
+"""Memory budget: predict a training run's peak and pick a batch size that fits.
+
+The prediction is grounded in a measurement: the process's resident memory once the bundle
+is loaded and the session bound (weights, runtime, Python), plus what a step adds on top —
+the optimizer's trainable-sized buffers and the activations of one batch. Activations per
+example come from ONNX shape inference: the sum of every batch-dependent tensor in the graph,
+an upper bound (the runtime reuses buffers), so a batch that fits here fits on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from edgelearn.errors import InputError
+
+_ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
+                  16: 2}
+MARGIN = 1.10
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (MiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
+    """Upper bound of activation bytes one example adds to a forward (ONNX shape inference).
+
+    Returns 0 when onnx is not installed (LiteRT-only device); `plan_batch` then assumes
+    16 x (input + output) bytes per example.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return 0
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
+                                                        load_external_data=False))
+    total = 0
+    g = model.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim
+        if not dims or not dims[0].dim_param:
+            continue  # not batch dependent (weights, shapes)
+        n = 1
+        for d in dims[1:]:
+            n *= d.dim_value if d.dim_value > 0 else 1
+        total += n * _ONNX_ITEMSIZE.get(tt.elem_type, 4)
+    return total
+
+
+def plan_batch(
+    bundle: Any,
+    *,
+    batch_size: int,
+    budget_mb: float,
+    extra_bytes: int = 0,
+    base_mb: float | None = None,
+) -> dict[str, Any]:
+    """Largest batch <= batch_size whose predicted training peak fits the budget.
+
+    Args:
+        bundle: the loaded Bundle (its ONNX graph gives activation sizes).
+        batch_size: batch the user asked for.
+        budget_mb: memory budget for the whole process (MiB).
+        extra_bytes: optimizer buffers (e.g. the restore copy of the trainable slice).
+        base_mb: resident memory with the model loaded (default: measured now).
+    Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
+              "activation_kb_per_example"}. Raises InputError if even batch 1 does not fit.
+    """
+    base = current_rss_mb() if base_mb is None else base_mb
+    per_ex = 0
+    if "onnx" in bundle.files:
+        per_ex = activation_bytes_per_example(bundle.files["onnx"])
+    if per_ex == 0:
+        io = sum(_numel(t.shape) * 4 for t in [*bundle.inputs, *bundle.outputs])
+        per_ex = 16 * io
+
+    def peak(b: int) -> float:
+        return MARGIN * (base + (extra_bytes + per_ex * b) / (1 << 20))
+
+    if peak(1) > budget_mb:
+        raise InputError(
+            f"training this bundle needs about {peak(1):.0f} MB even at batch size 1, over the "
+            f"memory budget of {budget_mb:.0f} MB (model and runtime alone take {base:.0f} MB)"
+        )
+    lo, hi = 1, batch_size  # peak() grows with the batch: binary search the largest fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if peak(mid) <= budget_mb:
+            lo = mid
+        else:
+            hi = mid - 1
+    fit = lo
+    return {"batch_size": fit, "requested_batch_size": batch_size,
+            "predicted_peak_mb": round(peak(fit), 1), "budget_mb": budget_mb,
+            "activation_kb_per_example": round(per_ex / 1024, 1)}
+
+
+def _numel(shape: tuple[int | str, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d if isinstance(d, int) else 1
+    return n
