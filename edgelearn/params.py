@@ -210,6 +210,10 @@ class ParamStore:
             save_file(self.state(), str(tmp), metadata=dict(metadata or {}))
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+                # The writer creates 0600; give the file the usual umask-derived mode instead.
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)
             os.replace(tmp, path)
         finally:
             if tmp.exists():

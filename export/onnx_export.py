@@ -269,6 +269,7 @@ def export_bundle(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a bundle is meant to be copied and shared
         os.replace(tmp, out_dir)
     finally:
         if tmp.exists():

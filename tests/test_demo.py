@@ -1,0 +1,31 @@
+"""`edgelearn demo`: the main job on shipped data, torch-free, with a real accuracy gain."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_runs_without_torch_and_personalizes(tmp_path) -> None:
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['edgelearn', 'demo', '--out', {str(tmp_path)!r}, '--steps', '400',"
+        " '--json']\n"
+        "try:\n"
+        "    runpy.run_module('edgelearn.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300)
+    res = json.loads(out.stdout)
+    assert res["accuracy_population"] > 0.9
+    assert res["accuracy_before"] < res["accuracy_population"] - 0.3  # the shift is real
+    assert "zo-sgd" in res["accuracy_after"]
+    for name, acc in res["accuracy_after"].items():
+        assert acc > res["accuracy_before"] + 0.15, name
+        run = res["optimizers"][name]
+        assert (tmp_path / name / "journal.bin").is_file()
+        assert run["steps"] == 400
