@@ -312,6 +312,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Forward / step timing and memory of a bundle on this device."""
+    from edgelearn.bench import run_bench
+    from edgelearn.bundle import load_bundle
+
+    rt = _runtime(args)
+    res = run_bench(load_bundle(args.bundle), batch_size=args.batch_size,
+                    trainable=args.trainable, backend=rt["backend"], threads=rt["threads"],
+                    runs=args.runs, steps=args.steps)
+
+    def human() -> str:
+        lines = [f"{res['bundle']} on {res['backend']}, batch {res['batch_size']}, "
+                 f"{res['trainable_params']} trainable params",
+                 f"  forward (baked weights)      {res['forward_ms']:.3f} ms",
+                 f"  forward (live weights)       {res['forward_live_ms']:.3f} ms "
+                 f"({res['live_over_baked']:.2f}x)"]
+        for k, v in res["step_ms"].items():
+            lines.append(f"  step {k:24s}{v:.3f} ms ({v / res['forward_live_ms']:.2f} forwards)"
+                         if isinstance(v, float) else f"  step {k:24s}{v}")
+        lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
+        return "\n".join(lines)
+
+    _emit(args, res, human)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "export": cmd_export,
     "info": cmd_info,
@@ -320,6 +345,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "replay": cmd_replay,
     "device": cmd_device,
     "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 
@@ -410,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=_positive, default=None, help="override the step counts")
     sp.add_argument("--seed", type=int, default=0)
     runtime(sp)
+    common(sp)
+
+    sp = sub.add_parser("bench", help="forward / step timing and memory on this device")
+    sp.add_argument("bundle")
+    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
+    sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
+    sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
+    runtime(sp)
+    sp.set_defaults(batch_size=32)
     common(sp)
 
     sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")

@@ -121,7 +121,9 @@ def rademacher_bytes(run_seed: int, step: int, probe: int, n: int) -> np.ndarray
     return words.astype("<u8", copy=False).view(np.uint8)
 
 
-_BYTE_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
+# Row b = the 8 signs (+1 / -1, float32) packed in byte b, bit j -> column j.
+_BYTE_SIGNS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 1.0, -1.0).astype(
+    np.float32)
 
 
 def sign_table(coef: np.float32) -> np.ndarray:
@@ -130,8 +132,8 @@ def sign_table(coef: np.float32) -> np.ndarray:
     `table[packed_bytes]` expands packed signs into coef * z exactly (+-coef, including the
     sign of zero), in one gather instead of unpack + convert + multiply.
     """
-    c = np.float32(coef)
-    return np.where(_BYTE_BITS, c, -c).astype(np.float32)
+    # +-1 * c is exact in float32 (and gives -0.0 for c == 0, like c * z would).
+    return _BYTE_SIGNS * np.float32(coef)
 
 
 def noise_chunks(n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[tuple[int, int]]:

@@ -29,3 +29,16 @@ def test_demo_runs_without_torch_and_personalizes(tmp_path) -> None:
         run = res["optimizers"][name]
         assert (tmp_path / name / "journal.bin").is_file()
         assert run["steps"] == 400
+
+
+def test_bench_reports_forward_and_step_times(capsys) -> None:
+    from edgelearn.cli import main
+    from edgelearn.demo import DATA
+
+    assert main(["bench", str(DATA / "demo"), "--runs", "3", "--steps", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["forward_ms"] > 0
+    assert res["forward_live_ms"] > 0
+    assert res["step_ms"]["zo-sgd"] > 0
+    assert res["peak_rss_mb"] > 0
+    assert res["trainable_params"] == 650

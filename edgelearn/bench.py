@@ -1,0 +1,83 @@
+"""`edgelearn bench`: forward and optimizer-step timing and memory of a bundle on this device.
+
+Everything is measured side by side in one process on random inputs of the bundle's declared
+shape: a baked session (all weights initializers: plain inference), a live session (trainable
+weights bound as inputs: what training runs), and one step of each registered optimizer that
+trains from a scalar loss. Medians after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgelearn.bundle import Bundle
+from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.losses import default_loss, get_loss
+from edgelearn.model import Model, peak_rss_mb
+from edgelearn.optim import REGISTRY, make_optimizer
+
+
+def _median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def random_batch(bundle: Bundle, batch_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random float32 inputs of the declared shape and random targets for the task."""
+    spec = bundle.inputs[0]
+    if any(isinstance(d, str) for d in spec.shape[1:]):
+        raise InputError(f"input {spec.name!r} has symbolic non-batch dims {list(spec.shape)}; "
+                         "bench needs fixed shapes")
+    rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, 0xBE])))
+    x = rng.standard_normal((batch_size, *spec.shape[1:])).astype(np.dtype(spec.dtype))
+    out = bundle.outputs[0].shape
+    if bundle.task == "classification":
+        y = rng.integers(0, out[-1] if isinstance(out[-1], int) else 2, batch_size)
+    else:
+        y = rng.standard_normal((batch_size, *[d for d in out[1:] if isinstance(d, int)]))
+        y = y.astype(np.float32)
+    return x, y
+
+
+def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = None,
+              backend: str = "onnxruntime", threads: int | None = None, runs: int = 30,
+              steps: int = 20) -> dict[str, Any]:
+    """The `bench --json` object: forward_ms (baked), forward_live_ms, step_ms per optimizer."""
+    if len(bundle.inputs) != 1:
+        raise InputError("bench supports single-input bundles")
+    x, y = random_batch(bundle, batch_size)
+    baked = Model(bundle, backend=backend, trainable=(), threads=threads)
+    live = Model(bundle, backend=backend, trainable=trainable, threads=threads)
+    fwd_baked = _median_ms(lambda: baked.predict(x), runs)
+    fwd_live = _median_ms(lambda: live.predict(x), runs)
+    loss_fn = get_loss(default_loss(bundle.task))
+    step_ms: dict[str, float | str] = {}
+    for name in sorted(REGISTRY):
+        try:
+            opt = make_optimizer(name)
+            step_ms[name] = _median_ms(
+                lambda opt=opt: opt.step(live.store, lambda: loss_fn(live.predict(x), y)),
+                steps, warmup=2)
+        except (EdgelearnError, TypeError, NotImplementedError) as e:
+            step_ms[name] = f"n/a: {e}"
+    return {
+        "bundle": str(bundle.path), "backend": backend, "batch_size": batch_size,
+        "trainable_params": live.store.n_trainable("float32"),
+        "forward_ms": fwd_baked, "forward_live_ms": fwd_live,
+        "live_over_baked": fwd_live / fwd_baked,
+        "step_ms": step_ms,
+        "step_over_forward_live": {k: v / fwd_live for k, v in step_ms.items()
+                                   if isinstance(v, float)},
+        "peak_rss_mb": peak_rss_mb(),
+    }
