@@ -1,4 +1,4 @@
-"""Command line: `edgelearn export|info|eval|train|replay|prepare|bake ...` (every command takes --json).
+"""Command line: `edgelearn export|info|eval|train|replay|prepare|bake ...` (all take --json).
 
 With --json a command prints exactly one JSON object on stdout. Exit codes: 0 ok, 2 bad
 usage or bad input (one line on stderr naming the problem, no traceback).
