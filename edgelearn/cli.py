@@ -1,4 +1,4 @@
-"""Command line: `edgelearn export|info|eval|train|replay ...` (every command takes --json).
+"""Command line: `edgelearn export|info|eval|train|replay|prepare|bake ...` (all take --json).
 
 With --json a command prints exactly one JSON object on stdout. Exit codes: 0 ok, 2 bad
 usage or bad input (one line on stderr naming the problem, no traceback).
@@ -337,7 +337,49 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    """Turn an inference ONNX model into a bundle (or --list its weight tensors)."""
+    from edgelearn.prepare import list_params, prepare_onnx
+
+    if args.list:
+        res = list_params(args.model)
+
+        def human_list() -> str:
+            lines = [f"model {res['model']}"]
+            lines += [f"  input  {t['name']} {t['dtype']}{t['shape']}" for t in res["inputs"]]
+            lines += [f"  output {t['name']} {t['dtype']}{t['shape']}" for t in res["outputs"]]
+            for p in res["params"]:
+                note = f"  [kept in graph: {p['kept_in_graph']}]" if "kept_in_graph" in p else (
+                    "  [int8, frozen]" if "quant" in p else "")
+                lines.append(f"  {p['name']:48s} {p['dtype']}{p['shape']} {p['bytes']} B{note}")
+            lines.append(f"  {res['total_params']} params ({res['total_bytes']} bytes)")
+            return "\n".join(lines)
+
+        _emit(args, res, human_list)
+        return
+    if not args.out:
+        raise InputError("prepare needs --out DIR (or --list)")
+    res = prepare_onnx(args.model, args.out, trainable=args.trainable, new_head=args.new_head,
+                       task=args.task, seed=args.seed, example=args.example, atol=args.atol,
+                       overwrite=args.overwrite)
+    _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
+                             f"({res['trainable_params']} trainable), parity max abs err "
+                             f"{res['parity_max_abs_err']:.2e}")
+
+
+def cmd_bake(args: argparse.Namespace) -> None:
+    """Write personalized weights back into a plain inference model (inference.onnx)."""
+    from edgelearn.prepare import bake_bundle
+
+    res = bake_bundle(args.bundle, args.weights, args.out, example=args.example,
+                      atol=args.atol, overwrite=args.overwrite)
+    _emit(args, res, lambda: f"wrote {res['bundle']} ({res['inference']['onnx']}), parity max "
+                             f"abs err {res['parity_max_abs_err']:.2e}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "prepare": cmd_prepare,
+    "bake": cmd_bake,
     "export": cmd_export,
     "info": cmd_info,
     "eval": cmd_eval,
@@ -451,6 +493,30 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle")
     sp.add_argument("journal")
     sp.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    common(sp)
+
+    sp = sub.add_parser("prepare", help="turn an inference ONNX model into a bundle")
+    sp.add_argument("model", help="the .onnx file (external data must sit beside it)")
+    sp.add_argument("--out", default=None, help="bundle directory to create")
+    sp.add_argument("--list", action="store_true", help="show the weight tensors and stop")
+    sp.add_argument("--trainable", default=None,
+                    help="glob(s) of trainable params (default '*', or 'head.*' with a new head)")
+    sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
+                    help="append a linear classifier on a model output")
+    sp.add_argument("--task", default=None, choices=["classification", "regression"])
+    sp.add_argument("--seed", type=int, default=0, help="seed of the new head's weights")
+    sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
+    sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    common(sp)
+
+    sp = sub.add_parser("bake", help="personalized weights -> plain inference model + bundle")
+    sp.add_argument("bundle")
+    sp.add_argument("--weights", required=True, help="personalized weights (.safetensors)")
+    sp.add_argument("--out", required=True, help="directory to create")
+    sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
+    sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     common(sp)
     return p
 

@@ -146,7 +146,7 @@ class OrtBackend:
         self.bundle.check_inputs(inputs)
         io = self._io
         for name, arr in inputs.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+            io.bind_cpu_input(name, np.asarray(arr, order="C"))  # keeps 0-d inputs 0-d
         # Outputs are re-bound every call: a bound output keeps its first shape, and the
         # batch dimension is symbolic.
         io.clear_binding_outputs()

@@ -1,0 +1,887 @@
+"""Bring your own model: turn an inference ONNX model into a bundle, and bake weights back.
+
+`prepare_onnx` takes an ONNX model that edgelearn did not export and writes a bundle: its
+weight tensors (float32 initializers, plus int8/uint8/int32 weights read by a
+DequantizeLinear / QLinear* node, recorded with their scale and zero point) leave the graph,
+become graph inputs under the same name (renamed only if the name is not a plain tensor name)
+and go to weights.safetensors. Weights held by Constant nodes or by initializers of If/Loop
+bodies are lifted too when their name is unique in the model (outer-scope references keep
+working). A new linear classifier can be appended on top of an output (`new_head`).
+
+`bake_bundle` is the way back: personalized weights become initializers again in a plain
+`inference.onnx` any onnxruntime can load without edgelearn.
+
+Everything in the source model is untrusted: external data files must sit inside the model's
+directory (no absolute paths, no `..`, no symlink leaving it) and fit their file; tensor
+shapes must be non-negative, bounded and match the data stored; the result must agree with the
+original model on the same inputs (parity) before the bundle directory appears.
+onnx and onnxruntime are imported lazily: `import edgelearn.prepare` costs only numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelearn.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    IO_DTYPES,
+    MANIFEST,
+    MAX_PARAM_ELEMENTS,
+    TASKS,
+    Bundle,
+    load_bundle,
+    select_trainable,
+    sha256_file,
+)
+from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.params import ParamSpec, ParamStore, check_name
+
+BATCH = "batch"
+HEAD_OUTPUT = "logits"
+INFERENCE_ONNX = "inference.onnx"
+MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit; larger models keep weights in external data
+MAX_DIMS = 8
+_WEIGHT_DTYPES = ("float32",)
+_QUANT_DTYPES = ("int8", "uint8", "int32")
+# op -> (weight input index, scale index, zero-point index, default axis) for quantized weights
+_QUANT_OPS: dict[str, tuple[tuple[int, int, int, int | None], ...]] = {
+    "DequantizeLinear": ((0, 1, 2, 1),),
+    "QLinearConv": ((3, 4, 5, 0),),
+    "QLinearMatMul": ((3, 4, 5, None), (0, 1, 2, None)),
+    "ConvInteger": ((1, -1, 3, None),),
+    "MatMulInteger": ((1, -1, 3, None),),
+}
+
+
+class ModelError(EdgelearnError, ValueError):
+    """A source model (ONNX / TFLite) is invalid, hostile, or uses something not supported."""
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise EdgelearnError("prepare/bake need onnx: pip install 'edgelearn[onnx]'") from None
+    return onnx
+
+
+def _import_ort() -> Any:
+    from edgelearn.backends.ort import _import_ort as imp
+
+    return imp()
+
+
+# -- reading a model safely --------------------------------------------------------------------
+def _graphs(graph: Any) -> Iterator[Any]:
+    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g.ByteSize():
+                yield from _graphs(attr.g)
+            for g in attr.graphs:
+                yield from _graphs(g)
+
+
+def _np_dtype(onnx: Any, elem_type: int) -> str | None:
+    try:
+        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _stored_elements(onnx: Any, t: Any, itemsize: int) -> int | None:
+    """Elements actually stored in a TensorProto (None = external, checked separately)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    if t.raw_data:
+        return len(t.raw_data) // itemsize if itemsize else 0
+    for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+              "string_data"):
+        n = len(getattr(t, f))
+        if n:
+            return n // 2 if t.data_type in (onnx.TensorProto.COMPLEX64,
+                                             onnx.TensorProto.COMPLEX128) else n
+    return 0
+
+
+def _check_tensor(onnx: Any, t: Any, where: str) -> None:
+    """Refuse absurd or inconsistent tensor shapes before numpy sees them."""
+    dims = list(t.dims)
+    if len(dims) > 32 or any(d < 0 for d in dims):
+        raise ModelError(f"{where}: tensor {t.name!r} has an invalid shape {dims}")
+    numel = 1
+    for d in dims:
+        numel *= d
+    if numel > MAX_PARAM_ELEMENTS:
+        raise ModelError(f"{where}: tensor {t.name!r} declares {numel} elements (shape {dims})")
+    dtype = _np_dtype(onnx, t.data_type)
+    itemsize = np.dtype(dtype).itemsize if dtype and dtype != "object" else 0
+    stored = _stored_elements(onnx, t, itemsize)
+    if stored is not None and t.data_type != onnx.TensorProto.STRING and stored != numel \
+            and itemsize:
+        raise ModelError(f"{where}: tensor {t.name!r} has shape {dims} ({numel} elements) but "
+                         f"stores {stored}")
+
+
+def _all_tensors(onnx: Any, model: Any) -> Iterator[Any]:
+    for g in _graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                yield from attr.tensors
+
+
+def _check_external(onnx: Any, model: Any, base: Path) -> None:
+    """External data must be plain relative files inside the model directory and fit them."""
+    root = base.resolve()
+    for t in _all_tensors(onnx, model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        p = Path(loc)
+        if not loc or p.is_absolute() or ".." in p.parts or "\\" in loc or ":" in loc:
+            raise ModelError(f"tensor {t.name!r}: external data path {loc!r} is not a relative "
+                             "path inside the model's directory")
+        full = (base / p).resolve()
+        if root not in full.parents:
+            raise ModelError(f"tensor {t.name!r}: external data {loc!r} resolves outside the "
+                             "model's directory")
+        if not full.is_file():
+            raise ModelError(f"tensor {t.name!r}: external data file {loc!r} does not exist")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else full.stat().st_size - offset
+        except ValueError:
+            raise ModelError(f"tensor {t.name!r}: bad external data offset/length") from None
+        dtype = _np_dtype(onnx, t.data_type)
+        numel = int(np.prod(list(t.dims), dtype=np.int64))
+        need = numel * (np.dtype(dtype).itemsize if dtype else 0)
+        if offset < 0 or length != need or offset + length > full.stat().st_size:
+            raise ModelError(f"tensor {t.name!r}: external data {loc!r} (offset {offset}, "
+                             f"length {length}) does not hold its {need} bytes")
+
+
+def load_onnx(path: str | os.PathLike) -> Any:
+    """Load and validate an untrusted ONNX model (external data confined to its directory).
+
+    Args:
+        path: the .onnx file.
+    Returns: the onnx ModelProto with all tensor data in memory.
+    """
+    onnx = _import_onnx()
+    path = Path(path)
+    if path.suffix.lower() == ".tflite":
+        raise ModelError(
+            f"{path.name}: prepare does not support .tflite models yet: making a TFLite model's "
+            "constant weight tensors into inputs means rewriting its flatbuffer, which needs "
+            "the LiteRT schema tooling edgelearn does not ship; convert the model to ONNX "
+            "(e.g. with tf2onnx) and prepare that")
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    if path.stat().st_size > MAX_MODEL_BYTES:
+        raise ModelError(f"{path.name}: larger than 2 GiB (protobuf limit)")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise ModelError(f"{path.name}: not a valid ONNX model ({type(e).__name__})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path.name}: the ONNX graph has no nodes")
+    for t in _all_tensors(onnx, model):
+        _check_tensor(onnx, t, path.name)
+    _check_external(onnx, model, path.parent)
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as e:  # onnx raises several types here
+        raise ModelError(f"{path.name}: cannot read external data ({e})") from None
+    for vi in [*model.graph.input, *model.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            # -1 is a common (if non-standard) spelling of "dynamic"; anything below is junk.
+            if d.HasField("dim_value") and (d.dim_value < -1 or d.dim_value >= 1 << 31):
+                raise ModelError(f"{path.name}: {vi.name!r} has an invalid dimension "
+                                 f"{d.dim_value}")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx.checker.ValidationError and friends
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path.name}: the ONNX checker rejects it ({first})") from None
+    return model
+
+
+# -- finding the weights -----------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """A weight tensor found in the model: where it lives and what the bundle will call it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    where: str  # "initializer" | "constant" | "subgraph-initializer" | "subgraph-constant"
+    quant: dict[str, Any] | None = None
+    liftable: bool = True
+    reason: str = ""
+    bundle_name: str = ""
+    consumers: list[str] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_json(self) -> dict[str, Any]:
+        """The --list form."""
+        out: dict[str, Any] = {
+            "name": self.bundle_name or self.name, "shape": list(self.shape),
+            "dtype": self.dtype, "numel": self.numel,
+            "bytes": self.numel * np.dtype(self.dtype).itemsize, "where": self.where,
+            "consumers": sorted(set(self.consumers)),
+        }
+        if self.bundle_name and self.bundle_name != self.name:
+            out["source_name"] = self.name
+        if self.quant:
+            out["quant"] = {k: v for k, v in self.quant.items() if k in ("axis", "op")}
+        if not self.liftable:
+            out["kept_in_graph"] = self.reason
+        return out
+
+
+def _const_values(onnx: Any, model: Any) -> dict[str, np.ndarray]:
+    """name -> value of every initializer and Constant(value=...) output in the model."""
+    from onnx import numpy_helper
+
+    vals: dict[str, np.ndarray] = {}
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            vals.setdefault(t.name, numpy_helper.to_array(t))
+        for n in g.node:
+            if n.op_type == "Constant" and n.output and n.attribute \
+                    and n.attribute[0].name == "value":
+                vals.setdefault(n.output[0], numpy_helper.to_array(n.attribute[0].t))
+    return vals
+
+
+def _definitions(model: Any) -> dict[str, int]:
+    """How many times each value name is defined anywhere in the model."""
+    count: dict[str, int] = {}
+    for g in _graphs(model.graph):
+        inits = {t.name for t in g.initializer}
+        names = [*inits, *(i.name for i in g.input if i.name not in inits)]
+        names += [o for n in g.node for o in n.output if o]
+        for nm in names:
+            count[nm] = count.get(nm, 0) + 1
+    return count
+
+
+def _quant_info(onnx: Any, model: Any, consts: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """weight name -> {"scale", "zero_point", "axis", "op", ...} for quantized weight inputs."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in _graphs(model.graph):
+        for n in g.node:
+            for w, s, z, axis in _QUANT_OPS.get(n.op_type, ()):
+                if w >= len(n.input) or n.input[w] not in consts or n.input[w] in out:
+                    continue
+                if n.op_type == "DequantizeLinear":
+                    for a in n.attribute:
+                        if a.name == "axis":
+                            axis = a.i
+                    if consts[n.input[w]].ndim <= 1 and (
+                            s < len(n.input) and consts.get(n.input[s]) is not None
+                            and consts[n.input[s]].size == 1):
+                        axis = None
+                info: dict[str, Any] = {"op": n.op_type, "axis": axis}
+                for key, idx in (("scale", s), ("zero_point", z)):
+                    if 0 <= idx < len(n.input) and n.input[idx]:
+                        v = consts.get(n.input[idx])
+                        info[f"{key}_name"] = n.input[idx]
+                        info[key] = None if v is None else (
+                            v.item() if v.size == 1 else v.reshape(-1).tolist())
+                out[n.input[w]] = info
+    return out
+
+
+def find_weights(model: Any) -> list[Candidate]:
+    """Every tensor prepare can turn into a parameter, and what it does with it.
+
+    Float32 initializers of rank >= 1 and float32 Constant nodes with >= 2 elements are weights;
+    int8/uint8/int32 tensors are weights only when a quantized op reads them as its weight
+    operand (their scales and zero points stay constants in the graph). Weights inside
+    If/Loop bodies are lifted when their name is defined once in the whole model.
+    """
+    onnx = _import_onnx()
+    consts = _const_values(onnx, model)
+    quant = _quant_info(onnx, model, consts)
+    defs = _definitions(model)
+    scale_names = {q.get(k) for q in quant.values() for k in ("scale_name", "zero_point_name")}
+    consumers: dict[str, list[str]] = {}
+    for g in _graphs(model.graph):
+        for n in g.node:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n.op_type)
+    found: list[Candidate] = []
+    seen: set[str] = set()
+    for depth, g in enumerate(_graphs(model.graph)):
+        sub = depth > 0
+        items: list[tuple[str, np.ndarray, str]] = [
+            (t.name, consts[t.name], "subgraph-initializer" if sub else "initializer")
+            for t in g.initializer]
+        for n in g.node:
+            if n.op_type == "Constant" and n.output and n.output[0] in consts \
+                    and n.attribute and n.attribute[0].name == "value":
+                items.append((n.output[0], consts[n.output[0]],
+                              "subgraph-constant" if sub else "constant"))
+        for name, val, where in items:
+            if name in seen or name in scale_names:
+                continue
+            dtype = str(val.dtype)
+            is_const = where.endswith("constant")
+            if name in quant and dtype in _QUANT_DTYPES:
+                c = Candidate(name, tuple(val.shape), dtype, where, quant=quant[name])
+            elif dtype in _WEIGHT_DTYPES and val.ndim >= 1 and (not is_const or val.size >= 2):
+                c = Candidate(name, tuple(val.shape), dtype, where)
+            else:
+                continue
+            if sub and defs.get(name, 0) != 1:
+                c.liftable, c.reason = False, "name defined more than once in the model"
+            c.consumers = consumers.get(name, [])
+            if not c.consumers:
+                c.liftable, c.reason = False, "unused by the graph"
+            seen.add(name)
+            found.append(c)
+    _assign_names(found, {i.name for i in model.graph.input} | set(defs))
+    return found
+
+
+def _assign_names(cands: list[Candidate], taken: set[str]) -> None:
+    """Bundle names: the source name when it is a plain tensor name, else a sanitized one."""
+    used = set(taken)
+    for c in cands:
+        try:
+            c.bundle_name = check_name(c.name)
+            continue
+        except EdgelearnError:
+            pass
+        base = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in c.name)
+        base = base.strip("._-").replace("..", ".") or "param"
+        new, k = base, 1
+        while new in used:
+            new, k = f"{base}_{k}", k + 1
+        used.add(new)
+        c.bundle_name = new
+
+
+def _io_specs(onnx: Any, values: Sequence[Any], what: str) -> list[dict[str, Any]]:
+    """Manifest tensor specs from graph inputs/outputs; first symbolic dim becomes "batch"."""
+    specs = []
+    for vi in values:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise ModelError(f"{what} {vi.name!r} is not a tensor (sequences/maps unsupported)")
+        dtype = _np_dtype(onnx, tt.elem_type)
+        if dtype not in IO_DTYPES:
+            raise ModelError(f"{what} {vi.name!r} has dtype {dtype}; bundles support "
+                             f"{', '.join(IO_DTYPES)}")
+        check_name(vi.name, what)
+        if not tt.HasField("shape"):
+            raise ModelError(f"{what} {vi.name!r} has no declared shape")
+        dims: list[int | str] = []
+        for i, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            elif i == 0:
+                dims.append(BATCH)
+            else:
+                dims.append(d.dim_param or f"{vi.name}_dim{i}")
+        if len(dims) > MAX_DIMS:
+            raise ModelError(f"{what} {vi.name!r} has rank {len(dims)} > {MAX_DIMS}")
+        specs.append({"name": vi.name, "shape": dims, "dtype": dtype})
+    return specs
+
+
+# -- rewriting ---------------------------------------------------------------------------------
+def _rename(model: Any, old: str, new: str) -> None:
+    for g in _graphs(model.graph):
+        for n in g.node:
+            for i, nm in enumerate(n.input):
+                if nm == old:
+                    n.input[i] = new
+            for i, nm in enumerate(n.output):
+                if nm == old:
+                    n.output[i] = new
+        for coll in (g.initializer, g.input, g.value_info):
+            for t in coll:
+                if t.name == old:
+                    t.name = new
+
+
+def _lift(onnx: Any, model: Any, cands: Sequence[Candidate],
+          consts: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Move the chosen weights out of the graph; they become main-graph inputs.
+
+    Returns bundle name -> value.
+    """
+    names = {c.name for c in cands}
+    for g in _graphs(model.graph):
+        keep = [t for t in g.initializer if t.name not in names]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        nodes = [n for n in g.node
+                 if not (n.op_type == "Constant" and n.output and n.output[0] in names)]
+        if len(nodes) != len(g.node):
+            del g.node[:]
+            g.node.extend(nodes)
+    # IR < 4 lists initializers among graph inputs; params are re-added below, and initializers
+    # that stay constants must not also be inputs (they would look like data inputs).
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in names and i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(data)
+    values: dict[str, np.ndarray] = {}
+    for c in cands:
+        if c.bundle_name != c.name:
+            _rename(model, c.name, c.bundle_name)
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(c.dtype))
+        model.graph.input.append(
+            onnx.helper.make_tensor_value_info(c.bundle_name, elem, list(c.shape)))
+        values[c.bundle_name] = np.ascontiguousarray(consts[c.name])
+    for g in _graphs(model.graph):
+        vi = [v for v in g.value_info if v.name not in values]
+        del g.value_info[:]
+        g.value_info.extend(vi)
+    model.ir_version = max(model.ir_version, 4)
+    return values
+
+
+def parse_new_head(text: str) -> tuple[str, int]:
+    """Parse `OUTPUT:NUM_CLASSES` (the --new-head flag)."""
+    name, _, n = text.rpartition(":")
+    try:
+        k = int(n)
+    except ValueError:
+        k = 0
+    if not name or k < 2:
+        raise InputError(f"--new-head {text!r} must look like OUTPUT:NUM_CLASSES (classes >= 2)")
+    return name, k
+
+
+def _add_head(onnx: Any, model: Any, output: str, classes: int, seed: int,
+              taken: set[str]) -> dict[str, np.ndarray]:
+    """Append mean-pool (over middle axes) + Gemm: `logits = pool(output) @ W.T + b`.
+
+    Returns the head parameters: head.weight [classes, D] ~ U(-1/sqrt(D), 1/sqrt(D)) from
+    `seed` (torch's nn.Linear bound), head.bias zeros.
+    """
+    from onnx import helper
+
+    outs = {o.name: o for o in model.graph.output}
+    if output not in outs:
+        raise InputError(f"--new-head: {output!r} is not a model output (outputs: "
+                         f"{', '.join(outs)})")
+    dims = outs[output].type.tensor_type.shape.dim
+    rank = len(dims)
+    if rank < 2 or not dims[-1].dim_value:
+        raise InputError(f"--new-head: output {output!r} needs rank >= 2 and a fixed last "
+                         "dimension (the feature size)")
+    out_name = HEAD_OUTPUT if HEAD_OUTPUT not in taken else "head.logits"
+    clash = {"head.weight", "head.bias", out_name, "head.pooled"} & taken
+    if clash:
+        raise InputError(f"--new-head: names {sorted(clash)} are already used by the model")
+    feat = int(dims[-1].dim_value)
+    elem = outs[output].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise InputError(f"--new-head: output {output!r} is not float32")
+    src = output
+    nodes = []
+    if rank > 2:
+        axes = list(range(1, rank - 1))
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if opset >= 18:
+            model.graph.initializer.append(
+                onnx.numpy_helper.from_array(np.array(axes, np.int64), "head.pool_axes"))
+            nodes.append(helper.make_node("ReduceMean", [output, "head.pool_axes"],
+                                          ["head.pooled"], keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [output], ["head.pooled"], axes=axes,
+                                          keepdims=0))
+        src = "head.pooled"
+    nodes.append(helper.make_node("Gemm", [src, "head.weight", "head.bias"], [out_name],
+                                  transB=1))
+    model.graph.node.extend(nodes)
+    batch = helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT,
+                                          [dims[0].dim_value or BATCH, classes])
+    del model.graph.output[:]
+    model.graph.output.append(batch)
+    for nm, shape in (("head.weight", [classes, feat]), ("head.bias", [classes])):
+        model.graph.input.append(helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT,
+                                                               shape))
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / np.sqrt(feat)
+    w = rng.uniform(-bound, bound, size=(classes, feat)).astype(np.float32)
+    return {"head.weight": w, "head.bias": np.zeros(classes, np.float32)}
+
+
+# -- parity ------------------------------------------------------------------------------------
+def example_inputs(specs: Sequence[dict[str, Any]], seed: int = 0,
+                   batch: int = 2, other: int = 16) -> dict[str, np.ndarray]:
+    """Random inputs fitting the specs: floats ~ N(0, 1), ints 0 (names with "mask": 1).
+
+    Symbolic dims: "batch" -> `batch`, every other name -> `other` (same name, same size).
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        shape = [d if isinstance(d, int) else (batch if d == BATCH else other)
+                 for d in s["shape"]]
+        dt = np.dtype(s["dtype"])
+        if dt.kind == "f":
+            feeds[s["name"]] = rng.standard_normal(shape).astype(dt)
+        else:
+            fill = 1 if "mask" in s["name"].lower() else 0
+            feeds[s["name"]] = np.full(shape, fill, dtype=dt)
+    return feeds
+
+
+def load_example(path: str | os.PathLike, specs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Inputs from a .npz whose keys are the model's input names (no pickle)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            feeds = {k: np.asarray(z[k], order="C") for k in z.files}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read example inputs ({e})") from None
+    want = sorted(s["name"] for s in specs)
+    if sorted(feeds) != want:
+        raise InputError(f"{path}: example keys {sorted(feeds)} are not the inputs {want}")
+    return feeds
+
+
+def _run(ort: Any, src: Any, feeds: Mapping[str, np.ndarray], what: str) -> dict[str, Any]:
+    def first(e: Exception) -> str:
+        text = str(e).strip()
+        return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        raise ModelError(f"onnxruntime cannot load {what} ({first(e)})") from None
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+    except Exception as e:  # ORT raises its own exception types
+        raise ModelError(f"{what} cannot run on the example inputs ({first(e)}); pass real "
+                         "inputs with --example inputs.npz") from None
+
+
+def _bundle_outputs(path: Path, feeds: Mapping[str, np.ndarray], live: str | None,
+                    weights: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    from edgelearn.backends.ort import OrtBackend
+
+    bundle = Bundle(path)
+    store = bundle.load_store(trainable=live, weights=weights)
+    be = OrtBackend(bundle, threads=1)
+    be.bind(store)
+    return be.forward(dict(feeds))
+
+
+def _max_err(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    worst = 0.0
+    for k, v in a.items():
+        x, y = np.asarray(v), np.asarray(b[k])
+        if x.shape != y.shape:
+            return float("inf")
+        if x.size:
+            d = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            worst = max(worst, float(np.nanmax(d)) if not np.isnan(d).all() else 0.0)
+            if (np.isnan(x) != np.isnan(y)).any():
+                return float("inf")
+    return worst
+
+
+def _pool_head(x: np.ndarray, head: Mapping[str, np.ndarray]) -> np.ndarray:
+    pooled = x.astype(np.float64)
+    if pooled.ndim > 2:
+        pooled = pooled.mean(axis=tuple(range(1, pooled.ndim - 1)))
+    return pooled @ head["head.weight"].T.astype(np.float64) + head["head.bias"]
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    import edgelearn
+
+    return {"edgelearn": edgelearn.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tool": "edgelearn prepare"}
+
+
+def _files(d: Path, roles: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    return {role: {"path": f, "size": (d / f).stat().st_size, "sha256": sha256_file(d / f)}
+            for role, f in roles.items()}
+
+
+def _new_dir(out_dir: Path, overwrite: bool) -> Path:
+    if out_dir.exists() and not overwrite:
+        raise InputError(f"{out_dir} already exists (pass --overwrite to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# -- public API --------------------------------------------------------------------------------
+def list_params(model_path: str | os.PathLike) -> dict[str, Any]:
+    """What `prepare` would make of a model: inputs, outputs and every weight tensor.
+
+    Args:
+        model_path: the .onnx file.
+    Returns: {"model", "inputs", "outputs", "params" (list), "total_params", "total_bytes"}.
+    """
+    onnx = _import_onnx()
+    model = load_onnx(model_path)
+    cands = find_weights(model)
+    inits = {t.name for t in model.graph.initializer}
+    data = [i for i in model.graph.input if i.name not in inits]
+    lifted = [c for c in cands if c.liftable]
+    return {
+        "model": str(model_path),
+        "inputs": _io_specs(onnx, data, "input"),
+        "outputs": _io_specs(onnx, model.graph.output, "output"),
+        "params": [c.to_json() for c in cands],
+        "total_params": sum(c.numel for c in lifted),
+        "total_bytes": sum(c.numel * np.dtype(c.dtype).itemsize for c in lifted),
+    }
+
+
+def prepare_onnx(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    trainable: str | Sequence[str] | None = None,
+    new_head: str | tuple[str, int] | None = None,
+    task: str | None = None,
+    seed: int = 0,
+    example: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    atol: float = 1e-5,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Turn an inference ONNX model into a bundle; returns the `prepare --json` summary.
+
+    Args:
+        model_path: the .onnx file (external data allowed inside its directory).
+        out_dir: bundle directory to create.
+        trainable: glob(s) of parameters marked trainable (default: "head.*" with a new head,
+            else "*"); quantized (int8) weights always stay frozen.
+        new_head: "OUTPUT:NUM_CLASSES": append a linear classifier on that output (rank > 2
+            outputs are mean-pooled over their middle axes first); the bundle's only output
+            is then "logits" ("head.logits" if the model already has a "logits").
+        task: "classification" or "regression" (default: classification).
+        seed: seed of the new head's initial weights.
+        example: model inputs (name -> array, or a .npz path) for the parity check
+            (default: random floats / zero ints, see `example_inputs`).
+        atol: largest tolerated |original - bundle| on the example (float32 outputs).
+        overwrite: replace an existing bundle directory.
+    """
+    onnx = _import_onnx()
+    ort = _import_ort()
+    model_path = Path(model_path)
+    out_dir = Path(out_dir)
+    task = task or "classification"
+    if task not in TASKS:
+        raise InputError(f"task must be one of {TASKS}, not {task!r}")
+    head = parse_new_head(new_head) if isinstance(new_head, str) else new_head
+    model = load_onnx(model_path)
+    original = model.SerializeToString()
+    cands = find_weights(model)
+    lift = [c for c in cands if c.liftable]
+    inits = {t.name for t in model.graph.initializer}
+    data_inputs = [i for i in model.graph.input if i.name not in inits]
+    in_specs = _io_specs(onnx, data_inputs, "input")
+    out_specs = _io_specs(onnx, model.graph.output, "output")
+    if not lift and head is None:
+        raise ModelError(f"{model_path.name}: no weight tensors found to make trainable")
+    if isinstance(example, (str, os.PathLike)):
+        feeds = load_example(example, in_specs)
+    elif example is not None:
+        feeds = {k: np.asarray(v, order="C") for k, v in example.items()}
+    else:
+        feeds = example_inputs(in_specs, seed)
+    ref = _run(ort, original, feeds, f"the original {model_path.name}")
+
+    consts = _const_values(onnx, model)
+    values = _lift(onnx, model, lift, consts)
+    kind = {c.bundle_name: c for c in lift}
+    head_values: dict[str, np.ndarray] = {}
+    if head is not None:
+        taken = set(_definitions(model)) | {i.name for i in model.graph.input}
+        head_values = _add_head(onnx, model, head[0], head[1], seed, taken)
+        out_specs = _io_specs(onnx, model.graph.output, "output")
+        ref = {out_specs[0]["name"]: _pool_head(ref[head[0]], head_values)}
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # a rewrite bug, not user input, but say what happened
+        raise ModelError(f"prepared graph fails the ONNX checker ({e})") from None
+    values.update(head_values)
+
+    names = list(values)
+    default = "head.*" if head is not None else "*"
+    chosen = select_trainable(names, trainable if trainable is not None else default)
+    frozen_quant = sorted(n for n in chosen if n in kind and kind[n].quant)
+    chosen -= set(frozen_quant)
+    if not chosen:
+        raise InputError("--trainable selects only quantized (int8) weights, which stay frozen; "
+                         "choose float32 parameters (see --list)")
+    specs = [ParamSpec(n, tuple(v.shape), str(v.dtype), n in chosen) for n, v in values.items()]
+
+    tmp = _new_dir(out_dir, overwrite)
+    try:
+        onnx.save(model, str(tmp / "model.onnx"))
+        ParamStore(specs, values=values).save(tmp / "weights.safetensors")
+        params_json = []
+        for s in specs:
+            entry: dict[str, Any] = {"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
+                                     "trainable": s.trainable}
+            c = kind.get(s.name)
+            entry["kind"] = c.where if c else "head"
+            if c and c.name != c.bundle_name:
+                entry["source_name"] = c.name
+            if c and c.quant:
+                entry["quant"] = c.quant
+            params_json.append(entry)
+        manifest: dict[str, Any] = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "task": task,
+            "inputs": in_specs, "outputs": out_specs, "params": params_json, "layers": [],
+            "files": _files(tmp, {"weights": "weights.safetensors", "onnx": "model.onnx"}),
+            "exporter": {**_versions(), "source": {
+                "file": model_path.name, "size": model_path.stat().st_size,
+                "sha256": sha256_file(model_path)}},
+        }
+        if head is not None:
+            manifest["head"] = {"on": head[0], "classes": head[1], "seed": seed,
+                                "pool": "mean over middle axes"}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        errs = {}
+        # Live = the manifest's trainable set (int8 weights stay constants, so ORT keeps its
+        # quantized kernels, as on the device); baked = every weight an initializer.
+        for live in (None, ""):
+            got = _bundle_outputs(tmp, feeds, live)
+            errs["baked" if live == "" else "live"] = _max_err(ref, got)
+        err = max(errs.values())
+        if not err <= atol:
+            raise ModelError(f"parity check failed: original vs bundle max abs error {err:.3g}"
+                             f" > {atol:g}; no bundle written")
+        manifest["parity"] = {"onnx": {"max_abs_err": err, "atol": atol,
+                                       "reference": "original model" if head is None
+                                       else "original model + numpy head"}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _publish(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "bundle": str(out_dir),
+        "params": sum(int(v.size) for v in values.values()),
+        "trainable_params": sum(int(values[n].size) for n in chosen),
+        "tensors": len(values),
+        "frozen_quantized": frozen_quant,
+        "kept_in_graph": [c.to_json() for c in cands if not c.liftable],
+        "inputs": in_specs,
+        "outputs": out_specs,
+        "formats": ["onnx"],
+        "parity_max_abs_err": err,
+    }
+
+
+def bake_bundle(
+    bundle_path: str | os.PathLike,
+    weights: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    example: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
+    atol: float = 1e-5,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write personalized weights back into a plain inference model; returns `bake --json`.
+
+    `out_dir` becomes a bundle whose base weights are `weights` (so it can be personalized
+    further) and that also holds `inference.onnx`: every parameter an initializer, the inputs
+    and outputs of the manifest, loadable by any onnxruntime without edgelearn.
+
+    Args:
+        bundle_path: the source bundle.
+        weights: personalized weights (.safetensors, e.g. a run's weights.safetensors).
+        out_dir: directory to create (must differ from the bundle).
+        example: inputs for the parity check (default: random, see `example_inputs`).
+        atol: largest tolerated |bundle+weights - inference.onnx| on the example.
+        overwrite: replace an existing directory.
+    """
+    from edgelearn.backends.ort import baked_model_bytes
+
+    ort = _import_ort()
+    bundle = load_bundle(bundle_path)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == bundle.root:
+        raise InputError("bake --out must be a new directory, not the source bundle")
+    if "onnx" not in bundle.files:
+        raise InputError(f"{bundle.path}: bundle has no ONNX model to bake")
+    store = bundle.load_store(weights=weights)
+    specs = [t.to_json() for t in bundle.inputs]
+    if isinstance(example, (str, os.PathLike)):
+        feeds = load_example(example, specs)
+    elif example is not None:
+        feeds = {k: np.asarray(v, order="C") for k, v in example.items()}
+    else:
+        feeds = example_inputs(specs)
+    baked = baked_model_bytes(bundle.files["onnx"], store.state())
+    tmp = _new_dir(out_dir, overwrite)
+    skipped: dict[str, str] = {}
+    try:
+        (tmp / INFERENCE_ONNX).write_bytes(baked)
+        store.save(tmp / "weights.safetensors", metadata={"sha256": store.digest()})
+        roles = {"weights": "weights.safetensors"}
+        for role, p in bundle.files.items():
+            if role in ("weights", "inference_onnx"):
+                continue
+            shutil.copyfile(p, tmp / p.name)
+            roles[role] = p.name
+        if "tflite" in bundle.files:
+            skipped["tflite"] = ("model.tflite is copied with weights as inputs; writing "
+                                 "weights into a plain .tflite is not supported yet")
+        roles["inference_onnx"] = INFERENCE_ONNX
+        manifest = json.loads(json.dumps(bundle.manifest))
+        manifest["files"] = _files(tmp, roles)
+        manifest["baked"] = {"from_weights_sha256": bundle.manifest["files"]["weights"]["sha256"],
+                             "weights_sha256": store.digest(), "inference": [INFERENCE_ONNX]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        ref = _bundle_outputs(tmp, feeds, None)
+        plain = _run(ort, str(tmp / INFERENCE_ONNX), feeds, INFERENCE_ONNX)
+        err = _max_err(ref, plain)
+        if not err <= atol:
+            raise ModelError(f"bake parity failed: bundle+weights vs {INFERENCE_ONNX} max abs "
+                             f"error {err:.3g} > {atol:g}; nothing written")
+        manifest["baked"]["parity_max_abs_err"] = err
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _publish(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"bundle": str(out_dir), "inference": {"onnx": str(out_dir / INFERENCE_ONNX)},
+            "weights_sha256": store.digest(), "parity_max_abs_err": err, "skipped": skipped}
