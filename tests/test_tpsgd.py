@@ -119,7 +119,8 @@ def test_taps_export_records_layers(bundles) -> None:
         assert b.manifest["parity"]["onnx_taps"]["max_abs_err"] <= 1e-5
     # a structure tpsgd cannot handle still exports, and the manifest says why
     m = Bundle(bundles["transformer"].path).manifest
-    assert m["layers"] == [] and "tpsgd" in m["taps_unsupported"]
+    assert m["layers"] == []
+    assert "tpsgd" in m["taps_unsupported"]
 
 
 def _digits_for(name: str, digits: Dataset) -> Dataset:
@@ -174,15 +175,17 @@ def _tap_shape(bundle: Bundle, store, data: Dataset, tap: str) -> tuple[int, ...
 # -- learning --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "lr", "floor"), [("mlp", 0.1, 0.6), ("cnn", 0.01, 0.3)])
-def test_learns_digits_from_scratch(name, lr, floor, bundles, digits, tmp_path) -> None:
+# CNN: batch-norm affine parameters frozen (training them locally slowed learning, measured)
+@pytest.mark.parametrize(("name", "lr", "glob", "floor"),
+                         [("mlp", 0.1, None, 0.6), ("cnn", 0.05, "conv*,head.*", 0.35)])
+def test_learns_digits_from_scratch(name, lr, glob, floor, bundles, digits, tmp_path) -> None:
     data = _digits_for(name, digits)
     train_set, test_set = Dataset(data.x[:1400], data.y[:1400]), Dataset(data.x[1400:],
                                                                          data.y[1400:])
     bundle = Bundle(bundles[name].path)
     before = Model(bundle, trainable=()).evaluate(test_set)["accuracy"]
     res = train(bundle, train_set, tmp_path / "run", optimizer="tpsgd", options={"lr": lr},
-                steps=300, batch_size=32, threads=1)
+                steps=300, batch_size=32, threads=1, trainable=glob)
     after = Model(bundle, trainable=(), weights=res["weights"]).evaluate(test_set)["accuracy"]
     assert after > floor > before + 0.1  # chance is 0.1
 
@@ -204,10 +207,12 @@ def test_deterministic_resume_and_replay(bundles, digits, tmp_path: Path) -> Non
     # N + N == 2N: interrupted at 15 (checkpoint at 10, records 11..15 re-run on resume)
     _run(bundle, digits, tmp_path / "c", 15, checkpoint_every=10)
     resumed = _run(bundle, digits, tmp_path / "c", 30, checkpoint_every=10)
-    assert resumed["resumed_from"] == 15 and resumed["sha256"] == full["sha256"]
+    assert resumed["resumed_from"] == 15
+    assert resumed["sha256"] == full["sha256"]
     # replay from base weights + journal + the same data
     store, steps = replay_journal(bundle, tmp_path / "a" / "journal.bin", digits)
-    assert steps == 30 and store.digest() == full["sha256"]
+    assert steps == 30
+    assert store.digest() == full["sha256"]
     with pytest.raises(InputError, match="--data"):
         replay_journal(bundle, tmp_path / "a" / "journal.bin")
     other = Dataset(digits.x[::-1].copy(), digits.y[::-1].copy())

@@ -235,8 +235,8 @@ class TPSGD(Optimizer):
             for name in [k for k, last in self._last_use.items() if last == i]:
                 taps.pop(name, None)  # no activation outlives its layer's update
         finite = math.isfinite(loss) and all(v is None or math.isfinite(v) for v in locals_)
-        return {"loss": loss if math.isfinite(loss) else None, "local": [None if v is None or not math.isfinite(v) else v
-                                        for v in locals_],
+        local = [None if v is None or not math.isfinite(v) else v for v in locals_]
+        return {"loss": loss if math.isfinite(loss) else None, "local": local,
                 "lr": self.lr, "accepted": finite, "step": self.t}
 
     def _layer_grads(self, i: int, layer: Layer, taps: dict[str, np.ndarray], y: np.ndarray,
