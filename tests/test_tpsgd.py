@@ -253,3 +253,20 @@ def test_frozen_layers_stay_and_bundles_without_taps_are_refused(bundles, digits
     with pytest.raises(InputError, match="taps"):
         train(tbundle, Dataset(x, np.zeros(4, np.int64)), tmp_path / "t",
               optimizer="tpsgd", steps=1)
+
+
+def test_cli_train_and_replay_with_data(capsys, bundles, digits_npz, tmp_path) -> None:
+    from edgelearn.cli import main
+
+    b, run = str(bundles["mlp"].path), str(tmp_path / "run")
+    assert main(["train", b, "--data", str(digits_npz), "--optimizer", "tpsgd", "--steps", "5",
+                 "--lr", "0.1", "--out", run, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["optimizer"] == "tpsgd"
+    assert res["steps"] == 5
+    journal = str(tmp_path / "run" / "journal.bin")
+    assert main(["replay", b, journal, "--out", str(tmp_path / "w.safetensors"), "--json"]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert main(["replay", b, journal, "--data", str(digits_npz), "--out",
+                 str(tmp_path / "w.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
