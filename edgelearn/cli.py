@@ -189,6 +189,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                                "schedule": args.schedule}
     if args.schedule != "constant":
         options["total_steps"] = args.steps
+    if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
+        options = {"lr": args.lr, "local_loss": args.local_loss,
+                   "target_scale": args.target_scale}
+        if args.objective == "mse":
+            options["head_loss"] = "mse"
     res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
                 steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                 trainable=args.trainable, objective=args.objective, backend=rt["backend"],
@@ -216,7 +221,12 @@ def cmd_replay(args: argparse.Namespace) -> None:
     from edgelearn.train import replay_journal
 
     bundle = load_bundle(args.bundle)
-    store, steps = replay_journal(bundle, args.journal)
+    data = None
+    if args.data is not None:
+        from edgelearn.data import load_npz
+
+        data = load_npz(args.data, task=bundle.task)
+    store, steps = replay_journal(bundle, args.journal, data)
     out = store.save(args.out, metadata={"sha256": store.digest()})
     res = {"weights": str(out), "sha256": store.digest(), "steps": steps}
     _emit(args, res, lambda: f"replayed {steps} steps -> {out} (sha256 {res['sha256']})")
@@ -437,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle")
     sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
     sp.add_argument("--out", required=True, help="run directory (resumed if it exists)")
-    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd")
+    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd | tpsgd")
     sp.add_argument("--steps", type=int, required=True, help="total steps of the run")
     sp.add_argument("--trainable", default=None,
                     help="glob(s) of parameters to train, e.g. 'head.*' (default: manifest)")
@@ -455,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="undo an update that makes the loss worse (1 extra forward)")
     sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
     sp.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
+    sp.add_argument("--local-loss", default="mse", choices=["mse", "drtp"],
+                    help="tpsgd hidden-layer loss against the projected label")
+    sp.add_argument("--target-scale", type=float, default=1.0,
+                    help="tpsgd: std of the random label projections")
     sp.add_argument("--checkpoint-every", type=_positive, default=100)
     sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
     sp.add_argument("--memory-budget-mb", type=float, default=None,
@@ -493,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle")
     sp.add_argument("journal")
     sp.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    sp.add_argument("--data", default=None,
+                    help="the run's data, for optimizers whose replay re-runs forwards (tpsgd)")
     common(sp)
 
     sp = sub.add_parser("prepare", help="turn an inference ONNX model into a bundle")

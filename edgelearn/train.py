@@ -101,9 +101,60 @@ def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
 
-def replay_journal(bundle: Bundle, journal_path: str | os.PathLike) -> tuple[ParamStore, int]:
-    """Rebuild weights from the bundle's base weights and a journal only (no data, no forwards).
+def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimizer, *,
+                   batch_size: int, seed: int, backend: str = "onnxruntime",
+                   threads: int | None = None,
+                   times: list[float] | None = None) -> Callable[[int], Callable[[], Any]]:
+    """For optimizers with `needs == "taps"` (tpsgd): step -> evaluate() returning (taps, y).
 
+    Binds the bundle's taps graph (model_taps.onnx) to the same arena and hands the optimizer
+    the manifest's layer records. evaluate() runs ONE taps forward on the step's batch.
+    """
+    from edgelearn.backends import make_backend
+    from edgelearn.layers import parse_layers
+
+    if "onnx_taps" not in bundle.files:
+        why = bundle.manifest.get("taps_unsupported", "exported without taps")
+        raise InputError(f"{opt.name} needs a bundle with layer taps; this one has none ({why})")
+    opt.setup(parse_layers(bundle.manifest, {p.name for p in bundle.params}), store)  # type: ignore[attr-defined]
+    be = make_backend(backend, bundle, threads=threads, graph="onnx_taps")
+    be.bind(store)
+    in_name = bundle.inputs[0].name
+
+    def at(step: int) -> Callable[[], Any]:
+        idx = batch_indices(len(data), batch_size, step, seed)
+        xb, yb = data.x[idx], data.y[idx]
+
+        def evaluate() -> tuple[dict[str, np.ndarray], np.ndarray]:
+            t0 = time.perf_counter()
+            out = be.forward({in_name: xb})
+            if times is not None:
+                times.append(time.perf_counter() - t0)
+            out[in_name] = xb
+            return out, yb
+
+        return evaluate
+
+    return at
+
+
+def data_sha256(data: Dataset) -> str:
+    """sha256 of a data set's x and y bytes (pins the data of runs whose replay needs it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.x, data.y):
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
+                   data: Dataset | None = None) -> tuple[ParamStore, int]:
+    """Rebuild weights from the bundle's base weights and a journal (no data, no forwards).
+
+    Optimizers whose updates depend on the data (tpsgd) re-run each step's forward on `data`
+    instead, which must be the run's data (its sha256 is in the journal header).
     Returns (store, steps replayed).
     """
     records, _ = read_journal(journal_path)
@@ -114,6 +165,17 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike) -> tuple[Par
         raise InputError("journal was recorded on a bundle with different base weights")
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
     opt = optimizer_from_header(header)
+    if opt.needs == "taps":
+        if data is None:
+            raise InputError(f"{opt.name} journals replay by re-running the steps on the run's "
+                             "data: pass --data")
+        if data_sha256(data) != header.get("data_sha256"):
+            raise InputError("--data is not the data this run was trained on (sha256 differs)")
+        at = taps_evaluator(bundle, store, data, opt, batch_size=header["batch_size"],
+                            seed=header["data_seed"])
+        for i, rec in enumerate(records[1:]):
+            opt.replay(store, rec, evaluate=at(i))  # type: ignore[call-arg]
+        return store, len(records) - 1
     for rec in records[1:]:
         opt.replay(store, rec)
     return store, len(records) - 1
@@ -207,14 +269,21 @@ def train(
             batch_size = plan["batch_size"]
     loss_name = objective or default_loss(bundle.task)
     loss_fn = get_loss(loss_name)
+    extra: dict[str, Any] = {}
+    taps_at = None
+    times_fwd: list[float] = []
+    if opt.needs == "taps":  # tpsgd: one taps forward per step, replay re-runs it on the data
+        extra["data_sha256"] = data_sha256(data)
+        taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size, seed=seed,
+                                 backend=backend, threads=threads, times=times_fwd)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
-                         n_examples=len(data), objective=loss_name)
+                         n_examples=len(data), objective=loss_name, **extra)
     with run_lock(run_dir):
         journal = Journal(run_dir / JOURNAL, fsync_every=fsync_every)
         try:
-            done = _resume(journal, header, store, opt, run_dir)
+            done = _resume(journal, header, store, opt, run_dir, taps_at)
+            times_fwd.clear()
             times_step: list[float] = []
-            times_fwd: list[float] = []
             losses: list[float] = []
             bar = _Progress(steps, progress)
             for t in range(done, steps):
@@ -227,6 +296,8 @@ def train(
                     times_fwd.append(time.perf_counter() - t0)
                     return loss_fn(out, yb)
 
+                if taps_at is not None:
+                    evaluate = taps_at(t)  # type: ignore[assignment]
                 t0 = time.perf_counter()
                 info = opt.step(store, evaluate)
                 times_step.append(time.perf_counter() - t0)
@@ -267,7 +338,7 @@ def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer) -> None:
 
 
 def _resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Optimizer,
-            run_dir: Path) -> int:
+            run_dir: Path, taps_at: Callable[[int], Any] | None = None) -> int:
     """Bring store and optimizer to the end of the journal; returns the steps already done."""
     recs = journal.records
     if not recs:
@@ -298,8 +369,11 @@ def _resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Op
                     store.assign(saved.state())
         except (ValueError, KeyError, TypeError, EdgelearnError):
             start = 0  # an unusable checkpoint only costs replay time
-    for rec in steps[start:]:
-        opt.replay(store, rec)
+    for i, rec in enumerate(steps[start:], start):
+        if taps_at is None:
+            opt.replay(store, rec)
+        else:  # data-dependent update (tpsgd): re-run the step's forward on its batch
+            opt.replay(store, rec, evaluate=taps_at(i))  # type: ignore[call-arg]
     opt.t = len(steps)
     return len(steps)
 

@@ -174,6 +174,54 @@ def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor
     return worst
 
 
+def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
+                 params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
+                 tmp: Path, taps: bool | None) -> tuple[list[dict[str, Any]], str | None, Any]:
+    """Write model_taps.onnx when asked/possible; returns (layer records, reason if not, gm)."""
+    from export.taps import TapsError, trace_layers
+
+    if taps is False:
+        return [], None, None
+    try:
+        if len(example) != 1 or len(out_names) != 1:
+            raise TapsError("tpsgd taps need a single-input, single-output model")
+        gm, records, tap_names = trace_layers(model, in_names[0])
+    except TapsError as e:
+        if taps:
+            raise
+        return [], str(e), None
+    clash = (set(tap_names) & set(params)) | (set(tap_names) & {*in_names, *out_names})
+    if clash:
+        raise ExportError(f"tap names {sorted(clash)} collide with parameter or I/O names")
+    _to_onnx(gm.eval(), example, params, in_names, [*out_names, *tap_names],
+             tmp / "model_taps.onnx")
+    for r in records:
+        if r["head"]:
+            r["preact"] = out_names[0]  # the head's pre-activation is the model output
+    return records, None, gm
+
+
+def taps_parity_check(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
+                      batch_sizes: Sequence[int]) -> float:
+    """Max |torch - onnxruntime| over every output of the taps graph (all weights live)."""
+    from edgelearn.backends.ort import OrtBackend
+
+    bundle = Bundle(bundle_dir)
+    store = bundle.load_store(trainable="*")
+    dev = OrtBackend(bundle, graph="onnx_taps", threads=1)
+    dev.bind(store)
+    names = [o.name for o in dev.session.get_outputs()]
+    worst = 0.0
+    for i, b in enumerate(batch_sizes):
+        xs = tuple(_with_batch(x, b, 2000 + i) for x in example)
+        with torch.no_grad():
+            ref = _as_tuple(gm(*xs))
+        outs = dev.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs, strict=True)})
+        for name, r in zip(names, ref, strict=True):
+            worst = max(worst, float(np.max(np.abs(outs[name] - r.numpy()), initial=0.0)))
+    return worst
+
+
 def export_bundle(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -187,6 +235,7 @@ def export_bundle(
     parity_batch_sizes: Sequence[int] = (1, 3, 8),
     atol: float = 1e-5,
     overwrite: bool = False,
+    taps: bool | None = None,
 ) -> dict[str, Any]:
     """Export `model` to a bundle directory; returns a summary (the CLI's --json object).
 
@@ -202,6 +251,9 @@ def export_bundle(
         parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
         atol: largest tolerated parity error (float32).
         overwrite: replace an existing bundle directory.
+        taps: also write model_taps.onnx + manifest "layers" for tpSGD (export/taps.py).
+            None = when the model's structure supports it (else the manifest says why not),
+            True = required (raise TapsError otherwise), False = never.
     """
     unknown = set(formats) - {"onnx"}
     if unknown:
@@ -234,6 +286,8 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _to_onnx(model, example, params, in_names, out_names, tmp / "model.onnx")
+        layers, taps_note, taps_gm = _export_taps(model, example, params, in_names, out_names,
+                                                  tmp, taps)
         specs = [ParamSpec(n, tuple(t.shape), "float32", n in chosen) for n, t in params.items()]
         store = ParamStore(specs, values={n: t.numpy() for n, t in params.items()})
         store.save(tmp / "weights.safetensors")
@@ -249,11 +303,13 @@ def export_bundle(
                  else "buffer"}
                 for s in specs
             ],
-            "layers": [],
+            "layers": layers,
             "files": {
                 role: {"path": fname, "size": (tmp / fname).stat().st_size,
                        "sha256": sha256_file(tmp / fname)}
-                for role, fname in (("weights", "weights.safetensors"), ("onnx", "model.onnx"))
+                for role, fname in (("weights", "weights.safetensors"), ("onnx", "model.onnx"),
+                                    ("onnx_taps", "model_taps.onnx"))
+                if (tmp / fname).is_file()
             },
             "exporter": _versions(),
         }
@@ -266,6 +322,14 @@ def export_bundle(
                               f" > {atol:g}; no bundle written")
         manifest["parity"] = {"onnx": {"max_abs_err": err, "batch_sizes":
                                        list(parity_batch_sizes), "atol": atol}}
+        if taps_note:
+            manifest["taps_unsupported"] = taps_note
+        if taps_gm is not None:
+            err_taps = taps_parity_check(tmp, taps_gm, example, parity_batch_sizes)
+            if not err_taps <= atol:
+                raise ExportError(f"taps parity failed: torch vs onnxruntime max abs error "
+                                  f"{err_taps:.3g} > {atol:g}; no bundle written")
+            manifest["parity"]["onnx_taps"] = {"max_abs_err": err_taps, "atol": atol}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -55,3 +55,89 @@ def zo_sgd_step(
         g = (lp - lm) / (2.0 * eps)
         new = {n: params[n] - (lr * g) * zn for n, zn in z.items()}
     return new, g, (lp, lm)
+
+
+def _local_forward(model: nn.Module, layer: Mapping, p: Mapping[str, torch.Tensor],
+                   x: torch.Tensor) -> torch.Tensor:
+    """One layer (+ its eval batch norm and activation) in torch, from its detached input."""
+    f = torch.nn.functional
+    w = p[layer["params"]["weight"]] if "weight" in layer["params"] else None
+    b = p.get(layer["params"].get("bias", ""))
+    if layer["kind"] == "gru":
+        gru = model.get_submodule(layer["name"])
+        sub = {f"{role}_l0": p[n] for role, n in layer["params"].items()}
+        out, _ = functional_call(gru, sub, (x,))
+        return out[:, -1]
+    if layer["kind"] == "conv2d":
+        z = f.conv2d(x, w, b, stride=layer["stride"], padding=layer["padding"],
+                     dilation=layer["dilation"])
+    else:
+        z = f.linear(x, w, b)
+    bn = layer.get("bn")
+    if bn:
+        z = f.batch_norm(z, p[bn["running_mean"]], p[bn["running_var"]], p.get(bn.get("weight")),
+                         p.get(bn.get("bias")), training=False, eps=bn["eps"])
+    act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+           "none": lambda v: v}[layer["activation"]]
+    return act(z)
+
+
+def tpsgd_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    layers: list[dict],
+    projections: Mapping[int, torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    trainable: set[str],
+    local_loss: str = "mse",
+) -> dict[str, torch.Tensor]:
+    """One tpSGD step ("Learning with Local Gradients at the Edge", 2022) by torch autograd.
+
+    Every layer's input is captured (forward pre-hooks) in ONE forward at the pre-step
+    weights; then each layer's local loss is rebuilt from its detached input and
+    differentiated w.r.t. that layer's own parameters only.
+
+    Args:
+        model: torch module (eval mode).
+        params: name -> float32 tensor of every parameter and float buffer.
+        layers: the manifest's "layers" records (head last).
+        projections: layer index -> B_i [classes, D_i] (from edgelearn.optim.tpsgd.projection).
+        inputs: input batch. labels: int64 [N].
+        lr: learning rate. trainable: names of the parameters to update.
+        local_loss: "mse" (0.5/N ||a - B y||^2) or "drtp" (-1/N <a, B y>).
+    Returns: name -> updated tensor for every trainable parameter a layer owns.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(r["name"]).register_forward_pre_hook(
+        lambda _m, args, name=r["name"]: captured.__setitem__(name, args[0].detach()))
+        for r in layers]
+    try:
+        with torch.no_grad():
+            functional_call(model, dict(params), (inputs,))
+    finally:
+        for h in hooks:
+            h.remove()
+    new: dict[str, torch.Tensor] = {}
+    n = len(labels)
+    for i, layer in enumerate(layers):
+        own = [*layer["params"].values(),
+               *(layer["bn"][k] for k in ("weight", "bias") if layer.get("bn") and
+                 k in layer["bn"])]
+        own = [o for o in own if o in trainable]
+        if not own:
+            continue
+        p = {k: (v.detach().clone().requires_grad_(k in own)) for k, v in params.items()}
+        a = _local_forward(model, layer, p, captured[layer["name"]])
+        if layer["head"]:
+            loss = torch.nn.functional.cross_entropy(a, labels)
+        else:
+            t = projections[i][labels].reshape(a.shape)
+            loss = (0.5 * ((a - t) ** 2).sum() / n if local_loss == "mse"
+                    else -(a * t).sum() / n)
+        grads = torch.autograd.grad(loss, [p[o] for o in own])
+        for o, g in zip(own, grads, strict=True):
+            new[o] = (params[o] - lr * g).detach()
+    return new

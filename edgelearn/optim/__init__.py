@@ -1,5 +1,6 @@
 """Forward-only optimizers, one algorithm per module, registered by name."""
 
+from edgelearn.optim import tpsgd as _tpsgd  # noqa: F401  (registers "tpsgd")
 from edgelearn.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers "zo-sgd")
 from edgelearn.optim.base import REGISTRY, Optimizer, StepInfo, make_optimizer, register
 

@@ -71,6 +71,9 @@ class Optimizer:
     """
 
     name: ClassVar[str] = ""
+    #: what `step`'s evaluate() returns: "loss" (a float) or "taps" (layer activations and
+    #: targets of one taps-graph forward, see optim/tpsgd.py); the train loop provides it.
+    needs: ClassVar[str] = "loss"
 
     def __init__(self, *, seed: int = 0) -> None:
         if not isinstance(seed, int) or seed < 0:

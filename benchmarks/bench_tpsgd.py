@@ -1,0 +1,150 @@
+"""tpSGD benchmark: accuracy vs backprop and vs ZO-SGD at equal wall time; step vs forward.
+
+Usage:
+    python benchmarks/bench_tpsgd.py            # full run (a few minutes on 2 cores)
+    python benchmarks/bench_tpsgd.py --quick    # short run
+
+Prints ONE JSON object on stdout; progress on stderr; never asserts. Every comparison is a
+ratio or difference of figures measured in this same run:
+  accuracy    digits (train 1400 / test 397), MLP 64-64-10 and CNN (zoo), same init:
+              backprop (torch SGD, same lr/batch/steps) vs tpSGD (edgelearn, device path);
+              ZO-SGD given the wall time tpSGD used (same bundle, same batches).
+  step_time   tpSGD step (one taps forward + numpy local gradients + in-place updates) vs one
+              plain forward of model.onnx, same batch of 32, interleaved medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr."""
+    sys.stderr.write(f"[bench_tpsgd {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def digits(cnn: bool):
+    from sklearn.datasets import load_digits
+
+    from edgelearn.data import Dataset
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    if cnn:
+        x = x.reshape(-1, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    return Dataset(x[:1400], y[:1400]), Dataset(x[1400:], y[1400:])
+
+
+def backprop(module, train, test, *, lr: float, steps: int, glob: str | None) -> float:
+    """Plain torch SGD on the same batches; returns test accuracy."""
+    import fnmatch
+
+    import torch
+
+    from edgelearn.train import batch_indices
+
+    params = [p for n, p in module.named_parameters()
+              if glob is None or any(fnmatch.fnmatchcase(n, g) for g in glob.split(","))]
+    opt = torch.optim.SGD(params, lr=lr)
+    module.eval()  # batch norm in eval form, as on device
+    for t in range(steps):
+        idx = batch_indices(len(train), 32, t, 0)
+        loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(train.x[idx])),
+                                                 torch.from_numpy(train.y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = module(torch.from_numpy(test.x)).argmax(1).numpy()
+    return float(np.mean(pred == test.y))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from edgelearn.bundle import Bundle
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+    from edgelearn.train import taps_evaluator, train
+    from export import export_bundle
+    from export.zoo import ZOO
+
+    steps = 300 if args.quick else 1500
+    tmp = Path(tempfile.mkdtemp(prefix="bench_tpsgd"))
+    out: dict = {"steps": steps, "batch": 32, "note": "2 shared vCPUs under load by other jobs",
+                 "accuracy": {}, "step_time": {}}
+    cfg = {"mlp": (0.1, None), "cnn": (0.05, "conv*,head.*")}
+    try:
+        for name, (lr, glob) in cfg.items():
+            factory, shape = ZOO[name]
+            torch.manual_seed(0)
+            module = factory()
+            export_bundle(module, torch.randn(1, *shape), tmp / name)
+            bundle = Bundle(tmp / name)
+            train_set, test_set = digits(name == "cnn")
+            log(f"{name}: backprop")
+            acc_bp = backprop(module, train_set, test_set, lr=lr, steps=steps, glob=glob)
+            log(f"{name}: tpsgd")
+            t0 = time.perf_counter()
+            res = train(bundle, train_set, tmp / f"run_tp_{name}", optimizer="tpsgd",
+                        options={"lr": lr}, steps=steps, trainable=glob, threads=1)
+            wall_tp = time.perf_counter() - t0
+            acc_tp = Model(bundle, trainable=(), weights=res["weights"]).evaluate(
+                test_set)["accuracy"]
+            log(f"{name}: zo-sgd for {wall_tp:.1f} s")
+            zo_steps, zo_dir = 0, tmp / f"run_zo_{name}"
+            t0 = time.perf_counter()
+            chunk = 100
+            while time.perf_counter() - t0 < wall_tp:
+                zo_steps += chunk
+                zres = train(bundle, train_set, zo_dir, optimizer="zo-sgd",
+                             options={"lr": 0.01, "eps": 1e-3}, steps=zo_steps,
+                             trainable=glob, threads=1)
+            acc_zo = Model(bundle, trainable=(), weights=zres["weights"]).evaluate(
+                test_set)["accuracy"]
+            out["accuracy"][name] = {
+                "backprop": acc_bp, "tpsgd": acc_tp, "zo_sgd_equal_wall": acc_zo,
+                "zo_sgd_steps": zo_steps, "tpsgd_wall_s": wall_tp,
+                "gap_to_backprop_pp": 100 * (acc_bp - acc_tp),
+                "gap_to_zo_pp": 100 * (acc_tp - acc_zo), "lr": lr, "trainable": glob}
+            log(f"{name}: step time")
+            store = bundle.load_store(trainable=glob)
+            plain = Model(bundle, trainable=glob, threads=1)
+            opt = make_optimizer("tpsgd", lr=0.0)  # lr 0: same work, weights unchanged
+            at = taps_evaluator(bundle, store, train_set, opt, batch_size=32, seed=0, threads=1)
+            xb = train_set.x[:32]
+            ts, tf = [], []
+            for i in range(30 if args.quick else 200):
+                t0 = time.perf_counter()
+                plain.predict(xb)
+                tf.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                opt.step(store, at(i))
+                ts.append(time.perf_counter() - t0)
+            f, s = statistics.median(tf), statistics.median(ts)
+            out["step_time"][name] = {"forward_ms": 1e3 * f, "tpsgd_step_ms": 1e3 * s,
+                                      "ratio": s / f}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

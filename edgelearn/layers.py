@@ -1,0 +1,202 @@
+"""Layer records of a bundle (manifest "layers") and exact layer-local gradients in numpy.
+
+Each function here computes the gradient of a loss w.r.t. ONE layer's parameters, given that
+layer's tapped input (and pre-activation / output) and dL/d(layer output): nothing crosses a
+layer boundary. Used by tpSGD (`edgelearn.optim.tpsgd`); torch parity in tests/test_tpsgd.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import BundleError
+
+KINDS = ("linear", "conv2d", "gru")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One trainable layer of a bundle (a manifest "layers" record).
+
+    Args:
+        name: module name. kind: linear | conv2d | gru. head: True for the output layer.
+        params: role (weight, bias, weight_ih, ...) -> parameter name.
+        activation: relu | tanh | sigmoid | none (after the optional batch norm).
+        input / preact / output / raw: tap names (model input or taps-graph outputs); raw is the
+            conv/linear output before batch norm.
+        bn: batch norm after the layer (eval affine): parameter names and eps, or None.
+        stride / padding / dilation: conv2d geometry [h, w].
+    """
+
+    name: str
+    kind: str
+    head: bool
+    params: dict[str, str]
+    activation: str
+    input: str
+    preact: str | None
+    output: str | None
+    raw: str | None = None
+    bn: dict[str, Any] | None = None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    def param_names(self) -> list[str]:
+        """Every parameter this layer's local update may touch (its own and its batch norm's)."""
+        bn = [self.bn[k] for k in ("weight", "bias") if self.bn and k in self.bn]
+        return [*self.params.values(), *bn]
+
+
+def _pair(v: Any, what: str) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2 and all(type(i) is int and i >= 0 for i in v)):
+        raise BundleError(f"manifest.json: layer {what} must be two integers, got {v!r}")
+    return v[0], v[1]
+
+
+def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]:
+    """Validate the manifest's "layers" records against the parameter names."""
+    recs = manifest.get("layers", [])
+    if not isinstance(recs, list):
+        raise BundleError("manifest.json: 'layers' must be a list")
+    out = []
+    for r in recs:
+        if not isinstance(r, dict) or r.get("kind") not in KINDS:
+            raise BundleError(f"manifest.json: bad layer record {str(r)[:80]!r}")
+        if r.get("activation") not in ACTIVATIONS:
+            raise BundleError(f"manifest.json: layer {r.get('name')!r} has unknown activation")
+        params = r.get("params")
+        bn = r.get("bn")
+        refs = [*(params or {}).values(), *((bn or {}).get(k) for k in
+                                            ("weight", "bias", "running_mean", "running_var")
+                                            if bn and k in bn)]
+        if not isinstance(params, dict) or not all(isinstance(n, str) and n in param_names
+                                                   for n in refs):
+            raise BundleError(f"manifest.json: layer {r.get('name')!r} names unknown parameters")
+        for k in ("input", "preact", "output", "raw"):
+            if r.get(k) is not None and not isinstance(r[k], str):
+                raise BundleError(f"manifest.json: layer {r.get('name')!r}: bad {k} tap")
+        geo = {}
+        if r["kind"] == "conv2d":
+            geo = {k: _pair(r.get(k), k) for k in ("stride", "padding", "dilation")}
+        out.append(Layer(name=str(r.get("name")), kind=r["kind"], head=bool(r.get("head")),
+                         params=dict(params), activation=r["activation"], input=r.get("input"),
+                         preact=r.get("preact"), output=r.get("output"), raw=r.get("raw"),
+                         bn=bn, **geo))
+    return out
+
+
+def act_grad(activation: str, preact: np.ndarray, out: np.ndarray, d_out: np.ndarray
+             ) -> np.ndarray:
+    """dL/d(pre-activation) from dL/d(activation output), elementwise (float32)."""
+    if activation == "relu":
+        return np.where(preact > 0, d_out, np.float32(0))
+    if activation == "tanh":
+        return d_out * (np.float32(1) - out * out)
+    if activation == "sigmoid":
+        return d_out * out * (np.float32(1) - out)
+    return d_out
+
+
+def bn_backward(raw: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
+                gamma: np.ndarray | None, d_pre: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Eval batch norm y = (raw - mean)/sqrt(var + eps) * gamma + beta, backward.
+
+    Args:
+        raw: layer output before the norm [N, C, ...]; mean/var/gamma [C]; d_pre dL/dy like raw.
+    Returns: (dL/d raw, {"weight": dL/dgamma, "bias": dL/dbeta}).
+    """
+    shape = (1, -1) + (1,) * (raw.ndim - 2)
+    inv = (np.float32(1) / np.sqrt(var + np.float32(eps))).astype(np.float32)
+    axes = (0, *range(2, raw.ndim))
+    grads = {"bias": d_pre.sum(axis=axes)}
+    xhat = (raw - mean.reshape(shape)) * inv.reshape(shape)
+    grads["weight"] = (d_pre * xhat).sum(axis=axes)
+    scale = inv if gamma is None else gamma * inv
+    return d_pre * scale.reshape(shape), grads
+
+
+def linear_grads(x: np.ndarray, d_z: np.ndarray) -> dict[str, np.ndarray]:
+    """z = x W^T + b: gradients of W [out, in] and b [out] from x [..., in], dL/dz [..., out]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    d2 = d_z.reshape(-1, d_z.shape[-1])
+    return {"weight": np.ascontiguousarray(d2.T) @ x2, "bias": d2.sum(axis=0)}
+
+
+def conv2d_grads(x: np.ndarray, d_z: np.ndarray, kernel: tuple[int, int], *,
+                 stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Conv2d (groups=1) weight/bias gradients via im2col.
+
+    Args:
+        x: input [N, C, H, W]; d_z: dL/d(conv output) [N, O, Ho, Wo]; kernel (kh, kw).
+    Returns: {"weight": [O, C, kh, kw], "bias": [O]}.
+    """
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
+    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
+    n, c = x.shape[:2]
+    o, ho, wo = d_z.shape[1:]
+    # im2col: one gather into [N*Ho*Wo, C*kh*kw], then a single GEMM
+    cols = win[:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
+    d2 = d_z.transpose(0, 2, 3, 1).reshape(n * ho * wo, o)
+    gw = (np.ascontiguousarray(d2.T) @ np.ascontiguousarray(cols)).reshape(o, c, kh, kw)
+    return {"weight": gw.astype(np.float32, copy=False), "bias": d2.sum(axis=0)}
+
+
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return np.float32(1) / (np.float32(1) + np.exp(-v))
+
+
+def gru_grads(x: np.ndarray, hs: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray,
+              b_ih: np.ndarray | None, b_hh: np.ndarray | None, d_last: np.ndarray
+              ) -> dict[str, np.ndarray]:
+    """Backprop through time inside one GRU layer (torch gate order r, z, n; h0 = 0).
+
+    The loss depends on the final hidden state only; gates are recomputed from the tapped
+    input and hidden sequence, so nothing but the layer's own taps is needed.
+
+    Args:
+        x: input [N, T, F]; hs: output sequence h_1..h_T [N, T, H]; w_ih [3H, F], w_hh [3H, H],
+            b_ih / b_hh [3H] or None; d_last: dL/dh_T [N, H].
+    Returns: gradients named weight_ih, weight_hh (+ bias_ih, bias_hh).
+    """
+    n, t_len, _ = x.shape
+    h = hs.shape[2]
+    zero = np.zeros((n, h), np.float32)
+    g = {"weight_ih": np.zeros_like(w_ih), "weight_hh": np.zeros_like(w_hh),
+         "bias_ih": np.zeros(3 * h, np.float32), "bias_hh": np.zeros(3 * h, np.float32)}
+    dh = d_last.astype(np.float32, copy=True)
+    for t in range(t_len - 1, -1, -1):
+        xt, hp = x[:, t], (hs[:, t - 1] if t > 0 else zero)
+        gi = xt @ w_ih.T
+        gh = hp @ w_hh.T
+        if b_ih is not None:
+            gi += b_ih
+        if b_hh is not None:
+            gh += b_hh
+        r = _sigmoid(gi[:, :h] + gh[:, :h])
+        z = _sigmoid(gi[:, h:2 * h] + gh[:, h:2 * h])
+        nn_ = np.tanh(gi[:, 2 * h:] + r * gh[:, 2 * h:])
+        dn = dh * (np.float32(1) - z)
+        dz = dh * (hp - nn_)
+        dan = dn * (np.float32(1) - nn_ * nn_)
+        dar = dan * gh[:, 2 * h:] * r * (np.float32(1) - r)
+        daz = dz * z * (np.float32(1) - z)
+        dgi = np.concatenate([dar, daz, dan], axis=1)
+        dgh = np.concatenate([dar, daz, dan * r], axis=1)
+        g["weight_ih"] += dgi.T @ xt
+        g["weight_hh"] += dgh.T @ hp
+        g["bias_ih"] += dgi.sum(axis=0)
+        g["bias_hh"] += dgh.sum(axis=0)
+        dh = dh * z + dgh @ w_hh
+    if b_ih is None:
+        del g["bias_ih"], g["bias_hh"]
+    return g

@@ -1,0 +1,276 @@
+"""tpSGD: layer-local target projection from one forward sweep (no backpropagation).
+
+"Learning with Local Gradients at the Edge" (2022; tpSGD, no public code).
+Hidden-layer targets follow Direct Random Target Projection (Frenkel, Lefebvre, Bol 2021,
+"Learning without feedback: fixed random learning signals allow for feedforward training of
+deep neural networks"; ChFrenkel/DirectRandomTargetProjection), whose conv case projects the
+label onto the whole C x H x W activation.
+
+One step, on the batch (x, y):
+  1. ONE forward of the taps graph (model_taps.onnx) returns every trainable layer's input,
+     pre-activation and activation output (and the logits).
+  2. For hidden layer i with activation output a_i [N, D_i] (conv: D_i = C*H*W; GRU: the final
+     hidden state), a fixed random projection B_i [classes, D_i] of the one-hot label gives the
+     local target t_i = onehot(y) B_i. The local loss is
+        "mse":  L_i = 0.5/N * ||a_i - t_i||^2         (tpSGD: delta = (a - t) * f'(z))
+        "drtp": L_i = -1/N * <a_i, t_i>               (DRTP: delta = -t * f'(z))
+     and its exact gradient w.r.t. that layer's own weights is computed in numpy from the
+     layer's taps (edgelearn.layers: linear, conv2d by im2col, batch norm in eval form,
+     GRU by backprop through time inside the layer). The output layer uses the true loss.
+  3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
+     its taps are dropped. No gradient crosses a layer boundary.
+B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
+journal header) is all that is needed to rebuild it.
+
+Replay: the update depends on the data, not only on scalars, so a journal record cannot
+rebuild it alone. tpSGD is deterministic given the weights and the batch, and the batch of
+step t is a pure function of (data, data seed, t) (`edgelearn.train.batch_indices`), so replay
+= re-running the same step on the same data: `replay(store, record, evaluate=...)` re-runs the
+forward and the update and checks that the regenerated record (true loss and every local loss,
+exact floats) equals the stored one, which fails loudly on different data or weights. The
+journal header of a tpsgd run also holds the data's sha256.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.layers import (
+    Layer,
+    act_grad,
+    bn_backward,
+    conv2d_grads,
+    gru_grads,
+    linear_grads,
+)
+from edgelearn.optim.base import Optimizer, StepInfo, register
+from edgelearn.params import ParamStore
+
+LOCAL_LOSSES = ("mse", "drtp")
+HEAD_LOSSES = ("cross-entropy", "mse")
+_B_DOMAIN = 0x7B5D  # separates projection draws from noise/data draws of the same seed
+
+#: evaluate() for tpsgd: (taps: name -> array incl. the model input, targets y)
+TapsEvaluate = Callable[[], tuple[dict[str, np.ndarray], np.ndarray]]
+
+
+def projection(seed: int, index: int, rows: int, cols: int, scale: float) -> np.ndarray:
+    """The fixed random projection B of layer `index`: float32 [rows, cols], N(0, scale^2)."""
+    ss = np.random.SeedSequence([seed, _B_DOMAIN, index])
+    b = np.random.Generator(np.random.Philox(ss)).standard_normal((rows, cols), np.float32)
+    return b * np.float32(scale)
+
+
+def head_grad(out: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, np.ndarray]:
+    """(loss, dL/d out) of the true loss (cross-entropy on logits, or mean squared error)."""
+    if loss == "cross-entropy":
+        z = out.astype(np.float64) - out.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        p = e / e.sum(axis=1, keepdims=True)
+        idx = np.arange(len(y))
+        value = float(np.mean(np.log(e.sum(axis=1)) - z[idx, y]))
+        p[idx, y] -= 1.0
+        return value, (p / len(y)).astype(np.float32)
+    d = out.astype(np.float64) - np.asarray(y, np.float64).reshape(out.shape)
+    return float(np.mean(d * d)), (2.0 * d / d.size).astype(np.float32)
+
+
+@register
+class TPSGD(Optimizer):
+    """tpSGD over the layers a bundle's taps graph exposes.
+
+    Args:
+        lr: learning rate of every layer.
+        local_loss: "mse" (tpSGD) or "drtp" (see module docstring).
+        target_scale: standard deviation of the projection entries.
+        head_loss: true loss of the output layer, "cross-entropy" or "mse".
+        seed: run seed (projections).
+    """
+
+    name = "tpsgd"
+    needs: ClassVar[str] = "taps"
+
+    def __init__(self, *, lr: float = 0.05, local_loss: str = "mse", target_scale: float = 1.0,
+                 head_loss: str = "cross-entropy", seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise InputError(f"lr must be a finite number >= 0, got {lr}")
+        if local_loss not in LOCAL_LOSSES:
+            raise InputError(f"local_loss must be one of {LOCAL_LOSSES}, got {local_loss!r}")
+        if head_loss not in HEAD_LOSSES:
+            raise InputError(f"tpsgd trains the head on {HEAD_LOSSES}, not {head_loss!r}")
+        if not (target_scale > 0 and math.isfinite(target_scale)):
+            raise InputError(f"target_scale must be > 0, got {target_scale}")
+        self.lr, self.local_loss = float(lr), local_loss
+        self.target_scale, self.head_loss = float(target_scale), head_loss
+        self.layers: list[Layer] = []
+        self._proj: dict[int, np.ndarray] = {}
+        self._last_use: dict[str, int] = {}
+
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters (JSON)."""
+        return {"seed": self.seed, "lr": self.lr, "local_loss": self.local_loss,
+                "target_scale": self.target_scale, "head_loss": self.head_loss}
+
+    def setup(self, layers: Sequence[Layer], store: ParamStore) -> None:
+        """Attach the bundle's layer records; every trainable parameter must belong to one."""
+        if not layers:
+            raise InputError("tpsgd needs a bundle exported with layer taps (model_taps.onnx)")
+        if not layers[-1].head:
+            raise InputError("tpsgd: the last layer record must be the output layer")
+        owned = {n for layer in layers for n in layer.param_names()}
+        # batch-norm running statistics are read (eval form), never trained: a "*" glob that
+        # marks them trainable is harmless
+        owned |= {layer.bn[k] for layer in layers if layer.bn
+                  for k in ("running_mean", "running_var")}
+        stray = sorted(set(store.trainable_names) - owned)
+        if stray:
+            raise InputError(f"tpsgd cannot train {stray} (no layer record owns them); "
+                             "freeze them with --trainable")
+        self.layers = list(layers)
+        self._last_use = {}
+        for i, layer in enumerate(self.layers):
+            for tap in (layer.input, layer.preact, layer.output, layer.raw):
+                if tap is not None:
+                    self._last_use[tap] = i
+
+    # -- no ask/tell: a tpsgd step is one taps forward, not a sequence of scalar losses ---------
+    def ask(self, store: ParamStore) -> bool:
+        """Not available: call `step(store, evaluate)` with a taps evaluator."""
+        raise EdgelearnError("tpsgd has no ask/tell dialogue: use step(store, evaluate)")
+
+    def step(self, store: ParamStore, evaluate: Callable[[], Any]) -> StepInfo:
+        """One tpSGD step.
+
+        Args:
+            store: weights (trainable views are updated in place).
+            evaluate: () -> (taps, y): every tap array of one taps-graph forward at the current
+                weights (name -> array, including the model input), and the batch targets.
+        """
+        record = self._run(store, evaluate)
+        loss = math.nan if record["loss"] is None else record["loss"]
+        info = StepInfo(self.t, loss, record, record["accepted"], 1)
+        self.last_info = info
+        self.t += 1
+        return info
+
+    def replay(self, store: ParamStore, record: dict[str, Any],
+               evaluate: Callable[[], Any] | None = None) -> None:
+        """Re-run the recorded step on its batch (`evaluate` as in `step`) and check it."""
+        step = record.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise InputError(f"malformed tpsgd journal record (step {step!r})")
+        if evaluate is None:
+            raise InputError("tpsgd updates depend on the data: replay re-runs each step's "
+                             "forward, so it needs the run's data (--data)")
+        self.t = step
+        again = self._run(store, evaluate)
+        body = {k: v for k, v in record.items() if k != "kind"}
+        if again != body:
+            diff = sorted(k for k in set(again) | set(body) if again.get(k) != body.get(k))
+            raise InputError(f"journal record of step {step} does not reproduce ({diff}): "
+                             "other data, weights or settings")
+        self.t = step + 1
+
+    # -- the step -------------------------------------------------------------------------------
+    def _target(self, i: int, y: np.ndarray, classes: int, shape: tuple[int, ...]) -> np.ndarray:
+        n = len(y)
+        cols = int(np.prod(shape[1:]))
+        if y.ndim == 1 and y.dtype.kind in "iu":
+            b = self._proj.get(i)
+            if b is None or b.shape != (classes, cols):
+                b = self._proj[i] = projection(self.seed, i, classes, cols, self.target_scale)
+            return b[y].reshape(shape)  # onehot(y) @ B, without the matmul
+        yy = np.asarray(y, np.float32).reshape(n, -1)
+        b = self._proj.get(i)
+        if b is None or b.shape != (yy.shape[1], cols):
+            b = self._proj[i] = projection(self.seed, i, yy.shape[1], cols, self.target_scale)
+        return (yy @ b).reshape(shape)
+
+    def _local(self, a: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
+        n = a.shape[0]
+        if self.local_loss == "mse":
+            d = a - t
+            return 0.5 * float(np.sum(d.astype(np.float64) ** 2)) / n, d / np.float32(n)
+        return -float(np.sum(a.astype(np.float64) * t)) / n, t / np.float32(-n)
+
+    def _run(self, store: ParamStore, evaluate: Callable[[], Any]) -> dict[str, Any]:
+        if not self.layers:
+            raise EdgelearnError("tpsgd is not set up: call setup(layers, store) first")
+        taps, y = evaluate()
+        taps = dict(taps)
+        head = self.layers[-1]
+        logits = taps[head.preact]
+        classes = logits.shape[1]
+        lr = np.float32(self.lr)
+        if not np.isfinite(logits).all():  # reject: no layer is updated
+            return {"loss": None, "local": [None] * len(self.layers), "lr": self.lr,
+                    "accepted": False, "step": self.t}
+        loss, locals_ = math.nan, []
+        for i, layer in enumerate(self.layers):
+            train = [r for r, n in layer.params.items() if store.specs[n].trainable]
+            bn = layer.bn or {}
+            bn_train = [k for k in ("weight", "bias") if k in bn and store.specs[bn[k]].trainable]
+            if layer.head:
+                loss, d_z = head_grad(logits, y, self.head_loss)
+                locals_.append(loss)
+                grads = linear_grads(taps[layer.input], d_z) if train else {}
+                bn_grads: dict[str, np.ndarray] = {}
+            elif not (train or bn_train):
+                locals_.append(None)
+                grads, bn_grads = {}, {}
+            else:
+                grads, bn_grads, value = self._layer_grads(i, layer, taps, y, classes, store)
+                locals_.append(value)
+            for role in train:
+                _sub(store[layer.params[role]], grads[role], lr)
+            for role in bn_train:
+                _sub(store[bn[role]], bn_grads[role], lr)
+            del grads, bn_grads
+            for name in [k for k, last in self._last_use.items() if last == i]:
+                taps.pop(name, None)  # no activation outlives its layer's update
+        finite = math.isfinite(loss) and all(v is None or math.isfinite(v) for v in locals_)
+        local = [None if v is None or not math.isfinite(v) else v for v in locals_]
+        return {"loss": loss if math.isfinite(loss) else None, "local": local,
+                "lr": self.lr, "accepted": finite, "step": self.t}
+
+    def _layer_grads(self, i: int, layer: Layer, taps: dict[str, np.ndarray], y: np.ndarray,
+                     classes: int, store: ParamStore) -> tuple[dict, dict, float]:
+        x = taps[layer.input]
+        assert layer.output is not None
+        a = taps[layer.output]
+        if layer.kind == "gru":
+            last = a[:, -1]
+            value, d_last = self._local(last, self._target(i, y, classes, last.shape))
+            p = layer.params
+            g = gru_grads(x, a, store[p["weight_ih"]], store[p["weight_hh"]],
+                          store[p["bias_ih"]] if "bias_ih" in p else None,
+                          store[p["bias_hh"]] if "bias_hh" in p else None, d_last)
+            return g, {}, value
+        value, d_a = self._local(a, self._target(i, y, classes, a.shape))
+        assert layer.preact is not None
+        d_pre = act_grad(layer.activation, taps[layer.preact], a, d_a)
+        bn_grads: dict[str, np.ndarray] = {}
+        if layer.bn:
+            bn = layer.bn
+            assert layer.raw is not None
+            d_pre, bn_grads = bn_backward(
+                taps[layer.raw], store[bn["running_mean"]], store[bn["running_var"]],
+                bn["eps"], store[bn["weight"]] if "weight" in bn else None, d_pre)
+        if layer.kind == "linear":
+            return linear_grads(x, d_pre), bn_grads, value
+        w = store[layer.params["weight"]]
+        g = conv2d_grads(x, d_pre, (w.shape[2], w.shape[3]), stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation)
+        return g, bn_grads, value
+
+
+def _sub(view: np.ndarray, grad: np.ndarray, lr: np.float32) -> None:
+    """view -= lr * grad, in place on the arena (float32)."""
+    g = np.multiply(grad, lr, dtype=np.float32)
+    np.subtract(view, g.reshape(view.shape), out=view)

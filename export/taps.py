@@ -1,0 +1,179 @@
+"""Layer taps for tpSGD: find each trainable layer of a model and expose its activations.
+
+tpSGD (layer-local target projection) needs, per trainable layer, the layer's input, its
+pre-activation and its activation output, all from ONE forward. `trace_layers(model)` traces
+the model with torch.fx, recognises the supported layer patterns and returns a GraphModule
+whose forward returns `(model output, *taps)` plus the manifest "layers" records that name
+those taps. Supported patterns (anything else raises TapsError naming the node):
+
+  Linear | Conv2d  [-> BatchNorm1d/2d (eval: a fixed per-channel affine)]  -> relu|tanh|sigmoid
+  GRU (1 layer, unidirectional, batch_first, no initial state) -> its output sequence
+  Linear as the model's output (the head; it trains on the true loss)
+
+Parameter names are unchanged (fx keeps the module hierarchy), so the taps graph takes the
+same weight inputs as model.onnx.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from edgelearn.errors import EdgelearnError
+
+_ACT_FUNCS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.tanh: "tanh",
+              torch.sigmoid: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
+              torch.nn.functional.tanh: "tanh"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+class TapsError(EdgelearnError):
+    """The model has a structure tpSGD's layer taps do not support."""
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _activation(gm: fx.GraphModule, node: fx.Node | None) -> str | None:
+    if node is None:
+        return None
+    if node.op == "call_function" and node.target in _ACT_FUNCS:
+        return _ACT_FUNCS[node.target]
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return _ACT_METHODS[node.target]
+    if node.op == "call_module":
+        return _ACT_MODULES.get(type(gm.get_submodule(str(node.target))))
+    return None
+
+
+def _describe(node: fx.Node | None) -> str:
+    if node is None:
+        return "several users"
+    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
+
+
+def trace_layers(model: nn.Module, input_name: str = "x"
+                 ) -> tuple[fx.GraphModule, list[dict[str, Any]], list[str]]:
+    """Trace `model` and build its taps graph.
+
+    Args:
+        model: torch module in eval mode with a single tensor output.
+        input_name: graph name of the model input (a layer fed by it taps it by that name).
+    Returns: (graph module returning (output, *taps), layer records, tap output names).
+    Raises TapsError for unsupported structures.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types on data-dependent control flow
+        raise TapsError(f"torch.fx cannot trace the model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    graph = gm.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    final = out_node.args[0]
+    if not isinstance(final, fx.Node):
+        raise TapsError("tpsgd taps need a model with one tensor output")
+    tap_of: dict[fx.Node, str] = {}
+    tap_nodes: list[fx.Node] = []
+
+    def tap(node: Any, name: str) -> str:
+        if not isinstance(node, fx.Node):
+            raise TapsError(f"{name}: layer input is not a tensor computed by the graph")
+        if node.op == "placeholder":
+            return input_name  # the device already holds the model input: no extra output
+        if node not in tap_of:
+            tap_of[node] = name
+            tap_nodes.append(node)
+        return tap_of[node]
+
+    records: list[dict[str, Any]] = []
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(str(node.target))
+        name = str(node.target)
+        if not isinstance(mod, nn.Linear | nn.Conv2d | nn.GRU):
+            if any(p.requires_grad for p in mod.parameters(recurse=False)) and not isinstance(
+                    mod, nn.BatchNorm1d | nn.BatchNorm2d):
+                raise TapsError(f"layer {name!r} is a {type(mod).__name__}, which tpsgd does not "
+                                "support (Linear, Conv2d, GRU)")
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            raise TapsError(f"layer {name!r} is called with more than one input")
+        rec: dict[str, Any] = {"name": name, "head": False}
+        if isinstance(mod, nn.GRU):
+            if (mod.num_layers != 1 or mod.bidirectional or not mod.batch_first
+                    or getattr(mod, "proj_size", 0)):
+                raise TapsError(f"GRU {name!r}: tpsgd supports 1-layer, unidirectional, "
+                                "batch_first GRUs without projection")
+            seq = [u for u in node.users
+                   if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+            if len(seq) != 1:
+                raise TapsError(f"GRU {name!r}: its output sequence is not used exactly once")
+            rec.update(kind="gru", hidden=int(mod.hidden_size), activation="none",
+                       params={"weight_ih": f"{name}.weight_ih_l0",
+                               "weight_hh": f"{name}.weight_hh_l0",
+                               **({"bias_ih": f"{name}.bias_ih_l0",
+                                   "bias_hh": f"{name}.bias_hh_l0"} if mod.bias else {})},
+                       input=tap(node.args[0], f"{name}:in"), preact=None,
+                       output=tap(seq[0], f"{name}:out"))
+            records.append(rec)
+            continue
+        params = {"weight": f"{name}.weight"}
+        if mod.bias is not None:
+            params["bias"] = f"{name}.bias"
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                raise TapsError(f"Conv2d {name!r}: tpsgd supports groups=1, zero padding given "
+                                "as numbers")
+            rec.update(kind="conv2d", stride=_pair(mod.stride), padding=_pair(mod.padding),
+                       dilation=_pair(mod.dilation))
+        else:
+            rec["kind"] = "linear"
+        if node is final:
+            if rec["kind"] != "linear":
+                raise TapsError(f"output layer {name!r} must be a Linear head")
+            rec.update(head=True, params=params, activation="none",
+                       input=tap(node.args[0], f"{name}:in"), preact=None, output=None)
+            records.append(rec)
+            continue
+        cur, raw, bn = node, None, None
+        nxt = _only_user(cur)
+        if nxt is not None and nxt.op == "call_module" and isinstance(
+                gm.get_submodule(str(nxt.target)), nn.BatchNorm1d | nn.BatchNorm2d):
+            bmod = gm.get_submodule(str(nxt.target))
+            if not bmod.track_running_stats or bmod.running_mean is None:
+                raise TapsError(f"{nxt.target!r}: batch norm without running statistics")
+            b = str(nxt.target)
+            bn = {"running_mean": f"{b}.running_mean", "running_var": f"{b}.running_var",
+                  "eps": float(bmod.eps)}
+            if bmod.affine:
+                bn.update(weight=f"{b}.weight", bias=f"{b}.bias")
+            raw, cur = cur, nxt
+            nxt = _only_user(cur)
+        act = _activation(gm, nxt)
+        if act is None:
+            raise TapsError(f"layer {name!r} is followed by {_describe(nxt)}; tpsgd needs "
+                            "[batch norm ->] relu/tanh/sigmoid after a hidden layer")
+        rec.update(params=params, activation=act, input=tap(node.args[0], f"{name}:in"),
+                   raw=None if raw is None else tap(raw, f"{name}:raw"),
+                   preact=tap(cur, f"{name}:pre"), output=tap(nxt, f"{name}:out"), bn=bn)
+        records.append(rec)
+    heads = [r for r in records if r["head"]]
+    if len(heads) != 1:
+        raise TapsError("tpsgd needs the model output to come straight from a Linear head")
+    if not records[-1]["head"]:
+        raise TapsError("the Linear head must be the last trainable layer")
+    out_node.args = ((final, *tap_nodes),)
+    graph.lint()
+    gm.recompile()
+    return gm, records, [tap_of[n] for n in tap_nodes]
