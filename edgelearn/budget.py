@@ -103,7 +103,7 @@ def plan_batch(
             hi = mid - 1
     fit = lo
     return {"batch_size": fit, "requested_batch_size": batch_size,
-            "predicted_peak_mb": round(peak(fit), 1), "budget_mb": budget_mb,
+            "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
             "activation_kb_per_example": round(per_ex / 1024, 1)}
 
 

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from edgelearn.budget import current_rss_mb, plan_batch
+from edgelearn.budget import plan_batch
 from edgelearn.bundle import load_bundle
 from edgelearn.cli import main
-from edgelearn.data import Dataset
 from edgelearn.devices import detect, list_profiles, load_profile, resolve_backend
 from edgelearn.errors import InputError
-from edgelearn.train import train
 
 
 def test_shipped_profiles_load_and_say_what_the_issue_needs() -> None:
@@ -60,17 +60,27 @@ def test_detect_finds_this_machine() -> None:
 
 @pytest.mark.torch
 def test_budget_shrinks_the_batch_and_the_run_stays_under_it(bundles, tmp_path) -> None:
+    """In fresh processes (their own peak RSS): a budget sized for ~300 examples of
+    activations on top of the loaded model shrinks a 4096 batch, and the run's real peak stays
+    under the budget."""
     bundle = load_bundle(bundles["cnn"].path)
     rng = np.random.default_rng(0)
-    data = Dataset(rng.standard_normal((4096, 1, 8, 8)).astype(np.float32),
-                   rng.integers(0, 10, 4096))
-    # A budget with room for the loaded model plus about 300 examples of activations.
-    plan_big = plan_batch(bundle, batch_size=4096, budget_mb=1e6, base_mb=100.0)
-    per_ex_mb = plan_big["activation_kb_per_example"] / 1024
-    base = current_rss_mb()
-    budget = (base + 40 + 300 * per_ex_mb) * 1.10
-    res = train(bundle, data, tmp_path / "run", steps=3, batch_size=4096, seed=0,
-                memory_budget_mb=budget, options={"lr": 1e-3})
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.standard_normal((4096, 1, 8, 8)).astype(np.float32),
+             y=rng.integers(0, 10, 4096))
+    per_ex_mb = plan_batch(bundle, batch_size=1, budget_mb=1e6, base_mb=0.0)[
+        "activation_kb_per_example"] / 1024
+
+    def run(out: str, batch: int, budget: float) -> dict:
+        cmd = [sys.executable, "-m", "edgelearn.cli", "train", str(bundle.path), "--data",
+               str(data), "--steps", "3", "--out", str(tmp_path / out), "--batch-size",
+               str(batch), "--memory-budget-mb", str(budget), "--json"]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True,
+                                         text=True).stdout)
+
+    small = run("small", 1, 1e6)
+    budget = (small["peak_rss_mb"] + 300 * per_ex_mb) * 1.10
+    res = run("big", 4096, budget)
     assert 1 <= res["batch_size"] < 4096
     assert res["memory_plan"]["predicted_peak_mb"] <= budget
     assert res["peak_rss_mb"] <= budget
