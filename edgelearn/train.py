@@ -150,6 +150,7 @@ def train(
     objective: str | None = None,
     backend: str = "onnxruntime",
     threads: int | None = None,
+    backend_options: dict[str, Any] | None = None,
     checkpoint_every: int = 100,
     fsync_every: int = 1,
     progress: bool = False,
@@ -169,6 +170,7 @@ def train(
         objective: loss name (default from the task: cross-entropy / mse).
         backend: runtime backend name.
         threads: runtime threads.
+        backend_options: further backend options (litert: {"strategy": "inputs"|"rebuild"}).
         checkpoint_every: steps between checkpoints.
         fsync_every: journal records between fsyncs.
         progress: draw a progress bar on stderr.
@@ -179,7 +181,8 @@ def train(
         raise InputError("steps must be >= 0")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
+    model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
+                  backend_options=backend_options)
     model.check_data(data)
     store = model.store
     opts = dict(options or {})

@@ -149,8 +149,9 @@ def _versions() -> dict[str, str]:
 
 
 def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
-                 batch_sizes: Sequence[int], *, live: str | None) -> float:
-    """Max |torch - onnxruntime| over random inputs of several batch sizes.
+                 batch_sizes: Sequence[int], *, live: str | None, backend: str = "onnxruntime",
+                 backend_options: dict[str, Any] | None = None) -> float:
+    """Max |torch - device backend| over random inputs of several batch sizes.
 
     Args:
         bundle_dir: the (temporary) bundle directory.
@@ -159,9 +160,11 @@ def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor
         batch_sizes: batch sizes to try.
         live: trainable glob for the device session ("*" = all weights live inputs,
             "" = all baked).
+        backend / backend_options: the device backend to compare ("onnxruntime", "litert").
     """
     bundle = Bundle(bundle_dir)
-    dev = Model(bundle, trainable=live, threads=1)
+    dev = Model(bundle, backend=backend, trainable=live, threads=1,
+                backend_options=backend_options)
     worst = 0.0
     for i, b in enumerate(batch_sizes):
         xs = tuple(_with_batch(x, b, 1000 + i) for x in example)
@@ -187,6 +190,7 @@ def export_bundle(
     parity_batch_sizes: Sequence[int] = (1, 3, 8),
     atol: float = 1e-5,
     overwrite: bool = False,
+    tflite_batch: int = 32,
 ) -> dict[str, Any]:
     """Export `model` to a bundle directory; returns a summary (the CLI's --json object).
 
@@ -196,16 +200,21 @@ def export_bundle(
         out_dir: bundle directory to create (must not exist unless `overwrite`).
         trainable: glob pattern(s) on parameter names marked trainable in the manifest
             (buffers such as BatchNorm running stats are never trainable).
-        formats: model formats to write; "onnx" (TFLite comes with its own exporter).
+        formats: model formats to write: "onnx" (always) and optionally "tflite" (litert-torch;
+            a model it cannot convert ships ONNX only, with the reason in the manifest's
+            "tflite_skipped" and the summary).
         task: "classification" (first output = logits) or "regression".
         input_names / output_names: graph names (default "x" / "logits" or "output").
         parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
         atol: largest tolerated parity error (float32).
         overwrite: replace an existing bundle directory.
+        tflite_batch: the fixed batch of the TFLite graphs (the device pads / chunks).
     """
-    unknown = set(formats) - {"onnx"}
+    unknown = set(formats) - {"onnx", "tflite"}
     if unknown:
         raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
+    if "onnx" not in formats:
+        raise ExportError("formats must include 'onnx' (every bundle carries the ONNX model)")
     if task not in ("classification", "regression"):
         raise ExportError(f"task must be classification or regression, not {task!r}")
     out_dir = Path(out_dir)
@@ -266,6 +275,15 @@ def export_bundle(
                               f" > {atol:g}; no bundle written")
         manifest["parity"] = {"onnx": {"max_abs_err": err, "batch_sizes":
                                        list(parity_batch_sizes), "atol": atol}}
+        tfl_err = None
+        if "tflite" in formats:
+            from export.tflite_export import add_tflite
+
+            tfl_err = add_tflite(tmp, model, example, params, in_names, out_names, manifest,
+                                 batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
+                                 atol=atol)
+            if tfl_err is not None:
+                err = max(err, tfl_err)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -278,6 +296,10 @@ def export_bundle(
         "bundle": str(out_dir),
         "params": total,
         "trainable_params": sum(int(params[n].numel()) for n in chosen),
-        "formats": ["onnx"],
+        "formats": ["onnx", "tflite"] if "tflite" in manifest["files"] else ["onnx"],
         "parity_max_abs_err": err,
+        **({"tflite_skipped": manifest["tflite_skipped"]} if "tflite_skipped" in manifest
+           else {}),
+        **({"tflite_strategy": manifest["tflite"]["strategy"]} if "tflite" in manifest
+           else {}),
     }
