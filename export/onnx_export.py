@@ -214,7 +214,8 @@ def export_bundle(
     if unknown:
         raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
     if "onnx" not in formats:
-        raise ExportError("formats must include 'onnx' (every bundle carries the ONNX model)")
+        raise ExportError(f"formats {list(formats)} lack 'onnx': every bundle carries the ONNX "
+                          "model; use e.g. ('onnx', 'tflite')")
     if task not in ("classification", "regression"):
         raise ExportError(f"task must be classification or regression, not {task!r}")
     out_dir = Path(out_dir)

@@ -17,6 +17,8 @@ mode, which the parity check over several batch sizes verifies).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,8 @@ def convert(model: nn.Module, example: tuple[torch.Tensor, ...],
     wrapper = _Functional(model, list(params), len(example)).eval()
     xs = tuple(_with_batch(x, batch, 0) for x in example)
     try:
-        with torch.no_grad():
+        # litert-torch prints progress on stdout; `export --json` owns stdout.
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             edge = litert_torch.convert(wrapper, (*xs, *params.values()))
         return bytes(edge.model_content())
     except Exception as e:  # the converter raises many types (jax, MLIR, torch.export)
