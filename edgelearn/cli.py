@@ -117,8 +117,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     except TypeError as e:
         raise InputError(f"{args.spec}: {e}") from None
     example = torch.randn(*args.example_shape)
+    formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     res = export_bundle(model, example, args.out, trainable=args.trainable, task=args.task,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, formats=formats)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), formats "
                              f"{','.join(res['formats'])}, parity max abs err "
@@ -412,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--backend", default=None,
-                        help="onnxruntime (default) | litert; default: the --device profile's")
+                        help="onnxruntime | litert (bundle exported with tflite); "
+                        "default: the --device profile's first installed backend")
         sp.add_argument("--device", default=None,
                         help="device profile name (see `edgelearn device --list`) or .toml path")
         sp.add_argument("--threads", type=_positive, default=None,
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kwargs", default=None, help="JSON object of factory keyword arguments")
     sp.add_argument("--seed", type=int, default=0, help="torch seed for the factory's init")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    sp.add_argument("--formats", default="onnx",
+                    help="comma-separated model formats: onnx (default), onnx,tflite")
     common(sp)
 
     sp = sub.add_parser("info", help="what a bundle holds")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,12 +39,13 @@ class Model:
 
     Args:
         bundle: the validated bundle.
-        backend: backend name ("onnxruntime").
+        backend: backend name ("onnxruntime" or "litert").
         trainable: glob patterns of parameters to keep live (None = manifest flags; () = bake
             everything, fastest for pure inference).
         weights: optional safetensors file overriding the bundle weights.
         threads: runtime intra-op threads (None = runtime default).
         providers: execution providers for ORT.
+        backend_options: further backend keyword options (litert: {"strategy": ...}).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Model:
         weights: str | os.PathLike | None = None,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        backend_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.bundle = bundle
         self.store = bundle.load_store(trainable=trainable, weights=weights)
@@ -65,6 +67,7 @@ class Model:
         opts: dict[str, Any] = {"threads": threads}
         if providers:
             opts["providers"] = providers
+        opts.update(backend_options or {})
         self.backend = make_backend(backend, bundle, **opts)
         self.backend.bind(self.store)
 

@@ -215,6 +215,7 @@ def train(
     threads: int | None = None,
     providers: list[str] | None = None,
     memory_budget_mb: float | None = None,
+    backend_options: dict[str, Any] | None = None,
     checkpoint_every: int = 100,
     fsync_every: int = 1,
     progress: bool = False,
@@ -237,6 +238,7 @@ def train(
         providers: ORT execution providers (None = CPU).
         memory_budget_mb: peak memory the run may use (MiB); the batch shrinks to fit, or the
             run is refused with InputError if even batch 1 would not fit.
+        backend_options: further backend options (litert: {"strategy": "inputs"|"rebuild"}).
         checkpoint_every: steps between checkpoints.
         fsync_every: journal records between fsyncs.
         progress: draw a progress bar on stderr.
@@ -253,7 +255,7 @@ def train(
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {memory_budget_mb:.0f} MB")
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
-                  providers=providers)
+                  providers=providers, backend_options=backend_options)
     model.check_data(data)
     store = model.store
     opts = dict(options or {})

@@ -149,8 +149,9 @@ def _versions() -> dict[str, str]:
 
 
 def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
-                 batch_sizes: Sequence[int], *, live: str | None) -> float:
-    """Max |torch - onnxruntime| over random inputs of several batch sizes.
+                 batch_sizes: Sequence[int], *, live: str | None, backend: str = "onnxruntime",
+                 backend_options: dict[str, Any] | None = None) -> float:
+    """Max |torch - device backend| over random inputs of several batch sizes.
 
     Args:
         bundle_dir: the (temporary) bundle directory.
@@ -159,9 +160,11 @@ def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor
         batch_sizes: batch sizes to try.
         live: trainable glob for the device session ("*" = all weights live inputs,
             "" = all baked).
+        backend / backend_options: the device backend to compare ("onnxruntime", "litert").
     """
     bundle = Bundle(bundle_dir)
-    dev = Model(bundle, trainable=live, threads=1)
+    dev = Model(bundle, backend=backend, trainable=live, threads=1,
+                backend_options=backend_options)
     worst = 0.0
     for i, b in enumerate(batch_sizes):
         xs = tuple(_with_batch(x, b, 1000 + i) for x in example)
@@ -236,6 +239,7 @@ def export_bundle(
     atol: float = 1e-5,
     overwrite: bool = False,
     taps: bool | None = None,
+    tflite_batch: int = 32,
 ) -> dict[str, Any]:
     """Export `model` to a bundle directory; returns a summary (the CLI's --json object).
 
@@ -245,7 +249,9 @@ def export_bundle(
         out_dir: bundle directory to create (must not exist unless `overwrite`).
         trainable: glob pattern(s) on parameter names marked trainable in the manifest
             (buffers such as BatchNorm running stats are never trainable).
-        formats: model formats to write; "onnx" (TFLite comes with its own exporter).
+        formats: model formats to write: "onnx" (always) and optionally "tflite" (litert-torch;
+            a model it cannot convert ships ONNX only, with the reason in the manifest's
+            "tflite_skipped" and the summary).
         task: "classification" (first output = logits) or "regression".
         input_names / output_names: graph names (default "x" / "logits" or "output").
         parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
@@ -254,10 +260,14 @@ def export_bundle(
         taps: also write model_taps.onnx + manifest "layers" for tpSGD (export/taps.py).
             None = when the model's structure supports it (else the manifest says why not),
             True = required (raise TapsError otherwise), False = never.
+        tflite_batch: the fixed batch of the TFLite graphs (the device pads / chunks).
     """
-    unknown = set(formats) - {"onnx"}
+    unknown = set(formats) - {"onnx", "tflite"}
     if unknown:
         raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
+    if "onnx" not in formats:
+        raise ExportError(f"formats {list(formats)} lack 'onnx': every bundle carries the ONNX "
+                          "model; use e.g. ('onnx', 'tflite')")
     if task not in ("classification", "regression"):
         raise ExportError(f"task must be classification or regression, not {task!r}")
     out_dir = Path(out_dir)
@@ -330,6 +340,15 @@ def export_bundle(
                 raise ExportError(f"taps parity failed: torch vs onnxruntime max abs error "
                                   f"{err_taps:.3g} > {atol:g}; no bundle written")
             manifest["parity"]["onnx_taps"] = {"max_abs_err": err_taps, "atol": atol}
+        tfl_err = None
+        if "tflite" in formats:
+            from export.tflite_export import add_tflite
+
+            tfl_err = add_tflite(tmp, model, example, params, in_names, out_names, manifest,
+                                 batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
+                                 atol=atol)
+            if tfl_err is not None:
+                err = max(err, tfl_err)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -343,6 +362,10 @@ def export_bundle(
         "bundle": str(out_dir),
         "params": total,
         "trainable_params": sum(int(params[n].numel()) for n in chosen),
-        "formats": ["onnx"],
+        "formats": ["onnx", "tflite"] if "tflite" in manifest["files"] else ["onnx"],
         "parity_max_abs_err": err,
+        **({"tflite_skipped": manifest["tflite_skipped"]} if "tflite_skipped" in manifest
+           else {}),
+        **({"tflite_strategy": manifest["tflite"]["strategy"]} if "tflite" in manifest
+           else {}),
     }

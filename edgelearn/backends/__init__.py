@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
     from edgelearn.params import ParamStore
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "litert")
 
 
 class Backend(Protocol):
@@ -33,9 +33,13 @@ class Backend(Protocol):
 
 
 def make_backend(name: str, bundle: Bundle, **options: Any) -> Backend:
-    """Create the backend called `name` for `bundle` (options: threads, providers, ...)."""
+    """Create the backend called `name` for `bundle` (options: threads, providers, strategy)."""
     if name in ("onnxruntime", "ort"):
         from edgelearn.backends.ort import OrtBackend
 
         return OrtBackend(bundle, **options)
+    if name in ("litert", "tflite"):
+        from edgelearn.backends.litert import LiteRTBackend
+
+        return LiteRTBackend(bundle, **options)
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

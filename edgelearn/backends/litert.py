@@ -1,0 +1,180 @@
+"""LiteRT (TFLite) backend: `ai_edge_litert` interpreter, or `tflite_runtime` on numpy<2 devices.
+
+Two ways for trainable weights to reach the interpreter without reloading from disk, both
+measured (benchmarks/bench_litert.py; README "LiteRT backend"):
+  "inputs"   model.tflite takes every parameter as an input. Frozen ones are set once at
+             bind, trainable ones copied in with set_tensor before each forward. Always
+             correct, but XNNPACK does not take ops whose weights are inputs, so those run on
+             the slower builtin kernels.
+  "rebuild"  model_const.tflite holds every parameter as a constant at a recorded, aligned
+             offset. The backend keeps a private in-memory copy of it, patches the trainable
+             weight bytes from the arena when they changed, and re-creates the XNNPACK
+             interpreter from that memory (XNNPACK packs constants at creation, so patching a
+             live interpreter would be silently ignored; a model loaded by path is a read-only
+             mmap). Recreation costs ~0.1-1 ms; the forward then runs at baked XNNPACK speed.
+The bundle's manifest names the strategy the exporter measured fastest for that model; an
+explicit `strategy=` overrides it. TFLite graphs from litert-torch have a fixed batch: smaller
+batches are zero-padded, larger ones run in chunks (models are per-example in eval mode).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgelearn.errors import BundleError, EdgelearnError, InputError
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+    from edgelearn.params import ParamStore
+
+STRATEGIES = ("inputs", "rebuild")
+
+
+def import_interpreter() -> tuple[Any, Any]:
+    """(Interpreter class, OpResolverType enum or None) from ai_edge_litert or tflite_runtime."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # numpy<2, older devices
+        except ImportError:
+            raise EdgelearnError(
+                "the litert backend needs ai-edge-litert (or tflite-runtime on numpy<2): "
+                "pip install 'edgelearn[litert]'"
+            ) from None
+        try:
+            from tflite_runtime.interpreter import OpResolverType
+        except ImportError:
+            OpResolverType = None
+        return Interpreter, OpResolverType
+    return Interpreter, OpResolverType
+
+
+class LiteRTBackend:
+    """TFLite interpreter over a bundle's model.tflite / model_const.tflite.
+
+    Args:
+        bundle: the loaded bundle (must carry the "tflite" format).
+        threads: interpreter threads (None = 1 thread per LiteRT's default).
+        strategy: "inputs" or "rebuild" (None = the manifest's measured choice).
+    """
+
+    name = "litert"
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None,
+                 strategy: str | None = None) -> None:
+        sec = bundle.manifest.get("tflite")
+        if "tflite" not in bundle.files or not isinstance(sec, dict):
+            why = bundle.manifest.get("tflite_skipped")
+            raise BundleError("bundle has no TFLite model" + (f" ({why})" if why else
+                              "; export it with formats=('onnx', 'tflite')"))
+        strategy = strategy or sec.get("strategy", {}).get("choice", "rebuild")
+        if strategy not in STRATEGIES:
+            raise InputError(f"unknown litert strategy {strategy!r}; choose {STRATEGIES}")
+        if strategy == "rebuild" and "tflite_const" not in bundle.files:
+            raise BundleError("bundle has no model_const.tflite for the rebuild strategy")
+        self.bundle = bundle
+        self.section = sec
+        self.strategy = strategy
+        self.threads = threads
+        self.batch = int(sec["batch"])
+        self.interpreter: Any = None
+        self.rebuilds = 0
+        self.store: ParamStore | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _interp(self, **src: Any) -> Any:
+        Interpreter, _ = import_interpreter()
+        try:
+            it = Interpreter(**src, num_threads=self.threads)
+            it.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"LiteRT cannot load the bundle's TFLite model ({e})") from None
+        return it
+
+    def _index(self, it: Any) -> tuple[dict[str, int], dict[str, int]]:
+        sig = it.get_signature_runner()
+        ins = {n: d["index"] for n, d in sig.get_input_details().items()}
+        outs = {n: d["index"] for n, d in sig.get_output_details().items()}
+        return ins, outs
+
+    def bind(self, store: ParamStore) -> None:
+        """Create the interpreter with the store's weights (see the module doc for how)."""
+        self.store = store
+        sec = self.section
+        if self.strategy == "inputs":
+            it = self._interp(model_path=str(self.bundle.files["tflite"]))
+            ins, outs = self._index(it)
+            self._param_idx = {n: ins[s] for n, s in sec["params"].items()}
+            for name, idx in self._param_idx.items():  # frozen ones once, trainable per call
+                it.set_tensor(idx, np.ascontiguousarray(store[name]))
+            self._live = [(store[n], self._param_idx[n]) for n in store.trainable_names
+                          if n in self._param_idx]
+        else:
+            # A private, never-shared bytes object: the interpreter reads constants from it,
+            # and we patch weight bytes in place before re-creating the interpreter.
+            self._model = self.bundle.files["tflite_const"].read_bytes()
+            self._base = np.frombuffer(self._model, np.uint8).ctypes.data
+            self._slots: dict[str, np.ndarray] = {}
+            for name, (off, nbytes) in sec["const"].items():
+                view = store[name]
+                if view.nbytes != nbytes or off < 0 or off + nbytes > len(self._model):
+                    raise BundleError(f"tflite const slot of {name!r} does not fit the model")
+                self._slots[name] = np.frombuffer(self._model, np.float32, view.size, off)
+                self._patch(name, view)
+            self._live = [(store[n], n) for n in store.trainable_names if n in self._slots]
+            it = self._interp(model_content=self._model)
+            ins, outs = self._index(it)
+        self.interpreter = it
+        self._data_idx = {n: ins[s] for n, s in sec["inputs"].items()}
+        self._out_idx = {n: outs[s] for n, s in sec["outputs"].items()}
+        self._specs = {t.name: t for t in self.bundle.inputs}
+
+    def _patch(self, name: str, view: np.ndarray) -> None:
+        off = int(self.section["const"][name][0])
+        src = np.ascontiguousarray(view, np.float32)
+        ctypes.memmove(self._base + off, src.ctypes.data, src.nbytes)
+
+    def _sync(self) -> None:
+        """Make the interpreter see the store's current trainable weights."""
+        if self.strategy == "inputs":
+            it = self.interpreter
+            for view, idx in self._live:
+                it.set_tensor(idx, view)
+            return
+        changed = False
+        for view, name in self._live:
+            if not np.array_equal(self._slots[name], view.reshape(-1)):
+                self._patch(name, view)
+                changed = True
+        if changed:
+            self.interpreter = None  # drop the old interpreter before its constants change
+            self.interpreter = self._interp(model_content=self._model)
+            self.rebuilds += 1
+
+    # -- run -----------------------------------------------------------------------------------
+    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on `inputs` (any batch size) with the store's current weights."""
+        if self.interpreter is None or self.store is None:
+            raise EdgelearnError("backend is not bound: call bind(store) first")
+        self.bundle.check_inputs(inputs)
+        self._sync()
+        it, bsz = self.interpreter, self.batch
+        n = next(iter(inputs.values())).shape[0]
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._out_idx}
+        for start in range(0, max(n, 1), bsz):
+            m = min(bsz, n - start)
+            for name, arr in inputs.items():
+                chunk = arr[start : start + m]
+                if m < bsz:
+                    pad = np.zeros((bsz, *arr.shape[1:]), arr.dtype)
+                    pad[:m] = chunk
+                    chunk = pad
+                it.set_tensor(self._data_idx[name], np.ascontiguousarray(chunk))
+            it.invoke()
+            for name, idx in self._out_idx.items():
+                parts[name].append(it.get_tensor(idx)[:m])
+        return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
