@@ -136,6 +136,8 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike) -> tuple[Par
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
     opt = optimizer_from_header(header)
     guard = _guard_from_header(header)
+    if guard is not None:
+        guard.take_snapshot(store, opt)  # step 0: the base weights are the first good point
     _apply_records(records[1:], store, opt, guard)
     return store, opt.t
 
