@@ -99,7 +99,8 @@ def load_npz(
         raise InputError(f"{name}: not a readable .npz data file ({e})") from None
     if x.dtype.kind != "f" or x.dtype.itemsize > 8:
         raise InputError(f"{name}: x has dtype {x.dtype}, expected float32")
-    x = x.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
+        x = x.astype(np.float32, copy=False)
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"{name}: x is empty")
     if y.ndim < 1 or len(y) != len(x):
