@@ -190,17 +190,27 @@ def cmd_train(args: argparse.Namespace) -> None:
                                "schedule": args.schedule}
     if args.schedule != "constant":
         options["total_steps"] = args.steps
+    if args.reject_above is not None:
+        options["reject_above"] = args.reject_above
     if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
         options = {"lr": args.lr, "local_loss": args.local_loss,
                    "target_scale": args.target_scale}
         if args.objective == "mse":
             options["head_loss"] = "mse"
+    divergence = None
+    if args.diverge_factor is not None:
+        from edgelearn.train import DivergencePolicy
+
+        divergence = DivergencePolicy(factor=args.diverge_factor,
+                                      patience=args.diverge_patience,
+                                      lr_scale=args.diverge_lr_scale)
     res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
                 steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                 trainable=args.trainable, objective=args.objective, backend=rt["backend"],
                 threads=rt["threads"], providers=rt["providers"],
                 memory_budget_mb=rt["memory_budget_mb"], checkpoint_every=args.checkpoint_every,
-                fsync_every=args.fsync_every,
+                fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
+                divergence=divergence,
                 progress=not args.json and sys.stderr.isatty())
 
     def human() -> str:
@@ -475,6 +485,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tpsgd: std of the random label projections")
     sp.add_argument("--checkpoint-every", type=_positive, default=100)
     sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
+    sp.add_argument("--fsync-seconds", type=float, default=None,
+                    help="also fsync the journal when this many seconds passed since the last "
+                         "fsync (use with a large --fsync-every for a time-based policy)")
+    sp.add_argument("--reject-above", type=float, default=None,
+                    help="reject a step (weights restored, no update) when |L+ - L-| exceeds "
+                         "this value")
+    sp.add_argument("--diverge-factor", type=float, default=None,
+                    help="roll back to the last good checkpoint when the loss stays above "
+                         "this many times its running minimum (off by default)")
+    sp.add_argument("--diverge-patience", type=_positive, default=20,
+                    help="steps above the threshold before a rollback")
+    sp.add_argument("--diverge-lr-scale", type=float, default=0.5,
+                    help="learning-rate multiplier at each rollback")
     sp.add_argument("--memory-budget-mb", type=float, default=None,
                     help="peak memory allowed; the batch shrinks to fit (default: profile's)")
     runtime(sp)

@@ -1,11 +1,16 @@
 """Data files: `.npz` with `x` (float32, model input layout) and `y` (int labels or floats).
 
-Loaded with allow_pickle=False and validated (keys, dtypes, lengths, finite values) so a bad
-file fails with a one-line message naming the problem, before any training starts.
+Data files are untrusted. They are read without numpy's pickle path at all: the zip members
+`x.npy` / `y.npy` are opened with zipfile, each .npy header is parsed and checked (plain numeric
+dtype, declared size == stored size, size under `max_bytes`) before a byte of data is read, so a
+pickle, an object array, a shape that lies or a zip bomb declaring terabytes fails with a
+one-line message, and memory stays bounded by what the file really holds. Then keys, dtypes,
+lengths and finite values are validated before any training starts.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from collections.abc import Iterator
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgelearn.errors import InputError
+
+MAX_DATA_BYTES = 2 << 30  # per array; pass max_bytes= to load larger files
+_NPY_KINDS = "biuf"  # bool, ints, floats: nothing that can hold Python objects
 
 
 @dataclass(frozen=True)
@@ -32,29 +40,67 @@ class Dataset:
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]
 
 
-def load_npz(path: str | os.PathLike, *, task: str = "classification") -> Dataset:
+def _read_npy_member(zf: zipfile.ZipFile, key: str, name: str, max_bytes: int) -> np.ndarray:
+    """Read array `key` of an .npz after validating its header against the stored size."""
+    fmt = np.lib.format
+    info = zf.getinfo(f"{key}.npy")
+    if info.file_size > max_bytes + 65536:
+        raise InputError(f"{name}: {key} is {info.file_size} bytes uncompressed, over the "
+                         f"{max_bytes}-byte limit")
+    with zf.open(info) as f:
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            raise InputError(f"{name}: {key} uses .npy format version {version}, not 1.0/2.0")
+        if dtype.hasobject or dtype.kind not in _NPY_KINDS or dtype.fields is not None:
+            raise InputError(f"{name}: {key} has dtype {dtype}; data files hold plain numbers")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+        if nbytes > max_bytes:
+            raise InputError(f"{name}: {key} declares shape {list(shape)} ({nbytes} bytes), "
+                             f"over the {max_bytes}-byte limit")
+        if f.tell() + nbytes != info.file_size:
+            raise InputError(f"{name}: {key} declares shape {list(shape)} x {dtype} but holds "
+                             f"{info.file_size - f.tell()} data bytes")
+        buf = bytearray(nbytes)
+        if f.readinto(buf) != nbytes:
+            raise InputError(f"{name}: {key} is truncated")
+    return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def load_npz(
+    path: str | os.PathLike, *, task: str = "classification", max_bytes: int = MAX_DATA_BYTES
+) -> Dataset:
     """Load and validate a data file.
 
     Args:
         path: `.npz` file holding arrays `x` and `y`.
         task: "classification" (y must be integers) or "regression" (y floats).
+        max_bytes: largest array (uncompressed bytes) accepted; bounds memory on hostile files.
     """
     name = os.path.basename(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
+        with zipfile.ZipFile(path) as zf:
+            keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
             missing = {"x", "y"} - keys
             if missing:
                 raise InputError(f"{name}: data file has no {sorted(missing)} array "
                                  f"(found {sorted(keys)})")
-            x, y = f["x"], f["y"]
+            x = _read_npy_member(zf, "x", name, max_bytes)
+            y = _read_npy_member(zf, "y", name, max_bytes)
     except FileNotFoundError:
         raise InputError(f"{name}: no such data file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except IsADirectoryError:
+        raise InputError(f"{name}: is a directory, not a data file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
+            KeyError) as e:
         raise InputError(f"{name}: not a readable .npz data file ({e})") from None
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" or x.dtype.itemsize > 8:
         raise InputError(f"{name}: x has dtype {x.dtype}, expected float32")
-    x = x.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
+        x = x.astype(np.float32, copy=False)
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"{name}: x is empty")
     if y.ndim < 1 or len(y) != len(x):

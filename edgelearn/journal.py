@@ -14,14 +14,21 @@ ever appended to, so valid data after a bad record means the file was damaged so
 and replaying past a hole would silently skip a step). ``Journal`` truncates such a tail on open
 so new records never follow garbage.
 
-Single writer only: no file locking is done.
+Durability policy: ``fsync_every`` N records and/or ``fsync_seconds`` S seconds (whichever
+comes first); ``sync()`` forces one (training calls it before every checkpoint). A SIGKILL loses
+nothing that was appended (records are written to the OS at once); a power loss loses at most
+the records appended since the last fsync, and the torn tail is dropped on the next open.
+
+Single writer only: no file locking is done here (training holds a lock on its run directory).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import time
 import zlib
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -140,7 +147,13 @@ def read_journal(
 class Journal:
     """Append-only writer."""
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync_every: int = 1) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync_every: int = 1,
+        fsync_seconds: float | None = None,
+    ) -> None:
         """Open a journal for appending, creating it or repairing a torn tail.
 
         Args:
@@ -149,12 +162,23 @@ class Journal:
                 re-initialized.
             fsync_every: fsync after every this many appends (>= 1; 1 = every record).
                 Records appended since the last fsync may be lost on power failure.
+            fsync_seconds: also fsync on the first append at least this many seconds (monotonic
+                clock) after the last fsync; None = no time-based policy. Combine with a large
+                ``fsync_every`` for "every S seconds" (bounded loss in time, not in records).
         """
         if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
             raise JournalError(f"fsync_every must be an int >= 1, got {fsync_every!r}")
+        if fsync_seconds is not None and not (
+            isinstance(fsync_seconds, int | float) and not isinstance(fsync_seconds, bool)
+            and math.isfinite(fsync_seconds) and fsync_seconds >= 0
+        ):
+            raise JournalError(f"fsync_seconds must be None or a finite number >= 0, "
+                               f"got {fsync_seconds!r}")
         self.path = os.fspath(path)
         self.fsync_every = fsync_every
+        self.fsync_seconds = None if fsync_seconds is None else float(fsync_seconds)
         self._unsynced = 0
+        self._synced_at = time.monotonic()
         self._create_if_missing()
         with open(self.path, "rb") as f:
             records, ends = _scan(f, self.path, None)
@@ -203,7 +227,7 @@ class Journal:
             view = view[n:]
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record; fsync every ``fsync_every`` appends.
+        """Append one record; fsync per the policy (``fsync_every`` / ``fsync_seconds``).
 
         Args:
             record: JSON-serializable dict with finite floats (NaN/inf raise JournalError,
@@ -219,7 +243,10 @@ class Journal:
         # mutation cannot desynchronize it.
         self.records.append(json.loads(data[_HEADER.size :]))
         self._unsynced += 1
-        if self._unsynced >= self.fsync_every:
+        if self._unsynced >= self.fsync_every or (
+            self.fsync_seconds is not None
+            and time.monotonic() - self._synced_at >= self.fsync_seconds
+        ):
             self.sync()
 
     def sync(self) -> None:
@@ -228,6 +255,12 @@ class Journal:
         f.flush()
         os.fsync(f.fileno())
         self._unsynced = 0
+        self._synced_at = time.monotonic()
+
+    @property
+    def unsynced(self) -> int:
+        """Records appended since the last fsync (what a power loss could take)."""
+        return self._unsynced
 
     def truncate_to(self, n_records: int) -> None:
         """Drop every record after the first ``n_records`` and fsync.

@@ -4,23 +4,45 @@ A run directory holds:
   journal.bin              header record (bundle, optimizer config, trainable set, data order)
                            then one record per step (seeds, projected gradients, lr, eps, ...)
   checkpoint.safetensors   arena at some step (a cache: the journal alone rebuilds everything)
-  checkpoint.json          {"step", "optimizer", "sha256"} naming that arena
+  checkpoint.json          {"step", "records", "optimizer", "sha256", "data"} naming that arena:
+                           step count, journal records it covers (header included), optimizer
+                           state, digest, and the data position (the batch of step t is
+                           `batch_indices(n, batch_size, t, seed)`: seeded per-epoch
+                           permutations, so the next step number *is* the data position)
   weights.safetensors      the weights after the last step
   lock                     held (flock) while a process trains in this directory
 Resume = load the newest valid checkpoint, replay the journal records after it (no forwards),
 continue. Because replay performs the same float operations as training, an interrupted and
 resumed run ends bit-identical to an uninterrupted one.
+
+Crash safety: journal records are appended (length-prefixed, CRC-32) and fsynced per policy
+(`fsync_every` records / `fsync_seconds`); checkpoints are written to a temp file, fsynced,
+renamed, and the directory fsynced; a torn journal tail is dropped on open. A checkpoint that is
+missing, corrupt or ahead of the (possibly truncated) journal is ignored: it is only a cache.
+
+Divergence rollback (`divergence=DivergencePolicy(...)`, off by default): after each step the
+step's loss (mean of its finite recorded losses, recomputed from the journal record so training,
+resume and replay decide alike) is compared with `factor` x the running minimum; after
+`patience` consecutive such steps the weights go back to the last good snapshot and the
+learning rate is scaled by `lr_scale` (cumulative). Snapshots ("good" points) are taken every
+`every` steps while no streak is running; they are also the run's checkpoints. The journal gets
+{"kind": "rollback", "step", "to_step", "lr_scale", "sha256"}; replay rebuilds the snapshot on
+its way (it passes every good point), so the journal alone still rebuilds the weights. The step
+counter is not rewound: a rolled-back run still stops after `steps` optimizer steps, and later
+steps draw fresh noise and batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,20 +187,20 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
         raise InputError("journal was recorded on a bundle with different base weights")
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
     opt = optimizer_from_header(header)
+    taps_at = None
     if opt.needs == "taps":
         if data is None:
             raise InputError(f"{opt.name} journals replay by re-running the steps on the run's "
                              "data: pass --data")
         if data_sha256(data) != header.get("data_sha256"):
             raise InputError("--data is not the data this run was trained on (sha256 differs)")
-        at = taps_evaluator(bundle, store, data, opt, batch_size=header["batch_size"],
-                            seed=header["data_seed"])
-        for i, rec in enumerate(records[1:]):
-            opt.replay(store, rec, evaluate=at(i))  # type: ignore[call-arg]
-        return store, len(records) - 1
-    for rec in records[1:]:
-        opt.replay(store, rec)
-    return store, len(records) - 1
+        taps_at = taps_evaluator(bundle, store, data, opt, batch_size=header["batch_size"],
+                                 seed=header["data_seed"])
+    guard = _guard_from_header(header)
+    if guard is not None:
+        guard.take_snapshot(store, opt)  # step 0: the base weights are the first good point
+    _apply_records(records[1:], store, opt, guard, taps_at)
+    return store, opt.t
 
 
 class _Progress:
@@ -218,6 +240,8 @@ def train(
     backend_options: dict[str, Any] | None = None,
     checkpoint_every: int = 100,
     fsync_every: int = 1,
+    fsync_seconds: float | None = None,
+    divergence: DivergencePolicy | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
@@ -241,6 +265,9 @@ def train(
         backend_options: further backend options (litert: {"strategy": "inputs"|"rebuild"}).
         checkpoint_every: steps between checkpoints.
         fsync_every: journal records between fsyncs.
+        fsync_seconds: also fsync when this many seconds passed since the last one (None = off).
+        divergence: roll back to the last good snapshot and lower lr when the loss diverges
+            (None = off); its snapshots replace `checkpoint_every` checkpoints.
         progress: draw a progress bar on stderr.
         on_step: callback(step, loss) after every step.
     Returns: the `train --json` summary.
@@ -278,12 +305,17 @@ def train(
         extra["data_sha256"] = data_sha256(data)
         taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size, seed=seed,
                                  backend=backend, threads=threads, times=times_fwd)
+    if divergence is not None:
+        extra["divergence"] = divergence.to_json(store, opt, checkpoint_every)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
                          n_examples=len(data), objective=loss_name, **extra)
+    guard = _guard_from_header(header)
     with run_lock(run_dir):
-        journal = Journal(run_dir / JOURNAL, fsync_every=fsync_every)
+        check_run_dir(run_dir)
+        journal = Journal(run_dir / JOURNAL, fsync_every=fsync_every,
+                          fsync_seconds=fsync_seconds)
         try:
-            done = _resume(journal, header, store, opt, run_dir, taps_at)
+            done = _resume(journal, header, store, opt, run_dir, guard, taps_at)
             times_fwd.clear()
             times_step: list[float] = []
             losses: list[float] = []
@@ -305,9 +337,11 @@ def train(
                 times_step.append(time.perf_counter() - t0)
                 journal.append({"kind": "step", **info.record})
                 losses.append(info.loss)
-                if (t + 1) % checkpoint_every == 0:
+                if guard is not None:
+                    _guard_after_step(guard, journal, store, opt, run_dir)
+                elif (t + 1) % checkpoint_every == 0:
                     journal.sync()
-                    _checkpoint(run_dir, store, opt)
+                    _checkpoint(run_dir, store, opt, len(journal))
                 bar.update(t + 1, info.loss)
                 if on_step is not None:
                     on_step(t, info.loss)
@@ -318,6 +352,7 @@ def train(
     return {
         "steps": steps,
         "resumed_from": done,
+        "rollbacks": sum(r.get("kind") == "rollback" for r in journal.records),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "weights": str(run_dir / WEIGHTS),
@@ -333,19 +368,67 @@ def train(
     }
 
 
-def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer) -> None:
+def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer, records: int) -> None:
+    """Atomic checkpoint (arena, then its metadata) covering the first `records` journal records.
+
+    Order matters for crash safety: the arena is renamed into place first; metadata naming it
+    (with its digest) second. A crash in between leaves metadata whose digest does not match
+    the arena, and resume then ignores the checkpoint.
+    """
     store.save(run_dir / CKPT)
-    _atomic_json(run_dir / CKPT_META, {"step": opt.t, "optimizer": opt.state_dict(),
-                                       "sha256": store.digest()})
+    _atomic_json(run_dir / CKPT_META, {
+        "step": opt.t, "records": records, "optimizer": opt.state_dict(),
+        "sha256": store.digest(),
+        "data": {"next_step": opt.t, "order": "batch_indices(n, batch_size, step, data_seed)"},
+    })
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse run files that are symlinks: training must not write outside its directory."""
+    for name in (JOURNAL, CKPT, CKPT_META, WEIGHTS):
+        if (run_dir / name).is_symlink():
+            raise InputError(f"{run_dir / name} is a symlink; run files must be plain files "
+                             "inside the run directory")
+
+
+def _load_checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer,
+                     body: list[dict[str, Any]]) -> int:
+    """Load the checkpoint when it is valid and agrees with the journal.
+
+    Returns how many journal records after the header it covers (0 = none usable; store and
+    optimizer are then untouched).
+    """
+    meta_path = run_dir / CKPT_META
+    if not (meta_path.is_file() and (run_dir / CKPT).is_file()):
+        return 0
+    try:
+        meta = json.loads(meta_path.read_text())
+        k = int(meta["step"])
+        pos = int(meta.get("records", k + 1)) - 1  # older checkpoints: step records only
+        last = body[pos - 1] if 0 < pos <= len(body) else {}
+        if not (k > 0 and last.get("kind") == "step" and last.get("step") == k - 1):
+            return 0  # ahead of a truncated journal, or not at a step boundary
+        saved = store.copy()
+        store.load(run_dir / CKPT)
+        if store.digest() != meta["sha256"]:
+            store.assign(saved.state())
+            return 0
+        opt.load_state_dict(meta["optimizer"])
+        return pos
+    except (ValueError, KeyError, TypeError, OSError, EdgelearnError):
+        return 0  # an unusable checkpoint only costs replay time
 
 
 def _resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Optimizer,
-            run_dir: Path, taps_at: Callable[[int], Any] | None = None) -> int:
+            run_dir: Path, guard: _Guard | None = None,
+            taps_at: Callable[[int], Any] | None = None) -> int:
     """Bring store and optimizer to the end of the journal; returns the steps already done."""
     recs = journal.records
     if not recs:
         journal.append(header)
         journal.sync()
+        if guard is not None:
+            guard.take_snapshot(store, opt)
         return 0
     old = recs[0]
     if old.get("kind") != "header":
@@ -354,28 +437,215 @@ def _resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Op
     if diff:
         raise InputError(f"{run_dir} holds a run with different settings ({', '.join(diff)}); "
                          "use another --out or the same settings to resume")
-    steps = recs[1:]
-    start = 0
-    meta_path = run_dir / CKPT_META
-    if meta_path.is_file() and (run_dir / CKPT).is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            k = int(meta["step"])
-            if 0 < k <= len(steps):
-                saved = store.copy()
-                store.load(run_dir / CKPT)
-                if store.digest() == meta["sha256"]:
-                    opt.load_state_dict(meta["optimizer"])
-                    start = k
-                else:
-                    store.assign(saved.state())
-        except (ValueError, KeyError, TypeError, EdgelearnError):
-            start = 0  # an unusable checkpoint only costs replay time
-    for i, rec in enumerate(steps[start:], start):
-        if taps_at is None:
-            opt.replay(store, rec)
-        else:  # data-dependent update (tpsgd): re-run the step's forward on its batch
-            opt.replay(store, rec, evaluate=taps_at(i))  # type: ignore[call-arg]
-    opt.t = len(steps)
-    return len(steps)
+    body = recs[1:]
+    base = store.copy() if guard is not None else None
+    fresh = opt.state_dict()
+    start = _load_checkpoint(run_dir, store, opt, body)
+    if guard is not None:
+        assert base is not None
+        start = _guard_resume_point(guard, body, start, store, opt, (base, fresh))
+    _apply_records(body[start:], store, opt, guard, taps_at)
+    n_steps = sum(r.get("kind") == "step" for r in body)
+    if opt.t != n_steps:
+        raise InputError(f"{run_dir}: journal step records are not consecutive")
+    if guard is not None and guard.pending:  # killed between a step and its rollback
+        _rollback(guard, journal, store, opt)
+    return n_steps
 
+
+# -- divergence rollback --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DivergencePolicy:
+    """When to roll back: loss above `factor` x running minimum for `patience` steps.
+
+    Args:
+        factor: threshold multiplier (> 1) on the running minimum of step losses.
+        patience: consecutive steps above the threshold that trigger a rollback (>= 1).
+        lr_scale: learning-rate multiplier applied at each rollback (0 < lr_scale <= 1).
+        every: steps between good snapshots / checkpoints (None = the run's checkpoint_every).
+    """
+
+    factor: float = 3.0
+    patience: int = 20
+    lr_scale: float = 0.5
+    every: int | None = None
+
+    def to_json(self, store: ParamStore, opt: Optimizer, checkpoint_every: int
+                ) -> dict[str, Any]:
+        """Validated header form (with `every` filled in)."""
+        if not opt.supports_lr_scale:
+            raise InputError(f"optimizer {opt.name!r} does not support divergence rollback")
+        every = checkpoint_every if self.every is None else self.every
+        if not (math.isfinite(self.factor) and self.factor > 1):
+            raise InputError(f"divergence factor must be > 1, got {self.factor}")
+        if not (isinstance(self.patience, int) and self.patience >= 1):
+            raise InputError(f"divergence patience must be an integer >= 1, got {self.patience}")
+        if not 0 < self.lr_scale <= 1:
+            raise InputError(f"divergence lr_scale must be in (0, 1], got {self.lr_scale}")
+        if not (isinstance(every, int) and every >= 1):
+            raise InputError(f"snapshot period must be an integer >= 1, got {every}")
+        return {**asdict(self), "factor": float(self.factor),
+                "lr_scale": float(self.lr_scale), "every": every}
+
+
+def record_loss(record: dict[str, Any]) -> float:
+    """A step's loss from its journal record: mean of the finite losses (as StepInfo.loss)."""
+    finite = [float(v) for v in record.get("evals", []) if v is not None]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+class _Snapshot:
+    """Trainable slices + optimizer state at a good point (`step` = steps done)."""
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.flats: dict[str, np.ndarray] = {}
+        self.opt_state: dict[str, Any] = {}
+
+    def take(self, store: ParamStore, opt: Optimizer) -> None:
+        for dt in store.arenas:
+            if store.n_trainable(dt):
+                src = store.flat(dt)
+                if dt in self.flats:
+                    np.copyto(self.flats[dt], src)  # reuse: no allocation per snapshot
+                else:
+                    self.flats[dt] = src.copy()
+        self.step = opt.t
+        self.opt_state = opt.state_dict()
+
+    def restore(self, store: ParamStore, opt: Optimizer, lr_scale: float) -> None:
+        for dt, a in self.flats.items():
+            np.copyto(store.flat(dt), a)
+        t = opt.t
+        opt.load_state_dict(self.opt_state)
+        opt.t, opt.lr_scale = t, lr_scale  # the step counter is never rewound
+
+
+class _Guard:
+    """Divergence rule state; fed the same journal records in training, resume and replay."""
+
+    def __init__(self, policy: dict[str, Any]) -> None:
+        self.factor, self.patience = policy["factor"], policy["patience"]
+        self.lr_scale, self.every = policy["lr_scale"], policy["every"]
+        self.best = math.inf
+        self.streak = 0
+        self.pending = False
+        self.snap = _Snapshot()
+
+    def feed_step(self, record: dict[str, Any]) -> str | None:
+        """Update on a step record; "rollback" when one is due now, "snapshot" at good points."""
+        if self.pending:
+            raise InputError(f"journal: step {record.get('step')} follows a due rollback "
+                             "(journal written with other settings?)")
+        loss = record_loss(record)
+        if record.get("accepted", True) and math.isfinite(loss):  # rejected steps: no vote
+            self.streak = self.streak + 1 if loss > self.factor * self.best else 0
+            self.best = min(self.best, loss)
+        if self.streak >= self.patience:
+            self.pending = True
+            return "rollback"
+        if self.streak == 0 and (int(record["step"]) + 1) % self.every == 0:
+            return "snapshot"
+        return None
+
+    def take_snapshot(self, store: ParamStore, opt: Optimizer) -> None:
+        self.snap.take(store, opt)
+
+
+def _guard_from_header(header: dict[str, Any]) -> _Guard | None:
+    policy = header.get("divergence")
+    if policy is None:
+        return None
+    try:
+        return _Guard(policy)
+    except (KeyError, TypeError):
+        raise InputError("journal header has a malformed divergence policy") from None
+
+
+def _apply_rollback(guard: _Guard | None, store: ParamStore, opt: Optimizer,
+                    record: dict[str, Any]) -> None:
+    """Replay a rollback record: same restore as training, checked against its digest."""
+    if guard is None:
+        raise InputError("journal has a rollback record but its run has no divergence policy")
+    want_scale = opt.lr_scale * guard.lr_scale
+    if not guard.pending or record.get("to_step") != guard.snap.step \
+            or record.get("lr_scale") != want_scale or record.get("step") != opt.t:
+        raise InputError(f"journal rollback at step {record.get('step')} does not follow from "
+                         "the divergence rule (corrupt, or written with other settings)")
+    guard.snap.restore(store, opt, want_scale)
+    guard.pending, guard.streak = False, 0
+    if store.digest() != record.get("sha256"):
+        raise InputError(f"journal rollback at step {record.get('step')} does not reproduce "
+                         "its weights digest")
+
+
+def _rollback(guard: _Guard, journal: Journal, store: ParamStore, opt: Optimizer) -> None:
+    """Training side: restore the last good snapshot, lower lr, journal the event."""
+    scale = opt.lr_scale * guard.lr_scale
+    rec: dict[str, Any] = {"kind": "rollback", "step": opt.t, "to_step": guard.snap.step,
+                           "lr_scale": scale}
+    guard.snap.restore(store, opt, scale)
+    guard.pending, guard.streak = False, 0
+    rec["sha256"] = store.digest()
+    journal.append(rec)
+    journal.sync()
+
+
+def _guard_after_step(guard: _Guard, journal: Journal, store: ParamStore, opt: Optimizer,
+                      run_dir: Path) -> None:
+    """After a journaled step: roll back, or take a good snapshot (= a checkpoint)."""
+    event = guard.feed_step(journal.records[-1])
+    if event == "rollback":
+        _rollback(guard, journal, store, opt)
+    elif event == "snapshot":
+        guard.take_snapshot(store, opt)
+        journal.sync()
+        _checkpoint(run_dir, store, opt, len(journal))
+
+
+def _guard_resume_point(guard: _Guard, body: list[dict[str, Any]], start: int,
+                        store: ParamStore, opt: Optimizer,
+                        base: tuple[ParamStore, dict[str, Any]]) -> int:
+    """Rebuild the rule's state up to `start` records from the losses alone.
+
+    With a divergence policy the checkpoint is always a good snapshot, so it becomes the
+    rollback target; if the records say otherwise the checkpoint is dropped and the run is
+    replayed from the base weights (start 0, snapshot at step 0).
+    """
+    event = None
+    for rec in body[:start]:
+        if rec.get("kind") == "rollback":
+            guard.pending, guard.streak = False, 0
+            event = None
+        else:
+            event = guard.feed_step(rec)
+    if start > 0 and event != "snapshot":
+        store.assign(base[0].state())
+        opt.load_state_dict(base[1])
+        guard.best, guard.streak, guard.pending = math.inf, 0, False
+        start = 0
+    guard.take_snapshot(store, opt)
+    return start
+
+
+def _apply_records(records: list[dict[str, Any]], store: ParamStore, opt: Optimizer,
+                   guard: _Guard | None,
+                   taps_at: Callable[[int], Any] | None = None) -> None:
+    """Replay step and rollback records (no forwards), following the divergence rule.
+
+    Optimizers whose update depends on the data (tpsgd) get `taps_at(step)`: an evaluate()
+    that re-runs that step's taps forward on its batch.
+    """
+    for rec in records:
+        kind = rec.get("kind")
+        if kind == "step":
+            if taps_at is None:
+                opt.replay(store, rec)
+            else:
+                opt.replay(store, rec, evaluate=taps_at(int(rec["step"])))  # type: ignore[call-arg]
+            if guard is not None and guard.feed_step(rec) == "snapshot":
+                guard.take_snapshot(store, opt)
+        elif kind == "rollback":
+            _apply_rollback(guard, store, opt, rec)
+        else:
+            raise InputError(f"journal record of unknown kind {kind!r}")

@@ -10,7 +10,7 @@ constant-fold and prepack them (a conv net whose convs are frozen keeps its fast
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +33,73 @@ def _import_ort() -> Any:
     return ort
 
 
+def _external_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    """(where, TensorProto) for every tensor of the model that could carry external data.
+
+    Walks initializers, sparse initializers, tensor-valued attributes of every node (Constant
+    nodes, ...), subgraphs of control-flow nodes (If/Loop/Scan) and local functions.
+    """
+
+    def attrs(nodes: Any, where: str) -> Iterator[tuple[str, Any]]:
+        for node in nodes:
+            for a in node.attribute:
+                w = f"{where} node {node.name or node.op_type!r} attribute {a.name!r}"
+                if a.HasField("t"):
+                    yield w, a.t
+                for t in a.tensors:
+                    yield w, t
+                sparse = [a.sparse_tensor] if a.HasField("sparse_tensor") else []
+                for sp in [*sparse, *a.sparse_tensors]:
+                    yield w, sp.values
+                    yield w, sp.indices
+                if a.HasField("g"):
+                    yield from graph(a.g, w)
+                for g in a.graphs:
+                    yield from graph(g, w)
+
+    def graph(g: Any, where: str) -> Iterator[tuple[str, Any]]:
+        for t in g.initializer:
+            yield f"{where} initializer {t.name!r}", t
+        for sp in g.sparse_initializer:
+            yield f"{where} sparse initializer {sp.values.name!r}", sp.values
+            yield f"{where} sparse initializer {sp.values.name!r}", sp.indices
+        yield from attrs(g.node, where)
+
+    yield from graph(model.graph, "graph")
+    for fn in model.functions:
+        yield from attrs(fn.node, f"function {fn.name!r}")
+
+
+def load_checked_model(model_path: os.PathLike | str) -> Any:
+    """Parse an .onnx file of a bundle and refuse any tensor stored as external data.
+
+    External data names a file by a path the model chooses (`../../etc/shadow`, an absolute
+    path ...): the runtime would read it from outside the bundle. Bundles keep every tensor
+    inside model.onnx (the exporter writes no .onnx.data), so any external reference is refused
+    before the runtime sees the model.
+
+    Args:
+        model_path: the bundle's .onnx file.
+    Returns: the onnx ModelProto.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise EdgelearnError("loading a bundle's ONNX model needs onnx: "
+                             "pip install 'edgelearn[onnx]'") from None
+    name = os.path.basename(model_path)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise BundleError(f"{name}: not a valid ONNX model ({e})") from None
+    for where, t in _external_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            raise BundleError(f"{name}: {where} uses external data (location {loc!r}), which "
+                              "bundles do not allow")
+    return model
+
+
 def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarray]) -> bytes:
     """The ONNX model with the graph inputs named in `values` turned into initializers.
 
@@ -40,23 +107,8 @@ def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarra
         model_path: an .onnx file without external data.
         values: parameter name -> array (float32/int8 ...) to bake as a constant.
     """
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise EdgelearnError("baking frozen weights needs onnx: pip install 'edgelearn[onnx]'") \
-            from None
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as e:  # protobuf raises its own DecodeError types
-        raise BundleError(f"{os.path.basename(model_path)}: not a valid ONNX model ({e})") \
-            from None
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise BundleError(
-                f"{os.path.basename(model_path)}: initializer {init.name!r} uses external data, "
-                "which bundles do not allow"
-            )
+    model = load_checked_model(model_path)
+    from onnx import numpy_helper
     keep = [i for i in model.graph.input if i.name not in values]
     baked = [i.name for i in model.graph.input if i.name in values]
     del model.graph.input[:]
@@ -109,9 +161,12 @@ class OrtBackend:
         """Build the session (frozen parameters baked) and bind trainable views zero-copy."""
         ort = _import_ort()
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
-        src: Any = str(self.model_path)
+        # Always bytes that passed load_checked_model: the runtime never opens a path itself
+        # (no external data resolved against the file system, no check-then-swap race).
         if frozen:
             src = baked_model_bytes(self.model_path, frozen)
+        else:
+            src = load_checked_model(self.model_path).SerializeToString()
         try:
             self.session = ort.InferenceSession(
                 src, sess_options=self._options(ort), providers=self.providers

@@ -74,12 +74,17 @@ class Optimizer:
     #: what `step`'s evaluate() returns: "loss" (a float) or "taps" (layer activations and
     #: targets of one taps-graph forward, see optim/tpsgd.py); the train loop provides it.
     needs: ClassVar[str] = "loss"
+    #: True when the optimizer multiplies its learning rate by `self.lr_scale` (set by the
+    #: trainer's divergence rollback; 1.0 otherwise). Optimizers that do not cannot be used
+    #: with divergence rollback.
+    supports_lr_scale: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0) -> None:
         if not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = seed
         self.t = 0
+        self.lr_scale = 1.0
         self._gen: Generator[None, float, dict[str, Any]] | None = None
         self._last: Any = _IDLE
         self._evals = 0
@@ -182,7 +187,10 @@ class Optimizer:
         """Optimizer state as JSON data (counters; subclasses add their buffers)."""
         if self._gen is not None:
             raise EdgelearnError("cannot save optimizer state in the middle of a step")
-        return {"name": self.name, "config": self.config(), "t": self.t}
+        state: dict[str, Any] = {"name": self.name, "config": self.config(), "t": self.t}
+        if self.lr_scale != 1.0:  # only after a divergence rollback
+            state["lr_scale"] = self.lr_scale
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output; the name and config must match this optimizer."""
@@ -195,4 +203,8 @@ class Optimizer:
         t = state.get("t")
         if not isinstance(t, int) or t < 0:
             raise InputError(f"bad step counter in optimizer state: {t!r}")
+        scale = state.get("lr_scale", 1.0)
+        if not (isinstance(scale, int | float) and 0 < scale <= 1):
+            raise InputError(f"bad lr_scale in optimizer state: {scale!r}")
         self.t = t
+        self.lr_scale = float(scale)

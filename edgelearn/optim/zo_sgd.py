@@ -66,6 +66,9 @@ class ZOSGD(Optimizer):
         weight_decay: decoupled decay on parameters with >= 2 dims (biases and norms skipped).
         sign: use sign(g) instead of g (ZO-SignSGD).
         clip: clip |L+ - L-| to this value (None = no clipping).
+        reject_above: reject the whole step (weights restored, no update) when any probe has
+            |L+ - L-| above this value; distinct from `clip`, which clamps and still updates.
+            The record says ``"accepted": false, "rejected": "reject_above"`` (None = off).
         conservative: evaluate the updated weights once more and undo the update if the loss
             got worse than the probes' mean loss (one extra forward per step).
         restore: "auto", "copy" or "drift" (see module docstring).
@@ -77,6 +80,7 @@ class ZOSGD(Optimizer):
     """
 
     name = "zo-sgd"
+    supports_lr_scale = True
 
     def __init__(
         self,
@@ -88,6 +92,7 @@ class ZOSGD(Optimizer):
         weight_decay: float = 0.0,
         sign: bool = False,
         clip: float | None = None,
+        reject_above: float | None = None,
         conservative: bool = False,
         restore: str = "auto",
         schedule: str = "constant",
@@ -113,6 +118,8 @@ class ZOSGD(Optimizer):
             raise InputError(f"schedule {schedule!r} needs total_steps > 0")
         if clip is not None and not clip > 0:
             raise InputError(f"clip must be > 0, got {clip}")
+        if reject_above is not None and not (reject_above > 0 and math.isfinite(reject_above)):
+            raise InputError(f"reject_above must be a finite number > 0, got {reject_above}")
         if not (isinstance(chunk, int) and chunk >= 8 and chunk % 8 == 0):
             raise InputError(f"chunk must be a positive multiple of 8, got {chunk!r}")
         if not weight_decay >= 0:
@@ -120,6 +127,7 @@ class ZOSGD(Optimizer):
         self.lr, self.eps, self.probes = float(lr), float(eps), probes
         self.noise_kind, self.weight_decay, self.sign = noise, float(weight_decay), bool(sign)
         self.clip = None if clip is None else float(clip)
+        self.reject_above = None if reject_above is None else float(reject_above)
         self.conservative = bool(conservative)
         self.restore = restore
         self.schedule, self.total_steps = schedule, total_steps
@@ -139,10 +147,15 @@ class ZOSGD(Optimizer):
         return {
             "seed": self.seed, "lr": self.lr, "eps": self.eps, "probes": self.probes,
             "noise": self.noise_kind, "weight_decay": self.weight_decay, "sign": self.sign,
-            "clip": self.clip, "conservative": self.conservative, "restore": self.restore,
+            "clip": self.clip, **self._guard_config(), "conservative": self.conservative,
+            "restore": self.restore,
             "schedule": self.schedule, "total_steps": self.total_steps,
             "pool_size": self.pool_size,
         }
+
+    def _guard_config(self) -> dict[str, Any]:
+        # Only present when set, so headers of runs without the guard keep their old form.
+        return {} if self.reject_above is None else {"reject_above": self.reject_above}
 
     # -- helpers --------------------------------------------------------------------------------
     def _prepare(self, store: ParamStore) -> np.ndarray:
@@ -179,7 +192,11 @@ class ZOSGD(Optimizer):
         return self._policy
 
     def lr_at(self, t: int) -> float:
-        """Learning rate of step t under the schedule."""
+        """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
+        lr = self._scheduled_lr(t)
+        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+
+    def _scheduled_lr(self, t: int) -> float:
         if self.schedule == "constant":
             return self.lr
         assert self.total_steps is not None
@@ -267,6 +284,8 @@ class ZOSGD(Optimizer):
                     self._combine(theta, theta, [(e32, key)])
             losses.append((lp, lm))
         finite = all(math.isfinite(v) for pair in losses for v in pair)
+        over = finite and self.reject_above is not None and any(
+            abs(lp - lm) > self.reject_above for lp, lm in losses)
         gs: list[float] = []
         for lp, lm in losses:
             d = lp - lm if finite else 0.0
@@ -277,7 +296,10 @@ class ZOSGD(Optimizer):
         lr = self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "g": gs, "lr": lr,
                                   "eps": eps, "accepted": finite, "undone": False}
-        if not finite:  # reject: weights back to the pre-step values, no update
+        if over:
+            record["accepted"] = False
+            record["rejected"] = "reject_above"
+        if not finite or over:  # reject: weights back to the pre-step values, no update
             if copy is not None:
                 np.copyto(theta, copy)
             else:
