@@ -327,6 +327,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
                 f"[{o['seconds']:.1f} s, step {o['step_ms_median']:.2f} ms, "
                 f"forward {o['forward_ms_median']:.2f} ms]")
             lines.append(f"      weights {o['weights']}  journal {o['journal']}")
+        for name, why in res["unavailable"].items():
+            lines.append(f"  {name}: not run ({why})")
         lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB; torch was not used")
         return "\n".join(lines)
 

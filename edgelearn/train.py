@@ -138,6 +138,9 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     if "onnx_taps" not in bundle.files:
         why = bundle.manifest.get("taps_unsupported", "exported without taps")
         raise InputError(f"{opt.name} needs a bundle with layer taps; this one has none ({why})")
+    if backend != "onnxruntime":
+        raise InputError(f"{opt.name} runs on the onnxruntime backend only: the layer-taps graph "
+                         "is exported as ONNX (no TFLite taps graph yet)")
     opt.setup(parse_layers(bundle.manifest, {p.name for p in bundle.params}), store)  # type: ignore[attr-defined]
     be = make_backend(backend, bundle, threads=threads, graph="onnx_taps")
     be.bind(store)

@@ -43,7 +43,8 @@ def build(out: Path = DATA, seed: int = 0) -> dict:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
-    return export_bundle(model, xb[:2], out / "demo", trainable="head.*", overwrite=True)
+    return export_bundle(model, xb[:2], out / "demo", trainable="head.*", overwrite=True,
+                         formats=("onnx", "tflite"))
 
 
 if __name__ == "__main__":
