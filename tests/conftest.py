@@ -85,3 +85,17 @@ def load_store_into_torch(module: Any, store: Any) -> None:
     # Only non-float buffers (e.g. BatchNorm num_batches_tracked) may be absent from the store.
     sd = module.state_dict()
     assert all(not sd[k].is_floating_point() for k in missing), missing
+
+
+def load_stress_module() -> Any:
+    """benchmarks/stress_kill.py as a module (its tiny torch-free bundle builder and runner)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("stress_kill",
+                                                  root / "benchmarks" / "stress_kill.py")
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

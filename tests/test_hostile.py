@@ -4,7 +4,6 @@ message, within a time and memory bound; nothing is unpickled."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import load_stress_module
 
 from edgelearn.bundle import MANIFEST, Bundle, sha256_file
 from edgelearn.data import load_npz
@@ -29,16 +29,6 @@ given, settings, HealthCheck = hypothesis.given, hypothesis.settings, hypothesis
 ROOT = Path(__file__).resolve().parents[1]
 CASE_SECONDS = 2.0  # per-case bound (generous: 2 shared cores)
 RSS_GROWTH_MB = 64.0  # over a whole fuzz run
-
-
-def _stress() -> Any:
-    spec = importlib.util.spec_from_file_location("stress_kill",
-                                                  ROOT / "benchmarks" / "stress_kill.py")
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def rss_mb() -> float:
@@ -137,7 +127,7 @@ def test_fuzz_safetensors_headers(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def good_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnx")
-    return _stress().make_bundle(tmp_path_factory.mktemp("hostile") / "bundle")
+    return load_stress_module().make_bundle(tmp_path_factory.mktemp("hostile") / "bundle")
 
 
 MUTATION_KEYS = ["format", "format_version", "task", "inputs", "outputs", "params", "files"]

@@ -3,7 +3,6 @@ nothing written outside the run directory. Torch-free: a tiny MLP bundle built b
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,10 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from conftest import load_stress_module
 
 from edgelearn import journal as journal_mod
 from edgelearn.bundle import load_bundle
@@ -37,17 +36,7 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-def _stress_module() -> Any:
-    spec = importlib.util.spec_from_file_location("stress_kill",
-                                                  ROOT / "benchmarks" / "stress_kill.py")
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-stress = _stress_module()
+stress = load_stress_module()
 
 
 @pytest.fixture(scope="module")

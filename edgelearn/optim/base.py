@@ -63,6 +63,14 @@ def make_optimizer(name: str, **options: Any) -> Optimizer:
     return cls(**options)
 
 
+def check_reproduced(step: int, again: dict[str, Any], record: dict[str, Any], hint: str) -> None:
+    """Raise InputError unless a replayed step regenerated its journal record exactly."""
+    body = {k: v for k, v in record.items() if k != "kind"}
+    if again != body:
+        diff = sorted(k for k in set(again) | set(body) if again.get(k) != body.get(k))
+        raise InputError(f"journal record of step {step} does not reproduce ({diff}): {hint}")
+
+
 class Optimizer:
     """Base class: ask/tell bookkeeping, step counter, state (de)serialization.
 
@@ -130,11 +138,7 @@ class Optimizer:
             again = {**stop.value, "step": step, "evals": evals}
         if next(feed, _PENDING) is not _PENDING:
             raise InputError(f"journal record of step {step} has too many losses")
-        body = {k: v for k, v in record.items() if k != "kind"}
-        if again != body:
-            diff = sorted(k for k in set(again) | set(body) if again.get(k) != body.get(k))
-            raise InputError(f"journal record of step {step} does not reproduce ({diff}): "
-                             "corrupt, or written with other settings")
+        check_reproduced(step, again, record, "corrupt, or written with other settings")
         self.t = step + 1
 
     # -- public dialogue ------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from edgelearn.layers import (
     gru_grads,
     linear_grads,
 )
-from edgelearn.optim.base import Optimizer, StepInfo, register
+from edgelearn.optim.base import Optimizer, StepInfo, check_reproduced, register
 from edgelearn.params import ParamStore
 
 LOCAL_LOSSES = ("mse", "drtp")
@@ -170,11 +170,7 @@ class TPSGD(Optimizer):
                              "forward, so it needs the run's data (--data)")
         self.t = step
         again = self._run(store, evaluate)
-        body = {k: v for k, v in record.items() if k != "kind"}
-        if again != body:
-            diff = sorted(k for k in set(again) | set(body) if again.get(k) != body.get(k))
-            raise InputError(f"journal record of step {step} does not reproduce ({diff}): "
-                             "other data, weights or settings")
+        check_reproduced(step, again, record, "other data, weights or settings")
         self.t = step + 1
 
     # -- the step -------------------------------------------------------------------------------
