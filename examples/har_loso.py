@@ -54,13 +54,13 @@ TPSGD = "tpsgd"
 #: lr grids of the nested sweep (the chosen values are printed per fold)
 GRIDS = {
     "backprop": (3e-4, 1e-3, 3e-3),
-    "zo-head": (3e-3, 1e-2, 3e-2),
-    "zo-last": (1e-3, 3e-3, 1e-2),
-    "zo-full": (1e-3, 3e-3, 1e-2),
-    TPSGD: (1e-3, 3e-3, 1e-2),
+    "zo-head": (1e-3, 3e-3, 1e-2),
+    "zo-last": (3e-4, 1e-3, 3e-3),
+    "zo-full": (3e-4, 1e-3, 3e-3),
+    TPSGD: (3e-4, 1e-3, 3e-3),
 }
-QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (1e-2,), "zo-last": (3e-3,), "zo-full": (3e-3,),
-               TPSGD: (3e-3,)}
+QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-full": (1e-3,),
+               TPSGD: (1e-3,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
 
 
@@ -307,6 +307,9 @@ def _forwards_per_step(bundle: Any, data: Any, run_dir: Path, optimizer: str,
     return max(1, len(records[1].get("evals", [])))
 
 
+_PER_STEP: dict[str, int] = {}
+
+
 def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, seed: int,
                  ) -> dict[str, Any]:
     from edgelearn.bundle import load_bundle
@@ -319,8 +322,10 @@ def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, 
     optimizer, trainable = ("tpsgd", "*") if method == TPSGD else ("zo-sgd", VARIANTS[method])
     options = {"lr": lr, **ZO_OPTIONS} if optimizer == "zo-sgd" else {"lr": lr}
     runs = fold_dir / "runs"
-    per_step = _forwards_per_step(bundle, pers, runs / f"{tag}-{method}-{lr:g}-probe", optimizer,
-                                  options, trainable)
+    if method not in _PER_STEP:  # the same for every lr and fold
+        _PER_STEP[method] = _forwards_per_step(bundle, pers, runs / f"{tag}-{method}-probe",
+                                               optimizer, options, trainable)
+    per_step = _PER_STEP[method]
     steps = budget // per_step
     t0 = time.perf_counter()
     res = train(bundle, pers, runs / f"{tag}-{method}-{lr:g}", optimizer=optimizer,
@@ -348,9 +353,12 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         outer = fold_dir / "outer"
         before = Model(load_bundle(outer / "bundle"), trainable=()).evaluate(
             load_npz(outer / "held.npz"))["accuracy"]
-        fold: dict[str, Any] = {"before": before}
+        inner = fold_dir / "inner"
+        fold: dict[str, Any] = {"before": before, "inner_before": Model(
+            load_bundle(inner / "bundle"), trainable=()).evaluate(
+            load_npz(inner / "held.npz"))["accuracy"]}
         for method in methods:
-            sweep = {lr: _personalize(fold_dir / "inner", "inner", method, lr, args.budget,
+            sweep = {lr: _personalize(inner, "inner", method, lr, args.budget,
                                       args.seed)["accuracy"] for lr in grids[method]}
             lr = max(sweep, key=lambda k: (sweep[k], -k))
             fold[method] = _personalize(outer, "outer", method, lr, args.budget, args.seed)
@@ -373,6 +381,7 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
                                "n_personalize": fold["n_personalize"],
                                "n_held_out": fold["n_held_out"],
                                "before": dev["before"], "before_torch": fold["before_torch"],
+                               "pseudo_target_before": dev["inner_before"],
                                "backprop": fold["backprop"]}
         gain_bp = fold["backprop"]["accuracy"] - dev["before"]
         for m in dv["methods"]:
