@@ -54,6 +54,25 @@ class GRUClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+class Conv1dClassifier(nn.Module):
+    """Two strided Conv1d-ReLU layers over [batch, time, features], mean over time, linear head.
+
+    Sized for windows of inertial data (e.g. [batch, 100, 6] = 2 s of a 6-axis IMU at 50 Hz).
+    """
+
+    def __init__(self, in_features: int = 6, width: int = 16, classes: int = 7,
+                 kernel: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv1d(in_features, width, kernel, stride=2)
+        self.conv2 = nn.Conv1d(width, 2 * width, kernel, stride=2)
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x.transpose(1, 2)))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean(dim=2))
+
+
 class TinyTransformer(nn.Module):
     """Embedding, TransformerEncoder (post-norm, no dropout), mean-pool, linear head."""
 
@@ -99,6 +118,11 @@ def gru(**kw: object) -> nn.Module:
     return GRUClassifier(**kw)  # type: ignore[arg-type]
 
 
+def conv1d(**kw: object) -> nn.Module:
+    """1-D conv classifier factory (time series windows)."""
+    return Conv1dClassifier(**kw)  # type: ignore[arg-type]
+
+
 def transformer(**kw: object) -> nn.Module:
     """Small transformer encoder factory."""
     return TinyTransformer(**kw)  # type: ignore[arg-type]
@@ -110,5 +134,6 @@ ZOO = {
     "cnn": (cnn, (1, 8, 8)),
     "gru": (gru, (12, 6)),
     "transformer": (transformer, (10, 8)),
+    "conv1d": (conv1d, (100, 6)),
     "two_norms": (TwoNorms, (16,)),
 }
