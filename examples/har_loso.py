@@ -345,9 +345,14 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from edgelearn.optim import REGISTRY
 
     grids = QUICK_GRIDS if args.quick else GRIDS
-    methods = [*VARIANTS, *([TPSGD] if TPSGD in REGISTRY else [])]
-    res: dict[str, Any] = {"methods": methods, "tpsgd_available": TPSGD in REGISTRY,
-                           "folds": {}}
+    # tpSGD needs the bundle's layer-taps graph; the exporter says why when it has none.
+    first = load_bundle(out / f"s{args.subjects[0]}" / "outer" / "bundle")
+    tpsgd_why = None if TPSGD in REGISTRY else "tpsgd is not installed"
+    if tpsgd_why is None and "onnx_taps" not in first.files:
+        tpsgd_why = first.manifest.get("taps_unsupported", "bundle exported without taps")
+    methods = [*VARIANTS, *([TPSGD] if tpsgd_why is None else [])]
+    res: dict[str, Any] = {"methods": methods, "tpsgd_available": tpsgd_why is None,
+                           "tpsgd_unavailable_reason": tpsgd_why, "folds": {}}
     for s in args.subjects:
         fold_dir = out / f"s{s}"
         outer = fold_dir / "outer"
@@ -404,6 +409,7 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
                       "= 3 forward-equivalents; steps = budget // cost",
         "zo_options": ZO_OPTIONS, "variants": VARIANTS, "grids": h["grids"],
         "tpsgd_available": dv["tpsgd_available"],
+        "tpsgd_unavailable_reason": dv["tpsgd_unavailable_reason"],
         "torch_loaded_on_device": dv["torch_loaded_on_device"],
         "mean_accuracy": mean, "recovered_fraction_of_mean_gain": recovered,
         "goal_recovered_0.8": {m: (r is not None and r >= 0.8) for m, r in recovered.items()},
