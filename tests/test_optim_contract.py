@@ -16,7 +16,8 @@ from edgelearn.optim import REGISTRY, make_optimizer
 from edgelearn.params import ParamSpec, ParamStore
 
 NAMES = sorted(REGISTRY)
-OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
+OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
+           "polystep": {"radius": 0.1, "rank": 16}}
 
 
 def problem(seed: int = 0) -> tuple[ParamStore, callable]:
