@@ -173,6 +173,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _other_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of optimizers other than zo-sgd: the shared flags they take, then --opt K=V."""
+    options: dict[str, Any] = {"restore": args.restore}
+    if args.optimizer == "zo-scale":
+        options.update({k: v for k, v in (("lr", args.lr), ("eps", args.eps),
+                                          ("noise", args.noise), ("clip", args.clip))
+                        if v is not None})
+        options.update(probes=args.probes, schedule=args.schedule)
+        if args.schedule != "constant":
+            options["total_steps"] = args.steps
+    elif args.optimizer == "polystep":
+        options["total_steps"] = args.steps  # cosine schedules of eps and radii
+    for item in args.opt or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError(f"--opt expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     from edgelearn.bundle import load_bundle
@@ -182,13 +209,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)
     rt = _runtime(args)
-    options: dict[str, Any] = {"lr": args.lr, "eps": args.eps, "probes": args.probes,
-                               "noise": args.noise, "restore": args.restore,
-                               "weight_decay": args.weight_decay, "sign": args.sign,
-                               "clip": args.clip, "conservative": args.conservative,
-                               "schedule": args.schedule}
+    options: dict[str, Any] = {"lr": _or(args.lr, 1e-3), "eps": _or(args.eps, 1e-3),
+                               "probes": args.probes, "noise": _or(args.noise, "rademacher"),
+                               "restore": args.restore, "weight_decay": args.weight_decay,
+                               "sign": args.sign, "clip": args.clip,
+                               "conservative": args.conservative, "schedule": args.schedule}
     if args.schedule != "constant":
         options["total_steps"] = args.steps
+    if args.optimizer != "zo-sgd":
+        options = _other_options(args)
     res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
                 steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                 trainable=args.trainable, objective=args.objective, backend=rt["backend"],
@@ -437,14 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle")
     sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
     sp.add_argument("--out", required=True, help="run directory (resumed if it exists)")
-    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd")
+    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd | polystep | zo-scale")
+    sp.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                    help="optimizer option (repeatable; JSON values), e.g. --opt radius=0.02")
     sp.add_argument("--steps", type=int, required=True, help="total steps of the run")
     sp.add_argument("--trainable", default=None,
                     help="glob(s) of parameters to train, e.g. 'head.*' (default: manifest)")
-    sp.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    sp.add_argument("--eps", type=float, default=1e-3, help="perturbation scale")
+    sp.add_argument("--lr", type=float, default=None, help="learning rate (zo-sgd: 1e-3)")
+    sp.add_argument("--eps", type=float, default=None, help="perturbation scale (zo-sgd: 1e-3)")
     sp.add_argument("--probes", type=_positive, default=1, help="perturbations per step")
-    sp.add_argument("--noise", default="rademacher", choices=["rademacher", "gaussian", "pool"])
+    sp.add_argument("--noise", default=None, choices=["rademacher", "gaussian", "pool"])
     sp.add_argument("--restore", default="auto", choices=["auto", "copy", "drift"],
                     help="how weights come back after +-eps probes (README: restore policy)")
     sp.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])

@@ -33,7 +33,7 @@ from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
-from edgelearn.optim import Optimizer, make_optimizer
+from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
 from edgelearn.params import ParamStore, fsync_dir
 
 JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK = (
@@ -157,6 +157,7 @@ def train(
     fsync_every: int = 1,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    population: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) a run until `steps` steps are in its journal.
 
@@ -179,6 +180,8 @@ def train(
         fsync_every: journal records between fsyncs.
         progress: draw a progress bar on stderr.
         on_step: callback(step, loss) after every step.
+        population: score population requests (polystep) with the bundle's population
+            graph when it has one that batches the trainable set (one call per population).
     Returns: the `train --json` summary.
     """
     if steps < 0:
@@ -190,6 +193,8 @@ def train(
         if 2 * weights_mb > memory_budget_mb:
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {memory_budget_mb:.0f} MB")
+    if trainable is None:  # e.g. zo-scale trains the quantization scales unless told otherwise
+        trainable = getattr(REGISTRY.get(optimizer), "default_trainable", None)
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
                   providers=providers)
     model.check_data(data)
@@ -207,6 +212,12 @@ def train(
             batch_size = plan["batch_size"]
     loss_name = objective or default_loss(bundle.task)
     loss_fn = get_loss(loss_name)
+    pop_eval = None
+    if population and backend in ("onnxruntime", "ort"):
+        from edgelearn.backends.ort_population import OrtPopulation, supports_population
+
+        if supports_population(bundle, store):  # K candidates per runtime call
+            pop_eval = OrtPopulation(bundle, store, threads=threads)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
                          n_examples=len(data), objective=loss_name)
     with run_lock(run_dir):
@@ -227,8 +238,14 @@ def train(
                     times_fwd.append(time.perf_counter() - t0)
                     return loss_fn(out, yb)
 
+                def evaluate_population(pop: Any, xb: np.ndarray = xb,
+                                        yb: np.ndarray = yb) -> list[float]:
+                    assert pop_eval is not None
+                    return pop_eval.losses(pop, xb, yb, loss_fn)
+
                 t0 = time.perf_counter()
-                info = opt.step(store, evaluate)
+                info = opt.step(store, evaluate,
+                                evaluate_population if pop_eval is not None else None)
                 times_step.append(time.perf_counter() - t0)
                 journal.append({"kind": "step", **info.record})
                 losses.append(info.loss)
@@ -257,6 +274,7 @@ def train(
         "peak_rss_mb": peak_rss_mb(),
         "batch_size": batch_size,
         "memory_plan": plan,
+        "population_graph": pop_eval is not None,
     }
 
 

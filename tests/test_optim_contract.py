@@ -17,7 +17,8 @@ from edgelearn.params import ParamSpec, ParamStore
 
 NAMES = sorted(REGISTRY)
 OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
-           "polystep": {"radius": 0.1, "rank": 16}}
+           "polystep": {"radius": 0.1, "rank": 16},
+           "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
 
 
 def problem(seed: int = 0) -> tuple[ParamStore, callable]:

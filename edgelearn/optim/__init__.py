@@ -1,6 +1,7 @@
 """Forward-only optimizers, one algorithm per module, registered by name."""
 
 from edgelearn.optim import polystep as _polystep  # noqa: F401  (registers "polystep")
+from edgelearn.optim import zo_scale as _zo_scale  # noqa: F401  (registers "zo-scale")
 from edgelearn.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers "zo-sgd")
 from edgelearn.optim.base import (
     REGISTRY,

@@ -84,7 +84,10 @@ def make_optimizer(name: str, **options: Any) -> Optimizer:
     except KeyError:
         raise InputError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}") \
             from None
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as e:  # an unknown keyword: name it
+        raise InputError(f"optimizer {name!r}: {e}") from None
 
 
 class Optimizer:
