@@ -117,7 +117,7 @@ def test_learns_non_differentiable_net(nondiff, digits, tmp_path, arch, optimize
     if optimizer == "polystep":
         opts, steps = {"rank": 16, "radius": 0.2, "eps": 0.1, "total_steps": 100}, 100
     else:
-        opts, steps = {"lr": 0.05, "eps": 1e-2, "probes": 4}, 300
+        opts, steps = {"lr": 0.3, "eps": 1e-2, "probes": 4}, 300
     res = train(bundle, data, tmp_path / "run", optimizer=optimizer, options=opts,
                 steps=steps, batch_size=64, seed=0)
     assert res["population_graph"]  # available; only population requests (polystep) use it

@@ -56,7 +56,7 @@ class ZOScale(ZOSGD):
     def __init__(
         self,
         *,
-        lr: float = 1e-4,
+        lr: float = 1e-5,
         eps: float = 1e-4,
         probes: int = 1,
         noise: str = "gaussian",
