@@ -230,8 +230,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         first = "n/a" if res["loss_first"] is None else f"{res['loss_first']:.4f}"
         last = "n/a" if res["loss_last"] is None else f"{res['loss_last']:.4f}"
         step_ms = res["step_ms_median"]
-        timing = "" if step_ms is None else (
-            f", step {step_ms:.2f} ms, forward {res['forward_ms_median']:.2f} ms")
+        timing = "" if step_ms is None else f", step {step_ms:.2f} ms"
+        for key, label in (("forward_ms_median", "forward"),
+                           ("population_call_ms_median", "population call")):
+            if res.get(key) is not None:
+                timing += f", {label} {res[key]:.2f} ms"
         return (f"{res['steps']} steps ({res['resumed_from']} already done), loss {first} -> "
                 f"{last}{timing}, peak RSS {res['peak_rss_mb']:.0f} MB\n"
                 f"weights: {res['weights']}\njournal: {res['journal']}")

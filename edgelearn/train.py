@@ -213,7 +213,7 @@ def train(
     loss_name = objective or default_loss(bundle.task)
     loss_fn = get_loss(loss_name)
     pop_eval = None
-    if population and backend in ("onnxruntime", "ort"):
+    if population and "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
         from edgelearn.backends.ort_population import OrtPopulation, supports_population
 
         if supports_population(bundle, store):  # K candidates per runtime call
@@ -226,6 +226,7 @@ def train(
             done = _resume(journal, header, store, opt, run_dir)
             times_step: list[float] = []
             times_fwd: list[float] = []
+            times_pop: list[float] = []  # one population-graph call each
             losses: list[float] = []
             bar = _Progress(steps, progress)
             for t in range(done, steps):
@@ -241,7 +242,10 @@ def train(
                 def evaluate_population(pop: Any, xb: np.ndarray = xb,
                                         yb: np.ndarray = yb) -> list[float]:
                     assert pop_eval is not None
-                    return pop_eval.losses(pop, xb, yb, loss_fn)
+                    t0 = time.perf_counter()
+                    losses = pop_eval.losses(pop, xb, yb, loss_fn)
+                    times_pop.append(time.perf_counter() - t0)
+                    return losses
 
                 t0 = time.perf_counter()
                 info = opt.step(store, evaluate,
@@ -275,6 +279,7 @@ def train(
         "batch_size": batch_size,
         "memory_plan": plan,
         "population_graph": pop_eval is not None,
+        "population_call_ms_median": 1e3 * statistics.median(times_pop) if times_pop else None,
     }
 
 

@@ -46,7 +46,9 @@ def test_manifest_and_arena(int8_mlp) -> None:
     specs = {p.name: p for p in b.params}
     assert specs["head.weight"].dtype == "int8"
     q = specs["head.weight"].quant
-    assert q["axis"] == 0 and q["zero_point"] == 0 and len(q["scale"]) == 10
+    assert q["axis"] == 0
+    assert q["zero_point"] == 0
+    assert len(q["scale"]) == 10
     assert specs["head.weight.scale"].quant == {"role": "scale", "of": "head.weight"}
     store = b.load_store()
     np.testing.assert_array_equal(store["head.weight.scale"], np.float32(q["scale"]))
@@ -89,7 +91,8 @@ def test_int8_in_place_edit_is_seen(int8_mlp) -> None:
     before = model.predict(x)
     model.store["head.weight"][0, :] = 127
     after = model.predict(x)
-    assert not np.allclose(before[:, 0], after[:, 0]) and np.allclose(before[:, 1:], after[:, 1:])
+    assert not np.allclose(before[:, 0], after[:, 0])
+    assert np.allclose(before[:, 1:], after[:, 1:])
 
 
 @pytest.mark.parametrize("rounding", ["deterministic", "stochastic"])
@@ -107,8 +110,12 @@ def test_polystep_int8_stays_on_grid_and_saturates(int8_mlp, rounding) -> None:
     for _ in range(3):
         records.append(opt.step(store, lambda: cross_entropy(model.predict(x), y)).record)
     w = store["head.weight"]
-    assert w.dtype == np.int8 and w.min() >= -127 and w.max() <= 127
-    assert (w == 127).any() and (w == -127).any() and (w != base["head.weight"]).any()
+    assert w.dtype == np.int8
+    assert w.min() >= -127
+    assert w.max() <= 127
+    assert (w == 127).any()
+    assert (w == -127).any()
+    assert (w != base["head.weight"]).any()
     again = make_optimizer("polystep", rank=16, radius=20.0, rounding=rounding, seed=0)
     for r in records:
         again.replay(base, r)
@@ -167,7 +174,8 @@ def test_zo_scale_improves_int8_model_and_keeps_scales_positive(int8_mlp, digits
     base = bundle.load_store()
     np.testing.assert_array_equal(model.store["head.weight"], base["head.weight"])  # frozen
     store, steps = replay_journal(bundle, res["journal"])
-    assert steps == 300 and store.digest() == res["sha256"]
+    assert steps == 300
+    assert store.digest() == res["sha256"]
 
 
 def test_zo_scale_floor_keeps_scales_positive() -> None:
@@ -198,4 +206,5 @@ def test_cli_zo_scale_and_polystep_on_int8(int8_mlp, digits_npz, tmp_path, capsy
         assert code == 0
         code = main(["replay", str(path), res["journal"], "--out",
                      str(tmp_path / f"{opt}.safetensors"), "--json"])
-        assert code == 0 and json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
+        assert code == 0
+        assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]

@@ -22,9 +22,11 @@ pytestmark = pytest.mark.torch
 
 def test_assignment_and_schedule_basics() -> None:
     w = assignment(np.arange(16.0), 0.1)
-    assert w.argmax() == 0 and abs(w.sum() - 1.0) < 1e-12
+    assert w.argmax() == 0
+    assert abs(w.sum() - 1.0) < 1e-12
     np.testing.assert_array_equal(assignment(np.ones(16), 0.1), np.full(16, 1 / 16))
-    assert cosine(0, 10, 1.0, 0.1) == 1.0 and abs(cosine(10, 10, 1.0, 0.1) - 0.1) < 1e-12
+    assert cosine(0, 10, 1.0, 0.1) == 1.0
+    assert abs(cosine(10, 10, 1.0, 0.1) - 0.1) < 1e-12
 
 
 def test_one_step_matches_torch_reference(bundles) -> None:
@@ -102,7 +104,8 @@ def test_population_graph_scores_like_single_forwards(nondiff) -> None:
 
     before = store.copy()
     info = opt.step(store, lambda: cross_entropy(model.predict(x), y), batched)
-    assert info.record["evals"] == seen[0] and len(seen[0]) == 64
+    assert info.record["evals"] == seen[0]
+    assert len(seen[0]) == 64
     # Replay re-feeds the population's losses: same weights bit for bit.
     make_optimizer("polystep", rank=16, radius=0.05, seed=1).replay(before, info.record)
     assert before.digest() == store.digest()
@@ -141,9 +144,11 @@ def test_cli_train_polystep_resume_and_replay_bit_exact(nondiff, digits_npz, tmp
               "--opt", "rank=8", "--opt", "total_steps=8", "--checkpoint-every", "3"]
     run = tmp_path / "run"
     res = _cli(capsys, "train", b, *common, "--steps", "4", "--out", str(run))
-    assert res["optimizer"] == "polystep" and res["population_graph"]
+    assert res["optimizer"] == "polystep"
+    assert res["population_graph"]
     rep = _cli(capsys, "replay", b, res["journal"], "--out", str(tmp_path / "w.safetensors"))
-    assert rep["sha256"] == res["sha256"] and rep["steps"] == 4
+    assert rep["sha256"] == res["sha256"]
+    assert rep["steps"] == 4
     # Resume to 8 steps == 8 steps from scratch, bit for bit.
     resumed = _cli(capsys, "train", b, *common, "--steps", "8", "--out", str(run))
     fresh = _cli(capsys, "train", b, *common, "--steps", "8", "--out", str(tmp_path / "f"))
