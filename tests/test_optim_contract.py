@@ -199,9 +199,8 @@ def test_population_batched_equals_expanded(dtype: str) -> None:
     opt_a, opt_b = make_optimizer("polystep", **opts), make_optimizer("polystep", **opts)
     for _ in range(3):
         opt_a.step(a, lambda: loss_of(a["w"]))
-        placed: list[np.ndarray] = []
-
         def batched(pop: Population) -> list[float]:
+            placed: list[np.ndarray] = []
             rows = {dtype: np.empty((pop.size, b.n_trainable(dtype)), dtype)}
             pop.fill(rows)
             for j in range(pop.size):  # fill's rows are exactly what place() writes
