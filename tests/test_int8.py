@@ -208,3 +208,14 @@ def test_cli_zo_scale_and_polystep_on_int8(int8_mlp, digits_npz, tmp_path, capsy
                      str(tmp_path / f"{opt}.safetensors"), "--json"])
         assert code == 0
         assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
+
+
+@pytest.mark.parametrize(("opt", "trainable"), [("zo-scale", None), ("polystep", "head.weight")])
+def test_int8_trains_without_torch(int8_mlp, digits_npz, tmp_path, opt, trainable) -> None:
+    from test_polystep import run_no_torch
+
+    path, _ = int8_mlp
+    res = run_no_torch(tmp_path, bundle=str(path), data=str(digits_npz), opt=opt,
+                       options={}, trainable=trainable)
+    assert res["steps"] == 3
+    assert res["optimizer"] == opt

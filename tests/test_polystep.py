@@ -165,3 +165,38 @@ def test_cli_rejects_bad_opt(nondiff, digits_npz, tmp_path, capsys) -> None:
                      "--opt", bad])
         assert code == 2
         assert bad.split("=")[0] in capsys.readouterr().err
+
+
+NO_TORCH_TRAIN = """
+import json, sys
+sys.modules['torch'] = None; sys.modules['onnxscript'] = None
+import edgelearn
+from edgelearn.data import load_npz
+from edgelearn.train import train
+bundle = edgelearn.load_bundle({bundle!r})
+res = train(bundle, load_npz({data!r}), {out!r}, optimizer={opt!r}, options={options!r},
+            steps=3, trainable={trainable!r})
+print(json.dumps({{"res": res, "loaded": [m for m in ("torch", "export") if m in sys.modules
+                                          and sys.modules[m] is not None]}}))
+"""
+
+
+def run_no_torch(tmp_path, **kw) -> dict:
+    """Train in a fresh interpreter where `import torch` fails; returns the summary."""
+    import subprocess
+    import sys
+
+    code = NO_TORCH_TRAIN.format(out=str(tmp_path / "run"), **kw)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == []
+    return out["res"]
+
+
+def test_polystep_population_trains_without_torch(nondiff, digits_npz, tmp_path) -> None:
+    res = run_no_torch(tmp_path, bundle=str(nondiff["spiking"]), data=str(digits_npz),
+                       opt="polystep", options={"radius": 0.1}, trainable=None)
+    assert res["population_graph"]
+    assert res["steps"] == 3
