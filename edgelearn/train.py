@@ -243,9 +243,9 @@ def train(
                                         yb: np.ndarray = yb) -> list[float]:
                     assert pop_eval is not None
                     t0 = time.perf_counter()
-                    losses = pop_eval.losses(pop, xb, yb, loss_fn)
+                    pop_losses = pop_eval.losses(pop, xb, yb, loss_fn)
                     times_pop.append(time.perf_counter() - t0)
-                    return losses
+                    return pop_losses
 
                 t0 = time.perf_counter()
                 info = opt.step(store, evaluate,
