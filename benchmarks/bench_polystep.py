@@ -11,7 +11,7 @@ run, interleaved, medians:
                one IOBinding forward per probe (weights edited in place).
   population   `opt.step(store, evaluate, evaluate_population)`: every candidate written into
                a [K, n] buffer and scored by the vmap'ed population graph in one call (chunks
-               of 256 candidates).
+               of 64 candidates).
   zo_sgd       a 1-probe ZO-SGD step (2 forwards), for scale.
 Ratios: single / population (> 1 = population is faster). Also per-probe costs and the int8
 step (QDQ bundle, head int8 weights, single path: population graphs are float32-only).

@@ -202,22 +202,23 @@ def train(
     opts = dict(options or {})
     opts.setdefault("seed", seed)
     opt = make_optimizer(optimizer, **opts)
-    plan = None
-    if memory_budget_mb is not None:
-        plan = plan_batch(bundle, batch_size=batch_size, budget_mb=memory_budget_mb,
-                          extra_bytes=opt.memory_bytes(store))
-        if plan["batch_size"] < batch_size:
-            print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
-                  f"{memory_budget_mb:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
-            batch_size = plan["batch_size"]
-    loss_name = objective or default_loss(bundle.task)
-    loss_fn = get_loss(loss_name)
     pop_eval = None
     if population and "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
         from edgelearn.backends.ort_population import OrtPopulation, supports_population
 
         if supports_population(bundle, store):  # K candidates per runtime call
             pop_eval = OrtPopulation(bundle, store, threads=threads)
+    plan = None
+    if memory_budget_mb is not None:
+        plan = plan_batch(bundle, batch_size=batch_size, budget_mb=memory_budget_mb,
+                          extra_bytes=opt.memory_bytes(store)
+                          + (pop_eval.memory_bytes() if pop_eval is not None else 0))
+        if plan["batch_size"] < batch_size:
+            print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
+                  f"{memory_budget_mb:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
+            batch_size = plan["batch_size"]
+    loss_name = objective or default_loss(bundle.task)
+    loss_fn = get_loss(loss_name)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
                          n_examples=len(data), objective=loss_name)
     with run_lock(run_dir):

@@ -202,7 +202,11 @@ def test_population_batched_equals_expanded(dtype: str) -> None:
         def batched(pop: Population) -> list[float]:
             placed: list[np.ndarray] = []
             rows = {dtype: np.empty((pop.size, b.n_trainable(dtype)), dtype)}
-            pop.fill(rows)
+            half = pop.size // 2  # in two chunks, as an evaluator may do
+            pop.fill(rows, 0, half)
+            tail = {dtype: np.empty((pop.size - half, rows[dtype].shape[1]), dtype)}
+            pop.fill(tail, half, pop.size)
+            rows[dtype][half:] = tail[dtype]
             for j in range(pop.size):  # fill's rows are exactly what place() writes
                 pop.place(j)
                 placed.append(b.flat(dtype).copy())

@@ -2,8 +2,9 @@
 
 Uses the bundle's population graph (`model_pop.onnx`, see export/population.py): trainable
 parameters are inputs [K, *shape], frozen ones are baked as initializers (as in `OrtBackend`).
-An optimizer's `Population.fill` writes the K candidates' trainable slices into a [K, n] buffer;
-each parameter's [K, *shape] block is cut from it and fed with the data batch.
+An optimizer's `Population.fill` writes a chunk of candidates' trainable slices into a
+[max_population, n] buffer; each parameter's [chunk, *shape] block is cut from it and fed
+with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population x n bytes).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class OrtPopulation:
     """
 
     def __init__(self, bundle: Bundle, store: ParamStore, *, threads: int | None = None,
-                 max_population: int = 256) -> None:
+                 max_population: int = 64) -> None:
         if not supports_population(bundle, store):
             raise BundleError("the bundle's population graph does not batch the trainable set")
         ort = _import_ort()
@@ -62,23 +63,27 @@ class OrtPopulation:
         self._rows: np.ndarray | None = None
 
     def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
-        """First output of every candidate: [K, batch, ...]."""
+        """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
         if pop.fill is None:
             raise BundleError("this population request cannot fill candidate rows")
         n = self.store.n_trainable("float32")
-        if self._rows is None or self._rows.shape[0] < pop.size:
-            self._rows = np.empty((pop.size, n), np.float32)
-        rows = self._rows[: pop.size]
-        pop.fill({"float32": rows})
+        if self._rows is None:
+            self._rows = np.empty((self.max_population, n), np.float32)
         outs = []
         for a in range(0, pop.size, self.max_population):
             b = min(a + self.max_population, pop.size)
+            pop.fill({"float32": self._rows}, a, b)
+            rows = self._rows[: b - a]
             feeds = {self.input_name: x}
             for name, s, e in self.store.segments("float32"):
-                feeds[name] = np.ascontiguousarray(rows[a:b, s:e]).reshape(
+                feeds[name] = np.ascontiguousarray(rows[:, s:e]).reshape(
                     b - a, *self.store[name].shape)
             outs.append(self.session.run([self.output_name], feeds)[0])
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the candidate rows buffer (+ one copy of them as per-parameter inputs)."""
+        return 2 * 4 * self.max_population * self.store.n_trainable("float32")
 
     def losses(self, pop: Population, x: np.ndarray, y: np.ndarray,
                loss_fn: Callable[[np.ndarray, np.ndarray], float]) -> list[float]:

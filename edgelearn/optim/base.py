@@ -62,13 +62,15 @@ class Population:
     Args:
         size: K, the number of candidates.
         place: place(j) writes candidate j (0 <= j < K) into the store's trainable slice.
-        fill: fill(out) writes every candidate's trainable slice of each dtype into
-            out[dtype], an array [K, n_trainable(dtype)]; None when only `place` works.
+        fill: fill(out, lo, hi) writes the trainable slices of candidates lo..hi-1 into
+            out[dtype][: hi - lo], arrays [>= hi - lo, n_trainable(dtype)] (so an evaluator
+            can work in chunks of candidates); None when only `place` works.
     """
 
     size: int
     place: Callable[[int], None] = field(repr=False)
-    fill: Callable[[dict[str, np.ndarray]], None] | None = field(default=None, repr=False)
+    fill: Callable[[dict[str, np.ndarray], int, int], None] | None = field(default=None,
+                                                                          repr=False)
 
 
 def register(cls: type[Optimizer]) -> type[Optimizer]:

@@ -250,12 +250,12 @@ class PolyStep(Optimizer):
                 cache["seg"], cache["copy"] = (a, b), theta[a:b].copy()
             theta[a:b] = self._candidate(cache["copy"], delta(j), j)
 
-        def fill(out: dict[str, np.ndarray]) -> None:
-            rows = out[dtype]
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            rows = out[dtype][: hi - lo]
             rows[...] = theta
-            for j in range(k_total):
+            for j in range(lo, hi):
                 a, b = parts[j // VERTICES]
-                rows[j, a:b] = self._candidate(theta[a:b], delta(j), j)
+                rows[j - lo, a:b] = self._candidate(theta[a:b], delta(j), j)
 
         losses = yield Population(k_total, place, fill)
         restore()
