@@ -174,6 +174,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _other_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of polystep / zo-scale from the shared flags they take."""
+    options: dict[str, Any] = {"restore": args.restore}
+    if args.optimizer == "zo-scale":
+        options.update({k: v for k, v in (("lr", args.lr), ("eps", args.eps),
+                                          ("noise", args.noise), ("clip", args.clip))
+                        if v is not None})
+        options.update(probes=args.probes, schedule=args.schedule)
+        if args.schedule != "constant":
+            options["total_steps"] = args.steps
+    elif args.optimizer == "polystep":
+        options["total_steps"] = args.steps  # cosine schedules of eps and radii
+    return options
+
+
+def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
+    """`--opt KEY=VALUE` flags (JSON values, else strings); they override the other flags."""
+    options: dict[str, Any] = {}
+    for item in args.opt or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise InputError(f"--opt expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(text)
+        except json.JSONDecodeError:
+            options[key] = text
+    return options
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     from edgelearn.bundle import load_bundle
@@ -183,20 +216,23 @@ def cmd_train(args: argparse.Namespace) -> None:
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)
     rt = _runtime(args)
-    options: dict[str, Any] = {"lr": args.lr, "eps": args.eps, "probes": args.probes,
-                               "noise": args.noise, "restore": args.restore,
-                               "weight_decay": args.weight_decay, "sign": args.sign,
-                               "clip": args.clip, "conservative": args.conservative,
-                               "schedule": args.schedule}
+    options: dict[str, Any] = {"lr": _or(args.lr, 1e-3), "eps": _or(args.eps, 1e-3),
+                               "probes": args.probes, "noise": _or(args.noise, "rademacher"),
+                               "restore": args.restore, "weight_decay": args.weight_decay,
+                               "sign": args.sign, "clip": args.clip,
+                               "conservative": args.conservative, "schedule": args.schedule}
     if args.schedule != "constant":
         options["total_steps"] = args.steps
     if args.reject_above is not None:
         options["reject_above"] = args.reject_above
     if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
-        options = {"lr": args.lr, "local_loss": args.local_loss,
-                   "target_scale": args.target_scale}
+        options = {k: v for k, v in (("lr", args.lr), ("local_loss", args.local_loss),
+                                     ("target_scale", args.target_scale)) if v is not None}
         if args.objective == "mse":
             options["head_loss"] = "mse"
+    elif args.optimizer != "zo-sgd":
+        options = _other_options(args)
+    options.update(_opt_pairs(args))
     divergence = None
     if args.diverge_factor is not None:
         from edgelearn.train import DivergencePolicy
@@ -217,8 +253,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         first = "n/a" if res["loss_first"] is None else f"{res['loss_first']:.4f}"
         last = "n/a" if res["loss_last"] is None else f"{res['loss_last']:.4f}"
         step_ms = res["step_ms_median"]
-        timing = "" if step_ms is None else (
-            f", step {step_ms:.2f} ms, forward {res['forward_ms_median']:.2f} ms")
+        timing = "" if step_ms is None else f", step {step_ms:.2f} ms"
+        for key, label in (("forward_ms_median", "forward"),
+                           ("population_call_ms_median", "population call")):
+            if res.get(key) is not None:
+                timing += f", {label} {res[key]:.2f} ms"
         return (f"{res['steps']} steps ({res['resumed_from']} already done), loss {first} -> "
                 f"{last}{timing}, peak RSS {res['peak_rss_mb']:.0f} MB\n"
                 f"weights: {res['weights']}\njournal: {res['journal']}")
@@ -463,14 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle")
     sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
     sp.add_argument("--out", required=True, help="run directory (resumed if it exists)")
-    sp.add_argument("--optimizer", default="zo-sgd", help="zo-sgd | tpsgd")
+    sp.add_argument("--optimizer", default="zo-sgd",
+                    help="zo-sgd | tpsgd | polystep | zo-scale")
+    sp.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                    help="optimizer option (repeatable; JSON values), e.g. --opt radius=0.02")
     sp.add_argument("--steps", type=int, required=True, help="total steps of the run")
     sp.add_argument("--trainable", default=None,
                     help="glob(s) of parameters to train, e.g. 'head.*' (default: manifest)")
-    sp.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    sp.add_argument("--eps", type=float, default=1e-3, help="perturbation scale")
+    sp.add_argument("--lr", type=float, default=None, help="learning rate (zo-sgd: 1e-3)")
+    sp.add_argument("--eps", type=float, default=None, help="perturbation scale (zo-sgd: 1e-3)")
     sp.add_argument("--probes", type=_positive, default=1, help="perturbations per step")
-    sp.add_argument("--noise", default="rademacher", choices=["rademacher", "gaussian", "pool"])
+    sp.add_argument("--noise", default=None, choices=["rademacher", "gaussian", "pool"])
     sp.add_argument("--restore", default="auto", choices=["auto", "copy", "drift"],
                     help="how weights come back after +-eps probes (README: restore policy)")
     sp.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])

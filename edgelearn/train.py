@@ -55,7 +55,7 @@ from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
-from edgelearn.optim import Optimizer, make_optimizer
+from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
 from edgelearn.params import ParamStore, fsync_dir
 
 JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK = (
@@ -247,6 +247,7 @@ def train(
     divergence: DivergencePolicy | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
+    population: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) a run until `steps` steps are in its journal.
 
@@ -273,6 +274,8 @@ def train(
             (None = off); its snapshots replace `checkpoint_every` checkpoints.
         progress: draw a progress bar on stderr.
         on_step: callback(step, loss) after every step.
+        population: score population requests (polystep) with the bundle's population
+            graph when it has one that batches the trainable set (one call per population).
     Returns: the `train --json` summary.
     """
     if steps < 0:
@@ -284,6 +287,8 @@ def train(
         if 2 * weights_mb > memory_budget_mb:
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {memory_budget_mb:.0f} MB")
+    if trainable is None:  # e.g. zo-scale trains the quantization scales unless told otherwise
+        trainable = getattr(REGISTRY.get(optimizer), "default_trainable", None)
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
                   providers=providers, backend_options=backend_options)
     model.check_data(data)
@@ -291,10 +296,17 @@ def train(
     opts = dict(options or {})
     opts.setdefault("seed", seed)
     opt = make_optimizer(optimizer, **opts)
+    pop_eval = None
+    if population and "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
+        from edgelearn.backends.ort_population import OrtPopulation, supports_population
+
+        if supports_population(bundle, store):  # K candidates per runtime call
+            pop_eval = OrtPopulation(bundle, store, threads=threads)
     plan = None
     if memory_budget_mb is not None:
         plan = plan_batch(bundle, batch_size=batch_size, budget_mb=memory_budget_mb,
-                          extra_bytes=opt.memory_bytes(store))
+                          extra_bytes=opt.memory_bytes(store)
+                          + (pop_eval.memory_bytes() if pop_eval is not None else 0))
         if plan["batch_size"] < batch_size:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{memory_budget_mb:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
@@ -321,6 +333,7 @@ def train(
             done = _resume(journal, header, store, opt, run_dir, guard, taps_at)
             times_fwd.clear()
             times_step: list[float] = []
+            times_pop: list[float] = []  # one population-graph call each
             losses: list[float] = []
             bar = _Progress(steps, progress)
             for t in range(done, steps):
@@ -333,10 +346,19 @@ def train(
                     times_fwd.append(time.perf_counter() - t0)
                     return loss_fn(out, yb)
 
+                def evaluate_population(pop: Any, xb: np.ndarray = xb,
+                                        yb: np.ndarray = yb) -> list[float]:
+                    assert pop_eval is not None
+                    t0 = time.perf_counter()
+                    pop_losses = pop_eval.losses(pop, xb, yb, loss_fn)
+                    times_pop.append(time.perf_counter() - t0)
+                    return pop_losses
+
                 if taps_at is not None:
                     evaluate = taps_at(t)  # type: ignore[assignment]
                 t0 = time.perf_counter()
-                info = opt.step(store, evaluate)
+                info = opt.step(store, evaluate,
+                                evaluate_population if pop_eval is not None else None)
                 times_step.append(time.perf_counter() - t0)
                 journal.append({"kind": "step", **info.record})
                 losses.append(info.loss)
@@ -368,6 +390,8 @@ def train(
         "peak_rss_mb": peak_rss_mb(),
         "batch_size": batch_size,
         "memory_plan": plan,
+        "population_graph": pop_eval is not None,
+        "population_call_ms_median": 1e3 * statistics.median(times_pop) if times_pop else None,
     }
 
 

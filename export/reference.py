@@ -141,3 +141,66 @@ def tpsgd_step(
         for o, g in zip(own, grads, strict=True):
             new[o] = (params[o] - lr * g).detach()
     return new
+
+
+def polystep_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    particles: list[tuple[str, int]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    seed: int,
+    step: int,
+    eps: float,
+    radius: float,
+    probe_radius: float,
+    loss_fn: LossFn = cross_entropy,
+) -> tuple[dict[str, torch.Tensor], list[float], list[torch.Tensor]]:
+    """One float32 PolyStep step (monolithic: every particle probed at the current weights).
+
+    Uses the device's seeded draws (`projection_block`, `rotation`) as the ZO reference takes
+    the device's z; everything else (candidates, assignment, barycentric step) is torch.
+
+    Args:
+        model: torch module (eval mode).
+        params: name -> current float32 tensor of every parameter to override.
+        particles: (parameter name, global particle index) in the device's particle order.
+        inputs / targets: the batch.
+        seed / step: run seed and step index.
+        eps: softmax temperature on range-normalized costs.
+        radius / probe_radius: step and probe radii.
+        loss_fn: (output, targets) -> scalar loss.
+    Returns: (new params of the trained names, the probe losses, dx per particle).
+    """
+    from edgelearn.optim.polystep import projection_block, rotation
+
+    with torch.no_grad():
+        losses: list[float] = []
+        blocks, verts = [], []
+        for name, i in particles:
+            b = torch.from_numpy(projection_block(seed, step, i, params[name].numel()))
+            rot = torch.from_numpy(rotation(seed, step, i))
+            v = torch.cat([rot.T, -rot.T])  # 16 vertices +-R e_k
+            blocks.append(b)
+            verts.append(v)
+            for j in range(v.shape[0]):
+                u = (probe_radius * v[j]).float()
+                cand = dict(params)
+                cand[name] = params[name] + (u @ b).reshape(params[name].shape)
+                losses.append(float(loss_fn(functional_call(model, cand, (inputs,)), targets)))
+        new = {name: params[name].clone() for name, _ in particles}
+        dxs = []
+        for k in range(len(particles)):
+            c = torch.tensor(losses[16 * k : 16 * (k + 1)], dtype=torch.float64)
+            span = c.max() - c.min()
+            c = (c - c.min()) / span if span > 0 else torch.zeros_like(c)
+            w = torch.softmax(-c / eps, dim=0)
+            dx = (radius * (w @ verts[k])).float()
+            dxs.append(dx)
+        acc: dict[str, torch.Tensor] = {}
+        for (name, _), dx, b in zip(particles, dxs, blocks, strict=True):
+            acc[name] = acc.get(name, torch.zeros(b.shape[1])) + dx @ b
+        for name, a in acc.items():
+            new[name] = params[name] + a.reshape(params[name].shape)
+    return new, losses, dxs

@@ -103,6 +103,86 @@ class TwoNorms(nn.Module):
         return self.head(self.norm2(torch.relu(self.fc(self.norm1(x)))))
 
 
+def _heaviside(v: torch.Tensor, *, at_zero: bool = False) -> torch.Tensor:
+    """1.0 where v > 0 (v >= 0 with at_zero), else 0.0 (torch.where exports under vmap too)."""
+    return torch.where(v >= 0 if at_zero else v > 0, 1.0, 0.0)
+
+
+class HardThresholdMLP(nn.Module):
+    """Non-differentiable: Heaviside hidden units and a staircase (round to 1/4) layer."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 32, classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _heaviside(self.fc1(x))  # zero gradient almost everywhere
+        h = torch.clamp(torch.round(4.0 * self.fc2(h)) / 4.0, -2.0, 2.0)  # staircase
+        return self.head(h)
+
+
+class ArgmaxRouter(nn.Module):
+    """Non-differentiable routing: a gate picks one expert per example (one-hot of argmax)."""
+
+    def __init__(self, in_features: int = 64, experts: int = 4, classes: int = 10):
+        super().__init__()
+        self.gate = nn.Linear(in_features, experts)
+        self.experts = nn.ModuleList(nn.Linear(in_features, classes) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x)
+        pick = _heaviside(g - g.max(dim=1, keepdim=True).values, at_zero=True)  # one_hot(argmax)
+        outs = torch.stack([e(x) for e in self.experts], dim=1)  # [batch, experts, classes]
+        return (pick.unsqueeze(-1) * outs).sum(dim=1)
+
+
+class FakeQuantMLP(nn.Module):
+    """int8 fake-quant layers in the graph: weights per-channel and activations per-tensor
+    rounded to an int8 grid (round/clamp, no straight-through estimator)."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 32, classes: int = 10,
+                 act_scale: float = 1.0 / 32):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.head = nn.Linear(hidden, classes)
+        self.act_scale = act_scale
+
+    @staticmethod
+    def _wq(w: torch.Tensor) -> torch.Tensor:
+        s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+        return torch.clamp(torch.round(w / s), -127.0, 127.0) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(nn.functional.linear(x, self._wq(self.fc1.weight), self.fc1.bias))
+        h = torch.clamp(torch.round(h / self.act_scale), -127.0, 127.0) * self.act_scale
+        return nn.functional.linear(h, self._wq(self.head.weight), self.head.bias)
+
+
+class SpikingMLP(nn.Module):
+    """Hard leaky integrate-and-fire MLP, unrolled over `steps` time steps: membrane
+    v <- beta v + I, spike s = H(v - threshold), reset by subtraction; head on spike rates."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, classes: int = 10,
+                 steps: int = 4, beta: float = 0.9, threshold: float = 1.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.head = nn.Linear(hidden, classes)
+        self.steps, self.beta, self.threshold = steps, beta, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.fc1(x)
+        v = torch.zeros_like(current)
+        rate = torch.zeros_like(current)
+        for _ in range(self.steps):
+            v = self.beta * v + current
+            s = _heaviside(v - self.threshold)
+            v = v - s * self.threshold
+            rate = rate + s
+        return self.head(rate / self.steps)
+
+
 def mlp(**kw: object) -> nn.Module:
     """MLP factory (CLI spec `export.zoo:mlp`)."""
     return MLP(**kw)  # type: ignore[arg-type]
@@ -136,4 +216,8 @@ ZOO = {
     "transformer": (transformer, (10, 8)),
     "conv1d": (conv1d, (100, 6)),
     "two_norms": (TwoNorms, (16,)),
+    "hard_threshold": (HardThresholdMLP, (64,)),
+    "argmax_router": (ArgmaxRouter, (64,)),
+    "fake_quant": (FakeQuantMLP, (64,)),
+    "spiking": (SpikingMLP, (64,)),
 }

@@ -19,7 +19,9 @@ from edgelearn.params import ParamSpec, ParamStore
 # tpsgd needs layer taps and labels from one taps forward; its contract-equivalent tests
 # (state round trip, N+N == 2N after resume, determinism, replay) are in tests/test_tpsgd.py.
 NAMES = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
-OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
+OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
+           "polystep": {"radius": 0.1, "rank": 16},
+           "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
 
 
 def problem(seed: int = 0) -> tuple[ParamStore, callable]:
@@ -177,3 +179,44 @@ def test_zo_copy_policy_step_is_exactly_the_update_rule(noise: str) -> None:
     lp = loss()
     store.flat()[...] = theta0 + np.float32(-1e-3) * z
     assert info.record["evals"] == [lp, loss()]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_population_batched_equals_expanded(dtype: str) -> None:
+    """A population scored in one go (fill -> K rows) == the same request expanded into single
+    ask/tell candidates (place): same rows, same losses, same weights."""
+    from edgelearn.optim import Population
+
+    rng = np.random.default_rng(0)
+    specs = [ParamSpec("w", (6, 5), dtype, True), ParamSpec("b", (3,), "float32", False)]
+    w0 = (rng.integers(-120, 120, (6, 5)) if dtype == "int8"
+          else rng.standard_normal((6, 5))).astype(dtype)
+    target = rng.standard_normal((6, 5))
+    opts = {"rank": 16, "radius": 3.0 if dtype == "int8" else 0.1, "seed": 4}
+
+    def loss_of(w: np.ndarray) -> float:
+        return float(np.mean((w.astype(np.float64) / 50 - target) ** 2))
+
+    a = ParamStore(specs, values={"w": w0, "b": np.zeros(3, np.float32)})
+    b = a.copy()
+    opt_a, opt_b = make_optimizer("polystep", **opts), make_optimizer("polystep", **opts)
+    for _ in range(3):
+        opt_a.step(a, lambda: loss_of(a["w"]))
+        def batched(pop: Population) -> list[float]:
+            placed: list[np.ndarray] = []
+            rows = {dtype: np.empty((pop.size, b.n_trainable(dtype)), dtype)}
+            half = pop.size // 2  # in two chunks, as an evaluator may do
+            pop.fill(rows, 0, half)
+            tail = {dtype: np.empty((pop.size - half, rows[dtype].shape[1]), dtype)}
+            pop.fill(tail, half, pop.size)
+            rows[dtype][half:] = tail[dtype]
+            for j in range(pop.size):  # fill's rows are exactly what place() writes
+                pop.place(j)
+                placed.append(b.flat(dtype).copy())
+            np.testing.assert_array_equal(np.stack(placed), rows[dtype])
+            return [loss_of(r.reshape(6, 5)) for r in rows[dtype]]
+
+        opt_b.step(b, lambda: loss_of(b["w"]), batched)
+        assert a.digest() == b.digest()
+        assert opt_a.last_info.record == opt_b.last_info.record
+    assert a["w"].dtype == np.dtype(dtype)

@@ -1,7 +1,16 @@
 """Forward-only optimizers, one algorithm per module, registered by name."""
 
+from edgelearn.optim import polystep as _polystep  # noqa: F401  (registers "polystep")
 from edgelearn.optim import tpsgd as _tpsgd  # noqa: F401  (registers "tpsgd")
+from edgelearn.optim import zo_scale as _zo_scale  # noqa: F401  (registers "zo-scale")
 from edgelearn.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers "zo-sgd")
-from edgelearn.optim.base import REGISTRY, Optimizer, StepInfo, make_optimizer, register
+from edgelearn.optim.base import (
+    REGISTRY,
+    Optimizer,
+    Population,
+    StepInfo,
+    make_optimizer,
+    register,
+)
 
-__all__ = ["REGISTRY", "Optimizer", "StepInfo", "make_optimizer", "register"]
+__all__ = ["REGISTRY", "Optimizer", "Population", "StepInfo", "make_optimizer", "register"]

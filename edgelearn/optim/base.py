@@ -11,14 +11,22 @@ as training by construction (bit-exact), needs no data, and checks that the rege
 matches the stored one. Subclasses implement `_step(store)` as a generator that yields once per
 candidate and receives its loss, returning the record; public methods, validation and counters
 live here once (as in nevergrad/evosax).
+
+Population requests: a generator may instead yield a `Population` (K candidates at once) and
+receive a list of K losses. `step(store, evaluate, evaluate_population=...)` hands it to a
+caller that can score many weight sets in one runtime call; without one (and through plain
+ask/tell) the base class expands it into K single candidates. Either way the K losses are
+recorded under "evals" in order, so replay feeds them back exactly as for single candidates.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.params import ParamStore
@@ -47,6 +55,24 @@ class StepInfo:
     evaluations: int = 0
 
 
+@dataclass(frozen=True)
+class Population:
+    """K candidate weight sets requested at once (evaluated by one runtime call when possible).
+
+    Args:
+        size: K, the number of candidates.
+        place: place(j) writes candidate j (0 <= j < K) into the store's trainable slice.
+        fill: fill(out, lo, hi) writes the trainable slices of candidates lo..hi-1 into
+            out[dtype][: hi - lo], arrays [>= hi - lo, n_trainable(dtype)] (so an evaluator
+            can work in chunks of candidates); None when only `place` works.
+    """
+
+    size: int
+    place: Callable[[int], None] = field(repr=False)
+    fill: Callable[[dict[str, np.ndarray], int, int], None] | None = field(default=None,
+                                                                          repr=False)
+
+
 def register(cls: type[Optimizer]) -> type[Optimizer]:
     """Class decorator: make an optimizer available by its `name`."""
     REGISTRY[cls.name] = cls
@@ -60,7 +86,10 @@ def make_optimizer(name: str, **options: Any) -> Optimizer:
     except KeyError:
         raise InputError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}") \
             from None
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as e:  # an unknown keyword: name it
+        raise InputError(f"optimizer {name!r}: {e}") from None
 
 
 def check_reproduced(step: int, again: dict[str, Any], record: dict[str, Any], hint: str) -> None:
@@ -93,8 +122,10 @@ class Optimizer:
         self.seed = seed
         self.t = 0
         self.lr_scale = 1.0
-        self._gen: Generator[None, float, dict[str, Any]] | None = None
+        self._gen: Generator[Any, Any, dict[str, Any]] | None = None
         self._last: Any = _IDLE
+        self._pop: Population | None = None  # population being expanded by ask/tell
+        self._pop_losses: list[float] = []
         self._evals = 0
         self._losses: list[float] = []
         self.last_info: StepInfo | None = None
@@ -108,8 +139,11 @@ class Optimizer:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0
 
-    def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
-        """Yield once per candidate placed in `store`; receive its loss; return the record."""
+    def _step(self, store: ParamStore) -> Generator[Any, Any, dict[str, Any]]:
+        """Yield once per candidate placed in `store`; receive its loss; return the record.
+
+        May yield a `Population` instead and receive a list of its K losses.
+        """
         raise NotImplementedError
 
     def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
@@ -127,13 +161,19 @@ class Optimizer:
         self.t = step
         gen = self._step(store)
         feed = iter(evals)
+        def take() -> float:
+            v = next(feed, _PENDING)
+            if v is _PENDING:
+                raise InputError(f"journal record of step {step} has too few losses")
+            return math.nan if v is None else float(v)
+
         try:
-            next(gen)
+            req = next(gen)
             while True:
-                v = next(feed, _PENDING)
-                if v is _PENDING:
-                    raise InputError(f"journal record of step {step} has too few losses")
-                gen.send(math.nan if v is None else float(v))
+                if isinstance(req, Population):
+                    req = gen.send([take() for _ in range(req.size)])
+                else:
+                    req = gen.send(take())
         except StopIteration as stop:
             again = {**stop.value, "step": step, "evals": evals}
         if next(feed, _PENDING) is not _PENDING:
@@ -151,9 +191,20 @@ class Optimizer:
                 self._gen = self._step(store)
                 self._evals = 0
                 self._losses = []
-                next(self._gen)
+                req = next(self._gen)
+            elif self._pop is not None:
+                self._pop_losses.append(self._last)
+                if len(self._pop_losses) < self._pop.size:
+                    self._pop.place(len(self._pop_losses))
+                    self._last = _PENDING
+                    return True
+                losses, self._pop, self._pop_losses = self._pop_losses, None, []
+                req = self._gen.send(losses)
             else:
-                self._gen.send(self._last)
+                req = self._gen.send(self._last)
+            if isinstance(req, Population):  # expand into single candidates
+                self._pop, self._pop_losses = req, []
+                req.place(0)
         except StopIteration as stop:
             self._finish(stop.value)
             return False
@@ -168,10 +219,50 @@ class Optimizer:
         self._evals += 1
         self._losses.append(self._last)
 
-    def step(self, store: ParamStore, evaluate: Callable[[], float]) -> StepInfo:
-        """One full step: evaluate every candidate with `evaluate()` (loss of current store)."""
-        while self.ask(store):
-            self.tell(evaluate())
+    def step(
+        self,
+        store: ParamStore,
+        evaluate: Callable[[], float],
+        evaluate_population: Callable[[Population], Sequence[float]] | None = None,
+    ) -> StepInfo:
+        """One full step: evaluate every candidate with `evaluate()` (loss of current store).
+
+        Args:
+            store: the parameters to update in place.
+            evaluate: loss of the weights currently in `store`.
+            evaluate_population: optional; K losses of a `Population` request in one go
+                (without it populations are expanded into K `evaluate()` calls).
+        """
+        if evaluate_population is None:
+            while self.ask(store):
+                self.tell(evaluate())
+            assert self.last_info is not None
+            return self.last_info
+        if self._gen is not None:
+            raise EdgelearnError("step() called in the middle of an ask/tell step")
+        self._gen = gen = self._step(store)
+        self._evals, self._losses = 0, []
+        try:
+            req = next(gen)
+            while True:
+                if isinstance(req, Population):
+                    losses = [float(v) for v in evaluate_population(req)]
+                    if len(losses) != req.size:
+                        raise EdgelearnError(f"population of {req.size} got {len(losses)} "
+                                             "losses")
+                    self._evals += len(losses)
+                    self._losses.extend(losses)
+                    req = gen.send(losses)
+                else:
+                    loss = float(evaluate())
+                    self._evals += 1
+                    self._losses.append(loss)
+                    req = gen.send(loss)
+        except StopIteration as stop:
+            self._finish(stop.value)
+        except BaseException:
+            self._gen = None
+            raise
         assert self.last_info is not None
         return self.last_info
 
@@ -184,6 +275,7 @@ class Optimizer:
                                   self._evals)
         self._gen = None
         self._last = _IDLE
+        self._pop, self._pop_losses = None, []
         self.t += 1
 
     # -- state ----------------------------------------------------------------------------------

@@ -144,13 +144,15 @@ class TPSGD(Optimizer):
         """Not available: call `step(store, evaluate)` with a taps evaluator."""
         raise EdgelearnError("tpsgd has no ask/tell dialogue: use step(store, evaluate)")
 
-    def step(self, store: ParamStore, evaluate: Callable[[], Any]) -> StepInfo:
+    def step(self, store: ParamStore, evaluate: Callable[[], Any],
+             evaluate_population: Callable[..., list[float]] | None = None) -> StepInfo:
         """One tpSGD step.
 
         Args:
             store: weights (trainable views are updated in place).
             evaluate: () -> (taps, y): every tap array of one taps-graph forward at the current
                 weights (name -> array, including the model input), and the batch targets.
+            evaluate_population: unused (tpSGD evaluates no candidate populations).
         """
         record = self._run(store, evaluate)
         loss = math.nan if record["loss"] is None else record["loss"]

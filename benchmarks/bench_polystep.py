@@ -1,0 +1,141 @@
+"""PolyStep benchmark: one runtime call per probe vs the population graph (K probes per call).
+
+Usage:
+    python benchmarks/bench_polystep.py            # MLP 64-256-10 and 64-512-512-10, batch 32
+    python benchmarks/bench_polystep.py --quick
+
+Prints ONE JSON object on stdout; never asserts. For each model and trainable set, a PolyStep
+step (rank 16 per tensor -> 16 probes per particle) is timed three ways side by side in this
+run, interleaved, medians:
+  single       `opt.step(store, evaluate)`: the base class expands the population request,
+               one IOBinding forward per probe (weights edited in place).
+  population   `opt.step(store, evaluate, evaluate_population)`: every candidate written into
+               a [K, n] buffer and scored by the vmap'ed population graph in one call (chunks
+               of 64 candidates).
+  zo_sgd       a 1-probe ZO-SGD step (2 forwards), for scale.
+Ratios: single / population (> 1 = population is faster). Also per-probe costs and the int8
+step (QDQ bundle, head int8 weights, single path: population graphs are float32-only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _timed(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(ts)
+
+
+def _compare(path: Path, x: np.ndarray, y: np.ndarray, reps: int) -> dict:
+    """Time single-call vs population-graph PolyStep steps (and a ZO-SGD step) on a bundle."""
+    from edgelearn.backends.ort_population import OrtPopulation
+    from edgelearn.bundle import load_bundle
+    from edgelearn.losses import cross_entropy
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+
+    bundle = load_bundle(path)
+    model = Model(bundle, threads=2)
+    store = model.store
+    pop = OrtPopulation(bundle, store, threads=2)
+    opt = make_optimizer("polystep", rank=16, radius=1e-3, seed=0)
+    zo = make_optimizer("zo-sgd", lr=0.0, seed=0)
+
+    def ev() -> float:
+        return cross_entropy(model.predict(x), y)
+
+    def single() -> None:
+        opt.step(store, ev)
+
+    def batched() -> None:
+        opt.step(store, ev, lambda p: pop.losses(p, x, y, cross_entropy))
+
+    probes = opt.probes_per_step(store)
+    single()
+    batched()
+    s_ms, p_ms, z_ms = [], [], []
+    for _ in range(reps):
+        s_ms.append(_timed(single, 1))
+        p_ms.append(_timed(batched, 1))
+        z_ms.append(_timed(lambda: zo.step(store, ev), 1))
+    s, p, z = (statistics.median(v) for v in (s_ms, p_ms, z_ms))
+    fwd = _timed(lambda: model.predict(x), 30)
+    return {
+        "trainable_params": store.n_trainable("float32"),
+        "probes_per_step": probes, "forward_ms": fwd,
+        "step_ms_single": s, "step_ms_population": p, "step_ms_zo_sgd": z,
+        "ms_per_probe_single": s / probes, "ms_per_probe_population": p / probes,
+        "ratio_single_over_population": s / p,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    from edgelearn.bundle import load_bundle
+    from edgelearn.losses import cross_entropy
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+    from export import export_bundle
+    from export.population import add_population_graph
+    from export.quantize import export_int8_bundle
+    from export.zoo import MLP
+
+    reps = 3 if args.quick else 7
+    configs = [("mlp_64_256_10", (256,), "head.*"), ("mlp_64_256_10", (256,), "*")]
+    if not args.quick:
+        configs.append(("mlp_64_512x2_10", (512, 512), "head.*"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 32)
+    out: dict = {"machine": platform.machine(), "batch": 32, "reps": reps, "note":
+                 "2 shared vCPUs under load from other jobs: figures are noisy", "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, hidden, trainable in configs:
+            torch.manual_seed(0)
+            module = MLP(64, hidden, 10)
+            path = Path(tmp) / f"{name}_{trainable.strip('.*') or 'all'}"
+            export_bundle(module, torch.randn(1, 64), path, trainable=trainable)
+            add_population_graph(module, torch.randn(1, 64), path)
+            row = _compare(path, x, y, reps)
+            row.update(model=name, trainable=trainable)
+            out["runs"].append(row)
+            s, p = row["step_ms_single"], row["step_ms_population"]
+            print(f"{name} {trainable}: single {s:.1f} ms, population {p:.1f} ms",
+                  file=sys.stderr)
+        torch.manual_seed(0)
+        module = MLP(64, (256,), 10)
+        path = Path(tmp) / "int8"
+        export_int8_bundle(module, torch.randn(1, 64), path)
+        model = Model(load_bundle(path), trainable="head.weight", threads=2)
+        opt = make_optimizer("polystep", rank=16, radius=2.0, seed=0)
+        fwd = _timed(lambda: model.predict(x), 30)
+        step = _timed(lambda: opt.step(model.store,
+                                       lambda: cross_entropy(model.predict(x), y)), reps)
+        out["int8"] = {"model": "mlp_64_256_10 int8 QDQ", "trainable": "head.weight (int8)",
+                       "probes_per_step": opt.probes_per_step(model.store),
+                       "forward_ms": fwd, "step_ms_single": step,
+                       "overhead_per_probe_over_forward": step / opt.probes_per_step(
+                           model.store) / fwd}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

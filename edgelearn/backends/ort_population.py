@@ -1,0 +1,92 @@
+"""Population evaluation with onnxruntime: K candidate weight sets scored in one call.
+
+Uses the bundle's population graph (`model_pop.onnx`, see export/population.py): trainable
+parameters are inputs [K, *shape], frozen ones are baked as initializers (as in `OrtBackend`).
+An optimizer's `Population.fill` writes a chunk of candidates' trainable slices into a
+[max_population, n] buffer; each parameter's [chunk, *shape] block is cut from it and fed
+with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population x n bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgelearn.backends.ort import _import_ort, baked_model_bytes
+from edgelearn.errors import BundleError
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+    from edgelearn.optim.base import Population
+    from edgelearn.params import ParamStore
+
+POP_ROLE = "onnx_population"
+
+
+def supports_population(bundle: Bundle, store: ParamStore) -> bool:
+    """True when the bundle has a population graph batching exactly the store's trainables."""
+    pop = bundle.manifest.get("population") or {}
+    return POP_ROLE in bundle.files and pop.get("params") == store.trainable_names \
+        and store.n_trainable("int8") == 0
+
+
+class OrtPopulation:
+    """Scores populations of candidates on a batch with the population graph.
+
+    Args:
+        bundle: bundle with files.onnx_population.
+        store: the ParamStore the optimizer works on (frozen values are baked once).
+        threads: intra-op threads (None = ORT default).
+        max_population: candidates per runtime call (larger populations are split).
+    """
+
+    def __init__(self, bundle: Bundle, store: ParamStore, *, threads: int | None = None,
+                 max_population: int = 64) -> None:
+        if not supports_population(bundle, store):
+            raise BundleError("the bundle's population graph does not batch the trainable set")
+        ort = _import_ort()
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.log_severity_level = 3
+        frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
+        path = bundle.files[POP_ROLE]
+        src: Any = baked_model_bytes(path, frozen) if frozen else str(path)
+        self.session = ort.InferenceSession(src, sess_options=so,
+                                            providers=["CPUExecutionProvider"])
+        self.store = store
+        self.input_name = bundle.inputs[0].name
+        self.output_name = bundle.outputs[0].name
+        self.max_population = max_population
+        self._rows: np.ndarray | None = None
+
+    def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
+        """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
+        if pop.fill is None:
+            raise BundleError("this population request cannot fill candidate rows")
+        n = self.store.n_trainable("float32")
+        if self._rows is None:
+            self._rows = np.empty((self.max_population, n), np.float32)
+        outs = []
+        for a in range(0, pop.size, self.max_population):
+            b = min(a + self.max_population, pop.size)
+            pop.fill({"float32": self._rows}, a, b)
+            rows = self._rows[: b - a]
+            feeds = {self.input_name: x}
+            for name, s, e in self.store.segments("float32"):
+                feeds[name] = np.ascontiguousarray(rows[:, s:e]).reshape(
+                    b - a, *self.store[name].shape)
+            outs.append(self.session.run([self.output_name], feeds)[0])
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def memory_bytes(self) -> int:
+        """Bytes of the candidate rows buffer (+ one copy of them as per-parameter inputs)."""
+        return 2 * 4 * self.max_population * self.store.n_trainable("float32")
+
+    def losses(self, pop: Population, x: np.ndarray, y: np.ndarray,
+               loss_fn: Callable[[np.ndarray, np.ndarray], float]) -> list[float]:
+        """loss_fn of every candidate on (x, y)."""
+        out = self.forward(pop, x)
+        return [loss_fn(o, y) for o in out]

@@ -1,0 +1,282 @@
+"""PolyStep: polytope probing in a seeded low-rank subspace, softmax assignment, barycentric step.
+
+After the PolyStep optimizer (anindex/polystep v0.7, `_step_monolithic.py`,
+`hybrid_subspace.py`, `ask_tell.py`): zeroth-order search where each "particle" is a small
+block of subspace coordinates, probed at the vertices of a randomly rotated cross-polytope,
+and moved to the barycentre of the vertices weighted by an entropic (softmax) assignment of
+their costs. Written from the algorithm's description, not from its code.
+
+One step t, for every trainable weight tensor W (m elements) of the chosen arena:
+  * subspace: W = W_t + B^T x with x in R^d, d = min(rank, 8 * ceil(m / 8)); B (d x m) has
+    +-1 entries drawn from (seed, t, column) by `edgelearn.rng` and is regenerated, never
+    stored (one 8 x m block at a time). x is split into particles of 8 coordinates.
+  * particle i: a random rotation R_i in SO(8) (seeded), vertices v_j = +-R_i e_k (16 of them),
+    probe points x_i = r_probe * v_j (the other particles at 0): 16 candidate weight sets.
+  * costs C_ij = loss of candidate (i, j); normalized per particle to [0, 1] by the row range;
+    assignment w_ij = softmax_j(-C_ij / eps_t); step dx_i = r_step * sum_j w_ij v_j.
+  * update W <- W_t + B^T dx (all particles at once, the "monolithic" step).
+eps_t and the radii follow cosine schedules from their initial to their final values over
+`total_steps` (constant without it). Any non-finite probe loss rejects the step: weights stay
+exactly W_t (probes are written from a copy of the probed tensor, so restore is exact).
+
+int8 arenas (weights stored as int8 with exported per-channel scales): the subspace lives in
+units of each channel's quantization step, and every candidate and update is rounded onto the
+int8 grid (deterministic round-half-even, or stochastic rounding from seeded uniforms) and
+saturated at [-127, 127]. There is no float shadow copy of the weights: a step keeps an int8
+copy of the probed tensor and float32 temporaries of one tensor's size.
+
+Population batching: all 16 * P candidates of a step are requested as one `Population`, so a
+backend with a population graph scores them in one runtime call; otherwise the base class
+expands the request into single forwards. The journal record holds the probe losses ("evals")
+plus the schedule values and the step taken; replay re-runs the step on the recorded losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import InputError
+from edgelearn.optim.base import Optimizer, Population, register
+from edgelearn.params import ParamStore
+from edgelearn.rng import Noise, philox_key
+
+BLOCK = 8
+VERTICES = 2 * BLOCK
+ROUNDINGS = ("deterministic", "stochastic")
+ARENAS = ("auto", "float32", "int8")
+# Probe-index domains inside edgelearn.rng's (seed, step, probe) keys, so projection columns,
+# rotations and rounding uniforms never share a stream.
+_PROJ, _ROT, _ROUND = 1 << 24, 2 << 24, 3 << 24
+_RADEMACHER = Noise("rademacher")
+
+
+def projection_block(seed: int, step: int, particle: int, m: int) -> np.ndarray:
+    """The 8 x m block of +-1 projection rows of a particle (float32), one counter stream."""
+    out = np.empty(BLOCK * m, np.float32)
+    _RADEMACHER.fill(out, run_seed=seed, step=step, probe=_PROJ + particle, start=0)
+    return out.reshape(BLOCK, m)
+
+
+def rotation(seed: int, step: int, particle: int) -> np.ndarray:
+    """A random rotation in SO(8) (float64 [8, 8]) for a particle: QR of a seeded Gaussian."""
+    gen = np.random.Generator(np.random.Philox(key=philox_key(seed, step, _ROT + particle)))
+    q, r = np.linalg.qr(gen.standard_normal((BLOCK, BLOCK)))
+    q = q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def vertices(rot: np.ndarray) -> np.ndarray:
+    """The 16 cross-polytope vertices +-R e_k as rows (float64 [16, 8])."""
+    return np.concatenate([rot.T, -rot.T])
+
+
+def assignment(costs: np.ndarray, eps: float) -> np.ndarray:
+    """softmax(-c / eps) of costs normalized to [0, 1] by their range (float64 [16])."""
+    c = np.asarray(costs, np.float64)
+    span = float(c.max() - c.min())
+    c = (c - c.min()) / span if span > 0 else np.zeros_like(c)
+    w = np.exp(-(c - c.min()) / eps)
+    return w / w.sum()
+
+
+def cosine(t: int, total: int | None, start: float, end: float) -> float:
+    """Cosine schedule from `start` (t = 0) to `end` (t >= total); constant without total."""
+    if not total:
+        return start
+    frac = min(t / total, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+@register
+class PolyStep(Optimizer):
+    """PolyStep over the trainable float32 or int8 slice of a ParamStore.
+
+    Args:
+        rank: subspace dimension per weight tensor (a multiple of 8; 8 coordinates = 1 particle).
+        radius: step radius at t = 0 (weight units for float32; quantization steps for int8).
+        radius_final: step radius at the end of the cosine schedule (default radius / 10).
+        probe_radius: probe radius at t = 0 (default = radius); follows the same schedule ratio.
+        eps: softmax temperature on range-normalized costs at t = 0.
+        eps_final: temperature at the end of the schedule (default eps / 10).
+        total_steps: schedule length (None = constant radii and temperature).
+        arena: "auto" (int8 when the store has trainable int8 weights, else float32),
+            "float32" or "int8".
+        rounding: "deterministic" (round half to even) or "stochastic" (int8 only).
+        restore: accepted for the shared CLI/contract; probes always restore exactly from a
+            copy of the probed tensor, so every value behaves the same.
+        seed: run seed.
+    """
+
+    name = "polystep"
+
+    def __init__(
+        self,
+        *,
+        rank: int = 16,
+        radius: float = 0.05,
+        radius_final: float | None = None,
+        probe_radius: float | None = None,
+        eps: float = 0.1,
+        eps_final: float | None = None,
+        total_steps: int | None = None,
+        arena: str = "auto",
+        rounding: str = "deterministic",
+        restore: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed=seed)
+        if not (isinstance(rank, int) and rank >= BLOCK and rank % BLOCK == 0):
+            raise InputError(f"rank must be a positive multiple of {BLOCK}, got {rank!r}")
+        for nm, v in (("radius", radius), ("eps", eps)):
+            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
+                raise InputError(f"{nm} must be a finite number > 0, got {v!r}")
+        for nm, v in (("radius_final", radius_final), ("probe_radius", probe_radius),
+                      ("eps_final", eps_final)):
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise InputError(f"{nm} must be a finite number > 0, got {v!r}")
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps > 0):
+            raise InputError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if arena not in ARENAS:
+            raise InputError(f"arena must be one of {ARENAS}, got {arena!r}")
+        if rounding not in ROUNDINGS:
+            raise InputError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if restore not in ("auto", "copy", "drift"):
+            raise InputError(f"restore must be auto, copy or drift, got {restore!r}")
+        self.rank = rank
+        self.radius = float(radius)
+        self.radius_final = float(radius_final) if radius_final is not None else radius / 10
+        self.probe_radius = float(probe_radius) if probe_radius is not None else float(radius)
+        self.eps = float(eps)
+        self.eps_final = float(eps_final) if eps_final is not None else eps / 10
+        self.total_steps = total_steps
+        self.arena, self.rounding, self.restore = arena, rounding, restore
+
+    def config(self) -> dict[str, Any]:
+        """Hyperparameters (JSON)."""
+        return {"seed": self.seed, "rank": self.rank, "radius": self.radius,
+                "radius_final": self.radius_final, "probe_radius": self.probe_radius,
+                "eps": self.eps, "eps_final": self.eps_final, "total_steps": self.total_steps,
+                "arena": self.arena, "rounding": self.rounding, "restore": self.restore}
+
+    # -- layout -----------------------------------------------------------------------------
+    def dtype_of(self, store: ParamStore) -> str:
+        """The arena this optimizer steps on for `store`."""
+        if self.arena != "auto":
+            return self.arena
+        return "int8" if store.n_trainable("int8") else "float32"
+
+    def particles(self, store: ParamStore) -> list[tuple[int, int]]:
+        """(start, stop) inside the trainable slice of the tensor each particle moves."""
+        out = []
+        for _, a, b in store.segments(self.dtype_of(store)):
+            d = min(self.rank, BLOCK * -(-(b - a) // BLOCK))
+            out += [(a, b)] * (d // BLOCK)
+        return out
+
+    def probes_per_step(self, store: ParamStore) -> int:
+        """Loss evaluations per step (16 per particle)."""
+        return VERTICES * len(self.particles(store))
+
+    def memory_bytes(self, store: ParamStore) -> int:
+        """Copy + projection block + temporaries of the largest tensor (population rows not
+        included: they belong to the evaluator)."""
+        dtype = self.dtype_of(store)
+        m = max((b - a for _, a, b in store.segments(dtype)), default=0)
+        return m * (np.dtype(dtype).itemsize + 4 * BLOCK + 8)
+
+    def schedule(self, t: int) -> tuple[float, float, float]:
+        """(eps, step radius, probe radius) at step t."""
+        r = cosine(t, self.total_steps, self.radius, self.radius_final)
+        return (cosine(t, self.total_steps, self.eps, self.eps_final), r,
+                self.probe_radius * r / self.radius)
+
+    # -- candidates -------------------------------------------------------------------------
+    def _round(self, v: np.ndarray, key: int) -> np.ndarray:
+        """int8 grid: round (deterministic or stochastic) and saturate at +-127."""
+        if self.rounding == "stochastic":
+            gen = np.random.Generator(np.random.Philox(key=philox_key(self.seed, self.t,
+                                                                       _ROUND + key)))
+            v = np.floor(v + gen.random(v.size, dtype=np.float32))
+        else:
+            v = np.rint(v)
+        return np.clip(v, -127, 127).astype(np.int8)
+
+    def _candidate(self, base: np.ndarray, delta: np.ndarray, key: int) -> np.ndarray:
+        """Tensor values of a candidate: base + delta (float32) or on the int8 grid."""
+        if base.dtype == np.int8:
+            return self._round(base.astype(np.float32) + delta, key)
+        return base + delta
+
+    # -- the step ---------------------------------------------------------------------------
+    def _step(self, store: ParamStore) -> Generator[Any, Any, dict[str, Any]]:
+        dtype = self.dtype_of(store)
+        theta = store.flat(dtype)
+        if theta.size == 0:
+            raise InputError(f"polystep needs trainable {dtype} parameters; none are selected")
+        t = self.t
+        eps, r_step, r_probe = self.schedule(t)
+        parts = self.particles(store)
+        k_total = VERTICES * len(parts)
+        rots = [vertices(rotation(self.seed, t, i)) for i in range(len(parts))]
+        cache: dict[str, Any] = {"i": -1, "block": None, "seg": None, "copy": None}
+
+        def block(i: int) -> np.ndarray:
+            if cache["i"] != i:
+                a, b = parts[i]
+                cache["i"], cache["block"] = i, projection_block(self.seed, t, i, b - a)
+            return cache["block"]
+
+        def delta(j: int) -> np.ndarray:
+            i, v = divmod(j, VERTICES)
+            u = (r_probe * rots[i][v]).astype(np.float32)
+            return u @ block(i)
+
+        def restore() -> None:
+            if cache["seg"] is not None:
+                a, b = cache["seg"]
+                theta[a:b] = cache["copy"]
+                cache["seg"] = None
+
+        def place(j: int) -> None:
+            a, b = parts[j // VERTICES]
+            if cache["seg"] != (a, b):
+                restore()
+                cache["seg"], cache["copy"] = (a, b), theta[a:b].copy()
+            theta[a:b] = self._candidate(cache["copy"], delta(j), j)
+
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            rows = out[dtype][: hi - lo]
+            rows[...] = theta
+            for j in range(lo, hi):
+                a, b = parts[j // VERTICES]
+                rows[j - lo, a:b] = self._candidate(theta[a:b], delta(j), j)
+
+        losses = yield Population(k_total, place, fill)
+        restore()
+        finite = all(math.isfinite(v) for v in losses)
+        record: dict[str, Any] = {"eps": eps, "radius": r_step, "probe_radius": r_probe,
+                                  "accepted": finite}
+        if not finite:
+            record["dx"] = []
+            return record
+        dxs = []
+        for i in range(len(parts)):
+            w = assignment(losses[VERTICES * i: VERTICES * (i + 1)], eps)
+            dxs.append((r_step * (w @ rots[i])).astype(np.float32))
+        record["dx"] = [[float(v) for v in dx] for dx in dxs]
+        # Monolithic update: every particle of a tensor moves it at once.
+        i = 0
+        while i < len(parts):
+            a, b = parts[i]
+            acc = np.zeros(b - a, np.float32)
+            while i < len(parts) and parts[i] == (a, b):
+                acc += dxs[i] @ projection_block(self.seed, t, i, b - a)
+                i += 1
+            theta[a:b] = self._candidate(theta[a:b], acc, k_total + a)
+        return record
