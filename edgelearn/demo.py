@@ -30,6 +30,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                "options": {"lr": 0.01, "eps": 1e-3, "probes": 4}},
     # tpSGD on the head alone is exact SGD on the true loss from one taps forward per step.
     "tpsgd": {"trainable": "head.*", "steps": 500, "batch_size": 32, "options": {"lr": 0.1}},
+    # PolyStep scores 16 polytope vertices per 8-dim block through the population graph;
+    # its radius / epsilon follow cosine schedules over the run's steps.
+    "polystep": {"trainable": "head.*", "steps": 300, "batch_size": 32,
+                 "options": {"radius": 0.3}, "schedule": True},
 }
 
 
@@ -108,10 +112,14 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         if name not in REGISTRY:
             continue
         _clear_previous_run(out / name)
+        n_steps = steps or recipe["steps"]
+        options = dict(recipe["options"])
+        if recipe.get("schedule"):
+            options["total_steps"] = n_steps
         t0 = time.perf_counter()
         try:
             run = train(bundle, user_train, out / name, optimizer=name,
-                        options=dict(recipe["options"]), steps=steps or recipe["steps"],
+                        options=options, steps=n_steps,
                         batch_size=recipe["batch_size"], seed=seed,
                         trainable=recipe["trainable"], backend=backend, threads=threads,
                         progress=progress,

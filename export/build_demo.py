@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from export import export_bundle
+from export.population import add_population_graph
 from export.zoo import MLP
 
 DATA = Path(__file__).resolve().parents[1] / "edgelearn" / "data"
@@ -43,8 +44,11 @@ def build(out: Path = DATA, seed: int = 0) -> dict:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
-    return export_bundle(model, xb[:2], out / "demo", trainable="head.*", overwrite=True,
-                         formats=("onnx", "tflite"))
+    summary = export_bundle(model, xb[:2], out / "demo", trainable="head.*", overwrite=True,
+                            formats=("onnx", "tflite"))
+    # PolyStep scores many candidate heads per runtime call through this graph.
+    summary["population"] = add_population_graph(model, xb[:2], out / "demo")
+    return summary
 
 
 if __name__ == "__main__":
