@@ -227,7 +227,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         options["reject_above"] = args.reject_above
     if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
         options = {k: v for k, v in (("lr", args.lr), ("local_loss", args.local_loss),
-                                     ("target_scale", args.target_scale)) if v is not None}
+                                     ("target_scale", args.target_scale),
+                                     ("hidden_lr", args.hidden_lr)) if v is not None}
         if args.objective == "mse":
             options["head_loss"] = "mse"
     elif args.optimizer != "zo-sgd":
@@ -527,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tpsgd hidden-layer loss against the projected label")
     sp.add_argument("--target-scale", type=float, default=1.0,
                     help="tpsgd: std of the random label projections")
+    sp.add_argument("--hidden-lr", type=float, default=None,
+                    help="tpsgd: learning rate of the hidden layers (default: --lr)")
     sp.add_argument("--checkpoint-every", type=_positive, default=100)
     sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
     sp.add_argument("--fsync-seconds", type=float, default=None,

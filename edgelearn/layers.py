@@ -139,16 +139,20 @@ def conv2d_grads(x: np.ndarray, d_z: np.ndarray, kernel: tuple[int, int], *,
     kh, kw = kernel
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
     n, c = x.shape[:2]
     o, ho, wo = d_z.shape[1:]
-    # im2col: one gather into [N*Ho*Wo, C*kh*kw], then a single GEMM
-    cols = win[:, :, :ho, :wo].transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * kh * kw)
-    d2 = d_z.transpose(0, 2, 3, 1).reshape(n * ho * wo, o)
-    gw = (np.ascontiguousarray(d2.T) @ np.ascontiguousarray(cols)).reshape(o, c, kh, kw)
-    return {"weight": gw.astype(np.float32, copy=False), "bias": d2.sum(axis=0)}
+    # im2col as [C, kh, kw, N, Ho, Wo]: one strided slice copy per kernel offset (kh*kw small
+    # copies beat one gather through a 6-d window view), then a single GEMM against
+    # dL/dz as [O, N*Ho*Wo]
+    cols = np.empty((c, kh, kw, n, ho, wo), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw
+            win = xp[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
+            cols[:, i, j] = win.transpose(1, 0, 2, 3)
+    d2 = np.ascontiguousarray(d_z.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
+    gw = (d2 @ cols.reshape(c * kh * kw, n * ho * wo).T).reshape(o, c, kh, kw)
+    return {"weight": gw.astype(np.float32, copy=False), "bias": d2.sum(axis=1)}
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ steps draw fresh noise and batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -75,9 +76,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     bs = min(batch_size, n)
     per_epoch = n // bs
     epoch, i = divmod(step, per_epoch)
+    return _epoch_permutation(n, seed, epoch)[i * bs : (i + 1) * bs].copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    # cached: drawing a permutation of n per step cost more than a small model's forward
     ss = np.random.SeedSequence([seed, _DATA_DOMAIN, epoch])
-    perm = np.random.Generator(np.random.Philox(ss)).permutation(n)
-    return perm[i * bs : (i + 1) * bs]
+    return np.random.Generator(np.random.Philox(ss)).permutation(n)
 
 
 @contextlib.contextmanager

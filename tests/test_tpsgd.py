@@ -235,6 +235,8 @@ def test_state_round_trip_and_errors(bundles, digits) -> None:
     assert fresh.t == 7
     with pytest.raises(EdgelearnError, match="ask/tell"):
         opt.ask(None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="hidden_lr"):
+        make_optimizer("tpsgd", hidden_lr=-1.0)
     with pytest.raises(InputError, match="local_loss"):
         make_optimizer("tpsgd", local_loss="hinge")
     np.testing.assert_array_equal(projection(1, 2, 3, 4, 1.0), projection(1, 2, 3, 4, 1.0))
@@ -247,6 +249,12 @@ def test_frozen_layers_stay_and_bundles_without_taps_are_refused(bundles, digits
                 steps=3, trainable="conv2.*,bn2.*,head.*", threads=1)
     base, after = bundle.load_store(), Model(bundle, weights=res["weights"]).store
     np.testing.assert_array_equal(after["conv1.weight"], base["conv1.weight"])
+    # hidden_lr 0: only the head moves
+    res0 = train(bundle, data, tmp_path / "h", optimizer="tpsgd",
+                 options={"lr": 0.01, "hidden_lr": 0.0}, steps=3, threads=1)
+    after0 = Model(bundle, weights=res0["weights"]).store
+    np.testing.assert_array_equal(after0["conv2.weight"], base["conv2.weight"])
+    assert not np.array_equal(after0["head.weight"], base["head.weight"])
     assert not np.array_equal(after["conv2.weight"], base["conv2.weight"])
     tbundle = Bundle(bundles["transformer"].path)
     x = np.zeros((4, 10, 8), np.float32)
