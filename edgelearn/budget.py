@@ -20,17 +20,11 @@ MARGIN = 1.10
 
 
 def current_rss_mb() -> float:
-    """Resident memory of this process now (MiB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
+    """Resident memory of this process now (MiB); the peak where /proc is missing."""
+    from edgelearn.model import peak_rss_mb, proc_status_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = proc_status_mb("VmRSS")
+    return peak_rss_mb() if rss is None else rss
 
 
 def activation_bytes_per_example(model_path: str | os.PathLike) -> int:

@@ -17,19 +17,28 @@ from edgelearn.errors import InputError
 from edgelearn.losses import accuracy, default_loss, get_loss
 
 
+def proc_status_mb(key: str) -> float | None:
+    """A memory figure of this process from /proc/self/status in MiB ("VmRSS", "VmHWM", ...),
+    or None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB.
 
     Reads VmHWM from /proc (Linux): unlike getrusage's ru_maxrss it is not inherited from the
     parent across fork+exec, so a CLI run started by a big process reports its own peak.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
