@@ -161,3 +161,35 @@ def test_int8_optimizer_trains_on_litert_and_replays(int8_tfl: dict[str, Exporte
     store, steps = replay_journal(bundle, res["journal"])
     assert steps == 40
     assert store.digest() == res["sha256"]  # bit-exact on its own
+
+
+def test_unconvertible_int8_model_ships_onnx_only(tmp_path: Path) -> None:
+    """litert-torch 0.10 has no lowering for linalg.det: the int8 bundle keeps ONNX, says why,
+    and the litert backend refuses it with that reason."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from edgelearn.errors import BundleError
+    from export.quantize import export_int8_bundle
+
+    class Det(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x: Any) -> Any:
+            h = self.lin(x)
+            return torch.linalg.det(h.reshape(h.shape[0], 4, 4)).unsqueeze(1) * h
+
+    torch.manual_seed(0)
+    s = export_int8_bundle(Det(), torch.randn(1, 16), tmp_path / "det",
+                           formats=("onnx", "tflite"), tflite_batch=4)
+    assert s["formats"] == ["onnx"]
+    assert "aten._linalg_det" in s["tflite_skipped"]
+    b = load_bundle(tmp_path / "det")
+    assert b.formats == ["onnx"]
+    assert b.manifest["tflite_skipped"] == s["tflite_skipped"]
+    assert not (tmp_path / "det" / "model.tflite").exists()
+    assert b.params[0].dtype == "int8"
+    with pytest.raises(BundleError, match="_linalg_det"):
+        Model(b, backend="litert")
+    Model(b).predict(np.ones((2, 16), np.float32))  # the ONNX int8 model still runs
