@@ -134,6 +134,7 @@ def test_int8_in_place_edit_seen_by_litert(int8_tfl: dict[str, Exported], strate
         assert model.backend.rebuilds == rebuilds + 1
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(("opt", "trainable", "options"), [
     ("polystep", "head.weight", {"rank": 16, "radius": 2.0, "total_steps": 40}),
     ("zo-scale", None, {"lr": 1e-5, "eps": 1e-4, "probes": 2}),
@@ -141,7 +142,8 @@ def test_int8_in_place_edit_seen_by_litert(int8_tfl: dict[str, Exported], strate
 def test_int8_optimizer_trains_on_litert_and_replays(int8_tfl: dict[str, Exported],
                                                      digits: Dataset, tmp_path: Path, opt: str,
                                                      trainable: str | None,
-                                                     options: dict[str, Any]) -> None:
+                                                     options: dict[str, Any],
+                                                     strategy: str) -> None:
     e = int8_tfl["mlp"]
     bundle = load_bundle(e.path)
     # A new user: shifted pixels (PolyStep on the int8 head) or faint strokes (zo-scale).
@@ -153,7 +155,8 @@ def test_int8_optimizer_trains_on_litert_and_replays(int8_tfl: dict[str, Exporte
     data = Dataset(np.ascontiguousarray(x, np.float32), digits.y[1000:1400])
     before = Model(bundle).evaluate(data)["loss"]
     res = train(bundle, data, tmp_path / "run", optimizer=opt, trainable=trainable,
-                options=options, steps=40, batch_size=64, backend="litert", threads=1)
+                options=options, steps=40, batch_size=64, backend="litert", threads=1,
+                backend_options={"strategy": strategy})
     live = trainable or "*.scale"
     after = Model(bundle, trainable=live, weights=res["weights"], backend="litert",
                   threads=1).evaluate(data)["loss"]
