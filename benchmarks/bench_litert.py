@@ -7,9 +7,11 @@ dropped), the median of:
   forward_ms  one forward with unchanged weights
 for ort (weights live via IOBinding), litert "inputs" (set_tensor per forward, builtin
 kernels) and litert "rebuild" (patch the in-memory const model, re-create XNNPACK).
-Ratios are litert / ort. Prints one JSON object; never asserts.
+Ratios are litert / ort. Prints one JSON object; never asserts. With --int8 the bundles are
+int8 (export/quantize.py: QDQ for ort, int8 inputs dequantized in-graph for litert) and the
+step is zo-scale on the per-channel scales (the int8 weights stay frozen).
 
-    python benchmarks/bench_litert.py [--archs mlp,gru] [--batch 32] [--reps 30]
+    python benchmarks/bench_litert.py [--archs mlp,gru] [--batch 32] [--reps 30] [--int8]
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ BACKENDS = {"ort": ("onnxruntime", {}), "litert_inputs": ("litert", {"strategy":
             "litert_rebuild": ("litert", {"strategy": "rebuild"})}
 
 
-def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dict[str, Any]:
+def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int,
+               int8: bool = False) -> dict[str, Any]:
     import torch
 
     from edgelearn.bundle import load_bundle
@@ -52,9 +55,16 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
 
     factory, kwargs, shape, trainable = ARCHS[arch]
     torch.manual_seed(0)
-    summary = export_bundle(getattr(zoo, factory)(**kwargs), torch.randn(1, *shape),
-                            root / arch, formats=("onnx", "tflite"), atol=1e-4,
-                            tflite_batch=batch)
+    module, example = getattr(zoo, factory)(**kwargs), torch.randn(1, *shape)
+    if int8:
+        from export.quantize import export_int8_bundle
+
+        summary = export_int8_bundle(module, example, root / arch, formats=("onnx", "tflite"),
+                                     atol=1e-4, tflite_batch=batch)
+        trainable = "*.scale"
+    else:
+        summary = export_bundle(module, example, root / arch, formats=("onnx", "tflite"),
+                                atol=1e-4, tflite_batch=batch)
     bundle = load_bundle(root / arch)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *shape)).astype(np.float32)
@@ -63,7 +73,8 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
     for key, (name, opts) in BACKENDS.items():
         model = Model(bundle, backend=name, trainable=trainable, threads=1,
                       backend_options=opts or None)
-        opt = make_optimizer("zo-sgd", lr=1e-4, eps=1e-3, seed=0)
+        opt = (make_optimizer("zo-scale", lr=1e-5, eps=1e-4, seed=0) if int8 else
+               make_optimizer("zo-sgd", lr=1e-4, eps=1e-3, seed=0))
         runs[key] = (model, opt)
     step_t: dict[str, list[float]] = {k: [] for k in runs}
     fwd_t: dict[str, list[float]] = {k: [] for k in runs}
@@ -90,7 +101,8 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
     best = min(("litert_inputs", "litert_rebuild"), key=step.__getitem__)
     return {
         "params": summary["params"], "trainable": trainable,
-        "exporter_choice": summary["tflite_strategy"]["choice"],
+        "exporter_choice": json.loads((root / arch / "manifest.json").read_text())
+        ["tflite"]["strategy"]["choice"],
         "step_ms": step, "forward_ms": fwd,
         "step_ratio_litert_best_vs_ort": step[best] / step["ort"],
         "step_ratio_inputs_vs_ort": step["litert_inputs"] / step["ort"],
@@ -105,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--blocks", type=int, default=3)
+    p.add_argument("--int8", action="store_true", help="int8 bundles, zo-scale step")
     a = p.parse_args(argv)
     out: dict[str, Any] = {"machine": {"platform": platform.platform(),
                                        "python": platform.python_version()},
-                           "batch": a.batch, "threads": 1, "archs": {}}
+                           "batch": a.batch, "threads": 1, "int8": a.int8, "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.archs.split(","):
-            out["archs"][arch] = bench_arch(Path(tmp), arch, a.batch, a.reps, a.blocks)
+            out["archs"][arch] = bench_arch(Path(tmp), arch, a.batch, a.reps, a.blocks,
+                                           a.int8)
     print(json.dumps(out, sort_keys=True))
     return 0
 

@@ -11,7 +11,9 @@ point stays a graph constant. The manifest records for W: quant = {scale, zero_p
 scale_param} and for W.scale: quant = {role: "scale", of: W}.
 
 This is weight-only QDQ (activations stay float32): what on-device ZO training of int8 weights
-needs. Parity reference: the torch model with each W replaced by
+needs. With formats ("onnx", "tflite") the bundle also carries int8 TFLite graphs
+(export/tflite_export.py): W an int8 input dequantized in-graph as float(W) * W.scale. Parity
+reference: the torch model with each W replaced by
 `torch.fake_quantize_per_channel_affine(W, s, 0, 0, -127, 127)` (the exporter checks it; the
 tests check outputs agree within one output quantization step).
 """
@@ -101,6 +103,8 @@ def export_int8_bundle(
     parity_batch_sizes: Sequence[int] = (1, 3, 8),
     atol: float = 1e-5,
     overwrite: bool = False,
+    formats: Sequence[str] = ("onnx",),
+    tflite_batch: int = 32,
 ) -> dict[str, Any]:
     """Export `model` with int8 QDQ weights; returns the export summary (+ "quantized").
 
@@ -115,7 +119,13 @@ def export_int8_bundle(
         parity_batch_sizes: batch sizes of the parity check.
         atol: largest tolerated |torch fake-quant - onnxruntime int8| on the outputs.
         overwrite: replace an existing bundle.
+        formats: "onnx" (always) and optionally "tflite" (int8 inputs dequantized in-graph; a
+            model litert-torch cannot convert ships ONNX only, reason in "tflite_skipped").
+        tflite_batch: the fixed batch of the TFLite graphs (the device pads / chunks).
     """
+    if set(formats) - {"onnx", "tflite"} or "onnx" not in formats:
+        raise ExportError(f"formats {list(formats)}: int8 bundles support ('onnx',) or "
+                          "('onnx', 'tflite')")
     model = model.eval()
     example = _as_tuple(example_inputs)
     out_dir = Path(out_dir)
@@ -191,6 +201,19 @@ def export_int8_bundle(
         manifest["parity"] = {"onnx": {"max_abs_err": err, "atol": atol, "reference":
                                        "torch fake_quantize_per_channel_affine",
                                        "batch_sizes": list(parity_batch_sizes)}}
+        if "tflite" in formats:
+            from export.tflite_export import add_tflite
+
+            tfl_err = add_tflite(
+                bundle_dir, model, example,
+                {e["name"]: torch.from_numpy(new_values[e["name"]]) for e in entries},
+                [t["name"] for t in manifest["inputs"]], [t["name"] for t in manifest["outputs"]],
+                manifest, batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
+                atol=atol, quant={n: f"{n}.scale" for n in qnames}, reference=ref)
+            if tfl_err is not None:
+                err = max(err, tfl_err)
+                manifest["quantization"]["tflite"] = ("int8 weight inputs dequantized in-graph: "
+                                                      "float(W) * W.scale (CAST + MUL)")
         (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -203,6 +226,8 @@ def export_int8_bundle(
         "params": sum(int(v.size) for v in new_values.values()),
         "trainable_params": sum(int(new_values[n].size) for n in chosen),
         "quantized": qnames,
-        "formats": ["onnx"],
+        "formats": ["onnx", "tflite"] if "tflite" in manifest["files"] else ["onnx"],
         "parity_max_abs_err": err,
+        **({"tflite_skipped": manifest["tflite_skipped"]} if "tflite_skipped" in manifest
+           else {}),
     }

@@ -9,6 +9,9 @@ tensors (through `torch.func.functional_call`, as for ONNX):
                       those bytes from the arena and re-creates an XNNPACK interpreter from the
                       in-memory model (XNNPACK packs constants when it is created, so patching
                       a live interpreter would be silently ignored).
+int8 bundles (export/quantize.py): each quantized weight W is an int8 input (or constant) and
+W.scale a float32 one; the graph dequantizes in-graph, W = float(W) * W.scale[:, None, ...]
+(litert-torch lowers it to CAST + RESHAPE + MUL), so the device binds the int8 arena as is.
 litert-torch 0.10 cannot lower a symbolic batch dimension, and its graphs carry static reshape
 shapes (resize_tensor_input fails for CNN/GRU/transformer), so both files have a fixed batch;
 the device pads smaller batches and chunks larger ones (every zoo model is per-example in eval
@@ -51,21 +54,45 @@ def _schema() -> Any:
     return schema
 
 
+class _Dequantized(nn.Module):
+    """forward(*inputs, *params): functional_call with each int8 W read as float(W) * scale."""
+
+    def __init__(self, model: nn.Module, names: list[str], n_inputs: int,
+                 quant: dict[str, str]) -> None:
+        super().__init__()
+        self.model, self.names, self.n_inputs, self.quant = model, names, n_inputs, quant
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        from torch.func import functional_call
+
+        inputs, vals = args[: self.n_inputs], args[self.n_inputs :]
+        ps = dict(zip(self.names, vals, strict=True))
+        for w, s in self.quant.items():
+            q, scale = ps[w], ps.pop(s)
+            ps[w] = q.to(torch.float32) * scale.reshape(-1, *([1] * (q.ndim - 1)))
+        return functional_call(self.model, ps, inputs)
+
+
 def convert(model: nn.Module, example: tuple[torch.Tensor, ...],
-            params: dict[str, torch.Tensor], *, batch: int) -> bytes:
+            params: dict[str, torch.Tensor], *, batch: int,
+            quant: dict[str, str] | None = None) -> bytes:
     """Flatbuffer of functional_call(model, params, inputs) with every parameter an input.
 
     Args:
         model: torch module in eval mode.
         example: example inputs (their batch dim is replaced by `batch`).
-        params: parameter name -> tensor (float32), in the order they become inputs.
+        params: parameter name -> tensor (float32; int8 for quantized weights), in the order
+            they become inputs.
         batch: the fixed batch size of the TFLite graph.
+        quant: int8 weight name -> its float32 scale parameter's name (both in `params`);
+            None = a float model.
     Returns: the serialized model (signature "serving_default", inputs args_0..args_{n-1}).
     """
     from export.onnx_export import _Functional, _with_batch
 
     litert_torch = _import_litert_torch()
-    wrapper = _Functional(model, list(params), len(example)).eval()
+    wrapper = (_Dequantized(model, list(params), len(example), quant) if quant else
+               _Functional(model, list(params), len(example))).eval()
     xs = tuple(_with_batch(x, batch, 0) for x in example)
     try:
         # litert-torch prints progress on stdout; `export --json` owns stdout.
@@ -126,7 +153,7 @@ def bake_constants(model_bytes: bytes, values: dict[str, np.ndarray],
 
     Args:
         model_bytes: flatbuffer whose parameters are signature inputs.
-        values: parameter name -> float32 array (torch layout, as the input expects).
+        values: parameter name -> array (torch layout and dtype, as the input expects).
         input_of: parameter name -> signature input name.
     Returns: (flatbuffer, parameter name -> (byte offset, nbytes) of its data in the file).
     """
@@ -144,7 +171,7 @@ def bake_constants(model_bytes: bytes, values: dict[str, np.ndarray],
         if list(tensor.shape) != list(arr.shape):
             raise TfliteExportError(f"{pname!r}: TFLite input shape {list(tensor.shape)} != "
                                     f"{list(arr.shape)}")
-        model.buffers.append(_AlignedBufferT(np.ascontiguousarray(arr, np.float32).tobytes()))
+        model.buffers.append(_AlignedBufferT(np.ascontiguousarray(arr).tobytes()))
         tensor.buffer = len(model.buffers) - 1
         baked[tidx] = pname
     sub.inputs = [i for i in sub.inputs if i not in baked]
@@ -168,14 +195,15 @@ def bake_constants(model_bytes: bytes, values: dict[str, np.ndarray],
 
 def write_tflite(model: nn.Module, example: tuple[torch.Tensor, ...],
                  params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
-                 out_dir: Path, *, batch: int) -> dict[str, Any]:
+                 out_dir: Path, *, batch: int,
+                 quant: dict[str, str] | None = None) -> dict[str, Any]:
     """Write model.tflite and model_const.tflite into `out_dir`; returns the manifest section.
 
     The section maps bundle names to TFLite signature names: {"batch", "inputs": {data name:
     sig name}, "outputs": {...}, "params": {param name: sig name}, "const": {param name:
     [offset, nbytes]}}.
     """
-    raw = convert(model, example, params, batch=batch)
+    raw = convert(model, example, params, batch=batch, quant=quant)
     ins, outs = signature_io(raw)
     n_in = len(example)
     names = list(params)
@@ -223,14 +251,17 @@ def _time_strategy(bundle_dir: Path, example: tuple[torch.Tensor, ...], strategy
 def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
                params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
                manifest: dict[str, Any], *, batch: int, parity_batch_sizes: list[int],
-               atol: float, timing_reps: int = 10) -> float | None:
+               atol: float, timing_reps: int = 10, quant: dict[str, str] | None = None,
+               reference: nn.Module | None = None) -> float | None:
     """Add the TFLite files to a bundle being exported and update `manifest` in place.
 
     Conversion failures are recorded as manifest["tflite_skipped"] (the bundle keeps ONNX
     only) and return None; a parity failure raises (a converter that silently computes
     something else must not ship). Otherwise returns the worst |torch - LiteRT| over both
     strategies and `parity_batch_sizes` (plus one batch above the fixed TFLite batch, which
-    runs chunked), and records which strategy was faster here.
+    runs chunked), and records which strategy was faster here. For an int8 bundle, `quant`
+    maps each int8 weight to its scale parameter (see `convert`) and `reference` is the torch
+    model the device must match (the fake-quantized one).
     """
     import json
 
@@ -239,7 +270,7 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
 
     try:
         section = write_tflite(model, example, params, in_names, out_names, bundle_dir,
-                               batch=batch)
+                               batch=batch, quant=quant)
     except TfliteExportError as e:
         for f in ("model.tflite", "model_const.tflite"):
             (bundle_dir / f).unlink(missing_ok=True)
@@ -255,7 +286,8 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
     worst = 0.0
     for strategy in STRATEGIES_HOST:
         for live in ("*", ""):
-            worst = max(worst, parity_check(bundle_dir, model, example, sizes, live=live,
+            worst = max(worst, parity_check(bundle_dir, reference or model, example, sizes,
+                                            live=live,
                                             backend="litert",
                                             backend_options={"strategy": strategy}))
     if not worst <= atol:

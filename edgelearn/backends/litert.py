@@ -12,6 +12,8 @@ measured (benchmarks/bench_litert.py; README "LiteRT backend"):
              interpreter from that memory (XNNPACK packs constants at creation, so patching a
              live interpreter would be silently ignored; a model loaded by path is a read-only
              mmap). Recreation costs ~0.1-1 ms; the forward then runs at baked XNNPACK speed.
+int8 bundles work the same way: quantized weights are int8 inputs / constants (set or patched
+straight from the int8 arena) dequantized in-graph with their float32 `.scale` parameters.
 The bundle's manifest names the strategy the exporter measured fastest for that model; an
 explicit `strategy=` overrides it. TFLite graphs from litert-torch have a fixed batch: smaller
 batches are zero-padded, larger ones run in chunks (models are per-example in eval mode).
@@ -123,7 +125,7 @@ class LiteRTBackend:
                 view = store[name]
                 if view.nbytes != nbytes or off < 0 or off + nbytes > len(self._model):
                     raise BundleError(f"tflite const slot of {name!r} does not fit the model")
-                self._slots[name] = np.frombuffer(self._model, np.float32, view.size, off)
+                self._slots[name] = np.frombuffer(self._model, view.dtype, view.size, off)
                 self._patch(name, view)
             self._live = [(store[n], n) for n in store.trainable_names if n in self._slots]
             it = self._interp(model_content=self._model)
@@ -135,7 +137,7 @@ class LiteRTBackend:
 
     def _patch(self, name: str, view: np.ndarray) -> None:
         off = int(self.section["const"][name][0])
-        src = np.ascontiguousarray(view, np.float32)
+        src = np.ascontiguousarray(view)  # float32, or int8 for a quantized weight
         ctypes.memmove(self._base + off, src.ctypes.data, src.nbytes)
 
     def _sync(self) -> None:
