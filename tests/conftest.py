@@ -99,3 +99,17 @@ def load_stress_module() -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def pretrain_on_digits(module: Any, digits: Dataset, *, steps: int = 150, n: int = 1000,
+                       lr: float = 1e-2) -> Any:
+    """Full-batch Adam on the first `n` digits (torch; host side), in place; returns module."""
+    import torch
+
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    x, y = torch.from_numpy(digits.x[:n]), torch.from_numpy(digits.y[:n])
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+    return module

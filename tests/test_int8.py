@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import pretrain_on_digits
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -28,13 +29,7 @@ def int8_mlp(digits, tmp_path_factory) -> tuple[Path, object]:
     from export.zoo import MLP
 
     torch.manual_seed(0)
-    module = MLP()
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(digits.x[:1000]), torch.from_numpy(digits.y[:1000])
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(module(x), y).backward()
-        opt.step()
+    module = pretrain_on_digits(MLP(), digits)
     path = tmp_path_factory.mktemp("int8") / "mlp"
     export_int8_bundle(module, torch.randn(1, 64), path)
     return path, module.eval()

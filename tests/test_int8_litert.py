@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Exported
+from conftest import Exported, pretrain_on_digits
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -40,12 +40,7 @@ def int8_tfl(digits: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[
         torch.manual_seed(0)
         module = factory()
         if name == "mlp":
-            opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-            x, y = torch.from_numpy(digits.x[:1000]), torch.from_numpy(digits.y[:1000])
-            for _ in range(150):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(module(x), y).backward()
-                opt.step()
+            pretrain_on_digits(module, digits)
         summary = export_int8_bundle(module, torch.randn(1, *shape), root / name,
                                      formats=("onnx", "tflite"), tflite_batch=TFLITE_BATCH)
         out[name] = Exported(root / name, module.eval(), (1, *shape), summary)
