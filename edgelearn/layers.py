@@ -14,7 +14,7 @@ import numpy as np
 
 from edgelearn.errors import BundleError
 
-KINDS = ("linear", "conv2d", "gru")
+KINDS = ("linear", "conv1d", "conv2d", "gru")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
 
 
@@ -23,13 +23,14 @@ class Layer:
     """One trainable layer of a bundle (a manifest "layers" record).
 
     Args:
-        name: module name. kind: linear | conv2d | gru. head: True for the output layer.
+        name: module name. kind: linear | conv1d | conv2d | gru. head: True for the output layer.
         params: role (weight, bias, weight_ih, ...) -> parameter name.
         activation: relu | tanh | sigmoid | none (after the optional batch norm).
         input / preact / output / raw: tap names (model input or taps-graph outputs); raw is the
             conv/linear output before batch norm.
         bn: batch norm after the layer (eval affine): parameter names and eps, or None.
-        stride / padding / dilation: conv2d geometry [h, w].
+        stride / padding / dilation: conv2d geometry [h, w]; conv1d: (1, s), (0, p), (1, d),
+            i.e. the geometry of the same conv seen as a conv2d over [N, C, 1, L].
     """
 
     name: str
@@ -58,6 +59,12 @@ def _pair(v: Any, what: str) -> tuple[int, int]:
     return v[0], v[1]
 
 
+def _single(v: Any, what: str) -> int:
+    if not (isinstance(v, list) and len(v) == 1 and type(v[0]) is int and v[0] >= 0):
+        raise BundleError(f"manifest.json: conv1d layer {what} must be one integer, got {v!r}")
+    return v[0]
+
+
 def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]:
     """Validate the manifest's "layers" records against the parameter names."""
     recs = manifest.get("layers", [])
@@ -83,6 +90,9 @@ def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]
         geo = {}
         if r["kind"] == "conv2d":
             geo = {k: _pair(r.get(k), k) for k in ("stride", "padding", "dilation")}
+        elif r["kind"] == "conv1d":
+            s, p, d = (_single(r.get(k), k) for k in ("stride", "padding", "dilation"))
+            geo = {"stride": (1, s), "padding": (0, p), "dilation": (1, d)}
         out.append(Layer(name=str(r.get("name")), kind=r["kind"], head=bool(r.get("head")),
                          params=dict(params), activation=r["activation"], input=r.get("input"),
                          preact=r.get("preact"), output=r.get("output"), raw=r.get("raw"),
@@ -153,6 +163,20 @@ def conv2d_grads(x: np.ndarray, d_z: np.ndarray, kernel: tuple[int, int], *,
     d2 = np.ascontiguousarray(d_z.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
     gw = (d2 @ cols.reshape(c * kh * kw, n * ho * wo).T).reshape(o, c, kh, kw)
     return {"weight": gw.astype(np.float32, copy=False), "bias": d2.sum(axis=1)}
+
+
+def conv1d_grads(x: np.ndarray, d_z: np.ndarray, kernel: int, *, stride: int, padding: int,
+                 dilation: int) -> dict[str, np.ndarray]:
+    """Conv1d (groups=1) weight/bias gradients: the conv2d im2col over [N, C, 1, L].
+
+    Args:
+        x: input [N, C, L]; d_z: dL/d(conv output) [N, O, Lo]; kernel: k (time steps).
+    Returns: {"weight": [O, C, k], "bias": [O]}.
+    """
+    g = conv2d_grads(x[:, :, None, :], d_z[:, :, None, :], (1, kernel), stride=(1, stride),
+                     padding=(0, padding), dilation=(1, dilation))
+    g["weight"] = g["weight"].reshape(g["weight"].shape[0], g["weight"].shape[1], kernel)
+    return g
 
 
 def _sigmoid(v: np.ndarray) -> np.ndarray:

@@ -68,7 +68,10 @@ def _local_forward(model: nn.Module, layer: Mapping, p: Mapping[str, torch.Tenso
         sub = {f"{role}_l0": p[n] for role, n in layer["params"].items()}
         out, _ = functional_call(gru, sub, (x,))
         return out[:, -1]
-    if layer["kind"] == "conv2d":
+    if layer["kind"] == "conv1d":
+        z = f.conv1d(x, w, b, stride=layer["stride"], padding=layer["padding"],
+                     dilation=layer["dilation"])
+    elif layer["kind"] == "conv2d":
         z = f.conv2d(x, w, b, stride=layer["stride"], padding=layer["padding"],
                      dilation=layer["dilation"])
     else:

@@ -6,9 +6,13 @@ the model with torch.fx, recognises the supported layer patterns and returns a G
 whose forward returns `(model output, *taps)` plus the manifest "layers" records that name
 those taps. Supported patterns (anything else raises TapsError naming the node):
 
-  Linear | Conv2d  [-> BatchNorm1d/2d (eval: a fixed per-channel affine)]  -> relu|tanh|sigmoid
+  Linear | Conv1d | Conv2d  [-> BatchNorm1d/2d (eval: a fixed per-channel affine)]
+      -> relu|tanh|sigmoid
   GRU (1 layer, unidirectional, batch_first, no initial state) -> its output sequence
   Linear as the model's output (the head; it trains on the true loss)
+
+Between layers any parameter-free ops may sit (flatten, pooling, a mean over time): a layer's
+input is tapped wherever it comes from, so nothing between layers is differentiated.
 
 Parameter names are unchanged (fx keeps the module hierarchy), so the taps graph takes the
 same weight inputs as model.onnx.
@@ -37,6 +41,10 @@ class TapsError(EdgelearnError):
 
 def _pair(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _single(v: Any) -> list[int]:
+    return [int(v)] if isinstance(v, int) else [int(a) for a in v]
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
@@ -101,11 +109,11 @@ def trace_layers(model: nn.Module, input_name: str = "x"
             continue
         mod = gm.get_submodule(str(node.target))
         name = str(node.target)
-        if not isinstance(mod, nn.Linear | nn.Conv2d | nn.GRU):
+        if not isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.GRU):
             if any(p.requires_grad for p in mod.parameters(recurse=False)) and not isinstance(
                     mod, nn.BatchNorm1d | nn.BatchNorm2d):
                 raise TapsError(f"layer {name!r} is a {type(mod).__name__}, which tpsgd does not "
-                                "support (Linear, Conv2d, GRU)")
+                                "support (Linear, Conv1d, Conv2d, GRU)")
             continue
         if len(node.args) != 1 or node.kwargs:
             raise TapsError(f"layer {name!r} is called with more than one input")
@@ -131,12 +139,14 @@ def trace_layers(model: nn.Module, input_name: str = "x"
         params = {"weight": f"{name}.weight"}
         if mod.bias is not None:
             params["bias"] = f"{name}.bias"
-        if isinstance(mod, nn.Conv2d):
+        if isinstance(mod, nn.Conv1d | nn.Conv2d):
+            kind = "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
             if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                raise TapsError(f"Conv2d {name!r}: tpsgd supports groups=1, zero padding given "
-                                "as numbers")
-            rec.update(kind="conv2d", stride=_pair(mod.stride), padding=_pair(mod.padding),
-                       dilation=_pair(mod.dilation))
+                raise TapsError(f"{type(mod).__name__} {name!r}: tpsgd supports groups=1, zero "
+                                "padding given as numbers")
+            geo = _single if kind == "conv1d" else _pair
+            rec.update(kind=kind, stride=geo(mod.stride), padding=geo(mod.padding),
+                       dilation=geo(mod.dilation))
         else:
             rec["kind"] = "linear"
         if node is final:

@@ -15,7 +15,7 @@ import pytest
 
 from edgelearn.data import Dataset
 
-ZOO_NAMES = ("mlp", "cnn", "gru", "transformer", "two_norms")
+ZOO_NAMES = ("mlp", "cnn", "gru", "transformer", "two_norms", "conv1d")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,14 @@ import pytest
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import EdgelearnError, InputError
-from edgelearn.layers import act_grad, bn_backward, conv2d_grads, gru_grads, linear_grads
+from edgelearn.layers import (
+    act_grad,
+    bn_backward,
+    conv1d_grads,
+    conv2d_grads,
+    gru_grads,
+    linear_grads,
+)
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
 from edgelearn.optim.tpsgd import projection
@@ -86,6 +93,30 @@ def test_conv2d_local_gradient_matches_autograd(stride, padding, dilation, bn) -
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize(("stride", "padding", "dilation"), [(1, 0, 1), (2, 0, 1), (2, 2, 2)])
+def test_conv1d_local_gradient_matches_autograd(stride, padding, dilation) -> None:
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 4, 23)) * 0.3).astype(np.float32)
+    w = (rng.standard_normal((6, 4, 5)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(6) * 0.1).astype(np.float32)
+    tw, tb = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    pre = f.conv1d(torch.from_numpy(x), tw, tb, stride=stride, padding=padding,
+                   dilation=dilation)
+    a = torch.relu(pre)
+    t = torch.from_numpy(rng.standard_normal(a.shape).astype(np.float32))
+    ref = torch.autograd.grad(_local_mse(a, t, 3), [tw, tb])
+    an = a.detach().numpy()
+    d = act_grad("relu", pre.detach().numpy(), an, (an - t.numpy()) / np.float32(3))
+    g = conv1d_grads(x, d, 5, stride=stride, padding=padding, dilation=dilation)
+    assert g["weight"].shape == w.shape
+    assert np.abs(ref[0].numpy()).max() > 0.01  # not a vacuous comparison
+    np.testing.assert_allclose(g["weight"], ref[0].numpy(), atol=ATOL)
+    np.testing.assert_allclose(g["bias"], ref[1].numpy(), atol=ATOL)
+
+
+@pytest.mark.torch
 def test_gru_local_gradient_matches_autograd() -> None:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -110,7 +141,7 @@ def test_gru_local_gradient_matches_autograd() -> None:
 @pytest.mark.torch
 def test_taps_export_records_layers(bundles) -> None:
     for name, kinds in (("mlp", ["linear", "linear"]), ("cnn", ["conv2d", "conv2d", "linear"]),
-                        ("gru", ["gru", "linear"])):
+                        ("gru", ["gru", "linear"]), ("conv1d", ["conv1d", "conv1d", "linear"])):
         b = Bundle(bundles[name].path)
         assert "onnx_taps" in b.files
         layers = b.manifest["layers"]
@@ -129,6 +160,9 @@ def _digits_for(name: str, digits: Dataset) -> Dataset:
     if name == "gru":  # any [N, 12, 6] sequence works for parity
         x = np.random.default_rng(0).standard_normal((64, 12, 6)).astype(np.float32)
         return Dataset(x, digits.y[:64] % 6)
+    if name == "conv1d":  # [N, 100, 6] windows, 7 classes (the HAR example's shape)
+        x = np.random.default_rng(0).standard_normal((64, 100, 6)).astype(np.float32)
+        return Dataset(x, digits.y[:64] % 7)
     return digits
 
 
@@ -136,7 +170,7 @@ def _digits_for(name: str, digits: Dataset) -> Dataset:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gru"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gru", "conv1d"])
 def test_full_step_matches_torch_reference(name: str, bundles, digits: Dataset) -> None:
     torch = pytest.importorskip("torch")
     from export.reference import tpsgd_step

@@ -9,14 +9,15 @@ label onto the whole C x H x W activation.
 One step, on the batch (x, y):
   1. ONE forward of the taps graph (model_taps.onnx) returns every trainable layer's input,
      pre-activation and activation output (and the logits).
-  2. For hidden layer i with activation output a_i [N, D_i] (conv: D_i = C*H*W; GRU: the final
-     hidden state), a fixed random projection B_i [classes, D_i] of the one-hot label gives the
-     local target t_i = onehot(y) B_i. The local loss is
+  2. For hidden layer i with activation output a_i [N, D_i] (conv: D_i = C*H*W or C*L; GRU:
+     the final hidden state), a fixed random projection B_i [classes, D_i] of the one-hot
+     label gives the local target t_i = onehot(y) B_i. The local loss is
         "mse":  L_i = 0.5/N * ||a_i - t_i||^2         (tpSGD: delta = (a - t) * f'(z))
         "drtp": L_i = -1/N * <a_i, t_i>               (DRTP: delta = -t * f'(z))
      and its exact gradient w.r.t. that layer's own weights is computed in numpy from the
-     layer's taps (edgelearn.layers: linear, conv2d by im2col, batch norm in eval form,
-     GRU by backprop through time inside the layer). The output layer uses the true loss.
+     layer's taps (edgelearn.layers: linear, conv2d by im2col, conv1d as a 1 x L conv2d,
+     batch norm in eval form, GRU by backprop through time inside the layer). The output
+     layer uses the true loss.
   3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
      its taps are dropped. No gradient crosses a layer boundary.
 B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
@@ -45,6 +46,7 @@ from edgelearn.layers import (
     Layer,
     act_grad,
     bn_backward,
+    conv1d_grads,
     conv2d_grads,
     gru_grads,
     linear_grads,
@@ -284,6 +286,10 @@ class TPSGD(Optimizer):
         if layer.kind == "linear":
             return linear_grads(x, d_pre), bn_grads, value
         w = store[layer.params["weight"]]
+        if layer.kind == "conv1d":
+            g = conv1d_grads(x, d_pre, w.shape[2], stride=layer.stride[1],
+                             padding=layer.padding[1], dilation=layer.dilation[1])
+            return g, bn_grads, value
         g = conv2d_grads(x, d_pre, (w.shape[2], w.shape[3]), stride=layer.stride,
                          padding=layer.padding, dilation=layer.dilation)
         return g, bn_grads, value
