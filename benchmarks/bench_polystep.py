@@ -25,24 +25,15 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 
-def _timed(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 def _compare(path: Path, x: np.ndarray, y: np.ndarray, reps: int) -> dict:
     """Time single-call vs population-graph PolyStep steps (and a ZO-SGD step) on a bundle."""
     from edgelearn.backends.ort_population import OrtPopulation
+    from edgelearn.bench import median_ms
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
@@ -69,11 +60,11 @@ def _compare(path: Path, x: np.ndarray, y: np.ndarray, reps: int) -> dict:
     batched()
     s_ms, p_ms, z_ms = [], [], []
     for _ in range(reps):
-        s_ms.append(_timed(single, 1))
-        p_ms.append(_timed(batched, 1))
-        z_ms.append(_timed(lambda: zo.step(store, ev), 1))
+        s_ms.append(median_ms(single, 1, warmup=0))
+        p_ms.append(median_ms(batched, 1, warmup=0))
+        z_ms.append(median_ms(lambda: zo.step(store, ev), 1, warmup=0))
     s, p, z = (statistics.median(v) for v in (s_ms, p_ms, z_ms))
-    fwd = _timed(lambda: model.predict(x), 30)
+    fwd = median_ms(lambda: model.predict(x), 30, warmup=0)
     return {
         "trainable_params": store.n_trainable("float32"),
         "probes_per_step": probes, "forward_ms": fwd,
@@ -89,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from edgelearn.bench import median_ms
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
@@ -126,9 +118,10 @@ def main() -> None:
         export_int8_bundle(module, torch.randn(1, 64), path)
         model = Model(load_bundle(path), trainable="head.weight", threads=2)
         opt = make_optimizer("polystep", rank=16, radius=2.0, seed=0)
-        fwd = _timed(lambda: model.predict(x), 30)
-        step = _timed(lambda: opt.step(model.store,
-                                       lambda: cross_entropy(model.predict(x), y)), reps)
+        fwd = median_ms(lambda: model.predict(x), 30, warmup=0)
+        step = median_ms(lambda: opt.step(model.store,
+                                          lambda: cross_entropy(model.predict(x), y)), reps,
+                         warmup=0)
         out["int8"] = {"model": "mlp_64_256_10 int8 QDQ", "trainable": "head.weight (int8)",
                        "probes_per_step": opt.probes_per_step(model.store),
                        "forward_ms": fwd, "step_ms_single": step,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from onnx_models import mlp_onnx, package_model, quantize_qdq
 
+from edgelearn.bench import median_ms
 from edgelearn.bundle import load_bundle
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
@@ -101,16 +101,6 @@ def quantize_qdq_input(src: Path, dst: Path, name: str, x: np.ndarray) -> Path:
     return dst
 
 
-def _median_ms(fn: Any, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 def run_case(c: dict[str, Any], tmp: Path, repeats: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = prepare_onnx(c["src"], tmp / c["name"], example=c["example"], new_head=c["head"],
@@ -127,9 +117,9 @@ def run_case(c: dict[str, Any], tmp: Path, repeats: int) -> dict[str, Any]:
         y = live.backend.forward(feeds)[out_name]
         return float(np.mean(np.square(y, dtype=np.float64)))
 
-    fwd = _median_ms(lambda: baked.backend.forward(feeds), repeats)
-    fwd_live = _median_ms(lambda: live.backend.forward(feeds), repeats)
-    step = _median_ms(lambda: opt.step(live.store, loss), repeats)
+    fwd = median_ms(lambda: baked.backend.forward(feeds), repeats, warmup=1)
+    fwd_live = median_ms(lambda: live.backend.forward(feeds), repeats, warmup=1)
+    step = median_ms(lambda: opt.step(live.store, loss), repeats, warmup=1)
     batch = next(iter(feeds.values())).shape[0] if next(iter(feeds.values())).ndim else 1
     return {
         "source_bytes": Path(c["src"]).stat().st_size,

@@ -22,7 +22,8 @@ from edgelearn.model import Model, peak_rss_mb
 from edgelearn.optim import REGISTRY, make_optimizer
 
 
-def _median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
+    """Median wall time of `fn()` over `runs` calls after `warmup` untimed ones, in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -59,14 +60,14 @@ def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = N
     x, y = random_batch(bundle, batch_size)
     baked = Model(bundle, backend=backend, trainable=(), threads=threads)
     live = Model(bundle, backend=backend, trainable=trainable, threads=threads)
-    fwd_baked = _median_ms(lambda: baked.predict(x), runs)
-    fwd_live = _median_ms(lambda: live.predict(x), runs)
+    fwd_baked = median_ms(lambda: baked.predict(x), runs)
+    fwd_live = median_ms(lambda: live.predict(x), runs)
     loss_fn = get_loss(default_loss(bundle.task))
     step_ms: dict[str, float | str] = {}
     for name in sorted(REGISTRY):
         try:
             opt = make_optimizer(name)
-            step_ms[name] = _median_ms(
+            step_ms[name] = median_ms(
                 lambda opt=opt: opt.step(live.store, lambda: loss_fn(live.predict(x), y)),
                 steps, warmup=2)
         except (EdgelearnError, TypeError, NotImplementedError) as e:
