@@ -228,7 +228,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
         options = {k: v for k, v in (("lr", args.lr), ("local_loss", args.local_loss),
                                      ("target_scale", args.target_scale),
-                                     ("hidden_lr", args.hidden_lr)) if v is not None}
+                                     ("hidden_lr", args.hidden_lr),
+                                     ("target_on", args.target_on)) if v is not None}
         if args.objective == "mse":
             options["head_loss"] = "mse"
     elif args.optimizer != "zo-sgd":
@@ -524,10 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="undo an update that makes the loss worse (1 extra forward)")
     sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
     sp.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
-    sp.add_argument("--local-loss", default="mse", choices=["mse", "drtp"],
+    sp.add_argument("--local-loss", default="mse", choices=["mse", "l1", "drtp"],
                     help="tpsgd hidden-layer loss against the projected label")
-    sp.add_argument("--target-scale", type=float, default=1.0,
+    sp.add_argument("--target-scale", type=float, default=3.0,
                     help="tpsgd: std of the random label projections")
+    sp.add_argument("--target-on", default="pooled", choices=["pooled", "activation"],
+                    help="tpsgd: put a layer's target after its own pooling (when the "
+                         "exporter recorded one) or on its activation output")
     sp.add_argument("--hidden-lr", type=float, default=None,
                     help="tpsgd: learning rate of the hidden layers (default: --lr)")
     sp.add_argument("--checkpoint-every", type=_positive, default=100)

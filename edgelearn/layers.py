@@ -31,6 +31,9 @@ class Layer:
         bn: batch norm after the layer (eval affine): parameter names and eps, or None.
         stride / padding / dilation: conv2d geometry [h, w]; conv1d: (1, s), (0, p), (1, d),
             i.e. the geometry of the same conv seen as a conv2d over [N, C, 1, L].
+        post: the parameter-free ops (pooling, mean, trailing reshape) between the activation
+            output and `target`, in order (see `post_backward`); empty when none were recorded.
+        target: tap at the end of `post` (where tpSGD puts the layer's local target), or None.
     """
 
     name: str
@@ -46,6 +49,8 @@ class Layer:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     dilation: tuple[int, int] = (1, 1)
+    post: tuple[dict[str, Any], ...] = ()
+    target: str | None = None
 
     def param_names(self) -> list[str]:
         """Every parameter this layer's local update may touch (its own and its batch norm's)."""
@@ -93,11 +98,147 @@ def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]
         elif r["kind"] == "conv1d":
             s, p, d = (_single(r.get(k), k) for k in ("stride", "padding", "dilation"))
             geo = {"stride": (1, s), "padding": (0, p), "dilation": (1, d)}
+        post = _parse_post(r)
         out.append(Layer(name=str(r.get("name")), kind=r["kind"], head=bool(r.get("head")),
                          params=dict(params), activation=r["activation"], input=r.get("input"),
                          preact=r.get("preact"), output=r.get("output"), raw=r.get("raw"),
-                         bn=bn, **geo))
+                         bn=bn, post=post, target=r.get("target") if post else None, **geo))
     return out
+
+
+_MAX_POST = 8
+
+
+def _parse_post(r: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """Validate a layer record's "post" ops and "target" tap (both or neither)."""
+    post, target, name = r.get("post"), r.get("target"), r.get("name")
+    if post is None and target is None:
+        return ()
+    bad = BundleError(f"manifest.json: layer {name!r} has malformed post ops / target")
+    if (not isinstance(post, list) or not 0 < len(post) <= _MAX_POST
+            or not isinstance(target, str) or r.get("head") or r.get("kind") == "gru"):
+        raise bad
+    ops = []
+    for op in post:
+        if not isinstance(op, dict):
+            raise bad
+        kind = op.get("op")
+        if kind in ("maxpool", "avgpool"):
+            dims = op.get("dims")
+            if dims not in (1, 2) or set(op) != {"op", "dims", "kernel", "stride"}:
+                raise bad
+            k, st = op["kernel"], op["stride"]
+            if not all(isinstance(v, list) and len(v) == dims
+                       and all(type(i) is int and 0 < i <= 4096 for i in v) for v in (k, st)):
+                raise bad
+            pad = [1] * (2 - dims)
+            ops.append({"op": kind, "dims": dims, "kernel": (*pad, *k), "stride": (*pad, *st)})
+        elif kind == "mean":
+            dims, keep = op.get("dims"), op.get("keepdim")
+            if (not isinstance(dims, list) or not dims or not isinstance(keep, bool)
+                    or not all(type(d) is int and 0 < d < 8 for d in dims)
+                    or len(set(dims)) != len(dims)):
+                raise bad
+            ops.append({"op": "mean", "dims": tuple(sorted(dims)), "keepdim": keep})
+        elif kind == "reshape":
+            ops.append({"op": "reshape"})
+        else:
+            raise bad
+    kinds = [o["op"] for o in ops]
+    if "reshape" in kinds and any(k != "reshape" for k in kinds[kinds.index("reshape"):]):
+        raise bad  # reshapes only trail (the device derives every other op's shape)
+    return tuple(ops)
+
+
+def _pool_out(size: int, k: int, s: int) -> int:
+    return (size - k) // s + 1
+
+
+def _post_forward(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """One post op forward (needed only to feed a max pool that is not the first op)."""
+    if op["op"] == "mean":
+        return x.mean(axis=op["dims"], keepdims=op["keepdim"], dtype=np.float32)
+    x4 = x[:, :, None, :] if op["dims"] == 1 else x
+    (kh, kw), (sh, sw) = op["kernel"], op["stride"]
+    ho, wo = _pool_out(x4.shape[2], kh, sh), _pool_out(x4.shape[3], kw, sw)
+    wins = [x4[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    y = np.maximum.reduce(wins) if op["op"] == "maxpool" else np.add.reduce(wins) / (kh * kw)
+    return y[:, :, 0] if op["dims"] == 1 else y
+
+
+def post_backward(ops: tuple[dict[str, Any], ...], a: np.ndarray, d_target: np.ndarray
+                  ) -> np.ndarray:
+    """dL/da from dL/d(target), back through a layer's post ops (max/avg pool, mean, reshape).
+
+    Max pooling routes each window's gradient to its first maximum in row-major order (as
+    torch does, so ties match). Pools have no padding and drop the remainder (floor mode).
+
+    Args:
+        ops: the layer's parsed post ops. a: activation output [N, C, ...] (float32).
+        d_target: dL/d(end of the chain), any shape with the chain end's element count.
+    Returns: dL/da, float32, shaped like a.
+    """
+    core = [op for op in ops if op["op"] != "reshape"]  # reshapes only trail: no backward
+    ins = [a]
+    for k, op in enumerate(core[:-1]):
+        # a later max pool needs real values to find its maxima; anything else only shapes
+        need = any(o["op"] == "maxpool" for o in core[k + 1:])
+        ins.append(_post_forward(op, ins[-1]) if need else _shape_only(op, ins[-1]))
+    grad = d_target
+    for op, x in reversed(list(zip(core, ins, strict=True))):
+        grad = _op_backward(op, x, grad)
+    return grad.reshape(a.shape)
+
+
+def _shape_only(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
+    """A zero-stride array with the shape `op` gives `x` (when only the shape is needed)."""
+    if op["op"] == "mean":
+        shape = list(x.shape)
+        for d in op["dims"]:
+            shape[d] = 1
+        if not op["keepdim"]:
+            shape = [s for i, s in enumerate(shape) if i not in op["dims"]]
+    else:
+        (kh, kw), (sh, sw) = op["kernel"], op["stride"]
+        shape = list(x.shape)
+        shape[-1] = _pool_out(shape[-1], kw, sw)
+        if op["dims"] == 2:
+            shape[-2] = _pool_out(shape[-2], kh, sh)
+    return np.broadcast_to(np.float32(0), tuple(shape))
+
+
+def _op_backward(op: dict[str, Any], x: np.ndarray, d_y: np.ndarray) -> np.ndarray:
+    """dL/dx of one post op given its input x and dL/d(output) (any shape of the output size)."""
+    kind = op["op"]
+    if kind == "mean":
+        shape = list(x.shape)
+        for dd in op["dims"]:
+            shape[dd] = 1
+        count = int(np.prod([x.shape[dd] for dd in op["dims"]]))
+        g = d_y.reshape(shape) / np.float32(count)
+        return np.ascontiguousarray(np.broadcast_to(g, x.shape), dtype=np.float32)
+    x4 = x[:, :, None, :] if op["dims"] == 1 else x
+    n, c, h, w = x4.shape
+    (kh, kw), (sh, sw) = op["kernel"], op["stride"]
+    ho, wo = _pool_out(h, kh, sh), _pool_out(w, kw, sw)
+    d4 = d_y.reshape(n, c, ho, wo).astype(np.float32, copy=False)
+    out = np.zeros((n, c, h, w), np.float32)
+    if kind == "avgpool":
+        g = d4 / np.float32(kh * kw)
+        for i in range(kh):
+            for j in range(kw):
+                out[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += g
+    else:
+        wins = np.stack([x4[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                         for i in range(kh) for j in range(kw)], axis=-1)
+        first = wins.argmax(axis=-1)  # first maximum in window order, as torch picks
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            hit = np.where(first == k, d4, np.float32(0))
+            # += also covers overlapping windows (stride < kernel) that share a position
+            out[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += hit
+    return out[:, :, 0] if op["dims"] == 1 else out
 
 
 def act_grad(activation: str, preact: np.ndarray, out: np.ndarray, d_out: np.ndarray

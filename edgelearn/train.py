@@ -52,7 +52,7 @@ import numpy as np
 from edgelearn.budget import plan_batch
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
-from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
@@ -147,10 +147,18 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     if backend != "onnxruntime":
         raise InputError(f"{opt.name} runs on the onnxruntime backend only: the layer-taps graph "
                          "is exported as ONNX (no TFLite taps graph yet)")
-    opt.setup(parse_layers(bundle.manifest, {p.name for p in bundle.params}), store)  # type: ignore[attr-defined]
+    layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
+    opt.setup(layers, store)  # type: ignore[attr-defined]
     be = make_backend(backend, bundle, threads=threads, graph="onnx_taps")
     be.bind(store)
     in_name = bundle.inputs[0].name
+    have = {in_name, *(o.name for o in be.session.get_outputs())}
+    missing = sorted({t for layer in layers
+                      for t in (layer.input, layer.preact, layer.output, layer.raw, layer.target)
+                      if t is not None} - have)
+    if missing:
+        raise BundleError(f"manifest.json: layer taps {missing[:4]} are not outputs of the taps "
+                          "graph")
 
     def at(step: int) -> Callable[[], Any]:
         idx = batch_indices(len(data), batch_size, step, seed)

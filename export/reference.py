@@ -85,6 +85,22 @@ def _local_forward(model: nn.Module, layer: Mapping, p: Mapping[str, torch.Tenso
     return act(z)
 
 
+def _post(layer: Mapping, a: torch.Tensor) -> torch.Tensor:
+    """The layer's recorded post ops (pooling, mean, reshape) applied by torch's own ops."""
+    f = torch.nn.functional
+    for op in layer.get("post", []):
+        if op["op"] in ("maxpool", "avgpool"):
+            fn = {("maxpool", 1): f.max_pool1d, ("maxpool", 2): f.max_pool2d,
+                  ("avgpool", 1): f.avg_pool1d, ("avgpool", 2): f.avg_pool2d}[
+                op["op"], op["dims"]]
+            a = fn(a, op["kernel"], op["stride"])
+        elif op["op"] == "mean":
+            a = a.mean(dim=op["dims"], keepdim=op["keepdim"])
+        else:
+            a = a.flatten(1)
+    return a
+
+
 def tpsgd_step(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -96,6 +112,7 @@ def tpsgd_step(
     lr: float,
     trainable: set[str],
     local_loss: str = "mse",
+    target_on: str = "pooled",
 ) -> dict[str, torch.Tensor]:
     """One tpSGD step ("Learning with Local Gradients at the Edge", 2022) by torch autograd.
 
@@ -107,10 +124,13 @@ def tpsgd_step(
         model: torch module (eval mode).
         params: name -> float32 tensor of every parameter and float buffer.
         layers: the manifest's "layers" records (head last).
-        projections: layer index -> B_i [classes, D_i] (from edgelearn.optim.tpsgd.projection).
+        projections: layer index -> B_i [classes, D_i] (from edgelearn.optim.tpsgd.projection),
+            D_i the size of the layer's target point (see target_on).
         inputs: input batch. labels: int64 [N].
         lr: learning rate. trainable: names of the parameters to update.
-        local_loss: "mse" (0.5/N ||a - B y||^2) or "drtp" (-1/N <a, B y>).
+        local_loss: "mse" (0.5/N ||a - B y||^2), "l1" (1/N |a - B y|_1) or "drtp"
+            (-1/N <a, B y>).
+        target_on: "pooled" (a after the layer's recorded post ops) or "activation".
     Returns: name -> updated tensor for every trainable parameter a layer owns.
     """
     captured: dict[str, torch.Tensor] = {}
@@ -137,9 +157,15 @@ def tpsgd_step(
         if layer["head"]:
             loss = torch.nn.functional.cross_entropy(a, labels)
         else:
+            if target_on == "pooled":
+                a = _post(layer, a)
             t = projections[i][labels].reshape(a.shape)
-            loss = (0.5 * ((a - t) ** 2).sum() / n if local_loss == "mse"
-                    else -(a * t).sum() / n)
+            if local_loss == "mse":
+                loss = 0.5 * ((a - t) ** 2).sum() / n
+            elif local_loss == "l1":
+                loss = (a - t).abs().sum() / n
+            else:
+                loss = -(a * t).sum() / n
         grads = torch.autograd.grad(loss, [p[o] for o in own])
         for o, g in zip(own, grads, strict=True):
             new[o] = (params[o] - lr * g).detach()

@@ -12,7 +12,11 @@ those taps. Supported patterns (anything else raises TapsError naming the node):
   Linear as the model's output (the head; it trains on the true loss)
 
 Between layers any parameter-free ops may sit (flatten, pooling, a mean over time): a layer's
-input is tapped wherever it comes from, so nothing between layers is differentiated.
+input is tapped wherever it comes from. A hidden layer's own pooling belongs to it: the chain
+of MaxPool/AvgPool (1d/2d, no padding), AdaptiveAvgPool(1), mean over dims, then
+flatten/view/reshape that follows its activation is recorded as the layer's "post" ops, and the
+end of that chain is tapped as its "target": tpSGD puts the projected label there (as DRTP does
+after pooling) and differentiates the pooling in numpy. Any other op ends the chain.
 
 Parameter names are unchanged (fx keeps the module hierarchy), so the taps graph takes the
 same weight inputs as model.onnx.
@@ -62,6 +66,73 @@ def _activation(gm: fx.GraphModule, node: fx.Node | None) -> str | None:
     if node.op == "call_module":
         return _ACT_MODULES.get(type(gm.get_submodule(str(node.target))))
     return None
+
+
+def _ints(v: Any, n: int) -> list[int]:
+    return [int(v)] * n if isinstance(v, int) else [int(a) for a in v]
+
+
+def _post_op(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
+    """The "post" record of a parameter-free op that may follow a layer's activation, or None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, nn.MaxPool1d | nn.MaxPool2d | nn.AvgPool1d | nn.AvgPool2d):
+            dims = 1 if isinstance(mod, nn.MaxPool1d | nn.AvgPool1d) else 2
+            kernel = _ints(mod.kernel_size, dims)
+            stride = _ints(mod.stride if mod.stride is not None else mod.kernel_size, dims)
+            if (any(_ints(mod.padding, dims)) or mod.ceil_mode
+                    or (isinstance(mod, nn.MaxPool1d | nn.MaxPool2d)
+                        and any(d != 1 for d in _ints(mod.dilation, dims)))
+                    or getattr(mod, "divisor_override", None) is not None):
+                return None
+            kind = "maxpool" if isinstance(mod, nn.MaxPool1d | nn.MaxPool2d) else "avgpool"
+            return {"op": kind, "dims": dims, "kernel": kernel, "stride": stride}
+        if isinstance(mod, nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d):
+            dims = 1 if isinstance(mod, nn.AdaptiveAvgPool1d) else 2
+            if any(o != 1 for o in _ints(mod.output_size, dims)):
+                return None
+            return {"op": "mean", "dims": list(range(2, 2 + dims)), "keepdim": True}
+        if isinstance(mod, nn.Flatten):
+            return {"op": "reshape"} if mod.start_dim == 1 and mod.end_dim == -1 else None
+        return None
+    if node.op not in ("call_method", "call_function"):
+        return None
+    fn = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args = node.args[1:]
+    if fn == "mean":
+        dim = node.kwargs.get("dim", args[0] if args else None)
+        keep = node.kwargs.get("keepdim", args[1] if len(args) > 1 else False)
+        if dim is None or not isinstance(keep, bool) or set(node.kwargs) - {"dim", "keepdim"}:
+            return None
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, list | tuple) else []
+        if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+            return None  # negative dims would need the rank; dim 0 is the batch
+        return {"op": "mean", "dims": sorted(dims), "keepdim": keep}
+    if fn == "flatten":
+        start = node.kwargs.get("start_dim", args[0] if args else 0)
+        end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        return {"op": "reshape"} if start == 1 and end == -1 else None
+    if fn in ("view", "reshape") and node.op == "call_method":
+        return {"op": "reshape"}
+    return None
+
+
+def _post_chain(gm: fx.GraphModule, act: fx.Node) -> tuple[list[dict[str, Any]], fx.Node | None]:
+    """The pooling/reshape ops that follow a layer's activation alone, and the chain's end."""
+    ops: list[dict[str, Any]] = []
+    end, node = None, _only_user(act)
+    while node is not None:
+        op = _post_op(gm, node)
+        # a reshape may only trail: the device gets every other op's shape from the previous
+        if op is None or (ops and ops[-1]["op"] == "reshape" and op["op"] != "reshape"):
+            break
+        ops.append(op)
+        end, node = node, _only_user(node)
+    while ops and ops[-1]["op"] == "reshape" and not any(o["op"] != "reshape" for o in ops):
+        ops.pop()  # a reshape alone changes nothing a flat target sees
+    if not ops:
+        return [], None
+    return ops, end
 
 
 def _describe(node: fx.Node | None) -> str:
@@ -177,6 +248,10 @@ def trace_layers(model: nn.Module, input_name: str = "x"
         rec.update(params=params, activation=act, input=tap(node.args[0], f"{name}:in"),
                    raw=None if raw is None else tap(raw, f"{name}:raw"),
                    preact=tap(cur, f"{name}:pre"), output=tap(nxt, f"{name}:out"), bn=bn)
+        post, end = _post_chain(gm, nxt)
+        if post:
+            assert end is not None
+            rec.update(post=post, target=tap(end, f"{name}:pooled"))
         records.append(rec)
     heads = [r for r in records if r["head"]]
     if len(heads) != 1:

@@ -18,6 +18,8 @@ from edgelearn.layers import (
     conv2d_grads,
     gru_grads,
     linear_grads,
+    parse_layers,
+    post_backward,
 )
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
@@ -138,6 +140,55 @@ def test_gru_local_gradient_matches_autograd() -> None:
 # -- exporter: taps graph and layer records ---------------------------------------------------
 
 
+_POOL2 = {"op": "maxpool", "dims": 2, "kernel": [2, 2], "stride": [2, 2]}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("post", [
+    [_POOL2],
+    [{"op": "maxpool", "dims": 2, "kernel": [3, 2], "stride": [1, 2]}, {"op": "reshape"}],
+    [{"op": "avgpool", "dims": 2, "kernel": [2, 3], "stride": [2, 1]}],
+    [{"op": "mean", "dims": [2, 3], "keepdim": True}, {"op": "reshape"}],
+    [{"op": "avgpool", "dims": 2, "kernel": [2, 2], "stride": [1, 1]}, _POOL2],
+    [{"op": "maxpool", "dims": 1, "kernel": [3], "stride": [2]},
+     {"op": "mean", "dims": [2], "keepdim": False}],
+])
+def test_post_ops_backward_matches_autograd(post) -> None:
+    """Pooling after a layer: numpy backward == autograd, ties routed as torch routes them."""
+    torch = pytest.importorskip("torch")
+    from export.reference import _post
+
+    rng = np.random.default_rng(1)
+    shape = (4, 3, 7, 9) if post[0]["dims"] == 2 or post[0]["op"] == "mean" else (4, 3, 11)
+    # relu-like maps: many exact zeros and repeated values make ties in most windows
+    a = np.maximum(np.round(rng.standard_normal(shape), 1), 0).astype(np.float32)
+    ta = torch.from_numpy(a).requires_grad_(True)
+    out = _post({"post": post}, ta)
+    d = torch.from_numpy(rng.standard_normal(tuple(out.shape)).astype(np.float32))
+    (g,) = torch.autograd.grad((out * d).sum(), [ta])
+    ops = parse_layers({"layers": [{"name": "l", "kind": "linear", "params": {},
+                                    "activation": "relu", "post": post, "target": "t"}]},
+                       set())[0].post
+    got = post_backward(ops, a, d.numpy().reshape(-1))
+    assert got.shape == a.shape
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, g.numpy(), atol=1e-6)
+
+
+def test_post_records_are_validated() -> None:
+    from edgelearn.errors import BundleError
+
+    base = {"name": "l", "kind": "linear", "params": {}, "activation": "relu", "target": "t"}
+    for post in ([], [{"op": "maxpool", "dims": 3, "kernel": [2], "stride": [2]}],
+                 [{"op": "maxpool", "dims": 2, "kernel": [0, 2], "stride": [2, 2]}],
+                 [{"op": "reshape"}, _POOL2], [{"op": "mean", "dims": [0], "keepdim": True}],
+                 [{"op": "gather"}], "maxpool", [_POOL2] * 9):
+        with pytest.raises(BundleError, match="post ops"):
+            parse_layers({"layers": [{**base, "post": post}]}, set())
+    with pytest.raises(BundleError, match="post ops"):
+        parse_layers({"layers": [{**base, "post": [_POOL2], "target": None}]}, set())
+
+
 @pytest.mark.torch
 def test_taps_export_records_layers(bundles) -> None:
     for name, kinds in (("mlp", ["linear", "linear"]), ("cnn", ["conv2d", "conv2d", "linear"]),
@@ -148,6 +199,16 @@ def test_taps_export_records_layers(bundles) -> None:
         assert [r["kind"] for r in layers] == kinds
         assert [r["head"] for r in layers] == [False] * (len(kinds) - 1) + [True]
         assert b.manifest["parity"]["onnx_taps"]["max_abs_err"] <= 1e-5
+    # each hidden layer's own pooling is recorded, ending at the next layer's input tap
+    cnn = Bundle(bundles["cnn"].path).manifest["layers"]
+    pool = {"op": "maxpool", "dims": 2, "kernel": [2, 2], "stride": [2, 2]}
+    assert cnn[0]["post"] == [pool]
+    assert cnn[0]["target"] == cnn[1]["input"]
+    assert cnn[1]["post"] == [pool, {"op": "reshape"}]
+    assert cnn[1]["target"] == cnn[2]["input"]
+    c1d = Bundle(bundles["conv1d"].path).manifest["layers"]
+    assert "post" not in c1d[0]  # relu feeds conv2 directly
+    assert c1d[1]["post"] == [{"op": "mean", "dims": [2], "keepdim": False}]
     # a structure tpsgd cannot handle still exports, and the manifest says why
     m = Bundle(bundles["transformer"].path).manifest
     assert m["layers"] == []
@@ -170,8 +231,13 @@ def _digits_for(name: str, digits: Dataset) -> Dataset:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gru", "conv1d"])
-def test_full_step_matches_torch_reference(name: str, bundles, digits: Dataset) -> None:
+@pytest.mark.parametrize(("name", "local_loss", "target_on"),
+                         [("mlp", "mse", "pooled"), ("cnn", "mse", "pooled"),
+                          ("cnn", "l1", "pooled"), ("cnn", "drtp", "activation"),
+                          ("gru", "mse", "pooled"), ("conv1d", "mse", "pooled"),
+                          ("conv1d", "l1", "activation")])
+def test_full_step_matches_torch_reference(name: str, local_loss: str, target_on: str, bundles,
+                                           digits: Dataset) -> None:
     torch = pytest.importorskip("torch")
     from export.reference import tpsgd_step
 
@@ -179,7 +245,8 @@ def test_full_step_matches_torch_reference(name: str, bundles, digits: Dataset) 
     bundle = Bundle(ex.path)
     data = _digits_for(name, digits)
     store = bundle.load_store()
-    opt = make_optimizer("tpsgd", lr=0.1, seed=3)
+    opt = make_optimizer("tpsgd", lr=0.1, seed=3, local_loss=local_loss, target_on=target_on,
+                         target_scale=2.0)
     at = taps_evaluator(bundle, store, data, opt, batch_size=16, seed=5, threads=1)
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
     opt.step(store, at(0))
@@ -188,11 +255,13 @@ def test_full_step_matches_torch_reference(name: str, bundles, digits: Dataset) 
     classes = bundle.outputs[0].shape[-1]
     proj = {}
     for i, r in enumerate(layers[:-1]):
+        point = r["target"] if target_on == "pooled" and "target" in r else r["output"]
         width = (r["hidden"] if r["kind"] == "gru" else
-                 int(np.prod(_tap_shape(bundle, store, data, r["output"]))))
-        proj[i] = torch.from_numpy(projection(3, i, classes, width, 1.0))
+                 int(np.prod(_tap_shape(bundle, store, data, point))))
+        proj[i] = torch.from_numpy(projection(3, i, classes, width, 2.0))
     new = tpsgd_step(ex.module, params, layers, proj, torch.from_numpy(data.x[idx]),
-                     torch.from_numpy(data.y[idx]), lr=0.1, trainable=set(store.trainable_names))
+                     torch.from_numpy(data.y[idx]), lr=0.1, trainable=set(store.trainable_names),
+                     local_loss=local_loss, target_on=target_on)
     assert set(new) == {n for n in store.trainable_names}
     for n, v in new.items():
         np.testing.assert_allclose(store[n], v.numpy(), atol=ATOL, err_msg=n)
@@ -295,6 +364,22 @@ def test_frozen_layers_stay_and_bundles_without_taps_are_refused(bundles, digits
     with pytest.raises(InputError, match="taps"):
         train(tbundle, Dataset(x, np.zeros(4, np.int64)), tmp_path / "t",
               optimizer="tpsgd", steps=1)
+
+
+def test_layer_records_naming_absent_taps_are_refused(bundles, digits, tmp_path) -> None:
+    import shutil
+
+    from edgelearn.errors import BundleError
+
+    copy = tmp_path / "cnn"
+    shutil.copytree(bundles["cnn"].path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["layers"][0]["target"] = "not-a-tap"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="not-a-tap"):
+        train(Bundle(copy), _digits_for("cnn", digits), tmp_path / "r", optimizer="tpsgd",
+              steps=1, threads=1)
+    assert not (tmp_path / "r" / "journal.bin").exists()
 
 
 def test_cli_train_and_replay_with_data(capsys, bundles, digits_npz, tmp_path) -> None:
