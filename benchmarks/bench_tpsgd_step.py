@@ -6,7 +6,8 @@ Usage:
 
 Prints ONE JSON object on stdout; progress on stderr; never asserts. For every model, batch size
 and trainable set, measured side by side in this process (ORT and BLAS on 1 thread, random
-inputs, blocks of the three timings interleaved, medians of block medians):
+inputs, blocks of the three timings interleaved, each block ~2 s (--quick: 0.3 s), medians of
+block medians):
   forward_ms       one plain forward of model.onnx with the same trainable set bound live
                    (frozen weights baked, as `edgelearn train` runs it).
   taps_forward_ms  one forward of model_taps.onnx alone (every layer's taps copied out).
@@ -19,6 +20,9 @@ inputs, blocks of the three timings interleaved, medians of block medians):
                    (forward + gradient GEMM FLOPs) / forward FLOPs is the ratio a step cannot
                    beat when the taps forward costs a plain forward and GEMMs run at the
                    forward's FLOP rate.
+  floor            the same floor measured: the trainable layers' bare dW GEMMs timed alone
+                   (random operands of the step's shapes), (forward + GEMMs) / forward, and
+                   how far the step is above forward + GEMMs.
 Trainable sets: "all" (every layer) and "last2" (head + last hidden layer, the
 personalization case). The models are exported by a child process, so torch's threads never run
 beside the timings.
@@ -71,8 +75,9 @@ def export_all(out: Path) -> None:
         export_bundle(module, torch.randn(1, *shape), out / name)
 
 
-def layer_flops(bundle: Any, store: Any, x: np.ndarray) -> list[tuple[str, list[str], float]]:
-    """(layer name, its parameter names, forward FLOPs on batch x) per layer record."""
+def layer_flops(bundle: Any, store: Any, x: np.ndarray
+                ) -> list[tuple[str, list[str], float, tuple[int, int, int]]]:
+    """(name, parameter names, forward FLOPs on batch x, dW GEMM (M, K, N)) per layer record."""
     from edgelearn.backends.ort import OrtBackend
     from edgelearn.layers import parse_layers
 
@@ -85,13 +90,34 @@ def layer_flops(bundle: Any, store: Any, x: np.ndarray) -> list[tuple[str, list[
     for layer in layers:
         w = store[layer.params["weight"]]
         z = taps[layer.preact]  # [N, out] or [N, O, Ho, Wo]
-        macs = z.size * int(np.prod(w.shape[1:]))  # each output: in (or C*kh*kw) MACs
-        out.append((layer.name, layer.param_names(), 2.0 * macs))
+        fan_in = int(np.prod(w.shape[1:]))  # in, or C*kh*kw
+        macs = z.size * fan_in
+        gemm = (w.shape[0], z.size // w.shape[0], fan_in)  # dW [O, fan_in] over N*Ho*Wo
+        out.append((layer.name, layer.param_names(), 2.0 * macs, gemm))
     return out
 
 
-def measure(bundle: Any, glob: str, batch: int, runs: int, blocks: int) -> dict[str, Any]:
-    """Forward / taps forward / step timings of one bundle, trainable set and batch size."""
+def gemm_ms(shapes: list[tuple[int, int, int]], runs: int) -> float:
+    """Median time of the bare weight-gradient GEMMs [M, K] @ [K, N] (float32, 1 thread)."""
+    from threadpoolctl import threadpool_limits
+
+    from edgelearn.bench import median_ms
+
+    rng = np.random.default_rng(0)
+    mats = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32))
+            for m, k, n in shapes]  # B stored [N, K] and used transposed, as conv2d_grads does
+    with threadpool_limits(limits=1, user_api="blas"):
+        return median_ms(lambda: [a @ b.T for a, b in mats], runs)
+
+
+def measure(bundle: Any, glob: str, batch: int, block_s: float, blocks: int) -> dict[str, Any]:
+    """Forward / taps forward / step timings of one bundle, trainable set and batch size.
+
+    Args:
+        block_s: wall time one block of (forwards, taps forwards, steps) should take; the
+            number of runs per timing is set from one probe of each.
+        blocks: interleaved blocks; figures are medians of the block medians.
+    """
     from edgelearn.bench import median_ms, random_batch
     from edgelearn.data import Dataset
     from edgelearn.model import Model
@@ -120,16 +146,20 @@ def measure(bundle: Any, glob: str, batch: int, runs: int, blocks: int) -> dict[
     fwd, taps, step, split = [], [], [], []
     tpsgd_mod._sub = timed_sub  # type: ignore[assignment]
     try:
+        probe = sum(median_ms(fn, 3, warmup=2) for fn in (lambda: plain.predict(xb), evaluate,
+                                                          lambda: opt.step(store, evaluate)))
+        runs = int(min(max(1e3 * block_s / probe, 10), 2000))
         for _ in range(blocks):
             fwd.append(median_ms(lambda: plain.predict(xb), runs))
             taps.append(median_ms(evaluate, runs))
-            for _ in range(runs + 3):
+            for i in range(runs + 3):  # 3 warm-up steps per block
                 taps_times.clear()
                 sub_times.clear()
                 t0 = time.perf_counter()
                 opt.step(store, evaluate)
                 total = time.perf_counter() - t0
-                split.append((total, taps_times[0], sum(sub_times)))
+                if i >= 3:
+                    split.append((total, taps_times[0], sum(sub_times)))
             step.append(float(np.median([s[0] for s in split[-runs:]])) * 1e3)
     finally:
         tpsgd_mod._sub = real_sub  # type: ignore[assignment]
@@ -139,10 +169,11 @@ def measure(bundle: Any, glob: str, batch: int, runs: int, blocks: int) -> dict[
     t_grad = float(np.median(sp[:, 0] - sp[:, 1] - sp[:, 2])) * 1e3
     flops = layer_flops(bundle, store, xb)
     trainable = set(store.trainable_names)
-    fwd_flops = sum(fl for _, _, fl in flops)
-    grad_flops = sum(fl for _, names, fl in flops if trainable & set(names))
+    fwd_flops = sum(fl for _, _, fl, _ in flops)
+    grad_flops = sum(fl for _, names, fl, _ in flops if trainable & set(names))
+    g_ms = gemm_ms([g for _, names, _, g in flops if trainable & set(names)], runs)
     return {
-        "forward_ms": f, "taps_forward_ms": tp, "step_ms": s,
+        "runs_per_block": runs, "forward_ms": f, "taps_forward_ms": tp, "step_ms": s,
         "step_over_forward": s / f, "taps_over_forward": tp / f,
         "split_ms": {"taps_forward": t_taps, "local_gradients": t_grad, "updates": t_upd},
         "trainable_params": store.n_trainable("float32"),
@@ -150,6 +181,8 @@ def measure(bundle: Any, glob: str, batch: int, runs: int, blocks: int) -> dict[
                   "floor_ratio": (fwd_flops + grad_flops) / fwd_flops,
                   "forward_gflops_per_s": fwd_flops / f / 1e6,
                   "step_gflops_per_s": (fwd_flops + grad_flops) / s / 1e6},
+        "floor": {"gradient_gemms_ms": g_ms, "forward_plus_gemms_over_forward": (f + g_ms) / f,
+                  "step_over_forward_plus_gemms": s / (f + g_ms)},
     }
 
 
@@ -164,7 +197,7 @@ def main() -> None:
     from edgelearn.bundle import Bundle
 
     batches = [32] if args.quick else [32, 256]
-    runs, blocks = (5, 2) if args.quick else (15, 3)
+    block_s, blocks = (0.3, 2) if args.quick else (2.0, 3)
     with tempfile.TemporaryDirectory(prefix="bench_tpsgd_step") as tmp:
         log("exporting models (child process)")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -176,7 +209,7 @@ def main() -> None:
             raise SystemExit(f"export failed (exit {child.returncode})")
         out: dict[str, Any] = {
             "note": "2 shared vCPUs under load by other jobs; ORT and BLAS on 1 thread",
-            "runs": runs, "blocks": blocks, "results": {}}
+            "block_s": block_s, "blocks": blocks, "results": {}}
         for name, (_, _, _, globs) in MODELS.items():
             bundle = Bundle(Path(tmp) / name)
             for batch in batches:
@@ -184,7 +217,7 @@ def main() -> None:
                     key = f"{name}/b{batch}/{which}"
                     log(key)
                     out["results"][key] = {"trainable": glob,
-                                           **measure(bundle, glob, batch, runs, blocks)}
+                                           **measure(bundle, glob, batch, block_s, blocks)}
     print(json.dumps(out, indent=1))
 
 
