@@ -102,3 +102,15 @@ def test_reused_outputs_equal_fresh_ones_and_are_overwritten_next_call(bundles, 
     store["head.bias"][:] += 1.0  # in-place weight edits are seen through reused outputs too
     np.testing.assert_allclose(be.forward({name: x[16:21]}, reuse_outputs=True)["logits"],
                                fresh(x[16:21])["logits"], atol=0)
+
+
+def test_chunked_float64_sum_is_bit_identical_to_numpy_sum() -> None:
+    from edgelearn.optim import tpsgd
+
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 8, 129, 65536, 65537, 200_003, 1_000_000):
+        x = (rng.standard_normal(n) * rng.uniform(0.1, 50)).astype(np.float32)
+        y = rng.standard_normal(n).astype(np.float32)
+        for a, b in ((x, x), (x, y), (x.reshape(-1, 1), y.reshape(-1, 1)), (x[::2], y[::2])):
+            want = float(np.sum(np.multiply(a, b, dtype=np.float64)))
+            assert tpsgd._sum_products64(a, b) == want, n
