@@ -245,11 +245,24 @@ def act_grad(activation: str, preact: np.ndarray, out: np.ndarray, d_out: np.nda
              ) -> np.ndarray:
     """dL/d(pre-activation) from dL/d(activation output), elementwise (float32)."""
     if activation == "relu":
+        if (d_out.dtype == np.float32 and d_out.shape == preact.shape
+                and d_out.flags.c_contiguous):
+            # == np.where(preact > 0, d_out, 0) bit for bit (NaN, inf and -0.0 included), as
+            # d_out's bits AND an all-ones / all-zeros mask: np.where on a data-dependent mask
+            # runs a branchy loop ~6x slower than two vectorized integer passes
+            mask = np.negative((preact > 0).view(np.int8), dtype=np.int32)  # -1 = all ones
+            np.bitwise_and(d_out.view(np.int32), mask, out=mask)
+            return mask.view(np.float32)
         return np.where(preact > 0, d_out, np.float32(0))
     if activation == "tanh":
-        return d_out * (np.float32(1) - out * out)
+        g = out * out  # in place below: same operations as d_out * (1 - out * out)
+        np.subtract(np.float32(1), g, out=g)
+        if g.shape == d_out.shape and g.dtype == np.result_type(d_out, g):
+            return np.multiply(d_out, g, out=g)
+        return d_out * g
     if activation == "sigmoid":
-        return d_out * out * (np.float32(1) - out)
+        g = d_out * out  # in place below: same operations as d_out * out * (1 - out)
+        return np.multiply(g, np.float32(1) - out, out=g)
     return d_out
 
 
@@ -265,8 +278,13 @@ def bn_backward(raw: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float,
     inv = (np.float32(1) / np.sqrt(var + np.float32(eps))).astype(np.float32)
     axes = (0, *range(2, raw.ndim))
     grads = {"bias": d_pre.sum(axis=axes)}
-    xhat = (raw - mean.reshape(shape)) * inv.reshape(shape)
-    grads["weight"] = (d_pre * xhat).sum(axis=axes)
+    # one temporary, updated in place: the same operations as (d_pre * ((raw - mean) * inv))
+    xhat = raw - mean.reshape(shape)
+    xhat *= inv.reshape(shape)
+    if xhat.shape == d_pre.shape and xhat.dtype == np.result_type(d_pre, xhat):
+        grads["weight"] = np.multiply(d_pre, xhat, out=xhat).sum(axis=axes)
+    else:
+        grads["weight"] = (d_pre * xhat).sum(axis=axes)
     scale = inv if gamma is None else gamma * inv
     return d_pre * scale.reshape(shape), grads
 

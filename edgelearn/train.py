@@ -136,7 +136,9 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     """For optimizers with `needs == "taps"` (tpsgd): step -> evaluate() returning (taps, y).
 
     Binds the bundle's taps graph (model_taps.onnx) to the same arena and hands the optimizer
-    the manifest's layer records. evaluate() runs ONE taps forward on the step's batch.
+    the manifest's layer records. evaluate() runs ONE taps forward on the step's batch; its
+    tap arrays are the backend's reused output buffers (no copy of the activations), valid
+    until the next evaluate() call.
     """
     from edgelearn.backends import make_backend
     from edgelearn.layers import parse_layers
@@ -166,7 +168,7 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
 
         def evaluate() -> tuple[dict[str, np.ndarray], np.ndarray]:
             t0 = time.perf_counter()
-            out = be.forward({in_name: xb})
+            out = be.forward({in_name: xb}, reuse_outputs=True)
             if times is not None:
                 times.append(time.perf_counter() - t0)
             out[in_name] = xb

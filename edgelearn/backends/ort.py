@@ -147,6 +147,7 @@ class OrtBackend:
         self.session: Any = None
         self._io: Any = None
         self._keepalive: list[Any] = []
+        self._reused: tuple[Any, dict[str, np.ndarray]] | None = None
         self.bound: list[str] = []
 
     def _options(self, ort: Any) -> Any:
@@ -192,20 +193,46 @@ class OrtBackend:
             raise BundleError(f"graph inputs {sorted(missing)} are neither data nor parameters")
         self._out_names = [o.name for o in self.session.get_outputs()]
         self._io = io
+        self._reused = None
         self.store = store
 
-    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph on `inputs` with the store's current weights (no session rebuild)."""
+    def forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool = False
+                ) -> dict[str, np.ndarray]:
+        """Run the graph on `inputs` with the store's current weights (no session rebuild).
+
+        Args:
+            inputs: input name -> array.
+            reuse_outputs: write the outputs straight into arrays this backend keeps and
+                returns again on the next call with the same input shapes (no copy, no
+                allocation: the layer-taps graph of tpSGD returns every activation). Those
+                arrays are overwritten by that next call: use them before it.
+        """
         if self._io is None:
             raise EdgelearnError("backend is not bound: call bind(store) first")
         self.bundle.check_inputs(inputs)
         io = self._io
         for name, arr in inputs.items():
             io.bind_cpu_input(name, np.asarray(arr, order="C"))  # keeps 0-d inputs 0-d
-        # Outputs are re-bound every call: a bound output keeps its first shape, and the
-        # batch dimension is symbolic.
+        key = tuple((n, np.shape(a)) for n, a in inputs.items())
+        if reuse_outputs and self._reused is not None and self._reused[0] == key:
+            try:
+                self.session.run_with_iobinding(io)
+                return dict(self._reused[1])
+            except Exception:  # output shapes that depend on input values: re-bind below
+                pass
+        # Outputs are otherwise re-bound every call: a bound output keeps its first shape, and
+        # the batch dimension is symbolic.
+        self._reused = None
         io.clear_binding_outputs()
         for name in self._out_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        return dict(zip(self._out_names, io.copy_outputs_to_cpu(), strict=False))
+        out = dict(zip(self._out_names, io.copy_outputs_to_cpu(), strict=False))
+        if reuse_outputs and all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf"
+                                 and a.flags.c_contiguous and a.size for a in out.values()):
+            # the next run with these input shapes writes into these (owned, fresh) arrays
+            io.clear_binding_outputs()
+            for name, a in out.items():
+                io.bind_output(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
+            self._reused = (key, out)
+        return out
