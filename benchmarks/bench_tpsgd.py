@@ -11,8 +11,7 @@ ratio or difference of figures measured in this same run:
               backprop (torch SGD, same lr/batch/steps/batches) vs tpSGD (edgelearn, device
               path), per seed and mean; CNN ablations: conv targets before pooling, and conv
               layers frozen (head only). ZO-SGD given the wall time tpSGD used (first seed).
-  step_time   tpSGD step (one taps forward + numpy local gradients + in-place updates) vs one
-              plain forward of model.onnx, same batch of 32, interleaved medians.
+Step time vs a plain forward: benchmarks/bench_tpsgd_step.py.
 """
 
 from __future__ import annotations
@@ -86,8 +85,7 @@ def main() -> None:
 
     from edgelearn.bundle import Bundle
     from edgelearn.model import Model
-    from edgelearn.optim import make_optimizer
-    from edgelearn.train import taps_evaluator, train
+    from edgelearn.train import train
     from export import export_bundle
     from export.zoo import ZOO
 
@@ -95,8 +93,7 @@ def main() -> None:
     seeds = list(range(args.seeds))
     tmp = Path(tempfile.mkdtemp(prefix="bench_tpsgd"))
     out: dict = {"steps": steps, "batch": 32, "seeds": seeds,
-                 "note": "2 shared vCPUs under load by other jobs", "accuracy": {},
-                 "step_time": {}}
+                 "note": "2 shared vCPUs under load by other jobs", "accuracy": {}}
     # (lr, trainable, extra tpsgd options, ablations); backprop at the same lr on the same
     # batches. CNN: conv local updates at hidden_lr 0.01; the ablation puts the conv targets on
     # the activation maps before pooling instead of after it
@@ -150,23 +147,6 @@ def main() -> None:
             res.update(tpsgd_wall_s=wall_tp, zo_sgd_equal_wall=acc_zo, zo_sgd_steps=zo_steps,
                        gap_to_zo_pp=100 * (res["tpsgd"][0] - acc_zo))
             out["accuracy"][name] = res
-            log(f"{name}: step time")
-            store = bundle.load_store(trainable=glob)
-            plain = Model(bundle, trainable=glob, threads=1)
-            opt = make_optimizer("tpsgd", lr=0.0)  # lr 0: same work, weights unchanged
-            at = taps_evaluator(bundle, store, train_set, opt, batch_size=32, seed=0, threads=1)
-            xb = train_set.x[:32]
-            ts, tf = [], []
-            for i in range(30 if args.quick else 200):
-                t0 = time.perf_counter()
-                plain.predict(xb)
-                tf.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                opt.step(store, at(i))
-                ts.append(time.perf_counter() - t0)
-            f, s = statistics.median(tf), statistics.median(ts)
-            out["step_time"][name] = {"forward_ms": 1e3 * f, "tpsgd_step_ms": 1e3 * s,
-                                      "ratio": s / f}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out, indent=1))
