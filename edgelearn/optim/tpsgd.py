@@ -138,6 +138,7 @@ class TPSGD(Optimizer):
         self.layers: list[Layer] = []
         self._proj: dict[int, np.ndarray] = {}
         self._last_use: dict[str, int] = {}
+        self._drop: list[list[str]] = []  # layer index -> taps last used by that layer
         self._blas: Any = None
 
     def config(self) -> dict[str, Any]:
@@ -168,6 +169,8 @@ class TPSGD(Optimizer):
             for tap in (layer.input, layer.preact, layer.output, layer.raw, layer.target):
                 if tap is not None:
                     self._last_use[tap] = i
+        self._drop = [[k for k, last in self._last_use.items() if last == i]
+                      for i in range(len(self.layers))]
 
     # -- no ask/tell: a tpsgd step is one taps forward, not a sequence of scalar losses ---------
     def ask(self, store: ParamStore) -> bool:
@@ -276,7 +279,7 @@ class TPSGD(Optimizer):
             for role in bn_train:
                 _sub(store[bn[role]], bn_grads[role], lr_i)
             del grads, bn_grads
-            for name in [k for k, last in self._last_use.items() if last == i]:
+            for name in self._drop[i]:
                 taps.pop(name, None)  # no activation outlives its layer's update
         finite = math.isfinite(loss) and all(v is None or math.isfinite(v) for v in locals_)
         local = [None if v is None or not math.isfinite(v) else v for v in locals_]
