@@ -106,6 +106,20 @@ def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]
     return out
 
 
+def needed_taps(layers: list[Layer], trainable: set[str]) -> set[str]:
+    """The taps a tpSGD step reads: the logits, and every tap of a layer with trainable params.
+
+    Args:
+        layers: the bundle's layer records (head last). trainable: trainable parameter names.
+    """
+    need = {layers[-1].preact} if layers and layers[-1].preact else set()
+    for layer in layers:
+        if any(n in trainable for n in layer.param_names()):
+            need |= {t for t in (layer.input, layer.preact, layer.output, layer.raw,
+                                 layer.target) if t is not None}
+    return need
+
+
 _MAX_POST = 8
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from edgelearn.budget import plan_batch
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
-from edgelearn.errors import BundleError, EdgelearnError, InputError
+from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
@@ -141,7 +141,7 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     until the next evaluate() call.
     """
     from edgelearn.backends import make_backend
-    from edgelearn.layers import parse_layers
+    from edgelearn.layers import needed_taps, parse_layers
 
     if "onnx_taps" not in bundle.files:
         why = bundle.manifest.get("taps_unsupported", "exported without taps")
@@ -151,16 +151,12 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
                          "is exported as ONNX (no TFLite taps graph yet)")
     layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
     opt.setup(layers, store)  # type: ignore[attr-defined]
-    be = make_backend(backend, bundle, threads=threads, graph="onnx_taps")
-    be.bind(store)
     in_name = bundle.inputs[0].name
-    have = {in_name, *(o.name for o in be.session.get_outputs())}
-    missing = sorted({t for layer in layers
-                      for t in (layer.input, layer.preact, layer.output, layer.raw, layer.target)
-                      if t is not None} - have)
-    if missing:
-        raise BundleError(f"manifest.json: layer taps {missing[:4]} are not outputs of the taps "
-                          "graph")
+    # only the taps a step reads: a frozen layer's taps are dropped from the graph, so the
+    # runtime may fuse that layer (Conv+BN+Relu) as in the plain graph
+    need = needed_taps(layers, set(store.trainable_names)) - {in_name}
+    be = make_backend(backend, bundle, threads=threads, graph="onnx_taps", outputs=need)
+    be.bind(store)
 
     def at(step: int) -> Callable[[], Any]:
         idx = batch_indices(len(data), batch_size, step, seed)

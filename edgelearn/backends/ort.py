@@ -10,7 +10,8 @@ constant-fold and prepack them (a conv net whose convs are frozen keeps its fast
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -100,14 +101,25 @@ def load_checked_model(model_path: os.PathLike | str) -> Any:
     return model
 
 
-def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarray]) -> bytes:
+def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarray],
+                      keep_outputs: Collection[str] | None = None) -> bytes:
     """The ONNX model with the graph inputs named in `values` turned into initializers.
 
     Args:
         model_path: an .onnx file without external data.
         values: parameter name -> array (float32/int8 ...) to bake as a constant.
+        keep_outputs: graph outputs to keep (None: all). Dropping outputs nobody reads lets
+            onnxruntime fuse the nodes behind them (e.g. Conv+BN+Relu of a frozen layer).
     """
     model = load_checked_model(model_path)
+    if keep_outputs is not None:
+        have = [o.name for o in model.graph.output]
+        absent = sorted(set(keep_outputs) - set(have))
+        if absent:
+            raise BundleError(f"{Path(model_path).name}: {absent[:4]} are not graph outputs")
+        kept = [o for o in model.graph.output if o.name in keep_outputs]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
     from onnx import numpy_helper
     keep = [i for i in model.graph.input if i.name not in values]
     baked = [i.name for i in model.graph.input if i.name in values]
@@ -126,6 +138,8 @@ class OrtBackend:
         threads: intra-op threads (None = ORT default, one per core).
         providers: execution providers, e.g. ["CPUExecutionProvider"] (None = CPU).
         graph: which model file of the bundle to run (files role, default "onnx").
+        outputs: graph outputs to compute (None: all); the others are removed before the
+            session is built.
     """
 
     name = "onnxruntime"
@@ -137,6 +151,7 @@ class OrtBackend:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         graph: str = "onnx",
+        outputs: Collection[str] | None = None,
     ) -> None:
         if graph not in bundle.files:
             raise BundleError(f"bundle has no {graph!r} model (it carries {bundle.formats})")
@@ -144,6 +159,7 @@ class OrtBackend:
         self.model_path = bundle.files[graph]
         self.threads = threads
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.outputs = None if outputs is None else frozenset(outputs)
         self.session: Any = None
         self._io: Any = None
         self._keepalive: list[Any] = []
@@ -164,8 +180,8 @@ class OrtBackend:
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         # Always bytes that passed load_checked_model: the runtime never opens a path itself
         # (no external data resolved against the file system, no check-then-swap race).
-        if frozen:
-            src = baked_model_bytes(self.model_path, frozen)
+        if frozen or self.outputs is not None:
+            src = baked_model_bytes(self.model_path, frozen, self.outputs)
         else:
             src = load_checked_model(self.model_path).SerializeToString()
         try:
