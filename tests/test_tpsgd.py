@@ -397,3 +397,20 @@ def test_cli_train_and_replay_with_data(capsys, bundles, digits_npz, tmp_path) -
     assert main(["replay", b, journal, "--data", str(digits_npz), "--out",
                  str(tmp_path / "w.safetensors"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
+
+
+def test_taps_of_frozen_layers_are_not_computed(bundles, digits) -> None:
+    """Frozen layers' taps leave the graph (so the runtime can fuse them); the step still runs."""
+    bundle = Bundle(bundles["cnn"].path)
+    data = _digits_for("cnn", digits)
+    layers = bundle.manifest["layers"]
+    store = bundle.load_store(trainable="conv2.*,head.*")
+    opt = make_optimizer("tpsgd", lr=0.01)
+    at = taps_evaluator(bundle, store, data, opt, batch_size=8, seed=0, threads=1)
+    taps, _ = at(0)()
+    conv1_only = {layers[0][k] for k in ("preact", "output", "raw")}
+    assert not conv1_only & set(taps)
+    assert {layers[1][k] for k in ("input", "preact", "output", "raw", "target")} <= set(taps)
+    before = np.array(store["conv2.weight"])
+    opt.step(store, at(1))
+    assert not np.array_equal(store["conv2.weight"], before)
