@@ -183,7 +183,7 @@ def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
                  ) -> tuple[list[dict[str, Any]], str | None, Any, list[str]]:
     """Write model_taps.onnx when asked/possible; returns (layer records, reason if not, gm,
     tap names in gm's return order after the model output)."""
-    from export.taps import TapsError, trace_layers
+    from export.taps import TapsError, check_batch_first, trace_layers
 
     if taps is False:
         return [], None, None, []
@@ -191,6 +191,7 @@ def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
         if len(example) != 1 or len(out_names) != 1:
             raise TapsError("tpsgd taps need a single-input, single-output model")
         gm, records, tap_names = trace_layers(model, in_names[0])
+        check_batch_first(gm.eval(), example, [*out_names, *tap_names])
     except TapsError as e:
         if taps:
             raise

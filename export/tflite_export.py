@@ -316,22 +316,6 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
 STRATEGIES_HOST = ("inputs", "rebuild")
 
 
-def _check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...],
-                       out_names: list[str]) -> None:
-    """Raise TfliteExportError unless every output's first dim is the batch (two sizes tried):
-    the fixed-batch TFLite graph is padded and chunked along dim 0 of every output."""
-    from export.onnx_export import _as_tuple, _with_batch
-
-    for b in (2, 3):
-        with torch.no_grad():
-            outs = _as_tuple(gm(*(_with_batch(x, b, 0) for x in example)))
-        for name, t in zip(out_names, outs, strict=True):
-            if t.ndim == 0 or t.shape[0] != b:
-                raise TfliteExportError(f"tap {name!r} is not batch-first (shape "
-                                        f"{list(t.shape)} at batch {b}): a fixed-batch TFLite "
-                                        "graph cannot pad or chunk it")
-
-
 def taps_parity_check_litert(bundle_dir: Path, gm: nn.Module,
                              example: tuple[torch.Tensor, ...], batch_sizes: list[int]) -> float:
     """Max |torch - LiteRT| over every output of model_taps.tflite (weights live and frozen).
@@ -392,7 +376,6 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
 
     path = bundle_dir / "model_taps.tflite"
     try:
-        _check_batch_first(gm, example, out_names)
         raw, section = _convert_mapped(gm, example, params, in_names, out_names, batch=batch)
     except TfliteExportError as e:
         path.unlink(missing_ok=True)
