@@ -1,6 +1,6 @@
 """Export a torch model to TFLite with litert-torch (host side) for the device's `litert` backend.
 
-Two flatbuffers go into the bundle, both with torch-layout parameters named like the torch
+Up to three flatbuffers go into the bundle, all with torch-layout parameters named like the torch
 tensors (through `torch.func.functional_call`, as for ONNX):
   model.tflite        every parameter is a model input (set_tensor per forward: always
                       correct, but XNNPACK does not take ops whose weights are inputs)
@@ -9,11 +9,15 @@ tensors (through `torch.func.functional_call`, as for ONNX):
                       those bytes from the arena and re-creates an XNNPACK interpreter from the
                       in-memory model (XNNPACK packs constants when it is created, so patching
                       a live interpreter would be silently ignored).
+  model_taps.tflite   (bundles with layer taps) tpSGD's taps graph (export/taps.py), returning
+                      the model output and every tap, parameters as inputs like model.tflite;
+                      the manifest's "tflite_taps" section maps each tap to its signature
+                      output, and torch == LiteRT is checked on every tap before writing.
 int8 bundles (export/quantize.py): each quantized weight W is an int8 input (or constant) and
 W.scale a float32 one; the graph dequantizes in-graph, W = float(W) * W.scale[:, None, ...]
 (litert-torch lowers it to CAST + RESHAPE + MUL), so the device binds the int8 arena as is.
 litert-torch 0.10 cannot lower a symbolic batch dimension, and its graphs carry static reshape
-shapes (resize_tensor_input fails for CNN/GRU/transformer), so both files have a fixed batch;
+shapes (resize_tensor_input fails for CNN/GRU/transformer), so every file has a fixed batch;
 the device pads smaller batches and chunks larger ones (every zoo model is per-example in eval
 mode, which the parity check over several batch sizes verifies).
 """
