@@ -33,7 +33,8 @@ BATCHES = (1, 5, TFLITE_BATCH, 19)  # padded, exact, chunked with a padded tail
 
 @pytest.fixture(scope="session")
 def tfl_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    """name -> zoo model exported with formats ("onnx", "tflite"), TFLite batch 8."""
+    """name -> zoo model exported with formats ("onnx", "tflite"), TFLite batch 8 (ARCHS and
+    conv1d, which only the tpSGD tests use)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
@@ -42,7 +43,7 @@ def tfl_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]
 
     root = tmp_path_factory.mktemp("tfl_bundles")
     out = {}
-    for name in ARCHS:
+    for name in (*ARCHS, "conv1d"):
         factory, shape = ZOO[name]
         torch.manual_seed(0)
         module = factory()
@@ -246,12 +247,15 @@ def test_device_with_only_numpy_and_litert(tfl_bundles: dict[str, Exported], dig
 
 # -- tpSGD on LiteRT: model_taps.tflite -----------------------------------------------------
 
-TAPS_ARCHS = ("mlp", "cnn", "gru")  # the ARCHS with layer taps (the transformer has none)
+TAPS_ARCHS = ("mlp", "cnn", "gru", "conv1d")  # the transformer has no layer taps
 
 
 def _taps_data(arch: str, digits: Dataset, n: int = 300) -> Dataset:
     if arch == "cnn":
         return Dataset(digits.x[:n].reshape(-1, 1, 8, 8), digits.y[:n])
+    if arch == "conv1d":  # [N, 100, 6] windows, 7 classes (the HAR example's shape)
+        x = np.random.default_rng(0).standard_normal((64, 100, 6)).astype(np.float32)
+        return Dataset(x, digits.y[:64] % 7)
     return Dataset(digits.x[:n], digits.y[:n])
 
 
@@ -284,12 +288,13 @@ def test_taps_graph_exported_and_matches_ort(tfl_bundles: dict[str, Exported], a
         LiteRTBackend(b, graph="tflite_taps", strategy="rebuild")
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "conv1d"])
 def test_tpsgd_same_run_on_ort_and_litert(tfl_bundles: dict[str, Exported], digits: Dataset,
                                           tmp_path: Path, arch: str) -> None:
     b = load_bundle(tfl_bundles[arch].path)
     data = _taps_data(arch, digits)
     opts = {"lr": 0.1} if arch == "mlp" else {"lr": 0.05, "hidden_lr": 0.01}
+    hidden = {"mlp": "layers.0.weight", "cnn": "conv1.weight", "conv1d": "conv1.weight"}
     res = {}
     for backend in ("onnxruntime", "litert"):
         run = tmp_path / backend
@@ -303,13 +308,13 @@ def test_tpsgd_same_run_on_ort_and_litert(tfl_bundles: dict[str, Exported], digi
         assert replayed.digest() == res[backend]["sha256"]  # bit-exact on its own
     w = {k: ParamStore.from_file(r["weights"], b.param_specs()) for k, r in res.items()}
     base = b.load_store()
-    for name in ("head.weight", "conv1.weight" if arch == "cnn" else "layers.0.weight"):
+    for name in ("head.weight", hidden[arch]):
         assert not np.array_equal(w["litert"][name], base[name]), name  # hidden layers train
     # float32 taps differ by ~1e-7 between the runtimes; tpSGD's update is linear in them
     np.testing.assert_allclose(w["litert"].flat(), w["onnxruntime"].flat(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "conv1d"])
 def test_tpsgd_step_on_litert_matches_torch_reference(tfl_bundles: dict[str, Exported],
                                                       digits: Dataset, arch: str) -> None:
     torch = pytest.importorskip("torch")
