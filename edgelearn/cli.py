@@ -466,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def runtime(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--backend", default=None,
-                        help="onnxruntime | litert (bundle exported with tflite); "
-                        "default: the --device profile's first installed backend")
+                        help="onnxruntime | litert (bundle exported with tflite; tpsgd runs "
+                        "on both); default: the --device profile's first installed backend")
         sp.add_argument("--device", default=None,
                         help="device profile name (see `edgelearn device --list`) or .toml path")
         sp.add_argument("--threads", type=_positive, default=None,

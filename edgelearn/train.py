@@ -52,7 +52,7 @@ import numpy as np
 from edgelearn.budget import plan_batch
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
-from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
@@ -129,16 +129,21 @@ def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
 
+#: backend name -> the bundle file role of its taps graph
+TAPS_GRAPH = {"onnxruntime": "onnx_taps", "ort": "onnx_taps", "litert": "tflite_taps",
+              "tflite": "tflite_taps"}
+
+
 def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimizer, *,
                    batch_size: int, seed: int, backend: str = "onnxruntime",
                    threads: int | None = None,
                    times: list[float] | None = None) -> Callable[[int], Callable[[], Any]]:
     """For optimizers with `needs == "taps"` (tpsgd): step -> evaluate() returning (taps, y).
 
-    Binds the bundle's taps graph (model_taps.onnx) to the same arena and hands the optimizer
-    the manifest's layer records. evaluate() runs ONE taps forward on the step's batch; its
-    tap arrays are the backend's reused output buffers (no copy of the activations), valid
-    until the next evaluate() call.
+    Binds the bundle's taps graph (model_taps.onnx, or model_taps.tflite on litert) to the
+    same arena and hands the optimizer the manifest's layer records. evaluate() runs ONE taps
+    forward on the step's batch; on onnxruntime its tap arrays are the backend's reused output
+    buffers (no copy of the activations), valid until the next evaluate() call.
     """
     from edgelearn.backends import make_backend
     from edgelearn.layers import needed_taps, parse_layers
@@ -146,17 +151,33 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     if "onnx_taps" not in bundle.files:
         why = bundle.manifest.get("taps_unsupported", "exported without taps")
         raise InputError(f"{opt.name} needs a bundle with layer taps; this one has none ({why})")
-    if backend != "onnxruntime":
-        raise InputError(f"{opt.name} runs on the onnxruntime backend only: the layer-taps graph "
-                         "is exported as ONNX (no TFLite taps graph yet)")
+    graph = TAPS_GRAPH.get(backend)
+    if graph is None:
+        raise InputError(f"{opt.name} has no taps graph for backend {backend!r}")
+    if graph not in bundle.files:
+        why = bundle.manifest.get("tflite_taps_skipped") or bundle.manifest.get(
+            "tflite_skipped", "exported without formats tflite, or before TFLite taps graphs")
+        raise InputError(f"{opt.name} on {backend} needs the bundle's model_taps.tflite; this "
+                         f"one has none ({why}): use --backend onnxruntime or re-export")
     layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
     opt.setup(layers, store)  # type: ignore[attr-defined]
     in_name = bundle.inputs[0].name
-    # only the taps a step reads: a frozen layer's taps are dropped from the graph, so the
-    # runtime may fuse that layer (Conv+BN+Relu) as in the plain graph
     need = needed_taps(layers, set(store.trainable_names)) - {in_name}
-    be = make_backend(backend, bundle, threads=threads, graph="onnx_taps", outputs=need)
-    be.bind(store)
+    if backend in ("onnxruntime", "ort"):
+        # only the taps a step reads: a frozen layer's taps are dropped from the graph, so
+        # onnxruntime may fuse that layer (Conv+BN+Relu) as in the plain graph; the backend
+        # refuses names that are not graph outputs
+        be = make_backend(backend, bundle, threads=threads, graph=graph, outputs=need)
+        be.bind(store)
+        run = functools.partial(be.forward, reuse_outputs=True)  # type: ignore[call-arg]
+    else:
+        be = make_backend(backend, bundle, threads=threads, graph=graph)
+        be.bind(store)
+        missing = sorted(need - set(be.output_names))  # type: ignore[attr-defined]
+        if missing:
+            raise BundleError(f"manifest.json: layer taps {missing[:4]} are not outputs of "
+                              "the taps graph")
+        run = be.forward
 
     def at(step: int) -> Callable[[], Any]:
         idx = batch_indices(len(data), batch_size, step, seed)
@@ -164,7 +185,7 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
 
         def evaluate() -> tuple[dict[str, np.ndarray], np.ndarray]:
             t0 = time.perf_counter()
-            out = be.forward({in_name: xb}, reuse_outputs=True)
+            out = run({in_name: xb})
             if times is not None:
                 times.append(time.perf_counter() - t0)
             out[in_name] = xb
@@ -191,7 +212,8 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
     """Rebuild weights from the bundle's base weights and a journal (no data, no forwards).
 
     Optimizers whose updates depend on the data (tpsgd) re-run each step's forward on `data`
-    instead, which must be the run's data (its sha256 is in the journal header).
+    instead, which must be the run's data (its sha256 is in the journal header), on the
+    backend the run used (header "taps_backend", default onnxruntime).
     Returns (store, steps replayed).
     """
     records, _ = read_journal(journal_path)
@@ -210,7 +232,8 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
         if data_sha256(data) != header.get("data_sha256"):
             raise InputError("--data is not the data this run was trained on (sha256 differs)")
         taps_at = taps_evaluator(bundle, store, data, opt, batch_size=header["batch_size"],
-                                 seed=header["data_seed"])
+                                 seed=header["data_seed"],
+                                 backend=header.get("taps_backend", "onnxruntime"))
     guard = _guard_from_header(header)
     if guard is not None:
         guard.take_snapshot(store, opt)  # step 0: the base weights are the first good point
@@ -330,6 +353,8 @@ def train(
     times_fwd: list[float] = []
     if opt.needs == "taps":  # tpsgd: one taps forward per step, replay re-runs it on the data
         extra["data_sha256"] = data_sha256(data)
+        if TAPS_GRAPH.get(backend) == "tflite_taps":  # replay must re-run the same runtime
+            extra["taps_backend"] = "litert"
         taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size, seed=seed,
                                  backend=backend, threads=threads, times=times_fwd)
     if divergence is not None:

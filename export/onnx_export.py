@@ -179,20 +179,23 @@ def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor
 
 def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
                  params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
-                 tmp: Path, taps: bool | None) -> tuple[list[dict[str, Any]], str | None, Any]:
-    """Write model_taps.onnx when asked/possible; returns (layer records, reason if not, gm)."""
-    from export.taps import TapsError, trace_layers
+                 tmp: Path, taps: bool | None
+                 ) -> tuple[list[dict[str, Any]], str | None, Any, list[str]]:
+    """Write model_taps.onnx when asked/possible; returns (layer records, reason if not, gm,
+    tap names in gm's return order after the model output)."""
+    from export.taps import TapsError, check_batch_first, trace_layers
 
     if taps is False:
-        return [], None, None
+        return [], None, None, []
     try:
         if len(example) != 1 or len(out_names) != 1:
             raise TapsError("tpsgd taps need a single-input, single-output model")
         gm, records, tap_names = trace_layers(model, in_names[0])
+        check_batch_first(gm.eval(), example, [*out_names, *tap_names])
     except TapsError as e:
         if taps:
             raise
-        return [], str(e), None
+        return [], str(e), None, []
     clash = (set(tap_names) & set(params)) | (set(tap_names) & {*in_names, *out_names})
     if clash:
         raise ExportError(f"tap names {sorted(clash)} collide with parameter or I/O names")
@@ -201,7 +204,7 @@ def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
     for r in records:
         if r["head"]:
             r["preact"] = out_names[0]  # the head's pre-activation is the model output
-    return records, None, gm
+    return records, None, gm, tap_names
 
 
 def taps_parity_check(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
@@ -251,7 +254,8 @@ def export_bundle(
             (buffers such as BatchNorm running stats are never trainable).
         formats: model formats to write: "onnx" (always) and optionally "tflite" (litert-torch;
             a model it cannot convert ships ONNX only, with the reason in the manifest's
-            "tflite_skipped" and the summary).
+            "tflite_skipped" and the summary). With taps, "tflite" also writes
+            model_taps.tflite (tpSGD on LiteRT; or "tflite_taps_skipped" says why not).
         task: "classification" (first output = logits) or "regression".
         input_names / output_names: graph names (default "x" / "logits" or "output").
         parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
@@ -296,8 +300,8 @@ def export_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _to_onnx(model, example, params, in_names, out_names, tmp / "model.onnx")
-        layers, taps_note, taps_gm = _export_taps(model, example, params, in_names, out_names,
-                                                  tmp, taps)
+        layers, taps_note, taps_gm, tap_names = _export_taps(model, example, params, in_names,
+                                                             out_names, tmp, taps)
         specs = [ParamSpec(n, tuple(t.shape), "float32", n in chosen) for n, t in params.items()]
         store = ParamStore(specs, values={n: t.numpy() for n, t in params.items()})
         store.save(tmp / "weights.safetensors")
@@ -349,6 +353,12 @@ def export_bundle(
                                  atol=atol)
             if tfl_err is not None:
                 err = max(err, tfl_err)
+            if tfl_err is not None and taps_gm is not None:  # tpSGD on the LiteRT backend
+                from export.tflite_export import add_tflite_taps
+
+                add_tflite_taps(tmp, taps_gm, example, params, in_names,
+                                [*out_names, *tap_names], manifest, batch=tflite_batch,
+                                parity_batch_sizes=list(parity_batch_sizes), atol=atol)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -368,4 +378,6 @@ def export_bundle(
            else {}),
         **({"tflite_strategy": manifest["tflite"]["strategy"]} if "tflite" in manifest
            else {}),
+        **({"tflite_taps_skipped": manifest["tflite_taps_skipped"]}
+           if "tflite_taps_skipped" in manifest else {}),
     }

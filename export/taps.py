@@ -262,3 +262,25 @@ def trace_layers(model: nn.Module, input_name: str = "x"
     graph.lint()
     gm.recompile()
     return gm, records, [tap_of[n] for n in tap_nodes]
+
+
+def check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...], names: list[str]) -> None:
+    """Raise TapsError unless every output of the taps graph has the batch as its first dim.
+
+    tpSGD reads dim 0 of every tap as the batch, and the fixed-batch TFLite taps graph is
+    padded and chunked along it. Tried at batch sizes 2 and 3.
+
+    Args:
+        gm: the taps graph module (returns (output, *taps)).
+        example: example inputs (their batch dim is replaced).
+        names: output then tap names, in gm's return order (for the message).
+    """
+    from export.onnx_export import _as_tuple, _with_batch
+
+    for b in (2, 3):
+        with torch.no_grad():
+            outs = _as_tuple(gm(*(_with_batch(x, b, 0) for x in example)))
+        for name, t in zip(names, outs, strict=True):
+            if t.ndim == 0 or t.shape[0] != b:
+                raise TapsError(f"tap {name!r} is not batch-first (shape {list(t.shape)} at "
+                                f"batch {b}); tpsgd reads dim 0 of every tap as the batch")

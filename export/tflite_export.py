@@ -1,6 +1,6 @@
 """Export a torch model to TFLite with litert-torch (host side) for the device's `litert` backend.
 
-Two flatbuffers go into the bundle, both with torch-layout parameters named like the torch
+Up to three flatbuffers go into the bundle, all with torch-layout parameters named like the torch
 tensors (through `torch.func.functional_call`, as for ONNX):
   model.tflite        every parameter is a model input (set_tensor per forward: always
                       correct, but XNNPACK does not take ops whose weights are inputs)
@@ -9,11 +9,15 @@ tensors (through `torch.func.functional_call`, as for ONNX):
                       those bytes from the arena and re-creates an XNNPACK interpreter from the
                       in-memory model (XNNPACK packs constants when it is created, so patching
                       a live interpreter would be silently ignored).
+  model_taps.tflite   (bundles with layer taps) tpSGD's taps graph (export/taps.py), returning
+                      the model output and every tap, parameters as inputs like model.tflite;
+                      the manifest's "tflite_taps" section maps each tap to its signature
+                      output, and torch == LiteRT is checked on every tap before writing.
 int8 bundles (export/quantize.py): each quantized weight W is an int8 input (or constant) and
 W.scale a float32 one; the graph dequantizes in-graph, W = float(W) * W.scale[:, None, ...]
 (litert-torch lowers it to CAST + RESHAPE + MUL), so the device binds the int8 arena as is.
 litert-torch 0.10 cannot lower a symbolic batch dimension, and its graphs carry static reshape
-shapes (resize_tensor_input fails for CNN/GRU/transformer), so both files have a fixed batch;
+shapes (resize_tensor_input fails for CNN/GRU/transformer), so every file has a fixed batch;
 the device pads smaller batches and chunks larger ones (every zoo model is per-example in eval
 mode, which the parity check over several batch sizes verifies).
 """
@@ -98,7 +102,7 @@ def convert(model: nn.Module, example: tuple[torch.Tensor, ...],
         # litert-torch prints progress on stdout; `export --json` owns stdout.
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             edge = litert_torch.convert(wrapper, (*xs, *params.values()))
-        return bytes(edge.model_content())
+            return bytes(edge.model_content())  # prints "Write Model to Bytes" too
     except Exception as e:  # the converter raises many types (jax, MLIR, torch.export)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TfliteExportError(f"litert-torch cannot convert this model: "
@@ -203,11 +207,25 @@ def write_tflite(model: nn.Module, example: tuple[torch.Tensor, ...],
     sig name}, "outputs": {...}, "params": {param name: sig name}, "const": {param name:
     [offset, nbytes]}}.
     """
+    raw, section = _convert_mapped(model, example, params, in_names, out_names, batch=batch,
+                                   quant=quant)
+    const, offsets = bake_constants(raw, {n: t.numpy() for n, t in params.items()},
+                                    section["params"])
+    (out_dir / "model.tflite").write_bytes(raw)
+    (out_dir / "model_const.tflite").write_bytes(const)
+    return {**section, "const": {n: list(v) for n, v in offsets.items()}}
+
+
+def _convert_mapped(model: nn.Module, example: tuple[torch.Tensor, ...],
+                    params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
+                    *, batch: int, quant: dict[str, str] | None = None
+                    ) -> tuple[bytes, dict[str, Any]]:
+    """`convert`, then check and map its signature: (flatbuffer, {"batch", "inputs",
+    "outputs", "params"}: bundle name -> signature name)."""
     raw = convert(model, example, params, batch=batch, quant=quant)
     ins, outs = signature_io(raw)
     n_in = len(example)
-    names = list(params)
-    input_of = {n: f"args_{n_in + j}" for j, n in enumerate(names)}
+    input_of = {n: f"args_{n_in + j}" for j, n in enumerate(params)}
     data_of = {n: f"args_{i}" for i, n in enumerate(in_names)}
     missing = sorted((set(input_of.values()) | set(data_of.values())) - set(ins))
     if missing:
@@ -215,14 +233,12 @@ def write_tflite(model: nn.Module, example: tuple[torch.Tensor, ...],
     if len(outs) != len(out_names):
         raise TfliteExportError(f"the converted model has {len(outs)} outputs, "
                                 f"expected {len(out_names)}")
+    # litert-torch names the i-th returned tensor output_i; the parity check then confirms
+    # every name maps to the tensor torch returns in that position.
     out_of = {n: f"output_{i}" for i, n in enumerate(out_names)}
     if set(out_of.values()) != set(outs):
         raise TfliteExportError(f"unexpected TFLite output names {sorted(outs)}")
-    const, offsets = bake_constants(raw, {n: t.numpy() for n, t in params.items()}, input_of)
-    (out_dir / "model.tflite").write_bytes(raw)
-    (out_dir / "model_const.tflite").write_bytes(const)
-    return {"batch": batch, "inputs": data_of, "outputs": out_of, "params": input_of,
-            "const": {n: list(v) for n, v in offsets.items()}}
+    return raw, {"batch": batch, "inputs": data_of, "outputs": out_of, "params": input_of}
 
 
 def _time_strategy(bundle_dir: Path, example: tuple[torch.Tensor, ...], strategy: str,
@@ -302,3 +318,83 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
 
 
 STRATEGIES_HOST = ("inputs", "rebuild")
+
+
+def taps_parity_check_litert(bundle_dir: Path, gm: nn.Module,
+                             example: tuple[torch.Tensor, ...], batch_sizes: list[int]) -> float:
+    """Max |torch - LiteRT| over every output of model_taps.tflite (weights live and frozen).
+
+    Args:
+        bundle_dir: the (temporary) bundle directory, manifest already naming the taps graph.
+        gm: the taps GraphModule (returns (output, *taps) in the manifest's output order).
+        example: example inputs (dtype/shape template).
+        batch_sizes: batch sizes to try (include some above the fixed batch: chunked).
+    """
+    from edgelearn.backends.litert import LiteRTBackend
+    from edgelearn.bundle import Bundle
+    from export.onnx_export import _as_tuple, _with_batch
+
+    bundle = Bundle(bundle_dir)
+    names = list(bundle.manifest["tflite_taps"]["outputs"])
+    worst = 0.0
+    for live in ("*", ""):
+        dev = LiteRTBackend(bundle, graph="tflite_taps", threads=1)
+        dev.bind(bundle.load_store(trainable=live))
+        for i, b in enumerate(batch_sizes):
+            xs = tuple(_with_batch(x, b, 3000 + i) for x in example)
+            with torch.no_grad():
+                ref = _as_tuple(gm(*xs))
+            outs = dev.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs,
+                                                                    strict=True)})
+            for name, r in zip(names, ref, strict=True):
+                if outs[name].shape != tuple(r.shape):
+                    return float("inf")
+                worst = max(worst, float(np.max(np.abs(outs[name] - r.numpy()), initial=0.0)))
+    return worst
+
+
+def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
+                    params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
+                    manifest: dict[str, Any], *, batch: int, parity_batch_sizes: list[int],
+                    atol: float) -> float | None:
+    """Add model_taps.tflite (tpSGD's taps graph, every parameter an input) to a bundle being
+    exported and update `manifest` in place.
+
+    Args:
+        bundle_dir: the (temporary) bundle directory.
+        gm: the taps GraphModule of export.taps.trace_layers (returns (output, *taps)).
+        example / params / in_names: as for `add_tflite`.
+        out_names: the model output name(s), then every tap name, in gm's return order.
+        manifest: the manifest being written (gets files["tflite_taps"], a "tflite_taps"
+            section mapping every output/tap name to its signature output, and the parity).
+        batch: fixed batch of the graph (the same as model.tflite's).
+        parity_batch_sizes / atol: as for `add_tflite`.
+    Returns the worst |torch - LiteRT| over every tap, or None when litert-torch cannot convert
+    the taps graph (the bundle then ships without it; the reason is in
+    manifest["tflite_taps_skipped"]). A parity failure raises ExportError.
+    """
+    import json
+
+    from edgelearn.bundle import MANIFEST, sha256_file
+    from export.onnx_export import ExportError
+
+    path = bundle_dir / "model_taps.tflite"
+    try:
+        raw, section = _convert_mapped(gm, example, params, in_names, out_names, batch=batch)
+    except TfliteExportError as e:
+        path.unlink(missing_ok=True)
+        manifest["tflite_taps_skipped"] = str(e)
+        return None
+    path.write_bytes(raw)
+    manifest["files"]["tflite_taps"] = {"path": path.name, "size": path.stat().st_size,
+                                        "sha256": sha256_file(path)}
+    manifest["tflite_taps"] = section
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    sizes = [*parity_batch_sizes, batch + 3]
+    worst = taps_parity_check_litert(bundle_dir, gm, example, sizes)
+    if not worst <= atol:
+        raise ExportError(f"taps parity failed: torch vs LiteRT max abs error {worst:.3g} > "
+                          f"{atol:g}; no bundle written")
+    manifest["parity"]["tflite_taps"] = {"max_abs_err": worst, "batch_sizes": sizes,
+                                         "atol": atol}
+    return worst

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 
 def test_demo_runs_without_torch_and_personalizes(tmp_path) -> None:
     code = (
@@ -42,3 +45,24 @@ def test_bench_reports_forward_and_step_times(capsys) -> None:
     assert res["step_ms"]["zo-sgd"] > 0
     assert res["peak_rss_mb"] > 0
     assert res["trainable_params"] == 650
+
+
+def test_demo_bundle_runs_tpsgd_on_litert(tmp_path) -> None:
+    """The shipped bundle carries model_taps.tflite: tpSGD on LiteRT == on onnxruntime."""
+    pytest.importorskip("ai_edge_litert")
+    from edgelearn.bundle import load_bundle
+    from edgelearn.demo import DATA, RECIPES, demo_data
+    from edgelearn.params import ParamStore
+    from edgelearn.train import train
+
+    bundle = load_bundle(DATA / "demo")
+    user_train, _, _ = demo_data(0)
+    recipe = RECIPES["tpsgd"]
+    w = {}
+    for backend in ("onnxruntime", "litert"):
+        res = train(bundle, user_train, tmp_path / backend, optimizer="tpsgd",
+                    options=recipe["options"], steps=20, batch_size=recipe["batch_size"],
+                    trainable=recipe["trainable"], backend=backend, threads=1)
+        w[backend] = ParamStore.from_file(res["weights"], bundle.param_specs()).flat()
+    assert not np.array_equal(w["litert"], bundle.load_store().flat())
+    np.testing.assert_allclose(w["litert"], w["onnxruntime"], rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """TFLite path: litert-torch export, the LiteRT backend (both weight strategies), three-way
-parity torch == onnxruntime == LiteRT, in-place updates, ZO-SGD on both backends, and a device
-process where onnxruntime, onnx and torch cannot be imported."""
+parity torch == onnxruntime == LiteRT, in-place updates, ZO-SGD and tpSGD (model_taps.tflite)
+on both backends, and a device process where onnxruntime, onnx and torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ BATCHES = (1, 5, TFLITE_BATCH, 19)  # padded, exact, chunked with a padded tail
 
 @pytest.fixture(scope="session")
 def tfl_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    """name -> zoo model exported with formats ("onnx", "tflite"), TFLite batch 8."""
+    """name -> zoo model exported with formats ("onnx", "tflite"), TFLite batch 8 (ARCHS and
+    conv1d, which only the tpSGD tests use)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
@@ -42,7 +43,7 @@ def tfl_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]
 
     root = tmp_path_factory.mktemp("tfl_bundles")
     out = {}
-    for name in ARCHS:
+    for name in (*ARCHS, "conv1d"):
         factory, shape = ZOO[name]
         torch.manual_seed(0)
         module = factory()
@@ -215,6 +216,24 @@ def test_device_with_only_numpy_and_litert(tfl_bundles: dict[str, Exported], dig
     assert out["litert"] is True
     assert out["out"]["steps"] == 5
     assert np.isfinite(out["out"]["loss_last"])
+    # tpSGD through model_taps.tflite, and its replay (which re-runs the taps forwards on
+    # the backend recorded in the journal header: litert)
+    argv_tp = [*argv[:-3], "--optimizer", "tpsgd", "--lr", "0.1", "--out",
+               str(tmp_path / "run_tp"), "--json"]
+    argv_replay = ["edgelearn", "replay", str(tfl_bundles["mlp"].path),
+                   str(tmp_path / "run_tp" / "journal.bin"), "--data", str(data), "--out",
+                   str(tmp_path / "replayed.safetensors"), "--json"]
+    res = []
+    for a in (argv_tp, argv_replay):
+        proc = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT.format(argv=a)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr
+        res.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        assert res[-1]["code"] == 0, proc.stderr
+    assert res[0]["out"]["optimizer"] == "tpsgd"
+    assert res[0]["out"]["steps"] == 5
+    assert res[1]["out"]["sha256"] == res[0]["out"]["sha256"]
     # the same command with the ORT backend fails cleanly there (exit 2, not a traceback)
     argv_ort = [*argv[:-3], "--out", str(tmp_path / "run_ort"), "--json"]
     argv_ort[argv_ort.index("litert")] = "onnxruntime"
@@ -224,3 +243,182 @@ def test_device_with_only_numpy_and_litert(tfl_bundles: dict[str, Exported], dig
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["code"] == 2
     assert "onnxruntime" in proc.stderr
+
+
+# -- tpSGD on LiteRT: model_taps.tflite -----------------------------------------------------
+
+TAPS_ARCHS = ("mlp", "cnn", "gru", "conv1d")  # the transformer has no layer taps
+
+
+def _taps_data(arch: str, digits: Dataset, n: int = 300) -> Dataset:
+    if arch == "cnn":
+        return Dataset(digits.x[:n].reshape(-1, 1, 8, 8), digits.y[:n])
+    if arch == "conv1d":  # [N, 100, 6] windows, 7 classes (the HAR example's shape)
+        x = np.random.default_rng(0).standard_normal((64, 100, 6)).astype(np.float32)
+        return Dataset(x, digits.y[:64] % 7)
+    return Dataset(digits.x[:n], digits.y[:n])
+
+
+@pytest.mark.parametrize("arch", TAPS_ARCHS)
+def test_taps_graph_exported_and_matches_ort(tfl_bundles: dict[str, Exported], arch: str) -> None:
+    from edgelearn.backends.litert import LiteRTBackend
+    from edgelearn.backends.ort import OrtBackend
+    from edgelearn.errors import InputError
+
+    b = load_bundle(tfl_bundles[arch].path)
+    assert "tflite_taps" in b.files
+    assert "tflite_taps_skipped" not in b.manifest
+    assert b.manifest["parity"]["tflite_taps"]["max_abs_err"] <= 1e-5
+    for trainable in ("*", ""):  # live weights set per call, frozen ones once at bind
+        store = b.load_store(trainable=trainable)
+        lite = LiteRTBackend(b, graph="tflite_taps", threads=1)
+        lite.bind(store)
+        ort = OrtBackend(b, graph="onnx_taps", threads=1)
+        ort.bind(store)
+        names = [o.name for o in ort.session.get_outputs()]
+        assert lite.output_names == names  # the model output, then every tap, same order
+        for i, n in enumerate(BATCHES):  # padded rows are cut from every tap, chunks joined
+            feeds = {b.inputs[0].name: random_input(tfl_bundles[arch], n, seed=40 + i)}
+            got, want = lite.forward(feeds), ort.forward(feeds)
+            for name in names:
+                assert got[name].shape == want[name].shape, name
+                np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5,
+                                           err_msg=name)
+    with pytest.raises(InputError, match="inputs"):
+        LiteRTBackend(b, graph="tflite_taps", strategy="rebuild")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "conv1d"])
+def test_tpsgd_same_run_on_ort_and_litert(tfl_bundles: dict[str, Exported], digits: Dataset,
+                                          tmp_path: Path, arch: str) -> None:
+    b = load_bundle(tfl_bundles[arch].path)
+    data = _taps_data(arch, digits)
+    opts = {"lr": 0.1} if arch == "mlp" else {"lr": 0.05, "hidden_lr": 0.01}
+    hidden = {"mlp": "layers.0.weight", "cnn": "conv1.weight", "conv1d": "conv1.weight"}
+    res = {}
+    for backend in ("onnxruntime", "litert"):
+        run = tmp_path / backend
+        # batch 13 > the TFLite batch 8: every taps forward runs one full and one padded chunk
+        res[backend] = train(b, data, run, optimizer="tpsgd", options=opts, steps=8,
+                             batch_size=13, seed=3, backend=backend, threads=1)
+        header = read_journal(run / "journal.bin")[0][0]
+        assert header.get("taps_backend") == ("litert" if backend == "litert" else None)
+        replayed, steps = replay_journal(b, run / "journal.bin", data)  # re-runs its backend
+        assert steps == 8
+        assert replayed.digest() == res[backend]["sha256"]  # bit-exact on its own
+    w = {k: ParamStore.from_file(r["weights"], b.param_specs()) for k, r in res.items()}
+    base = b.load_store()
+    for name in ("head.weight", hidden[arch]):
+        assert not np.array_equal(w["litert"][name], base[name]), name  # hidden layers train
+    # float32 taps differ by ~1e-7 between the runtimes; tpSGD's update is linear in them
+    np.testing.assert_allclose(w["litert"].flat(), w["onnxruntime"].flat(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "conv1d"])
+def test_tpsgd_step_on_litert_matches_torch_reference(tfl_bundles: dict[str, Exported],
+                                                      digits: Dataset, arch: str) -> None:
+    torch = pytest.importorskip("torch")
+    from edgelearn.optim import make_optimizer
+    from edgelearn.optim.tpsgd import projection
+    from edgelearn.train import batch_indices, taps_evaluator
+    from export.reference import tpsgd_step
+
+    e = tfl_bundles[arch]
+    b = load_bundle(e.path)
+    data = _taps_data(arch, digits)
+    store = b.load_store()
+    opt = make_optimizer("tpsgd", lr=0.1, seed=3, target_scale=2.0)
+    at = taps_evaluator(b, store, data, opt, batch_size=11, seed=5, backend="litert", threads=1)
+    params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
+    taps, _ = at(0)()
+    opt.step(store, at(0))
+    idx = batch_indices(len(data), 11, 0, 5)
+    layers = b.manifest["layers"]
+    classes = b.outputs[0].shape[-1]
+    proj = {i: torch.from_numpy(projection(3, i, classes,
+                                           int(np.prod(taps[r.get("target", r["output"])]
+                                                       .shape[1:])), 2.0))
+            for i, r in enumerate(layers[:-1])}
+    new = tpsgd_step(e.module, params, layers, proj, torch.from_numpy(data.x[idx]),
+                     torch.from_numpy(data.y[idx]), lr=0.1,
+                     trainable=set(store.trainable_names))
+    assert set(new) == set(store.trainable_names)
+    for n, v in new.items():
+        np.testing.assert_allclose(store[n], v.numpy(), rtol=0, atol=1e-5, err_msg=n)
+
+
+def test_unconvertible_taps_graph_is_skipped_with_reason(tmp_path: Path) -> None:
+    """litert-torch 0.10 has no lowering for linalg.det: add_tflite_taps writes no file and
+    records why (the bundle then ships without the TFLite taps graph)."""
+    torch = pytest.importorskip("torch")
+    from export.onnx_export import collect_params
+    from export.tflite_export import add_tflite_taps
+
+    class DetTap(torch.nn.Module):  # returns (output, tap) like a taps graph module
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x: Any) -> Any:
+            h = self.lin(x)
+            return h, torch.linalg.det(h.reshape(h.shape[0], 4, 4))
+
+    torch.manual_seed(0)
+    gm = DetTap().eval()
+    manifest: dict[str, Any] = {"files": {}, "parity": {}}
+    err = add_tflite_taps(tmp_path, gm, (torch.randn(1, 16),), collect_params(gm), ["x"],
+                          ["output", "lin:det"], manifest, batch=4, parity_batch_sizes=[1],
+                          atol=1e-5)
+    assert err is None
+    assert "_linalg_det" in manifest["tflite_taps_skipped"]
+    assert manifest["files"] == {}
+    assert "tflite_taps" not in manifest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tpsgd_on_litert_refuses_bundle_without_taps_graph(tfl_bundles: dict[str, Exported],
+                                                           digits: Dataset,
+                                                           tmp_path: Path) -> None:
+    import shutil
+
+    from edgelearn.errors import InputError
+
+    copy_dir = tmp_path / "mlp"
+    shutil.copytree(tfl_bundles["mlp"].path, copy_dir)
+    m = json.loads((copy_dir / "manifest.json").read_text())
+    del m["files"]["tflite_taps"], m["tflite_taps"]
+    m["tflite_taps_skipped"] = "the converter said no"
+    (copy_dir / "manifest.json").write_text(json.dumps(m))
+    (copy_dir / "model_taps.tflite").unlink()
+    b = load_bundle(copy_dir)
+    data = Dataset(digits.x[:40], digits.y[:40])
+    with pytest.raises(InputError, match="the converter said no"):
+        train(b, data, tmp_path / "r", optimizer="tpsgd", steps=1, backend="litert", threads=1)
+    from edgelearn.backends.litert import LiteRTBackend
+
+    with pytest.raises(BundleError, match="the converter said no"):
+        LiteRTBackend(b, graph="tflite_taps")
+    train(b, data, tmp_path / "r_ort", optimizer="tpsgd", steps=1, threads=1)  # ORT still runs
+
+
+def test_taps_not_batch_first_are_unsupported(tmp_path: Path) -> None:
+    """A layer applied with the batch on dim 1: tpSGD reads dim 0 of every tap as the batch
+    (and the fixed-batch TFLite graph pads along it), so the export records no taps and why."""
+    torch = pytest.importorskip("torch")
+    from export import export_bundle
+
+    class TimeMajor(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 16)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x: Any) -> Any:
+            h = torch.relu(self.fc(x.reshape(-1, 8, 8).transpose(0, 1)))  # [8, batch, 16]
+            return self.head(h.mean(0))
+
+    torch.manual_seed(0)
+    export_bundle(TimeMajor(), torch.randn(1, 64), tmp_path / "tm", formats=("onnx",))
+    b = load_bundle(tmp_path / "tm")
+    assert "not batch-first" in b.manifest["taps_unsupported"]
+    assert "onnx_taps" not in b.files

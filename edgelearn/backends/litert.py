@@ -16,7 +16,10 @@ int8 bundles work the same way: quantized weights are int8 inputs / constants (s
 straight from the int8 arena) dequantized in-graph with their float32 `.scale` parameters.
 The bundle's manifest names the strategy the exporter measured fastest for that model; an
 explicit `strategy=` overrides it. TFLite graphs from litert-torch have a fixed batch: smaller
-batches are zero-padded, larger ones run in chunks (models are per-example in eval mode).
+batches are zero-padded, larger ones run in chunks (models are per-example in eval mode), and
+every output is cut back to the real rows.
+`graph="tflite_taps"` runs model_taps.tflite instead (tpSGD: the model output plus every layer
+tap in one call, named by the manifest's "tflite_taps" section), with the "inputs" strategy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 STRATEGIES = ("inputs", "rebuild")
+GRAPHS = ("tflite", "tflite_taps")
 
 
 def import_interpreter() -> tuple[Any, Any]:
@@ -62,23 +66,37 @@ class LiteRTBackend:
         bundle: the loaded bundle (must carry the "tflite" format).
         threads: interpreter threads (None = 1 thread per LiteRT's default).
         strategy: "inputs" or "rebuild" (None = the manifest's measured choice).
+        graph: "tflite" (the model) or "tflite_taps" (tpSGD's taps graph; "inputs" only).
     """
 
     name = "litert"
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None,
-                 strategy: str | None = None) -> None:
+                 strategy: str | None = None, graph: str = "tflite") -> None:
+        if graph not in GRAPHS:
+            raise InputError(f"unknown litert graph {graph!r}; choose {GRAPHS}")
         sec = bundle.manifest.get("tflite")
         if "tflite" not in bundle.files or not isinstance(sec, dict):
             why = bundle.manifest.get("tflite_skipped")
             raise BundleError("bundle has no TFLite model" + (f" ({why})" if why else
                               "; export it with formats=('onnx', 'tflite')"))
+        if graph == "tflite_taps":
+            sec = bundle.manifest.get("tflite_taps")
+            if "tflite_taps" not in bundle.files or not isinstance(sec, dict):
+                why = bundle.manifest.get("tflite_taps_skipped", "exported without taps, or "
+                                          "by an edgelearn without TFLite taps graphs")
+                raise BundleError(f"bundle has no TFLite taps graph ({why})")
+            if strategy not in (None, "inputs"):
+                raise InputError("the TFLite taps graph takes its weights as inputs: strategy "
+                                 f"'inputs', not {strategy!r}")
+            strategy = "inputs"
         strategy = strategy or sec.get("strategy", {}).get("choice", "rebuild")
         if strategy not in STRATEGIES:
             raise InputError(f"unknown litert strategy {strategy!r}; choose {STRATEGIES}")
         if strategy == "rebuild" and "tflite_const" not in bundle.files:
             raise BundleError("bundle has no model_const.tflite for the rebuild strategy")
         self.bundle = bundle
+        self.graph = graph
         self.section = sec
         self.strategy = strategy
         self.threads = threads
@@ -103,14 +121,27 @@ class LiteRTBackend:
         outs = {n: d["index"] for n, d in sig.get_output_details().items()}
         return ins, outs
 
+    def _map(self, key: str, sig: dict[str, int]) -> dict[str, int]:
+        """Manifest section[key] (bundle name -> signature name) as bundle name -> tensor index."""
+        names = self.section.get(key)
+        if not isinstance(names, dict) or not all(isinstance(s, str) and s in sig
+                                                  for s in names.values()):
+            raise BundleError(f"manifest.json: {self.graph}.{key} names tensors the TFLite "
+                              "model's signature does not have")
+        return {n: sig[s] for n, s in names.items()}
+
     def bind(self, store: ParamStore) -> None:
         """Create the interpreter with the store's weights (see the module doc for how)."""
         self.store = store
         sec = self.section
         if self.strategy == "inputs":
-            it = self._interp(model_path=str(self.bundle.files["tflite"]))
+            it = self._interp(model_path=str(self.bundle.files[self.graph]))
             ins, outs = self._index(it)
-            self._param_idx = {n: ins[s] for n, s in sec["params"].items()}
+            self._param_idx = self._map("params", ins)
+            unknown = sorted(set(self._param_idx) - set(store.names))
+            if unknown:
+                raise BundleError(f"manifest.json: {self.graph}.params names {unknown[:4]}, "
+                                  "which are not bundle parameters")
             for name, idx in self._param_idx.items():  # frozen ones once, trainable per call
                 it.set_tensor(idx, np.ascontiguousarray(store[name]))
             self._live = [(store[n], self._param_idx[n]) for n in store.trainable_names
@@ -131,9 +162,16 @@ class LiteRTBackend:
             it = self._interp(model_content=self._model)
             ins, outs = self._index(it)
         self.interpreter = it
-        self._data_idx = {n: ins[s] for n, s in sec["inputs"].items()}
-        self._out_idx = {n: outs[s] for n, s in sec["outputs"].items()}
+        self._data_idx = self._map("inputs", ins)
+        self._out_idx = self._map("outputs", outs)
+        if sorted(self._data_idx) != sorted(t.name for t in self.bundle.inputs):
+            raise BundleError(f"manifest.json: {self.graph}.inputs do not match the model inputs")
         self._specs = {t.name: t for t in self.bundle.inputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names forward() returns (for the taps graph: the model output, then every tap)."""
+        return list(self._out_idx)
 
     def _patch(self, name: str, view: np.ndarray) -> None:
         off = int(self.section["const"][name][0])

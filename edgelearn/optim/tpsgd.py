@@ -7,8 +7,8 @@ deep neural networks"; ChFrenkel/DirectRandomTargetProjection), whose conv case 
 label onto the whole C x H x W activation.
 
 One step, on the batch (x, y):
-  1. ONE forward of the taps graph (model_taps.onnx) returns every trainable layer's input,
-     pre-activation and activation output (and the logits).
+  1. ONE forward of the taps graph (model_taps.onnx, or model_taps.tflite on LiteRT) returns
+     every trainable layer's input, pre-activation and activation output (and the logits).
   2. For hidden layer i with output a_i [N, D_i], a fixed random projection B_i
      [classes, D_i] of the one-hot label gives the local target t_i = onehot(y) B_i. a_i is
      the layer's activation after its own pooling when the exporter recorded one (the "post"
@@ -150,7 +150,8 @@ class TPSGD(Optimizer):
     def setup(self, layers: Sequence[Layer], store: ParamStore) -> None:
         """Attach the bundle's layer records; every trainable parameter must belong to one."""
         if not layers:
-            raise InputError("tpsgd needs a bundle exported with layer taps (model_taps.onnx)")
+            raise InputError("tpsgd needs a bundle exported with layer taps "
+                             "(model_taps.onnx / model_taps.tflite)")
         if not layers[-1].head:
             raise InputError("tpsgd: the last layer record must be the output layer")
         owned = {n for layer in layers for n in layer.param_names()}
