@@ -312,10 +312,13 @@ class TPSGD(Optimizer):
         bn_grads: dict[str, np.ndarray] = {}
         if layer.bn:
             bn = layer.bn
+            affine = any(k in bn and store.specs[bn[k]].trainable for k in ("weight", "bias"))
             assert layer.raw is not None
+            # a frozen norm is a fixed per-channel scale: its raw input is not even tapped
             d_pre, bn_grads = bn_backward(
-                taps[layer.raw], store[bn["running_mean"]], store[bn["running_var"]],
-                bn["eps"], store[bn["weight"]] if "weight" in bn else None, d_pre)
+                taps[layer.raw] if affine else None, store[bn["running_mean"]],
+                store[bn["running_var"]], bn["eps"],
+                store[bn["weight"]] if "weight" in bn else None, d_pre, params=affine)
         if layer.kind == "linear":
             return linear_grads(x, d_pre), bn_grads, value
         w = store[layer.params["weight"]]
