@@ -23,8 +23,9 @@ block medians):
   floor            the same floor measured: the trainable layers' bare dW GEMMs timed alone
                    (random operands of the step's shapes), (forward + GEMMs) / forward, and
                    how far the step is above forward + GEMMs.
-Trainable sets: "all" (every layer) and "last2" (head + last hidden layer, the
-personalization case). The models are exported by a child process, so torch's threads never run
+Trainable sets: "all" (every layer), "last2" (head + last hidden layer, its batch norm
+included) and "head" (the output layer alone: exact SGD on the true loss), the
+personalization cases. The models are exported by a child process, so torch's threads never run
 beside the timings.
 """
 
@@ -45,14 +46,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# name -> (zoo factory, kwargs, input shape without batch, trainable globs {"all", "last2"})
+# name -> (zoo factory, kwargs, input shape without batch, trainable globs by set name)
 MODELS: dict[str, tuple[str, dict[str, Any], tuple[int, ...], dict[str, str]]] = {
-    "mlp_64_64_10": ("mlp", {}, (64,), {"all": "*", "last2": "layers.0.*,head.*"}),
-    "cnn_8x8_w16": ("cnn", {}, (1, 8, 8), {"all": "*", "last2": "conv2.*,bn2.*,head.*"}),
+    "mlp_64_64_10": ("mlp", {}, (64,), {"all": "*", "last2": "layers.0.*,head.*",
+                                        "head": "head.*"}),
+    "cnn_8x8_w16": ("cnn", {}, (1, 8, 8), {"all": "*", "last2": "conv2.*,bn2.*,head.*",
+                                           "head": "head.*"}),
     "mlp_784_1024_1024_10": ("mlp", {"in_features": 784, "hidden": (1024, 1024)}, (784,),
-                             {"all": "*", "last2": "layers.1.*,head.*"}),
+                             {"all": "*", "last2": "layers.1.*,head.*", "head": "head.*"}),
     "cnn_28x28_w32": ("cnn", {"size": 28, "width": 32}, (1, 28, 28),
-                      {"all": "*", "last2": "conv2.*,bn2.*,head.*"}),
+                      {"all": "*", "last2": "conv2.*,bn2.*,head.*", "head": "head.*"}),
 }
 
 
