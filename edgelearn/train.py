@@ -124,7 +124,8 @@ def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -
 def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
     """Rebuild the optimizer a journal was written with."""
     try:
-        return make_optimizer(header["optimizer"], **header["config"])
+        legacy = getattr(REGISTRY.get(header["optimizer"]), "header_defaults", {})
+        return make_optimizer(header["optimizer"], **{**legacy, **header["config"]})
     except (KeyError, TypeError) as e:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 

@@ -419,3 +419,16 @@ def test_taps_of_frozen_layers_are_not_computed(bundles, digits) -> None:
     before = np.array(store["conv2.weight"])
     opt.step(store, at(1))
     assert not np.array_equal(store["conv2.weight"], before)
+
+
+def test_journal_headers_from_before_target_on_replay_with_activation_targets() -> None:
+    from edgelearn.train import optimizer_from_header
+
+    old = {"optimizer": "tpsgd", "config": {"seed": 0, "lr": 0.1, "local_loss": "mse",
+                                            "target_scale": 1.0, "head_loss": "cross-entropy",
+                                            "hidden_lr": None}}
+    assert optimizer_from_header(old).target_on == "activation"
+    new = make_optimizer("tpsgd", lr=0.1)
+    again = optimizer_from_header({"optimizer": "tpsgd", "config": new.config()})
+    assert again.config() == new.config()
+    assert again.target_on == "pooled"

@@ -115,6 +115,9 @@ class Optimizer:
     #: trainer's divergence rollback; 1.0 otherwise). Optimizers that do not cannot be used
     #: with divergence rollback.
     supports_lr_scale: ClassVar[bool] = False
+    #: options an older journal header may lack, with the value that header's run used (a
+    #: default changed since): `edgelearn.train.optimizer_from_header` fills them in
+    header_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, seed: int = 0) -> None:
         if not isinstance(seed, int) or seed < 0:

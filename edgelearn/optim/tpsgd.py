@@ -114,6 +114,8 @@ class TPSGD(Optimizer):
 
     name = "tpsgd"
     needs: ClassVar[str] = "taps"
+    # journals written before "target_on" existed put every target on the activation output
+    header_defaults: ClassVar[dict[str, Any]] = {"target_on": "activation"}
 
     def __init__(self, *, lr: float = 0.05, local_loss: str = "mse", target_scale: float = 3.0,
                  head_loss: str = "cross-entropy", hidden_lr: float | None = None,
