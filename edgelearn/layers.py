@@ -169,7 +169,7 @@ def _parse_post(r: dict[str, Any]) -> tuple[dict[str, Any], ...]:
 
 
 def _pool_out(size: int, k: int, s: int) -> int:
-    return (size - k) // s + 1
+    return max((size - k) // s + 1, 0)  # 0: a kernel larger than the map (refused by callers)
 
 
 def _post_forward(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
@@ -198,6 +198,17 @@ def post_backward(ops: tuple[dict[str, Any], ...], a: np.ndarray, d_target: np.n
     Returns: dL/da, float32, shaped like a.
     """
     core = [op for op in ops if op["op"] != "reshape"]  # reshapes only trail: no backward
+    shape = a.shape
+    for op in core:  # a manifest's ops must fit the tapped maps (hostile or stale bundles)
+        if (len(shape) != 2 + op["dims"] if op["op"] != "mean"
+                else len(shape) < 1 + max(op["dims"])):
+            raise BundleError(f"post op {op['op']} does not fit an activation of shape {shape}")
+        shape = _shape_only(op, np.broadcast_to(np.float32(0), shape)).shape
+        if 0 in shape:
+            raise BundleError(f"post op {op['op']} leaves nothing of activation {a.shape}")
+    if int(np.prod(shape)) != d_target.size:
+        raise BundleError(f"post ops map activation {a.shape} to {shape}, but the target tap "
+                          f"has {d_target.size // max(a.shape[0], 1)} values per sample")
     ins = [a]
     for k, op in enumerate(core[:-1]):
         # a later max pool needs real values to find its maxima; anything else only shapes
@@ -230,9 +241,9 @@ def _tiled_pool_backward(kind: str, x4: np.ndarray, d4: np.ndarray, kh: int, kw:
                          ) -> np.ndarray:
     """Pool backward when windows tile the map (stride == kernel): one pass per window slot.
 
-    Same values as the general path in `_op_backward` (zeros may carry a sign there: d * 0),
-    with whole-array passes over the kh*kw strided slot views instead of a stacked copy and an
-    argmax over a tiny axis (about 4x faster on 28x28 relu maps).
+    Same values as the general path in `_op_backward`, except that a zero here may carry the
+    sign of d (d * 0): whole-array passes over the kh*kw strided slot views instead of a
+    stacked copy and an argmax over a tiny axis (about 4x faster on 28x28 relu maps).
     """
     n, c, h, w = x4.shape
     ho, wo = d4.shape[2:]

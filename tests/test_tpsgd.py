@@ -191,6 +191,17 @@ def test_post_records_are_validated() -> None:
             parse_layers({"layers": [{**base, "post": post}]}, set())
     with pytest.raises(BundleError, match="post ops"):
         parse_layers({"layers": [{**base, "post": [_POOL2], "target": None}]}, set())
+    # ops that do not fit the tapped maps: a clear error, not a numpy crash
+    a = np.ones((2, 3, 4, 4), np.float32)
+    for post, d in (([{"op": "maxpool", "dims": 2, "kernel": [5, 5], "stride": [5, 5]}],
+                     np.ones(6, np.float32)),
+                    ([_POOL2], np.ones(7, np.float32)),
+                    ([{"op": "mean", "dims": [5], "keepdim": False}], np.ones(6, np.float32)),
+                    ([{"op": "maxpool", "dims": 1, "kernel": [2], "stride": [2]}],
+                     np.ones(24, np.float32))):
+        ops = parse_layers({"layers": [{**base, "post": post}]}, set())[0].post
+        with pytest.raises(BundleError, match="post op"):
+            post_backward(ops, a, d)
 
 
 @pytest.mark.torch
