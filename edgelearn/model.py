@@ -97,6 +97,9 @@ class Model:
                 raise InputError(
                     f"labels go up to {int(data.y.max())} but the model has {n_cls} classes"
                 )
+            if data.y.dtype.kind in "iu" and data.y.size and int(data.y.min()) < 0:
+                # numpy would wrap a negative class index around to the last classes
+                raise InputError(f"labels must be >= 0, got {int(data.y.min())}")
 
     def evaluate(
         self, data: Dataset, *, batch_size: int = 256, objective: str | None = None

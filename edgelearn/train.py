@@ -162,6 +162,9 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
                          f"one has none ({why}): use --backend onnxruntime or re-export")
     layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
     opt.setup(layers, store)  # type: ignore[attr-defined]
+    out_shape = bundle.outputs[0].shape[1:]
+    if all(isinstance(d, int) for d in out_shape):  # before any journal is written
+        opt.check_targets(data.y, out_shape)  # type: ignore[attr-defined]
     in_name = bundle.inputs[0].name
     need = needed_taps(layers, set(store.trainable_names)) - {in_name}
     if backend in ("onnxruntime", "ort"):

@@ -443,3 +443,16 @@ def test_journal_headers_from_before_target_on_replay_with_activation_targets() 
     again = optimizer_from_header({"optimizer": "tpsgd", "config": new.config()})
     assert again.config() == new.config()
     assert again.target_on == "pooled"
+
+
+def test_bad_targets_are_refused_before_the_run_starts(bundles, digits, tmp_path) -> None:
+    bundle = Bundle(bundles["mlp"].path)
+    x = digits.x[:8]
+    for y, match in ((np.full(8, -1), ">= 0"), (np.zeros((8, 3), np.float32), "integer class"),
+                     (np.full(8, 10), "up to 10")):
+        with pytest.raises(InputError, match=match):
+            train(bundle, Dataset(x, y), tmp_path / "r", optimizer="tpsgd", steps=1, threads=1)
+        assert not (tmp_path / "r" / "journal.bin").exists()
+    with pytest.raises(InputError, match="shaped like the output"):
+        train(bundle, Dataset(x, np.zeros((8, 3), np.float32)), tmp_path / "m",
+              optimizer="tpsgd", options={"head_loss": "mse"}, steps=1, threads=1)

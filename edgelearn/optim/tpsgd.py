@@ -175,6 +175,21 @@ class TPSGD(Optimizer):
         self._drop = [[k for k, last in self._last_use.items() if last == i]
                       for i in range(len(self.layers))]
 
+    def check_targets(self, y: np.ndarray, out_shape: tuple[int, ...]) -> None:
+        """Raise InputError unless `y` [N, ...] are targets the head loss can use.
+
+        Args:
+            y: batch targets. out_shape: the model output's shape without the batch.
+        """
+        y = np.asarray(y)
+        if self.head_loss == "cross-entropy" and not (y.ndim == 1 and y.dtype.kind in "iu"):
+            raise InputError(f"tpsgd's cross-entropy head needs integer class labels [N], got "
+                             f"{y.dtype} {y.shape}; use head_loss='mse' for target vectors")
+        if self.head_loss == "mse" and y.shape[1:] != tuple(out_shape) and (
+                int(np.prod(y.shape[1:])) != int(np.prod(out_shape))):
+            raise InputError(f"tpsgd's mse head needs targets shaped like the output "
+                             f"{tuple(out_shape)} per example, got {y.shape[1:]}")
+
     # -- no ask/tell: a tpsgd step is one taps forward, not a sequence of scalar losses ---------
     def ask(self, store: ParamStore) -> bool:
         """Not available: call `step(store, evaluate)` with a taps evaluator."""
@@ -256,6 +271,8 @@ class TPSGD(Optimizer):
         head = self.layers[-1]
         logits = taps[head.preact]
         classes = logits.shape[1]
+        y = np.asarray(y)
+        self.check_targets(y, logits.shape[1:])
         lr = np.float32(self.lr)
         if not np.isfinite(logits).all():  # reject: no layer is updated
             return {"loss": None, "local": [None] * len(self.layers), "lr": self.lr,
