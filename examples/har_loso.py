@@ -459,7 +459,9 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
            ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
            args.split, "--seed", str(args.seed), *(["--quick"] if args.quick else [])]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)  # stderr shown
+    if proc.returncode != 0:
+        sys.exit(f"har_loso: the device half failed (exit {proc.returncode}), see above")
     res = summarize(h, json.loads(proc.stdout), args)
     res["seconds"] = {"host": t1 - t0, "device": time.perf_counter() - t1}
     print(json.dumps(res))
