@@ -362,11 +362,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
             f"  pretrained, new user's digits   : accuracy {res['accuracy_before']:.3f}",
         ]
         for name, o in res["optimizers"].items():
+            # a population optimizer (polystep) times whole steps only: no per-forward time
+            times = [f"{o['seconds']:.1f} s"] + [
+                f"{what} {o[key]:.2f} ms" for what, key in (("step", "step_ms_median"),
+                                                            ("forward", "forward_ms_median"))
+                if o.get(key) is not None]
             lines.append(
                 f"  after {name:8s} ({o['steps']} steps, {o['trainable_params']} trainable "
                 f"params)    : accuracy {res['accuracy_after'][name]:.3f}  "
-                f"[{o['seconds']:.1f} s, step {o['step_ms_median']:.2f} ms, "
-                f"forward {o['forward_ms_median']:.2f} ms]")
+                f"[{', '.join(times)}]")
             lines.append(f"      weights {o['weights']}  journal {o['journal']}")
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")

@@ -34,6 +34,17 @@ def test_demo_runs_without_torch_and_personalizes(tmp_path) -> None:
         assert run["steps"] == 400
 
 
+def test_demo_human_output_names_every_optimizer(tmp_path, capsys) -> None:
+    """The README's main command without --json (a population optimizer has no forward time)."""
+    from edgelearn.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    for name in ("zo-sgd", "tpsgd", "polystep"):
+        assert f"after {name}" in out
+    assert "torch was not used" in out
+
+
 def test_bench_reports_forward_and_step_times(capsys) -> None:
     from edgelearn.cli import main
     from edgelearn.demo import DATA
