@@ -36,6 +36,7 @@ import argparse
 import importlib.util
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -277,6 +278,10 @@ def host(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for s in args.subjects:
         inner = SUBJECTS[(SUBJECTS.index(s) + 1) % len(SUBJECTS)]  # next id
         fold = {"subject": s, "pseudo_target": inner, "dir": str(out / f"s{s}")}
+        for part in ("inner", "outer"):
+            # the fold's bundles are exported anew: runs left by an earlier invocation belong
+            # to the old bundles and would be refused on resume
+            shutil.rmtree(out / f"s{s}" / part / "runs", ignore_errors=True)
         m_in, a_in = prepare_fold(d, inner, {s, inner}, out / f"s{s}" / "inner", split=args.split,
                                   epochs=args.epochs, seed=args.seed)
         m_out, a_out = prepare_fold(d, s, {s}, out / f"s{s}" / "outer", split=args.split,
