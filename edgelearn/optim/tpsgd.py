@@ -139,7 +139,6 @@ class TPSGD(Optimizer):
         self.target_scale, self.head_loss = float(target_scale), head_loss
         self.layers: list[Layer] = []
         self._proj: dict[int, np.ndarray] = {}
-        self._last_use: dict[str, int] = {}
         self._drop: list[list[str]] = []  # layer index -> taps last used by that layer
         self._blas: Any = None
 
@@ -167,12 +166,12 @@ class TPSGD(Optimizer):
                              "freeze them with --trainable")
         self.layers = list(layers)
         self._blas = _blas_controller()
-        self._last_use = {}
+        last_use: dict[str, int] = {}
         for i, layer in enumerate(self.layers):
             for tap in (layer.input, layer.preact, layer.output, layer.raw, layer.target):
                 if tap is not None:
-                    self._last_use[tap] = i
-        self._drop = [[k for k, last in self._last_use.items() if last == i]
+                    last_use[tap] = i
+        self._drop = [[k for k, last in last_use.items() if last == i]
                       for i in range(len(self.layers))]
 
     def check_targets(self, y: np.ndarray, out_shape: tuple[int, ...]) -> None:
