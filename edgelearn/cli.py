@@ -82,9 +82,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     import importlib.util
 
     try:
-        import torch
+        from export.quiet import quiet_third_party
 
-        from export import export_bundle
+        with quiet_third_party(args.verbose):
+            import torch
+
+            from export import export_bundle
     except ImportError as e:
         raise EdgelearnError(f"export needs torch and onnx on this host ({e}); "
                              "pip install torch==2.13.0 'edgelearn[export]'") from None
@@ -118,8 +121,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise InputError(f"{args.spec}: {e}") from None
     example = torch.randn(*args.example_shape)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    res = export_bundle(model, example, args.out, trainable=args.trainable, task=args.task,
-                        overwrite=args.overwrite, formats=formats)
+    with quiet_third_party(args.verbose):
+        res = export_bundle(model, example, args.out, trainable=args.trainable, task=args.task,
+                            overwrite=args.overwrite, formats=formats)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), formats "
                              f"{','.join(res['formats'])}, parity max abs err "
@@ -490,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     sp.add_argument("--formats", default="onnx",
                     help="comma-separated model formats: onnx (default), onnx,tflite")
+    sp.add_argument("-v", "--verbose", action="store_true",
+                    help="show the converters' own logs and warnings (hidden by default)")
     common(sp)
 
     sp = sub.add_parser("info", help="what a bundle holds")

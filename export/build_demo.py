@@ -1,16 +1,20 @@
 """Build the demo assets shipped inside the package (run on the host, with torch).
 
-    python -m export.build_demo
+    python -m export.build_demo --write        # rewrite the committed assets
+    python -m export.build_demo --out DIR      # build elsewhere (default: a new temp dir)
 
-Writes edgelearn/data/digits.npz (the UCI/sklearn 8x8 digits, CC BY 4.0, 1797 images as
-uint8 0..16, labels, and which images the pretraining used) and edgelearn/data/demo/ (a
-bundle: an MLP 64-64-10 pretrained by backprop on the pretraining images). `edgelearn demo`
-then personalizes it on device for a new user whose handwriting differs.
+Prints the export summary as one JSON object. With --write it rewrites
+edgelearn/data/digits.npz (the UCI/sklearn 8x8 digits, CC BY 4.0, 1797 images as uint8
+0..16, labels, and which images the pretraining used) and edgelearn/data/demo/ (a bundle:
+an MLP 64-64-10 pretrained by backprop on the pretraining images). `edgelearn demo` then
+personalizes it on device for a new user whose handwriting differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +22,7 @@ import torch
 
 from export import export_bundle
 from export.population import add_population_graph
+from export.quiet import quiet_third_party
 from export.zoo import MLP
 
 DATA = Path(__file__).resolve().parents[1] / "edgelearn" / "data"
@@ -44,15 +49,27 @@ def build(out: Path = DATA, seed: int = 0) -> dict:
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
-    summary = export_bundle(model, xb[:2], out / "demo", trainable="head.*", overwrite=True,
-                            formats=("onnx", "tflite"))
+    with quiet_third_party():
+        summary = export_bundle(model, xb[:2], out / "demo", trainable="head.*",
+                                overwrite=True, formats=("onnx", "tflite"))
     # PolyStep scores many candidate heads per runtime call through this graph.
-    summary["population"] = add_population_graph(model, xb[:2], out / "demo")
+    with quiet_third_party():
+        summary["population"] = add_population_graph(model, xb[:2], out / "demo")
+    summary["data"] = str(out / "digits.npz")
     return summary
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DATA))
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--write", action="store_true",
+                       help=f"rewrite the committed assets in {DATA}")
+    where.add_argument("--out", default=None, help="directory to build into (default: temp)")
     args = ap.parse_args()
-    print(build(Path(args.out)))
+    if args.write:
+        target = DATA
+    elif args.out:
+        target = Path(args.out)
+    else:
+        target = Path(tempfile.mkdtemp(prefix="edgelearn-demo-build-"))
+    print(json.dumps(build(target), sort_keys=True, default=str))

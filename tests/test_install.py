@@ -1,0 +1,61 @@
+"""Install truth: extras, quiet exports, the demo asset builder leaving committed files alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _extras() -> dict[str, list[str]]:
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["optional-dependencies"]
+
+
+def test_onnx_export_extra_does_not_pull_the_tflite_converter() -> None:
+    extras = _extras()
+    assert not any("litert" in dep for dep in extras["export"]), extras["export"]
+    assert any(dep.startswith("litert-torch") for dep in extras["export-tflite"])
+    assert not any("torch" in dep for dep in extras["onnx"] + extras["litert"])
+
+
+def _export(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "edgelearn.cli", "export", "export.zoo:mlp", "--example-shape",
+           "1,64", "--out", str(tmp_path / "b"), "--formats", "onnx,tflite", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.torch
+def test_export_prints_no_third_party_noise_unless_verbose(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    quiet = _export(tmp_path, "--json")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert json.loads(quiet.stdout)["formats"] == ["onnx", "tflite"]
+    loud = _export(tmp_path, "--overwrite", "-v")
+    assert loud.returncode == 0, loud.stderr
+    assert loud.stderr.strip()  # the converters' own logs come back under -v
+    assert loud.stdout.strip().startswith("wrote ")
+
+
+@pytest.mark.torch
+def test_build_demo_writes_elsewhere_unless_asked(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("sklearn")
+    data = ROOT / "edgelearn" / "data"
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
+    out = subprocess.run([sys.executable, "-m", "export.build_demo", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert Path(summary["bundle"]) == tmp_path / "demo"
+    assert (tmp_path / "demo" / "manifest.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == before
