@@ -40,8 +40,9 @@ def is_run_dir(path: PathLike) -> bool:
 
 
 def _check_not_input(out: PathLike, inputs: Iterable[PathLike | None], *,
-                     holds: bool = False) -> None:
-    """Refuse an output that is an input or lies inside one (with `holds`: or contains one)."""
+                     holds: bool = False, fix: str = "write the output somewhere else") -> None:
+    """Refuse an output that is an input or lies inside one (with `holds`: or contains one);
+    `fix` ends the message with what to do instead."""
     o = Path(out).resolve()
     for given in inputs:
         if given is None:
@@ -49,14 +50,11 @@ def _check_not_input(out: PathLike, inputs: Iterable[PathLike | None], *,
         i = Path(given).resolve()
         also = "" if os.fspath(given) == os.fspath(out) else f" ({given})"
         if o == i:
-            raise InputError(f"{out} is an input of this command{also}; write the output "
-                             "somewhere else")
+            raise InputError(f"{out} is an input of this command{also}; {fix}")
         if i in o.parents:
-            raise InputError(f"{out} lies inside {given}, an input of this command; write the "
-                             "output somewhere else")
+            raise InputError(f"{out} lies inside {given}, an input of this command; {fix}")
         if holds and o in i.parents:
-            raise InputError(f"{out} holds {given}, an input of this command; write the "
-                             "output somewhere else")
+            raise InputError(f"{out} holds {given}, an input of this command; {fix}")
 
 
 def _check_writable_dir(d: Path, out: PathLike) -> None:
@@ -144,7 +142,7 @@ def check_dir_out(out: PathLike, *, overwrite: bool = False,
     never an arbitrary directory, and never one that holds an input of the command.
     """
     p = Path(out)
-    _check_not_input(out, inputs, holds=overwrite)
+    _check_not_input(out, inputs, holds=overwrite, fix="--out must be a new directory")
     if p.exists() or p.is_symlink():
         if not p.is_dir():
             raise InputError(f"{out} exists and is not a directory; --out names a bundle "
