@@ -17,10 +17,36 @@ from typing import Any
 from edgelearn.errors import EdgelearnError, InputError
 
 
+class UsageError(SystemExit):
+    """A command line argparse refused (exit code 2); `message` is the one-line reason."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for flags with a real default; help that states it is left as is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    """argparse with the README's error contract: one `edgelearn: error:` line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"edgelearn: error: {message}\n")
+        """Print one line (no usage dump) and raise UsageError (a SystemExit with code 2)."""
+        message = f"{message} (see '{self.prog} --help')"
+        print(f"edgelearn: error: {message}", file=sys.stderr)
+        raise UsageError(message)
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], human: Callable[[], str]) -> None:
@@ -463,142 +489,192 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used to check README/--help drift in tests)."""
-    p = _Parser(prog="edgelearn", description="On-device learning with forward-only "
-                "optimizers on inference runtimes.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+#: train flags stored as None when not given (so a flag given explicitly can be told apart)
+#: -> the value used when it is not given: the same values the flags had as plain defaults
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "probes": 1, "restore": "auto", "schedule": "constant", "weight_decay": 0.0,
+    "sign": False, "conservative": False, "local_loss": "mse", "target_scale": 3.0,
+    "target_on": "pooled", "diverge_patience": 20, "diverge_lr_scale": 0.5,
+}
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+_ZO = ("zo-sgd", "zo-scale")
+#: train flag (argparse dest) -> the optimizers that read it (cmd_train passes it on); any
+#: other optimizer refuses the flag instead of dropping it silently
+FLAG_USERS: dict[str, tuple[str, ...]] = {
+    "lr": ("zo-sgd", "zo-scale", "tpsgd"),
+    "eps": _ZO, "probes": _ZO, "noise": _ZO, "schedule": _ZO, "clip": _ZO,
+    "restore": (*_ZO, "polystep"),
+    "weight_decay": ("zo-sgd",), "sign": ("zo-sgd",), "conservative": ("zo-sgd",),
+    "reject_above": ("zo-sgd",),
+    "local_loss": ("tpsgd",), "target_scale": ("tpsgd",), "target_on": ("tpsgd",),
+    "hidden_lr": ("tpsgd",),
+}
 
-    def runtime(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--backend", default=None,
-                        help="onnxruntime | litert (bundle exported with tflite; tpsgd runs "
-                        "on both); default: the --device profile's first installed backend")
-        sp.add_argument("--device", default=None,
-                        help="device profile name (see `edgelearn device --list`) or .toml path")
-        sp.add_argument("--threads", type=_positive, default=None,
-                        help="runtime intra-op threads (default: runtime's choice)")
-        sp.add_argument("--batch-size", type=_positive, default=256, help="examples per forward")
 
+def _version() -> str:
+    """The installed distribution's version, else the package's own `__version__`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgelearn")
+    except PackageNotFoundError:
+        from edgelearn import __version__
+
+        return __version__
+
+
+def optimizer_option_names(name: str) -> list[str] | None:
+    """Keyword options optimizer `name` takes (its constructor's; `seed` comes from --seed).
+
+    None when the constructor takes arbitrary keywords (nothing to check against).
+    """
+    import inspect
+
+    from edgelearn.optim import REGISTRY
+
+    params = inspect.signature(REGISTRY[name]).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
+                  and p.name != "seed")
+
+
+def _dflt(dest: str, text: str) -> str:
+    """Help text of a None-sentinel train flag, with the default it stands for."""
+    return f"{text} (default: {TRAIN_DEFAULTS[dest]})"
+
+
+def _add_runtime(g: Any, *, batch_size: int = 256) -> None:
+    from edgelearn.backends import BACKENDS
+
+    g.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="runtime (litert needs a bundle exported with tflite; tpsgd runs on "
+                   "both); default: the --device profile's first installed backend")
+    g.add_argument("--device", default=None,
+                   help="device profile name (see `edgelearn device --list`) or .toml path")
+    g.add_argument("--threads", type=_positive, default=None,
+                   help="runtime intra-op threads (default: the runtime's choice)")
+    g.add_argument("--batch-size", type=_positive, default=batch_size,
+                   help="examples per forward")
+
+
+def _add_json(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _add_train(sub: Any) -> None:
+    """`train` and its flag groups; optimizer-specific flags default to None (see
+    TRAIN_DEFAULTS) so that a flag the chosen optimizer does not use can be refused."""
+    from edgelearn.losses import LOSSES
+    from edgelearn.optim import REGISTRY
+
+    sp = sub.add_parser("train", help="personalize a bundle on device (forward-only)",
+                        description="Personalize a bundle with a forward-only optimizer; "
+                        "resumes when --out already holds the same run.")
+    g = sp.add_argument_group("data")
+    g.add_argument("bundle", help="bundle directory to personalize")
+    g.add_argument("--data", required=True, help=".npz with x (float32) and y")
+    g.add_argument("--out", required=True,
+                   help="run directory: new, empty, or a run to resume (never a bundle, a "
+                   "data file or another directory)")
+    g = sp.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="zo-sgd", choices=sorted(REGISTRY),
+                   help="forward-only optimizer")
+    g.add_argument("--steps", type=int, required=True, help="total steps of the run")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: zo-sgd 1e-3, zo-scale 1e-5, tpsgd 0.05)")
+    g.add_argument("--trainable", default=None,
+                   help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
+                   "manifest's; zo-scale: '*.scale')")
+    g.add_argument("--objective", default=None, choices=sorted(LOSSES),
+                   help="loss to minimize (default: cross-entropy, mse for regression)")
+    g.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
+    g.add_argument("--opt", action="append", metavar="KEY=VALUE",
+                   help="optimizer option (repeatable; JSON values), e.g. --opt radius=0.02; "
+                   "an unknown key is refused with the valid ones")
+    g = sp.add_argument_group("zo-sgd / zo-scale options")
+    g.add_argument("--eps", type=float, default=None,
+                   help="perturbation scale (default: zo-sgd 1e-3, zo-scale 1e-4)")
+    g.add_argument("--probes", type=_positive, default=None,
+                   help=_dflt("probes", "perturbations per step"))
+    g.add_argument("--noise", default=None, choices=["rademacher", "gaussian", "pool"],
+                   help="perturbation distribution (default: zo-sgd rademacher, "
+                   "zo-scale gaussian)")
+    g.add_argument("--restore", default=None, choices=["auto", "copy", "drift"],
+                   help=_dflt("restore", "how weights come back after +-eps probes (README: "
+                             "restore policy; also polystep)"))
+    g.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
+                   help=_dflt("schedule", "learning-rate schedule over --steps"))
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=_dflt("weight_decay", "zo-sgd: decoupled decay of >=2-D weights"))
+    g.add_argument("--sign", action="store_true", default=None, help="zo-sgd: ZO-SignSGD update")
+    g.add_argument("--clip", type=float, default=None,
+                   help="clip |L+ - L-| (default: zo-sgd none; zo-scale clips the directional "
+                   "derivative at 100)")
+    g.add_argument("--conservative", action="store_true", default=None,
+                   help="zo-sgd: undo an update that makes the loss worse (1 extra forward)")
+    g = sp.add_argument_group("tpsgd options")
+    g.add_argument("--local-loss", default=None, choices=["mse", "l1", "drtp"],
+                   help=_dflt("local_loss", "hidden-layer loss against the projected label"))
+    g.add_argument("--target-scale", type=float, default=None,
+                   help=_dflt("target_scale", "std of the random label projections"))
+    g.add_argument("--target-on", default=None, choices=["pooled", "activation"],
+                   help=_dflt("target_on", "put a layer's target after its own pooling (when "
+                             "the exporter recorded one) or on its activation output"))
+    g.add_argument("--hidden-lr", type=float, default=None,
+                   help="learning rate of the hidden layers (default: --lr)")
+    keys = optimizer_option_names("polystep") if "polystep" in REGISTRY else None
+    sp.add_argument_group("polystep options", "given as --opt KEY=VALUE, keys: "
+                          f"{', '.join(keys or [])}")
+    g = sp.add_argument_group("reliability")
+    g.add_argument("--checkpoint-every", type=_positive, default=100,
+                   help="steps between checkpoints")
+    g.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
+    g.add_argument("--fsync-seconds", type=float, default=None,
+                   help="also fsync the journal when this many seconds passed since the last "
+                   "fsync (use with a large --fsync-every for a time-based policy)")
+    g.add_argument("--reject-above", type=float, default=None,
+                   help="zo-sgd: reject a step (weights restored, no update) when |L+ - L-| "
+                   "exceeds this value")
+    g.add_argument("--diverge-factor", type=float, default=None,
+                   help="roll back to the last good checkpoint when the loss stays above "
+                   "this many times its running minimum (off by default)")
+    g.add_argument("--diverge-patience", type=_positive, default=None,
+                   help=_dflt("diverge_patience", "with --diverge-factor: steps above the "
+                             "threshold before a rollback"))
+    g.add_argument("--diverge-lr-scale", type=float, default=None,
+                   help=_dflt("diverge_lr_scale", "with --diverge-factor: learning-rate "
+                             "multiplier at each rollback"))
+    g = sp.add_argument_group("device / runtime")
+    _add_runtime(g, batch_size=32)
+    g.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="peak memory allowed; the batch shrinks to fit (default: the "
+                   "profile's)")
+    _add_json(sp)
+
+
+def _add_export(sub: Any) -> None:
+    """`export` (host side, needs torch)."""
     sp = sub.add_parser("export", help="host: export a torch model to a bundle")
     sp.add_argument("spec", help="model factory, module.py:factory or package.module:factory")
     sp.add_argument("--example-shape", type=_shape, required=True,
                     help="example input shape with batch first, e.g. 1,64")
     sp.add_argument("--out", required=True, help="bundle directory to create")
     sp.add_argument("--trainable", default="*", help="glob(s) of trainable params, e.g. 'head.*'")
-    sp.add_argument("--task", default="classification", choices=["classification", "regression"])
+    sp.add_argument("--task", default="classification", choices=["classification", "regression"],
+                    help="what the model's output is")
     sp.add_argument("--kwargs", default=None, help="JSON object of factory keyword arguments")
     sp.add_argument("--seed", type=int, default=0, help="torch seed for the factory's init")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     sp.add_argument("--formats", default="onnx",
-                    help="comma-separated model formats: onnx (default), onnx,tflite")
+                    help="comma-separated model formats: onnx, or onnx,tflite")
     sp.add_argument("-v", "--verbose", action="store_true",
                     help="show the converters' own logs and warnings (hidden by default)")
-    common(sp)
+    _add_json(sp)
 
-    sp = sub.add_parser("info", help="what a bundle holds")
-    sp.add_argument("bundle")
-    common(sp)
 
-    sp = sub.add_parser("eval", help="accuracy / loss of a bundle on a data file")
-    sp.add_argument("bundle")
-    sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
-    sp.add_argument("--weights", default=None, help="personalized weights (.safetensors)")
-    sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
-    runtime(sp)
-    common(sp)
-
-    sp = sub.add_parser("train", help="personalize a bundle on device (forward-only)")
-    sp.add_argument("bundle")
-    sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
-    sp.add_argument("--out", required=True, help="run directory (resumed if it exists)")
-    sp.add_argument("--optimizer", default="zo-sgd",
-                    help="zo-sgd | tpsgd | polystep | zo-scale")
-    sp.add_argument("--opt", action="append", metavar="KEY=VALUE",
-                    help="optimizer option (repeatable; JSON values), e.g. --opt radius=0.02")
-    sp.add_argument("--steps", type=int, required=True, help="total steps of the run")
-    sp.add_argument("--trainable", default=None,
-                    help="glob(s) of parameters to train, e.g. 'head.*' (default: manifest)")
-    sp.add_argument("--lr", type=float, default=None, help="learning rate (zo-sgd: 1e-3)")
-    sp.add_argument("--eps", type=float, default=None, help="perturbation scale (zo-sgd: 1e-3)")
-    sp.add_argument("--probes", type=_positive, default=1, help="perturbations per step")
-    sp.add_argument("--noise", default=None, choices=["rademacher", "gaussian", "pool"])
-    sp.add_argument("--restore", default="auto", choices=["auto", "copy", "drift"],
-                    help="how weights come back after +-eps probes (README: restore policy)")
-    sp.add_argument("--schedule", default="constant", choices=["constant", "cosine", "linear"])
-    sp.add_argument("--weight-decay", type=float, default=0.0)
-    sp.add_argument("--sign", action="store_true", help="ZO-SignSGD update")
-    sp.add_argument("--clip", type=float, default=None, help="clip |L+ - L-|")
-    sp.add_argument("--conservative", action="store_true",
-                    help="undo an update that makes the loss worse (1 extra forward)")
-    sp.add_argument("--objective", default=None, help="cross-entropy | mse | error-rate")
-    sp.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
-    sp.add_argument("--local-loss", default="mse", choices=["mse", "l1", "drtp"],
-                    help="tpsgd hidden-layer loss against the projected label")
-    sp.add_argument("--target-scale", type=float, default=3.0,
-                    help="tpsgd: std of the random label projections")
-    sp.add_argument("--target-on", default="pooled", choices=["pooled", "activation"],
-                    help="tpsgd: put a layer's target after its own pooling (when the "
-                         "exporter recorded one) or on its activation output")
-    sp.add_argument("--hidden-lr", type=float, default=None,
-                    help="tpsgd: learning rate of the hidden layers (default: --lr)")
-    sp.add_argument("--checkpoint-every", type=_positive, default=100)
-    sp.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
-    sp.add_argument("--fsync-seconds", type=float, default=None,
-                    help="also fsync the journal when this many seconds passed since the last "
-                         "fsync (use with a large --fsync-every for a time-based policy)")
-    sp.add_argument("--reject-above", type=float, default=None,
-                    help="reject a step (weights restored, no update) when |L+ - L-| exceeds "
-                         "this value")
-    sp.add_argument("--diverge-factor", type=float, default=None,
-                    help="roll back to the last good checkpoint when the loss stays above "
-                         "this many times its running minimum (off by default)")
-    sp.add_argument("--diverge-patience", type=_positive, default=20,
-                    help="steps above the threshold before a rollback")
-    sp.add_argument("--diverge-lr-scale", type=float, default=0.5,
-                    help="learning-rate multiplier at each rollback")
-    sp.add_argument("--memory-budget-mb", type=float, default=None,
-                    help="peak memory allowed; the batch shrinks to fit (default: profile's)")
-    runtime(sp)
-    sp.set_defaults(batch_size=32)
-    common(sp)
-
-    sp = sub.add_parser("device", help="detect this machine; what fits its memory budget")
-    sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
-    sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
-    sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
-    sp.add_argument("--backend", default=None, help="backend (default: the profile's)")
-    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
-    sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
-    sp.add_argument("--memory-budget-mb", type=float, default=None)
-    common(sp)
-
-    sp = sub.add_parser("demo", help="the main job end to end on shipped data")
-    sp.add_argument("--out", default="edgelearn-demo", help="directory for the runs")
-    sp.add_argument("--steps", type=_positive, default=None, help="override the step counts")
-    sp.add_argument("--seed", type=int, default=0)
-    runtime(sp)
-    common(sp)
-
-    sp = sub.add_parser("bench", help="forward / step timing and memory on this device")
-    sp.add_argument("bundle")
-    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
-    sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
-    sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
-    runtime(sp)
-    sp.set_defaults(batch_size=32)
-    common(sp)
-
-    sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")
-    sp.add_argument("bundle")
-    sp.add_argument("journal")
-    sp.add_argument("--out", required=True, help="weights file to write (.safetensors)")
-    sp.add_argument("--data", default=None,
-                    help="the run's data, for optimizers whose replay re-runs forwards (tpsgd)")
-    common(sp)
-
+def _add_prepare_bake(sub: Any) -> None:
+    """`prepare` and `bake`: bundles from third-party ONNX models, and back."""
     sp = sub.add_parser("prepare", help="turn an inference ONNX model into a bundle")
     sp.add_argument("model", help="the .onnx file (external data must sit beside it)")
     sp.add_argument("--out", default=None, help="bundle directory to create")
@@ -607,35 +683,189 @@ def build_parser() -> argparse.ArgumentParser:
                     help="glob(s) of trainable params (default '*', or 'head.*' with a new head)")
     sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
                     help="append a linear classifier on a model output")
-    sp.add_argument("--task", default=None, choices=["classification", "regression"])
+    sp.add_argument("--task", default=None, choices=["classification", "regression"],
+                    help="what the model's output is (default: classification with "
+                    "--new-head, else from the output)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the new head's weights")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
     sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    common(sp)
+    _add_json(sp)
 
     sp = sub.add_parser("bake", help="personalized weights -> plain inference model + bundle")
-    sp.add_argument("bundle")
+    sp.add_argument("bundle", help="bundle the weights were trained on")
     sp.add_argument("--weights", required=True, help="personalized weights (.safetensors)")
     sp.add_argument("--out", required=True, help="directory to create")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
     sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
-    sp.add_argument("--overwrite", action="store_true", help="replace an existing directory")
-    common(sp)
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing bundle directory")
+    _add_json(sp)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to check README/--help drift in tests)."""
+    from edgelearn.losses import LOSSES
+
+    p = _Parser(prog="edgelearn", description="On-device learning with forward-only "
+                "optimizers on inference runtimes.")
+    p.add_argument("--version", action="version", version=f"edgelearn {_version()}",
+                   help="print the installed version and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                           metavar="COMMAND", help="one of:")
+    _add_export(sub)
+
+    sp = sub.add_parser("info", help="what a bundle holds")
+    sp.add_argument("bundle", help="bundle directory")
+    _add_json(sp)
+
+    sp = sub.add_parser("eval", help="accuracy / loss of a bundle on a data file")
+    sp.add_argument("bundle", help="bundle directory")
+    sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
+    sp.add_argument("--weights", default=None,
+                    help="personalized weights (.safetensors; default: the bundle's)")
+    sp.add_argument("--objective", default=None, choices=sorted(LOSSES),
+                    help="loss to report (default: cross-entropy, mse for regression)")
+    _add_runtime(sp)
+    _add_json(sp)
+
+    _add_train(sub)
+
+    sp = sub.add_parser("device", help="detect this machine; what fits its memory budget")
+    sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
+    sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
+    sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
+    from edgelearn.backends import BACKENDS
+
+    sp.add_argument("--backend", default=None, choices=BACKENDS,
+                    help="runtime (default: the profile's first installed backend)")
+    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
+    sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
+    sp.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="memory budget (default: the profile's, else the free memory)")
+    _add_json(sp)
+
+    sp = sub.add_parser("demo", help="the main job end to end on shipped data")
+    sp.add_argument("--out", default="edgelearn-demo",
+                    help="directory for the runs (one run directory per optimizer)")
+    sp.add_argument("--steps", type=_positive, default=None,
+                    help="override every optimizer's step count")
+    sp.add_argument("--seed", type=int, default=0, help="run seed")
+    _add_runtime(sp)
+    _add_json(sp)
+
+    sp = sub.add_parser("bench", help="forward / step timing and memory on this device")
+    sp.add_argument("bundle", help="bundle directory")
+    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
+    sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
+    sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
+    _add_runtime(sp, batch_size=32)
+    _add_json(sp)
+
+    sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")
+    sp.add_argument("bundle", help="bundle the run trained")
+    sp.add_argument("journal", help="the run's journal.bin")
+    sp.add_argument("--out", required=True,
+                    help="weights file to write (.safetensors; its directory must exist)")
+    sp.add_argument("--data", default=None,
+                    help="the run's data, for optimizers whose replay re-runs forwards (tpsgd)")
+    _add_json(sp)
+
+    _add_prepare_bake(sub)
     return p
 
 
+# -- checks before a command runs ----------------------------------------------------------
+def check_train_flags(args: argparse.Namespace) -> None:
+    """Refuse flags the optimizer would ignore and unknown --opt keys; fill the defaults."""
+    opt = args.optimizer
+    unused = [f"--{dest.replace('_', '-')} ({', '.join(users)})"
+              for dest, users in FLAG_USERS.items()
+              if getattr(args, dest) is not None and opt not in users]
+    if unused:
+        hint = "; polystep options go through --opt KEY=VALUE" if opt == "polystep" else ""
+        raise InputError(f"--optimizer {opt} does not use {', '.join(unused)}; remove "
+                         f"{'it' if len(unused) == 1 else 'them'}{hint}")
+    if args.diverge_factor is None:
+        lone = [f for f, v in (("--diverge-patience", args.diverge_patience),
+                               ("--diverge-lr-scale", args.diverge_lr_scale)) if v is not None]
+        if lone:
+            raise InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
+                             "only with --diverge-factor")
+    valid = optimizer_option_names(opt)
+    for item in args.opt or []:
+        key, sep, _ = item.partition("=")
+        if sep and key.isidentifier() and valid is not None and key not in valid:
+            why = "the run seed is --seed" if key == "seed" else f"valid keys: {', '.join(valid)}"
+            raise InputError(f"--opt {key}: {opt} has no option {key!r} ({why})")
+    for dest, value in TRAIN_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse outputs that would overwrite an input, a bundle, a data file or a directory
+    that belongs to something else, before the command writes anything."""
+    from edgelearn import paths
+
+    cmd = args.command
+    if cmd == "train":
+        paths.check_run_out(args.out, inputs=[args.bundle, args.data])
+    elif cmd == "demo":
+        from edgelearn.demo import RECIPES
+
+        paths.check_demo_out(args.out, RECIPES)
+    elif cmd == "replay":
+        paths.check_file_out(args.out, inputs=[args.bundle, args.journal, args.data])
+    elif cmd == "bake":
+        paths.check_dir_out(args.out, overwrite=args.overwrite,
+                            inputs=[args.bundle, args.weights, args.example])
+    elif cmd == "prepare" and args.out and not args.list:
+        paths.check_dir_out(args.out, overwrite=args.overwrite,
+                            inputs=[args.model, args.example])
+    elif cmd == "export":
+        spec = args.spec.partition(":")[0]
+        paths.check_dir_out(args.out, overwrite=args.overwrite,
+                            inputs=[spec] if spec.endswith(".py") else [])
+
+
+def _fail(args: argparse.Namespace, msg: str) -> int:
+    """Report a refused command: one stderr line (+ one JSON object with --json); exit 2."""
+    msg = msg.replace("\n", " ")
+    if getattr(args, "json", False):
+        print(json.dumps({"error": msg}))
+    print(f"edgelearn: error: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `edgelearn` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `edgelearn` console script; returns the exit code.
+
+    Usage errors raise UsageError (SystemExit 2) after printing one line, as argparse does;
+    with --json in argv they also print {"error": ...} on stdout.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        if "--json" in argv:
+            print(json.dumps({"error": e.message}))
+        raise
+    from edgelearn import paths
+
+    try:
+        if args.command == "train":
+            check_train_flags(args)
+        check_paths(args)
+        # train/demo: a run directory this call creates goes away again if the command
+        # fails before writing any work into it
+        out = args.out if args.command in ("train", "demo") else None
+        with paths.created_dirs(out):
+            COMMANDS[args.command](args)
     except EdgelearnError as e:
-        msg = str(e).replace("\n", " ")
-        if getattr(args, "json", False):
-            print(json.dumps({"error": msg}))
-        print(f"edgelearn: error: {msg}", file=sys.stderr)
-        return 2
+        return _fail(args, str(e))
+    except OSError as e:  # a path problem the checks could not foresee: still one line
+        return _fail(args, paths.describe_os_error(e))
     except KeyboardInterrupt:
         print("edgelearn: interrupted", file=sys.stderr)
         return 130

@@ -80,7 +80,7 @@ def load_npz(
         task: "classification" (y must be integers) or "regression" (y floats).
         max_bytes: largest array (uncompressed bytes) accepted; bounds memory on hostile files.
     """
-    name = os.path.basename(path)
+    name = os.fspath(path)  # as the user gave it: a base name alone can be ambiguous
     try:
         with zipfile.ZipFile(path) as zf:
             keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}

@@ -320,7 +320,6 @@ def train(
     if steps < 0:
         raise InputError("steps must be >= 0")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if memory_budget_mb is not None:
         weights_mb = sum(p.nbytes for p in bundle.params) / (1 << 20)
         if 2 * weights_mb > memory_budget_mb:
@@ -366,6 +365,7 @@ def train(
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
                          n_examples=len(data), objective=loss_name, **extra)
     guard = _guard_from_header(header)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory
     with run_lock(run_dir):
         check_run_dir(run_dir)
         journal = Journal(run_dir / JOURNAL, fsync_every=fsync_every,
