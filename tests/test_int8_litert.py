@@ -70,7 +70,8 @@ def test_int8_tflite_manifest_and_int8_inputs(int8_tfl: dict[str, Exported], arc
     assert set(sec["params"]) == {p.name for p in b.params} == set(sec["const"])
     p = b.manifest["parity"]["tflite"]
     assert p["bound"] == pytest.approx(ATOL + RTOL * p["scale"])
-    assert p["max_abs_err"] == p["worst_err"] <= p["bound"]  # one output: logits
+    assert p["worst_err"] <= p["bound"]
+    assert p["max_abs_err"] >= p["worst_err"]  # over every batch (each has its own scale)
     assert "tflite" in b.manifest["quantization"]
     it = Interpreter(model_path=str(b.files["tflite"]))
     details = it.get_signature_runner().get_input_details()

@@ -76,7 +76,8 @@ def test_manifest_and_summary(tfl_bundles: dict[str, Exported], arch: str) -> No
     assert sec["strategy"]["choice"] in STRATEGIES
     p = b.manifest["parity"]["tflite"]
     assert p["bound"] == pytest.approx(ATOL + RTOL * p["scale"])
-    assert p["max_abs_err"] == p["worst_err"] <= p["bound"]  # one output
+    assert p["worst_err"] <= p["bound"]
+    assert p["max_abs_err"] >= p["worst_err"]  # over every batch (each has its own scale)
     for role in ("tflite", "tflite_const"):
         assert b.manifest["files"][role]["size"] == b.files[role].stat().st_size
     # every const slot holds exactly the parameter's base bytes, 64-byte aligned

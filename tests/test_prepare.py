@@ -28,7 +28,7 @@ def within_recorded_bound(bundle_dir: Path, err: float) -> bool:
     p = json.loads((bundle_dir / "manifest.json").read_text())["parity"]["onnx"]
     assert (p["atol"], p["rtol"]) == (ATOL, RTOL)
     assert p["bound"] == pytest.approx(ATOL + RTOL * p["scale"])
-    return p["max_abs_err"] == err <= p["bound"]
+    return p["max_abs_err"] == err and p["worst_err"] <= p["bound"]
 
 
 def run_plain(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
