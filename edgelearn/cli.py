@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.parity import ATOL, RTOL
 
 
 class UsageError(SystemExit):
@@ -148,8 +149,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     example = torch.randn(*args.example_shape)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     with quiet_third_party(args.verbose):
-        res = export_bundle(model, example, args.out, trainable=args.trainable, task=args.task,
-                            overwrite=args.overwrite, formats=formats)
+        res = export_bundle(model, example, args.out, trainable=args.trainable,
+                            task=args.task, overwrite=args.overwrite,
+                            formats=formats, atol=args.atol, rtol=args.rtol)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), formats "
                              f"{','.join(res['formats'])}, parity max abs err "
@@ -459,7 +461,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise InputError("prepare needs --out DIR (or --list)")
     res = prepare_onnx(args.model, args.out, trainable=args.trainable, new_head=args.new_head,
                        task=args.task, seed=args.seed, example=args.example, atol=args.atol,
-                       overwrite=args.overwrite)
+                       rtol=args.rtol, overwrite=args.overwrite)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), parity max abs err "
                              f"{res['parity_max_abs_err']:.2e}")
@@ -470,9 +472,11 @@ def cmd_bake(args: argparse.Namespace) -> None:
     from edgelearn.prepare import bake_bundle
 
     res = bake_bundle(args.bundle, args.weights, args.out, example=args.example,
-                      atol=args.atol, overwrite=args.overwrite)
-    _emit(args, res, lambda: f"wrote {res['bundle']} ({res['inference']['onnx']}), parity max "
-                             f"abs err {res['parity_max_abs_err']:.2e}")
+                      atol=args.atol, rtol=args.rtol, overwrite=args.overwrite)
+    for name, why in res["skipped"].items():  # stderr in every mode: --json owns stdout only
+        print(f"edgelearn: warning: {name} left out of {res['bundle']}: {why}", file=sys.stderr)
+    _emit(args, res, lambda: f"wrote {res['bundle']} ({', '.join(res['inference'].values())}),"
+                             f" parity max abs err {res['parity_max_abs_err']:.2e}")
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -668,6 +672,11 @@ def _add_export(sub: Any) -> None:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     sp.add_argument("--formats", default="onnx",
                     help="comma-separated model formats: onnx, or onnx,tflite")
+    sp.add_argument("--atol", type=float, default=ATOL,
+                    help="parity: |runtime - reference| <= atol + rtol * max|reference| "
+                    "per output")
+    sp.add_argument("--rtol", type=float, default=RTOL,
+                    help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("-v", "--verbose", action="store_true",
                     help="show the converters' own logs and warnings (hidden by default)")
     _add_json(sp)
@@ -688,7 +697,10 @@ def _add_prepare_bake(sub: Any) -> None:
                     "--new-head, else from the output)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the new head's weights")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
-    sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
+    sp.add_argument("--atol", type=float, default=ATOL,
+                    help="parity: |runtime - reference| <= atol + rtol * max|reference| per output")
+    sp.add_argument("--rtol", type=float, default=RTOL,
+                    help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     _add_json(sp)
 
@@ -697,7 +709,11 @@ def _add_prepare_bake(sub: Any) -> None:
     sp.add_argument("--weights", required=True, help="personalized weights (.safetensors)")
     sp.add_argument("--out", required=True, help="directory to create")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
-    sp.add_argument("--atol", type=float, default=1e-5, help="parity tolerance")
+    sp.add_argument("--atol", type=float, default=ATOL,
+                    help="parity: |runtime - reference| <= atol + rtol * max|reference| "
+                    "per output")
+    sp.add_argument("--rtol", type=float, default=RTOL,
+                    help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an existing bundle directory")
     _add_json(sp)

@@ -45,6 +45,7 @@ from edgelearn.bundle import (
 )
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.params import ParamSpec, ParamStore, check_name
+from edgelearn.parity import ATOL, RTOL, check_tolerances, compare, worst
 
 BATCH = "batch"
 HEAD_OUTPUT = "logits"
@@ -598,20 +599,6 @@ def _bundle_outputs(path: Path, feeds: Mapping[str, np.ndarray], live: str | Non
     return be.forward(dict(feeds))
 
 
-def _max_err(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    worst = 0.0
-    for k, v in a.items():
-        x, y = np.asarray(v), np.asarray(b[k])
-        if x.shape != y.shape:
-            return float("inf")
-        if x.size:
-            d = np.abs(x.astype(np.float64) - y.astype(np.float64))
-            worst = max(worst, float(np.nanmax(d)) if not np.isnan(d).all() else 0.0)
-            if (np.isnan(x) != np.isnan(y)).any():
-                return float("inf")
-    return worst
-
-
 def _pool_head(x: np.ndarray, head: Mapping[str, np.ndarray]) -> np.ndarray:
     pooled = x.astype(np.float64)
     if pooled.ndim > 2:
@@ -680,7 +667,8 @@ def prepare_onnx(
     task: str | None = None,
     seed: int = 0,
     example: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-    atol: float = 1e-5,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Turn an inference ONNX model into a bundle; returns the `prepare --json` summary.
@@ -697,9 +685,11 @@ def prepare_onnx(
         seed: seed of the new head's initial weights.
         example: model inputs (name -> array, or a .npz path) for the parity check
             (default: random floats / zero ints, see `example_inputs`).
-        atol: largest tolerated |original - bundle| on the example (float32 outputs).
+        atol / rtol: per output, |original - bundle| <= atol + rtol * max|original| on the
+            example (`edgelearn.parity`).
         overwrite: replace an existing bundle directory.
     """
+    check_tolerances(atol, rtol)
     onnx = _import_onnx()
     ort = _import_ort()
     model_path = Path(model_path)
@@ -778,17 +768,16 @@ def prepare_onnx(
             manifest["head"] = {"on": head[0], "classes": head[1], "seed": seed,
                                 "pool": "mean over middle axes"}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        errs = {}
         # Live = the manifest's trainable set (int8 weights stay constants, so ORT keeps its
         # quantized kernels, as on the device); baked = every weight an initializer.
-        for live in (None, ""):
-            got = _bundle_outputs(tmp, feeds, live)
-            errs["baked" if live == "" else "live"] = _max_err(ref, got)
-        err = max(errs.values())
-        if not err <= atol:
-            raise ModelError(f"parity check failed: original vs bundle max abs error {err:.3g}"
-                             f" > {atol:g}; no bundle written")
-        manifest["parity"] = {"onnx": {"max_abs_err": err, "atol": atol,
+        par = worst([compare(_bundle_outputs(tmp, feeds, live), ref, atol=atol, rtol=rtol,
+                             where=f"bundle, weights {'baked' if live == '' else 'live'}")
+                     for live in (None, "")])
+        if not par.ok:
+            raise ModelError(f"parity check failed: original vs bundle {par.describe()}; no "
+                             "bundle written")
+        err = par.max_abs_err
+        manifest["parity"] = {"onnx": {**par.to_json(),
                                        "reference": "original model" if head is None
                                        else "original model + numpy head"}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -810,31 +799,49 @@ def prepare_onnx(
     }
 
 
+def _example_feeds(example: Mapping[str, np.ndarray] | str | os.PathLike | None,
+                   specs: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    if isinstance(example, (str, os.PathLike)):
+        return load_example(example, specs)
+    if example is not None:
+        return {k: np.asarray(v, order="C") for k, v in example.items()}
+    return example_inputs(specs)
+
+
 def bake_bundle(
     bundle_path: str | os.PathLike,
     weights: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     example: Mapping[str, np.ndarray] | str | os.PathLike | None = None,
-    atol: float = 1e-5,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write personalized weights back into a plain inference model; returns `bake --json`.
+    """Write personalized weights back into plain inference models; returns `bake --json`.
 
     `out_dir` becomes a bundle whose base weights are `weights` (so it can be personalized
     further) and that also holds `inference.onnx`: every parameter an initializer, the inputs
-    and outputs of the manifest, loadable by any onnxruntime without edgelearn.
+    and outputs of the manifest, loadable by any onnxruntime without edgelearn. A bundle with
+    TFLite files gets them personalized too (`BakedTflite`): model_const.tflite carries the
+    weights as constants, checked by a plain LiteRT interpreter against onnxruntime; a TFLite
+    file that cannot be written or checked is left out, and why is in the result's "skipped"
+    (file name -> reason; the CLI prints it on stderr). Nothing unpersonalized is handed out.
 
     Args:
         bundle_path: the source bundle.
         weights: personalized weights (.safetensors, e.g. a run's weights.safetensors).
         out_dir: directory to create (must differ from the bundle).
-        example: inputs for the parity check (default: random, see `example_inputs`).
-        atol: largest tolerated |bundle+weights - inference.onnx| on the example.
+        example: inputs for the parity checks (default: random, see `example_inputs`).
+        atol / rtol: per output, |bundle+weights - baked model| <= atol + rtol *
+            max|bundle+weights| on the example (`edgelearn.parity`).
         overwrite: replace an existing directory.
+    Returns: {"bundle", "inference" (format -> path), "weights_sha256", "parity_max_abs_err"
+        (inference.onnx), "parity" (file -> edgelearn.parity fields), "skipped"}.
     """
     from edgelearn.backends.ort import baked_model_bytes
 
+    check_tolerances(atol, rtol)
     ort = _import_ort()
     bundle = load_bundle(bundle_path)
     out_dir = Path(out_dir)
@@ -843,45 +850,195 @@ def bake_bundle(
     if "onnx" not in bundle.files:
         raise InputError(f"{bundle.path}: bundle has no ONNX model to bake")
     store = bundle.load_store(weights=weights)
-    specs = [t.to_json() for t in bundle.inputs]
-    if isinstance(example, (str, os.PathLike)):
-        feeds = load_example(example, specs)
-    elif example is not None:
-        feeds = {k: np.asarray(v, order="C") for k, v in example.items()}
-    else:
-        feeds = example_inputs(specs)
+    feeds = _example_feeds(example, [t.to_json() for t in bundle.inputs])
     baked = baked_model_bytes(bundle.files["onnx"], store.state())
     tmp = _new_dir(out_dir, overwrite)
-    skipped: dict[str, str] = {}
     try:
         (tmp / INFERENCE_ONNX).write_bytes(baked)
         store.save(tmp / "weights.safetensors", metadata={"sha256": store.digest()})
         roles = {"weights": "weights.safetensors"}
         for role, p in bundle.files.items():
-            if role in ("weights", "inference_onnx"):
-                continue
-            shutil.copyfile(p, tmp / p.name)
-            roles[role] = p.name
-        if "tflite" in bundle.files:
-            skipped["tflite"] = ("model.tflite is copied with weights as inputs; writing "
-                                 "weights into a plain .tflite is not supported yet")
+            if role not in ("weights", "inference_onnx"):
+                shutil.copyfile(p, tmp / p.name)
+                roles[role] = p.name
         roles["inference_onnx"] = INFERENCE_ONNX
         manifest = json.loads(json.dumps(bundle.manifest))
-        manifest["files"] = _files(tmp, roles)
         manifest["baked"] = {"from_weights_sha256": bundle.manifest["files"]["weights"]["sha256"],
                              "weights_sha256": store.digest(), "inference": [INFERENCE_ONNX]}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        baked_tfl = BakedTflite(tmp, manifest, roles)
+        baked_tfl.write_constants(store)
+        baked_tfl.save_manifest()
         ref = _bundle_outputs(tmp, feeds, None)
-        plain = _run(ort, str(tmp / INFERENCE_ONNX), feeds, INFERENCE_ONNX)
-        err = _max_err(ref, plain)
-        if not err <= atol:
-            raise ModelError(f"bake parity failed: bundle+weights vs {INFERENCE_ONNX} max abs "
-                             f"error {err:.3g} > {atol:g}; nothing written")
-        manifest["baked"]["parity_max_abs_err"] = err
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        par = compare(_run(ort, str(tmp / INFERENCE_ONNX), feeds, INFERENCE_ONNX), ref,
+                      atol=atol, rtol=rtol)
+        if not par.ok:
+            raise ModelError(f"bake parity failed: bundle+weights vs {INFERENCE_ONNX} "
+                             f"{par.describe()}; nothing written")
+        parity = {INFERENCE_ONNX: par.to_json(), **baked_tfl.check(feeds, ref, atol=atol,
+                                                                   rtol=rtol)}
+        manifest["baked"]["parity_max_abs_err"] = par.max_abs_err
+        manifest["baked"]["parity"] = parity
+        baked_tfl.save_manifest()
         _publish(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"bundle": str(out_dir), "inference": {"onnx": str(out_dir / INFERENCE_ONNX)},
-            "weights_sha256": store.digest(), "parity_max_abs_err": err, "skipped": skipped}
+    inference = {"onnx": str(out_dir / INFERENCE_ONNX)}
+    if TFLITE_CONST in manifest["baked"]["inference"]:
+        inference["tflite"] = str(out_dir / TFLITE_CONST)
+    return {"bundle": str(out_dir), "inference": inference, "weights_sha256": store.digest(),
+            "parity_max_abs_err": par.max_abs_err, "parity": parity,
+            "skipped": baked_tfl.skipped}
+
+
+# -- bake: TFLite ------------------------------------------------------------------------------
+TFLITE_CONST = "model_const.tflite"
+_TFLITE_ROLES = ("tflite", "tflite_const", "tflite_taps")
+
+
+class BakedTflite:
+    """The TFLite files of a bundle being baked: personalized, checked, or left out.
+
+    model_const.tflite holds every parameter as a constant at the offsets in the manifest's
+    `tflite.const`: the personalized bytes are written there, so any LiteRT interpreter runs
+    the personalized model with no edgelearn. model.tflite and model_taps.tflite take the
+    weights as inputs: copied unchanged, they read the baked bundle's weights.safetensors.
+    Every kept file is checked against onnxruntime on bundle + weights (`check`).
+
+    Args:
+        tmp: the baked bundle directory being written (files already copied into it).
+        manifest: its manifest (updated in place: files, tflite sections, baked.inference).
+        roles: file role -> file name in `tmp` (updated in place when a file is left out).
+    """
+
+    def __init__(self, tmp: Path, manifest: dict[str, Any], roles: dict[str, str]) -> None:
+        self.tmp, self.manifest, self.roles = tmp, manifest, roles
+        self.skipped: dict[str, str] = {}
+
+    def save_manifest(self) -> None:
+        """Write the manifest with the sizes and sha256 of the files kept."""
+        self.manifest["files"] = _files(self.tmp, self.roles)
+        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+
+    def write_constants(self, store: ParamStore) -> None:
+        """Write `store` into the constant slots of model_const.tflite (or leave it out)."""
+        if "tflite_const" not in self.roles:
+            return
+        why = _patch_constants(self.tmp / self.roles["tflite_const"],
+                               self.manifest.get("tflite", {}).get("const"), store)
+        if why:
+            self.drop(("tflite_const",), why)
+        else:
+            self.manifest["baked"]["inference"].append(self.roles["tflite_const"])
+
+    def drop(self, roles: Sequence[str], why: str) -> None:
+        """Leave the files of `roles` out of the baked bundle, recording why."""
+        for role in roles:
+            name = self.roles.pop(role, None)
+            if name is None:
+                continue
+            (self.tmp / name).unlink(missing_ok=True)
+            self.skipped[name] = why
+            if name in self.manifest["baked"]["inference"]:
+                self.manifest["baked"]["inference"].remove(name)
+        sec = self.manifest.get("tflite")
+        if "tflite" not in self.roles:  # no LiteRT model left: the bundle is ONNX only
+            for key in ("tflite", "tflite_taps"):
+                self.manifest.pop(key, None)
+            self.manifest["tflite_skipped"] = f"left out by bake: {why}"
+        elif "tflite_const" not in self.roles and isinstance(sec, dict):
+            sec.pop("const", None)  # the device then sets weights as inputs
+            sec.setdefault("strategy", {})["choice"] = "inputs"
+
+    def check(self, feeds: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], *,
+              atol: float, rtol: float) -> dict[str, dict[str, Any]]:
+        """LiteRT vs `ref` (onnxruntime on bundle + weights) for model.tflite and
+        model_const.tflite; a file that fails, or cannot run here (no LiteRT installed), is
+        left out (model.tflite with every TFLite file). Returns file -> parity fields."""
+        out: dict[str, dict[str, Any]] = {}
+        for role in ("tflite", "tflite_const"):
+            name = self.roles.get(role)
+            if name is None:
+                continue
+            try:
+                got = self._outputs(role, feeds)
+            except EdgelearnError as e:
+                self._drop_role(role, f"could not be checked against onnxruntime ({e})")
+                continue
+            par = compare(got, ref, atol=atol, rtol=rtol, where=f"LiteRT {name}")
+            if par.ok:
+                out[name] = par.to_json()
+            else:
+                self._drop_role(role, f"LiteRT vs onnxruntime parity failed: {par.describe()}")
+        return out
+
+    def _outputs(self, role: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if role == "tflite_const":  # as any LiteRT user runs it: its own constants
+            return _run_tflite_plain(self.tmp / self.roles[role], self.manifest["tflite"],
+                                     feeds)
+        from edgelearn.backends.litert import LiteRTBackend
+
+        self.save_manifest()
+        b = Bundle(self.tmp)
+        dev = LiteRTBackend(b, threads=1, strategy="inputs")  # weights set as inputs
+        dev.bind(b.load_store())
+        return dev.forward(dict(feeds))
+
+    def _drop_role(self, role: str, why: str) -> None:
+        self.drop(_TFLITE_ROLES if role == "tflite" else (role,), why)
+
+
+def _patch_constants(path: Path, const: Any, store: ParamStore) -> str | None:
+    """Write every parameter of `store` into its constant slot of the .tflite at `path`.
+
+    Args:
+        path: model_const.tflite (rewritten in place).
+        const: the manifest's tflite.const: parameter name -> [byte offset, nbytes].
+        store: the personalized weights.
+    Returns: None when done, else why the file cannot be personalized (then left unchanged).
+    """
+    if not isinstance(const, dict):
+        return "the manifest has no tflite.const slots to write the weights into"
+    missing = sorted(set(store.names) - set(const))
+    if missing:
+        return f"parameters {missing[:4]} have no constant slot in {path.name}"
+    buf = bytearray(path.read_bytes())
+    for name, slot in const.items():
+        arr = np.ascontiguousarray(store[name]) if name in store else None
+        ok = (isinstance(slot, list) and len(slot) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in slot))
+        if arr is None or not ok or slot[0] < 0 or arr.nbytes != slot[1] \
+                or slot[0] + slot[1] > len(buf):
+            return f"the constant slot of {name!r} does not fit {path.name}"
+        buf[slot[0] : slot[0] + slot[1]] = arr.tobytes()
+    path.write_bytes(bytes(buf))
+    return None
+
+
+def _run_tflite_plain(path: Path, section: Mapping[str, Any],
+                      feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a .tflite as a LiteRT user would, no edgelearn patching: its own constants, its
+    fixed batch (`section["batch"]`, smaller inputs zero-padded, larger ones chunked)."""
+    from edgelearn.backends.litert import import_interpreter
+
+    interpreter, _ = import_interpreter()
+    content = path.read_bytes()  # from memory: the interpreter keeps a reference
+    try:
+        it = interpreter(model_content=content, num_threads=1)
+        it.allocate_tensors()
+        runner = it.get_signature_runner()
+    except (ValueError, RuntimeError) as e:
+        raise EdgelearnError(f"LiteRT cannot load {path.name} ({e})") from None
+    bsz, n = int(section["batch"]), next(iter(feeds.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in section["outputs"]}
+    for start in range(0, max(n, 1), bsz):
+        m = min(bsz, n - start)
+        args = {}
+        for name, arr in feeds.items():
+            chunk = np.zeros((bsz, *arr.shape[1:]), arr.dtype)
+            chunk[:m] = arr[start : start + m]
+            args[section["inputs"][name]] = chunk
+        res = runner(**args)
+        for k, sig in section["outputs"].items():
+            parts[k].append(res[sig][:m])
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from edgelearn.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, select_tr
 from edgelearn.errors import EdgelearnError
 from edgelearn.model import Model
 from edgelearn.params import ParamSpec, ParamStore, check_name
+from edgelearn.parity import ATOL, RTOL, Parity, check_tolerances, compare, worst
 
 BATCH = "batch"
 _TORCH_TO_NP = {torch.float32: "float32", torch.int8: "int8", torch.int32: "int32",
@@ -148,33 +149,63 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def torch_parity(run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+                 reference: nn.Module, example: tuple[torch.Tensor, ...],
+                 in_names: Sequence[str], out_names: Sequence[str],
+                 batch_sizes: Sequence[int], *, seed: int, where: str, atol: float = ATOL,
+                 rtol: float = RTOL) -> Parity:
+    """A device run vs torch on random inputs of several batch sizes (`edgelearn.parity`).
+
+    Args:
+        run: device forward, input name -> array in, output name -> array out.
+        reference: the torch module the device must match (eval mode); returns the outputs
+            in `out_names` order.
+        example: example inputs (dtype/shape template, batch first).
+        in_names / out_names: the bundle's input and output names.
+        batch_sizes: batch sizes to try; batch i draws its inputs from seed `seed + i`.
+        where: what runs (e.g. "onnxruntime, weights live"), for the error message.
+        atol / rtol: per output, |device - torch| <= atol + rtol * max|torch|.
+    """
+    results = []
+    for i, b in enumerate(batch_sizes):
+        xs = tuple(_with_batch(x, b, seed + i) for x in example)
+        with torch.no_grad():
+            ref = _as_tuple(reference(*xs))
+        got = run({n: x.numpy() for n, x in zip(in_names, xs, strict=True)})
+        at = f"{where}, batch {b}"
+        if len(ref) != len(out_names):
+            results.append(Parity(False, float("inf"), atol, rtol, where=at, problem=(
+                f"torch returned {len(ref)} outputs, the bundle names {len(out_names)}")))
+        want = {n: r.numpy() for n, r in zip(out_names, ref, strict=False)}
+        results.append(compare(got, want, atol=atol, rtol=rtol, where=at))
+    return worst(results, atol=atol, rtol=rtol)
+
+
 def parity_check(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
                  batch_sizes: Sequence[int], *, live: str | None, backend: str = "onnxruntime",
-                 backend_options: dict[str, Any] | None = None) -> float:
-    """Max |torch - device backend| over random inputs of several batch sizes.
+                 backend_options: dict[str, Any] | None = None, atol: float = ATOL,
+                 rtol: float = RTOL, seed: int = 1000) -> Parity:
+    """torch vs a device backend over random inputs of several batch sizes.
 
     Args:
         bundle_dir: the (temporary) bundle directory.
-        model: the torch model in eval mode.
+        model: the torch model (reference) in eval mode.
         example: example inputs (dtype/shape template).
         batch_sizes: batch sizes to try.
         live: trainable glob for the device session ("*" = all weights live inputs,
             "" = all baked).
         backend / backend_options: the device backend to compare ("onnxruntime", "litert").
+        atol / rtol: tolerance per output, see `edgelearn.parity.compare`.
+        seed: seed of the first batch's random inputs.
     """
     bundle = Bundle(bundle_dir)
     dev = Model(bundle, backend=backend, trainable=live, threads=1,
                 backend_options=backend_options)
-    worst = 0.0
-    for i, b in enumerate(batch_sizes):
-        xs = tuple(_with_batch(x, b, 1000 + i) for x in example)
-        with torch.no_grad():
-            ref = _as_tuple(model(*xs))
-        feeds = {t.name: x.numpy() for t, x in zip(bundle.inputs, xs, strict=True)}
-        outs = dev.backend.forward(feeds)
-        for spec, r in zip(bundle.outputs, ref, strict=False):
-            worst = max(worst, float(np.max(np.abs(outs[spec.name] - r.numpy()), initial=0.0)))
-    return worst
+    how = (backend_options or {}).get("strategy")
+    where = f"{backend}{f' {how}' if how else ''}, weights {'live' if live else 'baked'}"
+    return torch_parity(dev.backend.forward, model, example, [t.name for t in bundle.inputs],
+                        [t.name for t in bundle.outputs], batch_sizes, seed=seed, where=where,
+                        atol=atol, rtol=rtol)
 
 
 def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -208,8 +239,9 @@ def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
 
 
 def taps_parity_check(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
-                      batch_sizes: Sequence[int]) -> float:
-    """Max |torch - onnxruntime| over every output of the taps graph (all weights live)."""
+                      batch_sizes: Sequence[int], *, atol: float = ATOL,
+                      rtol: float = RTOL) -> Parity:
+    """torch vs onnxruntime over every output of the taps graph (all weights live)."""
     from edgelearn.backends.ort import OrtBackend
 
     bundle = Bundle(bundle_dir)
@@ -217,15 +249,9 @@ def taps_parity_check(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tens
     dev = OrtBackend(bundle, graph="onnx_taps", threads=1)
     dev.bind(store)
     names = [o.name for o in dev.session.get_outputs()]
-    worst = 0.0
-    for i, b in enumerate(batch_sizes):
-        xs = tuple(_with_batch(x, b, 2000 + i) for x in example)
-        with torch.no_grad():
-            ref = _as_tuple(gm(*xs))
-        outs = dev.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs, strict=True)})
-        for name, r in zip(names, ref, strict=True):
-            worst = max(worst, float(np.max(np.abs(outs[name] - r.numpy()), initial=0.0)))
-    return worst
+    return torch_parity(dev.forward, gm, example, [t.name for t in bundle.inputs], names,
+                        batch_sizes, seed=2000, where="onnxruntime taps graph", atol=atol,
+                        rtol=rtol)
 
 
 def export_bundle(
@@ -239,7 +265,8 @@ def export_bundle(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     parity_batch_sizes: Sequence[int] = (1, 3, 8),
-    atol: float = 1e-5,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     overwrite: bool = False,
     taps: bool | None = None,
     tflite_batch: int = 32,
@@ -259,13 +286,15 @@ def export_bundle(
         task: "classification" (first output = logits) or "regression".
         input_names / output_names: graph names (default "x" / "logits" or "output").
         parity_batch_sizes: batch sizes for the torch vs onnxruntime parity check.
-        atol: largest tolerated parity error (float32).
+        atol / rtol: parity tolerance: every output o of every runtime must satisfy
+            max|runtime - torch| <= atol + rtol * max|torch_o| (`edgelearn.parity`).
         overwrite: replace an existing bundle directory.
         taps: also write model_taps.onnx + manifest "layers" for tpSGD (export/taps.py).
             None = when the model's structure supports it (else the manifest says why not),
             True = required (raise TapsError otherwise), False = never.
         tflite_batch: the fixed batch of the TFLite graphs (the device pads / chunks).
     """
+    check_tolerances(atol, rtol)
     unknown = set(formats) - {"onnx", "tflite"}
     if unknown:
         raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
@@ -328,29 +357,30 @@ def export_bundle(
             "exporter": _versions(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        err_live = parity_check(tmp, model, example, parity_batch_sizes, live="*")
-        err_baked = parity_check(tmp, model, example, parity_batch_sizes, live="")
-        err = max(err_live, err_baked)
-        if not err <= atol:
-            raise ExportError(f"parity check failed: torch vs onnxruntime max abs error {err:.3g}"
-                              f" > {atol:g}; no bundle written")
-        manifest["parity"] = {"onnx": {"max_abs_err": err, "batch_sizes":
-                                       list(parity_batch_sizes), "atol": atol}}
+        par = worst([parity_check(tmp, model, example, parity_batch_sizes, live=live,
+                                  atol=atol, rtol=rtol) for live in ("*", "")])
+        if not par.ok:
+            raise ExportError(f"parity check failed: torch vs onnxruntime {par.describe()}; "
+                              "no bundle written")
+        err = par.max_abs_err
+        manifest["parity"] = {"onnx": {**par.to_json(),
+                                       "batch_sizes": list(parity_batch_sizes)}}
         if taps_note:
             manifest["taps_unsupported"] = taps_note
         if taps_gm is not None:
-            err_taps = taps_parity_check(tmp, taps_gm, example, parity_batch_sizes)
-            if not err_taps <= atol:
-                raise ExportError(f"taps parity failed: torch vs onnxruntime max abs error "
-                                  f"{err_taps:.3g} > {atol:g}; no bundle written")
-            manifest["parity"]["onnx_taps"] = {"max_abs_err": err_taps, "atol": atol}
+            par_taps = taps_parity_check(tmp, taps_gm, example, parity_batch_sizes, atol=atol,
+                                         rtol=rtol)
+            if not par_taps.ok:
+                raise ExportError(f"taps parity failed: torch vs onnxruntime "
+                                  f"{par_taps.describe()}; no bundle written")
+            manifest["parity"]["onnx_taps"] = par_taps.to_json()
         tfl_err = None
         if "tflite" in formats:
             from export.tflite_export import add_tflite
 
             tfl_err = add_tflite(tmp, model, example, params, in_names, out_names, manifest,
                                  batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
-                                 atol=atol)
+                                 atol=atol, rtol=rtol)
             if tfl_err is not None:
                 err = max(err, tfl_err)
             if tfl_err is not None and taps_gm is not None:  # tpSGD on the LiteRT backend
@@ -358,7 +388,8 @@ def export_bundle(
 
                 add_tflite_taps(tmp, taps_gm, example, params, in_names,
                                 [*out_names, *tap_names], manifest, batch=tflite_batch,
-                                parity_batch_sizes=list(parity_batch_sizes), atol=atol)
+                                parity_batch_sizes=list(parity_batch_sizes), atol=atol,
+                                rtol=rtol)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)

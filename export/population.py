@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from edgelearn.bundle import MANIFEST, Bundle, sha256_file
+from edgelearn.parity import ATOL, RTOL, compare, worst
 from export.onnx_export import ExportError, _as_tuple, _with_batch, collect_params
 
 POP_FILE = "model_pop.onnx"
@@ -53,7 +54,8 @@ def add_population_graph(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     bundle_dir: str | os.PathLike,
     *,
-    atol: float = 1e-5,
+    atol: float = ATOL,
+    rtol: float = RTOL,
 ) -> dict[str, Any]:
     """Write the population graph of a float32 bundle exported from `model`.
 
@@ -61,7 +63,8 @@ def add_population_graph(
         model: the torch module the bundle was exported from.
         example_inputs: example batch.
         bundle_dir: the bundle (its manifest's trainable parameters get the K dimension).
-        atol: largest tolerated |population row - single forward|.
+        atol / rtol: per output, |population row - torch single forward| <= atol + rtol *
+            max|torch| (`edgelearn.parity`).
     Returns: {"population_params", "parity_max_abs_err"}.
     """
     import onnx
@@ -108,21 +111,26 @@ def add_population_graph(
         feeds.update({n: params[n].numpy() for n in frozen})
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = sess.run(out_names, feeds)
-        err = 0.0
+        results = []
         with torch.no_grad():
             for j, c in enumerate(cands):
                 ref = _as_tuple(functional_call(model, {**params, **c}, xs))
-                for o, r in zip(got, ref, strict=False):
-                    err = max(err, float(np.max(np.abs(o[j] - r.numpy()))))
+                results.append(compare(
+                    {n: o[j] for n, o in zip(out_names, got, strict=True)},
+                    {n: r.numpy() for n, r in zip(out_names, ref, strict=False)},
+                    atol=atol, rtol=rtol, where=f"candidate {j} of {len(cands)}"))
+        par = worst(results, atol=atol, rtol=rtol)
     except ExportError:
         raise
     except Exception as e:  # torch.export / onnx raise many types
         path.unlink(missing_ok=True)
         raise ExportError(f"population export failed: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    if not err <= atol:
+    if not par.ok:
         path.unlink(missing_ok=True)
-        raise ExportError(f"population parity failed: max abs error {err:.3g} > {atol:g}")
+        raise ExportError(f"population parity failed: onnxruntime population graph vs torch "
+                          f"{par.describe()}")
+    err = par.max_abs_err
     manifest = json.loads((bundle_dir / MANIFEST).read_text())
     manifest["files"]["onnx_population"] = {"path": POP_FILE, "size": path.stat().st_size,
                                             "sha256": sha256_file(path)}

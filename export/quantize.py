@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from edgelearn.bundle import MANIFEST, Bundle, select_trainable, sha256_file
-from edgelearn.model import Model
 from edgelearn.params import ParamSpec, ParamStore
-from export.onnx_export import ExportError, _as_tuple, _with_batch, export_bundle
+from edgelearn.parity import ATOL, RTOL, check_tolerances, worst
+from export.onnx_export import ExportError, _as_tuple, export_bundle, parity_check
 
 QMAX = 127
 
@@ -101,7 +101,8 @@ def export_int8_bundle(
     trainable: str | Sequence[str] = "*",
     task: str = "classification",
     parity_batch_sizes: Sequence[int] = (1, 3, 8),
-    atol: float = 1e-5,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     overwrite: bool = False,
     formats: Sequence[str] = ("onnx",),
     tflite_batch: int = 32,
@@ -117,12 +118,14 @@ def export_int8_bundle(
             marked trainable in the manifest.
         task: "classification" or "regression".
         parity_batch_sizes: batch sizes of the parity check.
-        atol: largest tolerated |torch fake-quant - onnxruntime int8| on the outputs.
+        atol / rtol: per output, |torch fake-quant - runtime int8| <= atol + rtol * max|torch|
+            (`edgelearn.parity`; the float export and the TFLite graphs use the same).
         overwrite: replace an existing bundle.
         formats: "onnx" (always) and optionally "tflite" (int8 inputs dequantized in-graph; a
             model litert-torch cannot convert ships ONNX only, reason in "tflite_skipped").
         tflite_batch: the fixed batch of the TFLite graphs (the device pads / chunks).
     """
+    check_tolerances(atol, rtol)
     if set(formats) - {"onnx", "tflite"} or "onnx" not in formats:
         raise ExportError(f"formats {list(formats)}: int8 bundles support ('onnx',) or "
                           "('onnx', 'tflite')")
@@ -140,7 +143,8 @@ def export_int8_bundle(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         fp = tmp / "fp32"
-        export_bundle(model, example, fp, task=task, parity_batch_sizes=parity_batch_sizes)
+        export_bundle(model, example, fp, task=task, parity_batch_sizes=parity_batch_sizes,
+                      atol=atol, rtol=rtol)
         fb = Bundle(fp)
         manifest = json.loads((fp / MANIFEST).read_text())
         values = {n: np.array(v) for n, v in fb.load_store().state().items()}
@@ -183,22 +187,13 @@ def export_int8_bundle(
         manifest.pop("parity", None)
         (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
         ref = fake_quant_model(model, {n: torch.from_numpy(s) for n, (_, s) in quant.items()})
-        err = 0.0
-        bundle = Bundle(bundle_dir)
-        for live in ("*", ""):
-            dev = Model(bundle, trainable=live, threads=1)
-            for i, b in enumerate(parity_batch_sizes):
-                xs = tuple(_with_batch(x, b, 2000 + i) for x in example)
-                with torch.no_grad():
-                    want = _as_tuple(ref(*xs))
-                got = dev.backend.forward({t.name: x.numpy() for t, x in
-                                           zip(bundle.inputs, xs, strict=True)})
-                for spec, w in zip(bundle.outputs, want, strict=False):
-                    err = max(err, float(np.max(np.abs(got[spec.name] - w.numpy()))))
-        if not err <= atol:
+        par = worst([parity_check(bundle_dir, ref, example, parity_batch_sizes, live=live,
+                                  atol=atol, rtol=rtol, seed=2000) for live in ("*", "")])
+        if not par.ok:
             raise ExportError(f"int8 parity check failed: torch fake-quant vs onnxruntime QDQ "
-                              f"max abs error {err:.3g} > {atol:g}; no bundle written")
-        manifest["parity"] = {"onnx": {"max_abs_err": err, "atol": atol, "reference":
+                              f"{par.describe()}; no bundle written")
+        err = par.max_abs_err
+        manifest["parity"] = {"onnx": {**par.to_json(), "reference":
                                        "torch fake_quantize_per_channel_affine",
                                        "batch_sizes": list(parity_batch_sizes)}}
         if "tflite" in formats:
@@ -209,7 +204,7 @@ def export_int8_bundle(
                 {e["name"]: torch.from_numpy(new_values[e["name"]]) for e in entries},
                 [t["name"] for t in manifest["inputs"]], [t["name"] for t in manifest["outputs"]],
                 manifest, batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
-                atol=atol, quant={n: f"{n}.scale" for n in qnames}, reference=ref)
+                atol=atol, rtol=rtol, quant={n: f"{n}.scale" for n in qnames}, reference=ref)
             if tfl_err is not None:
                 err = max(err, tfl_err)
                 manifest["quantization"]["tflite"] = ("int8 weight inputs dequantized in-graph: "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from edgelearn.errors import EdgelearnError
+from edgelearn.parity import ATOL, RTOL, Parity, worst
 
 TFLITE_ALIGN = 64
 
@@ -267,7 +268,8 @@ def _time_strategy(bundle_dir: Path, example: tuple[torch.Tensor, ...], strategy
 def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
                params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
                manifest: dict[str, Any], *, batch: int, parity_batch_sizes: list[int],
-               atol: float, timing_reps: int = 10, quant: dict[str, str] | None = None,
+               atol: float = ATOL, rtol: float = RTOL, timing_reps: int = 10,
+               quant: dict[str, str] | None = None,
                reference: nn.Module | None = None) -> float | None:
     """Add the TFLite files to a bundle being exported and update `manifest` in place.
 
@@ -275,7 +277,8 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
     only) and return None; a parity failure raises (a converter that silently computes
     something else must not ship). Otherwise returns the worst |torch - LiteRT| over both
     strategies and `parity_batch_sizes` (plus one batch above the fixed TFLite batch, which
-    runs chunked), and records which strategy was faster here. For an int8 bundle, `quant`
+    runs chunked; tolerance atol + rtol * max|torch| per output, `edgelearn.parity`), and
+    records which strategy was faster here. For an int8 bundle, `quant`
     maps each int8 weight to its scale parameter (see `convert`) and `reference` is the torch
     model the device must match (the fake-quantized one).
     """
@@ -299,64 +302,56 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
     manifest["exporter"]["litert_torch"] = _import_litert_torch().__version__
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     sizes = [*parity_batch_sizes, batch + 3]
-    worst = 0.0
-    for strategy in STRATEGIES_HOST:
-        for live in ("*", ""):
-            worst = max(worst, parity_check(bundle_dir, reference or model, example, sizes,
-                                            live=live,
-                                            backend="litert",
-                                            backend_options={"strategy": strategy}))
-    if not worst <= atol:
-        raise ExportError(f"parity check failed: torch vs LiteRT max abs error {worst:.3g} > "
-                          f"{atol:g}; no bundle written (export with formats=('onnx',) to "
-                          "ship ONNX only)")
+    par = worst([parity_check(bundle_dir, reference or model, example, sizes, live=live,
+                              backend="litert", backend_options={"strategy": strategy},
+                              atol=atol, rtol=rtol)
+                 for strategy in STRATEGIES_HOST for live in ("*", "")])
+    if not par.ok:
+        raise ExportError(f"parity check failed: torch vs LiteRT {par.describe()}; no bundle "
+                          "written (export with formats=('onnx',) to ship ONNX only)")
     ms = {s: _time_strategy(bundle_dir, example, s, batch, timing_reps) for s in STRATEGIES_HOST}
     section["strategy"] = {"choice": min(ms, key=ms.__getitem__), "forward_ms": ms,
                            "measured": f"exporter host, batch {batch}, 1 thread"}
-    manifest["parity"]["tflite"] = {"max_abs_err": worst, "batch_sizes": sizes, "atol": atol}
-    return worst
+    manifest["parity"]["tflite"] = {**par.to_json(), "batch_sizes": sizes}
+    return par.max_abs_err
 
 
 STRATEGIES_HOST = ("inputs", "rebuild")
 
 
 def taps_parity_check_litert(bundle_dir: Path, gm: nn.Module,
-                             example: tuple[torch.Tensor, ...], batch_sizes: list[int]) -> float:
-    """Max |torch - LiteRT| over every output of model_taps.tflite (weights live and frozen).
+                             example: tuple[torch.Tensor, ...], batch_sizes: list[int], *,
+                             atol: float = ATOL, rtol: float = RTOL) -> Parity:
+    """torch vs LiteRT over every output of model_taps.tflite (weights live and frozen).
 
     Args:
         bundle_dir: the (temporary) bundle directory, manifest already naming the taps graph.
         gm: the taps GraphModule (returns (output, *taps) in the manifest's output order).
         example: example inputs (dtype/shape template).
         batch_sizes: batch sizes to try (include some above the fixed batch: chunked).
+        atol / rtol: tolerance per output, see `edgelearn.parity.compare`.
     """
     from edgelearn.backends.litert import LiteRTBackend
     from edgelearn.bundle import Bundle
-    from export.onnx_export import _as_tuple, _with_batch
+    from export.onnx_export import torch_parity
 
     bundle = Bundle(bundle_dir)
     names = list(bundle.manifest["tflite_taps"]["outputs"])
-    worst = 0.0
+    results = []
     for live in ("*", ""):
         dev = LiteRTBackend(bundle, graph="tflite_taps", threads=1)
         dev.bind(bundle.load_store(trainable=live))
-        for i, b in enumerate(batch_sizes):
-            xs = tuple(_with_batch(x, b, 3000 + i) for x in example)
-            with torch.no_grad():
-                ref = _as_tuple(gm(*xs))
-            outs = dev.forward({t.name: x.numpy() for t, x in zip(bundle.inputs, xs,
-                                                                    strict=True)})
-            for name, r in zip(names, ref, strict=True):
-                if outs[name].shape != tuple(r.shape):
-                    return float("inf")
-                worst = max(worst, float(np.max(np.abs(outs[name] - r.numpy()), initial=0.0)))
-    return worst
+        results.append(torch_parity(
+            dev.forward, gm, example, [t.name for t in bundle.inputs], names, batch_sizes,
+            seed=3000, where=f"LiteRT taps graph, weights {'live' if live else 'frozen'}",
+            atol=atol, rtol=rtol))
+    return worst(results, atol=atol, rtol=rtol)
 
 
 def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
                     params: dict[str, torch.Tensor], in_names: list[str], out_names: list[str],
                     manifest: dict[str, Any], *, batch: int, parity_batch_sizes: list[int],
-                    atol: float) -> float | None:
+                    atol: float = ATOL, rtol: float = RTOL) -> float | None:
     """Add model_taps.tflite (tpSGD's taps graph, every parameter an input) to a bundle being
     exported and update `manifest` in place.
 
@@ -368,7 +363,7 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
         manifest: the manifest being written (gets files["tflite_taps"], a "tflite_taps"
             section mapping every output/tap name to its signature output, and the parity).
         batch: fixed batch of the graph (the same as model.tflite's).
-        parity_batch_sizes / atol: as for `add_tflite`.
+        parity_batch_sizes / atol / rtol: as for `add_tflite`.
     Returns the worst |torch - LiteRT| over every tap, or None when litert-torch cannot convert
     the taps graph (the bundle then ships without it; the reason is in
     manifest["tflite_taps_skipped"]). A parity failure raises ExportError.
@@ -391,10 +386,9 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
     manifest["tflite_taps"] = section
     (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     sizes = [*parity_batch_sizes, batch + 3]
-    worst = taps_parity_check_litert(bundle_dir, gm, example, sizes)
-    if not worst <= atol:
-        raise ExportError(f"taps parity failed: torch vs LiteRT max abs error {worst:.3g} > "
-                          f"{atol:g}; no bundle written")
-    manifest["parity"]["tflite_taps"] = {"max_abs_err": worst, "batch_sizes": sizes,
-                                         "atol": atol}
-    return worst
+    par = taps_parity_check_litert(bundle_dir, gm, example, sizes, atol=atol, rtol=rtol)
+    if not par.ok:
+        raise ExportError(f"taps parity failed: torch vs LiteRT {par.describe()}; no bundle "
+                          "written")
+    manifest["parity"]["tflite_taps"] = {**par.to_json(), "batch_sizes": sizes}
+    return par.max_abs_err

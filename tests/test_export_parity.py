@@ -4,6 +4,7 @@ updates through the bound arena, zero-copy binding, manifest contents and export
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from conftest import Exported, load_store_into_torch, torch_forward
 from edgelearn.bundle import load_bundle
 from edgelearn.errors import InputError
 from edgelearn.model import Model
+from edgelearn.parity import ATOL, RTOL, tolerance
 
 pytestmark = pytest.mark.torch
 
@@ -24,6 +26,17 @@ BATCHES = (1, 5, 16)
 def random_input(e: Exported, batch: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((batch, *e.example_shape[1:])).astype(np.float32)
+
+
+def check_recorded(p: dict[str, Any]) -> None:
+    """A manifest parity section: the default tolerances, a bound that scales with the
+    worst output's magnitude, and an error within it (max_abs_err is over every batch, each
+    compared with the bound of its own scale)."""
+    assert (p["atol"], p["rtol"]) == (ATOL, RTOL)
+    assert p["bound"] == pytest.approx(ATOL + RTOL * p["scale"])
+    assert p["worst_output"] == "logits"
+    assert p["worst_err"] <= p["bound"]
+    assert p["max_abs_err"] >= p["worst_err"]
 
 
 def max_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,7 +56,7 @@ def test_ort_matches_torch(bundles: dict[str, Exported], arch: str, trainable: A
         out = model.predict(x)
         ref = torch_forward(e.module, x)
         assert out.dtype == np.float32
-        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=tolerance(ref))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -55,7 +68,8 @@ def test_in_place_update_parity(bundles: dict[str, Exported], arch: str) -> None
     backend, session = model.backend, model.backend.session
     x = random_input(e, 5, seed=7)
     before = model.predict(x)
-    np.testing.assert_allclose(before, torch_forward(e.module, x), rtol=0, atol=1e-5)
+    ref = torch_forward(e.module, x)
+    np.testing.assert_allclose(before, ref, rtol=0, atol=tolerance(ref))
 
     # zero-copy: every bound OrtValue is backed by the very arena view
     assert len(backend._keepalive) == len(model.store.trainable_names)
@@ -78,7 +92,8 @@ def test_in_place_update_parity(bundles: dict[str, Exported], arch: str) -> None
     with torch.no_grad():
         for name, p in ref_module.named_parameters():
             np.testing.assert_array_equal(p.numpy(), model.store[name])
-    np.testing.assert_allclose(after, torch_forward(ref_module, x), rtol=0, atol=1e-5)
+    ref = torch_forward(ref_module, x)
+    np.testing.assert_allclose(after, ref, rtol=0, atol=tolerance(ref))
     # the flat view is the same memory: restoring through it restores the outputs
     model.store.flat()[:] = load_bundle(e.path).load_store(trainable="*").flat()
     np.testing.assert_allclose(model.predict(x), before, rtol=0, atol=0)
@@ -90,14 +105,15 @@ def test_cnn_head_only_live(bundles: dict[str, Exported]) -> None:
     assert sorted(model.backend.bound) == ["head.bias", "head.weight"]
     for i, b in enumerate(BATCHES):
         x = random_input(e, b, seed=20 + i)
-        np.testing.assert_allclose(model.predict(x), torch_forward(e.module, x), rtol=0,
-                                   atol=1e-5)
+        ref = torch_forward(e.module, x)
+        np.testing.assert_allclose(model.predict(x), ref, rtol=0, atol=tolerance(ref))
     model.store["head.weight"] *= np.float32(0.5)
     model.store["head.bias"] += np.float32(0.25)
     ref = copy.deepcopy(e.module)
     load_store_into_torch(ref, model.store)
     x = random_input(e, 16, seed=30)
-    np.testing.assert_allclose(model.predict(x), torch_forward(ref, x), rtol=0, atol=1e-5)
+    want = torch_forward(ref, x)
+    np.testing.assert_allclose(model.predict(x), want, rtol=0, atol=tolerance(want))
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "two_norms"])
@@ -119,7 +135,7 @@ def test_manifest_names_every_tensor(bundles: dict[str, Exported], arch: str) ->
         if t.is_floating_point():
             np.testing.assert_array_equal(store[n], t.numpy())
     assert b.info()["params"] == e.summary["params"]
-    assert e.summary["parity_max_abs_err"] <= 1e-5
+    check_recorded(b.manifest["parity"]["onnx"])
     assert b.manifest["parity"]["onnx"]["max_abs_err"] == e.summary["parity_max_abs_err"]
 
 
@@ -186,14 +202,17 @@ def test_export_refuses_parity_mismatch(tmp_path: Path) -> None:
     from export import ExportError, export_bundle
 
     out = tmp_path / "bad"
-    with pytest.raises(ExportError, match=r"parity check failed.*max abs error 1 > 1e-05"):
+    with pytest.raises(ExportError, match=r"parity check failed: torch vs onnxruntime max abs "
+                       r"error 1; worst logits\[\d, [01]\]: got .*, want .*, \|diff\| 1 > "
+                       r"bound [0-9.e-]+ = atol 1e-05 \+ rtol 1e-05 \* max\|logits\| [0-9.]+ "
+                       r"\[onnxruntime, weights (live|baked), batch \d\]; no bundle written"):
         export_bundle(_exporting_differs(), torch.randn(1, 4), out)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temp dir left behind either
 
 
 def test_export_refuses_tiny_atol(tmp_path: Path) -> None:
-    """atol below the float32 rounding noise of a transformer refuses the export."""
+    """A bound below the float32 rounding noise of a transformer refuses the export."""
     import torch
 
     from export import ExportError, export_bundle
@@ -202,7 +221,7 @@ def test_export_refuses_tiny_atol(tmp_path: Path) -> None:
     torch.manual_seed(0)
     out = tmp_path / "t"
     with pytest.raises(ExportError, match="parity check failed"):
-        export_bundle(transformer(), torch.randn(1, 10, 8), out, atol=1e-12)
+        export_bundle(transformer(), torch.randn(1, 10, 8), out, atol=1e-12, rtol=0)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -222,7 +241,8 @@ def test_export_into_existing_dir(tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "x"
     res = export_bundle(mlp(hidden=(8,)), torch.randn(1, 64), out, overwrite=True)
     assert not (out / "keep.txt").exists()
-    assert res["parity_max_abs_err"] <= 1e-5
+    check_recorded(load_bundle(out).manifest["parity"]["onnx"])
+    assert res["parity_max_abs_err"] == load_bundle(out).manifest["parity"]["onnx"]["max_abs_err"]
     assert load_bundle(out).info()["params"] == 64 * 8 + 8 + 8 * 10 + 10
 
 
@@ -242,3 +262,85 @@ def test_export_trainable_glob(tmp_path: Path) -> None:
     assert not (tmp_path / "n").exists()
     with pytest.raises(ExportError, match="tflite"):
         export_bundle(mlp(hidden=(8,)), torch.randn(1, 64), tmp_path / "f", formats=("tflite",))
+
+
+# -- scale-aware parity: large logits ------------------------------------------------------------
+def _large_logits(wrong_by: float = 0.0) -> Any:
+    """MLP 64-256-10 whose head weights are scaled so logits reach ~2e3 (float32 ulp ~1e-4).
+    `wrong_by` > 0 makes the exported graph scale its logits by (1 + wrong_by): an export
+    that is genuinely wrong, by a relative amount far above float32 rounding."""
+    import torch
+    from torch import nn
+
+    class LargeLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 256), nn.ReLU())
+            self.head = nn.Linear(256, 10)
+            with torch.no_grad():
+                self.head.weight.mul_(4000.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.head(self.body(x))
+            if wrong_by and torch.compiler.is_exporting():
+                y = y * (1.0 + wrong_by)
+            return y
+
+    torch.manual_seed(0)
+    return LargeLogits()
+
+
+def test_large_logits_export_within_scaled_bound(tmp_path: Path) -> None:
+    """Logits ~2e3: onnxruntime and torch differ by a few float32 ulps (> 1e-5 absolute), which
+    the scale-aware bound accepts; the same export under a fixed 1e-5 bound is refused."""
+    import torch
+
+    from export import ExportError, export_bundle
+
+    model = _large_logits()
+    res = export_bundle(model, torch.randn(1, 64), tmp_path / "big")
+    p = load_bundle(tmp_path / "big").manifest["parity"]["onnx"]
+    assert p["scale"] > 1e3
+    assert res["parity_max_abs_err"] > 1e-5  # a fixed 1e-5 would have failed (below too)
+    check_recorded(p)
+    with pytest.raises(ExportError, match=r"> bound 1e-05 = atol 1e-05 \+ rtol 0 \*"):
+        export_bundle(model, torch.randn(1, 64), tmp_path / "fixed", atol=1e-5, rtol=0)
+    assert not (tmp_path / "fixed").exists()
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    ref = torch_forward(model.eval(), x)
+    out = Model(load_bundle(tmp_path / "big"), threads=1).predict(x)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tolerance(ref))
+
+
+def test_wrong_large_logits_export_is_refused_naming_worst_element(tmp_path: Path) -> None:
+    """Off by 0.1% relative (~2 on logits of ~2e3): refused, and the message names the worst
+    element, its two values, the output's scale and the bound."""
+    import torch
+
+    from export import ExportError, export_bundle
+
+    out = tmp_path / "wrong"
+    with pytest.raises(ExportError) as info:
+        export_bundle(_large_logits(wrong_by=1e-3), torch.randn(1, 64), out)
+    msg = str(info.value)
+    assert re.search(r"worst logits\[\d, \d\]: got -?\d+\.\d+, want -?\d+\.\d+, \|diff\| "
+                     r"[0-9.]+ > bound 0\.0\d+ = atol 1e-05 \+ rtol 1e-05 \* max\|logits\| "
+                     r"\d{4}", msg), msg
+    assert not out.exists()
+
+
+def test_cli_export_atol_rtol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgelearn.cli import main
+
+    base = ["export", "export.zoo:transformer", "--example-shape", "1,10,8"]
+    code = main([*base, "--out", str(tmp_path / "tight"), "--atol", "1e-12", "--rtol", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("edgelearn: error: parity check failed")
+    assert "rtol 0 *" in err
+    assert not (tmp_path / "tight").exists()
+    assert main([*base, "--out", str(tmp_path / "ok"), "--rtol", "1e-4", "--json"]) == 0
+    p = load_bundle(tmp_path / "ok").manifest["parity"]["onnx"]
+    assert (p["atol"], p["rtol"]) == (ATOL, 1e-4)
+    assert main([*base, "--out", str(tmp_path / "neg"), "--atol", "-1"]) == 2
+    assert "tolerances must be finite and >= 0" in capsys.readouterr().err

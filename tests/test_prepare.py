@@ -14,13 +14,21 @@ from edgelearn.bundle import load_bundle
 from edgelearn.cli import main
 from edgelearn.data import Dataset
 from edgelearn.model import Model
+from edgelearn.parity import ATOL, RTOL, tolerance
 from edgelearn.prepare import ModelError, bake_bundle, list_params, prepare_onnx
 from edgelearn.train import train
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-ATOL = 1e-5  # the issue's round-trip promise (float32 outputs)
+
+
+def within_recorded_bound(bundle_dir: Path, err: float) -> bool:
+    """The manifest's parity bound is atol + rtol * the output's scale, and err is within it."""
+    p = json.loads((bundle_dir / "manifest.json").read_text())["parity"]["onnx"]
+    assert (p["atol"], p["rtol"]) == (ATOL, RTOL)
+    assert p["bound"] == pytest.approx(ATOL + RTOL * p["scale"])
+    return p["max_abs_err"] == err and p["worst_err"] <= p["bound"]
 
 
 def run_plain(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -56,12 +64,12 @@ def test_prepare_round_trip_equals_original(tmp_path: Path, digits: Dataset,
     src = mlp_onnx(tmp_path / "src" / "mlp.onnx", ir_version=ir_version)
     res = prepare_onnx(src, tmp_path / "b", trainable="fc2.*")
     assert res["trainable_params"] == 32 * 10 + 10
-    assert res["parity_max_abs_err"] <= ATOL
+    assert within_recorded_bound(tmp_path / "b", res["parity_max_abs_err"])
     bundle = load_bundle(tmp_path / "b")
     ref = run_plain(src, {"x": digits.x})[0]
     for live in ("*", "", None):
         out = Model(bundle, trainable=live).predict(digits.x)
-        np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=tolerance(ref))
     # the scalar and the int64 shape constant stay initializers of model.onnx
     import onnx
 
@@ -81,7 +89,9 @@ def test_bake_equals_bundle_with_trained_weights(tmp_path: Path, mlp: Path,
     plain = run_plain(inference, {"x": digits.x})[0]
     personal = Model(bundle, weights=run["weights"]).predict(digits.x)
     base = Model(bundle).predict(digits.x)
-    np.testing.assert_allclose(plain, personal, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(plain, personal, rtol=0, atol=tolerance(personal))
+    assert res["parity_max_abs_err"] <= res["parity"]["inference.onnx"]["bound"]
+    assert res["skipped"] == {}  # no TFLite files in a prepared bundle
     assert np.abs(plain - base).max() > 1e-4  # the trained weights really are in there
     import onnx
 
@@ -97,7 +107,7 @@ def test_zo_personalizes_new_head_on_embedding_model(tmp_path: Path, digits: Dat
     res = prepare_onnx(src, tmp_path / "b", new_head="tokens:10", seed=1)
     assert res["outputs"] == [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}]
     assert res["trainable_params"] == 10 * 16 + 10
-    assert res["parity_max_abs_err"] <= ATOL
+    assert within_recorded_bound(tmp_path / "b", res["parity_max_abs_err"])
     bundle = load_bundle(tmp_path / "b")
     before = Model(bundle).evaluate(digits)
     run = train(bundle, digits, tmp_path / "run", steps=300, batch_size=64,
@@ -130,7 +140,7 @@ def test_int8_qdq_weights_recognised_and_frozen(tmp_path: Path, mlp: Path,
     w = load_bundle(tmp_path / "b").load_store()
     expect = ref @ w["head.weight"].T + w["head.bias"]
     out = Model(load_bundle(tmp_path / "b")).predict(digits.x[:64])
-    np.testing.assert_allclose(out, expect, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(out, expect, rtol=0, atol=tolerance(expect))
 
 
 def test_external_data_inside_directory_is_supported(tmp_path: Path, mlp: Path,
@@ -143,10 +153,10 @@ def test_external_data_inside_directory_is_supported(tmp_path: Path, mlp: Path,
     onnx.save(m, str(d / "m.onnx"), save_as_external_data=True, location="m.data",
               size_threshold=0)
     res = prepare_onnx(d / "m.onnx", tmp_path / "b")
-    assert res["parity_max_abs_err"] <= ATOL
+    assert within_recorded_bound(tmp_path / "b", res["parity_max_abs_err"])
     ref = run_plain(mlp, {"x": digits.x[:32]})[0]
     np.testing.assert_allclose(Model(load_bundle(tmp_path / "b")).predict(digits.x[:32]), ref,
-                               rtol=0, atol=ATOL)
+                               rtol=0, atol=tolerance(ref))
 
 
 # -- hostile input ------------------------------------------------------------------------------
@@ -223,16 +233,21 @@ def test_cli_prepare_list_bake(tmp_path: Path, mlp: Path, digits: Dataset,
     assert main(["prepare", str(mlp), "--list"]) == 0
     assert "fc1.weight" in capsys.readouterr().out
     out = tmp_path / "b"
-    assert main(["prepare", str(mlp), "--out", str(out), "--trainable", "fc2.*", "--json"]) == 0
+    assert main(["prepare", str(mlp), "--out", str(out), "--trainable", "fc2.*", "--rtol",
+                 "2e-5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "manifest.json").read_text())["parity"]["onnx"]["rtol"] == 2e-5
     assert res["bundle"] == str(out)
     assert res["trainable_params"] == 330
     np.savez(tmp_path / "ex.npz", x=digits.x[:4])
     assert main(["bake", str(out), "--weights", str(out / "weights.safetensors"),
                  "--out", str(tmp_path / "baked"), "--example", str(tmp_path / "ex.npz"),
-                 "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+                 "--rtol", "1e-4", "--json"]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert cap.err == ""  # nothing left out: no warning
     assert res["bundle"] == str(tmp_path / "baked")
+    assert res["parity"]["inference.onnx"]["rtol"] == 1e-4
     assert (tmp_path / "baked" / "inference.onnx").is_file()
     code = main(["prepare", str(mlp), "--out", str(tmp_path / "c"), "--trainable", "nope*"])
     err = capsys.readouterr().err
@@ -263,11 +278,11 @@ def test_real_package_model_round_trip(tmp_path: Path, name: str) -> None:
         pytest.skip(f"package for {name} not installed")
     example, head = REAL[name]
     res = prepare_onnx(src, tmp_path / "b", example=example, new_head=head)
-    assert res["parity_max_abs_err"] <= ATOL
+    assert within_recorded_bound(tmp_path / "b", res["parity_max_abs_err"])
     store = load_bundle(tmp_path / "b").load_store()
     for n in store.trainable_names:
         store[n] += np.float32(0.01)
     store.save(tmp_path / "w.safetensors")
     baked = bake_bundle(tmp_path / "b", tmp_path / "w.safetensors", tmp_path / "baked",
                         example=example)
-    assert baked["parity_max_abs_err"] <= ATOL
+    assert baked["parity_max_abs_err"] <= baked["parity"]["inference.onnx"]["bound"]
