@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-#: name -> (factory name in export.zoo, kwargs, input shape without batch)
+#: name -> (factory name in edgelearn.export.zoo, kwargs, input shape without batch)
 ARCHS: dict[str, tuple[str, dict[str, Any], tuple[int, ...]]] = {
     "mlp": ("mlp", {"in_features": 784, "hidden": (1024, 1024), "classes": 10}, (784,)),
     "cnn": ("cnn", {"in_ch": 1, "size": 28, "width": 32, "classes": 10}, (1, 28, 28)),
@@ -46,8 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def export_all(root: Path, archs: list[str]) -> dict[str, dict[str, Any]]:
     """Export `archs` into `root` (parity atol 1e-4: bigger sums); arch -> exporter summary."""
     import torch
-
-    from export import export_bundle, zoo
+    from edgelearn.export import export_bundle, zoo
 
     out = {}
     for arch in archs:

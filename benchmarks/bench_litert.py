@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: name -> (factory in export.zoo, kwargs, input shape without batch, trainable glob)
+#: name -> (factory in edgelearn.export.zoo, kwargs, input shape without batch, trainable glob)
 ARCHS: dict[str, tuple[str, dict[str, Any], tuple[int, ...], str]] = {
     "mlp": ("mlp", {"in_features": 784, "hidden": (1024, 1024), "classes": 10}, (784,), "*"),
     "cnn": ("cnn", {"in_ch": 1, "size": 28, "width": 32, "classes": 10}, (1, 28, 28),
@@ -46,18 +46,18 @@ BACKENDS = {"ort": ("onnxruntime", {}), "litert_inputs": ("litert", {"strategy":
 def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int,
                int8: bool = False) -> dict[str, Any]:
     import torch
+    from edgelearn.export import export_bundle, zoo
 
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
     from edgelearn.optim import make_optimizer
-    from export import export_bundle, zoo
 
     factory, kwargs, shape, trainable = ARCHS[arch]
     torch.manual_seed(0)
     module, example = getattr(zoo, factory)(**kwargs), torch.randn(1, *shape)
     if int8:
-        from export.quantize import export_int8_bundle
+        from edgelearn.export.quantize import export_int8_bundle
 
         summary = export_int8_bundle(module, example, root / arch, formats=("onnx", "tflite"),
                                      atol=1e-4, tflite_batch=batch)

@@ -79,16 +79,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     import torch
+    from edgelearn.export import export_bundle
+    from edgelearn.export.population import add_population_graph
+    from edgelearn.export.quantize import export_int8_bundle
+    from edgelearn.export.zoo import MLP
 
     from edgelearn.bench import median_ms
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
     from edgelearn.optim import make_optimizer
-    from export import export_bundle
-    from export.population import add_population_graph
-    from export.quantize import export_int8_bundle
-    from export.zoo import MLP
 
     reps = 3 if args.quick else 7
     configs = [("mlp_64_256_10", (256,), "head.*"), ("mlp_64_256_10", (256,), "*")]

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-#: name -> (factory in export.zoo, kwargs, input shape without batch, tpsgd options)
+#: name -> (factory in edgelearn.export.zoo, kwargs, input shape without batch, tpsgd options)
 ARCHS: dict[str, tuple[str, dict[str, Any], tuple[int, ...], dict[str, float]]] = {
     "mlp": ("mlp", {"in_features": 784, "hidden": (1024, 1024), "classes": 10}, (784,),
             {"lr": 1e-3}),
@@ -41,12 +41,12 @@ BACKENDS = ("onnxruntime", "litert")
 
 def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dict[str, Any]:
     import torch
+    from edgelearn.export import export_bundle, zoo
 
     from edgelearn.bundle import load_bundle
     from edgelearn.data import Dataset
     from edgelearn.optim import make_optimizer
     from edgelearn.train import taps_evaluator
-    from export import export_bundle, zoo
 
     factory, kwargs, shape, opts = ARCHS[arch]
     torch.manual_seed(0)

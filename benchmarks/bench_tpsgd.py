@@ -82,12 +82,12 @@ def main() -> None:
                     help="run seeds (data order and projections) to average over")
     args = ap.parse_args()
     import torch
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import ZOO
 
     from edgelearn.bundle import Bundle
     from edgelearn.model import Model
     from edgelearn.train import train
-    from export import export_bundle
-    from export.zoo import ZOO
 
     steps = 300 if args.quick else 1500
     seeds = list(range(args.seeds))

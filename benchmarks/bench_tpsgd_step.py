@@ -68,9 +68,8 @@ def log(msg: str) -> None:
 def export_all(out: Path) -> None:
     """Child process: export every model of MODELS under `out` (torch lives only here)."""
     import torch
-
-    from export import export_bundle
-    from export.zoo import ZOO
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import ZOO
 
     for name, (zoo, kw, shape, _) in MODELS.items():
         torch.manual_seed(0)

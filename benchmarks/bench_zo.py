@@ -133,9 +133,8 @@ def child_setup(args: argparse.Namespace) -> dict[str, Any]:
 def setup(work: Path, big: dict[str, Any], n_examples: int) -> dict[str, Any]:
     """Export the big and the small MLP once and write the synthetic data files."""
     import torch
-
-    from export import export_bundle
-    from export.zoo import MLP
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import MLP
 
     paths: dict[str, Any] = {}
     for name, cfg in (("big", big), ("small", SMALL)):
@@ -480,10 +479,9 @@ def child_zo(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- sections 3 and 4: torch children ------------------------------------------------------------
 def torch_model(cfg: dict[str, Any]) -> Any:
-    """The same MLP architecture in plain torch (export.zoo.MLP), seeded like the bundle."""
+    """The same MLP architecture in plain torch (edgelearn.export.zoo.MLP), seeded as the bundle."""
     import torch
-
-    from export.zoo import MLP
+    from edgelearn.export.zoo import MLP
 
     torch.manual_seed(SEED)
     return MLP(cfg["in_features"], tuple(cfg["hidden"]), cfg["classes"])

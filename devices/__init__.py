@@ -1,1 +1,1 @@
-"""Device profiles (TOML files in this package); loaded by `edgelearn.devices`."""
+"""Device profiles (TOML files in this package, installed as `edgelearn.profiles`)."""

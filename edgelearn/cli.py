@@ -109,12 +109,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     import importlib.util
 
     try:
-        from export.quiet import quiet_third_party
+        from edgelearn.export.quiet import quiet_third_party
 
         with quiet_third_party(args.verbose):
             import torch
 
-            from export import export_bundle
+            from edgelearn.export import export_bundle
     except ImportError as e:
         raise EdgelearnError(f"export needs torch and onnx on this host ({e}); "
                              "pip install torch==2.13.0 'edgelearn[export]'") from None

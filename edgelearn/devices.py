@@ -71,10 +71,10 @@ def _toml_loads(text: str) -> dict[str, Any]:
 
 
 def profiles_dir() -> Path:
-    """Directory of the shipped profiles (the `devices` package)."""
-    import devices
+    """Directory of the shipped profiles (the `devices/` folder, package `edgelearn.profiles`)."""
+    from edgelearn import profiles
 
-    return Path(devices.__file__).parent
+    return Path(profiles.__file__).parent
 
 
 def list_profiles() -> list[str]:

@@ -49,7 +49,7 @@ SUBJECTS = tuple(range(1, 11))
 CLASSES = 7
 WIN, STRIDE = 100, 50  # 2 s windows at 50 Hz, 50% overlap
 BATCH = 32
-#: ZO variants: name -> trainable globs (parameter names of export.zoo.Conv1dClassifier)
+#: ZO variants: name -> trainable globs (parameter names of edgelearn.export.zoo.Conv1dClassifier)
 VARIANTS = {"zo-head": "head.*", "zo-last": "conv2.*,head.*", "zo-full": "*"}
 TPSGD = "tpsgd"
 #: tpSGD variants: name -> (trainable globs, hidden-layer lr as a fraction of the head's lr).
@@ -197,8 +197,7 @@ def subjects_windows(d: dict[str, np.ndarray], subjects: list[int]
 def pretrain(x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int) -> Any:
     """Backprop (Adam) on the pretraining windows; returns the torch model."""
     import torch
-
-    from export.zoo import Conv1dClassifier
+    from edgelearn.export.zoo import Conv1dClassifier
 
     torch.manual_seed(seed)
     model = Conv1dClassifier(in_features=6, width=16, classes=CLASSES)
@@ -246,8 +245,7 @@ def prepare_fold(d: dict[str, np.ndarray], target: int, exclude: set[int], fold_
                  split: str, epochs: int, seed: int) -> tuple[Any, dict[str, np.ndarray]]:
     """Pretrain without `exclude`, export to fold_dir/bundle, write target's parts as .npz."""
     import torch
-
-    from export import export_bundle
+    from edgelearn.export import export_bundle
 
     pre = [s for s in SUBJECTS if s not in exclude]
     xp, yp = subjects_windows(d, pre)
@@ -420,7 +418,7 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
     return {
         "subjects": args.subjects, "split": args.split, "budget_forwards": args.budget,
         "batch_size": BATCH, "window": {"samples": WIN, "stride": STRIDE, "hz": 50},
-        "model": "export.zoo.Conv1dClassifier(in_features=6, width=16, classes=7)",
+        "model": "edgelearn.export.zoo.Conv1dClassifier(in_features=6, width=16, classes=7)",
         "accounting": "ZO step = forwards counted in its journal (2 per probe); backprop step "
                       "= 3 forward-equivalents; steps = budget // cost",
         "zo_options": ZO_OPTIONS, "variants": VARIANTS, "grids": h["grids"],

@@ -32,10 +32,9 @@ def user_shift(x: np.ndarray) -> np.ndarray:
 def host(out: Path, seed: int) -> None:
     """Pretrain on writers 1..N (backprop, torch) and export the bundle."""
     import torch
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import MLP
     from sklearn.datasets import load_digits
-
-    from export import export_bundle
-    from export.zoo import MLP
 
     d = load_digits()
     x = (d.data / 16.0).astype(np.float32)

@@ -1,5 +1,5 @@
 """Host-side exporter (torch lives only here): nn.Module -> edgelearn bundle."""
 
-from export.onnx_export import ExportError, export_bundle
+from edgelearn.export.onnx_export import ExportError, export_bundle
 
 __all__ = ["ExportError", "export_bundle"]

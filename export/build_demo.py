@@ -1,7 +1,7 @@
 """Build the demo assets shipped inside the package (run on the host, with torch).
 
-    python -m export.build_demo --write        # rewrite the committed assets
-    python -m export.build_demo --out DIR      # build elsewhere (default: a new temp dir)
+    python -m edgelearn.export.build_demo --write        # rewrite the committed assets
+    python -m edgelearn.export.build_demo --out DIR      # build elsewhere (default: a new temp dir)
 
 Prints the export summary as one JSON object. With --write it rewrites
 edgelearn/data/digits.npz (the UCI/sklearn 8x8 digits, CC BY 4.0, 1797 images as uint8
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from export import export_bundle
-from export.population import add_population_graph
-from export.quiet import quiet_third_party
-from export.zoo import MLP
+from edgelearn.export import export_bundle
+from edgelearn.export.population import add_population_graph
+from edgelearn.export.quiet import quiet_third_party
+from edgelearn.export.zoo import MLP
 
 DATA = Path(__file__).resolve().parents[1] / "edgelearn" / "data"
 

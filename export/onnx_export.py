@@ -214,7 +214,7 @@ def _export_taps(model: nn.Module, example: tuple[torch.Tensor, ...],
                  ) -> tuple[list[dict[str, Any]], str | None, Any, list[str]]:
     """Write model_taps.onnx when asked/possible; returns (layer records, reason if not, gm,
     tap names in gm's return order after the model output)."""
-    from export.taps import TapsError, check_batch_first, trace_layers
+    from edgelearn.export.taps import TapsError, check_batch_first, trace_layers
 
     if taps is False:
         return [], None, None, []
@@ -376,7 +376,7 @@ def export_bundle(
             manifest["parity"]["onnx_taps"] = par_taps.to_json()
         tfl_err = None
         if "tflite" in formats:
-            from export.tflite_export import add_tflite
+            from edgelearn.export.tflite_export import add_tflite
 
             tfl_err = add_tflite(tmp, model, example, params, in_names, out_names, manifest,
                                  batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
@@ -384,7 +384,7 @@ def export_bundle(
             if tfl_err is not None:
                 err = max(err, tfl_err)
             if tfl_err is not None and taps_gm is not None:  # tpSGD on the LiteRT backend
-                from export.tflite_export import add_tflite_taps
+                from edgelearn.export.tflite_export import add_tflite_taps
 
                 add_tflite_taps(tmp, taps_gm, example, params, in_names,
                                 [*out_names, *tap_names], manifest, batch=tflite_batch,

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgelearn.export.onnx_export import ExportError, _as_tuple, _with_batch, collect_params
 from torch import nn
 from torch.func import functional_call, vmap
 
 from edgelearn.bundle import MANIFEST, Bundle, sha256_file
 from edgelearn.parity import ATOL, RTOL, compare, worst
-from export.onnx_export import ExportError, _as_tuple, _with_batch, collect_params
 
 POP_FILE = "model_pop.onnx"
 

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgelearn.export.onnx_export import ExportError, _as_tuple, export_bundle, parity_check
 from torch import nn
 
 from edgelearn.bundle import MANIFEST, Bundle, select_trainable, sha256_file
 from edgelearn.params import ParamSpec, ParamStore
 from edgelearn.parity import ATOL, RTOL, check_tolerances, worst
-from export.onnx_export import ExportError, _as_tuple, export_bundle, parity_check
 
 QMAX = 127
 
@@ -197,7 +197,7 @@ def export_int8_bundle(
                                        "torch fake_quantize_per_channel_affine",
                                        "batch_sizes": list(parity_batch_sizes)}}
         if "tflite" in formats:
-            from export.tflite_export import add_tflite
+            from edgelearn.export.tflite_export import add_tflite
 
             tfl_err = add_tflite(
                 bundle_dir, model, example,

@@ -275,7 +275,7 @@ def check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...], names: l
         example: example inputs (their batch dim is replaced).
         names: output then tap names, in gm's return order (for the message).
     """
-    from export.onnx_export import _as_tuple, _with_batch
+    from edgelearn.export.onnx_export import _as_tuple, _with_batch
 
     for b in (2, 3):
         with torch.no_grad():

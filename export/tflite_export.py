@@ -93,7 +93,7 @@ def convert(model: nn.Module, example: tuple[torch.Tensor, ...],
             None = a float model.
     Returns: the serialized model (signature "serving_default", inputs args_0..args_{n-1}).
     """
-    from export.onnx_export import _Functional, _with_batch
+    from edgelearn.export.onnx_export import _Functional, _with_batch
 
     litert_torch = _import_litert_torch()
     wrapper = (_Dequantized(model, list(params), len(example), quant) if quant else
@@ -247,9 +247,10 @@ def _time_strategy(bundle_dir: Path, example: tuple[torch.Tensor, ...], strategy
     """Median ms of (perturb every weight in place, forward) on the device backend."""
     import time
 
+    from edgelearn.export.onnx_export import _with_batch
+
     from edgelearn.bundle import Bundle
     from edgelearn.model import Model
-    from export.onnx_export import _with_batch
 
     dev = Model(Bundle(bundle_dir), backend="litert", trainable="*", threads=1,
                 backend_options={"strategy": strategy})
@@ -284,8 +285,9 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
     """
     import json
 
+    from edgelearn.export.onnx_export import ExportError, parity_check
+
     from edgelearn.bundle import MANIFEST, sha256_file
-    from export.onnx_export import ExportError, parity_check
 
     try:
         section = write_tflite(model, example, params, in_names, out_names, bundle_dir,
@@ -331,9 +333,10 @@ def taps_parity_check_litert(bundle_dir: Path, gm: nn.Module,
         batch_sizes: batch sizes to try (include some above the fixed batch: chunked).
         atol / rtol: tolerance per output, see `edgelearn.parity.compare`.
     """
+    from edgelearn.export.onnx_export import torch_parity
+
     from edgelearn.backends.litert import LiteRTBackend
     from edgelearn.bundle import Bundle
-    from export.onnx_export import torch_parity
 
     bundle = Bundle(bundle_dir)
     names = list(bundle.manifest["tflite_taps"]["outputs"])
@@ -357,7 +360,7 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
 
     Args:
         bundle_dir: the (temporary) bundle directory.
-        gm: the taps GraphModule of export.taps.trace_layers (returns (output, *taps)).
+        gm: the taps GraphModule of edgelearn.export.taps.trace_layers (returns (output, *taps)).
         example / params / in_names: as for `add_tflite`.
         out_names: the model output name(s), then every tap name, in gm's return order.
         manifest: the manifest being written (gets files["tflite_taps"], a "tflite_taps"
@@ -370,8 +373,9 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
     """
     import json
 
+    from edgelearn.export.onnx_export import ExportError
+
     from edgelearn.bundle import MANIFEST, sha256_file
-    from export.onnx_export import ExportError
 
     path = bundle_dir / "model_taps.tflite"
     try:

@@ -184,7 +184,7 @@ class SpikingMLP(nn.Module):
 
 
 def mlp(**kw: object) -> nn.Module:
-    """MLP factory (CLI spec `export.zoo:mlp`)."""
+    """MLP factory (CLI spec `edgelearn.export.zoo:mlp`)."""
     return MLP(**kw)  # type: ignore[arg-type]
 
 

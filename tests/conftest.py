@@ -49,11 +49,11 @@ class Exported:
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    """name -> Exported for every model in export.zoo.ZOO, exported once per session."""
+    """name -> Exported for every model in edgelearn.export.zoo.ZOO, exported once per session."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxscript")
-    from export import export_bundle
-    from export.zoo import ZOO
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import ZOO
 
     root = tmp_path_factory.mktemp("bundles")
     out: dict[str, Exported] = {}

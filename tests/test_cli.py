@@ -239,8 +239,8 @@ def test_export_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                            digits_npz: Path) -> None:
     pytest.importorskip("torch")
     out_dir = tmp_path / "exported"
-    code, out, err = run_main(capsys, ["export", "export.zoo:mlp", "--example-shape", "1,64",
-                                       "--out", str(out_dir), "--json",
+    code, out, err = run_main(capsys, ["export", "edgelearn.export.zoo:mlp",
+                                       "--example-shape", "1,64", "--out", str(out_dir), "--json",
                                        "--kwargs", '{"hidden": [32]}'])
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
@@ -252,18 +252,21 @@ def test_export_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     assert code == 0
     assert 0.0 <= json.loads(out)["accuracy"] <= 1.0
     # the same command again refuses to overwrite
-    assert_usage_error(*run_main(capsys, ["export", "export.zoo:mlp", "--example-shape", "1,64",
-                                          "--out", str(out_dir)]), "already exists")
+    assert_usage_error(*run_main(capsys, ["export", "edgelearn.export.zoo:mlp",
+                                          "--example-shape", "1,64", "--out", str(out_dir)]),
+                       "already exists")
 
 
 @pytest.mark.torch
 def test_export_bad_spec(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pytest.importorskip("torch")
     out = str(tmp_path / "x")
-    assert_usage_error(*run_main(capsys, ["export", "export.zoo", "--example-shape", "1,64",
-                                          "--out", out]), "must look like module.py:factory")
-    assert_usage_error(*run_main(capsys, ["export", "export.zoo:nope", "--example-shape", "1,64",
-                                          "--out", out]), "has no attribute 'nope'")
+    assert_usage_error(*run_main(capsys, ["export", "edgelearn.export.zoo",
+                                          "--example-shape", "1,64", "--out", out]),
+                       "must look like module.py:factory")
+    assert_usage_error(*run_main(capsys, ["export", "edgelearn.export.zoo:nope",
+                                          "--example-shape", "1,64", "--out", out]),
+                       "has no attribute 'nope'")
     assert_usage_error(*run_main(capsys, ["export", str(tmp_path / "m.py") + ":f",
                                           "--example-shape", "1,64", "--out", out]),
                        "no such file")

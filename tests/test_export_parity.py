@@ -198,8 +198,7 @@ def _exporting_differs() -> Any:
 
 def test_export_refuses_parity_mismatch(tmp_path: Path) -> None:
     import torch
-
-    from export import ExportError, export_bundle
+    from edgelearn.export import ExportError, export_bundle
 
     out = tmp_path / "bad"
     with pytest.raises(ExportError, match=r"parity check failed: torch vs onnxruntime max abs "
@@ -214,9 +213,8 @@ def test_export_refuses_parity_mismatch(tmp_path: Path) -> None:
 def test_export_refuses_tiny_atol(tmp_path: Path) -> None:
     """A bound below the float32 rounding noise of a transformer refuses the export."""
     import torch
-
-    from export import ExportError, export_bundle
-    from export.zoo import transformer
+    from edgelearn.export import ExportError, export_bundle
+    from edgelearn.export.zoo import transformer
 
     torch.manual_seed(0)
     out = tmp_path / "t"
@@ -228,9 +226,8 @@ def test_export_refuses_tiny_atol(tmp_path: Path) -> None:
 
 def test_export_into_existing_dir(tmp_path: Path) -> None:
     import torch
-
-    from export import ExportError, export_bundle
-    from export.zoo import mlp
+    from edgelearn.export import ExportError, export_bundle
+    from edgelearn.export.zoo import mlp
 
     out = tmp_path / "exists"
     out.mkdir()
@@ -248,9 +245,8 @@ def test_export_into_existing_dir(tmp_path: Path) -> None:
 
 def test_export_trainable_glob(tmp_path: Path) -> None:
     import torch
-
-    from export import ExportError, export_bundle
-    from export.zoo import mlp
+    from edgelearn.export import ExportError, export_bundle
+    from edgelearn.export.zoo import mlp
 
     torch.manual_seed(0)
     res = export_bundle(mlp(hidden=(8,)), torch.randn(1, 64), tmp_path / "h", trainable="head.*")
@@ -294,8 +290,7 @@ def test_large_logits_export_within_scaled_bound(tmp_path: Path) -> None:
     """Logits ~2e3: onnxruntime and torch differ by a few float32 ulps (> 1e-5 absolute), which
     the scale-aware bound accepts; the same export under a fixed 1e-5 bound is refused."""
     import torch
-
-    from export import ExportError, export_bundle
+    from edgelearn.export import ExportError, export_bundle
 
     model = _large_logits()
     res = export_bundle(model, torch.randn(1, 64), tmp_path / "big")
@@ -316,8 +311,7 @@ def test_wrong_large_logits_export_is_refused_naming_worst_element(tmp_path: Pat
     """Off by 0.1% relative (~2 on logits of ~2e3): refused, and the message names the worst
     element, its two values, the output's scale and the bound."""
     import torch
-
-    from export import ExportError, export_bundle
+    from edgelearn.export import ExportError, export_bundle
 
     out = tmp_path / "wrong"
     with pytest.raises(ExportError) as info:
@@ -332,7 +326,7 @@ def test_wrong_large_logits_export_is_refused_naming_worst_element(tmp_path: Pat
 def test_cli_export_atol_rtol(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edgelearn.cli import main
 
-    base = ["export", "export.zoo:transformer", "--example-shape", "1,10,8"]
+    base = ["export", "edgelearn.export.zoo:transformer", "--example-shape", "1,10,8"]
     code = main([*base, "--out", str(tmp_path / "tight"), "--atol", "1e-12", "--rtol", "0"])
     err = capsys.readouterr().err
     assert code == 2

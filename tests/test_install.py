@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,9 @@ def test_onnx_export_extra_does_not_pull_the_tflite_converter() -> None:
 
 
 def _export(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "edgelearn.cli", "export", "export.zoo:mlp", "--example-shape",
-           "1,64", "--out", str(tmp_path / "b"), "--formats", "onnx,tflite", *flags]
+    cmd = [sys.executable, "-m", "edgelearn.cli", "export", "edgelearn.export.zoo:mlp",
+           "--example-shape", "1,64", "--out", str(tmp_path / "b"), "--formats", "onnx,tflite",
+           *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -52,10 +54,28 @@ def test_build_demo_writes_elsewhere_unless_asked(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     data = ROOT / "edgelearn" / "data"
     before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
-    out = subprocess.run([sys.executable, "-m", "export.build_demo", "--out", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "edgelearn.export.build_demo", "--out",
+                          str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert Path(summary["bundle"]) == tmp_path / "demo"
     assert (tmp_path / "demo" / "manifest.json").is_file()
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_wheel_installs_only_edgelearn_at_top_level(tmp_path: Path) -> None:
+    pytest.importorskip("setuptools")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("edgelearn-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        (top,) = [n for n in names if n.endswith("top_level.txt")]
+        assert z.read(top).decode().split() == ["edgelearn"]
+    assert {n.split("/")[0] for n in names if not n.startswith("edgelearn-")} == {"edgelearn"}
+    assert "edgelearn/profiles/raspberry-pi-4.toml" in names
+    assert "edgelearn/export/onnx_export.py" in names
+    assert not [n for n in names if "reference" in n]  # torch references stay with the tests

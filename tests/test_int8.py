@@ -25,9 +25,8 @@ pytestmark = pytest.mark.torch
 def int8_mlp(digits, tmp_path_factory) -> tuple[Path, object]:
     """zoo MLP trained briefly by backprop on digits, exported as an int8 QDQ bundle."""
     import torch
-
-    from export.quantize import export_int8_bundle
-    from export.zoo import MLP
+    from edgelearn.export.quantize import export_int8_bundle
+    from edgelearn.export.zoo import MLP
 
     torch.manual_seed(0)
     module = pretrain_on_digits(MLP(), digits)
@@ -57,8 +56,7 @@ def test_int8_parity_within_one_quantization_step(int8_mlp, live) -> None:
     """ORT QDQ outputs == torch int8 reference (per-channel fake quant, same scales) within one
     quantization step of the output (per-tensor int8 step max|out| / 127)."""
     import torch
-
-    from export.quantize import fake_quant_model
+    from edgelearn.export.quantize import fake_quant_model
 
     path, module = int8_mlp
     model = Model(load_bundle(path), trainable=live)

@@ -31,8 +31,8 @@ def int8_tfl(digits: Dataset, tmp_path_factory: pytest.TempPathFactory) -> dict[
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
-    from export.quantize import export_int8_bundle
-    from export.zoo import ZOO
+    from edgelearn.export.quantize import export_int8_bundle
+    from edgelearn.export.zoo import ZOO
 
     root = tmp_path_factory.mktemp("int8_tfl")
     out = {}
@@ -92,8 +92,7 @@ def test_int8_three_way_parity(int8_tfl: dict[str, Exported], arch: str, live: s
     """torch fake-quant == ORT QDQ == LiteRT int8 within one output quantization step (and in
     fact float32-close), at padded, exact and chunked batch sizes."""
     import torch
-
-    from export.quantize import fake_quant_model
+    from edgelearn.export.quantize import fake_quant_model
 
     e = int8_tfl[arch]
     b = load_bundle(e.path)
@@ -171,8 +170,9 @@ def test_unconvertible_int8_model_ships_onnx_only(tmp_path: Path) -> None:
     and the litert backend refuses it with that reason."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
+    from edgelearn.export.quantize import export_int8_bundle
+
     from edgelearn.errors import BundleError
-    from export.quantize import export_int8_bundle
 
     class Det(torch.nn.Module):
         def __init__(self) -> None:

@@ -39,8 +39,8 @@ def tfl_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
-    from export import export_bundle
-    from export.zoo import ZOO
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import ZOO
 
     root = tmp_path_factory.mktemp("tfl_bundles")
     out = {}
@@ -325,10 +325,11 @@ def test_tpsgd_same_run_on_ort_and_litert(tfl_bundles: dict[str, Exported], digi
 def test_tpsgd_step_on_litert_matches_torch_reference(tfl_bundles: dict[str, Exported],
                                                       digits: Dataset, arch: str) -> None:
     torch = pytest.importorskip("torch")
+    from torch_reference import tpsgd_step
+
     from edgelearn.optim import make_optimizer
     from edgelearn.optim.tpsgd import projection
     from edgelearn.train import batch_indices, taps_evaluator
-    from export.reference import tpsgd_step
 
     e = tfl_bundles[arch]
     b = load_bundle(e.path)
@@ -358,8 +359,8 @@ def test_unconvertible_taps_graph_is_skipped_with_reason(tmp_path: Path) -> None
     """litert-torch 0.10 has no lowering for linalg.det: add_tflite_taps writes no file and
     records why (the bundle then ships without the TFLite taps graph)."""
     torch = pytest.importorskip("torch")
-    from export.onnx_export import collect_params
-    from export.tflite_export import add_tflite_taps
+    from edgelearn.export.onnx_export import collect_params
+    from edgelearn.export.tflite_export import add_tflite_taps
 
     class DetTap(torch.nn.Module):  # returns (output, tap) like a taps graph module
         def __init__(self) -> None:
@@ -412,7 +413,7 @@ def test_taps_not_batch_first_are_unsupported(tmp_path: Path) -> None:
     """A layer applied with the batch on dim 1: tpSGD reads dim 0 of every tap as the batch
     (and the fixed-batch TFLite graph pads along it), so the export records no taps and why."""
     torch = pytest.importorskip("torch")
-    from export import export_bundle
+    from edgelearn.export import export_bundle
 
     class TimeMajor(torch.nn.Module):
         def __init__(self) -> None:

@@ -31,8 +31,7 @@ def test_assignment_and_schedule_basics() -> None:
 
 def test_one_step_matches_torch_reference(bundles) -> None:
     import torch
-
-    from export.reference import polystep_step
+    from torch_reference import polystep_step
 
     ex = bundles["mlp"]
     model = Model(load_bundle(ex.path), trainable="head.*")
@@ -63,10 +62,9 @@ def test_one_step_matches_torch_reference(bundles) -> None:
 def nondiff(tmp_path_factory) -> dict[str, Path]:
     """Non-differentiable zoo nets exported with a population graph over their head."""
     import torch
-
-    from export import export_bundle
-    from export.population import add_population_graph
-    from export.zoo import ZOO
+    from edgelearn.export import export_bundle
+    from edgelearn.export.population import add_population_graph
+    from edgelearn.export.zoo import ZOO
 
     root = tmp_path_factory.mktemp("nondiff")
     out = {}

@@ -160,7 +160,7 @@ _POOL2 = {"op": "maxpool", "dims": 2, "kernel": [2, 2], "stride": [2, 2]}
 def test_post_ops_backward_matches_autograd(post) -> None:
     """Pooling after a layer: numpy backward == autograd, ties routed as torch routes them."""
     torch = pytest.importorskip("torch")
-    from export.reference import _post
+    from torch_reference import _post
 
     rng = np.random.default_rng(1)
     shape = (4, 3, 7, 9) if post[0]["dims"] == 2 or post[0]["op"] == "mean" else (4, 3, 11)
@@ -254,7 +254,7 @@ def _digits_for(name: str, digits: Dataset) -> Dataset:
 def test_full_step_matches_torch_reference(name: str, local_loss: str, target_on: str, bundles,
                                            digits: Dataset) -> None:
     torch = pytest.importorskip("torch")
-    from export.reference import tpsgd_step
+    from torch_reference import tpsgd_step
 
     ex = bundles[name]
     bundle = Bundle(ex.path)

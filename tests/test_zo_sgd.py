@@ -36,8 +36,7 @@ def _noise_by_name(store, seed_triple, kind="rademacher") -> dict[str, np.ndarra
 @pytest.mark.parametrize(("arch", "trainable"), [("mlp", "*"), ("cnn", "head.*")])
 def test_one_step_matches_torch_reference(bundles, arch, trainable) -> None:
     import torch
-
-    from export.reference import zo_sgd_step
+    from torch_reference import zo_sgd_step
 
     ex = bundles[arch]
     model = Model(load_bundle(ex.path), trainable=trainable)
@@ -73,9 +72,8 @@ def headless_bundle(digits_split, tmp_path_factory) -> Path:
     """zoo MLP pretrained by backprop on digits, then a fresh (random) head: the device must
     learn the head back with forward passes only."""
     import torch
-
-    from export import export_bundle
-    from export.zoo import MLP
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import MLP
 
     train_set, _ = digits_split
     torch.manual_seed(0)
