@@ -22,6 +22,7 @@ from edgelearn.bundle import load_bundle
 from edgelearn.data import load_npz
 from edgelearn.errors import InputError
 from edgelearn.journal import read_journal
+from edgelearn.params import ParamStore
 from edgelearn.train import (
     CKPT_META,
     JOURNAL,
@@ -36,7 +37,6 @@ from edgelearn.train import (
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 stress = load_stress_module()
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,6 @@ def test_ctrl_c_saves_weights_and_resumes_bit_identical(tiny, tmp_path, flags) -
     # the weights reached so far are on disk and are what the journal says
     store, n = replay_journal(load_bundle(bundle_dir), run / JOURNAL)
     assert n == done
-    from edgelearn.params import ParamStore
-
     saved = ParamStore(list(store.specs.values()))
     saved.load(run / WEIGHTS)
     assert saved.digest() == store.digest()
