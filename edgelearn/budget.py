@@ -53,6 +53,31 @@ def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
     return total
 
 
+#: per-epoch data permutations a run caches (`edgelearn.train._epoch_permutation`)
+PERMUTATIONS_CACHED = 4
+
+
+def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,
+                     timing_samples: int, timers: int) -> int:
+    """Bytes a training run keeps besides the model, optimizer and activations.
+
+    The run keeps nothing that grows with its length: journal records are streamed to disk
+    (never listed in memory), timings live in fixed rings and only the first and last loss
+    are kept. What it does keep is bounded and counted here.
+
+    Args:
+        n_examples: training examples (the cached epoch permutations are int64 of this size).
+        trainable_bytes: bytes of the trainable slices (a divergence snapshot copies them).
+        snapshots: True with a divergence policy: one good snapshot is kept, and resuming
+            keeps a second copy (the base weights) while it replays.
+        timing_samples: samples per timing ring.
+        timers: number of timing rings.
+    """
+    permutations = PERMUTATIONS_CACHED * 8 * n_examples
+    copies = 2 * trainable_bytes if snapshots else 0
+    return permutations + copies + 8 * timing_samples * timers
+
+
 def plan_batch(
     bundle: Any,
     *,
@@ -67,10 +92,12 @@ def plan_batch(
         bundle: the loaded Bundle (its ONNX graph gives activation sizes).
         batch_size: batch the user asked for.
         budget_mb: memory budget for the whole process (MiB).
-        extra_bytes: optimizer buffers (e.g. the restore copy of the trainable slice).
+        extra_bytes: optimizer buffers (e.g. the restore copy of the trainable slice) and
+            what the run keeps (`run_memory_bytes`).
         base_mb: resident memory with the model loaded (default: measured now).
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
-              "activation_kb_per_example"}. Raises InputError if even batch 1 does not fit.
+              "activation_kb_per_example", "extra_bytes"}. Raises InputError if even batch 1
+              does not fit.
     """
     base = current_rss_mb() if base_mb is None else base_mb
     per_ex = 0
@@ -98,7 +125,7 @@ def plan_batch(
     fit = lo
     return {"batch_size": fit, "requested_batch_size": batch_size,
             "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
-            "activation_kb_per_example": round(per_ex / 1024, 1)}
+            "activation_kb_per_example": round(per_ex / 1024, 1), "extra_bytes": extra_bytes}
 
 
 def _numel(shape: tuple[int | str, ...]) -> int:

@@ -243,7 +243,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     from edgelearn.bundle import load_bundle
     from edgelearn.data import load_npz
-    from edgelearn.train import train
+    from edgelearn.train import TrainingInterrupted, train
 
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)
@@ -274,14 +274,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         divergence = DivergencePolicy(factor=args.diverge_factor,
                                       patience=args.diverge_patience,
                                       lr_scale=args.diverge_lr_scale)
-    res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
-                steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                trainable=args.trainable, objective=args.objective, backend=rt["backend"],
-                threads=rt["threads"], providers=rt["providers"],
-                memory_budget_mb=rt["memory_budget_mb"], checkpoint_every=args.checkpoint_every,
-                fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
-                divergence=divergence,
-                progress=not args.json and sys.stderr.isatty())
+    try:
+        res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
+                    steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                    trainable=args.trainable, objective=args.objective, backend=rt["backend"],
+                    threads=rt["threads"], providers=rt["providers"],
+                    memory_budget_mb=rt["memory_budget_mb"],
+                    checkpoint_every=args.checkpoint_every, fsync_every=args.fsync_every,
+                    fsync_seconds=args.fsync_seconds, divergence=divergence,
+                    restart=args.restart, progress=not args.json and sys.stderr.isatty())
+    except TrainingInterrupted as stop:  # Ctrl-C: weights so far are written; resumable
+        if args.json:
+            print(json.dumps({"error": str(stop), "interrupted_at_step": stop.step}))
+        print(str(stop), file=sys.stderr)
+        raise SystemExit(130) from None
 
     def human() -> str:
         first = "n/a" if res["loss_first"] is None else f"{res['loss_first']:.4f}"
@@ -581,6 +587,9 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--out", required=True,
                    help="run directory: new, empty, or a run to resume (never a bundle, a "
                    "data file or another directory)")
+    g.add_argument("--restart", action="store_true",
+                   help="delete the run held in --out (journal, checkpoint, weights; nothing "
+                   "else) and start it over; never done silently")
     g = sp.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="zo-sgd", choices=sorted(REGISTRY),
                    help="forward-only optimizer")

@@ -19,6 +19,10 @@ comes first); ``sync()`` forces one (training calls it before every checkpoint).
 nothing that was appended (records are written to the OS at once); a power loss loses at most
 the records appended since the last fsync, and the torn tail is dropped on the next open.
 
+Memory: the writer keeps a record count, not the records, and readers can stream
+(``iter_journal``), so a run of any length costs constant memory; ``read_journal`` and
+``Journal.records`` build a list and are meant for short journals, inspection and tests.
+
 Single writer only: no file locking is done here (training holds a lock on its run directory).
 """
 
@@ -30,6 +34,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, BinaryIO
 
@@ -76,44 +81,89 @@ def _encode(record: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def _scan(
-    f: BinaryIO, path: str | os.PathLike[str], max_records: int | None
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """Read records from an open journal positioned at byte 0.
+def _check_magic(f: BinaryIO, path: str | os.PathLike[str]) -> None:
+    if f.read(len(MAGIC)) != MAGIC:
+        raise JournalError(f"{os.fspath(path)!r} is not a journal (bad or missing magic)")
+
+
+def _iter_records(f: BinaryIO) -> Iterator[tuple[dict[str, Any], int]]:
+    """Yield the valid records of an open journal positioned just after its magic.
 
     Args:
         f: binary file object opened for reading.
-        path: file path, for error messages only.
-        max_records: stop after this many records; None for all.
 
-    Returns:
-        (records, ends): decoded records and ``ends[k]`` = byte offset where the first k
-        records end (``ends[0] == len(MAGIC)``), so ``len(ends) == len(records) + 1``.
+    Yields:
+        (record, end): the decoded record and the byte offset where it ends. Stops at the
+        first torn or corrupt record; nothing is kept between records (constant memory).
     """
-    if f.read(len(MAGIC)) != MAGIC:
-        raise JournalError(f"{os.fspath(path)!r} is not a journal (bad or missing magic)")
-    records: list[dict[str, Any]] = []
-    ends = [len(MAGIC)]
-    while max_records is None or len(records) < max_records:
+    end = len(MAGIC)
+    while True:
         header = f.read(_HEADER.size)
         if len(header) < _HEADER.size:
-            break
+            return
         length, crc = _HEADER.unpack(header)
         # Checked before reading: a corrupt length must not make us allocate gigabytes.
         if length > MAX_RECORD_BYTES:
-            break
+            return
         payload = f.read(length)
         if len(payload) < length or zlib.crc32(payload) != crc:
-            break
+            return
         try:
             record = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
         except ValueError:  # includes UnicodeDecodeError and json.JSONDecodeError
-            break
+            return
         if not isinstance(record, dict):
-            break
-        records.append(record)
-        ends.append(ends[-1] + _HEADER.size + length)
-    return records, ends
+            return
+        end += _HEADER.size + length
+        yield record, end
+
+
+def _open_checked(path: str | os.PathLike[str], max_records: int | None) -> BinaryIO:
+    """Open a journal for reading, positioned after its (checked) magic."""
+    if max_records is not None and (isinstance(max_records, bool) or max_records < 0):
+        raise JournalError(f"max_records must be None or >= 0, got {max_records!r}")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - the callers close it
+    except FileNotFoundError as exc:
+        raise JournalError(f"journal {os.fspath(path)!r} does not exist") from exc
+    try:
+        _check_magic(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _prefix(
+    f: BinaryIO, max_records: int | None
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """The first max_records (all when None) of `_iter_records(f)`."""
+    for n, item in enumerate(_iter_records(f)):
+        if max_records is not None and n >= max_records:
+            return
+        yield item
+
+
+def iter_journal(
+    path: str | os.PathLike[str], *, max_records: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the records of a journal's valid prefix one by one (constant memory).
+
+    Same stopping rule as `read_journal`; use it for journals of long runs, where a list of
+    every record grows with the run. The file is opened and its magic checked at the call.
+
+    Args:
+        path: journal file path.
+        max_records: stop after this many records (>= 0); None reads all.
+    """
+    f = _open_checked(path, max_records)
+
+    def records() -> Iterator[dict[str, Any]]:
+        with f:
+            for record, _ in _prefix(f, max_records):
+                yield record
+
+    return records()
 
 
 def read_journal(
@@ -133,19 +183,24 @@ def read_journal(
         (records, valid_length): list of dicts in append order, and the byte offset (from file
         start, including the magic) where the last returned record ends.
     """
-    if max_records is not None and (isinstance(max_records, bool) or max_records < 0):
-        raise JournalError(f"max_records must be None or >= 0, got {max_records!r}")
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with-block below
-    except FileNotFoundError as exc:
-        raise JournalError(f"journal {os.fspath(path)!r} does not exist") from exc
-    with f:
-        records, ends = _scan(f, path, max_records)
-    return records, ends[-1]
+    records, end = [], len(MAGIC)
+    with _open_checked(path, max_records) as f:
+        for record, end in _prefix(f, max_records):  # noqa: B007 - `end` is returned
+            records.append(record)
+    return records, end
+
+
+def _count(path: str | os.PathLike[str], max_records: int | None = None) -> tuple[int, int]:
+    """(records, byte offset where they end) of a journal's valid prefix, nothing kept."""
+    n, end = 0, len(MAGIC)
+    with _open_checked(path, max_records) as f:
+        for _, end in _prefix(f, max_records):  # noqa: B007 - `end` is returned
+            n += 1
+    return n, end
 
 
 class Journal:
-    """Append-only writer."""
+    """Append-only writer; keeps the record count, not the records (constant memory)."""
 
     def __init__(
         self,
@@ -180,16 +235,15 @@ class Journal:
         self._unsynced = 0
         self._synced_at = time.monotonic()
         self._create_if_missing()
-        with open(self.path, "rb") as f:
-            records, ends = _scan(f, self.path, None)
-            size = f.seek(0, os.SEEK_END)
-        self.records: list[dict[str, Any]] = records
-        self._ends = ends
+        # Only the count and the end offset are kept, never the records: a long run's
+        # journal must not grow the process (records are read back from the file on demand).
+        self._n, end = _count(self.path)
+        size = os.path.getsize(self.path)
         # Unbuffered: each append is exactly one write() syscall; O_APPEND keeps it at EOF
         # even after ftruncate.
         self._file: BinaryIO | None = open(self.path, "ab", buffering=0)  # noqa: SIM115
-        if size > ends[-1]:
-            os.ftruncate(self._file.fileno(), ends[-1])
+        if size > end:
+            os.ftruncate(self._file.fileno(), end)
             os.fsync(self._file.fileno())
 
     def _create_if_missing(self) -> None:
@@ -226,28 +280,30 @@ class Journal:
                 raise OSError(f"short write to journal {self.path!r}")
             view = view[n:]
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
         """Append one record; fsync per the policy (``fsync_every`` / ``fsync_seconds``).
 
         Args:
             record: JSON-serializable dict with finite floats (NaN/inf raise JournalError,
                 a ValueError).
+
+        Returns:
+            the record as a reader will see it (decoded from the written payload: tuples ->
+            lists, int keys -> str), a new object the caller's later mutation cannot change.
         """
         self._require_open()
         data = _encode(record)
         self._write_all(data)
         self._require_open().flush()
-        self._ends.append(self._ends[-1] + len(data))
-        # Store the decoded payload, not the caller's object, so .records always equals what
-        # read_journal would return (tuples -> lists, int keys -> str) and later caller
-        # mutation cannot desynchronize it.
-        self.records.append(json.loads(data[_HEADER.size :]))
+        self._n += 1
         self._unsynced += 1
+        written = json.loads(data[_HEADER.size :])
         if self._unsynced >= self.fsync_every or (
             self.fsync_seconds is not None
             and time.monotonic() - self._synced_at >= self.fsync_seconds
         ):
             self.sync()
+        return written
 
     def sync(self) -> None:
         """Flush and fsync any appended records to stable storage."""
@@ -262,26 +318,32 @@ class Journal:
         """Records appended since the last fsync (what a power loss could take)."""
         return self._unsynced
 
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, read back from the file (cost grows with the journal: for inspection
+        and tests; training streams with `iter_journal` instead)."""
+        return read_journal(self.path, max_records=self._n)[0]
+
     def truncate_to(self, n_records: int) -> None:
         """Drop every record after the first ``n_records`` and fsync.
 
         Args:
-            n_records: number of records to keep, 0 <= n_records <= len(self.records).
+            n_records: number of records to keep, 0 <= n_records <= len(self).
         """
         f = self._require_open()
         if (
             isinstance(n_records, bool)
             or not isinstance(n_records, int)
-            or not 0 <= n_records <= len(self.records)
+            or not 0 <= n_records <= self._n
         ):
             raise JournalError(
-                f"n_records must be an int in [0, {len(self.records)}], got {n_records!r}"
+                f"n_records must be an int in [0, {self._n}], got {n_records!r}"
             )
         f.flush()
-        os.ftruncate(f.fileno(), self._ends[n_records])
+        _, end = _count(self.path, n_records)  # offsets are not kept: scan (rarely used)
+        os.ftruncate(f.fileno(), end)
         os.fsync(f.fileno())
-        del self.records[n_records:]
-        del self._ends[n_records + 1 :]
+        self._n = n_records
         self._unsynced = 0
 
     def close(self) -> None:
@@ -306,7 +368,7 @@ class Journal:
         self.close()
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self._n
 
 
-__all__ = ["MAGIC", "MAX_RECORD_BYTES", "Journal", "JournalError", "read_journal"]
+__all__ = ["MAGIC", "MAX_RECORD_BYTES", "Journal", "JournalError", "iter_journal", "read_journal"]

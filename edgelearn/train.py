@@ -13,7 +13,17 @@ A run directory holds:
   lock                     held (flock) while a process trains in this directory
 Resume = load the newest valid checkpoint, replay the journal records after it (no forwards),
 continue. Because replay performs the same float operations as training, an interrupted and
-resumed run ends bit-identical to an uninterrupted one.
+resumed run ends bit-identical to an uninterrupted one. A journal header that differs from the
+command's settings is refused with every change named (`header_changes`); `restart=True`
+(`train --restart`) deletes the run's own files first (`clear_run`).
+
+Ctrl-C: while training, the first SIGINT only raises a flag; the loop stops before the next
+step, fsyncs the journal, writes a checkpoint and the weights, and raises TrainingInterrupted
+(a KeyboardInterrupt; the CLI exits 130). Running the same command again resumes.
+
+Memory stays flat however long the run: journal records are appended to disk and streamed
+back (`iter_journal`) on resume and replay, never listed; the loop keeps only the first and
+last loss and fixed rings of timings. What a run does keep is in `budget.run_memory_bytes`.
 
 Crash safety: journal records are appended (length-prefixed, CRC-32) and fsynced per policy
 (`fsync_every` records / `fsync_seconds`); checkpoints are written to a temp file, fsynced,
@@ -36,24 +46,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
-import statistics
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from edgelearn.budget import plan_batch
+from edgelearn.budget import PERMUTATIONS_CACHED, plan_batch, run_memory_bytes
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import BundleError, EdgelearnError, InputError
-from edgelearn.journal import Journal, read_journal
+from edgelearn.journal import MAGIC, Journal, iter_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
 from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
@@ -79,7 +91,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return _epoch_permutation(n, seed, epoch)[i * bs : (i + 1) * bs].copy()
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=PERMUTATIONS_CACHED)
 def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     # cached: drawing a permutation of n per step cost more than a small model's forward
     ss = np.random.SeedSequence([seed, _DATA_DOMAIN, epoch])
@@ -138,7 +150,8 @@ TAPS_GRAPH = {"onnxruntime": "onnx_taps", "ort": "onnx_taps", "litert": "tflite_
 def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimizer, *,
                    batch_size: int, seed: int, backend: str = "onnxruntime",
                    threads: int | None = None,
-                   times: list[float] | None = None) -> Callable[[int], Callable[[], Any]]:
+                   times: list[float] | RecentTimes | None = None,
+                   ) -> Callable[[int], Callable[[], Any]]:
     """For optimizers with `needs == "taps"` (tpsgd): step -> evaluate() returning (taps, y).
 
     Binds the bundle's taps graph (model_taps.onnx, or model_taps.tflite on litert) to the
@@ -220,10 +233,10 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
     backend the run used (header "taps_backend", default onnxruntime).
     Returns (store, steps replayed).
     """
-    records, _ = read_journal(journal_path)
-    if not records or records[0].get("kind") != "header":
+    records = iter_journal(journal_path)  # streamed: a long journal is never held whole
+    header = next(records, {})
+    if header.get("kind") != "header":
         raise InputError(f"{journal_path}: journal has no header record")
-    header = records[0]
     if header.get("base_sha256") != bundle.manifest["files"]["weights"]["sha256"]:
         raise InputError("journal was recorded on a bundle with different base weights")
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
@@ -241,7 +254,7 @@ def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
     guard = _guard_from_header(header)
     if guard is not None:
         guard.take_snapshot(store, opt)  # step 0: the base weights are the first good point
-    _apply_records(records[1:], store, opt, guard, taps_at)
+    _apply_records(records, store, opt, guard, taps_at)
     return store, opt.t
 
 
@@ -261,6 +274,12 @@ class _Progress:
         if done >= self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+    def close(self) -> None:
+        """End a bar left unfinished (e.g. on Ctrl-C) so the next message has its own line."""
+        if self.enabled and self.last:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def train(
@@ -287,6 +306,7 @@ def train(
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     population: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a run until `steps` steps are in its journal.
 
@@ -295,7 +315,8 @@ def train(
         data: training examples.
         run_dir: run directory (created; resumed when it holds a journal).
         optimizer: registry name; `options` are its keyword arguments (seed is added).
-        steps: total steps of the run (a resumed run continues up to this number).
+        steps: total steps of the run (a resumed run continues up to this number; fewer
+            than the run already has is refused with InputError).
         batch_size: examples per step.
         seed: run seed (noise and data order).
         trainable: glob patterns of parameters to train (None = manifest flags).
@@ -315,7 +336,11 @@ def train(
         on_step: callback(step, loss) after every step.
         population: score population requests (polystep) with the bundle's population
             graph when it has one that batches the trainable set (one call per population).
+        restart: delete the run files `run_dir` holds (journal, checkpoint, weights) and
+            start over; refused (InputError) when the directory is not a run directory.
     Returns: the `train --json` summary.
+    Raises: TrainingInterrupted (a KeyboardInterrupt) after SIGINT, once the step in flight
+        has finished and the weights and a checkpoint are written.
     """
     if steps < 0:
         raise InputError("steps must be >= 0")
@@ -342,98 +367,253 @@ def train(
             pop_eval = OrtPopulation(bundle, store, threads=threads)
     plan = None
     if memory_budget_mb is not None:
-        plan = plan_batch(bundle, batch_size=batch_size, budget_mb=memory_budget_mb,
-                          extra_bytes=opt.memory_bytes(store)
-                          + (pop_eval.memory_bytes() if pop_eval is not None else 0))
+        plan = _plan(bundle, data, store, opt, pop_eval, batch_size=batch_size,
+                     budget_mb=memory_budget_mb, divergence=divergence is not None)
         if plan["batch_size"] < batch_size:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{memory_budget_mb:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
             batch_size = plan["batch_size"]
     loss_name = objective or default_loss(bundle.task)
-    loss_fn = get_loss(loss_name)
+    loop = _Loop(data=data, batch_size=batch_size, seed=seed, model=model, opt=opt,
+                 loss_fn=get_loss(loss_name), pop_eval=pop_eval,
+                 checkpoint_every=checkpoint_every)
     extra: dict[str, Any] = {}
-    taps_at = None
-    times_fwd: list[float] = []
     if opt.needs == "taps":  # tpsgd: one taps forward per step, replay re-runs it on the data
         extra["data_sha256"] = data_sha256(data)
         if TAPS_GRAPH.get(backend) == "tflite_taps":  # replay must re-run the same runtime
             extra["taps_backend"] = "litert"
-        taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size, seed=seed,
-                                 backend=backend, threads=threads, times=times_fwd)
+        loop.taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size,
+                                      seed=seed, backend=backend, threads=threads,
+                                      times=loop.times_fwd)
     if divergence is not None:
         extra["divergence"] = divergence.to_json(store, opt, checkpoint_every)
     header = make_header(bundle, store, opt, batch_size=batch_size, data_seed=seed,
                          n_examples=len(data), objective=loss_name, **extra)
-    guard = _guard_from_header(header)
+    loop.guard = _guard_from_header(header)
+    done = _train_locked(run_dir, loop, header, steps=steps, restart=restart,
+                         fsync_every=fsync_every, fsync_seconds=fsync_seconds,
+                         bar=_Progress(steps, progress), on_step=on_step)
+    return loop.summary(run_dir, steps=steps, done=done, plan=plan)
+
+
+def _train_locked(run_dir: Path, loop: _Loop, header: dict[str, Any], *, steps: int,
+                  restart: bool, fsync_every: int, fsync_seconds: float | None,
+                  bar: _Progress, on_step: Callable[[int, float], None] | None) -> int:
+    """Under the run's lock (Ctrl-C deferred to step boundaries): restart or resume, train
+    up to `steps`, write the weights. Returns the steps already done before this call."""
+    store, opt = loop.model.store, loop.opt
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory
-    with run_lock(run_dir):
+    with run_lock(run_dir), _deferred_sigint() as interrupted:
         check_run_dir(run_dir)
+        if restart:
+            clear_run(run_dir)
         journal = Journal(run_dir / JOURNAL, fsync_every=fsync_every,
                           fsync_seconds=fsync_seconds)
         try:
-            done = _resume(journal, header, store, opt, run_dir, guard, taps_at)
-            times_fwd.clear()
-            times_step: list[float] = []
-            times_pop: list[float] = []  # one population-graph call each
-            losses: list[float] = []
-            bar = _Progress(steps, progress)
-            for t in range(done, steps):
-                idx = batch_indices(len(data), batch_size, t, seed)
-                xb, yb = data.x[idx], data.y[idx]
-
-                def evaluate(xb: np.ndarray = xb, yb: np.ndarray = yb) -> float:
-                    t0 = time.perf_counter()
-                    out = model.predict(xb)
-                    times_fwd.append(time.perf_counter() - t0)
-                    return loss_fn(out, yb)
-
-                def evaluate_population(pop: Any, xb: np.ndarray = xb,
-                                        yb: np.ndarray = yb) -> list[float]:
-                    assert pop_eval is not None
-                    t0 = time.perf_counter()
-                    pop_losses = pop_eval.losses(pop, xb, yb, loss_fn)
-                    times_pop.append(time.perf_counter() - t0)
-                    return pop_losses
-
-                if taps_at is not None:
-                    evaluate = taps_at(t)  # type: ignore[assignment]
-                t0 = time.perf_counter()
-                info = opt.step(store, evaluate,
-                                evaluate_population if pop_eval is not None else None)
-                times_step.append(time.perf_counter() - t0)
-                journal.append({"kind": "step", **info.record})
-                losses.append(info.loss)
-                if guard is not None:
-                    _guard_after_step(guard, journal, store, opt, run_dir)
-                elif (t + 1) % checkpoint_every == 0:
-                    journal.sync()
-                    _checkpoint(run_dir, store, opt, len(journal))
-                bar.update(t + 1, info.loss)
-                if on_step is not None:
-                    on_step(t, info.loss)
+            done, loop.rollbacks = _resume(journal, header, store, opt, run_dir, loop.guard,
+                                           loop.taps_at, steps=steps)
+            loop.times_fwd.clear()
+            loop.run(journal, run_dir, range(done, steps), interrupted, bar, on_step)
             journal.sync()
         finally:
             journal.close()
         store.save(run_dir / WEIGHTS, metadata={"sha256": store.digest()})
-    return {
-        "steps": steps,
-        "resumed_from": done,
-        "rollbacks": sum(r.get("kind") == "rollback" for r in journal.records),
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "weights": str(run_dir / WEIGHTS),
-        "journal": str(run_dir / JOURNAL),
-        "sha256": store.digest(),
-        "optimizer": opt.name,
-        "trainable_params": store.n_trainable("float32"),
-        "step_ms_median": 1e3 * statistics.median(times_step) if times_step else None,
-        "forward_ms_median": 1e3 * statistics.median(times_fwd) if times_fwd else None,
-        "peak_rss_mb": peak_rss_mb(),
-        "batch_size": batch_size,
-        "memory_plan": plan,
-        "population_graph": pop_eval is not None,
-        "population_call_ms_median": 1e3 * statistics.median(times_pop) if times_pop else None,
-    }
+    return done
+
+
+def _plan(bundle: Bundle, data: Dataset, store: ParamStore, opt: Optimizer, pop_eval: Any, *,
+          batch_size: int, budget_mb: float, divergence: bool) -> dict[str, Any]:
+    """The memory plan: optimizer and population buffers plus what the run keeps."""
+    keeps = run_memory_bytes(n_examples=len(data), trainable_bytes=_trainable_bytes(store),
+                             snapshots=divergence, timing_samples=TIMING_SAMPLES,
+                             timers=len(_Loop.TIMERS))
+    return plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
+                      extra_bytes=opt.memory_bytes(store)
+                      + (pop_eval.memory_bytes() if pop_eval is not None else 0) + keeps)
+
+
+def _trainable_bytes(store: ParamStore) -> int:
+    return sum(store.flat(dt).nbytes for dt in store.arenas if store.n_trainable(dt))
+
+
+#: timing samples a run keeps per timer: the medians in the summary are over the most recent
+#: steps of this invocation (all of them in runs up to this length)
+TIMING_SAMPLES = 4096
+
+
+class RecentTimes:
+    """The last `size` durations (seconds) in a fixed ring: bounded however long a run is.
+
+    Args:
+        size: samples kept (older ones are overwritten).
+    """
+
+    def __init__(self, size: int = TIMING_SAMPLES) -> None:
+        self._buf = np.zeros(size, np.float64)
+        self._n = 0
+
+    def append(self, seconds: float) -> None:
+        """Record one duration (seconds)."""
+        self._buf[self._n % self._buf.size] = seconds
+        self._n += 1
+
+    def clear(self) -> None:
+        """Forget every sample."""
+        self._n = 0
+
+    def median_ms(self) -> float | None:
+        """Median of the kept samples in milliseconds (None when there are none)."""
+        if self._n == 0:
+            return None
+        return 1e3 * float(np.median(self._buf[: min(self._n, self._buf.size)]))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a run at a step boundary; its weights so far are written.
+
+    Args:
+        step: steps the run holds now (running the same command again resumes from here).
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted at step {step}; run the same command again to resume")
+        self.step = step
+
+
+@contextlib.contextmanager
+def _deferred_sigint() -> Iterator[Callable[[], bool]]:
+    """While active, the first SIGINT only raises a flag (polled between steps); a second one
+    interrupts at once (like a kill: the journal stays valid, resume redoes the step).
+
+    Only in the main thread with Python's default handler in place (a program that installed
+    its own keeps it); otherwise the flag never rises.
+    """
+    hit: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        hit.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _Loop:
+    """The step loop of `train` and what it keeps: bounded timings, first/last loss only."""
+
+    TIMERS: ClassVar[tuple[str, ...]] = ("times_step", "times_fwd", "times_pop")
+    data: Dataset
+    batch_size: int
+    seed: int
+    model: Model
+    opt: Optimizer
+    loss_fn: Callable[[np.ndarray, np.ndarray], float]
+    pop_eval: Any
+    checkpoint_every: int
+    taps_at: Callable[[int], Callable[[], Any]] | None = None
+    guard: _Guard | None = None
+    times_step: RecentTimes = field(default_factory=RecentTimes)
+    times_fwd: RecentTimes = field(default_factory=RecentTimes)
+    times_pop: RecentTimes = field(default_factory=RecentTimes)  # one population call each
+    loss_first: float | None = None
+    loss_last: float | None = None
+    rollbacks: int = 0
+
+    def run(self, journal: Journal, run_dir: Path, todo: range,
+            interrupted: Callable[[], bool], bar: _Progress,
+            on_step: Callable[[int, float], None] | None) -> None:
+        """Steps `todo` (journaled, checkpointed); stops before a step once interrupted."""
+        store, opt = self.model.store, self.opt
+        for t in todo:
+            if interrupted():
+                bar.close()
+                self._stop(journal, run_dir)
+            evaluate, evaluate_population = self._evaluators(t)
+            t0 = time.perf_counter()
+            info = opt.step(store, evaluate, evaluate_population)
+            self.times_step.append(time.perf_counter() - t0)
+            written = journal.append({"kind": "step", **info.record})
+            self.loss_last = info.loss
+            if self.loss_first is None:
+                self.loss_first = info.loss
+            if self.guard is not None:
+                self.rollbacks += _guard_after_step(self.guard, journal, written, store, opt,
+                                                    run_dir)
+            elif (t + 1) % self.checkpoint_every == 0:
+                journal.sync()
+                _checkpoint(run_dir, store, opt, len(journal))
+            bar.update(t + 1, info.loss)
+            if on_step is not None:
+                on_step(t, info.loss)
+
+    def summary(self, run_dir: Path, *, steps: int, done: int,
+                plan: dict[str, Any] | None) -> dict[str, Any]:
+        """The `train --json` object."""
+        store = self.model.store
+        return {
+            "steps": steps,
+            "resumed_from": done,
+            "rollbacks": self.rollbacks,
+            "loss_first": self.loss_first,
+            "loss_last": self.loss_last,
+            "weights": str(run_dir / WEIGHTS),
+            "journal": str(run_dir / JOURNAL),
+            "sha256": store.digest(),
+            "optimizer": self.opt.name,
+            "trainable_params": store.n_trainable("float32"),
+            "step_ms_median": self.times_step.median_ms(),
+            "forward_ms_median": self.times_fwd.median_ms(),
+            "peak_rss_mb": peak_rss_mb(),
+            "batch_size": self.batch_size,
+            "memory_plan": plan,
+            "population_graph": self.pop_eval is not None,
+            "population_call_ms_median": self.times_pop.median_ms(),
+        }
+
+    def _stop(self, journal: Journal, run_dir: Path) -> None:
+        """Ctrl-C: make the steps done durable, write the weights, raise TrainingInterrupted.
+
+        With a divergence policy the checkpoint stays the last good snapshot (it is the
+        rollback target); resume replays the journal records after it.
+        """
+        store, opt = self.model.store, self.opt
+        journal.sync()
+        if self.guard is None and opt.t > 0:
+            _checkpoint(run_dir, store, opt, len(journal))
+        store.save(run_dir / WEIGHTS, metadata={"sha256": store.digest()})
+        raise TrainingInterrupted(opt.t)
+
+    def _evaluators(self, t: int) -> tuple[Callable[[], Any],
+                                           Callable[[Any], list[float]] | None]:
+        """evaluate() and evaluate_population(pop) (None without a population graph) of step t.
+
+        tpsgd's evaluate() is its taps forward (`taps_at`); the others score a loss.
+        """
+        idx = batch_indices(len(self.data), self.batch_size, t, self.seed)
+        xb, yb = self.data.x[idx], self.data.y[idx]
+
+        def evaluate() -> float:
+            t0 = time.perf_counter()
+            out = self.model.predict(xb)
+            self.times_fwd.append(time.perf_counter() - t0)
+            return self.loss_fn(out, yb)
+
+        def evaluate_population(pop: Any) -> list[float]:
+            t0 = time.perf_counter()
+            losses = self.pop_eval.losses(pop, xb, yb, self.loss_fn)
+            self.times_pop.append(time.perf_counter() - t0)
+            return losses
+
+        return (evaluate if self.taps_at is None else self.taps_at(t),
+                evaluate_population if self.pop_eval is not None else None)
 
 
 def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer, records: int) -> None:
@@ -459,22 +639,73 @@ def check_run_dir(run_dir: Path) -> None:
                              "inside the run directory")
 
 
-def _load_checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer,
-                     body: list[dict[str, Any]]) -> int:
-    """Load the checkpoint when it is valid and agrees with the journal.
+#: the files of a run that `clear_run` deletes, metadata first (a kill midway never leaves a
+#: checkpoint that a new journal could be mistaken for)
+RUN_FILES = (CKPT_META, CKPT, WEIGHTS, JOURNAL)
 
-    Returns how many journal records after the header it covers (0 = none usable; store and
-    optimizer are then untouched).
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete a run directory's own files so its run starts over (`train --restart`).
+
+    Removes the journal, checkpoint (+ metadata), weights and their leftover temp files;
+    keeps the lock (the caller holds it) and every other file. A directory holding files but
+    no edgelearn journal is refused (InputError); an empty one has nothing to clear.
+
+    Args:
+        run_dir: the run directory (its lock must be held).
+    Returns: names of the files removed.
     """
+    journal = run_dir / JOURNAL
+    if not journal.is_file():
+        if any(p.name != LOCK for p in run_dir.iterdir()):
+            raise InputError(f"{run_dir} is not an edgelearn run directory (no {JOURNAL}); "
+                             "--restart only clears run directories")
+        return []
+    with open(journal, "rb") as f:
+        head = f.read(len(MAGIC))
+    if not MAGIC.startswith(head):
+        raise InputError(f"{journal} is not an edgelearn journal; --restart only clears run "
+                         "directories")
+    temps = tuple(f".{name}.tmp-" for name in RUN_FILES)
+    names = [n for n in RUN_FILES if (run_dir / n).exists()]
+    names += sorted(p.name for p in run_dir.iterdir() if p.name.startswith(temps))
+    for name in names:
+        (run_dir / name).unlink(missing_ok=True)
+    fsync_dir(run_dir)
+    return names
+
+
+def _checkpoint_meta(run_dir: Path) -> tuple[dict[str, Any], int] | None:
+    """(metadata, journal records after the header it covers) of the checkpoint, if any."""
     meta_path = run_dir / CKPT_META
     if not (meta_path.is_file() and (run_dir / CKPT).is_file()):
-        return 0
+        return None
     try:
         meta = json.loads(meta_path.read_text())
         k = int(meta["step"])
         pos = int(meta.get("records", k + 1)) - 1  # older checkpoints: step records only
-        last = body[pos - 1] if 0 < pos <= len(body) else {}
-        if not (k > 0 and last.get("kind") == "step" and last.get("step") == k - 1):
+    except (ValueError, KeyError, TypeError, OSError):
+        return None  # an unusable checkpoint only costs replay time
+    return (meta, pos) if k > 0 and pos > 0 else None
+
+
+def _load_checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer,
+                     ckpt: tuple[dict[str, Any], int] | None, last: dict[str, Any]) -> int:
+    """Load the checkpoint when it is valid and agrees with the journal.
+
+    Args:
+        ckpt: `_checkpoint_meta` of the run directory.
+        last: the journal record (after the header) the checkpoint says it ends on, {} if
+            the journal is shorter.
+    Returns how many journal records after the header it covers (0 = none usable; store and
+    optimizer are then untouched).
+    """
+    if ckpt is None:
+        return 0
+    meta, pos = ckpt
+    try:
+        k = int(meta["step"])
+        if not (last.get("kind") == "step" and last.get("step") == k - 1):
             return 0  # ahead of a truncated journal, or not at a step boundary
         saved = store.copy()
         store.load(run_dir / CKPT)
@@ -487,38 +718,116 @@ def _load_checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer,
         return 0  # an unusable checkpoint only costs replay time
 
 
+def _body(journal: Journal, start: int = 0, stop: int | None = None
+          ) -> Iterator[dict[str, Any]]:
+    """Journal records after the header, [start, stop), streamed from the file."""
+    records = iter_journal(journal.path, max_records=len(journal))
+    return itertools.islice(records, 1 + start, None if stop is None else 1 + stop)
+
+
+def _survey(journal: Journal, pos: int) -> tuple[int, int, dict[str, Any]]:
+    """One streamed pass: (step records, rollback records, body record pos - 1 or {})."""
+    steps = rollbacks = 0
+    at: dict[str, Any] = {}
+    for i, rec in enumerate(_body(journal)):
+        steps += rec.get("kind") == "step"
+        rollbacks += rec.get("kind") == "rollback"
+        if i == pos - 1:
+            at = rec
+    return steps, rollbacks, at
+
+
 def _resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Optimizer,
             run_dir: Path, guard: _Guard | None = None,
-            taps_at: Callable[[int], Any] | None = None) -> int:
-    """Bring store and optimizer to the end of the journal; returns the steps already done."""
-    recs = journal.records
-    if not recs:
+            taps_at: Callable[[int], Any] | None = None, *,
+            steps: int | None = None) -> tuple[int, int]:
+    """Bring store and optimizer to the end of the journal, streaming its records.
+
+    Args:
+        steps: the run's requested total; fewer than the journal holds is an InputError.
+    Returns: (steps already done, rollback records in the journal).
+    """
+    if len(journal) == 0:
         journal.append(header)
         journal.sync()
         if guard is not None:
             guard.take_snapshot(store, opt)
-        return 0
-    old = recs[0]
+        return 0, 0
+    old = next(iter_journal(journal.path, max_records=1))
     if old.get("kind") != "header":
         raise InputError(f"{run_dir}: journal does not start with a header")
-    diff = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
-    if diff:
-        raise InputError(f"{run_dir} holds a run with different settings ({', '.join(diff)}); "
-                         "use another --out or the same settings to resume")
-    body = recs[1:]
-    base = store.copy() if guard is not None else None
-    fresh = opt.state_dict()
-    start = _load_checkpoint(run_dir, store, opt, body)
+    changes = header_changes(old, header)
+    if changes:
+        raise InputError(f"run dir {run_dir} holds a run with different settings: "
+                         f"{', '.join(changes)}; use --restart to start it over (or another "
+                         "--out)")
+    ckpt = _checkpoint_meta(run_dir)
+    n_steps, rollbacks, at_ckpt = _survey(journal, ckpt[1] if ckpt else 0)
+    if steps is not None and steps < n_steps:
+        raise InputError(f"run dir {run_dir} already has {n_steps} steps; --steps {steps} is "
+                         f"fewer (pass --steps {n_steps} or more to continue it, or --restart)")
+    base = None
+    if guard is not None:  # rollback target if the checkpoint is no good snapshot
+        base = _Snapshot()
+        base.take(store, opt)
+    start = _load_checkpoint(run_dir, store, opt, ckpt, at_ckpt)
     if guard is not None:
         assert base is not None
-        start = _guard_resume_point(guard, body, start, store, opt, (base, fresh))
-    _apply_records(body[start:], store, opt, guard, taps_at)
-    n_steps = sum(r.get("kind") == "step" for r in body)
+        start = _guard_resume_point(guard, _body(journal, 0, start), start, store, opt, base)
+    _apply_records(_body(journal, start), store, opt, guard, taps_at)
     if opt.t != n_steps:
         raise InputError(f"{run_dir}: journal step records are not consecutive")
     if guard is not None and guard.pending:  # killed between a step and its rollback
         _rollback(guard, journal, store, opt)
-    return n_steps
+        rollbacks += 1
+    return n_steps, rollbacks
+
+
+#: header keys -> the setting's name in messages (config keys are the optimizer's options)
+_SETTING_NAMES = {"data_seed": "seed", "base_sha256": "bundle weights", "data_sha256": "data",
+                  "n_examples": "examples", "n_trainable": "trainable params",
+                  "taps_backend": "taps backend", "version": "journal version"}
+
+
+def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`name old -> new` for every setting two journal headers disagree on (config first).
+
+    Args:
+        old: the header in the run directory's journal.
+        new: the header the current command would write.
+    """
+    out: list[str] = []
+    for key, prefix in (("config", ""), ("divergence", "divergence ")):
+        a, b = old.get(key), new.get(key)
+        same_optimizer = key != "config" or old.get("optimizer") == new.get("optimizer")
+        if isinstance(a, dict) and isinstance(b, dict) and same_optimizer:
+            out += [f"{prefix}{k} {_show(a.get(k), k in a)} -> {_show(b.get(k), k in b)}"
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b and key == "divergence":
+            out.append(f"divergence {_show_policy(a)} -> {_show_policy(b)}")
+    for key in sorted((set(old) | set(new)) - {"config", "divergence"}):
+        if old.get(key) != new.get(key):
+            out.append(f"{_SETTING_NAMES.get(key, key)} {_show(old.get(key), key in old)} -> "
+                       f"{_show(new.get(key), key in new)}")
+    return list(dict.fromkeys(out))  # config seed and data_seed say the same thing once
+
+
+def _show(value: Any, present: bool = True) -> str:
+    if not present:
+        return "unset"
+    if isinstance(value, str):
+        hexdigest = len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+        return f"sha256 {value[:12]}" if hexdigest else value
+    if isinstance(value, float):
+        return repr(value)
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 48 else text[:45] + "..."
+
+
+def _show_policy(policy: Any) -> str:
+    if not isinstance(policy, dict):
+        return "off"
+    return " ".join(f"{k}={_show(v)}" for k, v in sorted(policy.items()))
 
 
 # -- divergence rollback --------------------------------------------------------------------------
@@ -659,44 +968,50 @@ def _rollback(guard: _Guard, journal: Journal, store: ParamStore, opt: Optimizer
     journal.sync()
 
 
-def _guard_after_step(guard: _Guard, journal: Journal, store: ParamStore, opt: Optimizer,
-                      run_dir: Path) -> None:
-    """After a journaled step: roll back, or take a good snapshot (= a checkpoint)."""
-    event = guard.feed_step(journal.records[-1])
+def _guard_after_step(guard: _Guard, journal: Journal, record: dict[str, Any],
+                      store: ParamStore, opt: Optimizer, run_dir: Path) -> bool:
+    """After a journaled step (`record`, as written): roll back, or take a good snapshot
+    (= a checkpoint). Returns True when it rolled back."""
+    event = guard.feed_step(record)
     if event == "rollback":
         _rollback(guard, journal, store, opt)
     elif event == "snapshot":
         guard.take_snapshot(store, opt)
         journal.sync()
         _checkpoint(run_dir, store, opt, len(journal))
+    return event == "rollback"
 
 
-def _guard_resume_point(guard: _Guard, body: list[dict[str, Any]], start: int,
-                        store: ParamStore, opt: Optimizer,
-                        base: tuple[ParamStore, dict[str, Any]]) -> int:
+def _guard_resume_point(guard: _Guard, body: Iterable[dict[str, Any]], start: int,
+                        store: ParamStore, opt: Optimizer, base: _Snapshot) -> int:
     """Rebuild the rule's state up to `start` records from the losses alone.
+
+    Args:
+        body: the first `start` journal records after the header (streamed).
+        base: trainable weights and optimizer state before any record.
 
     With a divergence policy the checkpoint is always a good snapshot, so it becomes the
     rollback target; if the records say otherwise the checkpoint is dropped and the run is
     replayed from the base weights (start 0, snapshot at step 0).
     """
     event = None
-    for rec in body[:start]:
+    for rec in body:
         if rec.get("kind") == "rollback":
             guard.pending, guard.streak = False, 0
             event = None
         else:
             event = guard.feed_step(rec)
     if start > 0 and event != "snapshot":
-        store.assign(base[0].state())
-        opt.load_state_dict(base[1])
+        for dt, a in base.flats.items():
+            np.copyto(store.flat(dt), a)
+        opt.load_state_dict(base.opt_state)
         guard.best, guard.streak, guard.pending = math.inf, 0, False
         start = 0
     guard.take_snapshot(store, opt)
     return start
 
 
-def _apply_records(records: list[dict[str, Any]], store: ParamStore, opt: Optimizer,
+def _apply_records(records: Iterable[dict[str, Any]], store: ParamStore, opt: Optimizer,
                    guard: _Guard | None,
                    taps_at: Callable[[int], Any] | None = None) -> None:
     """Replay step and rollback records (no forwards), following the divergence rule.

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from edgelearn.errors import EdgelearnError
-from edgelearn.journal import MAGIC, MAX_RECORD_BYTES, Journal, JournalError, read_journal
+from edgelearn.journal import (
+    MAGIC,
+    MAX_RECORD_BYTES,
+    Journal,
+    JournalError,
+    iter_journal,
+    read_journal,
+)
 
 FLOATS = [0.1, 1e-300, -0.0, 5e-324, 1.7976931348623157e308, 1 / 3, -2.5, 0.0]
 
@@ -248,3 +255,39 @@ def test_closed_journal_raises(tmp_path: Path) -> None:
     j.close()  # idempotent
     with pytest.raises(JournalError, match="closed"):
         j.append({"a": 1})
+
+
+def test_iter_journal_streams_the_valid_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "j.bin"
+    recs = sample_records()
+    write(path, recs)
+    assert list(iter_journal(path)) == recs
+    assert list(iter_journal(path, max_records=2)) == recs[:2]
+    with open(path, "rb+") as f:  # torn last record
+        f.truncate(path.stat().st_size - 3)
+    assert list(iter_journal(path)) == recs[:2]
+    with pytest.raises(JournalError, match="does not exist"):
+        iter_journal(tmp_path / "nope.bin")  # raised at the call, not at the first next()
+    (tmp_path / "bad.bin").write_bytes(b"garbage!")
+    with pytest.raises(JournalError, match="magic"):
+        iter_journal(tmp_path / "bad.bin")
+
+
+def test_writer_memory_does_not_grow_with_records(tmp_path: Path) -> None:
+    import tracemalloc
+
+    record = {"kind": "step", "evals": [0.1] * 40, "note": "x" * 200}
+    with Journal(tmp_path / "j.bin", fsync_every=10**6) as j:
+        for _ in range(100):
+            j.append(record)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            for _ in range(5000):  # ~3 MB on disk; a list of the records would hold more
+                j.append(record)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        assert len(j) == 5100
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert grown < 64 * 1024, f"the journal writer kept {grown} bytes for 5000 records"
