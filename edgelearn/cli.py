@@ -59,11 +59,10 @@ def _runtime(args: argparse.Namespace, bundle: Any = None) -> dict[str, Any]:
     which the bundle (`bundle`, else `args.bundle`) carries a model. The memory budget of a
     profile applies only when it is named with --device.
     """
-    from edgelearn.devices import detect_profile, load_profile, resolve_backend
+    from edgelearn.devices import load_profile, machine_profile, resolve_backend
 
     named = getattr(args, "device", None)
-    name = named or detect_profile()
-    prof = load_profile(name) if name else None
+    prof = load_profile(named) if named else machine_profile()
     if bundle is None and getattr(args, "bundle", None):
         from edgelearn.bundle import load_bundle
 

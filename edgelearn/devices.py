@@ -145,6 +145,16 @@ def detect_profile() -> str | None:
     return generic if generic in list_profiles() else None
 
 
+def machine_profile() -> Profile | None:
+    """The detected profile, loaded; None when none fits or profiles cannot be read here
+    (Python 3.10 without tomli: commands then use the default backend order)."""
+    try:
+        name = detect_profile()
+        return load_profile(name) if name else None
+    except InputError:
+        return None
+
+
 def detect() -> dict[str, Any]:
     """What this machine is: arch, cores, memory, Python, glibc, board, backends, profile."""
     from edgelearn.backends import BACKENDS, import_problem
