@@ -3,7 +3,8 @@
 Everything is measured side by side in one process on random inputs of the bundle's declared
 shape: a baked session (all weights initializers: plain inference), a live session (trainable
 weights bound as inputs: what training runs), and one step of each registered optimizer that
-trains from a scalar loss. Medians after a warm-up.
+runs on the bundle (tpSGD through the taps graph, PolyStep through the population graph when
+there is one). Medians after a warm-up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn.bundle import Bundle
+from edgelearn.capabilities import optimizer_support
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
@@ -51,10 +53,35 @@ def random_batch(bundle: Bundle, batch_size: int, seed: int = 0) -> tuple[np.nda
     return x, y
 
 
+def _step_timer(bundle: Bundle, live: Model, name: str, x: np.ndarray, y: np.ndarray, *,
+                backend: str, threads: int | None) -> Callable[[], object]:
+    """One `step()` of optimizer `name` on (x, y), fed the way training feeds it: tpSGD one
+    taps-graph forward, PolyStep the population graph when the bundle has one for the
+    trainable set (onnxruntime), every other optimizer the plain loss."""
+    from edgelearn.data import Dataset
+    from edgelearn.train import taps_evaluator
+
+    opt = make_optimizer(name)
+    loss_fn = get_loss(default_loss(bundle.task))
+    if opt.needs == "taps":  # raises InputError saying why when the bundle has no taps graph
+        at = taps_evaluator(bundle, live.store, Dataset(x, y), opt, batch_size=len(x), seed=0,
+                            backend=backend, threads=threads)
+        return lambda: opt.step(live.store, at(0))
+    pop = None
+    if "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
+        from edgelearn.backends.ort_population import OrtPopulation, supports_population
+
+        if supports_population(bundle, live.store):
+            pop_eval = OrtPopulation(bundle, live.store, threads=threads)
+            pop = lambda p: pop_eval.losses(p, x, y, loss_fn)  # noqa: E731
+    return lambda: opt.step(live.store, lambda: loss_fn(live.predict(x), y), pop)
+
+
 def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = None,
               backend: str = "onnxruntime", threads: int | None = None, runs: int = 30,
               steps: int = 20) -> dict[str, Any]:
-    """The `bench --json` object: forward_ms (baked), forward_live_ms, step_ms per optimizer."""
+    """The `bench --json` object: forward_ms (baked), forward_live_ms, step_ms per optimizer
+    (a float in ms, or "n/a: why" for an optimizer this bundle or backend cannot run)."""
     if len(bundle.inputs) != 1:
         raise InputError("bench supports single-input bundles")
     x, y = random_batch(bundle, batch_size)
@@ -62,15 +89,16 @@ def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = N
     live = Model(bundle, backend=backend, trainable=trainable, threads=threads)
     fwd_baked = median_ms(lambda: baked.predict(x), runs)
     fwd_live = median_ms(lambda: live.predict(x), runs)
-    loss_fn = get_loss(default_loss(bundle.task))
     step_ms: dict[str, float | str] = {}
+    support = optimizer_support(bundle)
     for name in sorted(REGISTRY):
+        if support.get(name, {}).get("supported") is False:
+            step_ms[name] = f"n/a: not for this bundle: {support[name]['why']}"
+            continue
         try:
-            opt = make_optimizer(name)
-            step_ms[name] = median_ms(
-                lambda opt=opt: opt.step(live.store, lambda: loss_fn(live.predict(x), y)),
-                steps, warmup=2)
-        except (EdgelearnError, TypeError, NotImplementedError) as e:
+            step_ms[name] = median_ms(_step_timer(bundle, live, name, x, y, backend=backend,
+                                                  threads=threads), steps, warmup=2)
+        except (EdgelearnError, NotImplementedError) as e:
             step_ms[name] = f"n/a: {e}"
     return {
         "bundle": str(bundle.path), "backend": backend, "batch_size": batch_size,

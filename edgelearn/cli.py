@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,18 +78,33 @@ def _positive(text: str) -> int:
     return v
 
 
-def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    """Backend, threads, providers and memory budget from flags, else the --device profile."""
-    from edgelearn.devices import load_profile, resolve_backend
+def _runtime(args: argparse.Namespace, bundle: Any = None) -> dict[str, Any]:
+    """Backend, threads, providers and memory budget: flags first, then the --device profile,
+    else the profile detected for this machine (`edgelearn device`).
 
-    prof = load_profile(args.device) if getattr(args, "device", None) else None
+    The backend is the first of the profile's preference order whose runtime imports and for
+    which the bundle (`bundle`, else `args.bundle`) carries a model. The memory budget of a
+    profile applies only when it is named with --device.
+    """
+    from edgelearn.devices import load_profile, machine_profile, resolve_backend
+
+    named = getattr(args, "device", None)
+    prof = load_profile(named) if named else machine_profile()
+    if bundle is None and getattr(args, "bundle", None):
+        from edgelearn.bundle import load_bundle
+
+        bundle = load_bundle(args.bundle, verify=False)  # the command loads it verified
+    backend = resolve_backend(prof, args.backend, bundle)
     budget = getattr(args, "memory_budget_mb", None)
+    if budget is None and named and prof:
+        budget = prof.memory_budget_mb
     return {
-        "backend": resolve_backend(prof, args.backend),
+        "backend": backend,
+        "profile": prof.name if prof else None,
         "threads": args.threads or (prof.threads if prof else None),
-        "providers": _usable_providers(prof.providers) if prof else None,
-        "memory_budget_mb": budget if budget is not None else
-        (prof.memory_budget_mb if prof else None),
+        "providers": _usable_providers(prof.providers)
+        if prof and backend in ("onnxruntime", "ort") else None,
+        "memory_budget_mb": budget,
     }
 
 
@@ -159,25 +175,69 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Describe a bundle."""
+    """Describe a bundle: inputs, outputs, parameters, files, parity, what it can train with."""
     from edgelearn.bundle import load_bundle
+    from edgelearn.capabilities import bundle_support
 
-    info = load_bundle(args.bundle).info()
+    bundle = load_bundle(args.bundle)
+    info = bundle.info()
+    info["support"] = bundle_support(bundle)
+    info["files_mb"] = {p.name: p.stat().st_size / (1 << 20) for p in bundle.files.values()}
+    _emit(args, info, lambda: _info_text(info))
 
-    def human() -> str:
-        lines = [f"bundle {info['bundle']} (task {info['task']}, formats "
-                 f"{', '.join(info['formats'])})"]
-        for t in info["inputs"]:
-            lines.append(f"  input  {t['name']} {t['dtype']}{t['shape']}")
-        for t in info["outputs"]:
-            lines.append(f"  output {t['name']} {t['dtype']}{t['shape']}")
-        lines.append(f"  {info['params']} params, {info['trainable_params']} trainable")
-        for t in info["tensors"]:
-            mark = "T" if t["trainable"] else " "
-            lines.append(f"   {mark} {t['name']:40s} {t['dtype']}{t['shape']}")
-        return "\n".join(lines)
 
-    _emit(args, info, human)
+def _wrap_items(head: str, items: list[str], width: int = 96) -> list[str]:
+    """`head` + comma-separated items, wrapped between items (an item never splits)."""
+    lines, line = [], head
+    for i, item in enumerate(items):
+        piece = item + ("," if i < len(items) - 1 else "")
+        if line.strip() and len(line) + len(piece) + 1 > width and line != head:
+            lines.append(line.rstrip())
+            line = "    "
+        line += piece + " "
+    return [*lines, line.rstrip()]
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    """Human form of `info --json` (sizes in MB to 1 decimal, errors to 3 digits)."""
+    from edgelearn.figures import err, mb
+
+    lines = [f"bundle {info['bundle']} (task {info['task']}, formats "
+             f"{', '.join(info['formats'])})"]
+    for t in info["inputs"]:
+        lines.append(f"  input  {t['name']} {t['dtype']}{t['shape']}")
+    for t in info["outputs"]:
+        lines.append(f"  output {t['name']} {t['dtype']}{t['shape']}")
+    lines.append(f"  {info['params']} params, {info['trainable_params']} trainable")
+    for t in info["tensors"]:
+        mark = "T" if t["trainable"] else " "
+        lines.append(f"   {mark} {t['name']:40s} {t['dtype']}{t['shape']}")
+    lines += _wrap_items(f"  files ({mb(sum(info['files_mb'].values()))}): ",
+                         [f"{n} {mb(v)}" for n, v in info["files_mb"].items()])
+    parity = [f"{k} {err(v['max_abs_err'])}" for k, v in info["parity"].items()
+              if isinstance(v, dict) and isinstance(v.get("max_abs_err"), float)]
+    if parity:
+        lines += _wrap_items("  parity vs torch (max abs err): ", parity)
+    lines.append("  optimizers:")
+    for name, o in info["support"]["optimizers"].items():
+        if not o["supported"]:
+            lines += textwrap.wrap(f"{name:10s} no: {o.get('why')}", 96, initial_indent="    ",
+                                   subsequent_indent=" " * 15)
+            continue
+        extra = [o["how"]] if o.get("how") else []
+        if o.get("backends"):
+            extra.append("on " + " and ".join(o["backends"]))
+        if o.get("litert_why"):
+            extra.append(f"not on litert: {o['litert_why']}")
+        if o.get("why_no_fast_path"):
+            extra.append(o["why_no_fast_path"])
+        lines += textwrap.wrap(f"{name:10s} yes: {'; '.join(extra)}", 96, initial_indent="    ",
+                               subsequent_indent=" " * 15)
+    lines.append("  backends:")
+    for name, b in info["support"]["backends"].items():
+        lines.append(f"    {name:11s} " + (f"yes: {b['model']}" if b["supported"] else
+                                            f"no: {b['why']}"))
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -324,7 +384,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 def cmd_device(args: argparse.Namespace) -> None:
     """Detect this machine, show its profile, and (with a bundle) what fits its memory budget."""
-    from edgelearn.devices import detect, list_profiles, load_profile, resolve_backend
+    from edgelearn.devices import detect, list_profiles, load_profile
 
     if args.list:
         res: dict[str, Any] = {"profiles": [load_profile(n).to_json() for n in list_profiles()]}
@@ -336,79 +396,105 @@ def cmd_device(args: argparse.Namespace) -> None:
     prof = load_profile(name) if name else None
     res = {"machine": machine, "profile": prof.to_json() if prof else None}
     if args.bundle:
-        from edgelearn.budget import plan_batch
-        from edgelearn.bundle import load_bundle
-        from edgelearn.model import Model
-        from edgelearn.optim import REGISTRY, make_optimizer
+        res["bundle"] = _device_plans(args, prof, machine)
+    _emit(args, res, lambda: _device_text(res))
 
-        bundle = load_bundle(args.bundle)
-        backend = resolve_backend(prof, args.backend)
-        budget = args.memory_budget_mb or (prof.memory_budget_mb if prof else None) or \
-            machine["memory_available_mb"]
-        model = Model(bundle, backend=backend, trainable=args.trainable,
-                      threads=prof.threads if prof else None)
-        fits = {}
-        for opt_name in sorted(REGISTRY):
-            try:
-                opt = make_optimizer(opt_name)
-                fits[opt_name] = plan_batch(bundle, batch_size=args.batch_size, budget_mb=budget,
-                                            extra_bytes=opt.memory_bytes(model.store))
-            except EdgelearnError as e:
-                fits[opt_name] = {"error": str(e)}
-        res["bundle"] = {"path": str(bundle.path), "backend": backend, "budget_mb": budget,
-                         "trainable_params": model.store.n_trainable("float32"),
-                         "max_batch": {k: v.get("batch_size") for k, v in fits.items()},
-                         "plans": fits}
 
-    def human() -> str:
-        m = machine
-        lines = [f"machine: {m['arch']} {m['board'] or ''} {m['cores']} cores, "
-                 f"{m['memory_total_mb']} MB RAM ({m['memory_available_mb']} MB free), "
-                 f"Python {m['python']}, glibc {m['glibc']}, numpy {m['numpy']}",
-                 f"runtimes importable: {', '.join(m['backends']) or 'none'}",
-                 f"profile: {prof.name + ' - ' + prof.description if prof else 'none'}"]
-        if prof:
-            for rt, c in prof.runtimes.items():
-                numpy_req = f", numpy {c['numpy']}" if "numpy" in c else ""
-                lines.append(f"  {rt}: python {c.get('python', '?')}, glibc "
-                             f"{c.get('glibc', '?')}{numpy_req}")
-        if "bundle" in res:
-            b = res["bundle"]
-            lines.append(f"bundle {b['path']} on {b['backend']}, budget {b['budget_mb']} MB:")
-            for k, v in b["plans"].items():
-                lines.append(f"  {k}: " + (v["error"] if "error" in v else
-                             f"max batch {v['batch_size']} (of {v['requested_batch_size']}), "
-                             f"predicted peak {v['predicted_peak_mb']} MB"))
-        return "\n".join(lines)
+def _device_plans(args: argparse.Namespace, prof: Any, machine: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """The `device BUNDLE` section: backend, budget, and the largest batch per optimizer."""
+    from edgelearn.budget import plan_batch
+    from edgelearn.bundle import load_bundle
+    from edgelearn.capabilities import optimizer_support
+    from edgelearn.devices import resolve_backend
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
 
-    _emit(args, res, human)
+    bundle = load_bundle(args.bundle)
+    backend = resolve_backend(prof, args.backend, bundle)
+    budget = args.memory_budget_mb or (prof.memory_budget_mb if prof else None) or \
+        machine["memory_available_mb"]
+    model = Model(bundle, backend=backend, trainable=args.trainable,
+                  threads=prof.threads if prof else None)
+    fits: dict[str, Any] = {}
+    for opt_name, support in optimizer_support(bundle).items():
+        if support["supported"] is False:
+            fits[opt_name] = {"error": f"not for this bundle: {support['why']}"}
+            continue
+        try:
+            opt = make_optimizer(opt_name)
+            fits[opt_name] = plan_batch(bundle, batch_size=args.batch_size, budget_mb=budget,
+                                        extra_bytes=opt.memory_bytes(model.store))
+        except EdgelearnError as e:
+            fits[opt_name] = {"error": str(e)}
+    return {"path": str(bundle.path), "backend": backend, "budget_mb": budget,
+            "trainable_params": model.store.n_trainable("float32"),
+            "max_batch": {k: v.get("batch_size") for k, v in fits.items()}, "plans": fits}
+
+
+def _device_text(res: dict[str, Any]) -> str:
+    """Human form of `device --json` (MB to 1 decimal)."""
+    from edgelearn.figures import mb
+
+    m, prof = res["machine"], res["profile"]
+    lines = [f"machine: {m['arch']}{' ' + m['board'] if m['board'] else ''}, {m['cores']} cores, "
+             f"{_mb_or_unknown(m['memory_total_mb'])} RAM "
+             f"({_mb_or_unknown(m['memory_available_mb'])} free), Python {m['python']}, "
+             f"glibc {m['glibc']}, numpy {m['numpy']}",
+             f"backends that import: {', '.join(m['backends']) or 'none'}"]
+    lines += [f"  {b}: {why}" for b, why in m.get("backends_missing", {}).items()]
+    lines.append(f"profile: {prof['name'] + ' - ' + prof['description'] if prof else 'none'}")
+    if prof:
+        lines.append(f"  backend preference: {', '.join(prof['backends'])}; memory budget "
+                     f"{_mb_or_unknown(prof['memory_budget_mb'])}")
+        for rt, c in prof["runtimes"].items():
+            numpy_req = f", numpy {c['numpy']}" if "numpy" in c else ""
+            lines.append(f"  {rt}: python {c.get('python', '?')}, glibc "
+                         f"{c.get('glibc', '?')}{numpy_req}")
+    if "bundle" in res:
+        b = res["bundle"]
+        lines.append(f"bundle {b['path']} on {b['backend']}, budget {mb(b['budget_mb'])}:")
+        for k, v in b["plans"].items():
+            lines.append(f"  {k}: " + (v["error"] if "error" in v else
+                         f"max batch {v['batch_size']} (of {v['requested_batch_size']}), "
+                         f"predicted peak {mb(v['predicted_peak_mb'])}"))
+    return "\n".join(lines)
+
+
+def _mb_or_unknown(value: float | None) -> str:
+    from edgelearn.figures import mb
+
+    return "unknown" if value is None else mb(value)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on shipped data: personalize for a new user, accuracy before/after."""
-    from edgelearn.demo import run_demo
+    from edgelearn.bundle import load_bundle
+    from edgelearn.demo import DATA, run_demo
+    from edgelearn.figures import ms
 
-    rt = _runtime(args)
-    res = run_demo(args.out, backend=rt["backend"], threads=rt["threads"], steps=args.steps,
+    rt = _runtime(args, load_bundle(DATA / "demo", verify=False))
+    res = run_demo(args.out, backend=rt["backend"], threads=rt["threads"],
+                   providers=rt["providers"], steps=args.steps, batch_size=args.batch_size,
                    seed=args.seed, progress=not args.json and sys.stderr.isatty())
 
     def human() -> str:
         lines = [
             "edgelearn demo: a model pretrained on one population of handwriting, "
-            "personalized on device for a new user",
+            f"personalized on device for a new user (backend {res['backend']})",
             f"  pretrained, population's digits : accuracy {res['accuracy_population']:.3f}",
             f"  pretrained, new user's digits   : accuracy {res['accuracy_before']:.3f}",
         ]
         for name, o in res["optimizers"].items():
             # a population optimizer (polystep) times whole steps only: no per-forward time
             times = [f"{o['seconds']:.1f} s"] + [
-                f"{what} {o[key]:.2f} ms" for what, key in (("step", "step_ms_median"),
-                                                            ("forward", "forward_ms_median"))
+                f"{what} {ms(o[key])}" for what, key in (("step", "step_ms_median"),
+                                                         ("forward", "forward_ms_median"))
                 if o.get(key) is not None]
             lines.append(
-                f"  after {name:8s} ({o['steps']} steps, {o['trainable_params']} trainable "
-                f"params)    : accuracy {res['accuracy_after'][name]:.3f}  "
-                f"[{', '.join(times)}]")
+                f"  after {name:8s} ({o['steps']} steps of {o['batch_size']}, "
+                f"{o['trainable_params']} trainable params): accuracy "
+                f"{res['accuracy_after'][name]:.3f}  [{', '.join(times)}]")
             lines.append(f"      weights {o['weights']}  journal {o['journal']}")
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")
@@ -422,22 +508,24 @@ def cmd_bench(args: argparse.Namespace) -> None:
     """Forward / step timing and memory of a bundle on this device."""
     from edgelearn.bench import run_bench
     from edgelearn.bundle import load_bundle
+    from edgelearn.figures import mb, ms
 
-    rt = _runtime(args)
-    res = run_bench(load_bundle(args.bundle), batch_size=args.batch_size,
-                    trainable=args.trainable, backend=rt["backend"], threads=rt["threads"],
-                    runs=args.runs, steps=args.steps)
+    bundle = load_bundle(args.bundle)
+    rt = _runtime(args, bundle)
+    res = run_bench(bundle, batch_size=args.batch_size, trainable=args.trainable,
+                    backend=rt["backend"], threads=rt["threads"], runs=args.runs,
+                    steps=args.steps)
 
     def human() -> str:
         lines = [f"{res['bundle']} on {res['backend']}, batch {res['batch_size']}, "
                  f"{res['trainable_params']} trainable params",
-                 f"  forward (baked weights)      {res['forward_ms']:.3f} ms",
-                 f"  forward (live weights)       {res['forward_live_ms']:.3f} ms "
+                 f"  forward (baked weights)      {ms(res['forward_ms'])}",
+                 f"  forward (live weights)       {ms(res['forward_live_ms'])} "
                  f"({res['live_over_baked']:.2f}x)"]
         for k, v in res["step_ms"].items():
-            lines.append(f"  step {k:24s}{v:.3f} ms ({v / res['forward_live_ms']:.2f} forwards)"
+            lines.append(f"  step {k:24s}{ms(v)} ({v / res['forward_live_ms']:.3g} forwards)"
                          if isinstance(v, float) else f"  step {k:24s}{v}")
-        lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB")
+        lines.append(f"  peak RSS {mb(res['peak_rss_mb'])}")
         return "\n".join(lines)
 
     _emit(args, res, human)
@@ -554,18 +642,20 @@ def _dflt(dest: str, text: str) -> str:
     return f"{text} (default: {TRAIN_DEFAULTS[dest]})"
 
 
-def _add_runtime(g: Any, *, batch_size: int = 256) -> None:
+def _add_runtime(g: Any, *, batch_size: int | None = 256) -> None:
     from edgelearn.backends import BACKENDS
 
     g.add_argument("--backend", default=None, choices=BACKENDS,
                    help="runtime (litert needs a bundle exported with tflite; tpsgd runs on "
-                   "both); default: the --device profile's first installed backend")
+                   "both); default: the first backend of the --device (else the detected) "
+                   "profile that is installed and that the bundle has a model for")
     g.add_argument("--device", default=None,
                    help="device profile name (see `edgelearn device --list`) or .toml path")
     g.add_argument("--threads", type=_positive, default=None,
                    help="runtime intra-op threads (default: the runtime's choice)")
     g.add_argument("--batch-size", type=_positive, default=batch_size,
-                   help="examples per forward")
+                   help="examples per forward" if batch_size else
+                   "examples per training step (default: each optimizer's recipe, 32)")
 
 
 def _add_json(sp: argparse.ArgumentParser) -> None:
@@ -776,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=_positive, default=None,
                     help="override every optimizer's step count")
     sp.add_argument("--seed", type=int, default=0, help="run seed")
-    _add_runtime(sp)
+    _add_runtime(sp, batch_size=None)
     _add_json(sp)
 
     sp = sub.add_parser("bench", help="forward / step timing and memory on this device")

@@ -78,14 +78,18 @@ def _clear_previous_run(run_dir: Path) -> None:
 
 
 def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
-             steps: int | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+             providers: list[str] | None = None, steps: int | None = None,
+             batch_size: int | None = None, seed: int = 0,
+             progress: bool = False) -> dict[str, Any]:
     """Personalize the shipped model with every available optimizer; the `demo --json` object.
 
     Args:
         out: directory for the runs (weights, journals).
         backend: runtime backend.
         threads: runtime threads.
+        providers: ORT execution providers (None = CPU).
         steps: override every recipe's step count (short runs in tests).
+        batch_size: examples per training step for every optimizer (None = each recipe's).
         seed: run seed.
         progress: progress bars on stderr.
     """
@@ -94,11 +98,12 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
     out = Path(out)
     bundle = load_bundle(DATA / "demo")
     user_train, user_test, population_test = demo_data(seed)
-    base = Model(bundle, backend=backend, trainable=(), threads=threads)
+    base = Model(bundle, backend=backend, trainable=(), threads=threads, providers=providers)
     before = base.evaluate(user_test)
     population = base.evaluate(population_test)
     res: dict[str, Any] = {
         "bundle": str(bundle.path),
+        "backend": backend,
         "data": {"user_train": len(user_train), "user_test": len(user_test),
                  "source": "UCI/sklearn 8x8 digits (CC BY 4.0), shifted user handwriting"},
         "accuracy_population": population["accuracy"],
@@ -120,20 +125,21 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         try:
             run = train(bundle, user_train, out / name, optimizer=name,
                         options=options, steps=n_steps,
-                        batch_size=recipe["batch_size"], seed=seed,
+                        batch_size=batch_size or recipe["batch_size"], seed=seed,
                         trainable=recipe["trainable"], backend=backend, threads=threads,
-                        progress=progress,
+                        providers=providers, progress=progress,
                         fsync_every=100)  # a demo run: durability every 100 steps is plenty
         except InputError as e:  # e.g. an optimizer the chosen backend cannot run
             res["unavailable"][name] = str(e)
             continue
         seconds = time.perf_counter() - t0
         after = Model(bundle, backend=backend, trainable=(), threads=threads,
-                      weights=run["weights"]).evaluate(user_test)
+                      providers=providers, weights=run["weights"]).evaluate(user_test)
         res["accuracy_after"][name] = after["accuracy"]
         res["optimizers"][name] = {
             "trainable": recipe["trainable"], "trainable_params": run["trainable_params"],
-            "steps": run["steps"], "loss_after": after["loss"], "seconds": seconds,
+            "steps": run["steps"], "batch_size": run["batch_size"],
+            "loss_after": after["loss"], "seconds": seconds,
             "step_ms_median": run["step_ms_median"],
             "forward_ms_median": run["forward_ms_median"],
             "run_dir": str(out / name), "weights": run["weights"], "journal": run["journal"],

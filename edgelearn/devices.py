@@ -7,18 +7,17 @@ threads to use and how much memory training may take (`memory_budget_mb`).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgelearn.errors import InputError
 
-_RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert",
-                    "tflite-runtime": "tflite_runtime"}
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -129,43 +128,51 @@ def board_model() -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends whose runtime module can be imported here (checked without importing it)."""
-    out = []
-    for name, module in _RUNTIME_MODULES.items():
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if found:
-            out.append(name)
-    return out
+    """Backends whose runtime really imports here (a broken install does not count)."""
+    from edgelearn.backends import BACKENDS, import_problem
+
+    return [b for b in BACKENDS if import_problem(b) is None]
+
+
+def detect_profile() -> str | None:
+    """Name of the shipped profile for this machine: the board (device tree) first, else
+    `generic-<arch>`, else None. Imports no runtime."""
+    model = board_model()
+    for name in list_profiles():
+        if model and any(s in model for s in load_profile(name).detect_model):
+            return name
+    generic = f"generic-{platform.machine()}"
+    return generic if generic in list_profiles() else None
+
+
+def machine_profile() -> Profile | None:
+    """The detected profile, loaded; None when none fits or profiles cannot be read here
+    (Python 3.10 without tomli: commands then use the default backend order)."""
+    try:
+        name = detect_profile()
+        return load_profile(name) if name else None
+    except InputError:
+        return None
 
 
 def detect() -> dict[str, Any]:
-    """What this machine is: arch, cores, memory, Python, glibc, board, runtimes, profile."""
-    model = board_model()
-    arch = platform.machine()
-    match = None
-    for name in list_profiles():
-        prof = load_profile(name)
-        if model and any(s in model for s in prof.detect_model):
-            match = name
-            break
-    if match is None:
-        generic = f"generic-{arch}"
-        match = generic if generic in list_profiles() else None
+    """What this machine is: arch, cores, memory, Python, glibc, board, backends, profile."""
+    from edgelearn.backends import BACKENDS, import_problem
+
+    problems = {b: import_problem(b) for b in BACKENDS}
     libc, libc_version = platform.libc_ver()
     return {
-        "arch": arch,
-        "board": model or None,
+        "arch": platform.machine(),
+        "board": board_model() or None,
         "cores": os.cpu_count(),
         "memory_total_mb": _meminfo_mb("MemTotal"),
         "memory_available_mb": _meminfo_mb("MemAvailable"),
         "python": platform.python_version(),
         "glibc": libc_version if libc == "glibc" else None,
         "numpy": _version("numpy"),
-        "backends": available_backends(),
-        "profile": match,
+        "backends": [b for b, why in problems.items() if why is None],
+        "backends_missing": {b: why for b, why in problems.items() if why is not None},
+        "profile": detect_profile(),
     }
 
 
@@ -179,16 +186,47 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", None)
 
 
-def resolve_backend(profile: Profile | None, requested: str | None) -> str:
-    """The backend to use: the one asked for, else the profile's first importable one."""
+def resolve_backend(profile: Profile | None, requested: str | None,
+                    bundle: Bundle | None = None) -> str:
+    """The backend to use: the one asked for, else the first of the profile's preference
+    order (then any other) whose runtime imports and, given a bundle, for which the bundle
+    carries a model (onnxruntime: model.onnx, litert: model.tflite).
+
+    Raises InputError saying what is missing when no backend can run the bundle here.
+    """
     if requested:
         return requested
-    from edgelearn.backends import BACKENDS
+    from edgelearn.backends import BACKENDS, MODEL_FILE, import_problem
 
-    prefs = profile.backends if profile else ("onnxruntime",)
-    have = [b for b in available_backends() if b in BACKENDS]
+    prefs = [b for b in (profile.backends if profile else ()) if b in BACKENDS]
+    prefs += [b for b in BACKENDS if b not in prefs]
     for b in prefs:
-        if b in have:
+        if bundle is not None and MODEL_FILE[b][0] not in bundle.files:
+            continue  # checked before importing: a runtime we will not use is not loaded
+        if import_problem(b) is None:
             return b
-    raise InputError(f"none of the backends {list(prefs)} is installed; "
-                     "pip install 'edgelearn[onnx]' or 'edgelearn[litert]'")
+    raise InputError(_no_backend_message(prefs, bundle))
+
+
+def _no_backend_message(prefs: list[str], bundle: Bundle | None) -> str:
+    """Why no backend can run `bundle` here: nothing imports, or the bundle lacks the model
+    of every backend that does."""
+    from edgelearn.backends import EXPORT_FORMATS, INSTALL, MODEL_FILE, import_problem
+
+    problems = {b: import_problem(b) for b in prefs}
+    installed = [b for b, why in problems.items() if why is None]
+    absent = [b for b, why in problems.items() if why is not None]
+    missing = "; ".join(str(problems[b]) for b in absent)
+    if not installed:
+        return (f"no inference runtime imports here ({missing}); "
+                f"{' or '.join(INSTALL[b] for b in absent)}")
+    assert bundle is not None  # an installed backend is only skipped for a bundle's sake
+    lacking = []
+    for b in installed:
+        role, fname, label = MODEL_FILE[b]
+        why = bundle.manifest.get(f"{role}_skipped")
+        lacking.append(f"no {label} model ({fname}{': ' + str(why) if why else ''})")
+    fixes = [f"re-export it with {EXPORT_FORMATS[b]}" for b in installed]
+    fixes += [f"install {b} ({INSTALL[b]})" for b in absent if MODEL_FILE[b][0] in bundle.files]
+    return (f"bundle {bundle.path} has {' and '.join(lacking)}, and only "
+            f"{' and '.join(installed)} is installed here ({missing}): {' or '.join(fixes)}")

@@ -27,7 +27,9 @@ Split of a subject's data (`--split`):
       on the other.
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--quick] [--out runs/har]
-Prints one JSON object (per-subject figures and means).
+Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
+accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
+of the table, one JSON object).
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ import importlib.util
 import json
 import pickle
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from runner import run_cli, run_device_half
 
+PROG = "har_loso"
 SUBJECTS = tuple(range(1, 11))
 CLASSES = 7
 WIN, STRIDE = 100, 50  # 2 s windows at 50 Hz, 50% overlap
@@ -191,6 +194,11 @@ def subjects_windows(d: dict[str, np.ndarray], subjects: list[int]
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def progress(line: str) -> None:
+    """One line of progress on stderr (stdout carries the result)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host: pretrain, export, backprop ceiling (torch)
 
@@ -274,6 +282,7 @@ def host(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     bp_steps = args.budget // 3
     folds = []
     for s in args.subjects:
+        t0 = time.perf_counter()
         inner = SUBJECTS[(SUBJECTS.index(s) + 1) % len(SUBJECTS)]  # next id
         fold = {"subject": s, "pseudo_target": inner, "dir": str(out / f"s{s}")}
         for part in ("inner", "outer"):
@@ -299,6 +308,9 @@ def host(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                       "lr": lr, "steps": bp_steps, "forwards": 3 * bp_steps,
                       "inner_sweep": {str(k): v for k, v in sweep.items()}})
         folds.append(fold)
+        progress(f"host   subject {s:2d}: pretrained and exported; backprop (lr {lr:g}) "
+                 f"{fold['before_torch']:.3f} -> {fold['backprop']['accuracy']:.3f} "
+                 f"({time.perf_counter() - t0:.0f} s)")
     return {"folds": folds, "grids": {k: list(v) for k, v in grids.items()}}
 
 
@@ -377,11 +389,14 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             load_bundle(inner / "bundle"), trainable=()).evaluate(
             load_npz(inner / "held.npz"))["accuracy"]}
         for method in methods:
+            t0 = time.perf_counter()
             sweep = {lr: _personalize(inner, "inner", method, lr, args.budget,
                                       args.seed)["accuracy"] for lr in grids[method]}
             lr = max(sweep, key=lambda k: (sweep[k], -k))
             fold[method] = _personalize(outer, "outer", method, lr, args.budget, args.seed)
             fold[method]["inner_sweep"] = {str(k): v for k, v in sweep.items()}
+            progress(f"device subject {s:2d} {method:10s}: lr {lr:g}, {before:.3f} -> "
+                     f"{fold[method]['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
         res["folds"][str(s)] = fold
     res["torch_loaded_on_device"] = "torch" in sys.modules
     return res
@@ -431,6 +446,25 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
     }
 
 
+def table(res: dict[str, Any]) -> str:
+    """Held-out accuracy per subject and method, means, and the share of backprop's gain."""
+    methods = ["before", "backprop", *res["recovered_fraction_of_mean_gain"]]
+    width = max(10, *(len(m) + 2 for m in methods))
+    lines = [f"held-out accuracy, {res['budget_forwards']} forwards of {res['batch_size']} per "
+             f"method ({res['split']} split)",
+             "subject" + "".join(f"{m:>{width}s}" for m in methods)]
+    for row in res["per_subject"]:
+        cells = [row["before"]] + [row[m]["accuracy"] for m in methods[1:]]
+        lines.append(f"{row['subject']:7d}" + "".join(f"{v:{width}.3f}" for v in cells))
+    lines.append("mean   " + "".join(f"{res['mean_accuracy'][m]:{width}.3f}" for m in methods))
+    shares = [f"{m} {'n/a' if r is None else f'{r:.2f}'}"
+              for m, r in res["recovered_fraction_of_mean_gain"].items()]
+    lines.append("share of backprop's mean gain recovered: " + ", ".join(shares))
+    if not res["tpsgd_available"]:
+        lines.append(f"tpsgd not run: {res['tpsgd_unavailable_reason']}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subjects", default=",".join(map(str, SUBJECTS)),
@@ -443,6 +477,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
     p.add_argument("--out", default="runs/har", help="working directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout instead of the table")
     p.add_argument("--device-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.subjects = [int(s) for s in args.subjects.split(",") if s.strip()]
@@ -455,20 +491,22 @@ def main() -> None:
         print(json.dumps(device(args, out)))
         return
     out.mkdir(parents=True, exist_ok=True)
+    progress(f"{PROG}: {len(args.subjects)} subject(s), {args.budget} forwards per method; "
+             "host half (torch) first, then the device half")
     t0 = time.perf_counter()
     h = host(args, out)
     t1 = time.perf_counter()
     # The device half in a fresh interpreter: only numpy + onnxruntime are imported there.
-    cmd = [sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
-           ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
-           args.split, "--seed", str(args.seed), *(["--quick"] if args.quick else [])]
-    proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, text=True)  # stderr shown
-    if proc.returncode != 0:
-        sys.exit(f"har_loso: the device half failed (exit {proc.returncode}), see above")
-    res = summarize(h, json.loads(proc.stdout), args)
+    dv = run_device_half([
+        sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
+        ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
+        args.split, "--seed", str(args.seed), *(["--quick"] if args.quick else [])])
+    res = summarize(h, dv, args)
     res["seconds"] = {"host": t1 - t0, "device": time.perf_counter() - t1}
-    print(json.dumps(res))
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res) if args.json else
+          f"{table(res)}\nall figures: {out / 'results.json'}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main, child="--device-only" in sys.argv)

@@ -7,18 +7,26 @@ pretrained model loses accuracy on them) personalizes the model's head with ZO-S
 their own data, and is evaluated on the rest. The device half runs in a separate process that
 never imports torch, exactly as on a Raspberry Pi.
 
-    python examples/personalize_digits.py [--steps 1500] [--out runs/digits]
+    python examples/personalize_digits.py [--steps 1500] [--lr 0.01] [--out runs/digits]
+
+Progress goes to stderr, the result to stdout (`--json`: one JSON object). A second run with
+the same --out and --seed reuses the host half's bundle and data, and resumes the device run
+(more --steps continue it); a run with other settings is refused by the device half with the
+reason, unless `--restart` clears it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
+from runner import run_cli, run_device_half
+
+PROG = "personalize_digits"
 
 
 def user_shift(x: np.ndarray) -> np.ndarray:
@@ -30,7 +38,19 @@ def user_shift(x: np.ndarray) -> np.ndarray:
 
 
 def host(out: Path, seed: int) -> None:
-    """Pretrain on writers 1..N (backprop, torch) and export the bundle."""
+    """Pretrain on writers 1..N (backprop, torch) and export the bundle (skipped when `out`
+    already holds the host half of this seed)."""
+    stamp = out / "host.json"
+    if (out / "bundle" / "manifest.json").is_file() and stamp.is_file() \
+            and json.loads(stamp.read_text()) == {"seed": seed}:
+        print(f"host: reusing {out / 'bundle'} and the user's data (seed {seed})",
+              file=sys.stderr)
+        return
+    print("host: pretraining an MLP on 1000 digits (torch), exporting the bundle",
+          file=sys.stderr)
+    if (out / "run" / "journal.bin").is_file():  # a run of the bundle about to be replaced
+        shutil.rmtree(out / "run")
+    stamp.unlink(missing_ok=True)
     import torch
     from edgelearn.export import export_bundle
     from edgelearn.export.zoo import MLP
@@ -56,12 +76,14 @@ def host(out: Path, seed: int) -> None:
     np.savez(out / "user_train.npz", x=ux[:half], y=uy[:half])
     np.savez(out / "user_test.npz", x=ux[half:], y=uy[half:])
     np.savez(out / "base_test.npz", x=x[user[half:]], y=y[user[half:]])
+    stamp.write_text(json.dumps({"seed": seed}))
 
 
 def device(out: Path, steps: int, seed: int, lr: float) -> dict:
     """On device: evaluate, personalize the head with ZO-SGD, evaluate again (no torch)."""
     from edgelearn.bundle import load_bundle
     from edgelearn.data import load_npz
+    from edgelearn.errors import InputError
     from edgelearn.model import Model
     from edgelearn.train import train
 
@@ -71,7 +93,10 @@ def device(out: Path, steps: int, seed: int, lr: float) -> dict:
     before = Model(bundle, trainable=()).evaluate(user_test)
     res = train(bundle, user_train, out / "run", optimizer="zo-sgd",
                 options={"lr": lr, "eps": 1e-3, "probes": 4}, steps=steps, batch_size=32,
-                seed=seed, trainable="head.*")
+                seed=seed, trainable="head.*", progress=sys.stderr.isatty())
+    if res["resumed_from"] > steps:  # nothing was trained: do not report it as a result
+        raise InputError(f"{out / 'run'} already holds {res['resumed_from']} steps, more than "
+                         f"--steps {steps}: ask for at least that many, or --restart")
     after = Model(bundle, trainable=(), weights=res["weights"]).evaluate(user_test)
     return {
         "accuracy_before": before["accuracy"],
@@ -88,12 +113,30 @@ def device(out: Path, steps: int, seed: int, lr: float) -> dict:
     }
 
 
+def report(res: dict) -> str:
+    """The result in words."""
+    if res["step_ms_median"] is None:  # resumed a run that already had its steps
+        timing = "no new steps (the run under --out already had them)"
+    else:
+        timing = (f"step {res['step_ms_median']:.3g} ms (forward "
+                  f"{res['forward_ms_median']:.3g} ms)")
+    return (f"new user, before personalization: accuracy {res['accuracy_before']:.3f}\n"
+            f"after {res['steps']} ZO-SGD steps on device: accuracy "
+            f"{res['accuracy_after']:.3f}\n"
+            f"{timing}, peak RSS {res['peak_rss_mb']:.0f} MB, torch loaded on device: "
+            f"{res['torch_loaded_on_device']}\n"
+            f"weights: {res['weights']}\njournal: {res['journal']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits", help="working directory")
     p.add_argument("--steps", type=int, default=1500, help="ZO-SGD steps on device")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true",
+                   help="clear the device run under --out and start it again")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--device-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     out = Path(args.out)
@@ -102,19 +145,16 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     host(out, args.seed)
+    if args.restart and (out / "run" / "journal.bin").is_file():
+        shutil.rmtree(out / "run")
+    print(f"device: personalizing the head with ZO-SGD, {args.steps} steps, in a torch-free "
+          "process", file=sys.stderr)
     # The device half in a fresh interpreter: only numpy + onnxruntime are imported there.
-    proc = subprocess.run([sys.executable, __file__, "--device-only", "--out", str(out),
+    res = run_device_half([sys.executable, __file__, "--device-only", "--out", str(out),
                            "--steps", str(args.steps), "--seed", str(args.seed),
-                           "--lr", str(args.lr)], check=True, capture_output=True, text=True)
-    res = json.loads(proc.stdout)
-    print(f"new user, before personalization: accuracy {res['accuracy_before']:.3f}")
-    print(f"after {res['steps']} ZO-SGD steps on device: accuracy {res['accuracy_after']:.3f}")
-    print(f"step {res['step_ms_median']:.2f} ms (forward {res['forward_ms_median']:.2f} ms), "
-          f"peak RSS {res['peak_rss_mb']:.0f} MB, torch loaded on device: "
-          f"{res['torch_loaded_on_device']}")
-    print(f"weights: {res['weights']}\njournal: {res['journal']}")
-    print(json.dumps(res))
+                           "--lr", str(args.lr)])
+    print(json.dumps(res) if args.json else report(res))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(PROG, main, child="--device-only" in sys.argv)

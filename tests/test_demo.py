@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,9 +54,42 @@ def test_bench_reports_forward_and_step_times(capsys) -> None:
     res = json.loads(capsys.readouterr().out)
     assert res["forward_ms"] > 0
     assert res["forward_live_ms"] > 0
-    assert res["step_ms"]["zo-sgd"] > 0
+    for name in ("zo-sgd", "tpsgd", "polystep"):  # tpSGD through the bundle's taps graph
+        assert isinstance(res["step_ms"][name], float), res["step_ms"][name]
+        assert res["step_ms"][name] > 0
+    assert res["step_ms"]["zo-scale"].startswith("n/a: not for this bundle: no int8 weights")
     assert res["peak_rss_mb"] > 0
     assert res["trainable_params"] == 650
+
+
+def test_bench_says_why_tpsgd_is_not_timed(tmp_path, capsys) -> None:
+    from bundle_edit import demo_bundle_without
+
+    from edgelearn.cli import main
+
+    bundle = demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps"),
+                                 taps_unsupported="layer 'act' is a GELU")
+    assert main(["bench", str(bundle), "--runs", "2", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tpsgd" in out
+    assert "n/a: not for this bundle: no taps graph (layer 'act' is a GELU)" in out
+    (line,) = [ln for ln in out.splitlines() if "step zo-sgd" in ln]
+    assert re.search(r"zo-sgd +\d+(\.\d+)? ms \(", line), line
+    assert len(re.search(r"([\d.]+) ms", line).group(1).replace(".", "").lstrip("0")) <= 3
+
+
+def test_demo_batch_size_flag_reaches_every_run(tmp_path, capsys) -> None:
+    from edgelearn.cli import main
+    from edgelearn.journal import read_journal
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--batch-size", "8",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"zo-sgd", "tpsgd", "polystep"} <= set(res["optimizers"])
+    for name, run in res["optimizers"].items():
+        assert run["batch_size"] == 8
+        records, _ = read_journal(tmp_path / name / "journal.bin")
+        assert records[0]["batch_size"] == 8, name
 
 
 def test_demo_bundle_runs_tpsgd_on_litert(tmp_path) -> None:

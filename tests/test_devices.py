@@ -111,3 +111,109 @@ def test_device_command_sizes_a_bundle(bundles, capsys) -> None:
     assert res["bundle"]["max_batch"]["zo-sgd"] == 32
     assert main(["device", "--list", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["profiles"]) == len(list_profiles())
+
+
+# -- the device picks what is installed ------------------------------------------------------
+#: run the CLI in a fresh interpreter where onnxruntime and onnx do not import (a device with
+#: `pip install 'edgelearn[litert]'` only): `None` in sys.modules makes `import` raise
+_LITERT_ONLY = ("import sys\n"
+                "sys.modules['onnxruntime'] = sys.modules['onnx'] = None\n"
+                "from edgelearn.cli import main\n"
+                "code = main(sys.argv[1:])\n"
+                "assert sys.modules.get('onnxruntime') is None, 'onnxruntime was loaded'\n"
+                "sys.exit(code)\n")
+
+
+def _litert_only(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _LITERT_ONLY, *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def _header(run_dir) -> dict:
+    from edgelearn.journal import read_journal
+
+    records, _ = read_journal(run_dir / "journal.bin")
+    return records[0]
+
+
+def test_litert_only_install_runs_demo_train_eval_without_flags(tmp_path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from edgelearn.demo import DATA, demo_data
+
+    demo = _litert_only("demo", "--out", str(tmp_path / "demo"), "--steps", "5",
+                        "--batch-size", "16", "--json")
+    assert demo.returncode == 0, demo.stderr
+    res = json.loads(demo.stdout)
+    assert res["backend"] == "litert"
+    assert set(res["accuracy_after"]) >= {"zo-sgd", "tpsgd", "polystep"}
+    assert res["unavailable"] == {}
+    for name in res["optimizers"]:
+        assert _header(tmp_path / "demo" / name)["batch_size"] == 16
+
+    user_train, user_test, _ = demo_data(0)
+    np.savez(tmp_path / "u.npz", x=user_train.x, y=user_train.y)
+    np.savez(tmp_path / "t.npz", x=user_test.x, y=user_test.y)
+    train = _litert_only("train", str(DATA / "demo"), "--data", str(tmp_path / "u.npz"),
+                         "--optimizer", "tpsgd", "--lr", "0.1", "--steps", "5", "--out",
+                         str(tmp_path / "run"), "--json")
+    assert train.returncode == 0, train.stderr
+    assert _header(tmp_path / "run")["taps_backend"] == "litert"  # replay re-runs it there
+    ev = _litert_only("eval", str(DATA / "demo"), "--data", str(tmp_path / "t.npz"),
+                      "--weights", json.loads(train.stdout)["weights"], "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0
+
+
+def test_litert_only_install_and_a_bundle_without_tflite_say_exactly_that(tmp_path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from bundle_edit import TFLITE_ROLES, demo_bundle_without
+
+    bundle = demo_bundle_without(tmp_path / "b", TFLITE_ROLES,
+                                 tflite_skipped="litert-torch cannot convert aten.foo")
+    np.savez(tmp_path / "u.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    for argv in (["train", str(bundle), "--data", str(tmp_path / "u.npz"), "--steps", "2",
+                  "--out", str(tmp_path / "run")],
+                 ["eval", str(bundle), "--data", str(tmp_path / "u.npz")],
+                 ["bench", str(bundle), "--runs", "1", "--steps", "1"]):
+        proc = _litert_only(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("edgelearn")]
+        assert "no TFLite model (model.tflite: litert-torch cannot convert aten.foo)" in line
+        assert "only litert is installed" in line
+        assert "--formats onnx,tflite" in line
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "journal.bin").exists()
+
+
+def test_profile_preference_skips_backends_the_bundle_has_no_model_for(tmp_path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    from bundle_edit import TFLITE_ROLES, demo_bundle_without
+
+    from edgelearn.demo import DATA
+
+    pi = load_profile("raspberry-pi-4")
+    assert pi.backends[0] == "litert"
+    assert resolve_backend(pi, None, load_bundle(DATA / "demo")) == "litert"
+    onnx_only = load_bundle(demo_bundle_without(tmp_path / "b", TFLITE_ROLES))
+    assert resolve_backend(pi, None, onnx_only) == "onnxruntime"
+    assert resolve_backend(pi, "litert", onnx_only) == "litert"  # an explicit flag wins
+
+
+def test_device_human_output_is_rounded_and_json_is_not(capsys) -> None:
+    import re
+
+    from edgelearn.demo import DATA
+
+    assert main(["device", str(DATA / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "predicted peak" in text
+    sizes = re.findall(r"([\d.]+) [kM]B\b", text)
+    assert len(sizes) >= 4
+    assert all(re.fullmatch(r"\d+(\.\d)?", s) for s in sizes), sizes
+    assert main(["device", str(DATA / "demo"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    peaks = [p["predicted_peak_mb"] for p in res["bundle"]["plans"].values()
+             if "predicted_peak_mb" in p]
+    assert peaks
+    assert any(p != round(p, 1) for p in peaks)  # full values, not the printed ones
+    assert "not for this bundle" in res["bundle"]["plans"]["zo-scale"]["error"]

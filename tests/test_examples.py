@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,18 +17,88 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.torch
-def test_personalize_digits_example(tmp_path: Path) -> None:
+DIGITS = ROOT / "examples" / "personalize_digits.py"
+
+
+def _digits(out: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DIGITS), "--out", str(out), *argv],
+                          check=check, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The example run once (host half + 400 device steps): its --out and --json result."""
     pytest.importorskip("sklearn")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "personalize_digits.py"), "--out",
-         str(tmp_path), "--steps", "400"],
-        check=True, capture_output=True, text=True, timeout=600,
-    )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    out = tmp_path_factory.mktemp("digits")
+    return out, json.loads(_digits(out, "--steps", "400", "--json").stdout)
+
+
+def _copy_host_half(src: Path, dst: Path) -> Path:
+    """A new --out holding `src`'s host half (reused by the example) and its device run."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.torch
+def test_personalize_digits_example(digits_run) -> None:
+    out, res = digits_run
     assert res["torch_loaded_on_device"] is False
     assert res["accuracy_after"] > res["accuracy_before"] + 0.1
     assert Path(res["weights"]).is_file()
+    assert (out / "host.json").is_file()
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("personalize_digits")]
+    return line
+
+
+@pytest.mark.torch
+def test_personalize_digits_rerun_with_other_settings_says_why(digits_run, tmp_path) -> None:
+    """The device half refuses a changed lr / fewer steps in the existing run: its one line
+    reaches the user, exit 2, no traceback; --restart starts afresh."""
+    out = _copy_host_half(digits_run[0], tmp_path / "d")
+    line = _one_error_line(_digits(out, "--steps", "400", "--lr", "0.02", check=False))
+    assert line.startswith("personalize_digits: error: ")
+    assert "lr" in line or "settings" in line
+    line = _one_error_line(_digits(out, "--steps", "100", check=False))
+    assert "400" in line
+    assert "100" in line
+    res = json.loads(_digits(out, "--steps", "30", "--lr", "0.02", "--restart", "--json").stdout)
+    assert res["steps"] == 30
+    again = _digits(out, "--steps", "30", "--lr", "0.02")  # the same run: nothing to add
+    assert "host: reusing" in again.stderr
+    assert "after 30 ZO-SGD steps on device" in again.stdout
+    assert "no new steps" in again.stdout
+
+
+@pytest.mark.torch
+def test_personalize_digits_ctrl_c_is_one_line_and_stops_the_device_half(digits_run,
+                                                                         tmp_path) -> None:
+    out = _copy_host_half(digits_run[0], tmp_path / "d")
+    proc = subprocess.Popen([sys.executable, str(DIGITS), "--out", str(out), "--steps",
+                             "1000000", "--restart"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stderr:  # wait until the device half is running
+            if line.startswith("device:"):
+                break
+        deadline = time.monotonic() + 60
+        while not (out / "run" / "journal.bin").is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "personalize_digits: interrupted"
+    with pytest.raises(ProcessLookupError):  # the device half is gone too
+        os.killpg(proc.pid, 0)
 
 
 @pytest.mark.torch
@@ -34,10 +108,16 @@ def test_har_loso_example(tmp_path: Path) -> None:
         pytest.skip("seglearn (the watch dataset) is not installed")
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "har_loso.py"), "--quick", "--subjects", "1",
-         "--budget", "1500", "--out", str(tmp_path)],
+         "--budget", "1500", "--out", str(tmp_path), "--json"],
         check=True, capture_output=True, text=True, timeout=600,
     )
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout)
+    assert res == json.loads((tmp_path / "results.json").read_text())
+    # progress: a line per subject on the host, per subject and method on the device
+    assert "host   subject  1:" in out.stderr
+    for method in res["per_subject"][0]:
+        if isinstance(res["per_subject"][0][method], dict) and method != "backprop":
+            assert f"device subject  1 {method:10s}:" in out.stderr
     assert res["torch_loaded_on_device"] is False
     (row,) = res["per_subject"]
     # the device's "before" is the exported model: it must score what torch scored (parity is

@@ -7,6 +7,7 @@ rebuilding anything. Runtimes are imported lazily inside each backend module.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -18,6 +19,21 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 BACKENDS = ("onnxruntime", "litert")
+#: backend -> (bundle file role of the model it runs, file name, format label)
+MODEL_FILE = {"onnxruntime": ("onnx", "model.onnx", "ONNX"),
+              "litert": ("tflite", "model.tflite", "TFLite")}
+#: backend -> how to install its runtime
+INSTALL = {"onnxruntime": "pip install 'edgelearn[onnx]'",
+           "litert": "pip install 'edgelearn[litert]'"}
+#: backend -> the export formats that give a bundle its model
+EXPORT_FORMATS = {"onnxruntime": "--formats onnx", "litert": "--formats onnx,tflite"}
+#: backend -> modules that must import, tried in order; each inner tuple is alternatives
+_RUNTIME_MODULES: dict[str, tuple[tuple[str, ...], ...]] = {
+    # the ort backend checks and loads the bundle's graph with onnx before onnxruntime runs it
+    "onnxruntime": (("onnxruntime",), ("onnx",)),
+    # tflite-runtime is LiteRT's interpreter on numpy<2 devices
+    "litert": (("ai_edge_litert.interpreter", "tflite_runtime.interpreter"),),
+}
 
 
 class Backend(Protocol):
@@ -43,3 +59,33 @@ def make_backend(name: str, bundle: Bundle, **options: Any) -> Backend:
 
         return LiteRTBackend(bundle, **options)
     raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def import_problem(name: str) -> str | None:
+    """Why backend `name` cannot run here (a runtime module that does not import), or None.
+
+    Really imports the modules (a wheel that is installed but broken, e.g. built for another
+    numpy, does not count as available); call it only for a backend you are about to use.
+    """
+    if name not in _RUNTIME_MODULES:
+        return f"unknown backend {name!r}"
+    for alternatives in _RUNTIME_MODULES[name]:
+        errors = []
+        for module in alternatives:  # stop at the first that imports
+            why = _import_error(module)
+            if why is None:
+                break
+            errors.append(why)
+        else:
+            return "; ".join(errors)
+    return None
+
+
+def _import_error(module: str) -> str | None:
+    """None when `module` imports, else a one-line reason."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken native wheel raises more than ImportError
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{module.split('.')[0]} does not import: {text}"
+    return None

@@ -1,0 +1,94 @@
+"""What a bundle can be trained with: optimizers and backends it supports, and why not.
+
+Read from the manifest alone (no runtime is imported): which graphs the exporter wrote and, for
+those it left out, the reason it recorded (`taps_unsupported`, `tflite_skipped`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+
+
+def _reason(bundle: Bundle, key: str, default: str) -> str:
+    why = bundle.manifest.get(key)
+    return str(why) if why else default
+
+
+def backend_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    """backend -> {"supported", "model" (file) or "why"} for onnxruntime and litert."""
+    res: dict[str, dict[str, Any]] = {"onnxruntime": (
+        {"supported": True, "model": "model.onnx"} if "onnx" in bundle.files else
+        {"supported": False, "why": "no model.onnx"})}
+    if "tflite" in bundle.files:
+        sec = bundle.manifest.get("tflite") or {}
+        res["litert"] = {"supported": True, "model": "model.tflite",
+                         "strategy": (sec.get("strategy") or {}).get("choice"),
+                         "tflite_batch": sec.get("batch")}
+    else:
+        res["litert"] = {"supported": False, "why": "no model.tflite (" + _reason(
+            bundle, "tflite_skipped", "exported without --formats onnx,tflite") + ")"}
+    return res
+
+
+def _tpsgd(bundle: Bundle) -> dict[str, Any]:
+    if "onnx_taps" not in bundle.files:
+        return {"supported": False, "why": "no taps graph (" + _reason(
+            bundle, "taps_unsupported", "exported without taps") + ")"}
+    res: dict[str, Any] = {"supported": True, "backends": ["onnxruntime"],
+                           "how": "one taps-graph forward per step"}
+    if "tflite_taps" in bundle.files:
+        res["backends"].append("litert")
+    elif "tflite" in bundle.files:
+        res["litert_why"] = "no model_taps.tflite (" + _reason(
+            bundle, "tflite_taps_skipped", "exported before TFLite taps graphs") + ")"
+    return res
+
+
+def _polystep(bundle: Bundle) -> dict[str, Any]:
+    res: dict[str, Any] = {"supported": True}
+    if "onnx_population" in bundle.files:
+        params = (bundle.manifest.get("population") or {}).get("params") or []
+        res.update(fast_path=True, population_params=list(params),
+                   how="fast path on onnxruntime: model_pop.onnx scores a step's candidates "
+                       f"in one call when exactly {', '.join(params)} train")
+    else:
+        res.update(fast_path=False, how="one forward per candidate",
+                   why_no_fast_path="no model_pop.onnx (edgelearn.export.population."
+                                    "add_population_graph writes one)")
+    return res
+
+
+def _zo_scale(bundle: Bundle) -> dict[str, Any]:
+    scales = [p.name for p in bundle.params if (p.quant or {}).get("role") == "scale"]
+    if not scales:
+        return {"supported": False, "why": "no int8 weights with quantization scales ("
+                "edgelearn.export.quantize.export_int8_bundle writes them)"}
+    return {"supported": True, "how": f"trains the {len(scales)} quantization scale tensors"}
+
+
+def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    """optimizer -> {"supported", "how" | "why", ...} for every registered optimizer.
+
+    Args:
+        bundle: a loaded bundle (only its manifest and file list are read).
+    """
+    from edgelearn.optim import REGISTRY
+
+    floats = any(p.dtype == "float32" for p in bundle.params)
+    known = {
+        "zo-sgd": {"supported": True, "how": "two forwards per probe, any graph"} if floats else
+        {"supported": False, "why": "no float32 parameters"},
+        "tpsgd": _tpsgd(bundle),
+        "polystep": _polystep(bundle),
+        "zo-scale": _zo_scale(bundle),
+    }
+    return {name: known.get(name, {"supported": None, "why": "not described"})
+            for name in sorted(REGISTRY)}
+
+
+def bundle_support(bundle: Bundle) -> dict[str, Any]:
+    """{"optimizers": optimizer_support, "backends": backend_support} of a bundle."""
+    return {"optimizers": optimizer_support(bundle), "backends": backend_support(bundle)}
