@@ -8,17 +8,19 @@ temporary file while an export runs. `edgelearn export -v` passes everything thr
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 
-@contextmanager
+@contextlib.contextmanager
 def quiet_third_party(verbose: bool = False) -> Iterator[None]:
-    """Send fds 1 and 2 and Python warnings to a discarded temp file inside the block.
+    """Silence fds 1 and 2, sys.stdout/stderr, logging and warnings inside the block.
 
     Args:
         verbose: when True nothing is redirected (the `-v` flag).
@@ -30,13 +32,19 @@ def quiet_third_party(verbose: bool = False) -> Iterator[None]:
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
     try:
-        with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        # sys.stdout/stderr too: under a test runner they are not the descriptors.
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
+            # Handlers made before the block keep their own stream; silence them at the source.
+            logging.disable(logging.CRITICAL)
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
             try:
                 yield
             finally:
+                logging.disable(logging.NOTSET)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os.dup2(saved[0], 1)
