@@ -20,8 +20,8 @@ from edgelearn.errors import InputError
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
 
-__all__ = ["BACKENDS", "REGISTRY", "Backend", "PopulationScorer", "backend_class",
-           "import_problem", "make_backend"]
+__all__ = ["ALIASES", "BACKENDS", "EXPORT_FORMATS", "INSTALL", "MODEL_FILE", "REGISTRY", "Backend",
+           "PopulationScorer", "backend_class", "import_problem", "make_backend"]
 
 #: name -> backend class, for every backend the CLI offers (the contract tests run them all)
 REGISTRY: dict[str, type[Backend]] = {c.name: c for c in (OrtBackend, LiteRTBackend)}

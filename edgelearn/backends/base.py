@@ -201,9 +201,11 @@ class Backend(abc.ABC):
         return False
 
     def _population_scorer(self, store: ParamStore, max_population: int) -> PopulationScorer:
+        """Make the scorer (backends with populations; called once `_population_ready`)."""
         raise InputError(f"the {self.name} backend cannot score populations in one call")
 
     def _bound(self) -> ParamStore:
+        """The bound store, or EdgelearnError before bind() / after close()."""
         if self.store is None:
             raise EdgelearnError("backend is not bound: call bind(store) first")
         return self.store
