@@ -68,12 +68,9 @@ def _step_timer(bundle: Bundle, live: Model, name: str, x: np.ndarray, y: np.nda
                             backend=backend, threads=threads)
         return lambda: opt.step(live.store, at(0))
     pop = None
-    if "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
-        from edgelearn.backends.ort_population import OrtPopulation, supports_population
-
-        if supports_population(bundle, live.store):
-            pop_eval = OrtPopulation(bundle, live.store, threads=threads)
-            pop = lambda p: pop_eval.losses(p, x, y, loss_fn)  # noqa: E731
+    if live.backend.can_score_population():
+        pop_eval = live.backend.population_scorer()
+        pop = lambda p: pop_eval.losses(p, x, y, loss_fn)  # noqa: E731
     return lambda: opt.step(live.store, lambda: loss_fn(live.predict(x), y), pop)
 
 

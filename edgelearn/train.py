@@ -64,7 +64,7 @@ import numpy as np
 from edgelearn.budget import PERMUTATIONS_CACHED, plan_batch, run_memory_bytes
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
-from edgelearn.errors import BundleError, EdgelearnError, InputError
+from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import MAGIC, Journal, iter_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
@@ -142,11 +142,6 @@ def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
 
-#: backend name -> the bundle file role of its taps graph
-TAPS_GRAPH = {"onnxruntime": "onnx_taps", "ort": "onnx_taps", "litert": "tflite_taps",
-              "tflite": "tflite_taps"}
-
-
 def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimizer, *,
                    batch_size: int, seed: int, backend: str = "onnxruntime",
                    threads: int | None = None,
@@ -159,13 +154,13 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
     forward on the step's batch; on onnxruntime its tap arrays are the backend's reused output
     buffers (no copy of the activations), valid until the next evaluate() call.
     """
-    from edgelearn.backends import make_backend
+    from edgelearn.backends import backend_class, make_backend
     from edgelearn.layers import needed_taps, parse_layers
 
     if "onnx_taps" not in bundle.files:
         why = bundle.manifest.get("taps_unsupported", "exported without taps")
         raise InputError(f"{opt.name} needs a bundle with layer taps; this one has none ({why})")
-    graph = TAPS_GRAPH.get(backend)
+    graph = backend_class(backend).taps_role
     if graph is None:
         raise InputError(f"{opt.name} has no taps graph for backend {backend!r}")
     if graph not in bundle.files:
@@ -180,21 +175,12 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
         opt.check_targets(data.y, out_shape)  # type: ignore[attr-defined]
     in_name = bundle.inputs[0].name
     need = needed_taps(layers, set(store.trainable_names)) - {in_name}
-    if backend in ("onnxruntime", "ort"):
-        # only the taps a step reads: a frozen layer's taps are dropped from the graph, so
-        # onnxruntime may fuse that layer (Conv+BN+Relu) as in the plain graph; the backend
-        # refuses names that are not graph outputs
-        be = make_backend(backend, bundle, threads=threads, graph=graph, outputs=need)
-        be.bind(store)
-        run = functools.partial(be.forward, reuse_outputs=True)  # type: ignore[call-arg]
-    else:
-        be = make_backend(backend, bundle, threads=threads, graph=graph)
-        be.bind(store)
-        missing = sorted(need - set(be.output_names))  # type: ignore[attr-defined]
-        if missing:
-            raise BundleError(f"manifest.json: layer taps {missing[:4]} are not outputs of "
-                              "the taps graph")
-        run = be.forward
+    # only the taps a step reads: a frozen layer's taps are dropped from the graph, so
+    # onnxruntime may fuse that layer (Conv+BN+Relu) as in the plain graph; the backend
+    # refuses names that are not graph outputs
+    be = make_backend(backend, bundle, threads=threads, graph=graph, outputs=need)
+    be.bind(store)
+    run = functools.partial(be.forward, reuse_outputs=True)
 
     def at(step: int) -> Callable[[], Any]:
         idx = batch_indices(len(data), batch_size, step, seed)
@@ -360,11 +346,8 @@ def train(
     opts.setdefault("seed", seed)
     opt = make_optimizer(optimizer, **opts)
     pop_eval = None
-    if population and "onnx_population" in bundle.files and backend in ("onnxruntime", "ort"):
-        from edgelearn.backends.ort_population import OrtPopulation, supports_population
-
-        if supports_population(bundle, store):  # K candidates per runtime call
-            pop_eval = OrtPopulation(bundle, store, threads=threads)
+    if population and model.backend.can_score_population():  # K candidates per runtime call
+        pop_eval = model.backend.population_scorer()
     plan = None
     if memory_budget_mb is not None:
         plan = _plan(bundle, data, store, opt, pop_eval, batch_size=batch_size,
@@ -380,8 +363,8 @@ def train(
     extra: dict[str, Any] = {}
     if opt.needs == "taps":  # tpsgd: one taps forward per step, replay re-runs it on the data
         extra["data_sha256"] = data_sha256(data)
-        if TAPS_GRAPH.get(backend) == "tflite_taps":  # replay must re-run the same runtime
-            extra["taps_backend"] = "litert"
+        if model.backend.name != "onnxruntime":  # replay must re-run the same runtime
+            extra["taps_backend"] = model.backend.name
         loop.taps_at = taps_evaluator(bundle, store, data, opt, batch_size=batch_size,
                                       seed=seed, backend=backend, threads=threads,
                                       times=loop.times_fwd)

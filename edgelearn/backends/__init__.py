@@ -1,24 +1,33 @@
 """Inference backends: run a bundle's graph with weights bound in place from a ParamStore.
 
-Protocol (duck-typed, see `Backend`): `bind(store)` once, then `forward(inputs)` any number of
-times; in-place edits of the store's trainable views are seen by the next forward without
-rebuilding anything. Runtimes are imported lazily inside each backend module.
+Every backend is a `Backend` (edgelearn/backends/base.py): `bind(store)` once, then
+`forward(inputs)` any number of times; in-place edits of the store's trainable views are seen
+by the next forward without rebuilding anything. What a backend can do (taps graph, population
+scoring, reused output buffers, live int8 weights, weight strategies) are class flags declared
+on every backend. Runtimes are imported lazily inside each backend module.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from edgelearn.backends.base import Backend, PopulationScorer
+from edgelearn.backends.litert import LiteRTBackend
+from edgelearn.backends.ort import OrtBackend
 from edgelearn.errors import InputError
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
-    from edgelearn.params import ParamStore
 
-BACKENDS = ("onnxruntime", "litert")
+__all__ = ["ALIASES", "BACKENDS", "EXPORT_FORMATS", "INSTALL", "MODEL_FILE", "REGISTRY", "Backend",
+           "PopulationScorer", "backend_class", "import_problem", "make_backend"]
+
+#: name -> backend class, for every backend the CLI offers (the contract tests run them all)
+REGISTRY: dict[str, type[Backend]] = {c.name: c for c in (OrtBackend, LiteRTBackend)}
+#: other names accepted for a backend
+ALIASES = {"ort": "onnxruntime", "tflite": "litert"}
+BACKENDS = tuple(REGISTRY)
 #: backend -> (bundle file role of the model it runs, file name, format label)
 MODEL_FILE = {"onnxruntime": ("onnx", "model.onnx", "ONNX"),
               "litert": ("tflite", "model.tflite", "TFLite")}
@@ -36,29 +45,25 @@ _RUNTIME_MODULES: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
-class Backend(Protocol):
-    """What optimizers and the training loop need from a runtime."""
-
-    name: str
-
-    def bind(self, store: ParamStore) -> None:
-        """Attach the store: trainable views become live runtime inputs, frozen ones baked."""
-
-    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph on `inputs` (name -> array) with the store's current weights."""
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered as `name` (or an alias); InputError for an unknown one."""
+    try:
+        return REGISTRY[ALIASES.get(name, name)]
+    except KeyError:
+        raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") \
+            from None
 
 
 def make_backend(name: str, bundle: Bundle, **options: Any) -> Backend:
-    """Create the backend called `name` for `bundle` (options: threads, providers, strategy)."""
-    if name in ("onnxruntime", "ort"):
-        from edgelearn.backends.ort import OrtBackend
+    """Create the backend called `name` for `bundle`.
 
-        return OrtBackend(bundle, **options)
-    if name in ("litert", "tflite"):
-        from edgelearn.backends.litert import LiteRTBackend
-
-        return LiteRTBackend(bundle, **options)
-    raise InputError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    Args:
+        name: a registered backend name or alias.
+        bundle: the loaded bundle.
+        options: constructor keywords: threads, strategy, graph, outputs (every backend);
+            providers (onnxruntime).
+    """
+    return backend_class(name)(bundle, **options)
 
 
 def import_problem(name: str) -> str | None:

@@ -25,18 +25,19 @@ tap in one call, named by the manifest's "tflite_taps" section), with the "input
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgelearn.errors import BundleError, EdgelearnError, InputError
+from edgelearn.backends.base import Backend
+from edgelearn.errors import BundleError, EdgelearnError
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
     from edgelearn.params import ParamStore
 
 STRATEGIES = ("inputs", "rebuild")
-GRAPHS = ("tflite", "tflite_taps")
 
 
 def import_interpreter() -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ def import_interpreter() -> tuple[Any, Any]:
     return Interpreter, OpResolverType
 
 
-class LiteRTBackend:
+class LiteRTBackend(Backend):
     """TFLite interpreter over a bundle's model.tflite / model_const.tflite.
 
     Args:
@@ -67,43 +68,34 @@ class LiteRTBackend:
         threads: interpreter threads (None = 1 thread per LiteRT's default).
         strategy: "inputs" or "rebuild" (None = the manifest's measured choice).
         graph: "tflite" (the model) or "tflite_taps" (tpSGD's taps graph; "inputs" only).
+        outputs: outputs forward() returns (None: all the graph's, in manifest order).
     """
 
     name = "litert"
+    model_role = "tflite"
+    taps_role = "tflite_taps"
+    strategies = STRATEGIES
+    taps_strategies = ("inputs",)  # the exporter writes no constant-weight taps graph
+    reuses_outputs = False  # get_tensor copies; chunked batches are concatenated anyway
+    live_int8 = True
+    supports_population = False
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None,
-                 strategy: str | None = None, graph: str = "tflite") -> None:
-        if graph not in GRAPHS:
-            raise InputError(f"unknown litert graph {graph!r}; choose {GRAPHS}")
-        sec = bundle.manifest.get("tflite")
-        if "tflite" not in bundle.files or not isinstance(sec, dict):
-            why = bundle.manifest.get("tflite_skipped")
-            raise BundleError("bundle has no TFLite model" + (f" ({why})" if why else
-                              "; export it with formats=('onnx', 'tflite')"))
-        if graph == "tflite_taps":
-            sec = bundle.manifest.get("tflite_taps")
-            if "tflite_taps" not in bundle.files or not isinstance(sec, dict):
-                why = bundle.manifest.get("tflite_taps_skipped", "exported without taps, or "
-                                          "by an edgelearn without TFLite taps graphs")
-                raise BundleError(f"bundle has no TFLite taps graph ({why})")
-            if strategy not in (None, "inputs"):
-                raise InputError("the TFLite taps graph takes its weights as inputs: strategy "
-                                 f"'inputs', not {strategy!r}")
-            strategy = "inputs"
-        strategy = strategy or sec.get("strategy", {}).get("choice", "rebuild")
-        if strategy not in STRATEGIES:
-            raise InputError(f"unknown litert strategy {strategy!r}; choose {STRATEGIES}")
-        if strategy == "rebuild" and "tflite_const" not in bundle.files:
+                 strategy: str | None = None, graph: str | None = None,
+                 outputs: Collection[str] | None = None) -> None:
+        super().__init__(bundle, threads=threads, strategy=strategy, graph=graph,
+                         outputs=outputs)
+        self.section = _section(bundle, self.graph)
+        if strategy is None and not self.runs_taps:  # the exporter's measured choice
+            self.strategy = self.section.get("strategy", {}).get("choice", "rebuild")
+            if self.strategy not in STRATEGIES:
+                raise BundleError(f"manifest.json: unknown litert strategy {self.strategy!r}; "
+                                  f"choose {STRATEGIES}")
+        if self.strategy == "rebuild" and "tflite_const" not in bundle.files:
             raise BundleError("bundle has no model_const.tflite for the rebuild strategy")
-        self.bundle = bundle
-        self.graph = graph
-        self.section = sec
-        self.strategy = strategy
-        self.threads = threads
-        self.batch = int(sec["batch"])
+        self.batch = int(self.section["batch"])
         self.interpreter: Any = None
         self.rebuilds = 0
-        self.store: ParamStore | None = None
 
     # -- setup ---------------------------------------------------------------------------------
     def _interp(self, **src: Any) -> Any:
@@ -130,48 +122,54 @@ class LiteRTBackend:
                               "model's signature does not have")
         return {n: sig[s] for n, s in names.items()}
 
-    def bind(self, store: ParamStore) -> None:
+    def _bind(self, store: ParamStore) -> None:
         """Create the interpreter with the store's weights (see the module doc for how)."""
-        self.store = store
-        sec = self.section
-        if self.strategy == "inputs":
-            it = self._interp(model_path=str(self.bundle.files[self.graph]))
-            ins, outs = self._index(it)
-            self._param_idx = self._map("params", ins)
-            unknown = sorted(set(self._param_idx) - set(store.names))
-            if unknown:
-                raise BundleError(f"manifest.json: {self.graph}.params names {unknown[:4]}, "
-                                  "which are not bundle parameters")
-            for name, idx in self._param_idx.items():  # frozen ones once, trainable per call
-                it.set_tensor(idx, np.ascontiguousarray(store[name]))
-            self._live = [(store[n], self._param_idx[n]) for n in store.trainable_names
-                          if n in self._param_idx]
-        else:
-            # A private, never-shared bytes object: the interpreter reads constants from it,
-            # and we patch weight bytes in place before re-creating the interpreter.
-            self._model = self.bundle.files["tflite_const"].read_bytes()
-            self._base = np.frombuffer(self._model, np.uint8).ctypes.data
-            self._slots: dict[str, np.ndarray] = {}
-            for name, (off, nbytes) in sec["const"].items():
-                view = store[name]
-                if view.nbytes != nbytes or off < 0 or off + nbytes > len(self._model):
-                    raise BundleError(f"tflite const slot of {name!r} does not fit the model")
-                self._slots[name] = np.frombuffer(self._model, view.dtype, view.size, off)
-                self._patch(name, view)
-            self._live = [(store[n], n) for n in store.trainable_names if n in self._slots]
-            it = self._interp(model_content=self._model)
-            ins, outs = self._index(it)
-        self.interpreter = it
-        self._data_idx = self._map("inputs", ins)
-        self._out_idx = self._map("outputs", outs)
-        if sorted(self._data_idx) != sorted(t.name for t in self.bundle.inputs):
+        self.interpreter = None
+        bind = self._bind_inputs if self.strategy == "inputs" else self._bind_rebuild
+        it = bind(store)
+        ins, outs = self._index(it)
+        data_idx = self._map("inputs", ins)
+        if sorted(data_idx) != sorted(t.name for t in self.bundle.inputs):
             raise BundleError(f"manifest.json: {self.graph}.inputs do not match the model inputs")
-        self._specs = {t.name: t for t in self.bundle.inputs}
+        out_idx = self._map("outputs", outs)
+        if self.outputs is not None:
+            absent = sorted(self.outputs - set(out_idx))
+            if absent:
+                raise BundleError(f"manifest.json: {absent[:4]} are not outputs of the "
+                                  f"{self.graph} graph")
+            out_idx = {n: i for n, i in out_idx.items() if n in self.outputs}
+        self.interpreter, self._data_idx, self._out_idx = it, data_idx, out_idx
+        self._output_names = list(out_idx)
 
-    @property
-    def output_names(self) -> list[str]:
-        """Names forward() returns (for the taps graph: the model output, then every tap)."""
-        return list(self._out_idx)
+    def _bind_inputs(self, store: ParamStore) -> Any:
+        """The "inputs" interpreter: every parameter a model input, frozen ones set once."""
+        it = self._interp(model_path=str(self.bundle.files[self.graph]))
+        param_idx = self._map("params", self._index(it)[0])
+        unknown = sorted(set(param_idx) - set(store.names))
+        if unknown:
+            raise BundleError(f"manifest.json: {self.graph}.params names {unknown[:4]}, "
+                              "which are not bundle parameters")
+        for name, idx in param_idx.items():  # frozen ones once, trainable per call
+            it.set_tensor(idx, np.ascontiguousarray(store[name]))
+        self._live: list[tuple[np.ndarray, Any]] = [
+            (store[n], param_idx[n]) for n in store.trainable_names if n in param_idx]
+        return it
+
+    def _bind_rebuild(self, store: ParamStore) -> Any:
+        """The "rebuild" interpreter over a private copy of model_const.tflite, patched."""
+        # A private, never-shared bytes object: the interpreter reads constants from it,
+        # and we patch weight bytes in place before re-creating the interpreter.
+        self._model = self.bundle.files["tflite_const"].read_bytes()
+        self._base = np.frombuffer(self._model, np.uint8).ctypes.data
+        self._slots: dict[str, np.ndarray] = {}
+        for name, (off, nbytes) in self.section["const"].items():
+            view = store[name]
+            if view.nbytes != nbytes or off < 0 or off + nbytes > len(self._model):
+                raise BundleError(f"tflite const slot of {name!r} does not fit the model")
+            self._slots[name] = np.frombuffer(self._model, view.dtype, view.size, off)
+            self._patch(name, view)
+        self._live = [(store[n], n) for n in store.trainable_names if n in self._slots]
+        return self._interp(model_content=self._model)
 
     def _patch(self, name: str, view: np.ndarray) -> None:
         off = int(self.section["const"][name][0])
@@ -196,11 +194,9 @@ class LiteRTBackend:
             self.rebuilds += 1
 
     # -- run -----------------------------------------------------------------------------------
-    def forward(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on `inputs` (any batch size) with the store's current weights."""
-        if self.interpreter is None or self.store is None:
-            raise EdgelearnError("backend is not bound: call bind(store) first")
-        self.bundle.check_inputs(inputs)
+    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
+                 ) -> dict[str, np.ndarray]:
+        """Run on `inputs` (any batch size: padded / chunked to the graph's fixed batch)."""
         self._sync()
         it, bsz = self.interpreter, self.batch
         n = next(iter(inputs.values())).shape[0]
@@ -216,5 +212,27 @@ class LiteRTBackend:
                 it.set_tensor(self._data_idx[name], np.ascontiguousarray(chunk))
             it.invoke()
             for name, idx in self._out_idx.items():
-                parts[name].append(it.get_tensor(idx)[:m])
+                parts[name].append(it.get_tensor(idx)[:m])  # get_tensor copies
         return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+
+    def _close(self) -> None:
+        self.interpreter = None
+        self._live = []
+        self._slots = {}
+        self._model = b""
+
+
+def _section(bundle: Bundle, graph: str) -> dict[str, Any]:
+    """The manifest section describing `graph` ("tflite" or "tflite_taps"), checked present."""
+    sec = bundle.manifest.get("tflite")
+    if "tflite" not in bundle.files or not isinstance(sec, dict):
+        why = bundle.manifest.get("tflite_skipped")
+        raise BundleError("bundle has no TFLite model" + (f" ({why})" if why else
+                          "; export it with formats=('onnx', 'tflite')"))
+    if graph == "tflite_taps":
+        sec = bundle.manifest.get("tflite_taps")
+        if "tflite_taps" not in bundle.files or not isinstance(sec, dict):
+            why = bundle.manifest.get("tflite_taps_skipped", "exported without taps, or "
+                                      "by an edgelearn without TFLite taps graphs")
+            raise BundleError(f"bundle has no TFLite taps graph ({why})")
+    return sec

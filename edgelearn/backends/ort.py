@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgelearn.backends.base import Backend, PopulationScorer
 from edgelearn.errors import BundleError, EdgelearnError
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 
-def _import_ort() -> Any:
+def import_ort() -> Any:
+    """The onnxruntime module (logging quietened), or EdgelearnError saying how to install it."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -32,6 +34,9 @@ def _import_ort() -> Any:
         ) from None
     ort.set_default_logger_severity(3)
     return ort
+
+
+_import_ort = import_ort  # the name edgelearn.prepare imports
 
 
 def _external_tensors(model: Any) -> Iterator[tuple[str, Any]]:
@@ -130,19 +135,27 @@ def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarra
     return model.SerializeToString()
 
 
-class OrtBackend:
-    """ONNX Runtime session over a bundle's model.onnx.
+class OrtBackend(Backend):
+    """ONNX Runtime session over a bundle's model.onnx (or model_taps.onnx).
 
     Args:
         bundle: the loaded bundle.
         threads: intra-op threads (None = ORT default, one per core).
         providers: execution providers, e.g. ["CPUExecutionProvider"] (None = CPU).
-        graph: which model file of the bundle to run (files role, default "onnx").
+        strategy: "iobinding", the only one: trainable views bound zero-copy as OrtValues.
+        graph: which model file of the bundle to run (files role "onnx" or "onnx_taps").
         outputs: graph outputs to compute (None: all); the others are removed before the
-            session is built.
+            session is built, so onnxruntime may fuse the nodes behind them.
     """
 
     name = "onnxruntime"
+    model_role = "onnx"
+    taps_role = "onnx_taps"
+    strategies = ("iobinding",)
+    taps_strategies = ("iobinding",)
+    reuses_outputs = True
+    live_int8 = True
+    supports_population = True
 
     def __init__(
         self,
@@ -150,16 +163,17 @@ class OrtBackend:
         *,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
-        graph: str = "onnx",
+        strategy: str | None = None,
+        graph: str | None = None,
         outputs: Collection[str] | None = None,
     ) -> None:
-        if graph not in bundle.files:
-            raise BundleError(f"bundle has no {graph!r} model (it carries {bundle.formats})")
-        self.bundle = bundle
-        self.model_path = bundle.files[graph]
-        self.threads = threads
+        super().__init__(bundle, threads=threads, strategy=strategy, graph=graph,
+                         outputs=outputs)
+        if self.graph not in bundle.files:
+            raise BundleError(f"bundle has no {self.graph!r} model (it carries "
+                              f"{bundle.formats})")
+        self.model_path = bundle.files[self.graph]
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
-        self.outputs = None if outputs is None else frozenset(outputs)
         self.session: Any = None
         self._io: Any = None
         self._keepalive: list[Any] = []
@@ -174,9 +188,9 @@ class OrtBackend:
         so.log_severity_level = 3
         return so
 
-    def bind(self, store: ParamStore) -> None:
-        """Build the session (frozen parameters baked) and bind trainable views zero-copy."""
-        ort = _import_ort()
+    def _session(self, store: ParamStore) -> Any:
+        """An InferenceSession over the graph with the store's frozen parameters baked in."""
+        ort = import_ort()
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         # Always bytes that passed load_checked_model: the runtime never opens a path itself
         # (no external data resolved against the file system, no check-then-swap race).
@@ -185,12 +199,16 @@ class OrtBackend:
         else:
             src = load_checked_model(self.model_path).SerializeToString()
         try:
-            self.session = ort.InferenceSession(
-                src, sess_options=self._options(ort), providers=self.providers
-            )
+            return ort.InferenceSession(src, sess_options=self._options(ort),
+                                        providers=self.providers)
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"{self.model_path.name}: onnxruntime cannot load it ({e})") \
                 from None
+
+    def _bind(self, store: ParamStore) -> None:
+        """Build the session (frozen parameters baked) and bind trainable views zero-copy."""
+        self.session = self._session(store)
+        ort = import_ort()
         graph_inputs = {i.name for i in self.session.get_inputs()}
         data_inputs = {t.name for t in self.bundle.inputs}
         io = self.session.io_binding()
@@ -207,25 +225,14 @@ class OrtBackend:
         missing = graph_inputs - data_inputs - set(self.bound)
         if missing:
             raise BundleError(f"graph inputs {sorted(missing)} are neither data nor parameters")
-        self._out_names = [o.name for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.session.get_outputs()]
         self._io = io
         self._reused = None
-        self.store = store
 
-    def forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool = False
-                ) -> dict[str, np.ndarray]:
-        """Run the graph on `inputs` with the store's current weights (no session rebuild).
-
-        Args:
-            inputs: input name -> array.
-            reuse_outputs: write the outputs straight into arrays this backend keeps and
-                returns again on the next call with the same input shapes (no copy, no
-                allocation: the layer-taps graph of tpSGD returns every activation). Those
-                arrays are overwritten by that next call: use them before it.
-        """
-        if self._io is None:
-            raise EdgelearnError("backend is not bound: call bind(store) first")
-        self.bundle.check_inputs(inputs)
+    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
+                 ) -> dict[str, np.ndarray]:
+        """Bind the inputs and run; with reuse_outputs the outputs are written straight into
+        arrays kept from the previous call with the same input shapes."""
         io = self._io
         for name, arr in inputs.items():
             io.bind_cpu_input(name, np.asarray(arr, order="C"))  # keeps 0-d inputs 0-d
@@ -240,10 +247,10 @@ class OrtBackend:
         # the batch dimension is symbolic.
         self._reused = None
         io.clear_binding_outputs()
-        for name in self._out_names:
+        for name in self._output_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        out = dict(zip(self._out_names, io.copy_outputs_to_cpu(), strict=False))
+        out = dict(zip(self._output_names, io.copy_outputs_to_cpu(), strict=False))
         if reuse_outputs and all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf"
                                  and a.flags.c_contiguous and a.size for a in out.values()):
             # the next run with these input shapes writes into these (owned, fresh) arrays
@@ -252,3 +259,19 @@ class OrtBackend:
                 io.bind_output(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
             self._reused = (key, out)
         return out
+
+    def _close(self) -> None:
+        self._io = self.session = self._reused = None
+        self._keepalive = []
+        self.bound = []
+
+    def _population_ready(self, store: ParamStore) -> bool:
+        from edgelearn.backends.ort_population import supports_population
+
+        return self.graph == self.model_role and supports_population(self.bundle, store)
+
+    def _population_scorer(self, store: ParamStore, max_population: int) -> PopulationScorer:
+        from edgelearn.backends.ort_population import OrtPopulation
+
+        return OrtPopulation(self.bundle, store, threads=self.threads,
+                             max_population=max_population)

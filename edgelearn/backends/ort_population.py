@@ -9,13 +9,13 @@ with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgelearn.backends.ort import _import_ort, baked_model_bytes
-from edgelearn.errors import BundleError
+from edgelearn.backends.base import PopulationScorer
+from edgelearn.backends.ort import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.errors import BundleError, EdgelearnError, InputError
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -32,7 +32,7 @@ def supports_population(bundle: Bundle, store: ParamStore) -> bool:
         and store.n_trainable("int8") == 0
 
 
-class OrtPopulation:
+class OrtPopulation(PopulationScorer):
     """Scores populations of candidates on a batch with the population graph.
 
     Args:
@@ -44,18 +44,25 @@ class OrtPopulation:
 
     def __init__(self, bundle: Bundle, store: ParamStore, *, threads: int | None = None,
                  max_population: int = 64) -> None:
+        if max_population < 1:
+            raise InputError(f"max_population must be >= 1, got {max_population}")
         if not supports_population(bundle, store):
             raise BundleError("the bundle's population graph does not batch the trainable set")
-        ort = _import_ort()
+        ort = import_ort()
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         path = bundle.files[POP_ROLE]
-        src: Any = baked_model_bytes(path, frozen) if frozen else str(path)
-        self.session = ort.InferenceSession(src, sess_options=so,
-                                            providers=["CPUExecutionProvider"])
+        # bytes that passed load_checked_model, as in OrtBackend: ORT never opens a path
+        src = baked_model_bytes(path, frozen) if frozen else \
+            load_checked_model(path).SerializeToString()
+        try:
+            self.session: Any = ort.InferenceSession(src, sess_options=so,
+                                                     providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types
+            raise BundleError(f"{path.name}: onnxruntime cannot load it ({e})") from None
         self.store = store
         self.input_name = bundle.inputs[0].name
         self.output_name = bundle.outputs[0].name
@@ -64,6 +71,8 @@ class OrtPopulation:
 
     def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
         """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
+        if self.session is None:
+            raise EdgelearnError("the population scorer is closed")
         if pop.fill is None:
             raise BundleError("this population request cannot fill candidate rows")
         n = self.store.n_trainable("float32")
@@ -85,8 +94,7 @@ class OrtPopulation:
         """Bytes of the candidate rows buffer (+ one copy of them as per-parameter inputs)."""
         return 2 * 4 * self.max_population * self.store.n_trainable("float32")
 
-    def losses(self, pop: Population, x: np.ndarray, y: np.ndarray,
-               loss_fn: Callable[[np.ndarray, np.ndarray], float]) -> list[float]:
-        """loss_fn of every candidate on (x, y)."""
-        out = self.forward(pop, x)
-        return [loss_fn(o, y) for o in out]
+    def close(self) -> None:
+        """Drop the session and the candidate rows."""
+        self.session = None
+        self._rows = None
