@@ -56,7 +56,7 @@ from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
-from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
+from edgelearn.optim import Optimizer, make_optimizer, optimizer_class, optimizer_from_config
 from edgelearn.params import ParamStore, fsync_dir
 
 JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK = (
@@ -124,8 +124,7 @@ def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -
 def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
     """Rebuild the optimizer a journal was written with."""
     try:
-        legacy = getattr(REGISTRY.get(header["optimizer"]), "header_defaults", {})
-        return make_optimizer(header["optimizer"], **{**legacy, **header["config"]})
+        return optimizer_from_config(header["optimizer"], header["config"])
     except (KeyError, TypeError) as e:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
@@ -161,10 +160,9 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
         raise InputError(f"{opt.name} on {backend} needs the bundle's model_taps.tflite; this "
                          f"one has none ({why}): use --backend onnxruntime or re-export")
     layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
-    opt.setup(layers, store)  # type: ignore[attr-defined]
     out_shape = bundle.outputs[0].shape[1:]
-    if all(isinstance(d, int) for d in out_shape):  # before any journal is written
-        opt.check_targets(data.y, out_shape)  # type: ignore[attr-defined]
+    static = all(isinstance(d, int) for d in out_shape)  # targets checked before any journal
+    opt.setup(store, layers=layers, targets=data.y if static else None, out_shape=out_shape)
     in_name = bundle.inputs[0].name
     need = needed_taps(layers, set(store.trainable_names)) - {in_name}
     if backend in ("onnxruntime", "ort"):
@@ -326,7 +324,7 @@ def train(
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {memory_budget_mb:.0f} MB")
     if trainable is None:  # e.g. zo-scale trains the quantization scales unless told otherwise
-        trainable = getattr(REGISTRY.get(optimizer), "default_trainable", None)
+        trainable = optimizer_class(optimizer).default_trainable
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
                   providers=providers, backend_options=backend_options)
     model.check_data(data)
@@ -395,11 +393,10 @@ def train(
                     times_pop.append(time.perf_counter() - t0)
                     return pop_losses
 
-                if taps_at is not None:
-                    evaluate = taps_at(t)  # type: ignore[assignment]
                 t0 = time.perf_counter()
                 info = opt.step(store, evaluate,
-                                evaluate_population if pop_eval is not None else None)
+                                evaluate_population if pop_eval is not None else None,
+                                taps=None if taps_at is None else taps_at(t))
                 times_step.append(time.perf_counter() - t0)
                 journal.append({"kind": "step", **info.record})
                 losses.append(info.loss)
@@ -707,10 +704,7 @@ def _apply_records(records: list[dict[str, Any]], store: ParamStore, opt: Optimi
     for rec in records:
         kind = rec.get("kind")
         if kind == "step":
-            if taps_at is None:
-                opt.replay(store, rec)
-            else:
-                opt.replay(store, rec, evaluate=taps_at(int(rec["step"])))  # type: ignore[call-arg]
+            opt.replay(store, rec, taps=None if taps_at is None else taps_at(int(rec["step"])))
             if guard is not None and guard.feed_step(rec) == "snapshot":
                 guard.take_snapshot(store, opt)
         elif kind == "rollback":
