@@ -127,17 +127,19 @@ class PolyStepOptions(OptimizerOptions):
         super().__post_init__()
         check(self.rank >= BLOCK and self.rank % BLOCK == 0,
               f"rank must be a positive multiple of {BLOCK}, got {self.rank!r}")
-        for nm in ("radius", "eps", "radius_final", "probe_radius", "eps_final"):
-            v = getattr(self, nm)
+        for nm, v in (("radius", self.radius), ("eps", self.eps),
+                      ("radius_final", self.radius_final), ("probe_radius", self.probe_radius),
+                      ("eps_final", self.eps_final)):
             check(v is None or (v > 0 and math.isfinite(v)),
                   f"{nm} must be a finite number > 0, got {v!r}")
         check(self.total_steps is None or self.total_steps > 0,
               f"total_steps must be a positive integer, got {self.total_steps!r}")
         # resolved here, so config() (the journal header) holds the values the run uses
-        for nm, value in (("radius_final", self.radius / 10), ("probe_radius", self.radius),
-                          ("eps_final", self.eps / 10)):
-            if getattr(self, nm) is None:
-                object.__setattr__(self, nm, value)
+        for nm, v, resolved in (("radius_final", self.radius_final, self.radius / 10),
+                                ("probe_radius", self.probe_radius, self.radius),
+                                ("eps_final", self.eps_final, self.eps / 10)):
+            if v is None:
+                object.__setattr__(self, nm, resolved)
 
 
 @register
