@@ -267,7 +267,7 @@ def time_step_vs_forward(bundle_dir: str, data: str, *, trainable: Any, restore:
         "trainable_params": store.n_trainable("float32"),
         "trainable_mib": round(store.flat("float32").nbytes / (1 << 20), 2),
         "restore_requested": restore, "policy": opt.policy, "noise": noise,  # type: ignore[attr-defined]
-        "chunk": opt.chunk,  # type: ignore[attr-defined]
+        "chunk": chunk or DEFAULT_CHUNK,
         "steps_timed": steps,
         "forward_ms": med_ms(t_fwd), "step_ms": med_ms(t_step),
     }

@@ -595,18 +595,17 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "target_on": "pooled", "diverge_patience": 20, "diverge_lr_scale": 0.5,
 }
 
-_ZO = ("zo-sgd", "zo-scale")
-#: train flag (argparse dest) -> the optimizers that read it (cmd_train passes it on); any
-#: other optimizer refuses the flag instead of dropping it silently
-FLAG_USERS: dict[str, tuple[str, ...]] = {
-    "lr": ("zo-sgd", "zo-scale", "tpsgd"),
-    "eps": _ZO, "probes": _ZO, "noise": _ZO, "schedule": _ZO, "clip": _ZO,
-    "restore": (*_ZO, "polystep"),
-    "weight_decay": ("zo-sgd",), "sign": ("zo-sgd",), "conservative": ("zo-sgd",),
-    "reject_above": ("zo-sgd",),
-    "local_loss": ("tpsgd",), "target_scale": ("tpsgd",), "target_on": ("tpsgd",),
-    "hidden_lr": ("tpsgd",),
-}
+def flag_users() -> dict[str, tuple[str, ...]]:
+    """train flag (argparse dest) -> the optimizers that read it: those whose Options field
+    names the flag (metadata "cli"; cmd_train passes it on). Any other optimizer refuses the
+    flag instead of dropping it silently."""
+    from edgelearn.optim import REGISTRY
+
+    users: dict[str, list[str]] = {}
+    for name in sorted(REGISTRY):
+        for flag in REGISTRY[name].Options.cli_flags():
+            users.setdefault(flag.removeprefix("--").replace("-", "_"), []).append(name)
+    return {dest: tuple(names) for dest, names in sorted(users.items())}
 
 
 def _version() -> str:
@@ -621,20 +620,12 @@ def _version() -> str:
         return __version__
 
 
-def optimizer_option_names(name: str) -> list[str] | None:
-    """Keyword options optimizer `name` takes (its constructor's; `seed` comes from --seed).
-
-    None when the constructor takes arbitrary keywords (nothing to check against).
-    """
-    import inspect
-
+def optimizer_option_names(name: str) -> list[str]:
+    """Keys `--opt KEY=VALUE` takes for optimizer `name`: its Options fields but the run seed
+    (--seed), sorted."""
     from edgelearn.optim import REGISTRY
 
-    params = inspect.signature(REGISTRY[name]).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return sorted(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY
-                  and p.name != "seed")
+    return REGISTRY[name].Options.opt_keys()
 
 
 def _dflt(dest: str, text: str) -> str:
@@ -895,7 +886,7 @@ def check_train_flags(args: argparse.Namespace) -> None:
     """Refuse flags the optimizer would ignore and unknown --opt keys; fill the defaults."""
     opt = args.optimizer
     unused = [f"--{dest.replace('_', '-')} ({', '.join(users)})"
-              for dest, users in FLAG_USERS.items()
+              for dest, users in flag_users().items()
               if getattr(args, dest) is not None and opt not in users]
     if unused:
         hint = "; polystep options go through --opt KEY=VALUE" if opt == "polystep" else ""
@@ -910,7 +901,7 @@ def check_train_flags(args: argparse.Namespace) -> None:
     valid = optimizer_option_names(opt)
     for item in args.opt or []:
         key, sep, _ = item.partition("=")
-        if sep and key.isidentifier() and valid is not None and key not in valid:
+        if sep and key.isidentifier() and key not in valid:
             why = "the run seed is --seed" if key == "seed" else f"valid keys: {', '.join(valid)}"
             raise InputError(f"--opt {key}: {opt} has no option {key!r} ({why})")
     for dest, value in TRAIN_DEFAULTS.items():

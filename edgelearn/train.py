@@ -68,7 +68,7 @@ from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import MAGIC, Journal, iter_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model, peak_rss_mb
-from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
+from edgelearn.optim import Optimizer, make_optimizer, optimizer_class, optimizer_from_config
 from edgelearn.params import ParamStore, fsync_dir
 
 JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK = (
@@ -136,8 +136,7 @@ def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -
 def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
     """Rebuild the optimizer a journal was written with."""
     try:
-        legacy = getattr(REGISTRY.get(header["optimizer"]), "header_defaults", {})
-        return make_optimizer(header["optimizer"], **{**legacy, **header["config"]})
+        return optimizer_from_config(header["optimizer"], header["config"])
     except (KeyError, TypeError) as e:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
@@ -169,10 +168,9 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
         raise InputError(f"{opt.name} on {backend} needs the bundle's model_taps.tflite; this "
                          f"one has none ({why}): use --backend onnxruntime or re-export")
     layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
-    opt.setup(layers, store)  # type: ignore[attr-defined]
     out_shape = bundle.outputs[0].shape[1:]
-    if all(isinstance(d, int) for d in out_shape):  # before any journal is written
-        opt.check_targets(data.y, out_shape)  # type: ignore[attr-defined]
+    static = all(isinstance(d, int) for d in out_shape)  # targets checked before any journal
+    opt.setup(store, layers=layers, targets=data.y if static else None, out_shape=out_shape)
     in_name = bundle.inputs[0].name
     need = needed_taps(layers, set(store.trainable_names)) - {in_name}
     # only the taps a step reads: a frozen layer's taps are dropped from the graph, so
@@ -337,7 +335,7 @@ def train(
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {memory_budget_mb:.0f} MB")
     if trainable is None:  # e.g. zo-scale trains the quantization scales unless told otherwise
-        trainable = getattr(REGISTRY.get(optimizer), "default_trainable", None)
+        trainable = optimizer_class(optimizer).default_trainable
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads,
                   providers=providers, backend_options=backend_options)
     model.check_data(data)
@@ -521,7 +519,8 @@ class _Loop:
                 self._stop(journal, run_dir)
             evaluate, evaluate_population = self._evaluators(t)
             t0 = time.perf_counter()
-            info = opt.step(store, evaluate, evaluate_population)
+            info = opt.step(store, evaluate, evaluate_population,
+                            taps=None if self.taps_at is None else self.taps_at(t))
             self.times_step.append(time.perf_counter() - t0)
             written = journal.append({"kind": "step", **info.record})
             self.loss_last = info.loss
@@ -578,7 +577,7 @@ class _Loop:
                                            Callable[[Any], list[float]] | None]:
         """evaluate() and evaluate_population(pop) (None without a population graph) of step t.
 
-        tpsgd's evaluate() is its taps forward (`taps_at`); the others score a loss.
+        tpsgd's taps forward (`taps_at`) travels to the step as the `taps` keyword.
         """
         idx = batch_indices(len(self.data), self.batch_size, t, self.seed)
         xb, yb = self.data.x[idx], self.data.y[idx]
@@ -595,8 +594,7 @@ class _Loop:
             self.times_pop.append(time.perf_counter() - t0)
             return losses
 
-        return (evaluate if self.taps_at is None else self.taps_at(t),
-                evaluate_population if self.pop_eval is not None else None)
+        return evaluate, evaluate_population if self.pop_eval is not None else None
 
 
 def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer, records: int) -> None:
@@ -1005,10 +1003,7 @@ def _apply_records(records: Iterable[dict[str, Any]], store: ParamStore, opt: Op
     for rec in records:
         kind = rec.get("kind")
         if kind == "step":
-            if taps_at is None:
-                opt.replay(store, rec)
-            else:
-                opt.replay(store, rec, evaluate=taps_at(int(rec["step"])))  # type: ignore[call-arg]
+            opt.replay(store, rec, taps=None if taps_at is None else taps_at(int(rec["step"])))
             if guard is not None and guard.feed_step(rec) == "snapshot":
                 guard.take_snapshot(store, opt)
         elif kind == "rollback":

@@ -18,10 +18,10 @@ import pytest
 
 from edgelearn.backends import BACKENDS
 from edgelearn.cli import (
-    FLAG_USERS,
     TRAIN_DEFAULTS,
     build_parser,
     check_train_flags,
+    flag_users,
     main,
     optimizer_option_names,
 )
@@ -171,9 +171,9 @@ def test_eval_help_batch_size_default(capsys: pytest.CaptureFixture[str]) -> Non
 def test_flag_table_matches_the_parser() -> None:
     train = subparsers(build_parser())["train"]
     dests = {a.dest for a in train._actions}
-    assert set(FLAG_USERS) <= dests
+    assert set(flag_users()) <= dests
     assert set(TRAIN_DEFAULTS) <= dests
-    for users in FLAG_USERS.values():
+    for users in flag_users().values():
         assert set(users) <= set(REGISTRY)
 
 

@@ -339,7 +339,7 @@ def test_tpsgd_step_on_litert_matches_torch_reference(tfl_bundles: dict[str, Exp
     at = taps_evaluator(b, store, data, opt, batch_size=11, seed=5, backend="litert", threads=1)
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
     taps, _ = at(0)()
-    opt.step(store, at(0))
+    opt.step(store, taps=at(0))
     idx = batch_indices(len(data), 11, 0, 5)
     layers = b.manifest["layers"]
     classes = b.outputs[0].shape[-1]

@@ -1,29 +1,292 @@
 """Contract every registered optimizer must keep (optax-style shared suite).
 
-Runs on a pure-numpy objective (no runtime) so it is fast and torch-free: a least-squares fit
-whose loss is computed from the store views the optimizer mutates in place.
+Two pure-numpy problems (no runtime, no torch), so the suite is fast:
+  * `Mlp`: a 2-layer classifier whose step inputs are BOTH a loss (`evaluate`) and one taps
+    forward (`taps=`, as the taps graph gives it); every optimizer gets the same call and
+    reads what it needs. The table `CASES` names every registered optimizer (tpSGD included)
+    and `test_every_registered_optimizer_is_in_the_table` keeps it that way; the tests over
+    `ALL` check options, state, resume, replay and dtype on it.
+  * `problem()`: a least-squares fit for the loss-only optimizers (learning, restore policies,
+    ask/tell, rejected steps, populations).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edgelearn.errors import EdgelearnError, InputError
-from edgelearn.optim import REGISTRY, make_optimizer
+from edgelearn.layers import parse_layers
+from edgelearn.optim import REGISTRY, Optimizer, make_optimizer, optimizer_from_config
 from edgelearn.params import ParamSpec, ParamStore
 
-# Optimizers whose evaluate() gives more than a loss cannot run on this loss-only problem:
-# tpsgd needs layer taps and labels from one taps forward; its contract-equivalent tests
-# (state round trip, N+N == 2N after resume, determinism, replay) are in tests/test_tpsgd.py.
-NAMES = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
+ALL = sorted(REGISTRY)
+#: optimizer -> (options of the shared tests, bad option values: (options, message part))
+CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
+    "zo-sgd": ({"lr": 0.01, "eps": 1e-3, "probes": 2, "noise": "gaussian", "clip": 5.0},
+               [({"lr": -1.0}, "lr"), ({"eps": 0}, "eps"), ({"probes": 0}, "probes"),
+                ({"noise": "uniform"}, "noise"), ({"chunk": 12}, "chunk"),
+                ({"schedule": "cosine"}, "total_steps"), ({"reject_above": math.inf},
+                                                          "reject_above")]),
+    "zo-scale": ({"lr": 0.01, "eps": 1e-3, "probes": 2},
+                 [({"min_ratio": 1.0}, "min_ratio"), ({"clip": 0.0}, "clip"),
+                  ({"eps": math.nan}, "eps"), ({"lr": -1.0}, "lr")]),
+    "polystep": ({"radius": 0.1, "rank": 16, "total_steps": 20},
+                 [({"rank": 12}, "rank"), ({"radius": 0.0}, "radius"),
+                  ({"arena": "int4"}, "arena"), ({"eps_final": -1.0}, "eps_final"),
+                  ({"total_steps": 0}, "total_steps")]),
+    "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
+              [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
+               ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),
+}
+LOSS_ONLY = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
 OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
            "polystep": {"radius": 0.1, "rank": 16},
            "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
 
 
+# -- every optimizer: one problem that offers both a loss and layer taps ----------------------
+class Mlp:
+    """x [64, 6] -> fc1 (linear + relu, 5) -> head (linear, 3 classes), batches of 16.
+
+    `inputs(store, t)` are the step inputs of step t for the weights in `store`: evaluate()
+    (cross-entropy of the batch) and taps=() -> (taps, y) (one forward's layer taps, named as a
+    taps graph names them). A frozen tensor must never move.
+    """
+
+    SPECS = (ParamSpec("fc1.weight", (5, 6), "float32", True),
+             ParamSpec("fc1.bias", (5,), "float32", True),
+             ParamSpec("head.weight", (3, 5), "float32", True),
+             ParamSpec("head.bias", (3,), "float32", True),
+             ParamSpec("frozen", (4,), "float32", False))
+    LAYERS = ({"name": "fc1", "kind": "linear", "activation": "relu", "input": "x",
+               "preact": "fc1:pre", "output": "fc1:out",
+               "params": {"weight": "fc1.weight", "bias": "fc1.bias"}},
+              {"name": "head", "kind": "linear", "head": True, "activation": "none",
+               "input": "fc1:out", "preact": "logits", "output": None,
+               "params": {"weight": "head.weight", "bias": "head.bias"}})
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(11)
+        self.x = rng.standard_normal((64, 6)).astype(np.float32)
+        self.y = (self.x[:, :3].argmax(axis=1)).astype(np.int64)
+        self.values = {s.name: (rng.standard_normal(s.shape) * 0.5).astype(np.float32)
+                       for s in self.SPECS}
+        self.layers = parse_layers({"layers": list(self.LAYERS)}, {s.name for s in self.SPECS})
+
+    def store(self) -> ParamStore:
+        return ParamStore(list(self.SPECS), values=self.values)
+
+    def forward(self, store: ParamStore, t: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        idx = np.random.default_rng([5, t]).choice(len(self.x), 16, replace=False)
+        x, y = self.x[idx], self.y[idx]
+        pre = x @ store["fc1.weight"].T + store["fc1.bias"]
+        out = np.maximum(pre, np.float32(0))
+        logits = out @ store["head.weight"].T + store["head.bias"]
+        return {"x": x, "fc1:pre": pre, "fc1:out": out, "logits": logits}, y
+
+    def inputs(self, store: ParamStore, t: int) -> dict[str, Any]:
+        def evaluate() -> float:
+            taps, y = self.forward(store, t)
+            z = taps["logits"].astype(np.float64)
+            z -= z.max(axis=1, keepdims=True)
+            return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+        return {"evaluate": evaluate, "taps": lambda: self.forward(store, t)}
+
+
+@pytest.fixture(scope="module")
+def mlp() -> Mlp:
+    return Mlp()
+
+
+def fresh(name: str, mlp: Mlp, store: ParamStore, **kw: Any) -> Optimizer:
+    """The optimizer of the shared tests, set up for `store` (every optimizer gets the same
+    setup call; those that need no layers ignore them)."""
+    opt = make_optimizer(name, **{**CASES[name][0], "seed": 7, **kw})
+    opt.setup(store, layers=mlp.layers)
+    return opt
+
+
+def run(opt: Optimizer, mlp: Mlp, store: ParamStore, steps: int) -> list[dict[str, Any]]:
+    """`steps` steps from opt.t on; the journal records, through JSON as a journal keeps them."""
+    out = []
+    for _ in range(steps):
+        info = opt.step(store, **mlp.inputs(store, opt.t))
+        out.append(json.loads(json.dumps(info.record)))
+    return out
+
+
+def test_every_registered_optimizer_is_in_the_table() -> None:
+    assert set(CASES) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_options_round_trip_through_the_journal_header(name: str) -> None:
+    for kw in ({}, CASES[name][0]):
+        opt = make_optimizer(name, seed=3, **kw)
+        header = json.loads(json.dumps({"optimizer": name, "config": opt.config()}))
+        again = optimizer_from_config(header["optimizer"], header["config"])
+        assert again.options == opt.options
+        assert again.config() == opt.config()
+        assert type(opt).Options.from_config(name, header["config"]) == opt.options
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            opt.options.__setattr__("seed", 4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_headers_without_a_newer_option_read_as_their_run(name: str) -> None:
+    """A key an older header lacks takes the value that run used ("legacy"), else the
+    default."""
+    options = type(make_optimizer(name)).Options
+    config = make_optimizer(name).config()
+    for f in dataclasses.fields(options):
+        if f.name not in config:
+            continue
+        old = {k: v for k, v in config.items() if k != f.name}
+        legacy = {f.name: f.metadata["legacy"]} if "legacy" in f.metadata else {}
+        assert options.from_config(name, old) == options(**legacy), f.name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_option_has_help_and_known_metadata(name: str) -> None:
+    for f in dataclasses.fields(REGISTRY[name].Options):
+        assert f.metadata.get("help"), f.name
+        assert f.metadata.get("record", "always") in ("always", "when-set", "never")
+        assert f.metadata.get("cli") is None or f.metadata["cli"].startswith("--")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unknown_option_is_refused_with_the_valid_keys(name: str) -> None:
+    with pytest.raises(InputError, match="no option 'bogus'") as e:
+        make_optimizer(name, bogus=1)
+    assert f"valid keys: {', '.join(REGISTRY[name].Options.names())}" in str(e.value)
+    with pytest.raises(InputError, match="bogus"):
+        optimizer_from_config(name, {**make_optimizer(name).config(), "bogus": 1})
+
+
+@pytest.mark.parametrize(("name", "bad", "part"),
+                         [(n, bad, part) for n in ALL for bad, part in CASES[n][1]])
+def test_bad_option_values_are_refused(name: str, bad: dict[str, Any], part: str) -> None:
+    with pytest.raises(InputError, match=part):
+        make_optimizer(name, **bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_wrongly_typed_options_are_refused_naming_the_option(name: str) -> None:
+    for f in dataclasses.fields(REGISTRY[name].Options):
+        for value in ([1], {"a": 1}, "7" if f.type != "str" else 7):
+            with pytest.raises(InputError, match=f"^{f.name} must be"):
+                make_optimizer(name, **{f.name: value})
+    with pytest.raises(InputError, match="seed"):
+        make_optimizer(name, seed=-1)
+    with pytest.raises(InputError, match="seed"):
+        make_optimizer(name, seed=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip(name: str, mlp: Mlp) -> None:
+    store = mlp.store()
+    opt = fresh(name, mlp, store)
+    run(opt, mlp, store, 3)
+    state = json.loads(json.dumps(opt.state_dict()))
+    other = fresh(name, mlp, store)
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+    assert other.t == 3
+    with pytest.raises(InputError, match="differ"):
+        fresh(name, mlp, store, seed=8).load_state_dict(state)
+    with pytest.raises(InputError, match="optimizer"):
+        other.load_state_dict({**state, "name": "other"})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_n_plus_n_steps_with_save_and_load_equal_2n(name: str, mlp: Mlp,
+                                                    tmp_path: Path) -> None:
+    whole = mlp.store()
+    a = fresh(name, mlp, whole)
+    run(a, mlp, whole, 8)
+
+    first = mlp.store()
+    b = fresh(name, mlp, first)
+    run(b, mlp, first, 4)
+    first.save(tmp_path / "w.safetensors")
+    state = json.loads(json.dumps(b.state_dict()))
+    del b, first  # a new process: only the files are left
+    second = ParamStore.from_file(tmp_path / "w.safetensors", list(Mlp.SPECS))
+    c = fresh(name, mlp, second)
+    c.load_state_dict(state)
+    run(c, mlp, second, 4)
+    assert second.digest() == whole.digest()
+    assert c.state_dict() == a.state_dict()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_replay_gives_the_trained_weights_bit_exactly(name: str, mlp: Mlp) -> None:
+    store = mlp.store()
+    records = run(fresh(name, mlp, store), mlp, store, 6)
+    assert store.digest() != mlp.store().digest()  # the weights moved
+    base = mlp.store()
+    again = fresh(name, mlp, base)
+    for rec in records:  # the same inputs as training; replay reads what it needs
+        inputs = mlp.inputs(base, rec["step"])
+        again.replay(base, rec, taps=inputs["taps"])
+    assert base.digest() == store.digest()
+    assert again.t == 6
+    tampered = {**records[0], "accepted": not records[0]["accepted"]}
+    base = mlp.store()
+    with pytest.raises(InputError, match="does not reproduce"):
+        fresh(name, mlp, base).replay(base, tampered, taps=mlp.inputs(base, 0)["taps"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_dtype_and_frozen_tensors_preserved(name: str, mlp: Mlp) -> None:
+    store = mlp.store()
+    infos = [fresh(name, mlp, store).step(store, **mlp.inputs(store, 0), unused_input=1)]
+    for spec in Mlp.SPECS:
+        assert store[spec.name].dtype == np.dtype(spec.dtype)
+        assert store[spec.name].shape == spec.shape
+    np.testing.assert_array_equal(store["frozen"], mlp.values["frozen"])
+    assert infos[0].evaluations >= 1
+    assert math.isfinite(infos[0].loss)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_step_without_the_input_it_needs_is_refused(name: str, mlp: Mlp) -> None:
+    store = mlp.store()
+    opt = fresh(name, mlp, store)
+    needed = {"loss": "evaluate", "taps": "taps"}[opt.needs]
+    inputs = {k: v for k, v in mlp.inputs(store, 0).items() if k != needed}
+    with pytest.raises(EdgelearnError, match=needed):
+        opt.step(store, **inputs)
+
+
+def test_cli_flags_and_their_defaults_come_from_the_options() -> None:
+    """Each optimizer's train flags are the "cli" metadata of its Options; a flag's
+    documented default (TRAIN_DEFAULTS) is every user's Options default."""
+    from edgelearn.cli import TRAIN_DEFAULTS, build_parser, flag_users
+
+    sub = next(a for a in build_parser()._actions if a.choices and "train" in a.choices)
+    flags = {o for a in sub.choices["train"]._actions for o in a.option_strings}
+    users = flag_users()
+    for name in ALL:
+        for flag, key in REGISTRY[name].Options.cli_flags().items():
+            assert flag in flags, (name, flag)
+            dest = flag[2:].replace("-", "_")
+            assert name in users[dest]
+            if dest in TRAIN_DEFAULTS:
+                default = next(f.default for f in dataclasses.fields(REGISTRY[name].Options)
+                               if f.name == key)
+                assert TRAIN_DEFAULTS[dest] == default, (name, dest)
+
+
+# -- loss-only optimizers: a least-squares problem ---------------------------------------------
 def problem(seed: int = 0) -> tuple[ParamStore, callable]:
     """A 2-layer least-squares problem with a frozen tensor; returns (store, loss)."""
     rng = np.random.default_rng(seed)
@@ -46,7 +309,7 @@ def make(name: str, **kw: object):
     return make_optimizer(name, **{**OPTIONS.get(name, {}), "seed": 7, **kw})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 def test_learns_and_preserves_dtype_and_frozen(name: str) -> None:
     store, loss = problem()
     opt = make(name)
@@ -58,7 +321,7 @@ def test_learns_and_preserves_dtype_and_frozen(name: str) -> None:
     np.testing.assert_array_equal(store["frozen"], np.ones(3, np.float32))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 @pytest.mark.parametrize("restore", ["copy", "drift"])
 def test_replay_equals_training_bit_exactly(name: str, restore: str) -> None:
     store, loss = problem()
@@ -71,7 +334,7 @@ def test_replay_equals_training_bit_exactly(name: str, restore: str) -> None:
     assert base.digest() == store.digest()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 def test_state_dict_round_trip_n_plus_n_equals_2n(name: str) -> None:
     store_a, loss_a = problem()
     a = make(name)
@@ -91,7 +354,7 @@ def test_state_dict_round_trip_n_plus_n_equals_2n(name: str) -> None:
     assert c.state_dict() == a.state_dict()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 def test_state_dict_rejects_other_settings(name: str) -> None:
     state = make(name).state_dict()
     with pytest.raises(InputError, match="differ"):
@@ -100,7 +363,7 @@ def test_state_dict_rejects_other_settings(name: str) -> None:
         make(name).load_state_dict({**state, "name": "other"})
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 def test_same_seed_same_weights_other_seed_differs(name: str) -> None:
     digests = []
     for seed in (7, 7, 8):
@@ -113,7 +376,7 @@ def test_same_seed_same_weights_other_seed_differs(name: str) -> None:
     assert digests[0] != digests[2]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 def test_ask_tell_protocol(name: str) -> None:
     store, loss = problem()
     opt = make(name)
@@ -134,7 +397,7 @@ def test_ask_tell_protocol(name: str) -> None:
     assert store2.digest() == store.digest()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LOSS_ONLY)
 @pytest.mark.parametrize("restore", ["copy", "drift"])
 def test_nan_loss_rejected_weights_exact_or_replayed(name: str, restore: str) -> None:
     store, loss = problem()

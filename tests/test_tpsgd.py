@@ -264,7 +264,7 @@ def test_full_step_matches_torch_reference(name: str, local_loss: str, target_on
                          target_scale=2.0)
     at = taps_evaluator(bundle, store, data, opt, batch_size=16, seed=5, threads=1)
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
-    opt.step(store, at(0))
+    opt.step(store, taps=at(0))
     idx = batch_indices(len(data), 16, 0, 5)
     layers = bundle.manifest["layers"]
     classes = bundle.outputs[0].shape[-1]
@@ -428,7 +428,7 @@ def test_taps_of_frozen_layers_are_not_computed(bundles, digits) -> None:
     assert {layers[1][k] for k in ("input", "preact", "output", "target")} <= set(taps)
     assert layers[1]["raw"] not in taps  # bn2 frozen: a fixed scale, its input is not needed
     before = np.array(store["conv2.weight"])
-    opt.step(store, at(1))
+    opt.step(store, taps=at(1))
     assert not np.array_equal(store["conv2.weight"], before)
 
 
@@ -438,11 +438,11 @@ def test_journal_headers_from_before_target_on_replay_with_activation_targets() 
     old = {"optimizer": "tpsgd", "config": {"seed": 0, "lr": 0.1, "local_loss": "mse",
                                             "target_scale": 1.0, "head_loss": "cross-entropy",
                                             "hidden_lr": None}}
-    assert optimizer_from_header(old).target_on == "activation"
+    assert optimizer_from_header(old).options.target_on == "activation"
     new = make_optimizer("tpsgd", lr=0.1)
     again = optimizer_from_header({"optimizer": "tpsgd", "config": new.config()})
     assert again.config() == new.config()
-    assert again.target_on == "pooled"
+    assert again.options.target_on == "pooled"
 
 
 def test_bad_targets_are_refused_before_the_run_starts(bundles, digits, tmp_path) -> None:

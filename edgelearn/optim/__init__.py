@@ -6,11 +6,16 @@ from edgelearn.optim import zo_scale as _zo_scale  # noqa: F401  (registers "zo-
 from edgelearn.optim import zo_sgd as _zo_sgd  # noqa: F401  (registers "zo-sgd")
 from edgelearn.optim.base import (
     REGISTRY,
+    Forward,
     Optimizer,
     Population,
     StepInfo,
     make_optimizer,
+    optimizer_class,
+    optimizer_from_config,
     register,
 )
+from edgelearn.optim.options import OptimizerOptions
 
-__all__ = ["REGISTRY", "Optimizer", "Population", "StepInfo", "make_optimizer", "register"]
+__all__ = ["REGISTRY", "Forward", "Optimizer", "OptimizerOptions", "Population", "StepInfo",
+           "make_optimizer", "optimizer_class", "optimizer_from_config", "register"]

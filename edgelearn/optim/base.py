@@ -1,22 +1,32 @@
 """Optimizer contract shared by every forward-only optimizer.
 
-An optimizer changes the trainable slice of a ParamStore in place. A step is a short dialogue:
-`ask(store)` puts the next candidate weights into the store (returns False when the step is
-done), the caller evaluates the loss with whatever backend it likes and reports it with
-`tell(loss)`. `step(store, evaluate)` runs that dialogue with a callback. Each finished step
-leaves a JSON-able `record` (what the journal stores). The record holds, under "evals", every
-loss told during the step; `replay(store, record)` re-runs the very same step generator and
-feeds it those losses instead of running forwards, so replay performs the same float operations
-as training by construction (bit-exact), needs no data, and checks that the regenerated record
-matches the stored one. Subclasses implement `_step(store)` as a generator that yields once per
-candidate and receives its loss, returning the record; public methods, validation and counters
-live here once (as in nevergrad/evosax).
+An optimizer changes the trainable slice of a ParamStore in place. Its hyperparameters are a
+frozen `Options` dataclass (optim/options.py), its capabilities class flags declared here.
+A step is a short dialogue: `ask(store)` puts the next candidate weights into the store
+(returns False when the step is done), the caller evaluates the loss with whatever backend it
+likes and reports it with `tell(loss)`. `step(store, evaluate, **extra)` runs that dialogue
+with a callback. Each finished step leaves a JSON-able `record` (what the journal stores). The
+record holds, under "evals", every loss told during the step; `replay(store, record)` re-runs
+the very same step generator and feeds it those losses instead of running forwards, so replay
+performs the same float operations as training by construction (bit-exact), needs no data,
+and checks that the regenerated record matches the stored one. Subclasses implement
+`_step(store, **extra)` as a generator that yields once per candidate and receives its loss,
+returning the record; public methods, validation and counters live here once (as in
+nevergrad/evosax).
 
-Population requests: a generator may instead yield a `Population` (K candidates at once) and
-receive a list of K losses. `step(store, evaluate, evaluate_population=...)` hands it to a
-caller that can score many weight sets in one runtime call; without one (and through plain
-ask/tell) the base class expands it into K single candidates. Either way the K losses are
-recorded under "evals" in order, so replay feeds them back exactly as for single candidates.
+One step signature for every optimizer (optax's GradientTransformationExtraArgs): inputs
+beyond the loss travel as keyword arguments of `step` / `replay` / `setup`, which reach
+`_step`; an optimizer reads those it needs and ignores the rest. tpSGD reads `taps=`.
+
+Requests a step generator may yield:
+  * None: one candidate is in the store; receives its loss.
+  * `Population`: K candidates at once; receives a list of K losses. `step(...,
+    evaluate_population=...)` hands it to a caller that can score many weight sets in one
+    runtime call; without one (and through ask/tell) the base class expands it into K single
+    candidates. Either way the K losses are recorded under "evals" in order.
+  * `Forward`: a forward whose output is not a loss (tpSGD's layer taps); receives its output.
+    Replay runs it again (the update depends on the data), so only optimizers whose `needs`
+    is not "loss" yield it, and they have no ask/tell dialogue.
 """
 
 from __future__ import annotations
@@ -29,9 +39,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.optim.options import OptimizerOptions
 from edgelearn.params import ParamStore
 
 REGISTRY: dict[str, type[Optimizer]] = {}
+#: what an optimizer's step consumes (class flag `needs`)
+NEEDS = ("loss", "taps")
 
 _IDLE, _PENDING = object(), object()
 
@@ -42,10 +55,11 @@ class StepInfo:
 
     Args:
         step: index of the step just finished (0-based).
-        loss: loss estimate at the pre-step weights (e.g. mean of the probe losses).
+        loss: loss estimate at the pre-step weights (the record's "loss" when it states one,
+            else the mean of the finite losses told).
         record: JSON-able journal record; `replay` reproduces the update from it.
         accepted: False when the update was rejected (non-finite loss, conservative check).
-        evaluations: number of forwards (loss evaluations) the step used.
+        evaluations: number of forwards (losses told and `Forward` requests) the step used.
     """
 
     step: int
@@ -73,23 +87,45 @@ class Population:
                                                                           repr=False)
 
 
+@dataclass(frozen=True)
+class Forward:
+    """A forward whose output is not a loss; `step` and `replay` run it and send the output back.
+
+    Args:
+        run: () -> the output (tpSGD: (taps: name -> array, targets y) of one taps forward).
+    """
+
+    run: Callable[[], Any] = field(repr=False)
+
+
 def register(cls: type[Optimizer]) -> type[Optimizer]:
     """Class decorator: make an optimizer available by its `name`."""
+    if not cls.name or cls.needs not in NEEDS or not issubclass(cls.Options, OptimizerOptions):
+        raise TypeError(f"{cls.__name__}: an optimizer needs a name, needs in {NEEDS} and an "
+                        "Options dataclass derived from OptimizerOptions")
     REGISTRY[cls.name] = cls
     return cls
 
 
-def make_optimizer(name: str, **options: Any) -> Optimizer:
-    """Instantiate a registered optimizer by name with keyword options."""
+def optimizer_class(name: str) -> type[Optimizer]:
+    """The registered optimizer class called `name` (InputError naming the choices if none)."""
     try:
-        cls = REGISTRY[name]
+        return REGISTRY[name]
     except KeyError:
         raise InputError(f"unknown optimizer {name!r}; choose one of {sorted(REGISTRY)}") \
             from None
-    try:
-        return cls(**options)
-    except TypeError as e:  # an unknown keyword: name it
-        raise InputError(f"optimizer {name!r}: {e}") from None
+
+
+def make_optimizer(name: str, **options: Any) -> Optimizer:
+    """Instantiate a registered optimizer by name with keyword options (its Options fields)."""
+    return optimizer_class(name)(**options)
+
+
+def optimizer_from_config(name: str, config: Any) -> Optimizer:
+    """The optimizer a journal header describes (its "optimizer" and "config"); keys an older
+    header lacks take the values its run used (`OptimizerOptions.from_config`)."""
+    cls = optimizer_class(name)
+    return cls(**cls.Options.from_config(name, config).as_kwargs())
 
 
 def check_reproduced(step: int, again: dict[str, Any], record: dict[str, Any], hint: str) -> None:
@@ -100,29 +136,42 @@ def check_reproduced(step: int, again: dict[str, Any], record: dict[str, Any], h
         raise InputError(f"journal record of step {step} does not reproduce ({diff}): {hint}")
 
 
+def _drive(gen: Generator[Any, Any, dict[str, Any]],
+           answer: Callable[[Any], Any]) -> dict[str, Any]:
+    """Run a step generator to its end, sending `answer(request)` for each request."""
+    try:
+        req = next(gen)
+        while True:
+            req = gen.send(answer(req))
+    except StopIteration as stop:
+        return stop.value
+
+
 class Optimizer:
-    """Base class: ask/tell bookkeeping, step counter, state (de)serialization.
+    """Base class: options, ask/tell bookkeeping, step counter, state (de)serialization.
 
     Args:
-        seed: run seed; every random draw derives from (seed, step, probe).
+        **options: fields of the class's `Options` dataclass (unknown keys are refused with
+            the valid ones); `seed` is the run seed every random draw derives from.
     """
 
     name: ClassVar[str] = ""
-    #: what `step`'s evaluate() returns: "loss" (a float) or "taps" (layer activations and
-    #: targets of one taps-graph forward, see optim/tpsgd.py); the train loop provides it.
+    #: the frozen dataclass of this optimizer's options (validation, config, CLI flags)
+    Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions
+    #: what a step consumes: "loss" (evaluate() -> a float, as candidates are placed) or
+    #: "taps" (one taps-graph forward, `taps=` () -> (taps, y); see optim/tpsgd.py). The train
+    #: loop builds the evaluator it names; replay of a "taps" journal needs the run's data.
     needs: ClassVar[str] = "loss"
     #: True when the optimizer multiplies its learning rate by `self.lr_scale` (set by the
     #: trainer's divergence rollback; 1.0 otherwise). Optimizers that do not cannot be used
     #: with divergence rollback.
     supports_lr_scale: ClassVar[bool] = False
-    #: options an older journal header may lack, with the value that header's run used (a
-    #: default changed since): `edgelearn.train.optimizer_from_header` fills them in
-    header_defaults: ClassVar[dict[str, Any]] = {}
+    #: what `edgelearn train` trains when --trainable is not given (None: the manifest's flags)
+    default_trainable: ClassVar[str | None] = None
 
-    def __init__(self, *, seed: int = 0) -> None:
-        if not isinstance(seed, int) or seed < 0:
-            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed
+    def __init__(self, **options: Any) -> None:
+        self.options = self.Options.create(self.name, options)
+        self.seed = self.options.seed
         self.t = 0
         self.lr_scale = 1.0
         self._gen: Generator[Any, Any, dict[str, Any]] | None = None
@@ -135,58 +184,136 @@ class Optimizer:
 
     # -- subclass hooks -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Hyperparameters as JSON data (stored in the journal header)."""
-        return {"seed": self.seed}
+        """Hyperparameters as JSON data (stored in the journal header): `Options.config()`."""
+        return self.options.config()
+
+    def setup(self, store: ParamStore, **extra: Any) -> None:
+        """Attach what the optimizer needs besides `store` before its first step (default:
+        nothing). `extra` as in `step` (tpsgd: layers=, targets=, out_shape=)."""
 
     def memory_bytes(self, store: ParamStore) -> int:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0
 
-    def _step(self, store: ParamStore) -> Generator[Any, Any, dict[str, Any]]:
-        """Yield once per candidate placed in `store`; receive its loss; return the record.
-
-        May yield a `Population` instead and receive a list of its K losses.
-        """
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
+        """Yield one request per candidate or forward (module docstring); return the record."""
         raise NotImplementedError
 
-    def replay(self, store: ParamStore, record: dict[str, Any]) -> None:
+    # -- training -------------------------------------------------------------------------------
+    def step(
+        self,
+        store: ParamStore,
+        evaluate: Callable[[], float] | None = None,
+        evaluate_population: Callable[[Population], Sequence[float]] | None = None,
+        **extra: Any,
+    ) -> StepInfo:
+        """One full step.
+
+        Args:
+            store: the parameters to update in place.
+            evaluate: loss of the weights currently in `store` (optimizers that need losses).
+            evaluate_population: optional; K losses of a `Population` request in one go
+                (without it populations are expanded into K `evaluate()` calls).
+            **extra: further inputs by keyword, ignored by optimizers that do not read them
+                (tpsgd: taps=() -> (taps, y), one taps forward on the step's batch).
+        """
+        if self._gen is not None:
+            raise EdgelearnError("step() called in the middle of an ask/tell step")
+        self._evals, self._losses = 0, []
+        self._gen = gen = self._step(store, **extra)
+        try:
+            record = _drive(gen, lambda req: self._answer(req, evaluate, evaluate_population))
+        except BaseException:
+            self._gen = None
+            raise
+        return self._finish(record)
+
+    def _answer(self, req: Any, evaluate: Callable[[], float] | None,
+                evaluate_population: Callable[[Population], Sequence[float]] | None) -> Any:
+        """Serve one request of a training step (and count the forwards)."""
+        if isinstance(req, Forward):
+            self._evals += 1
+            return req.run()
+        if isinstance(req, Population) and evaluate_population is not None:
+            losses = [float(v) for v in evaluate_population(req)]
+            if len(losses) != req.size:
+                raise EdgelearnError(f"population of {req.size} got {len(losses)} losses")
+            self._evals += len(losses)
+            self._losses.extend(losses)
+            return losses
+        if evaluate is None:
+            raise EdgelearnError(f"{self.name} steps need evaluate(): the loss of the weights "
+                                 "in the store")
+        if isinstance(req, Population):  # expanded into single candidates
+            out = []
+            for j in range(req.size):
+                req.place(j)
+                out.append(self._answer(None, evaluate, None))
+            return out
+        loss = float(evaluate())
+        self._evals += 1
+        self._losses.append(loss)
+        return loss
+
+    def _finish(self, record: dict[str, Any]) -> StepInfo:
+        record["step"] = self.t
+        if self._losses:  # steps that were told losses record them: replay feeds them back
+            record["evals"] = [v if math.isfinite(v) else None for v in self._losses]
+        if "loss" in record:
+            loss = math.nan if record["loss"] is None else float(record["loss"])
+        else:
+            finite = [v for v in self._losses if math.isfinite(v)]
+            loss = sum(finite) / len(finite) if finite else math.nan
+        info = StepInfo(self.t, loss, record, bool(record.get("accepted", True)), self._evals)
+        self.last_info = info
+        self._gen = None
+        self._last = _IDLE
+        self._pop, self._pop_losses = None, []
+        self.t += 1
+        return info
+
+    def replay(self, store: ParamStore, record: dict[str, Any], **extra: Any) -> None:
         """Apply a journal record to `store` with the same float operations as training.
 
-        Re-runs the step generator at the recorded step index, feeding it the recorded losses.
-        Raises InputError if the record is malformed or does not reproduce itself.
+        Re-runs the step generator at the recorded step index, feeding it the recorded losses
+        (and running its `Forward` requests, with `extra` as in `step`). Raises InputError if
+        the record is malformed or does not reproduce itself.
         """
-        evals, step = record.get("evals"), record.get("step")
+        evals, step = record.get("evals", []), record.get("step")
         if not (isinstance(evals, list) and isinstance(step, int) and step >= 0
                 and all(v is None or isinstance(v, int | float) for v in evals)):
             raise InputError(f"malformed {self.name} journal record (step {step!r})")
         if self._gen is not None:
             raise EdgelearnError("cannot replay in the middle of a step")
         self.t = step
-        gen = self._step(store)
         feed = iter(evals)
+
         def take() -> float:
             v = next(feed, _PENDING)
             if v is _PENDING:
                 raise InputError(f"journal record of step {step} has too few losses")
             return math.nan if v is None else float(v)
 
-        try:
-            req = next(gen)
-            while True:
-                if isinstance(req, Population):
-                    req = gen.send([take() for _ in range(req.size)])
-                else:
-                    req = gen.send(take())
-        except StopIteration as stop:
-            again = {**stop.value, "step": step, "evals": evals}
+        def answer(req: Any) -> Any:
+            if isinstance(req, Forward):
+                return req.run()
+            return [take() for _ in range(req.size)] if isinstance(req, Population) else take()
+
+        again = {**_drive(self._step(store, **extra), answer), "step": step}
         if next(feed, _PENDING) is not _PENDING:
             raise InputError(f"journal record of step {step} has too many losses")
-        check_reproduced(step, again, record, "corrupt, or written with other settings")
+        if "evals" in record:
+            again["evals"] = evals
+        check_reproduced(step, again, record, "corrupt, or written with other settings, "
+                         "weights or data")
         self.t = step + 1
 
     # -- public dialogue ------------------------------------------------------------------------
     def ask(self, store: ParamStore) -> bool:
         """Place the next candidate in `store`; False when the step has finished."""
+        if self.needs != "loss":
+            raise EdgelearnError(f"{self.name} has no ask/tell dialogue (its steps need "
+                                 f"{self.needs}): use step(store, ...)")
         if self._last is _PENDING:
             raise EdgelearnError("ask() called twice without tell()")
         try:
@@ -221,65 +348,6 @@ class Optimizer:
         self._last = float(loss)
         self._evals += 1
         self._losses.append(self._last)
-
-    def step(
-        self,
-        store: ParamStore,
-        evaluate: Callable[[], float],
-        evaluate_population: Callable[[Population], Sequence[float]] | None = None,
-    ) -> StepInfo:
-        """One full step: evaluate every candidate with `evaluate()` (loss of current store).
-
-        Args:
-            store: the parameters to update in place.
-            evaluate: loss of the weights currently in `store`.
-            evaluate_population: optional; K losses of a `Population` request in one go
-                (without it populations are expanded into K `evaluate()` calls).
-        """
-        if evaluate_population is None:
-            while self.ask(store):
-                self.tell(evaluate())
-            assert self.last_info is not None
-            return self.last_info
-        if self._gen is not None:
-            raise EdgelearnError("step() called in the middle of an ask/tell step")
-        self._gen = gen = self._step(store)
-        self._evals, self._losses = 0, []
-        try:
-            req = next(gen)
-            while True:
-                if isinstance(req, Population):
-                    losses = [float(v) for v in evaluate_population(req)]
-                    if len(losses) != req.size:
-                        raise EdgelearnError(f"population of {req.size} got {len(losses)} "
-                                             "losses")
-                    self._evals += len(losses)
-                    self._losses.extend(losses)
-                    req = gen.send(losses)
-                else:
-                    loss = float(evaluate())
-                    self._evals += 1
-                    self._losses.append(loss)
-                    req = gen.send(loss)
-        except StopIteration as stop:
-            self._finish(stop.value)
-        except BaseException:
-            self._gen = None
-            raise
-        assert self.last_info is not None
-        return self.last_info
-
-    def _finish(self, record: dict[str, Any]) -> None:
-        record["step"] = self.t
-        record["evals"] = [v if math.isfinite(v) else None for v in self._losses]
-        finite = [v for v in self._losses if math.isfinite(v)]
-        loss = sum(finite) / len(finite) if finite else math.nan
-        self.last_info = StepInfo(self.t, loss, record, bool(record.get("accepted", True)),
-                                  self._evals)
-        self._gen = None
-        self._last = _IDLE
-        self._pop, self._pop_losses = None, []
-        self.t += 1
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
+from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 from edgelearn.rng import Noise, philox_key
 
@@ -93,89 +95,77 @@ def cosine(t: int, total: int | None, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+@dataclass(frozen=True)
+class PolyStepOptions(OptimizerOptions):
+    """Options of polystep; the schedule ends left null resolve to a tenth of their start."""
+
+    rank: int = field(default=16, metadata=meta(
+        "subspace dimension per weight tensor (a multiple of 8; 8 coordinates = 1 particle)"))
+    radius: float = field(default=0.05, metadata=meta(
+        "step radius at t = 0 (weight units for float32; quantization steps for int8)"))
+    radius_final: float | None = field(default=None, metadata=meta(
+        "step radius at the end of the cosine schedule (null: radius / 10)"))
+    probe_radius: float | None = field(default=None, metadata=meta(
+        "probe radius at t = 0, following the same schedule ratio (null: radius)"))
+    eps: float = field(default=0.1, metadata=meta(
+        "softmax temperature on range-normalized costs at t = 0"))
+    eps_final: float | None = field(default=None, metadata=meta(
+        "temperature at the end of the schedule (null: eps / 10)"))
+    total_steps: int | None = field(default=None, metadata=meta(
+        "schedule length (null: constant radii and temperature; train sets it to --steps)"))
+    arena: str = field(default="auto", metadata=meta(
+        "auto (int8 when the store has trainable int8 weights, else float32), float32 or int8",
+        choices=ARENAS))
+    rounding: str = field(default="deterministic", metadata=meta(
+        "int8 rounding: deterministic (half to even) or stochastic", choices=ROUNDINGS))
+    restore: str = field(default="auto", metadata=meta(
+        "accepted for the shared CLI: probes always restore exactly from a copy of the probed "
+        "tensor, so every value behaves the same", cli="--restore",
+        choices=("auto", "copy", "drift")))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.rank >= BLOCK and self.rank % BLOCK == 0,
+              f"rank must be a positive multiple of {BLOCK}, got {self.rank!r}")
+        for nm, v in (("radius", self.radius), ("eps", self.eps),
+                      ("radius_final", self.radius_final), ("probe_radius", self.probe_radius),
+                      ("eps_final", self.eps_final)):
+            check(v is None or (v > 0 and math.isfinite(v)),
+                  f"{nm} must be a finite number > 0, got {v!r}")
+        check(self.total_steps is None or self.total_steps > 0,
+              f"total_steps must be a positive integer, got {self.total_steps!r}")
+        # resolved here, so config() (the journal header) holds the values the run uses
+        for nm, v, resolved in (("radius_final", self.radius_final, self.radius / 10),
+                                ("probe_radius", self.probe_radius, self.radius),
+                                ("eps_final", self.eps_final, self.eps / 10)):
+            if v is None:
+                object.__setattr__(self, nm, resolved)
+
+
 @register
 class PolyStep(Optimizer):
     """PolyStep over the trainable float32 or int8 slice of a ParamStore.
 
     Args:
-        rank: subspace dimension per weight tensor (a multiple of 8; 8 coordinates = 1 particle).
-        radius: step radius at t = 0 (weight units for float32; quantization steps for int8).
-        radius_final: step radius at the end of the cosine schedule (default radius / 10).
-        probe_radius: probe radius at t = 0 (default = radius); follows the same schedule ratio.
-        eps: softmax temperature on range-normalized costs at t = 0.
-        eps_final: temperature at the end of the schedule (default eps / 10).
-        total_steps: schedule length (None = constant radii and temperature).
-        arena: "auto" (int8 when the store has trainable int8 weights, else float32),
-            "float32" or "int8".
-        rounding: "deterministic" (round half to even) or "stochastic" (int8 only).
-        restore: accepted for the shared CLI/contract; probes always restore exactly from a
-            copy of the probed tensor, so every value behaves the same.
-        seed: run seed.
+        **options: `PolyStepOptions` fields (rank, radius, eps, ..., seed).
     """
 
     name = "polystep"
-
-    def __init__(
-        self,
-        *,
-        rank: int = 16,
-        radius: float = 0.05,
-        radius_final: float | None = None,
-        probe_radius: float | None = None,
-        eps: float = 0.1,
-        eps_final: float | None = None,
-        total_steps: int | None = None,
-        arena: str = "auto",
-        rounding: str = "deterministic",
-        restore: str = "auto",
-        seed: int = 0,
-    ) -> None:
-        super().__init__(seed=seed)
-        if not (isinstance(rank, int) and rank >= BLOCK and rank % BLOCK == 0):
-            raise InputError(f"rank must be a positive multiple of {BLOCK}, got {rank!r}")
-        for nm, v in (("radius", radius), ("eps", eps)):
-            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
-                raise InputError(f"{nm} must be a finite number > 0, got {v!r}")
-        for nm, v in (("radius_final", radius_final), ("probe_radius", probe_radius),
-                      ("eps_final", eps_final)):
-            if v is not None and not (v > 0 and math.isfinite(v)):
-                raise InputError(f"{nm} must be a finite number > 0, got {v!r}")
-        if total_steps is not None and not (isinstance(total_steps, int) and total_steps > 0):
-            raise InputError(f"total_steps must be a positive integer, got {total_steps!r}")
-        if arena not in ARENAS:
-            raise InputError(f"arena must be one of {ARENAS}, got {arena!r}")
-        if rounding not in ROUNDINGS:
-            raise InputError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if restore not in ("auto", "copy", "drift"):
-            raise InputError(f"restore must be auto, copy or drift, got {restore!r}")
-        self.rank = rank
-        self.radius = float(radius)
-        self.radius_final = float(radius_final) if radius_final is not None else radius / 10
-        self.probe_radius = float(probe_radius) if probe_radius is not None else float(radius)
-        self.eps = float(eps)
-        self.eps_final = float(eps_final) if eps_final is not None else eps / 10
-        self.total_steps = total_steps
-        self.arena, self.rounding, self.restore = arena, rounding, restore
-
-    def config(self) -> dict[str, Any]:
-        """Hyperparameters (JSON)."""
-        return {"seed": self.seed, "rank": self.rank, "radius": self.radius,
-                "radius_final": self.radius_final, "probe_radius": self.probe_radius,
-                "eps": self.eps, "eps_final": self.eps_final, "total_steps": self.total_steps,
-                "arena": self.arena, "rounding": self.rounding, "restore": self.restore}
+    Options = PolyStepOptions
+    options: PolyStepOptions
 
     # -- layout -----------------------------------------------------------------------------
     def dtype_of(self, store: ParamStore) -> str:
         """The arena this optimizer steps on for `store`."""
-        if self.arena != "auto":
-            return self.arena
+        if self.options.arena != "auto":
+            return self.options.arena
         return "int8" if store.n_trainable("int8") else "float32"
 
     def particles(self, store: ParamStore) -> list[tuple[int, int]]:
         """(start, stop) inside the trainable slice of the tensor each particle moves."""
         out = []
         for _, a, b in store.segments(self.dtype_of(store)):
-            d = min(self.rank, BLOCK * -(-(b - a) // BLOCK))
+            d = min(self.options.rank, BLOCK * -(-(b - a) // BLOCK))
             out += [(a, b)] * (d // BLOCK)
         return out
 
@@ -192,14 +182,14 @@ class PolyStep(Optimizer):
 
     def schedule(self, t: int) -> tuple[float, float, float]:
         """(eps, step radius, probe radius) at step t."""
-        r = cosine(t, self.total_steps, self.radius, self.radius_final)
-        return (cosine(t, self.total_steps, self.eps, self.eps_final), r,
-                self.probe_radius * r / self.radius)
+        o = self.options
+        r = cosine(t, o.total_steps, o.radius, o.radius_final)
+        return cosine(t, o.total_steps, o.eps, o.eps_final), r, o.probe_radius * r / o.radius
 
     # -- candidates -------------------------------------------------------------------------
     def _round(self, v: np.ndarray, key: int) -> np.ndarray:
         """int8 grid: round (deterministic or stochastic) and saturate at +-127."""
-        if self.rounding == "stochastic":
+        if self.options.rounding == "stochastic":
             gen = np.random.Generator(np.random.Philox(key=philox_key(self.seed, self.t,
                                                                        _ROUND + key)))
             v = np.floor(v + gen.random(v.size, dtype=np.float32))
@@ -214,7 +204,7 @@ class PolyStep(Optimizer):
         return base + delta
 
     # -- the step ---------------------------------------------------------------------------
-    def _step(self, store: ParamStore) -> Generator[Any, Any, dict[str, Any]]:
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         dtype = self.dtype_of(store)
         theta = store.flat(dtype)
         if theta.size == 0:

@@ -34,7 +34,7 @@ journal header) is all that is needed to rebuild it.
 Replay: the update depends on the data, not only on scalars, so a journal record cannot
 rebuild it alone. tpSGD is deterministic given the weights and the batch, and the batch of
 step t is a pure function of (data, data seed, t) (`edgelearn.train.batch_indices`), so replay
-= re-running the same step on the same data: `replay(store, record, evaluate=...)` re-runs the
+= re-running the same step on the same data: `replay(store, record, taps=...)` re-runs the
 forward and the update and checks that the regenerated record (true loss and every local loss,
 exact floats) equals the stored one, which fails loudly on different data or weights. The
 journal header of a tpsgd run also holds the data's sha256.
@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +61,8 @@ from edgelearn.layers import (
     linear_grads,
     post_backward,
 )
-from edgelearn.optim.base import Optimizer, StepInfo, check_reproduced, register
+from edgelearn.optim.base import Forward, Optimizer, register
+from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 
 LOCAL_LOSSES = ("mse", "l1", "drtp")
@@ -68,7 +70,8 @@ TARGETS_ON = ("pooled", "activation")
 HEAD_LOSSES = ("cross-entropy", "mse")
 _B_DOMAIN = 0x7B5D  # separates projection draws from noise/data draws of the same seed
 
-#: evaluate() for tpsgd: (taps: name -> array incl. the model input, targets y)
+#: the `taps=` input of a tpsgd step: () -> (taps: name -> array incl. the model input,
+#: targets y)
 TapsEvaluate = Callable[[], tuple[dict[str, np.ndarray], np.ndarray]]
 
 
@@ -93,63 +96,77 @@ def head_grad(out: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, np.ndar
     return float(np.mean(d * d)), (2.0 * d / d.size).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class TPSGDOptions(OptimizerOptions):
+    """Options of tpsgd (module docstring: the local losses and targets)."""
+
+    lr: float = field(default=0.05, metadata=meta(
+        "learning rate of the output layer (and of every layer when hidden_lr is null)",
+        cli="--lr"))
+    local_loss: str = field(default="mse", metadata=meta(
+        "hidden-layer loss against the projected label: mse or l1 (tpSGD), drtp",
+        cli="--local-loss", choices=LOCAL_LOSSES))
+    # ReLU layers can only reach the positive half of a target, and a larger scale makes that
+    # half win over the units pushed to zero (digits MLP/CNN: 3 beat 1 by 1-20 points)
+    target_scale: float = field(default=3.0, metadata=meta(
+        "standard deviation of the random label projections", cli="--target-scale"))
+    head_loss: str = field(default="cross-entropy", metadata=meta(
+        "true loss of the output layer (train: mse with --objective mse)", choices=HEAD_LOSSES))
+    # A conv layer's local loss sums over every position of its maps, so its gradients are
+    # large: a CNN trains best with hidden_lr well below lr (digits CNN, 300 steps: lr 0.2 with
+    # hidden_lr 0.01 is 1-2 points below backprop; hidden_lr = lr collapses to chance).
+    hidden_lr: float | None = field(default=None, metadata=meta(
+        "learning rate of the hidden layers' local updates (null: lr)", cli="--hidden-lr"))
+    # journals written before target_on existed put every target on the activation output
+    target_on: str = field(default="pooled", metadata=meta(
+        "put a layer's target after its own pooling (pooled, when the exporter recorded one) "
+        "or on its activation output", cli="--target-on", choices=TARGETS_ON,
+        legacy="activation"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lr >= 0 and math.isfinite(self.lr),
+              f"lr must be a finite number >= 0, got {self.lr}")
+        check(self.target_scale > 0 and math.isfinite(self.target_scale),
+              f"target_scale must be > 0, got {self.target_scale}")
+        check(self.hidden_lr is None or (self.hidden_lr >= 0 and math.isfinite(self.hidden_lr)),
+              f"hidden_lr must be a finite number >= 0, got {self.hidden_lr}")
+
+
 @register
 class TPSGD(Optimizer):
     """tpSGD over the layers a bundle's taps graph exposes.
 
+    Steps need `taps=` (see `_step`) and a `setup(store, layers=...)` first.
+
     Args:
-        lr: learning rate of the output layer (and of every layer when hidden_lr is None).
-        hidden_lr: learning rate of the hidden layers' local updates (None: lr). A conv
-            layer's local loss sums over every position of its maps, so its gradients are large:
-            a CNN trains best with hidden_lr well below lr (digits CNN, 300 steps: lr 0.2 with
-            hidden_lr 0.01 is 1-2 points below backprop; hidden_lr = lr collapses to chance).
-        local_loss: "mse" or "l1" (tpSGD), or "drtp" (see module docstring).
-        target_scale: standard deviation of the projection entries. ReLU layers can only
-            reach the positive half of a target, and a larger scale makes that half win over
-            the units pushed to zero (digits MLP/CNN: 3 beat 1 by 1-20 points).
-        target_on: "pooled" (after the layer's own pooling, when recorded) or "activation".
-        head_loss: true loss of the output layer, "cross-entropy" or "mse".
-        seed: run seed (projections).
+        **options: `TPSGDOptions` fields (lr, hidden_lr, local_loss, ..., seed: projections).
     """
 
     name = "tpsgd"
-    needs: ClassVar[str] = "taps"
-    # journals written before "target_on" existed put every target on the activation output
-    header_defaults: ClassVar[dict[str, Any]] = {"target_on": "activation"}
+    Options = TPSGDOptions
+    needs = "taps"
+    options: TPSGDOptions
 
-    def __init__(self, *, lr: float = 0.05, local_loss: str = "mse", target_scale: float = 3.0,
-                 head_loss: str = "cross-entropy", hidden_lr: float | None = None,
-                 target_on: str = "pooled", seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise InputError(f"lr must be a finite number >= 0, got {lr}")
-        if local_loss not in LOCAL_LOSSES:
-            raise InputError(f"local_loss must be one of {LOCAL_LOSSES}, got {local_loss!r}")
-        if head_loss not in HEAD_LOSSES:
-            raise InputError(f"tpsgd trains the head on {HEAD_LOSSES}, not {head_loss!r}")
-        if target_on not in TARGETS_ON:
-            raise InputError(f"target_on must be one of {TARGETS_ON}, got {target_on!r}")
-        self.target_on = target_on
-        if not (target_scale > 0 and math.isfinite(target_scale)):
-            raise InputError(f"target_scale must be > 0, got {target_scale}")
-        self.lr, self.local_loss = float(lr), local_loss
-        if hidden_lr is not None and not (hidden_lr >= 0 and math.isfinite(hidden_lr)):
-            raise InputError(f"hidden_lr must be a finite number >= 0, got {hidden_lr}")
-        self.hidden_lr = None if hidden_lr is None else float(hidden_lr)
-        self.target_scale, self.head_loss = float(target_scale), head_loss
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.layers: list[Layer] = []
         self._proj: dict[int, np.ndarray] = {}
         self._drop: list[list[str]] = []  # layer index -> taps last used by that layer
         self._blas: Any = None
 
-    def config(self) -> dict[str, Any]:
-        """Hyperparameters (JSON)."""
-        return {"seed": self.seed, "lr": self.lr, "local_loss": self.local_loss,
-                "target_scale": self.target_scale, "head_loss": self.head_loss,
-                "hidden_lr": self.hidden_lr, "target_on": self.target_on}
+    def setup(self, store: ParamStore, *, layers: Sequence[Layer] = (),
+              targets: np.ndarray | None = None, out_shape: Sequence[int] | None = None,
+              **extra: Any) -> None:
+        """Attach the bundle's layer records; every trainable parameter must belong to one.
 
-    def setup(self, layers: Sequence[Layer], store: ParamStore) -> None:
-        """Attach the bundle's layer records; every trainable parameter must belong to one."""
+        Args:
+            store: the parameters to train.
+            layers: the bundle's layer records, head last (`edgelearn.layers.parse_layers`).
+            targets: the run's targets y [N, ...], checked against `out_shape` before any step
+                (optional; `check_targets`).
+            out_shape: the model output's shape without the batch.
+        """
         if not layers:
             raise InputError("tpsgd needs a bundle exported with layer taps "
                              "(model_taps.onnx / model_taps.tflite)")
@@ -164,6 +181,8 @@ class TPSGD(Optimizer):
         if stray:
             raise InputError(f"tpsgd cannot train {stray} (no layer record owns them); "
                              "freeze them with --trainable")
+        if targets is not None and out_shape is not None:
+            self.check_targets(targets, tuple(out_shape))
         self.layers = list(layers)
         self._blas = _blas_controller()
         last_use: dict[str, int] = {}
@@ -181,89 +200,65 @@ class TPSGD(Optimizer):
             y: batch targets. out_shape: the model output's shape without the batch.
         """
         y = np.asarray(y)
-        if self.head_loss == "cross-entropy" and not (y.ndim == 1 and y.dtype.kind in "iu"):
+        if self.options.head_loss == "cross-entropy" and not (y.ndim == 1 and y.dtype.kind in "iu"):
             raise InputError(f"tpsgd's cross-entropy head needs integer class labels [N], got "
                              f"{y.dtype} {y.shape}; use head_loss='mse' for target vectors")
-        if self.head_loss == "mse" and y.shape[1:] != tuple(out_shape) and (
+        if self.options.head_loss == "mse" and y.shape[1:] != tuple(out_shape) and (
                 int(np.prod(y.shape[1:])) != int(np.prod(out_shape))):
             raise InputError(f"tpsgd's mse head needs targets shaped like the output "
                              f"{tuple(out_shape)} per example, got {y.shape[1:]}")
 
-    # -- no ask/tell: a tpsgd step is one taps forward, not a sequence of scalar losses ---------
-    def ask(self, store: ParamStore) -> bool:
-        """Not available: call `step(store, evaluate)` with a taps evaluator."""
-        raise EdgelearnError("tpsgd has no ask/tell dialogue: use step(store, evaluate)")
-
-    def step(self, store: ParamStore, evaluate: Callable[[], Any],
-             evaluate_population: Callable[..., list[float]] | None = None) -> StepInfo:
-        """One tpSGD step.
-
-        Args:
-            store: weights (trainable views are updated in place).
-            evaluate: () -> (taps, y): every tap array of one taps-graph forward at the current
-                weights (name -> array, including the model input), and the batch targets.
-            evaluate_population: unused (tpSGD evaluates no candidate populations).
-        """
-        record = self._run(store, evaluate)
-        loss = math.nan if record["loss"] is None else record["loss"]
-        info = StepInfo(self.t, loss, record, record["accepted"], 1)
-        self.last_info = info
-        self.t += 1
-        return info
-
-    def replay(self, store: ParamStore, record: dict[str, Any],
-               evaluate: Callable[[], Any] | None = None) -> None:
-        """Re-run the recorded step on its batch (`evaluate` as in `step`) and check it."""
-        step = record.get("step")
-        if not isinstance(step, int) or step < 0:
-            raise InputError(f"malformed tpsgd journal record (step {step!r})")
-        if evaluate is None:
-            raise InputError("tpsgd updates depend on the data: replay re-runs each step's "
-                             "forward, so it needs the run's data (--data)")
-        self.t = step
-        again = self._run(store, evaluate)
-        check_reproduced(step, again, record, "other data, weights or settings")
-        self.t = step + 1
-
     # -- the step -------------------------------------------------------------------------------
     def _target(self, i: int, y: np.ndarray, classes: int, shape: tuple[int, ...]) -> np.ndarray:
-        n = len(y)
+        n, scale = len(y), self.options.target_scale
         cols = int(np.prod(shape[1:]))
         if y.ndim == 1 and y.dtype.kind in "iu":
             b = self._proj.get(i)
             if b is None or b.shape != (classes, cols):
-                b = self._proj[i] = projection(self.seed, i, classes, cols, self.target_scale)
+                b = self._proj[i] = projection(self.seed, i, classes, cols, scale)
             return b[y].reshape(shape)  # onehot(y) @ B, without the matmul
         yy = np.asarray(y, np.float32).reshape(n, -1)
         b = self._proj.get(i)
         if b is None or b.shape != (yy.shape[1], cols):
-            b = self._proj[i] = projection(self.seed, i, yy.shape[1], cols, self.target_scale)
+            b = self._proj[i] = projection(self.seed, i, yy.shape[1], cols, scale)
         return (yy @ b).reshape(shape)
 
     def _local(self, a: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
         n = a.shape[0]
         # _sum_products64: the same values as sum(d.astype(float64) ** 2) and
         # sum(a.astype(float64) * t), without float64 temporaries the size of a
-        if self.local_loss == "mse":
+        if self.options.local_loss == "mse":
             d = a - t
             value = 0.5 * _sum_products64(d, d) / n
             return value, np.divide(d, np.float32(n), out=d)
-        if self.local_loss == "l1":
+        if self.options.local_loss == "l1":
             d = a - t
             value = float(np.sum(np.abs(d), dtype=np.float64)) / n
             return value, np.divide(np.sign(d, out=d), np.float32(n), out=d)
         return -_sum_products64(a, t) / n, t / np.float32(-n)
 
-    def _run(self, store: ParamStore, evaluate: Callable[[], Any]) -> dict[str, Any]:
+    def _step(self, store: ParamStore, *, taps: TapsEvaluate | None = None,
+              **extra: Any) -> Generator[Forward, Any, dict[str, Any]]:
+        """One tpSGD step: one taps forward, then each layer's local update, in place.
+
+        Args:
+            store: weights (trainable views are updated in place).
+            taps: () -> (taps, y): every tap array of one taps-graph forward at the current
+                weights (name -> array, including the model input), and the batch targets.
+                Replay needs it too: it re-runs the forward on the step's batch.
+        """
         if not self.layers:
-            raise EdgelearnError("tpsgd is not set up: call setup(layers, store) first")
-        taps, y = evaluate()
-        taps = dict(taps)
+            raise EdgelearnError("tpsgd is not set up: call setup(store, layers=...) first")
+        if taps is None:
+            raise InputError("tpsgd updates depend on the data: each step (and its replay) "
+                             "runs one taps forward on the step's batch, so it needs taps= "
+                             "(replay: the run's data, --data)")
+        arrays, y = yield Forward(taps)
         # the local GEMMs are small ([O, N*H*W] x [N*H*W, C*k*k]): BLAS threads cost more than
         # they save (measured 23 ms vs 0.13 ms for a 32x512x144 sgemm on 2 busy cores)
         one = self._blas.limit(limits=1, user_api="blas") if self._blas else None
         with one or contextlib.nullcontext():
-            return self._update(store, taps, y)
+            return self._update(store, dict(arrays), y)
 
     def _update(self, store: ParamStore, taps: dict[str, np.ndarray], y: np.ndarray
                 ) -> dict[str, Any]:
@@ -272,9 +267,9 @@ class TPSGD(Optimizer):
         classes = logits.shape[1]
         y = np.asarray(y)
         self.check_targets(y, logits.shape[1:])
-        lr = np.float32(self.lr)
+        lr, hidden_lr = np.float32(self.options.lr), self.options.hidden_lr
         if not np.isfinite(logits).all():  # reject: no layer is updated
-            return {"loss": None, "local": [None] * len(self.layers), "lr": self.lr,
+            return {"loss": None, "local": [None] * len(self.layers), "lr": self.options.lr,
                     "accepted": False, "step": self.t}
         loss, locals_ = math.nan, []
         for i, layer in enumerate(self.layers):
@@ -282,7 +277,7 @@ class TPSGD(Optimizer):
             bn = layer.bn or {}
             bn_train = [k for k in ("weight", "bias") if k in bn and store.specs[bn[k]].trainable]
             if layer.head:
-                loss, d_z = head_grad(logits, y, self.head_loss)
+                loss, d_z = head_grad(logits, y, self.options.head_loss)
                 locals_.append(loss)
                 grads = linear_grads(taps[layer.input], d_z) if train else {}
                 bn_grads: dict[str, np.ndarray] = {}
@@ -292,7 +287,7 @@ class TPSGD(Optimizer):
             else:
                 grads, bn_grads, value = self._layer_grads(i, layer, taps, y, classes, store)
                 locals_.append(value)
-            lr_i = lr if layer.head or self.hidden_lr is None else np.float32(self.hidden_lr)
+            lr_i = lr if layer.head or hidden_lr is None else np.float32(hidden_lr)
             for role in train:
                 _sub(store[layer.params[role]], grads[role], lr_i)
             for role in bn_train:
@@ -303,7 +298,7 @@ class TPSGD(Optimizer):
         finite = math.isfinite(loss) and all(v is None or math.isfinite(v) for v in locals_)
         local = [None if v is None or not math.isfinite(v) else v for v in locals_]
         return {"loss": loss if math.isfinite(loss) else None, "local": local,
-                "lr": self.lr, "accepted": finite, "step": self.t}
+                "lr": self.options.lr, "accepted": finite, "step": self.t}
 
     def _layer_grads(self, i: int, layer: Layer, taps: dict[str, np.ndarray], y: np.ndarray,
                      classes: int, store: ParamStore) -> tuple[dict, dict, float]:
@@ -318,7 +313,7 @@ class TPSGD(Optimizer):
                           store[p["bias_ih"]] if "bias_ih" in p else None,
                           store[p["bias_hh"]] if "bias_hh" in p else None, d_last)
             return g, {}, value
-        if layer.post and self.target_on == "pooled":
+        if layer.post and self.options.target_on == "pooled":
             assert layer.target is not None
             at = taps[layer.target]
             value, d_at = self._local(at, self._target(i, y, classes, at.shape))

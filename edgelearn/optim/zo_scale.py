@@ -19,15 +19,61 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import register
-from edgelearn.optim.zo_sgd import ZOSGD
+from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_sgd import RESTORE_POLICIES, SCHEDULES, ZOSGD, ZOSGDOptions
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK
+from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS
+
+
+@dataclass(frozen=True)
+class ZOScaleOptions(OptimizerOptions):
+    """Options of zo-scale; `zo_rule()` is the ZO-SGD setting they amount to."""
+
+    lr: float = field(default=1e-5, metadata=meta("learning rate", cli="--lr"))
+    eps: float = field(default=1e-4, metadata=meta(
+        "perturbation scale (units of the scales)", cli="--eps"))
+    probes: int = field(default=1, metadata=meta("directions per step", cli="--probes"))
+    noise: str = field(default="gaussian", metadata=meta(
+        "gaussian (as in QZO), rademacher or pool", cli="--noise", choices=NOISE_KINDS))
+    clip: float | None = field(default=100.0, metadata=meta(
+        "bound C on the directional derivative |g| (null: no clipping)", cli="--clip"))
+    min_ratio: float = field(default=0.5, metadata=meta(
+        "a scale never drops below min_ratio x its pre-step value (0 < ratio < 1)"))
+    restore: str = field(default="auto", metadata=meta(
+        "auto, copy or drift (see zo-sgd)", cli="--restore", choices=RESTORE_POLICIES))
+    schedule: str = field(default="constant", metadata=meta(
+        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
+        choices=SCHEDULES))
+    total_steps: int | None = field(default=None, metadata=meta(
+        "schedule length (train sets it to --steps)"))
+    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
+        "elements per noise chunk (results do not depend on it)", record="never"))
+    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0 < self.min_ratio < 1, f"min_ratio must lie in (0, 1), got {self.min_ratio}")
+        check(self.clip is None or (self.clip > 0 and math.isfinite(self.clip)),
+              f"clip must be a finite number > 0, got {self.clip}")
+        check(self.eps > 0 and math.isfinite(self.eps),
+              f"eps must be a finite number > 0, got {self.eps}")
+        self.zo_rule()  # the remaining checks are ZO-SGD's
+
+    def zo_rule(self) -> ZOSGDOptions:
+        """The ZO-SGD settings these options run: the clip on g is a clip on |L+ - L-| of
+        2 eps C."""
+        return ZOSGDOptions(seed=self.seed, lr=self.lr, eps=self.eps, probes=self.probes,
+                            noise=self.noise, restore=self.restore, schedule=self.schedule,
+                            clip=None if self.clip is None else 2.0 * self.eps * self.clip,
+                            total_steps=self.total_steps, chunk=self.chunk,
+                            pool_size=self.pool_size)
 
 
 @register
@@ -35,59 +81,16 @@ class ZOScale(ZOSGD):
     """QZO-style ZO-SGD on per-channel quantization scales.
 
     Args:
-        lr: learning rate.
-        eps: perturbation scale (units of the scales).
-        probes: directions per step.
-        noise: "gaussian" (default, as in QZO), "rademacher" or "pool".
-        clip: bound C on the directional derivative |g| (None = no clipping).
-        min_ratio: a scale never drops below min_ratio x its pre-step value (0 < ratio < 1).
-        restore: "auto", "copy" or "drift" (see zo_sgd).
-        schedule: "constant", "cosine" or "linear" decay of lr over `total_steps`.
-        total_steps: schedule length.
-        seed: run seed.
-        chunk: elements per noise chunk (results do not depend on it).
-        pool_size: shared-table size for noise="pool".
+        **options: `ZOScaleOptions` fields (lr, eps, probes, noise, clip, min_ratio, ..., seed).
     """
 
     name = "zo-scale"
-    #: what `edgelearn train` trains when --trainable is not given
-    default_trainable: ClassVar[str] = "*.scale"
+    Options = ZOScaleOptions
+    default_trainable = "*.scale"
+    options: ZOScaleOptions
 
-    def __init__(
-        self,
-        *,
-        lr: float = 1e-5,
-        eps: float = 1e-4,
-        probes: int = 1,
-        noise: str = "gaussian",
-        clip: float | None = 100.0,
-        min_ratio: float = 0.5,
-        restore: str = "auto",
-        schedule: str = "constant",
-        total_steps: int | None = None,
-        seed: int = 0,
-        chunk: int = DEFAULT_CHUNK,
-        pool_size: int = 1 << 22,
-    ) -> None:
-        if not (0 < min_ratio < 1):
-            raise InputError(f"min_ratio must lie in (0, 1), got {min_ratio}")
-        if clip is not None and not (clip > 0 and math.isfinite(clip)):
-            raise InputError(f"clip must be a finite number > 0, got {clip}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise InputError(f"eps must be a finite number > 0, got {eps}")
-        super().__init__(lr=lr, eps=eps, probes=probes, noise=noise,
-                         clip=None if clip is None else 2.0 * eps * clip, restore=restore,
-                         schedule=schedule, total_steps=total_steps, seed=seed, chunk=chunk,
-                         pool_size=pool_size)
-        self.grad_clip = None if clip is None else float(clip)
-        self.min_ratio = float(min_ratio)
-
-    def config(self) -> dict[str, Any]:
-        """Hyperparameters (JSON), the keyword arguments of this class."""
-        return {"seed": self.seed, "lr": self.lr, "eps": self.eps, "probes": self.probes,
-                "noise": self.noise_kind, "clip": self.grad_clip, "min_ratio": self.min_ratio,
-                "restore": self.restore, "schedule": self.schedule,
-                "total_steps": self.total_steps, "pool_size": self.pool_size}
+    def _rule(self) -> ZOSGDOptions:
+        return self.options.zo_rule()
 
     @staticmethod
     def scale_segments(store: ParamStore) -> list[tuple[int, int]]:
@@ -95,14 +98,14 @@ class ZOScale(ZOSGD):
         return [(a, b) for name, a, b in store.segments("float32")
                 if (store.specs[name].quant or {}).get("role") == "scale"]
 
-    def _step(self, store: ParamStore) -> Generator[Any, Any, dict[str, Any]]:
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         theta = store.flat("float32")
         segs = self.scale_segments(store)
         before = [theta[a:b].copy() for a, b in segs]
         if any(bool((p <= 0).any()) for p in before):
             raise InputError("zo-scale: a quantization scale is not positive")
-        record = yield from super()._step(store)
-        floor = np.float32(self.min_ratio)
+        record = yield from super()._step(store, **extra)
+        floor = np.float32(self.options.min_ratio)
         for (a, b), prev in zip(segs, before, strict=True):
             np.maximum(theta[a:b], floor * prev, out=theta[a:b])
         return record

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, register
+from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 from edgelearn.rng import (
     DEFAULT_CHUNK,
@@ -53,109 +55,93 @@ AUTO_COPY_MAX_BYTES = 16 << 20
 Term = tuple[np.float32, tuple[int, int, int]]
 
 
+@dataclass(frozen=True)
+class ZOSGDOptions(OptimizerOptions):
+    """Options of zo-sgd (the update rule is in the module docstring)."""
+
+    lr: float = field(default=1e-3, metadata=meta(
+        "learning rate (base value of the schedule)", cli="--lr"))
+    eps: float = field(default=1e-3, metadata=meta(
+        "perturbation scale (units of the weights)", cli="--eps"))
+    probes: int = field(default=1, metadata=meta(
+        "perturbation directions per step (q); the update averages them", cli="--probes"))
+    noise: str = field(default="rademacher", metadata=meta(
+        "rademacher (+-1 from random bits; bit-portable), gaussian or pool (shared noise "
+        "table)", cli="--noise", choices=NOISE_KINDS))
+    weight_decay: float = field(default=0.0, metadata=meta(
+        "decoupled decay on parameters with >= 2 dims (biases and norms skipped)",
+        cli="--weight-decay"))
+    sign: bool = field(default=False, metadata=meta("use sign(g) (ZO-SignSGD)", cli="--sign"))
+    clip: float | None = field(default=None, metadata=meta(
+        "clip |L+ - L-| to this value (null: no clipping)", cli="--clip"))
+    # recorded only when set, so headers of runs without the guard keep their old form
+    reject_above: float | None = field(default=None, metadata=meta(
+        "reject the whole step (weights restored, no update) when a probe has |L+ - L-| above "
+        "this value; the record says accepted false, rejected reject_above (null: off)",
+        cli="--reject-above", record="when-set"))
+    conservative: bool = field(default=False, metadata=meta(
+        "evaluate the updated weights once more and undo the update if the loss got worse "
+        "than the probes' mean (one extra forward)", cli="--conservative"))
+    restore: str = field(default="auto", metadata=meta(
+        "how weights come back after the probes: auto, copy or drift (module docstring)",
+        cli="--restore", choices=RESTORE_POLICIES))
+    schedule: str = field(default="constant", metadata=meta(
+        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
+        choices=SCHEDULES))
+    total_steps: int | None = field(default=None, metadata=meta(
+        "schedule length (required for non-constant schedules; train sets it to --steps)"))
+    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
+        "elements per noise chunk (results do not depend on it)", record="never"))
+    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lr >= 0 and math.isfinite(self.lr),
+              f"lr must be a finite number >= 0, got {self.lr}")
+        check(self.eps > 0 and math.isfinite(self.eps),
+              f"eps must be a finite number > 0, got {self.eps}")
+        check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
+        check(self.schedule == "constant" or (self.total_steps or 0) > 0,
+              f"schedule {self.schedule!r} needs total_steps > 0")
+        check(self.clip is None or self.clip > 0, f"clip must be > 0, got {self.clip}")
+        check(self.reject_above is None or (self.reject_above > 0
+                                            and math.isfinite(self.reject_above)),
+              f"reject_above must be a finite number > 0, got {self.reject_above}")
+        check(self.chunk >= 8 and self.chunk % 8 == 0,
+              f"chunk must be a positive multiple of 8, got {self.chunk!r}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+
+
 @register
 class ZOSGD(Optimizer):
     """Zeroth-order SGD (MeZO) over the trainable float32 slice of a ParamStore.
 
     Args:
-        lr: learning rate (base value of the schedule).
-        eps: perturbation scale (units of the weights).
-        probes: perturbation directions per step (q); the update averages them.
-        noise: "rademacher" (default, +-1 from random bits; bit-portable), "gaussian" or
-            "pool" (shared noise table).
-        weight_decay: decoupled decay on parameters with >= 2 dims (biases and norms skipped).
-        sign: use sign(g) instead of g (ZO-SignSGD).
-        clip: clip |L+ - L-| to this value (None = no clipping).
-        reject_above: reject the whole step (weights restored, no update) when any probe has
-            |L+ - L-| above this value; distinct from `clip`, which clamps and still updates.
-            The record says ``"accepted": false, "rejected": "reject_above"`` (None = off).
-        conservative: evaluate the updated weights once more and undo the update if the loss
-            got worse than the probes' mean loss (one extra forward per step).
-        restore: "auto", "copy" or "drift" (see module docstring).
-        schedule: "constant", "cosine" or "linear" decay of lr over `total_steps`.
-        total_steps: schedule length (required for non-constant schedules).
-        seed: run seed.
-        chunk: elements per noise chunk (results do not depend on it).
-        pool_size: shared-table size for noise="pool".
+        **options: `ZOSGDOptions` fields (lr, eps, probes, noise, ..., seed).
     """
 
     name = "zo-sgd"
+    Options = ZOSGDOptions
     supports_lr_scale = True
 
-    def __init__(
-        self,
-        *,
-        lr: float = 1e-3,
-        eps: float = 1e-3,
-        probes: int = 1,
-        noise: str = "rademacher",
-        weight_decay: float = 0.0,
-        sign: bool = False,
-        clip: float | None = None,
-        reject_above: float | None = None,
-        conservative: bool = False,
-        restore: str = "auto",
-        schedule: str = "constant",
-        total_steps: int | None = None,
-        seed: int = 0,
-        chunk: int = DEFAULT_CHUNK,
-        pool_size: int = 1 << 22,
-    ) -> None:
-        super().__init__(seed=seed)
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise InputError(f"lr must be a finite number >= 0, got {lr}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise InputError(f"eps must be a finite number > 0, got {eps}")
-        if not (isinstance(probes, int) and probes >= 1):
-            raise InputError(f"probes must be an integer >= 1, got {probes!r}")
-        if noise not in NOISE_KINDS:
-            raise InputError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
-        if restore not in RESTORE_POLICIES:
-            raise InputError(f"restore must be one of {RESTORE_POLICIES}, got {restore!r}")
-        if schedule not in SCHEDULES:
-            raise InputError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if schedule != "constant" and not (isinstance(total_steps, int) and total_steps > 0):
-            raise InputError(f"schedule {schedule!r} needs total_steps > 0")
-        if clip is not None and not clip > 0:
-            raise InputError(f"clip must be > 0, got {clip}")
-        if reject_above is not None and not (reject_above > 0 and math.isfinite(reject_above)):
-            raise InputError(f"reject_above must be a finite number > 0, got {reject_above}")
-        if not (isinstance(chunk, int) and chunk >= 8 and chunk % 8 == 0):
-            raise InputError(f"chunk must be a positive multiple of 8, got {chunk!r}")
-        if not weight_decay >= 0:
-            raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.lr, self.eps, self.probes = float(lr), float(eps), probes
-        self.noise_kind, self.weight_decay, self.sign = noise, float(weight_decay), bool(sign)
-        self.clip = None if clip is None else float(clip)
-        self.reject_above = None if reject_above is None else float(reject_above)
-        self.conservative = bool(conservative)
-        self.restore = restore
-        self.schedule, self.total_steps = schedule, total_steps
-        self.chunk, self.pool_size = int(chunk), int(pool_size)
-        self.noise = Noise(noise, pool_size=pool_size, pool_seed=seed)
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        rule = self.rule = self._rule()
+        self.noise = Noise(rule.noise, pool_size=rule.pool_size, pool_seed=rule.seed)
         self._n: int | None = None
         self._policy = ""
         self._copy: np.ndarray | None = None
-        self._zbuf = np.empty(self.chunk, np.float32)
-        self._abuf = np.empty(self.chunk, np.float32)
+        self._zbuf = np.empty(rule.chunk, np.float32)
+        self._abuf = np.empty(rule.chunk, np.float32)
         # Packed Rademacher signs of this step's probes (n/8 bytes each), drawn once per step.
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
         self._decay_segments: list[tuple[int, int]] = []
 
-    def config(self) -> dict[str, Any]:
-        """Hyperparameters (JSON); `chunk` is left out because results do not depend on it."""
-        return {
-            "seed": self.seed, "lr": self.lr, "eps": self.eps, "probes": self.probes,
-            "noise": self.noise_kind, "weight_decay": self.weight_decay, "sign": self.sign,
-            "clip": self.clip, **self._guard_config(), "conservative": self.conservative,
-            "restore": self.restore,
-            "schedule": self.schedule, "total_steps": self.total_steps,
-            "pool_size": self.pool_size,
-        }
-
-    def _guard_config(self) -> dict[str, Any]:
-        # Only present when set, so headers of runs without the guard keep their old form.
-        return {} if self.reject_above is None else {"reject_above": self.reject_above}
+    def _rule(self) -> ZOSGDOptions:
+        """The ZO-SGD settings the steps run: zo-sgd's own options (zo-scale maps its own)."""
+        assert isinstance(self.options, ZOSGDOptions)
+        return self.options
 
     # -- helpers --------------------------------------------------------------------------------
     def _prepare(self, store: ParamStore) -> np.ndarray:
@@ -165,7 +151,7 @@ class ZOSGD(Optimizer):
             raise InputError("zo-sgd needs trainable float32 parameters; none are selected")
         if self._n is None:
             self._n = theta.size
-            self._policy = self.restore
+            self._policy = self.rule.restore
             if self._policy == "auto":
                 self._policy = "copy" if theta.nbytes <= AUTO_COPY_MAX_BYTES else "drift"
             self._decay_segments = [
@@ -179,12 +165,12 @@ class ZOSGD(Optimizer):
     def memory_bytes(self, store: ParamStore) -> int:
         """Restore copy (copy policy) + packed signs of every probe + two chunk buffers."""
         n = store.n_trainable("float32")
-        policy = self.restore
+        policy = self.rule.restore
         if policy == "auto":
             policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
-        signs = self.probes * (-(-n // 64) * 8) if self.noise_kind == "rademacher" else 0
-        pool = 4 * self.pool_size if self.noise_kind == "pool" else 0
-        return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.chunk
+        signs = self.rule.probes * (-(-n // 64) * 8) if self.rule.noise == "rademacher" else 0
+        pool = 4 * self.rule.pool_size if self.rule.noise == "pool" else 0
+        return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.rule.chunk
 
     @property
     def policy(self) -> str:
@@ -197,21 +183,21 @@ class ZOSGD(Optimizer):
         return lr if self.lr_scale == 1.0 else lr * self.lr_scale
 
     def _scheduled_lr(self, t: int) -> float:
-        if self.schedule == "constant":
-            return self.lr
-        assert self.total_steps is not None
-        frac = min(t / self.total_steps, 1.0)
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return self.lr * (1.0 - frac)
+        if self.rule.schedule == "constant":
+            return self.rule.lr
+        assert self.rule.total_steps is not None
+        frac = min(t / self.rule.total_steps, 1.0)
+        if self.rule.schedule == "cosine":
+            return self.rule.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.rule.lr * (1.0 - frac)
 
     def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
         """dst = src + sum_k coef_k * z_k, chunk by chunk (same float ops for any chunking)."""
-        if self.noise_kind == "rademacher":
+        if self.rule.noise == "rademacher":
             self._combine_signs(dst, src, terms)
             return
         z, acc = self._zbuf, self._abuf
-        for a, b in noise_chunks(dst.size, self.chunk):
+        for a, b in noise_chunks(dst.size, self.rule.chunk):
             m = b - a
             zc, ac = z[:m], acc[:m]
             for i, (coef, (seed, step, probe)) in enumerate(terms):
@@ -238,7 +224,7 @@ class ZOSGD(Optimizer):
             packed.append(self._signs[key])
         acc = self._abuf.reshape(-1, 8)
         tmp = self._zbuf.reshape(-1, 8)
-        for a, b in noise_chunks(dst.size, self.chunk):
+        for a, b in noise_chunks(dst.size, self.rule.chunk):
             ia, ib = a // 8, -(-b // 8)
             k = ib - ia
             np.take(tables[0], packed[0][ia:ib], axis=0, out=acc[:k])
@@ -248,17 +234,17 @@ class ZOSGD(Optimizer):
             np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
 
     def _decay(self, theta: np.ndarray, lr: float, *, undo: bool = False) -> None:
-        if self.weight_decay == 0.0 or lr == 0.0:
+        if self.rule.weight_decay == 0.0 or lr == 0.0:
             return
-        f = np.float32(1.0 - lr * self.weight_decay)
+        f = np.float32(1.0 - lr * self.rule.weight_decay)
         op = np.divide if undo else np.multiply
         for a, b in self._decay_segments:
             op(theta[a:b], f, out=theta[a:b])
 
     # -- the step -------------------------------------------------------------------------------
-    def _step(self, store: ParamStore) -> Generator[None, float, dict[str, Any]]:
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[None, float, dict[str, Any]]:
         theta = self._prepare(store)
-        t, eps = self.t, self.eps
+        t, eps = self.t, self.rule.eps
         e32 = np.float32(eps)
         self._signs.clear()
         copy = None
@@ -267,7 +253,7 @@ class ZOSGD(Optimizer):
                 self._copy = np.empty_like(theta)
             copy = self._copy
             np.copyto(copy, theta)
-        seeds = [(self.seed, t, k) for k in range(self.probes)]
+        seeds = [(self.seed, t, k) for k in range(self.rule.probes)]
         losses: list[tuple[float, float]] = []
         for k, key in enumerate(seeds):
             if copy is not None:
@@ -284,15 +270,15 @@ class ZOSGD(Optimizer):
                     self._combine(theta, theta, [(e32, key)])
             losses.append((lp, lm))
         finite = all(math.isfinite(v) for pair in losses for v in pair)
-        over = finite and self.reject_above is not None and any(
-            abs(lp - lm) > self.reject_above for lp, lm in losses)
+        over = finite and self.rule.reject_above is not None and any(
+            abs(lp - lm) > self.rule.reject_above for lp, lm in losses)
         gs: list[float] = []
         for lp, lm in losses:
             d = lp - lm if finite else 0.0
-            if self.clip is not None:
-                d = min(max(d, -self.clip), self.clip)
+            if self.rule.clip is not None:
+                d = min(max(d, -self.rule.clip), self.rule.clip)
             g = d / (2.0 * eps)
-            gs.append(float(np.sign(g)) if self.sign else g)
+            gs.append(float(np.sign(g)) if self.rule.sign else g)
         lr = self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "g": gs, "lr": lr,
                                   "eps": eps, "accepted": finite, "undone": False}
@@ -312,7 +298,7 @@ class ZOSGD(Optimizer):
             terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])
         self._combine(theta, theta if copy is None else copy, terms)
         self._decay(theta, lr)
-        if self.conservative:
+        if self.rule.conservative:
             l_new = yield
             l_ref = sum(a + b for a, b in losses) / (2 * q)
             if not (math.isfinite(l_new) and l_new <= l_ref):
