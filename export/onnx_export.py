@@ -103,6 +103,7 @@ def _check_param_inputs(m: Any, params: dict[str, torch.Tensor]) -> None:
 
 
 def _spec_json(name: str, t: torch.Tensor, dynamic: bool) -> dict[str, Any]:
+    """The manifest spec of an input/output tensor (dim 0 "batch" when `dynamic`)."""
     if t.dtype not in _TORCH_TO_NP:
         raise ExportError(f"{name!r} has dtype {t.dtype}, which bundles do not support")
     shape: list[int | str] = list(t.shape)
@@ -112,6 +113,7 @@ def _spec_json(name: str, t: torch.Tensor, dynamic: bool) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
+    """Library versions that wrote the bundle (the manifest's "exporter")."""
     import onnx
     import onnxruntime
 
@@ -162,6 +164,7 @@ class _TapsGraph(NamedTuple):
 
 
 def _check_options(formats: Sequence[str], task: str) -> None:
+    """Refuse unknown formats, a bundle without ONNX and unknown tasks."""
     unknown = set(formats) - {"onnx", "tflite"}
     if unknown:
         raise ExportError(f"formats {sorted(unknown)} are not supported by this exporter yet")
