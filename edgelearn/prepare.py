@@ -20,10 +20,10 @@ onnx and onnxruntime are imported lazily: `import edgelearn.prepare` costs only 
 
 from __future__ import annotations
 
-import json
+import copy
+import importlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn import bundle_writer as writer
 from edgelearn.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
     IO_DTYPES,
-    MANIFEST,
     MAX_PARAM_ELEMENTS,
     TASKS,
     Bundle,
@@ -45,7 +43,7 @@ from edgelearn.bundle import (
 )
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.params import ParamSpec, ParamStore, check_name
-from edgelearn.parity import ATOL, RTOL, check_tolerances, compare, worst
+from edgelearn.parity import ATOL, RTOL, Parity, check_tolerances, compare, worst
 
 BATCH = "batch"
 HEAD_OUTPUT = "logits"
@@ -68,18 +66,23 @@ class ModelError(EdgelearnError, ValueError):
     """A source model (ONNX / TFLite) is invalid, hostile, or uses something not supported."""
 
 
-def _import_onnx() -> Any:
+def _import(module: str) -> Any:
+    """`module` (onnx, onnxruntime), imported lazily, or an error naming the extra to install."""
     try:
-        import onnx
+        return importlib.import_module(module)
     except ImportError:
-        raise EdgelearnError("prepare/bake need onnx: pip install 'edgelearn[onnx]'") from None
-    return onnx
+        raise EdgelearnError(f"prepare/bake need {module}: pip install 'edgelearn[onnx]'"
+                             ) from None
+
+
+def _import_onnx() -> Any:
+    return _import("onnx")
 
 
 def _import_ort() -> Any:
-    from edgelearn.backends.ort import _import_ort as imp
-
-    return imp()
+    ort = _import("onnxruntime")
+    ort.set_default_logger_severity(3)  # its warnings about a source model are noise here
+    return ort
 
 
 # -- reading a model safely --------------------------------------------------------------------
@@ -616,22 +619,115 @@ def _versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "tool": "edgelearn prepare"}
 
 
-def _files(d: Path, roles: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    return {role: {"path": f, "size": (d / f).stat().st_size, "sha256": sha256_file(d / f)}
-            for role, f in roles.items()}
+@dataclass
+class _Prepared:
+    """A source model rewritten for a bundle, before anything is written.
+
+    Attributes:
+        model: the rewritten ModelProto (weights are graph inputs, new head appended).
+        values: bundle parameter name -> value, in weight-file order.
+        kind: bundle name -> the Candidate a lifted weight came from (head params absent).
+        cands: every weight found, kept-in-graph ones included.
+        in_specs / out_specs: the bundle's input / output tensor specs.
+        feeds / ref: the parity example and the original model's outputs on it (through the
+            numpy head when one is added).
+        head: (output, classes) of the new head, or None.
+    """
+
+    model: Any
+    values: dict[str, np.ndarray]
+    kind: dict[str, Candidate]
+    cands: list[Candidate]
+    in_specs: list[dict[str, Any]]
+    out_specs: list[dict[str, Any]]
+    feeds: dict[str, np.ndarray]
+    ref: dict[str, np.ndarray]
+    head: tuple[str, int] | None
 
 
-def _new_dir(out_dir: Path, overwrite: bool) -> Path:
-    if out_dir.exists() and not overwrite:
-        raise InputError(f"{out_dir} already exists (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+def _rewrite(onnx: Any, ort: Any, model_path: Path, head: tuple[str, int] | None, seed: int,
+             example: Mapping[str, np.ndarray] | str | os.PathLike | None) -> _Prepared:
+    """Load the source model, run it on the example, lift its weights, add the head."""
+    model = load_onnx(model_path)
+    original = model.SerializeToString()
+    cands = find_weights(model)
+    lift = [c for c in cands if c.liftable]
+    inits = {t.name for t in model.graph.initializer}
+    in_specs = _io_specs(onnx, [i for i in model.graph.input if i.name not in inits], "input")
+    out_specs = _io_specs(onnx, model.graph.output, "output")
+    if not lift and head is None:
+        raise ModelError(f"{model_path.name}: no weight tensors found to make trainable")
+    feeds = _example_feeds(example, in_specs, seed)
+    ref = _run(ort, original, feeds, f"the original {model_path.name}")
+    values = _lift(onnx, model, lift, _const_values(onnx, model))
+    if head is not None:
+        taken = set(_definitions(model)) | {i.name for i in model.graph.input}
+        head_values = _add_head(onnx, model, head[0], head[1], seed, taken)
+        out_specs = _io_specs(onnx, model.graph.output, "output")
+        ref = {out_specs[0]["name"]: _pool_head(ref[head[0]], head_values)}
+        values.update(head_values)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # a rewrite bug, not user input, but say what happened
+        raise ModelError(f"prepared graph fails the ONNX checker ({e})") from None
+    return _Prepared(model, values, {c.bundle_name: c for c in lift}, cands, in_specs,
+                     out_specs, feeds, ref, head)
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+def _choose_trainable(p: _Prepared, trainable: str | Sequence[str] | None
+                      ) -> tuple[set[str], list[str]]:
+    """(trainable names, quantized names the patterns matched but that stay frozen)."""
+    default = "head.*" if p.head is not None else "*"
+    chosen = select_trainable(list(p.values), trainable if trainable is not None else default)
+    frozen_quant = sorted(n for n in chosen if n in p.kind and p.kind[n].quant)
+    chosen -= set(frozen_quant)
+    if not chosen:
+        raise InputError("--trainable selects only quantized (int8) weights, which stay frozen; "
+                         "choose float32 parameters (see --list)")
+    return chosen, frozen_quant
+
+
+def _prepared_manifest(tmp: Path, p: _Prepared, specs: Sequence[ParamSpec], task: str,
+                       model_path: Path, seed: int) -> dict[str, Any]:
+    """Write (and return) the manifest of a prepared bundle, without parity yet."""
+    params = []
+    for s in specs:
+        c = p.kind.get(s.name)
+        extra: dict[str, Any] = {"kind": c.where if c else "head"}
+        if c and c.name != c.bundle_name:
+            extra["source_name"] = c.name
+        if c and c.quant:
+            extra["quant"] = c.quant
+        params.append(writer.param_entry(s, **extra))
+    source = {"file": model_path.name, "size": model_path.stat().st_size,
+              "sha256": sha256_file(model_path)}
+    manifest = writer.new_manifest(
+        task=task, inputs=p.in_specs, outputs=p.out_specs, params=params,
+        files=writer.file_entries(tmp, {"weights": writer.WEIGHTS, "onnx": "model.onnx"}),
+        exporter={**_versions(), "source": source})
+    if p.head is not None:
+        manifest["head"] = {"on": p.head[0], "classes": p.head[1], "seed": seed,
+                            "pool": "mean over middle axes"}
+    writer.write_manifest(tmp, manifest)
+    return manifest
+
+
+def _check_prepared(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: float,
+                    rtol: float) -> float:
+    """Original vs bundle on the example, then manifest["parity"]; returns max abs error."""
+    # Live = the manifest's trainable set (int8 weights stay constants, so ORT keeps its
+    # quantized kernels, as on the device); baked = every weight an initializer.
+    par = worst([compare(_bundle_outputs(tmp, p.feeds, live), p.ref, atol=atol, rtol=rtol,
+                         where=f"bundle, weights {'baked' if live == '' else 'live'}")
+                 for live in (None, "")])
+    if not par.ok:
+        raise ModelError(f"parity check failed: original vs bundle {par.describe()}; no "
+                         "bundle written")
+    manifest["parity"] = {"onnx": {**par.to_json(),
+                                   "reference": "original model" if p.head is None
+                                   else "original model + numpy head"}}
+    writer.write_manifest(tmp, manifest)
+    return par.max_abs_err
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -698,114 +794,79 @@ def prepare_onnx(
     if task not in TASKS:
         raise InputError(f"task must be one of {TASKS}, not {task!r}")
     head = parse_new_head(new_head) if isinstance(new_head, str) else new_head
-    model = load_onnx(model_path)
-    original = model.SerializeToString()
-    cands = find_weights(model)
-    lift = [c for c in cands if c.liftable]
-    inits = {t.name for t in model.graph.initializer}
-    data_inputs = [i for i in model.graph.input if i.name not in inits]
-    in_specs = _io_specs(onnx, data_inputs, "input")
-    out_specs = _io_specs(onnx, model.graph.output, "output")
-    if not lift and head is None:
-        raise ModelError(f"{model_path.name}: no weight tensors found to make trainable")
-    if isinstance(example, (str, os.PathLike)):
-        feeds = load_example(example, in_specs)
-    elif example is not None:
-        feeds = {k: np.asarray(v, order="C") for k, v in example.items()}
-    else:
-        feeds = example_inputs(in_specs, seed)
-    ref = _run(ort, original, feeds, f"the original {model_path.name}")
-
-    consts = _const_values(onnx, model)
-    values = _lift(onnx, model, lift, consts)
-    kind = {c.bundle_name: c for c in lift}
-    head_values: dict[str, np.ndarray] = {}
-    if head is not None:
-        taken = set(_definitions(model)) | {i.name for i in model.graph.input}
-        head_values = _add_head(onnx, model, head[0], head[1], seed, taken)
-        out_specs = _io_specs(onnx, model.graph.output, "output")
-        ref = {out_specs[0]["name"]: _pool_head(ref[head[0]], head_values)}
-    try:
-        onnx.checker.check_model(model)
-    except Exception as e:  # a rewrite bug, not user input, but say what happened
-        raise ModelError(f"prepared graph fails the ONNX checker ({e})") from None
-    values.update(head_values)
-
-    names = list(values)
-    default = "head.*" if head is not None else "*"
-    chosen = select_trainable(names, trainable if trainable is not None else default)
-    frozen_quant = sorted(n for n in chosen if n in kind and kind[n].quant)
-    chosen -= set(frozen_quant)
-    if not chosen:
-        raise InputError("--trainable selects only quantized (int8) weights, which stay frozen; "
-                         "choose float32 parameters (see --list)")
-    specs = [ParamSpec(n, tuple(v.shape), str(v.dtype), n in chosen) for n, v in values.items()]
-
-    tmp = _new_dir(out_dir, overwrite)
-    try:
-        onnx.save(model, str(tmp / "model.onnx"))
-        ParamStore(specs, values=values).save(tmp / "weights.safetensors")
-        params_json = []
-        for s in specs:
-            entry: dict[str, Any] = {"name": s.name, "shape": list(s.shape), "dtype": s.dtype,
-                                     "trainable": s.trainable}
-            c = kind.get(s.name)
-            entry["kind"] = c.where if c else "head"
-            if c and c.name != c.bundle_name:
-                entry["source_name"] = c.name
-            if c and c.quant:
-                entry["quant"] = c.quant
-            params_json.append(entry)
-        manifest: dict[str, Any] = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "task": task,
-            "inputs": in_specs, "outputs": out_specs, "params": params_json, "layers": [],
-            "files": _files(tmp, {"weights": "weights.safetensors", "onnx": "model.onnx"}),
-            "exporter": {**_versions(), "source": {
-                "file": model_path.name, "size": model_path.stat().st_size,
-                "sha256": sha256_file(model_path)}},
-        }
-        if head is not None:
-            manifest["head"] = {"on": head[0], "classes": head[1], "seed": seed,
-                                "pool": "mean over middle axes"}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        # Live = the manifest's trainable set (int8 weights stay constants, so ORT keeps its
-        # quantized kernels, as on the device); baked = every weight an initializer.
-        par = worst([compare(_bundle_outputs(tmp, feeds, live), ref, atol=atol, rtol=rtol,
-                             where=f"bundle, weights {'baked' if live == '' else 'live'}")
-                     for live in (None, "")])
-        if not par.ok:
-            raise ModelError(f"parity check failed: original vs bundle {par.describe()}; no "
-                             "bundle written")
-        err = par.max_abs_err
-        manifest["parity"] = {"onnx": {**par.to_json(),
-                                       "reference": "original model" if head is None
-                                       else "original model + numpy head"}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _publish(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    p = _rewrite(onnx, ort, model_path, head, seed, example)
+    chosen, frozen_quant = _choose_trainable(p, trainable)
+    specs = [ParamSpec(n, tuple(v.shape), str(v.dtype), n in chosen) for n, v in p.values.items()]
+    with writer.staging_dir(out_dir, overwrite=overwrite, hint="pass --overwrite") as tmp:
+        onnx.save(p.model, str(tmp / "model.onnx"))
+        ParamStore(specs, values=p.values).save(tmp / writer.WEIGHTS)
+        manifest = _prepared_manifest(tmp, p, specs, task, model_path, seed)
+        err = _check_prepared(tmp, p, manifest, atol=atol, rtol=rtol)
+        writer.publish(tmp, out_dir)
     return {
         "bundle": str(out_dir),
-        "params": sum(int(v.size) for v in values.values()),
-        "trainable_params": sum(int(values[n].size) for n in chosen),
-        "tensors": len(values),
+        "params": sum(int(v.size) for v in p.values.values()),
+        "trainable_params": sum(int(p.values[n].size) for n in chosen),
+        "tensors": len(p.values),
         "frozen_quantized": frozen_quant,
-        "kept_in_graph": [c.to_json() for c in cands if not c.liftable],
-        "inputs": in_specs,
-        "outputs": out_specs,
+        "kept_in_graph": [c.to_json() for c in p.cands if not c.liftable],
+        "inputs": p.in_specs,
+        "outputs": p.out_specs,
         "formats": ["onnx"],
         "parity_max_abs_err": err,
     }
 
 
 def _example_feeds(example: Mapping[str, np.ndarray] | str | os.PathLike | None,
-                   specs: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+                   specs: Sequence[dict[str, Any]], seed: int = 0) -> dict[str, np.ndarray]:
+    """The parity example: given arrays, a .npz file, or random (`example_inputs`)."""
     if isinstance(example, (str, os.PathLike)):
         return load_example(example, specs)
     if example is not None:
         return {k: np.asarray(v, order="C") for k, v in example.items()}
-    return example_inputs(specs)
+    return example_inputs(specs, seed)
+
+
+def _write_baked(tmp: Path, bundle: Bundle, store: ParamStore) -> BakedTflite:
+    """Write the baked bundle into `tmp`: inference.onnx, the weights, the source bundle's
+    other files (TFLite ones personalized or left out) and its manifest."""
+    from edgelearn.backends.ort import baked_model_bytes
+
+    (tmp / INFERENCE_ONNX).write_bytes(baked_model_bytes(bundle.files["onnx"], store.state()))
+    store.save(tmp / writer.WEIGHTS, metadata={"sha256": store.digest()})
+    roles = {"weights": writer.WEIGHTS}
+    for role, path in bundle.files.items():
+        if role not in ("weights", "inference_onnx"):
+            shutil.copyfile(path, tmp / path.name)
+            roles[role] = path.name
+    roles["inference_onnx"] = INFERENCE_ONNX
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["baked"] = {"from_weights_sha256": bundle.manifest["files"]["weights"]["sha256"],
+                         "weights_sha256": store.digest(), "inference": [INFERENCE_ONNX]}
+    baked_tfl = BakedTflite(tmp, manifest, roles)
+    baked_tfl.write_constants(store)
+    baked_tfl.save_manifest()
+    return baked_tfl
+
+
+def _check_baked(ort: Any, baked_tfl: BakedTflite, feeds: Mapping[str, np.ndarray], *,
+                 atol: float, rtol: float) -> tuple[Parity, dict[str, dict[str, Any]]]:
+    """bundle + weights vs inference.onnx (must pass) and vs the TFLite files (left out when
+    they fail); records manifest["baked"] parity. Returns (inference.onnx parity, file ->
+    parity fields)."""
+    tmp, baked = baked_tfl.tmp, baked_tfl.manifest["baked"]
+    ref = _bundle_outputs(tmp, feeds, None)
+    par = compare(_run(ort, str(tmp / INFERENCE_ONNX), feeds, INFERENCE_ONNX), ref,
+                  atol=atol, rtol=rtol)
+    if not par.ok:
+        raise ModelError(f"bake parity failed: bundle+weights vs {INFERENCE_ONNX} "
+                         f"{par.describe()}; nothing written")
+    parity = {INFERENCE_ONNX: par.to_json(), **baked_tfl.check(feeds, ref, atol=atol,
+                                                               rtol=rtol)}
+    baked["parity_max_abs_err"] = par.max_abs_err
+    baked["parity"] = parity
+    baked_tfl.save_manifest()
+    return par, parity
 
 
 def bake_bundle(
@@ -839,8 +900,6 @@ def bake_bundle(
     Returns: {"bundle", "inference" (format -> path), "weights_sha256", "parity_max_abs_err"
         (inference.onnx), "parity" (file -> edgelearn.parity fields), "skipped"}.
     """
-    from edgelearn.backends.ort import baked_model_bytes
-
     check_tolerances(atol, rtol)
     ort = _import_ort()
     bundle = load_bundle(bundle_path)
@@ -851,40 +910,12 @@ def bake_bundle(
         raise InputError(f"{bundle.path}: bundle has no ONNX model to bake")
     store = bundle.load_store(weights=weights)
     feeds = _example_feeds(example, [t.to_json() for t in bundle.inputs])
-    baked = baked_model_bytes(bundle.files["onnx"], store.state())
-    tmp = _new_dir(out_dir, overwrite)
-    try:
-        (tmp / INFERENCE_ONNX).write_bytes(baked)
-        store.save(tmp / "weights.safetensors", metadata={"sha256": store.digest()})
-        roles = {"weights": "weights.safetensors"}
-        for role, p in bundle.files.items():
-            if role not in ("weights", "inference_onnx"):
-                shutil.copyfile(p, tmp / p.name)
-                roles[role] = p.name
-        roles["inference_onnx"] = INFERENCE_ONNX
-        manifest = json.loads(json.dumps(bundle.manifest))
-        manifest["baked"] = {"from_weights_sha256": bundle.manifest["files"]["weights"]["sha256"],
-                             "weights_sha256": store.digest(), "inference": [INFERENCE_ONNX]}
-        baked_tfl = BakedTflite(tmp, manifest, roles)
-        baked_tfl.write_constants(store)
-        baked_tfl.save_manifest()
-        ref = _bundle_outputs(tmp, feeds, None)
-        par = compare(_run(ort, str(tmp / INFERENCE_ONNX), feeds, INFERENCE_ONNX), ref,
-                      atol=atol, rtol=rtol)
-        if not par.ok:
-            raise ModelError(f"bake parity failed: bundle+weights vs {INFERENCE_ONNX} "
-                             f"{par.describe()}; nothing written")
-        parity = {INFERENCE_ONNX: par.to_json(), **baked_tfl.check(feeds, ref, atol=atol,
-                                                                   rtol=rtol)}
-        manifest["baked"]["parity_max_abs_err"] = par.max_abs_err
-        manifest["baked"]["parity"] = parity
-        baked_tfl.save_manifest()
-        _publish(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with writer.staging_dir(out_dir, overwrite=overwrite, hint="pass --overwrite") as tmp:
+        baked_tfl = _write_baked(tmp, bundle, store)
+        par, parity = _check_baked(ort, baked_tfl, feeds, atol=atol, rtol=rtol)
+        writer.publish(tmp, out_dir)
     inference = {"onnx": str(out_dir / INFERENCE_ONNX)}
-    if TFLITE_CONST in manifest["baked"]["inference"]:
+    if TFLITE_CONST in baked_tfl.manifest["baked"]["inference"]:
         inference["tflite"] = str(out_dir / TFLITE_CONST)
     return {"bundle": str(out_dir), "inference": inference, "weights_sha256": store.digest(),
             "parity_max_abs_err": par.max_abs_err, "parity": parity,
@@ -917,8 +948,8 @@ class BakedTflite:
 
     def save_manifest(self) -> None:
         """Write the manifest with the sizes and sha256 of the files kept."""
-        self.manifest["files"] = _files(self.tmp, self.roles)
-        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+        self.manifest["files"] = writer.file_entries(self.tmp, self.roles)
+        writer.write_manifest(self.tmp, self.manifest)
 
     def write_constants(self, store: ParamStore) -> None:
         """Write `store` into the constant slots of model_const.tflite (or leave it out)."""

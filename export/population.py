@@ -12,7 +12,6 @@ manifest is rewritten).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +19,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgelearn.export.onnx_export import ExportError, _as_tuple, _with_batch, collect_params
+from edgelearn.export.checks import torch_parity
+from edgelearn.export.common import (
+    BATCH,
+    ExportError,
+    as_tuple,
+    collect_params,
+    describe_error,
+    export_onnx_program,
+    with_batch,
+)
 from torch import nn
 from torch.func import functional_call, vmap
 
-from edgelearn.bundle import MANIFEST, Bundle, sha256_file
-from edgelearn.parity import ATOL, RTOL, compare, worst
+from edgelearn.bundle import Bundle
+from edgelearn.bundle_writer import add_file, read_manifest, write_manifest
+from edgelearn.parity import ATOL, RTOL, Parity, worst
 
 POP_FILE = "model_pop.onnx"
 
@@ -49,6 +58,62 @@ class _PopFunctional(nn.Module):
         return vmap(one)(*pop)
 
 
+class _Population:
+    """The population graph being exported: which parameters get the K dimension."""
+
+    def __init__(self, model: nn.Module, example: tuple[torch.Tensor, ...], bundle: Bundle):
+        self.model, self.example = model, example
+        self.params = collect_params(model)
+        self.pop = [p.name for p in bundle.params if p.trainable]
+        self.frozen = [n for n in self.params if n not in self.pop]
+        self.in_names = [t.name for t in bundle.inputs]
+        self.out_names = [t.name for t in bundle.outputs]
+
+    def export(self, path: Path, k: int = 3) -> None:
+        """Write the vmapped graph (traced with `k` candidates; K is symbolic) to `path`."""
+        import onnx
+
+        wrapper = _PopFunctional(self.model, self.pop, self.frozen, len(self.example)).eval()
+        trace_inputs = tuple(with_batch(x, max(2, x.shape[0]), 0) for x in self.example)
+        pop_vals = tuple(self.params[n].unsqueeze(0).repeat(k, *[1] * self.params[n].ndim)
+                         for n in self.pop)
+        batch = torch.export.Dim(BATCH, min=1, max=1 << 20)
+        kdim = torch.export.Dim("population", min=2, max=1 << 16)
+        dyn = (*({0: batch} for _ in self.example), *({0: kdim} for _ in self.pop),
+               *(None for _ in self.frozen))
+        export_onnx_program(wrapper, (*trace_inputs, *pop_vals,
+                                      *(self.params[n] for n in self.frozen)), dyn, path,
+                            input_names=[*self.in_names, *self.pop, *self.frozen],
+                            output_names=self.out_names, what="population export")
+        onnx.checker.check_model(onnx.load(str(path)))
+
+    def parity(self, path: Path, *, atol: float, rtol: float, candidates: int = 4) -> Parity:
+        """Row j of one onnxruntime call scoring `candidates` random weight sets (base +
+        noise) vs torch's single forward of candidate j, on one random batch of 5."""
+        import onnxruntime as ort
+
+        gen = torch.Generator().manual_seed(0)
+        cands = [{n: self.params[n] + 0.01 * torch.randn(self.params[n].shape, generator=gen)
+                  for n in self.pop} for _ in range(candidates)]
+        weights = {n: np.stack([c[n].numpy() for c in cands]) for n in self.pop}
+        weights.update({n: self.params[n].numpy() for n in self.frozen})
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def row(j: int) -> Any:
+            def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                got = sess.run(self.out_names, {**feeds, **weights})
+                return {n: o[j] for n, o in zip(self.out_names, got, strict=True)}
+            return run
+
+        def single(c: dict[str, torch.Tensor]) -> Any:
+            return lambda *xs: functional_call(self.model, {**self.params, **c}, xs)
+
+        return worst([torch_parity(row(j), single(c), self.example, self.in_names,
+                                   self.out_names, [5], seed=3000,
+                                   where=f"candidate {j} of {len(cands)}", atol=atol, rtol=rtol)
+                      for j, c in enumerate(cands)], atol=atol, rtol=rtol)
+
+
 def add_population_graph(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -67,73 +132,28 @@ def add_population_graph(
             max|torch| (`edgelearn.parity`).
     Returns: {"population_params", "parity_max_abs_err"}.
     """
-    import onnx
-    import onnxruntime as ort
-
     bundle_dir = Path(bundle_dir)
     bundle = Bundle(bundle_dir)
     if any(p.dtype != "float32" for p in bundle.params):
         raise ExportError("population graphs are exported for float32 bundles only")
-    model = model.eval()
-    example = _as_tuple(example_inputs)
-    params = collect_params(model)
-    pop = [p.name for p in bundle.params if p.trainable]
-    frozen = [n for n in params if n not in pop]
-    if not pop:
+    job = _Population(model.eval(), as_tuple(example_inputs), bundle)
+    if not job.pop:
         raise ExportError("the bundle has no trainable parameters to batch")
-    k = 3
-    wrapper = _PopFunctional(model, pop, frozen, len(example)).eval()
-    trace_inputs = tuple(_with_batch(x, max(2, x.shape[0]), 0) for x in example)
-    pop_vals = tuple(params[n].unsqueeze(0).repeat(k, *[1] * params[n].ndim) for n in pop)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kdim = torch.export.Dim("population", min=2, max=1 << 16)
-    dyn = (*({0: batch} for _ in example), *({0: kdim} for _ in pop), *(None for _ in frozen))
-    names = [t.name for t in bundle.inputs]
-    out_names = [t.name for t in bundle.outputs]
     path = bundle_dir / POP_FILE
     try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper, (*trace_inputs, *pop_vals,
-                                               *(params[n] for n in frozen)),
-                                     dynamic_shapes=(dyn,))
-            torch.onnx.export(ep, (), str(path), input_names=[*names, *pop, *frozen],
-                              output_names=out_names, dynamo=True, optimize=False,
-                              external_data=False, verbose=False)
-        m = onnx.load(str(path))
-        onnx.checker.check_model(m)
-        # Parity: K random candidates (base + noise) scored at once vs one by one in torch.
-        gen = torch.Generator().manual_seed(0)
-        cands = [{n: params[n] + 0.01 * torch.randn(params[n].shape, generator=gen)
-                  for n in pop} for _ in range(4)]
-        xs = tuple(_with_batch(x, 5, 3000) for x in example)
-        feeds = {n: x.numpy() for n, x in zip(names, xs, strict=True)}
-        feeds.update({n: np.stack([c[n].numpy() for c in cands]) for n in pop})
-        feeds.update({n: params[n].numpy() for n in frozen})
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(out_names, feeds)
-        results = []
-        with torch.no_grad():
-            for j, c in enumerate(cands):
-                ref = _as_tuple(functional_call(model, {**params, **c}, xs))
-                results.append(compare(
-                    {n: o[j] for n, o in zip(out_names, got, strict=True)},
-                    {n: r.numpy() for n, r in zip(out_names, ref, strict=False)},
-                    atol=atol, rtol=rtol, where=f"candidate {j} of {len(cands)}"))
-        par = worst(results, atol=atol, rtol=rtol)
-    except ExportError:
-        raise
-    except Exception as e:  # torch.export / onnx raise many types
+        job.export(path)
+        par = job.parity(path, atol=atol, rtol=rtol)
+    except Exception as e:  # torch.export / onnx / onnxruntime raise many types
         path.unlink(missing_ok=True)
-        raise ExportError(f"population export failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        if isinstance(e, ExportError):
+            raise
+        raise ExportError(f"population export failed: {describe_error(e)}") from e
     if not par.ok:
         path.unlink(missing_ok=True)
         raise ExportError(f"population parity failed: onnxruntime population graph vs torch "
                           f"{par.describe()}")
-    err = par.max_abs_err
-    manifest = json.loads((bundle_dir / MANIFEST).read_text())
-    manifest["files"]["onnx_population"] = {"path": POP_FILE, "size": path.stat().st_size,
-                                            "sha256": sha256_file(path)}
-    manifest["population"] = {"params": pop, "parity_max_abs_err": err}
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return {"population_params": pop, "parity_max_abs_err": err}
+    manifest = read_manifest(bundle_dir)
+    add_file(manifest, bundle_dir, "onnx_population", POP_FILE)
+    manifest["population"] = {"params": job.pop, "parity_max_abs_err": par.max_abs_err}
+    write_manifest(bundle_dir, manifest)
+    return {"population_params": job.pop, "parity_max_abs_err": par.max_abs_err}

@@ -21,22 +21,33 @@ tests check outputs agree within one output quantization step).
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from edgelearn.export.onnx_export import ExportError, _as_tuple, export_bundle, parity_check
+from edgelearn.export.checks import parity_check
+from edgelearn.export.common import ExportError, as_tuple
+from edgelearn.export.onnx_export import export_bundle
+from edgelearn.export.tflite_export import add_tflite
 from torch import nn
 
-from edgelearn.bundle import MANIFEST, Bundle, select_trainable, sha256_file
+from edgelearn.bundle import Bundle, select_trainable
+from edgelearn.bundle_writer import (
+    WEIGHTS,
+    check_new_dir,
+    file_entries,
+    publish,
+    read_manifest,
+    staging_dir,
+    write_manifest,
+)
 from edgelearn.params import ParamSpec, ParamStore
-from edgelearn.parity import ATOL, RTOL, check_tolerances, worst
+from edgelearn.parity import ATOL, RTOL, check_tolerances
 
 QMAX = 127
 
@@ -92,6 +103,94 @@ def _rewrite_qdq(path: Path, names: Sequence[str], channels: dict[str, int]) -> 
     onnx.save(m, str(path))
 
 
+@dataclass
+class _Int8:
+    """An int8 bundle being written: its manifest and weights, and the quantized weights."""
+
+    manifest: dict[str, Any]
+    values: dict[str, np.ndarray]
+    chosen: set[str]
+    scales: dict[str, np.ndarray]
+
+
+def _quantized_names(model: nn.Module, quantize: str | Sequence[str]) -> list[str]:
+    """The >= 2-D parameters matching the glob(s) `quantize`."""
+    pats = [quantize] if isinstance(quantize, str) else list(quantize)
+    qnames = [n for n, p in model.named_parameters()
+              if p.ndim >= 2 and any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
+    if not qnames:
+        raise ExportError(f"quantize pattern(s) {pats} match no >= 2-D parameter")
+    return qnames
+
+
+def _int8_params(params: list[dict[str, Any]], quant: dict[str, tuple[np.ndarray, np.ndarray]],
+                 values: dict[str, np.ndarray]
+                 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Manifest entries and values of the int8 bundle: each quantized W becomes int8 (with
+    its quant record) followed by its float32 `W.scale`; other parameters are unchanged."""
+    entries: list[dict[str, Any]] = []
+    new_values: dict[str, np.ndarray] = {}
+    for p in params:
+        n = p["name"]
+        if n not in quant:
+            new_values[n] = values[n]
+            entries.append(p)
+            continue
+        q, s = quant[n]
+        new_values[n], new_values[f"{n}.scale"] = q, s
+        entries.append({**p, "dtype": "int8", "quant": {
+            "scale": s.tolist(), "zero_point": 0, "axis": 0, "scale_param": f"{n}.scale",
+            "scheme": "symmetric per-channel", "qmin": -QMAX, "qmax": QMAX}})
+        entries.append({"name": f"{n}.scale", "shape": [len(s)], "dtype": "float32",
+                        "trainable": False, "kind": "quant_scale",
+                        "quant": {"role": "scale", "of": n}})
+    return entries, new_values
+
+
+def _write_int8(fp: Path, bundle_dir: Path, qnames: list[str],
+                trainable: str | Sequence[str]) -> _Int8:
+    """Write the int8 bundle (QDQ model.onnx, weights, manifest without parity) into
+    `bundle_dir` from the float32 bundle `fp`."""
+    manifest = read_manifest(fp)
+    values = {n: np.array(v) for n, v in Bundle(fp).load_store().state().items()}
+    quant = {n: quantize_per_channel(values[n]) for n in qnames}
+    bundle_dir.mkdir()
+    shutil.copy(fp / "model.onnx", bundle_dir / "model.onnx")
+    _rewrite_qdq(bundle_dir / "model.onnx", qnames, {n: len(s) for n, (_, s) in quant.items()})
+    entries, new_values = _int8_params(manifest["params"], quant, values)
+    chosen = select_trainable([e["name"] for e in entries], trainable)
+    for e in entries:
+        e["trainable"] = e["name"] in chosen and e.get("kind") != "buffer"
+    specs = [ParamSpec(e["name"], tuple(e["shape"]), e["dtype"], e["trainable"])
+             for e in entries]
+    ParamStore(specs, values=new_values).save(bundle_dir / WEIGHTS)
+    manifest["params"] = entries
+    manifest["files"] = file_entries(bundle_dir, {"weights": WEIGHTS, "onnx": "model.onnx"})
+    manifest["quantization"] = {"format": "onnx-qdq", "weights": "int8 symmetric "
+                                "per-channel (axis 0)", "activations": "float32"}
+    manifest.pop("parity", None)
+    write_manifest(bundle_dir, manifest)
+    return _Int8(manifest, new_values, chosen, {n: s for n, (_, s) in quant.items()})
+
+
+def _add_int8_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, ...],
+                     q: _Int8, ref: nn.Module, *, batch: int, batch_sizes: list[int],
+                     atol: float, rtol: float) -> float | None:
+    """The int8 TFLite graphs (`add_tflite` with in-graph dequantization); returns the worst
+    |torch fake-quant - LiteRT|, None when litert-torch cannot convert the model."""
+    m = q.manifest
+    err = add_tflite(
+        bundle_dir, model, example, {e["name"]: torch.from_numpy(q.values[e["name"]])
+                                     for e in m["params"]},
+        [t["name"] for t in m["inputs"]], [t["name"] for t in m["outputs"]], m, batch=batch,
+        parity_batch_sizes=batch_sizes, atol=atol, rtol=rtol,
+        quant={n: f"{n}.scale" for n in q.scales}, reference=ref)
+    if err is not None:
+        m["quantization"]["tflite"] = ("int8 weight inputs dequantized in-graph: "
+                                       "float(W) * W.scale (CAST + MUL)")
+    return err
+
+
 def export_int8_bundle(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -130,99 +229,38 @@ def export_int8_bundle(
         raise ExportError(f"formats {list(formats)}: int8 bundles support ('onnx',) or "
                           "('onnx', 'tflite')")
     model = model.eval()
-    example = _as_tuple(example_inputs)
+    example = as_tuple(example_inputs)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    pats = [quantize] if isinstance(quantize, str) else list(quantize)
-    qnames = [n for n, p in model.named_parameters()
-              if p.ndim >= 2 and any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
-    if not qnames:
-        raise ExportError(f"quantize pattern(s) {pats} match no >= 2-D parameter")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        fp = tmp / "fp32"
-        export_bundle(model, example, fp, task=task, parity_batch_sizes=parity_batch_sizes,
+    check_new_dir(out_dir, overwrite=overwrite, error=ExportError)
+    qnames = _quantized_names(model, quantize)
+    sizes = list(parity_batch_sizes)
+    with staging_dir(out_dir, overwrite=overwrite) as tmp:
+        export_bundle(model, example, tmp / "fp32", task=task, parity_batch_sizes=sizes,
                       atol=atol, rtol=rtol)
-        fb = Bundle(fp)
-        manifest = json.loads((fp / MANIFEST).read_text())
-        values = {n: np.array(v) for n, v in fb.load_store().state().items()}
-        quant: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            n: quantize_per_channel(values[n]) for n in qnames}
         bundle_dir = tmp / "bundle"
-        bundle_dir.mkdir()
-        shutil.copy(fp / "model.onnx", bundle_dir / "model.onnx")
-        _rewrite_qdq(bundle_dir / "model.onnx", qnames, {n: len(s) for n, (_, s) in
-                                                          quant.items()})
-        entries: list[dict[str, Any]] = []
-        new_values: dict[str, np.ndarray] = {}
-        for p in manifest["params"]:
-            n = p["name"]
-            if n in quant:
-                q, s = quant[n]
-                new_values[n], new_values[f"{n}.scale"] = q, s
-                entries.append({**p, "dtype": "int8", "quant": {
-                    "scale": s.tolist(), "zero_point": 0, "axis": 0, "scale_param": f"{n}.scale",
-                    "scheme": "symmetric per-channel", "qmin": -QMAX, "qmax": QMAX}})
-                entries.append({"name": f"{n}.scale", "shape": [len(s)], "dtype": "float32",
-                                "trainable": False, "kind": "quant_scale",
-                                "quant": {"role": "scale", "of": n}})
-            else:
-                new_values[n] = values[n]
-                entries.append(p)
-        chosen = select_trainable([e["name"] for e in entries], trainable)
-        for e in entries:
-            e["trainable"] = e["name"] in chosen and e.get("kind") != "buffer"
-        specs = [ParamSpec(e["name"], tuple(e["shape"]), e["dtype"], e["trainable"])
-                 for e in entries]
-        ParamStore(specs, values=new_values).save(bundle_dir / "weights.safetensors")
-        manifest["params"] = entries
-        manifest["files"] = {
-            role: {"path": f, "size": (bundle_dir / f).stat().st_size,
-                   "sha256": sha256_file(bundle_dir / f)}
-            for role, f in (("weights", "weights.safetensors"), ("onnx", "model.onnx"))}
-        manifest["quantization"] = {"format": "onnx-qdq", "weights": "int8 symmetric "
-                                    "per-channel (axis 0)", "activations": "float32"}
-        manifest.pop("parity", None)
-        (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        ref = fake_quant_model(model, {n: torch.from_numpy(s) for n, (_, s) in quant.items()})
-        par = worst([parity_check(bundle_dir, ref, example, parity_batch_sizes, live=live,
-                                  atol=atol, rtol=rtol, seed=2000) for live in ("*", "")])
+        q = _write_int8(tmp / "fp32", bundle_dir, qnames, trainable)
+        ref = fake_quant_model(model, {n: torch.from_numpy(s) for n, s in q.scales.items()})
+        par = parity_check(bundle_dir, ref, example, sizes, seed=2000, atol=atol, rtol=rtol)
         if not par.ok:
             raise ExportError(f"int8 parity check failed: torch fake-quant vs onnxruntime QDQ "
                               f"{par.describe()}; no bundle written")
         err = par.max_abs_err
-        manifest["parity"] = {"onnx": {**par.to_json(), "reference":
-                                       "torch fake_quantize_per_channel_affine",
-                                       "batch_sizes": list(parity_batch_sizes)}}
+        q.manifest["parity"] = {"onnx": {**par.to_json(), "reference":
+                                         "torch fake_quantize_per_channel_affine",
+                                         "batch_sizes": sizes}}
         if "tflite" in formats:
-            from edgelearn.export.tflite_export import add_tflite
-
-            tfl_err = add_tflite(
-                bundle_dir, model, example,
-                {e["name"]: torch.from_numpy(new_values[e["name"]]) for e in entries},
-                [t["name"] for t in manifest["inputs"]], [t["name"] for t in manifest["outputs"]],
-                manifest, batch=tflite_batch, parity_batch_sizes=list(parity_batch_sizes),
-                atol=atol, rtol=rtol, quant={n: f"{n}.scale" for n in qnames}, reference=ref)
-            if tfl_err is not None:
-                err = max(err, tfl_err)
-                manifest["quantization"]["tflite"] = ("int8 weight inputs dequantized in-graph: "
-                                                      "float(W) * W.scale (CAST + MUL)")
-        (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.chmod(bundle_dir, 0o755)
-        os.replace(bundle_dir, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tfl_err = _add_int8_tflite(bundle_dir, model, example, q, ref, batch=tflite_batch,
+                                       batch_sizes=sizes, atol=atol, rtol=rtol)
+            err = max(err, tfl_err) if tfl_err is not None else err
+        write_manifest(bundle_dir, q.manifest)
+        publish(bundle_dir, out_dir)
     return {
         "bundle": str(out_dir),
-        "params": sum(int(v.size) for v in new_values.values()),
-        "trainable_params": sum(int(new_values[n].size) for n in chosen),
+        "params": sum(int(v.size) for v in q.values.values()),
+        "trainable_params": sum(int(q.values[n].size) for n in q.chosen),
         "quantized": qnames,
-        "formats": ["onnx", "tflite"] if "tflite" in manifest["files"] else ["onnx"],
+        "formats": ["onnx", "tflite"] if "tflite" in q.manifest["files"] else ["onnx"],
         "parity_max_abs_err": err,
-        **({"tflite_skipped": manifest["tflite_skipped"]} if "tflite_skipped" in manifest
-           else {}),
+        **({"tflite_skipped": q.manifest["tflite_skipped"]}
+           if "tflite_skipped" in q.manifest else {}),
     }

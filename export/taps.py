@@ -28,6 +28,7 @@ import operator
 from typing import Any
 
 import torch
+from edgelearn.export.common import as_tuple, describe_error, with_batch
 from torch import fx, nn
 
 from edgelearn.errors import EdgelearnError
@@ -141,6 +142,135 @@ def _describe(node: fx.Node | None) -> str:
     return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
+class _Taps:
+    """The tensors tapped so far: fx node -> tap name, in the order they become outputs.
+
+    Args:
+        input_name: graph name of the model input (taps of it cost no extra output).
+    """
+
+    def __init__(self, input_name: str) -> None:
+        self.input_name = input_name
+        self.name_of: dict[fx.Node, str] = {}
+        self.nodes: list[fx.Node] = []
+
+    def tap(self, node: Any, name: str) -> str:
+        """Tap `node` (once; a node tapped again keeps its first name); returns its name."""
+        if not isinstance(node, fx.Node):
+            raise TapsError(f"{name}: layer input is not a tensor computed by the graph")
+        if node.op == "placeholder":
+            return self.input_name  # the device already holds the model input
+        if node not in self.name_of:
+            self.name_of[node] = name
+            self.nodes.append(node)
+        return self.name_of[node]
+
+    def names(self) -> list[str]:
+        """Tap names in output order."""
+        return [self.name_of[n] for n in self.nodes]
+
+
+def _gru_record(mod: nn.GRU, node: fx.Node, name: str, taps: _Taps) -> dict[str, Any]:
+    """The layer record of a GRU whose output sequence is tapped."""
+    if (mod.num_layers != 1 or mod.bidirectional or not mod.batch_first
+            or getattr(mod, "proj_size", 0)):
+        raise TapsError(f"GRU {name!r}: tpsgd supports 1-layer, unidirectional, "
+                        "batch_first GRUs without projection")
+    seq = [u for u in node.users
+           if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
+    if len(seq) != 1:
+        raise TapsError(f"GRU {name!r}: its output sequence is not used exactly once")
+    params = {"weight_ih": f"{name}.weight_ih_l0", "weight_hh": f"{name}.weight_hh_l0",
+              **({"bias_ih": f"{name}.bias_ih_l0", "bias_hh": f"{name}.bias_hh_l0"}
+                 if mod.bias else {})}
+    return {"name": name, "head": False, "kind": "gru", "hidden": int(mod.hidden_size),
+            "activation": "none", "params": params, "input": taps.tap(node.args[0], f"{name}:in"),
+            "preact": None, "output": taps.tap(seq[0], f"{name}:out")}
+
+
+def _geometry(mod: nn.Module, name: str) -> dict[str, Any]:
+    """kind (and stride/padding/dilation of a convolution) of a Linear/Conv1d/Conv2d."""
+    if not isinstance(mod, nn.Conv1d | nn.Conv2d):
+        return {"kind": "linear"}
+    kind = "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
+    if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        raise TapsError(f"{type(mod).__name__} {name!r}: tpsgd supports groups=1, zero "
+                        "padding given as numbers")
+    geo = _single if kind == "conv1d" else _pair
+    return {"kind": kind, "stride": geo(mod.stride), "padding": geo(mod.padding),
+            "dilation": geo(mod.dilation)}
+
+
+def _batch_norm(gm: fx.GraphModule, node: fx.Node | None) -> dict[str, Any] | None:
+    """The "bn" record of an eval-mode BatchNorm module node, None if `node` is not one."""
+    if node is None or node.op != "call_module" or not isinstance(
+            gm.get_submodule(str(node.target)), nn.BatchNorm1d | nn.BatchNorm2d):
+        return None
+    bmod = gm.get_submodule(str(node.target))
+    if not bmod.track_running_stats or bmod.running_mean is None:
+        raise TapsError(f"{node.target!r}: batch norm without running statistics")
+    b = str(node.target)
+    bn = {"running_mean": f"{b}.running_mean", "running_var": f"{b}.running_var",
+          "eps": float(bmod.eps)}
+    if bmod.affine:
+        bn.update(weight=f"{b}.weight", bias=f"{b}.bias")
+    return bn
+
+
+def _hidden_record(gm: fx.GraphModule, node: fx.Node, rec: dict[str, Any],
+                   params: dict[str, str], taps: _Taps) -> dict[str, Any]:
+    """Complete the record of a hidden layer: [batch norm ->] activation [-> post ops]."""
+    name = rec["name"]
+    cur, raw = node, None
+    nxt = _only_user(cur)
+    bn = _batch_norm(gm, nxt)
+    if bn is not None:
+        raw, cur = cur, nxt
+        nxt = _only_user(cur)
+    act = _activation(gm, nxt)
+    if act is None:
+        raise TapsError(f"layer {name!r} is followed by {_describe(nxt)}; tpsgd needs "
+                        "[batch norm ->] relu/tanh/sigmoid after a hidden layer")
+    rec.update(params=params, activation=act, input=taps.tap(node.args[0], f"{name}:in"),
+               raw=None if raw is None else taps.tap(raw, f"{name}:raw"),
+               preact=taps.tap(cur, f"{name}:pre"), output=taps.tap(nxt, f"{name}:out"), bn=bn)
+    post, end = _post_chain(gm, nxt)
+    if post:
+        assert end is not None
+        rec.update(post=post, target=taps.tap(end, f"{name}:pooled"))
+    return rec
+
+
+def _layer_record(gm: fx.GraphModule, node: fx.Node, final: fx.Node,
+                  taps: _Taps) -> dict[str, Any] | None:
+    """The layer record of a module call (None for parameter-free modules and batch norms)."""
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(node.target))
+    name = str(node.target)
+    if not isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.GRU):
+        if any(p.requires_grad for p in mod.parameters(recurse=False)) and not isinstance(
+                mod, nn.BatchNorm1d | nn.BatchNorm2d):
+            raise TapsError(f"layer {name!r} is a {type(mod).__name__}, which tpsgd does not "
+                            "support (Linear, Conv1d, Conv2d, GRU)")
+        return None
+    if len(node.args) != 1 or node.kwargs:
+        raise TapsError(f"layer {name!r} is called with more than one input")
+    if isinstance(mod, nn.GRU):
+        return _gru_record(mod, node, name, taps)
+    rec: dict[str, Any] = {"name": name, "head": False, **_geometry(mod, name)}
+    params = {"weight": f"{name}.weight"}
+    if mod.bias is not None:
+        params["bias"] = f"{name}.bias"
+    if node is not final:
+        return _hidden_record(gm, node, rec, params, taps)
+    if rec["kind"] != "linear":
+        raise TapsError(f"output layer {name!r} must be a Linear head")
+    rec.update(head=True, params=params, activation="none",
+               input=taps.tap(node.args[0], f"{name}:in"), preact=None, output=None)
+    return rec
+
+
 def trace_layers(model: nn.Module, input_name: str = "x"
                  ) -> tuple[fx.GraphModule, list[dict[str, Any]], list[str]]:
     """Trace `model` and build its taps graph.
@@ -154,114 +284,22 @@ def trace_layers(model: nn.Module, input_name: str = "x"
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many types on data-dependent control flow
-        raise TapsError(f"torch.fx cannot trace the model ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    graph = gm.graph
-    out_node = next(n for n in graph.nodes if n.op == "output")
+        raise TapsError(f"torch.fx cannot trace the model ({describe_error(e)})") from None
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
     final = out_node.args[0]
     if not isinstance(final, fx.Node):
         raise TapsError("tpsgd taps need a model with one tensor output")
-    tap_of: dict[fx.Node, str] = {}
-    tap_nodes: list[fx.Node] = []
-
-    def tap(node: Any, name: str) -> str:
-        if not isinstance(node, fx.Node):
-            raise TapsError(f"{name}: layer input is not a tensor computed by the graph")
-        if node.op == "placeholder":
-            return input_name  # the device already holds the model input: no extra output
-        if node not in tap_of:
-            tap_of[node] = name
-            tap_nodes.append(node)
-        return tap_of[node]
-
-    records: list[dict[str, Any]] = []
-    for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        mod = gm.get_submodule(str(node.target))
-        name = str(node.target)
-        if not isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.GRU):
-            if any(p.requires_grad for p in mod.parameters(recurse=False)) and not isinstance(
-                    mod, nn.BatchNorm1d | nn.BatchNorm2d):
-                raise TapsError(f"layer {name!r} is a {type(mod).__name__}, which tpsgd does not "
-                                "support (Linear, Conv1d, Conv2d, GRU)")
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            raise TapsError(f"layer {name!r} is called with more than one input")
-        rec: dict[str, Any] = {"name": name, "head": False}
-        if isinstance(mod, nn.GRU):
-            if (mod.num_layers != 1 or mod.bidirectional or not mod.batch_first
-                    or getattr(mod, "proj_size", 0)):
-                raise TapsError(f"GRU {name!r}: tpsgd supports 1-layer, unidirectional, "
-                                "batch_first GRUs without projection")
-            seq = [u for u in node.users
-                   if u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0]
-            if len(seq) != 1:
-                raise TapsError(f"GRU {name!r}: its output sequence is not used exactly once")
-            rec.update(kind="gru", hidden=int(mod.hidden_size), activation="none",
-                       params={"weight_ih": f"{name}.weight_ih_l0",
-                               "weight_hh": f"{name}.weight_hh_l0",
-                               **({"bias_ih": f"{name}.bias_ih_l0",
-                                   "bias_hh": f"{name}.bias_hh_l0"} if mod.bias else {})},
-                       input=tap(node.args[0], f"{name}:in"), preact=None,
-                       output=tap(seq[0], f"{name}:out"))
-            records.append(rec)
-            continue
-        params = {"weight": f"{name}.weight"}
-        if mod.bias is not None:
-            params["bias"] = f"{name}.bias"
-        if isinstance(mod, nn.Conv1d | nn.Conv2d):
-            kind = "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
-            if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-                raise TapsError(f"{type(mod).__name__} {name!r}: tpsgd supports groups=1, zero "
-                                "padding given as numbers")
-            geo = _single if kind == "conv1d" else _pair
-            rec.update(kind=kind, stride=geo(mod.stride), padding=geo(mod.padding),
-                       dilation=geo(mod.dilation))
-        else:
-            rec["kind"] = "linear"
-        if node is final:
-            if rec["kind"] != "linear":
-                raise TapsError(f"output layer {name!r} must be a Linear head")
-            rec.update(head=True, params=params, activation="none",
-                       input=tap(node.args[0], f"{name}:in"), preact=None, output=None)
-            records.append(rec)
-            continue
-        cur, raw, bn = node, None, None
-        nxt = _only_user(cur)
-        if nxt is not None and nxt.op == "call_module" and isinstance(
-                gm.get_submodule(str(nxt.target)), nn.BatchNorm1d | nn.BatchNorm2d):
-            bmod = gm.get_submodule(str(nxt.target))
-            if not bmod.track_running_stats or bmod.running_mean is None:
-                raise TapsError(f"{nxt.target!r}: batch norm without running statistics")
-            b = str(nxt.target)
-            bn = {"running_mean": f"{b}.running_mean", "running_var": f"{b}.running_var",
-                  "eps": float(bmod.eps)}
-            if bmod.affine:
-                bn.update(weight=f"{b}.weight", bias=f"{b}.bias")
-            raw, cur = cur, nxt
-            nxt = _only_user(cur)
-        act = _activation(gm, nxt)
-        if act is None:
-            raise TapsError(f"layer {name!r} is followed by {_describe(nxt)}; tpsgd needs "
-                            "[batch norm ->] relu/tanh/sigmoid after a hidden layer")
-        rec.update(params=params, activation=act, input=tap(node.args[0], f"{name}:in"),
-                   raw=None if raw is None else tap(raw, f"{name}:raw"),
-                   preact=tap(cur, f"{name}:pre"), output=tap(nxt, f"{name}:out"), bn=bn)
-        post, end = _post_chain(gm, nxt)
-        if post:
-            assert end is not None
-            rec.update(post=post, target=tap(end, f"{name}:pooled"))
-        records.append(rec)
-    heads = [r for r in records if r["head"]]
-    if len(heads) != 1:
+    taps = _Taps(input_name)
+    records = [r for node in list(gm.graph.nodes)
+               if (r := _layer_record(gm, node, final, taps)) is not None]
+    if len([r for r in records if r["head"]]) != 1:
         raise TapsError("tpsgd needs the model output to come straight from a Linear head")
     if not records[-1]["head"]:
         raise TapsError("the Linear head must be the last trainable layer")
-    out_node.args = ((final, *tap_nodes),)
-    graph.lint()
+    out_node.args = ((final, *taps.nodes),)
+    gm.graph.lint()
     gm.recompile()
-    return gm, records, [tap_of[n] for n in tap_nodes]
+    return gm, records, taps.names()
 
 
 def check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...], names: list[str]) -> None:
@@ -275,11 +313,9 @@ def check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...], names: l
         example: example inputs (their batch dim is replaced).
         names: output then tap names, in gm's return order (for the message).
     """
-    from edgelearn.export.onnx_export import _as_tuple, _with_batch
-
     for b in (2, 3):
         with torch.no_grad():
-            outs = _as_tuple(gm(*(_with_batch(x, b, 0) for x in example)))
+            outs = as_tuple(gm(*(with_batch(x, b, 0) for x in example)))
         for name, t in zip(names, outs, strict=True):
             if t.ndim == 0 or t.shape[0] != b:
                 raise TapsError(f"tap {name!r} is not batch-first (shape {list(t.shape)} at "

@@ -31,12 +31,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgelearn.export.checks import parity_check
+from edgelearn.export.common import ExportError, Functional, describe_error, with_batch
 from torch import nn
 
+from edgelearn.bundle import Bundle
+from edgelearn.bundle_writer import add_file, write_manifest
 from edgelearn.errors import EdgelearnError
-from edgelearn.parity import ATOL, RTOL, Parity, worst
+from edgelearn.model import Model
+from edgelearn.parity import ATOL, RTOL
 
 TFLITE_ALIGN = 64
+#: The litert weight strategies the exporter checks and times (the faster one is recorded).
+STRATEGIES_HOST = ("inputs", "rebuild")
 
 
 class TfliteExportError(EdgelearnError):
@@ -93,21 +100,18 @@ def convert(model: nn.Module, example: tuple[torch.Tensor, ...],
             None = a float model.
     Returns: the serialized model (signature "serving_default", inputs args_0..args_{n-1}).
     """
-    from edgelearn.export.onnx_export import _Functional, _with_batch
-
     litert_torch = _import_litert_torch()
     wrapper = (_Dequantized(model, list(params), len(example), quant) if quant else
-               _Functional(model, list(params), len(example))).eval()
-    xs = tuple(_with_batch(x, batch, 0) for x in example)
+               Functional(model, list(params), len(example))).eval()
+    xs = tuple(with_batch(x, batch, 0) for x in example)
     try:
         # litert-torch prints progress on stdout; `export --json` owns stdout.
         with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
             edge = litert_torch.convert(wrapper, (*xs, *params.values()))
             return bytes(edge.model_content())  # prints "Write Model to Bytes" too
     except Exception as e:  # the converter raises many types (jax, MLIR, torch.export)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise TfliteExportError(f"litert-torch cannot convert this model: "
-                                f"{type(e).__name__}: {first[:200]}") from e
+                                f"{describe_error(e, limit=200)}") from e
 
 
 def signature_io(model_bytes: bytes) -> tuple[dict[str, int], dict[str, int]]:
@@ -247,14 +251,9 @@ def _time_strategy(bundle_dir: Path, example: tuple[torch.Tensor, ...], strategy
     """Median ms of (perturb every weight in place, forward) on the device backend."""
     import time
 
-    from edgelearn.export.onnx_export import _with_batch
-
-    from edgelearn.bundle import Bundle
-    from edgelearn.model import Model
-
     dev = Model(Bundle(bundle_dir), backend="litert", trainable="*", threads=1,
                 backend_options={"strategy": strategy})
-    feeds = {t.name: _with_batch(x, batch, 7).numpy()
+    feeds = {t.name: with_batch(x, batch, 7).numpy()
              for t, x in zip(dev.bundle.inputs, example, strict=True)}
     flat = dev.store.flat()
     times = []
@@ -283,12 +282,6 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
     maps each int8 weight to its scale parameter (see `convert`) and `reference` is the torch
     model the device must match (the fake-quantized one).
     """
-    import json
-
-    from edgelearn.export.onnx_export import ExportError, parity_check
-
-    from edgelearn.bundle import MANIFEST, sha256_file
-
     try:
         section = write_tflite(model, example, params, in_names, out_names, bundle_dir,
                                batch=batch, quant=quant)
@@ -297,17 +290,14 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
             (bundle_dir / f).unlink(missing_ok=True)
         manifest["tflite_skipped"] = str(e)
         return None
-    for role, fname in (("tflite", "model.tflite"), ("tflite_const", "model_const.tflite")):
-        manifest["files"][role] = {"path": fname, "size": (bundle_dir / fname).stat().st_size,
-                                   "sha256": sha256_file(bundle_dir / fname)}
+    add_file(manifest, bundle_dir, "tflite", "model.tflite")
+    add_file(manifest, bundle_dir, "tflite_const", "model_const.tflite")
     manifest["tflite"] = section
     manifest["exporter"]["litert_torch"] = _import_litert_torch().__version__
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(bundle_dir, manifest)
     sizes = [*parity_batch_sizes, batch + 3]
-    par = worst([parity_check(bundle_dir, reference or model, example, sizes, live=live,
-                              backend="litert", backend_options={"strategy": strategy},
-                              atol=atol, rtol=rtol)
-                 for strategy in STRATEGIES_HOST for live in ("*", "")])
+    par = parity_check(bundle_dir, reference or model, example, sizes, backend="litert",
+                       strategies=STRATEGIES_HOST, atol=atol, rtol=rtol)
     if not par.ok:
         raise ExportError(f"parity check failed: torch vs LiteRT {par.describe()}; no bundle "
                           "written (export with formats=('onnx',) to ship ONNX only)")
@@ -316,39 +306,6 @@ def add_tflite(bundle_dir: Path, model: nn.Module, example: tuple[torch.Tensor, 
                            "measured": f"exporter host, batch {batch}, 1 thread"}
     manifest["parity"]["tflite"] = {**par.to_json(), "batch_sizes": sizes}
     return par.max_abs_err
-
-
-STRATEGIES_HOST = ("inputs", "rebuild")
-
-
-def taps_parity_check_litert(bundle_dir: Path, gm: nn.Module,
-                             example: tuple[torch.Tensor, ...], batch_sizes: list[int], *,
-                             atol: float = ATOL, rtol: float = RTOL) -> Parity:
-    """torch vs LiteRT over every output of model_taps.tflite (weights live and frozen).
-
-    Args:
-        bundle_dir: the (temporary) bundle directory, manifest already naming the taps graph.
-        gm: the taps GraphModule (returns (output, *taps) in the manifest's output order).
-        example: example inputs (dtype/shape template).
-        batch_sizes: batch sizes to try (include some above the fixed batch: chunked).
-        atol / rtol: tolerance per output, see `edgelearn.parity.compare`.
-    """
-    from edgelearn.export.onnx_export import torch_parity
-
-    from edgelearn.backends.litert import LiteRTBackend
-    from edgelearn.bundle import Bundle
-
-    bundle = Bundle(bundle_dir)
-    names = list(bundle.manifest["tflite_taps"]["outputs"])
-    results = []
-    for live in ("*", ""):
-        dev = LiteRTBackend(bundle, graph="tflite_taps", threads=1)
-        dev.bind(bundle.load_store(trainable=live))
-        results.append(torch_parity(
-            dev.forward, gm, example, [t.name for t in bundle.inputs], names, batch_sizes,
-            seed=3000, where=f"LiteRT taps graph, weights {'live' if live else 'frozen'}",
-            atol=atol, rtol=rtol))
-    return worst(results, atol=atol, rtol=rtol)
 
 
 def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor, ...],
@@ -371,12 +328,6 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
     the taps graph (the bundle then ships without it; the reason is in
     manifest["tflite_taps_skipped"]). A parity failure raises ExportError.
     """
-    import json
-
-    from edgelearn.export.onnx_export import ExportError
-
-    from edgelearn.bundle import MANIFEST, sha256_file
-
     path = bundle_dir / "model_taps.tflite"
     try:
         raw, section = _convert_mapped(gm, example, params, in_names, out_names, batch=batch)
@@ -385,12 +336,12 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
         manifest["tflite_taps_skipped"] = str(e)
         return None
     path.write_bytes(raw)
-    manifest["files"]["tflite_taps"] = {"path": path.name, "size": path.stat().st_size,
-                                        "sha256": sha256_file(path)}
+    add_file(manifest, bundle_dir, "tflite_taps", path.name)
     manifest["tflite_taps"] = section
-    (bundle_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_manifest(bundle_dir, manifest)
     sizes = [*parity_batch_sizes, batch + 3]
-    par = taps_parity_check_litert(bundle_dir, gm, example, sizes, atol=atol, rtol=rtol)
+    par = parity_check(bundle_dir, gm, example, sizes, backend="litert", graph="tflite_taps",
+                       out_names=out_names, seed=3000, atol=atol, rtol=rtol)
     if not par.ok:
         raise ExportError(f"taps parity failed: torch vs LiteRT {par.describe()}; no bundle "
                           "written")
