@@ -686,6 +686,20 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--opt", action="append", metavar="KEY=VALUE",
                    help="optimizer option (repeatable; JSON values), e.g. --opt radius=0.02; "
                    "an unknown key is refused with the valid ones")
+    _add_train_optimizer_options(sp)
+    _add_train_reliability(sp)
+    g = sp.add_argument_group("device / runtime")
+    _add_runtime(g, batch_size=32)
+    g.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="peak memory allowed; the batch shrinks to fit (default: the "
+                   "profile's)")
+    _add_json(sp)
+
+
+def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
+    """`train`'s per-optimizer flag groups (zo-sgd / zo-scale, tpsgd, polystep via --opt)."""
+    from edgelearn.optim import REGISTRY
+
     g = sp.add_argument_group("zo-sgd / zo-scale options")
     g.add_argument("--eps", type=float, default=None,
                    help="perturbation scale (default: zo-sgd 1e-3, zo-scale 1e-4)")
@@ -720,6 +734,10 @@ def _add_train(sub: Any) -> None:
     keys = optimizer_option_names("polystep") if "polystep" in REGISTRY else None
     sp.add_argument_group("polystep options", "given as --opt KEY=VALUE, keys: "
                           f"{', '.join(keys or [])}")
+
+
+def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
+    """`train`'s checkpoint, fsync and numerical-guard flags."""
     g = sp.add_argument_group("reliability")
     g.add_argument("--checkpoint-every", type=_positive, default=100,
                    help="steps between checkpoints")
@@ -739,12 +757,6 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--diverge-lr-scale", type=float, default=None,
                    help=_dflt("diverge_lr_scale", "with --diverge-factor: learning-rate "
                              "multiplier at each rollback"))
-    g = sp.add_argument_group("device / runtime")
-    _add_runtime(g, batch_size=32)
-    g.add_argument("--memory-budget-mb", type=float, default=None,
-                   help="peak memory allowed; the batch shrinks to fit (default: the "
-                   "profile's)")
-    _add_json(sp)
 
 
 def _add_export(sub: Any) -> None:
