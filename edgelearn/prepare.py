@@ -830,7 +830,7 @@ def _example_feeds(example: Mapping[str, np.ndarray] | str | os.PathLike | None,
 def _write_baked(tmp: Path, bundle: Bundle, store: ParamStore) -> BakedTflite:
     """Write the baked bundle into `tmp`: inference.onnx, the weights, the source bundle's
     other files (TFLite ones personalized or left out) and its manifest."""
-    from edgelearn.backends.ort import baked_model_bytes
+    from edgelearn.backends.ort_graph import baked_model_bytes
 
     (tmp / INFERENCE_ONNX).write_bytes(baked_model_bytes(bundle.files["onnx"], store.state()))
     store.save(tmp / writer.WEIGHTS, metadata={"sha256": store.digest()})

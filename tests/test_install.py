@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -66,8 +67,14 @@ def test_build_demo_writes_elsewhere_unless_asked(tmp_path: Path) -> None:
 
 def test_wheel_installs_only_edgelearn_at_top_level(tmp_path: Path) -> None:
     pytest.importorskip("setuptools")
+    src = tmp_path / "src"  # a copy: setuptools writes build/ beside the sources it builds
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("edgelearn", "export", "devices"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                          "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                          "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp_path.glob("edgelearn-*.whl")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelearn.backends.base import PopulationScorer
-from edgelearn.backends.ort import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.backends.ort_graph import baked_model_bytes, import_ort, load_checked_model
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 
 if TYPE_CHECKING:

@@ -1,0 +1,127 @@
+"""Checked ONNX graphs for onnxruntime: lazy import, external-data refusal, baked initializers.
+
+Shared by the onnxruntime backend and its population scorer (so neither imports the other's
+module for them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import BundleError, EdgelearnError
+
+
+def import_ort() -> Any:
+    """The onnxruntime module (logging quietened), or EdgelearnError saying how to install it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgelearnError(
+            "the onnxruntime backend needs onnxruntime: pip install 'edgelearn[onnx]'"
+        ) from None
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+_import_ort = import_ort  # the name edgelearn.prepare imports
+
+
+def _external_tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    """(where, TensorProto) for every tensor of the model that could carry external data.
+
+    Walks initializers, sparse initializers, tensor-valued attributes of every node (Constant
+    nodes, ...), subgraphs of control-flow nodes (If/Loop/Scan) and local functions.
+    """
+
+    def attrs(nodes: Any, where: str) -> Iterator[tuple[str, Any]]:
+        for node in nodes:
+            for a in node.attribute:
+                w = f"{where} node {node.name or node.op_type!r} attribute {a.name!r}"
+                if a.HasField("t"):
+                    yield w, a.t
+                for t in a.tensors:
+                    yield w, t
+                sparse = [a.sparse_tensor] if a.HasField("sparse_tensor") else []
+                for sp in [*sparse, *a.sparse_tensors]:
+                    yield w, sp.values
+                    yield w, sp.indices
+                if a.HasField("g"):
+                    yield from graph(a.g, w)
+                for g in a.graphs:
+                    yield from graph(g, w)
+
+    def graph(g: Any, where: str) -> Iterator[tuple[str, Any]]:
+        for t in g.initializer:
+            yield f"{where} initializer {t.name!r}", t
+        for sp in g.sparse_initializer:
+            yield f"{where} sparse initializer {sp.values.name!r}", sp.values
+            yield f"{where} sparse initializer {sp.values.name!r}", sp.indices
+        yield from attrs(g.node, where)
+
+    yield from graph(model.graph, "graph")
+    for fn in model.functions:
+        yield from attrs(fn.node, f"function {fn.name!r}")
+
+
+def load_checked_model(model_path: os.PathLike | str) -> Any:
+    """Parse an .onnx file of a bundle and refuse any tensor stored as external data.
+
+    External data names a file by a path the model chooses (`../../etc/shadow`, an absolute
+    path ...): the runtime would read it from outside the bundle. Bundles keep every tensor
+    inside model.onnx (the exporter writes no .onnx.data), so any external reference is refused
+    before the runtime sees the model.
+
+    Args:
+        model_path: the bundle's .onnx file.
+    Returns: the onnx ModelProto.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise EdgelearnError("loading a bundle's ONNX model needs onnx: "
+                             "pip install 'edgelearn[onnx]'") from None
+    name = os.path.basename(model_path)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError types
+        raise BundleError(f"{name}: not a valid ONNX model ({e})") from None
+    for where, t in _external_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            raise BundleError(f"{name}: {where} uses external data (location {loc!r}), which "
+                              "bundles do not allow")
+    return model
+
+
+def baked_model_bytes(model_path: os.PathLike | str, values: dict[str, np.ndarray],
+                      keep_outputs: Collection[str] | None = None) -> bytes:
+    """The ONNX model with the graph inputs named in `values` turned into initializers.
+
+    Args:
+        model_path: an .onnx file without external data.
+        values: parameter name -> array (float32/int8 ...) to bake as a constant.
+        keep_outputs: graph outputs to keep (None: all). Dropping outputs nobody reads lets
+            onnxruntime fuse the nodes behind them (e.g. Conv+BN+Relu of a frozen layer).
+    """
+    model = load_checked_model(model_path)
+    if keep_outputs is not None:
+        have = [o.name for o in model.graph.output]
+        absent = sorted(set(keep_outputs) - set(have))
+        if absent:
+            raise BundleError(f"{Path(model_path).name}: {absent[:4]} are not graph outputs")
+        kept = [o for o in model.graph.output if o.name in keep_outputs]
+        del model.graph.output[:]
+        model.graph.output.extend(kept)
+    from onnx import numpy_helper
+    keep = [i for i in model.graph.input if i.name not in values]
+    baked = [i.name for i in model.graph.input if i.name in values]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for name in baked:
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(values[name]), name))
+    return model.SerializeToString()
