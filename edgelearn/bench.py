@@ -63,15 +63,15 @@ def _step_timer(bundle: Bundle, live: Model, name: str, x: np.ndarray, y: np.nda
 
     opt = make_optimizer(name)
     loss_fn = get_loss(default_loss(bundle.task))
+    taps = None
     if opt.needs == "taps":  # raises InputError saying why when the bundle has no taps graph
-        at = taps_evaluator(bundle, live.store, Dataset(x, y), opt, batch_size=len(x), seed=0,
-                            backend=backend, threads=threads)
-        return lambda: opt.step(live.store, at(0))
+        taps = taps_evaluator(bundle, live.store, Dataset(x, y), opt, batch_size=len(x),
+                              seed=0, backend=backend, threads=threads)(0)
     pop = None
     if live.backend.can_score_population():
         pop_eval = live.backend.population_scorer()
         pop = lambda p: pop_eval.losses(p, x, y, loss_fn)  # noqa: E731
-    return lambda: opt.step(live.store, lambda: loss_fn(live.predict(x), y), pop)
+    return lambda: opt.step(live.store, lambda: loss_fn(live.predict(x), y), pop, taps=taps)
 
 
 def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = None,
