@@ -48,7 +48,7 @@ def test_evaluate_without_torch(bundles: dict[str, Exported], digits_npz: Path,
     assert out["ort"] is True  # the runtime did load: the check is not vacuous
     assert out["res"]["n"] == 1797
     assert 0.0 <= out["res"]["accuracy"] <= 1.0
-    assert abs(out["res"]["loss"] - out["baked"]["loss"]) <= 1e-6
+    assert abs(out["res"]["loss"] - out["baked"]["loss"]) <= 1e-6 + 1e-5 * abs(out["baked"]["loss"])
     assert out["res"]["accuracy"] == out["baked"]["accuracy"]
 
 
