@@ -20,8 +20,9 @@ from edgelearn.bundle import Bundle
 from edgelearn.capabilities import optimizer_support
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.losses import default_loss, get_loss
-from edgelearn.model import Model, peak_rss_mb
+from edgelearn.model import Model
 from edgelearn.optim import REGISTRY, make_optimizer
+from edgelearn.osutil import peak_rss_mb
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:

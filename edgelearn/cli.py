@@ -244,7 +244,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy / loss of a bundle (optionally with personalized weights) on a data file."""
     from edgelearn.bundle import load_bundle
     from edgelearn.data import load_npz
-    from edgelearn.model import Model, peak_rss_mb
+    from edgelearn.model import Model
+    from edgelearn.osutil import peak_rss_mb
 
     bundle = load_bundle(args.bundle)
     data = load_npz(args.data, task=bundle.task)

@@ -19,8 +19,9 @@ import numpy as np
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import InputError
-from edgelearn.model import Model, peak_rss_mb
+from edgelearn.model import Model
 from edgelearn.optim import REGISTRY
+from edgelearn.osutil import peak_rss_mb
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -39,7 +39,7 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from edgelearn.errors import EdgelearnError
-from edgelearn.params import fsync_dir
+from edgelearn.osutil import fsync_dir
 
 MAGIC = b"ELJRNL01"
 MAX_RECORD_BYTES = 16 << 20

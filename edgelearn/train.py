@@ -61,41 +61,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgelearn.budget import PERMUTATIONS_CACHED, plan_batch, run_memory_bytes
+from edgelearn.budget import plan_batch, run_memory_bytes
 from edgelearn.bundle import Bundle
-from edgelearn.data import Dataset
+from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.journal import MAGIC, Journal, iter_journal
 from edgelearn.losses import default_loss, get_loss
-from edgelearn.model import Model, peak_rss_mb
+from edgelearn.model import Model
 from edgelearn.optim import REGISTRY, Optimizer, make_optimizer
-from edgelearn.params import ParamStore, fsync_dir
+from edgelearn.osutil import atomic_write_json, fsync_dir, peak_rss_mb
+from edgelearn.params import ParamStore
 
 JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK = (
     "journal.bin", "checkpoint.safetensors", "checkpoint.json", "weights.safetensors", "lock")
-_DATA_DOMAIN = 0xDA7A  # separates data-order draws from noise draws of the same seed
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Example indices of the batch used at `step`: seeded per-epoch permutations.
-
-    Args:
-        n: dataset size.
-        batch_size: examples per batch (capped at n); the epoch's tail is dropped.
-        step: 0-based step.
-        seed: data-order seed.
-    """
-    bs = min(batch_size, n)
-    per_epoch = n // bs
-    epoch, i = divmod(step, per_epoch)
-    return _epoch_permutation(n, seed, epoch)[i * bs : (i + 1) * bs].copy()
-
-
-@functools.lru_cache(maxsize=PERMUTATIONS_CACHED)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    # cached: drawing a permutation of n per step cost more than a small model's forward
-    ss = np.random.SeedSequence([seed, _DATA_DOMAIN, epoch])
-    return np.random.Generator(np.random.Philox(ss)).permutation(n)
 
 
 @contextlib.contextmanager
@@ -112,16 +90,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -> dict[str, Any]:
@@ -211,17 +179,6 @@ def taps_evaluator(bundle: Bundle, store: ParamStore, data: Dataset, opt: Optimi
         return evaluate
 
     return at
-
-
-def data_sha256(data: Dataset) -> str:
-    """sha256 of a data set's x and y bytes (pins the data of runs whose replay needs it)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in (data.x, data.y):
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
 
 
 def replay_journal(bundle: Bundle, journal_path: str | os.PathLike,
@@ -624,7 +581,7 @@ def _checkpoint(run_dir: Path, store: ParamStore, opt: Optimizer, records: int) 
     the arena, and resume then ignores the checkpoint.
     """
     store.save(run_dir / CKPT)
-    _atomic_json(run_dir / CKPT_META, {
+    atomic_write_json(run_dir / CKPT_META, {
         "step": opt.t, "records": records, "optimizer": opt.state_dict(),
         "sha256": store.digest(),
         "data": {"next_step": opt.t, "order": "batch_indices(n, batch_size, step, data_seed)"},
