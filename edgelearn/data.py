@@ -39,6 +39,15 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.x)
 
+    def batch_at(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) batch `Session.run` feeds at `step` (`batch_indices` order).
+
+        Args:
+            step: 0-based step. batch_size: examples per batch. seed: the run seed.
+        """
+        idx = batch_indices(len(self), batch_size, step, seed)
+        return self.x[idx], self.y[idx]
+
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive batches in file order (last one may be short)."""
         for i in range(0, len(self.x), batch_size):
