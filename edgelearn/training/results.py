@@ -44,8 +44,9 @@ class RunResult:
     """What `Session.run` did: the `train --json` object.
 
     Args:
-        steps: the run's total steps (as asked); resumed_from: steps it held before this call.
-        stopped_early: a callback stopped the run before `steps` (`Session.request_stop`).
+        steps: steps the run holds now (those asked, unless a callback stopped it early);
+        resumed_from: steps it held before this call.
+        stopped_early: a callback stopped the run early (`Session.request_stop`).
         The other fields are the `train --json` keys (times in ms, memory in MiB).
     """
 

@@ -200,7 +200,7 @@ class Session:
                                    interrupted=interrupted, stop=self._stop_requested)
             loop.journal.sync()
             loop.write_weights()
-            result = self._run_result(loop, steps=steps, done=done, plan=plan,
+            result = self._run_result(loop, done=done, plan=plan,
                                       batch_size=batch_size, stopped=stopped)
         finally:
             for cb in cbs:
@@ -420,11 +420,11 @@ class Session:
                              f"{plan['budget_mb']:.0f} MB; at most {plan['batch_size']} fit")
         self._live_fit = n
 
-    def _run_result(self, loop: RunLoop, *, steps: int, done: int,
+    def _run_result(self, loop: RunLoop, *, done: int,
                     plan: dict[str, Any] | None, batch_size: int, stopped: bool) -> RunResult:
-        guard_rollbacks = loop.guard.rollbacks if loop.guard is not None else 0
+        rollbacks = loop.rollbacks_before + (loop.guard.rollbacks if loop.guard else 0)
         return RunResult(
-            steps=steps, resumed_from=done, rollbacks=loop.rollbacks_before + guard_rollbacks,
+            steps=self.optimizer.t, resumed_from=done, rollbacks=rollbacks,
             loss_first=loop.loss_first, loss_last=loop.loss_last,
             weights=str(self.weights_path), journal=str(self.journal_path),
             sha256=self.store.digest(), optimizer=self.optimizer.name,
