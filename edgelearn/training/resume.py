@@ -56,12 +56,12 @@ def check_header(journal: Journal, header: dict[str, Any], run_dir: Path) -> Non
         fed = {None: "from a data set (Session.run)", "live": "live samples (Session.step)"}
         raise InputError(f"run dir {run_dir} holds a run fed {fed.get(old.get('feed'), '?')}; "
                          f"it cannot continue with {fed.get(header.get('feed'), '?')} (use "
-                         "restart=True, or another run directory)")
+                         "Session(restart=True), or another run directory)")
     changes = header_changes(old, header)
     if changes:
         raise InputError(f"run dir {run_dir} holds a run with different settings: "
-                         f"{', '.join(changes)}; use --restart to start it over (or another "
-                         "--out)")
+                         f"{', '.join(changes)}; use --restart (Session(restart=True)) to start "
+                         "it over, or another run directory (--out)")
 
 
 def resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Optimizer,
