@@ -77,6 +77,10 @@ class Session:
         callbacks: called for every step of this session (`run` adds its own).
     Raises: InputError for settings the bundle or runtime cannot train with;
         EdgelearnError when another process holds the run directory.
+
+    Attributes `bundle`, `config`, `runtime_config` and `run_dir` are what was given.
+    Unstable: `runtime` (the resolved Runtime), `model`, `optimizer`, `evaluator` and `timers`
+    are the session's internals, exposed for inspection; do not change them.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, run_dir: str | os.PathLike,
@@ -193,7 +197,7 @@ class Session:
         cbs = [*self._callbacks, *callbacks]
         for cb in cbs:
             cb.on_start(self, steps=steps)
-        result = None
+        result: RunResult | None = None
         try:
             with deferred_sigint() as interrupted:
                 stopped = loop.run(feed.batch, range(done, steps), callbacks,
@@ -202,10 +206,10 @@ class Session:
             loop.write_weights()
             result = self._run_result(loop, done=done, plan=plan,
                                       batch_size=batch_size, stopped=stopped)
+            return result
         finally:
             for cb in cbs:
                 cb.on_end(self, result)
-        return result
 
     def request_stop(self, reason: str = "stopped by a callback") -> None:
         """Ask `run` to stop before its next step (early stopping); the run ends normally."""
@@ -354,8 +358,8 @@ class Session:
         journal = Journal(self.run_dir / JOURNAL, fsync_every=self.config.fsync_every,
                           fsync_seconds=self.config.fsync_seconds, before_sync=sync_samples)
         try:
-            if header.get("samples") and len(journal) > 0:
-                batches = SampleReader(self.run_dir / SAMPLES).batch
+            if header.get("samples") and len(journal) > 0 and self.evaluator.replay_needs_data:
+                batches = SampleReader(self.run_dir / SAMPLES).batch  # what the steps were fed
             rule = guard_from_header(header)
             state = resume(journal, header, self.store, self.optimizer, self.run_dir,
                            rule=rule, evaluator=self.evaluator, batches=batches, steps=steps)
