@@ -46,7 +46,7 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
     from edgelearn.bundle import load_bundle
     from edgelearn.data import Dataset
     from edgelearn.optim import make_optimizer
-    from edgelearn.train import taps_evaluator
+    from edgelearn.training.evaluators import make_evaluator
 
     factory, kwargs, shape, opts = ARCHS[arch]
     torch.manual_seed(0)
@@ -61,15 +61,13 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
     for backend in BACKENDS:
         store = bundle.load_store(trainable="*")
         opt = make_optimizer("tpsgd", seed=0, **opts)
-        at = taps_evaluator(bundle, store, data, opt, batch_size=batch, seed=0,
-                            backend=backend, threads=1)
-        runs[backend] = (store, opt, at)
+        ev = make_evaluator(bundle, store, opt, backend=backend, threads=1)
+        runs[backend] = (store, opt, ev.forwards(data.x, data.y).evaluate)
     fwd_t: dict[str, list[float]] = {k: [] for k in runs}
     step_t: dict[str, list[float]] = {k: [] for k in runs}
     per_block = max(2, reps // blocks)
     for _ in range(blocks):
-        for key, (store, opt, at) in runs.items():
-            evaluate = at(0)
+        for key, (store, opt, evaluate) in runs.items():
             for i in range(per_block + 1):
                 t0 = time.perf_counter()
                 evaluate()
@@ -78,7 +76,7 @@ def bench_arch(root: Path, arch: str, batch: int, reps: int, blocks: int) -> dic
                     fwd_t[key].append(dt)
             for i in range(per_block + 1):
                 t0 = time.perf_counter()
-                opt.step(store, at(opt.t))
+                opt.step(store, evaluate)
                 dt = time.perf_counter() - t0
                 if i:
                     step_t[key].append(dt)

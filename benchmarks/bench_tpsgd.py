@@ -57,7 +57,7 @@ def backprop(module, train, test, *, lr: float, steps: int, glob: str | None,
 
     import torch
 
-    from edgelearn.train import batch_indices
+    from edgelearn.data import batch_indices
 
     params = [p for n, p in module.named_parameters()
               if glob is None or any(fnmatch.fnmatchcase(n, g) for g in glob.split(","))]
@@ -85,9 +85,8 @@ def main() -> None:
     from edgelearn.export import export_bundle
     from edgelearn.export.zoo import ZOO
 
+    import edgelearn as el
     from edgelearn.bundle import Bundle
-    from edgelearn.model import Model
-    from edgelearn.train import train
 
     steps = 300 if args.quick else 1500
     seeds = list(range(args.seeds))
@@ -121,13 +120,15 @@ def main() -> None:
                                   *((k, {**extra, **v}) for k, v in ablations.items())):
                     log(f"{name} seed {seed}: {key}")
                     t0 = time.perf_counter()
-                    run = train(bundle, train_set, tmp / f"run_{key}_{name}_{seed}",
-                                optimizer="tpsgd", options={"lr": lr, **opts}, steps=steps,
-                                trainable=glob, threads=1, seed=seed)
-                    if key == "tpsgd" and seed == seeds[0]:
-                        wall_tp = time.perf_counter() - t0
-                    res[key].append(Model(bundle, trainable=(), weights=run["weights"]
-                                          ).evaluate(test_set)["accuracy"])
+                    config = el.TrainConfig(optimizer="tpsgd", options={"lr": lr, **opts},
+                                            trainable=glob, seed=seed)
+                    with el.Session(bundle, tmp / f"run_{key}_{name}_{seed}", config,
+                                    el.RuntimeConfig(backend="onnxruntime", threads=1,
+                                                     device=None)) as session:
+                        session.run(train_set, steps)
+                        if key == "tpsgd" and seed == seeds[0]:
+                            wall_tp = time.perf_counter() - t0
+                        res[key].append(session.evaluate(test_set).accuracy)
             bp, tp = statistics.mean(res["backprop"]), statistics.mean(res["tpsgd"])
             res["mean"] = {k: statistics.mean(res[k])
                            for k in ("backprop", "tpsgd", *ablations)}
@@ -135,15 +136,17 @@ def main() -> None:
             res["gap_to_backprop_pp_per_seed"] = [100 * (a - b) for a, b in
                                                   zip(res["backprop"], res["tpsgd"], strict=True)]
             log(f"{name}: zo-sgd for {wall_tp:.1f} s (seed {seeds[0]})")
-            zo_steps, zo_dir = 0, tmp / f"run_zo_{name}"
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < wall_tp:
-                zo_steps += 100
-                zres = train(bundle, train_set, zo_dir, optimizer="zo-sgd",
-                             options={"lr": 0.01, "eps": 1e-3}, steps=zo_steps,
-                             trainable=glob, threads=1, seed=seeds[0])
-            acc_zo = Model(bundle, trainable=(), weights=zres["weights"]).evaluate(
-                test_set)["accuracy"]
+            zo_steps = 0
+            zo_config = el.TrainConfig(optimizer="zo-sgd", options={"lr": 0.01, "eps": 1e-3},
+                                       trainable=glob, seed=seeds[0])
+            with el.Session(bundle, tmp / f"run_zo_{name}", zo_config,
+                            el.RuntimeConfig(backend="onnxruntime", threads=1,
+                                             device=None)) as session:
+                t0 = time.perf_counter()
+                while time.perf_counter() - t0 < wall_tp:
+                    zo_steps += 100
+                    session.run(train_set, zo_steps)
+                acc_zo = session.evaluate(test_set).accuracy
             res.update(tpsgd_wall_s=wall_tp, zo_sgd_equal_wall=acc_zo, zo_sgd_steps=zo_steps,
                        gap_to_zo_pp=100 * (res["tpsgd"][0] - acc_zo))
             out["accuracy"][name] = res

@@ -69,14 +69,9 @@ def peak_rss_mb() -> float:
 
 def vm_hwm_mb() -> float | None:
     """Peak RSS of this process image from /proc/self/status VmHWM (reset by exec), MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from edgelearn.osutil import proc_status_mb  # children only: they import edgelearn anyway
+
+    return proc_status_mb("VmHWM")
 
 
 def med_ms(xs: list[float]) -> float | None:
@@ -188,7 +183,7 @@ def section_rss(paths: dict[str, str], work: Path, steps: int) -> dict[str, Any]
     out: dict[str, Any] = {"batch_size": BATCH, "steps": steps}
     base = run_json([sys.executable, "-c",
                      "import json, resource, numpy, onnxruntime, edgelearn.cli, "
-                     "edgelearn.train, edgelearn.model; print(json.dumps({'peak_rss_mb': "
+                     "edgelearn.training, edgelearn.model; print(json.dumps({'peak_rss_mb': "
                      "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"])
     out["import_only_peak_rss_mb"] = base.get("peak_rss_mb")
     runs = {

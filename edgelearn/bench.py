@@ -20,8 +20,9 @@ from edgelearn.bundle import Bundle
 from edgelearn.capabilities import optimizer_support
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.losses import default_loss, get_loss
-from edgelearn.model import Model, peak_rss_mb
+from edgelearn.model import Model
 from edgelearn.optim import REGISTRY, make_optimizer
+from edgelearn.osutil import peak_rss_mb
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
@@ -55,23 +56,18 @@ def random_batch(bundle: Bundle, batch_size: int, seed: int = 0) -> tuple[np.nda
 
 def _step_timer(bundle: Bundle, live: Model, name: str, x: np.ndarray, y: np.ndarray, *,
                 backend: str, threads: int | None) -> Callable[[], object]:
-    """One `step()` of optimizer `name` on (x, y), fed the way training feeds it: tpSGD one
-    taps-graph forward, PolyStep the population graph when the bundle has one for the
-    trainable set (onnxruntime), every other optimizer the plain loss."""
-    from edgelearn.data import Dataset
-    from edgelearn.train import taps_evaluator
+    """One `step()` of optimizer `name` on (x, y), fed the way training feeds it (the
+    training evaluator: tpSGD one taps-graph forward, PolyStep the population graph when the
+    bundle has one for the trainable set, every other optimizer the plain loss)."""
+    from edgelearn.training.evaluators import make_evaluator
 
     opt = make_optimizer(name)
-    loss_fn = get_loss(default_loss(bundle.task))
-    taps = None
-    if opt.needs == "taps":  # raises InputError saying why when the bundle has no taps graph
-        taps = taps_evaluator(bundle, live.store, Dataset(x, y), opt, batch_size=len(x),
-                              seed=0, backend=backend, threads=threads)(0)
-    pop = None
-    if live.backend.can_score_population():
-        pop_eval = live.backend.population_scorer()
-        pop = lambda p: pop_eval.losses(p, x, y, loss_fn)  # noqa: E731
-    return lambda: opt.step(live.store, lambda: loss_fn(live.predict(x), y), pop, taps=taps)
+    # raises InputError saying why when the bundle cannot run the optimizer's forwards
+    evaluator = make_evaluator(bundle, live.store, opt, backend=backend, threads=threads,
+                               model=live, loss_fn=get_loss(default_loss(bundle.task)))
+    evaluator.check_targets(y)
+    fw = evaluator.forwards(x, y)
+    return lambda: opt.step(live.store, fw.evaluate, fw.population, taps=fw.taps)
 
 
 def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = None,

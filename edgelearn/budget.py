@@ -12,19 +12,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from edgelearn.data import PERMUTATIONS_CACHED
 from edgelearn.errors import InputError
+from edgelearn.osutil import current_rss_mb
 
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
                   16: 2}
 MARGIN = 1.10
-
-
-def current_rss_mb() -> float:
-    """Resident memory of this process now (MiB); the peak where /proc is missing."""
-    from edgelearn.model import peak_rss_mb, proc_status_mb
-
-    rss = proc_status_mb("VmRSS")
-    return peak_rss_mb() if rss is None else rss
 
 
 def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
@@ -51,10 +45,6 @@ def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
             n *= d.dim_value if d.dim_value > 0 else 1
         total += n * _ONNX_ITEMSIZE.get(tt.elem_type, 4)
     return total
-
-
-#: per-epoch data permutations a run caches (`edgelearn.train._epoch_permutation`)
-PERMUTATIONS_CACHED = 4
 
 
 def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,

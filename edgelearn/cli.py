@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,44 +77,30 @@ def _positive(text: str) -> int:
     return v
 
 
+def _runtime_config(args: argparse.Namespace) -> Any:
+    """The RuntimeConfig of a command's flags: explicit flags first, then the --device
+    profile, else the profile detected for this machine (`edgelearn device`)."""
+    import edgelearn as el
+
+    return el.RuntimeConfig(backend=args.backend, threads=args.threads,
+                            memory_budget_mb=getattr(args, "memory_budget_mb", None),
+                            device=getattr(args, "device", None) or "auto")
+
+
 def _runtime(args: argparse.Namespace, bundle: Any = None) -> dict[str, Any]:
-    """Backend, threads, providers and memory budget: flags first, then the --device profile,
-    else the profile detected for this machine (`edgelearn device`).
+    """Backend, threads, providers and memory budget of a command (`RuntimeConfig.resolve`).
 
     The backend is the first of the profile's preference order whose runtime imports and for
     which the bundle (`bundle`, else `args.bundle`) carries a model. The memory budget of a
     profile applies only when it is named with --device.
     """
-    from edgelearn.devices import load_profile, machine_profile, resolve_backend
-
-    named = getattr(args, "device", None)
-    prof = load_profile(named) if named else machine_profile()
     if bundle is None and getattr(args, "bundle", None):
         from edgelearn.bundle import load_bundle
 
         bundle = load_bundle(args.bundle, verify=False)  # the command loads it verified
-    backend = resolve_backend(prof, args.backend, bundle)
-    budget = getattr(args, "memory_budget_mb", None)
-    if budget is None and named and prof:
-        budget = prof.memory_budget_mb
-    return {
-        "backend": backend,
-        "profile": prof.name if prof else None,
-        "threads": args.threads or (prof.threads if prof else None),
-        "providers": _usable_providers(prof.providers)
-        if prof and backend in ("onnxruntime", "ort") else None,
-        "memory_budget_mb": budget,
-    }
-
-
-def _usable_providers(wanted: Sequence[str]) -> list[str] | None:
-    """The profile's ORT providers that this onnxruntime build has (CUDA only on GPU builds)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    have = set(ort.get_available_providers())
-    return [p for p in wanted if p in have] or None
+    rt = _runtime_config(args).resolve(bundle)
+    return {"backend": rt.backend, "profile": rt.profile, "threads": rt.threads,
+            "providers": rt.providers, "memory_budget_mb": rt.memory_budget_mb}
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -242,21 +227,12 @@ def _info_text(info: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy / loss of a bundle (optionally with personalized weights) on a data file."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import load_npz
-    from edgelearn.model import Model, peak_rss_mb
+    import edgelearn as el
 
-    bundle = load_bundle(args.bundle)
-    data = load_npz(args.data, task=bundle.task)
-    rt = _runtime(args)
-    model = Model(bundle, backend=rt["backend"], trainable=(), weights=args.weights,
-                  threads=rt["threads"], providers=rt["providers"])
-    t0 = time.perf_counter()
-    res = model.evaluate(data, batch_size=args.batch_size, objective=args.objective)
-    res["seconds"] = time.perf_counter() - t0
-    res["peak_rss_mb"] = peak_rss_mb()
-    if "accuracy" not in res:
-        res["accuracy"] = None
+    bundle = el.load_bundle(args.bundle)
+    data = el.load_data(args.data, task=bundle.task)
+    res = el.evaluate(bundle, data, weights=args.weights, runtime=_runtime_config(args),
+                      batch_size=args.batch_size, objective=args.objective).to_json()
 
     def human() -> str:
         acc = "" if res["accuracy"] is None else f"accuracy {res['accuracy']:.4f}, "
@@ -301,13 +277,10 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import load_npz
-    from edgelearn.train import TrainingInterrupted, train
+    import edgelearn as el
 
-    bundle = load_bundle(args.bundle)
-    data = load_npz(args.data, task=bundle.task)
-    rt = _runtime(args)
+    bundle = el.load_bundle(args.bundle)
+    data = el.load_data(args.data, task=bundle.task)
     options: dict[str, Any] = {"lr": _or(args.lr, 1e-3), "eps": _or(args.eps, 1e-3),
                                "probes": args.probes, "noise": _or(args.noise, "rademacher"),
                                "restore": args.restore, "weight_decay": args.weight_decay,
@@ -329,21 +302,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     options.update(_opt_pairs(args))
     divergence = None
     if args.diverge_factor is not None:
-        from edgelearn.train import DivergencePolicy
-
-        divergence = DivergencePolicy(factor=args.diverge_factor,
-                                      patience=args.diverge_patience,
-                                      lr_scale=args.diverge_lr_scale)
+        divergence = el.DivergencePolicy(factor=args.diverge_factor,
+                                         patience=args.diverge_patience,
+                                         lr_scale=args.diverge_lr_scale)
+    config = el.TrainConfig(optimizer=args.optimizer, options=options, trainable=args.trainable,
+                            objective=args.objective, batch_size=args.batch_size,
+                            seed=args.seed, checkpoint_every=args.checkpoint_every,
+                            fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
+                            divergence=divergence)
+    bar = [el.ProgressBar()] if not args.json and sys.stderr.isatty() else []
     try:
-        res = train(bundle, data, args.out, optimizer=args.optimizer, options=options,
-                    steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                    trainable=args.trainable, objective=args.objective, backend=rt["backend"],
-                    threads=rt["threads"], providers=rt["providers"],
-                    memory_budget_mb=rt["memory_budget_mb"],
-                    checkpoint_every=args.checkpoint_every, fsync_every=args.fsync_every,
-                    fsync_seconds=args.fsync_seconds, divergence=divergence,
-                    restart=args.restart, progress=not args.json and sys.stderr.isatty())
-    except TrainingInterrupted as stop:  # Ctrl-C: weights so far are written; resumable
+        with el.Session(bundle, args.out, config, _runtime_config(args),
+                        restart=args.restart) as session:
+            res = session.run(data, args.steps, callbacks=bar).to_json()
+    except el.TrainingInterrupted as stop:  # Ctrl-C: weights so far are written; resumable
         if args.json:
             print(json.dumps({"error": str(stop), "interrupted_at_step": stop.step}))
         print(str(stop), file=sys.stderr)
@@ -367,19 +339,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> None:
     """Rebuild trained weights from the bundle's base weights and a journal (no data)."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.train import replay_journal
+    import edgelearn as el
 
-    bundle = load_bundle(args.bundle)
-    data = None
-    if args.data is not None:
-        from edgelearn.data import load_npz
-
-        data = load_npz(args.data, task=bundle.task)
-    store, steps = replay_journal(bundle, args.journal, data)
-    out = store.save(args.out, metadata={"sha256": store.digest()})
-    res = {"weights": str(out), "sha256": store.digest(), "steps": steps}
-    _emit(args, res, lambda: f"replayed {steps} steps -> {out} (sha256 {res['sha256']})")
+    bundle = el.load_bundle(args.bundle)
+    data = None if args.data is None else el.load_data(args.data, task=bundle.task)
+    res = el.replay(bundle, args.journal, data=data, out=args.out).to_json()
+    _emit(args, res, lambda: f"replayed {res['steps']} steps -> {res['weights']} "
+                             f"(sha256 {res['sha256']})")
 
 
 def cmd_device(args: argparse.Namespace) -> None:

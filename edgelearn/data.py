@@ -10,6 +10,8 @@ lengths and finite values are validated before any training starts.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import os
 import zipfile
@@ -21,6 +23,9 @@ import numpy as np
 from edgelearn.errors import InputError
 
 MAX_DATA_BYTES = 2 << 30  # per array; pass max_bytes= to load larger files
+#: per-epoch permutations kept in memory (`batch_indices`); `budget.run_memory_bytes` counts them
+PERMUTATIONS_CACHED = 4
+_DATA_DOMAIN = 0xDA7A  # separates data-order draws from noise draws of the same seed
 _NPY_KINDS = "biuf"  # bool, ints, floats: nothing that can hold Python objects
 
 
@@ -34,10 +39,61 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.x)
 
+    def batch_at(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) batch `Session.run` feeds at `step` (`batch_indices` order).
+
+        Args:
+            step: 0-based step. batch_size: examples per batch. seed: the run seed.
+        """
+        idx = batch_indices(len(self), batch_size, step, seed)
+        return self.x[idx], self.y[idx]
+
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive batches in file order (last one may be short)."""
         for i in range(0, len(self.x), batch_size):
             yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Example indices of the batch used at `step`: seeded per-epoch permutations.
+
+    Args:
+        n: dataset size.
+        batch_size: examples per batch (capped at n); the epoch's tail is dropped.
+        step: 0-based step.
+        seed: data-order seed.
+    Returns: int64 indices [min(batch_size, n)].
+    """
+    bs = min(batch_size, n)
+    per_epoch = n // bs
+    epoch, i = divmod(step, per_epoch)
+    return _epoch_permutation(n, seed, epoch)[i * bs : (i + 1) * bs].copy()
+
+
+@functools.lru_cache(maxsize=PERMUTATIONS_CACHED)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    # cached: drawing a permutation of n per step cost more than a small model's forward
+    ss = np.random.SeedSequence([seed, _DATA_DOMAIN, epoch])
+    return np.random.Generator(np.random.Philox(ss)).permutation(n)
+
+
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """sha256 over arrays' dtype, shape and bytes (pins the exact data a step or a run used).
+
+    Args:
+        arrays: e.g. (x, y) of a batch or of a whole data set.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.asarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def data_sha256(data: Dataset) -> str:
+    """sha256 of a data set's x and y (pins the data of runs whose replay needs it)."""
+    return arrays_sha256(data.x, data.y)
 
 
 def _read_npy_member(zf: zipfile.ZipFile, key: str, name: str, max_bytes: int) -> np.ndarray:
@@ -122,3 +178,7 @@ def load_npz(
     if not np.isfinite(x).all():
         raise InputError(f"{name}: x contains NaN or inf")
     return Dataset(np.ascontiguousarray(x), np.ascontiguousarray(y))
+
+
+#: the public name of `load_npz` (`edgelearn.load_data`)
+load_data = load_npz

@@ -16,11 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelearn.bundle import load_bundle
-from edgelearn.data import Dataset
-from edgelearn.errors import InputError
-from edgelearn.model import Model, peak_rss_mb
-from edgelearn.optim import REGISTRY
+import edgelearn as el
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -49,7 +45,7 @@ def user_shift(x: np.ndarray) -> np.ndarray:
     return np.clip(1.6 * img, 0.0, 1.0).reshape(-1, 64).astype(np.float32)
 
 
-def demo_data(seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+def demo_data(seed: int = 0) -> tuple[el.Dataset, el.Dataset, el.Dataset]:
     """(user personalization set, user test set, same test digits as written by the
     pretraining population), from the shipped digits the pretraining did not see."""
     with np.load(DATA / "digits.npz", allow_pickle=False) as f:
@@ -61,20 +57,8 @@ def demo_data(seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
         .permutation(len(xu))
     half = len(order) // 2
     tr, te = order[:half], order[half:]
-    return (Dataset(user_shift(xu[tr]), yu[tr]), Dataset(user_shift(xu[te]), yu[te]),
-            Dataset(np.ascontiguousarray(xu[te]), yu[te]))
-
-
-def _clear_previous_run(run_dir: Path) -> None:
-    """Remove an earlier demo run (only if it holds nothing but run files) so runs start fresh."""
-    from edgelearn.train import CKPT, CKPT_META, JOURNAL, LOCK, WEIGHTS
-
-    if not run_dir.is_dir():
-        return
-    names = {p.name for p in run_dir.iterdir()}
-    if JOURNAL in names and names <= {JOURNAL, CKPT, CKPT_META, WEIGHTS, LOCK}:
-        for n in names:
-            (run_dir / n).unlink()
+    return (el.Dataset(user_shift(xu[tr]), yu[tr]), el.Dataset(user_shift(xu[te]), yu[te]),
+            el.Dataset(np.ascontiguousarray(xu[te]), yu[te]))
 
 
 def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | None = None,
@@ -93,56 +77,54 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         seed: run seed.
         progress: progress bars on stderr.
     """
-    from edgelearn.train import train
-
     out = Path(out)
-    bundle = load_bundle(DATA / "demo")
+    bundle = el.load_bundle(DATA / "demo")
     user_train, user_test, population_test = demo_data(seed)
-    base = Model(bundle, backend=backend, trainable=(), threads=threads, providers=providers)
-    before = base.evaluate(user_test)
-    population = base.evaluate(population_test)
+    runtime = el.RuntimeConfig(backend=backend, threads=threads, providers=providers,
+                               device=None)
+    before = el.evaluate(bundle, user_test, runtime=runtime)
+    population = el.evaluate(bundle, population_test, runtime=runtime)
     res: dict[str, Any] = {
         "bundle": str(bundle.path),
         "backend": backend,
         "data": {"user_train": len(user_train), "user_test": len(user_test),
                  "source": "UCI/sklearn 8x8 digits (CC BY 4.0), shifted user handwriting"},
-        "accuracy_population": population["accuracy"],
-        "accuracy_before": before["accuracy"],
-        "loss_before": before["loss"],
+        "accuracy_population": population.accuracy,
+        "accuracy_before": before.accuracy,
+        "loss_before": before.loss,
         "accuracy_after": {},
         "optimizers": {},
         "unavailable": {},
     }
+    peak = population.peak_rss_mb
     for name, recipe in RECIPES.items():
-        if name not in REGISTRY:
-            continue
-        _clear_previous_run(out / name)
         n_steps = steps or recipe["steps"]
         options = dict(recipe["options"])
         if recipe.get("schedule"):
             options["total_steps"] = n_steps
+        config = el.TrainConfig(optimizer=name, options=options, trainable=recipe["trainable"],
+                                batch_size=batch_size or recipe["batch_size"], seed=seed,
+                                fsync_every=100)  # a demo run: durability every 100 steps
         t0 = time.perf_counter()
         try:
-            run = train(bundle, user_train, out / name, optimizer=name,
-                        options=options, steps=n_steps,
-                        batch_size=batch_size or recipe["batch_size"], seed=seed,
-                        trainable=recipe["trainable"], backend=backend, threads=threads,
-                        providers=providers, progress=progress,
-                        fsync_every=100)  # a demo run: durability every 100 steps is plenty
-        except InputError as e:  # e.g. an optimizer the chosen backend cannot run
+            # restart: each demo starts its runs afresh (only run files are removed)
+            with el.Session(bundle, out / name, config, runtime, restart=True) as session:
+                run = session.run(user_train, n_steps,
+                                  callbacks=[el.ProgressBar()] if progress else [])
+                seconds = time.perf_counter() - t0
+                after = session.evaluate(user_test)
+        except el.InputError as e:  # e.g. an optimizer the chosen backend cannot run
             res["unavailable"][name] = str(e)
             continue
-        seconds = time.perf_counter() - t0
-        after = Model(bundle, backend=backend, trainable=(), threads=threads,
-                      providers=providers, weights=run["weights"]).evaluate(user_test)
-        res["accuracy_after"][name] = after["accuracy"]
+        res["accuracy_after"][name] = after.accuracy
+        peak = max(peak, run.peak_rss_mb, after.peak_rss_mb)
         res["optimizers"][name] = {
-            "trainable": recipe["trainable"], "trainable_params": run["trainable_params"],
-            "steps": run["steps"], "batch_size": run["batch_size"],
-            "loss_after": after["loss"], "seconds": seconds,
-            "step_ms_median": run["step_ms_median"],
-            "forward_ms_median": run["forward_ms_median"],
-            "run_dir": str(out / name), "weights": run["weights"], "journal": run["journal"],
+            "trainable": recipe["trainable"], "trainable_params": run.trainable_params,
+            "steps": run.steps, "batch_size": run.batch_size,
+            "loss_after": after.loss, "seconds": seconds,
+            "step_ms_median": run.step_ms_median,
+            "forward_ms_median": run.forward_ms_median,
+            "run_dir": str(out / name), "weights": run.weights, "journal": run.journal,
         }
-    res["peak_rss_mb"] = peak_rss_mb()
+    res["peak_rss_mb"] = peak  # the peak so far: the last figure taken is the largest
     return res

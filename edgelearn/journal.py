@@ -34,12 +34,12 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO
 
 from edgelearn.errors import EdgelearnError
-from edgelearn.params import fsync_dir
+from edgelearn.osutil import fsync_dir
 
 MAGIC = b"ELJRNL01"
 MAX_RECORD_BYTES = 16 << 20
@@ -208,6 +208,7 @@ class Journal:
         *,
         fsync_every: int = 1,
         fsync_seconds: float | None = None,
+        before_sync: Callable[[], None] | None = None,
     ) -> None:
         """Open a journal for appending, creating it or repairing a torn tail.
 
@@ -220,6 +221,8 @@ class Journal:
             fsync_seconds: also fsync on the first append at least this many seconds (monotonic
                 clock) after the last fsync; None = no time-based policy. Combine with a large
                 ``fsync_every`` for "every S seconds" (bounded loss in time, not in records).
+            before_sync: called before every fsync of this journal: makes another file
+                durable first (a run's recorded samples before the steps that used them).
         """
         if isinstance(fsync_every, bool) or not isinstance(fsync_every, int) or fsync_every < 1:
             raise JournalError(f"fsync_every must be an int >= 1, got {fsync_every!r}")
@@ -232,6 +235,7 @@ class Journal:
         self.path = os.fspath(path)
         self.fsync_every = fsync_every
         self.fsync_seconds = None if fsync_seconds is None else float(fsync_seconds)
+        self._before_sync = before_sync
         self._unsynced = 0
         self._synced_at = time.monotonic()
         self._create_if_missing()
@@ -308,6 +312,8 @@ class Journal:
     def sync(self) -> None:
         """Flush and fsync any appended records to stable storage."""
         f = self._require_open()
+        if self._before_sync is not None:
+            self._before_sync()
         f.flush()
         os.fsync(f.fileno())
         self._unsynced = 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,32 +13,6 @@ from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import InputError
 from edgelearn.losses import accuracy, default_loss, get_loss
-
-
-def proc_status_mb(key: str) -> float | None:
-    """A memory figure of this process from /proc/self/status in MiB ("VmRSS", "VmHWM", ...),
-    or None where /proc is not available."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB.
-
-    Reads VmHWM from /proc (Linux): unlike getrusage's ru_maxrss it is not inherited from the
-    parent across fork+exec, so a CLI run started by a big process reports its own peak.
-    """
-    hwm = proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
 
 class Model:

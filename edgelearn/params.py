@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn.errors import BundleError
+from edgelearn.osutil import atomic_path, default_file_mode
 
 #: safetensors dtype tag <-> numpy dtype name, for the dtypes an arena may hold.
 ST_DTYPES: dict[str, str] = {"F32": "float32", "I8": "int8", "I32": "int32", "U8": "uint8"}
@@ -205,20 +206,9 @@ class ParamStore:
         from safetensors.numpy import save_file  # lazy: device imports stay numpy-only
 
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_path(path) as tmp:
             save_file(self.state(), str(tmp), metadata=dict(metadata or {}))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-                # The writer creates 0600; give the file the usual umask-derived mode instead.
-                umask = os.umask(0)
-                os.umask(umask)
-                os.fchmod(f.fileno(), 0o666 & ~umask)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        fsync_dir(path.parent)
+            os.chmod(tmp, default_file_mode())  # the writer creates 0600: use the umask's
         return path
 
     def load(self, path: str | os.PathLike) -> None:
@@ -240,20 +230,6 @@ class ParamStore:
         store = cls(specs)
         store.load(path)
         return store
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename inside it survives power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from edgelearn.bundle import MANIFEST
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import read_journal
-from edgelearn.train import CKPT, CKPT_META, JOURNAL, LOCK
+from edgelearn.training.rundir import CKPT, CKPT_META, JOURNAL, LOCK, SESSION
 
 #: files only an edgelearn run directory holds (weights.safetensors is in bundles too)
 RUN_MARKERS = (JOURNAL, LOCK, CKPT_META, CKPT)
@@ -183,11 +183,11 @@ def make_dir(out: PathLike) -> Path | None:
 
 
 def _holds_work(d: Path) -> bool:
-    """True when a directory tree holds anything worth keeping (more than a lock and a
-    journal without step records); unreadable journals count as worth keeping."""
+    """True when a directory tree holds anything worth keeping (more than a lock, a session
+    record and a journal without step records); unreadable journals count as worth keeping."""
     for root, _, files in os.walk(d):
         for name in files:
-            if name == LOCK:
+            if name in (LOCK, SESSION):  # written with the journal header: no work yet
                 continue
             if name != JOURNAL:
                 return True

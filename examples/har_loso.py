@@ -235,16 +235,17 @@ def backprop_finetune(model: Any, x: np.ndarray, y: np.ndarray, *, lr: float, st
 
     import torch
 
-    from edgelearn.train import batch_indices
+    import edgelearn as el
 
     m = copy.deepcopy(model).train()
     opt = torch.optim.Adam(m.parameters(), lr=lr)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    data = el.Dataset(x, y)
     for t in range(steps):
-        # same data order as the device runs (edgelearn.train.batch_indices)
-        idx = torch.from_numpy(batch_indices(len(x), BATCH, t, seed))
+        # same data order as the device runs (the batches Session.run feeds)
+        xb, yb = data.batch_at(t, BATCH, seed)
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(m(xt[idx]), yt[idx]).backward()
+        torch.nn.functional.cross_entropy(m(torch.from_numpy(xb)),
+                                          torch.from_numpy(yb)).backward()
         opt.step()
     return m.eval()
 
@@ -317,16 +318,33 @@ def host(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Device: forward-only personalization (numpy + onnxruntime, never torch)
 
+def _session(bundle: Any, run_dir: Path, optimizer: str, options: dict[str, Any],
+             trainable: str, seed: int = 0) -> Any:
+    """A device session of one personalization run (no checkpoints: short runs)."""
+    import edgelearn as el
+
+    config = el.TrainConfig(optimizer=optimizer, options=options, trainable=trainable,
+                            batch_size=BATCH, seed=seed, checkpoint_every=1 << 30,
+                            fsync_every=1 << 30)
+    return el.Session(bundle, run_dir, config,
+                      el.RuntimeConfig(backend="onnxruntime", device=None))
+
+
 def _forwards_per_step(bundle: Any, data: Any, run_dir: Path, optimizer: str,
                        options: dict[str, Any], trainable: str) -> int:
-    """Forwards one step of `optimizer` evaluates, read from the journal of a 1-step run."""
-    from edgelearn.journal import read_journal
-    from edgelearn.train import train
+    """Forwards one step of `optimizer` evaluates, from a 1-step run."""
+    import edgelearn as el
 
-    res = train(bundle, data, run_dir, optimizer=optimizer, options=options, steps=1,
-                batch_size=BATCH, trainable=trainable, fsync_every=1 << 30)
-    records, _ = read_journal(res["journal"])
-    return max(1, len(records[1].get("evals", [])))
+    class Count(el.Callback):
+        evaluations = 1
+
+        def on_step(self, session: Any, result: Any) -> None:
+            self.evaluations = max(1, result.evaluations)
+
+    count = Count()
+    with _session(bundle, run_dir, optimizer, options, trainable) as session:
+        session.run(data, 1, callbacks=[count])
+    return count.evaluations
 
 
 _PER_STEP: dict[str, int] = {}
@@ -334,13 +352,10 @@ _PER_STEP: dict[str, int] = {}
 
 def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, seed: int,
                  ) -> dict[str, Any]:
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import load_npz
-    from edgelearn.model import Model
-    from edgelearn.train import train
+    import edgelearn as el
 
-    bundle = load_bundle(fold_dir / "bundle")
-    pers, held = load_npz(fold_dir / "pers.npz"), load_npz(fold_dir / "held.npz")
+    bundle = el.load_bundle(fold_dir / "bundle")
+    pers, held = el.load_data(fold_dir / "pers.npz"), el.load_data(fold_dir / "held.npz")
     if method in TPSGD_VARIANTS:
         optimizer, (trainable, hidden) = TPSGD, TPSGD_VARIANTS[method]
         options = {"lr": lr, **({"hidden_lr": lr * hidden} if hidden else {})}
@@ -354,27 +369,25 @@ def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, 
     per_step = _PER_STEP[method]
     steps = budget // per_step
     t0 = time.perf_counter()
-    res = train(bundle, pers, runs / f"{tag}-{method}-{lr:g}", optimizer=optimizer,
-                options=options, steps=steps, batch_size=BATCH, seed=seed, trainable=trainable,
-                checkpoint_every=1 << 30, fsync_every=1 << 30)
-    acc = Model(bundle, trainable=(), weights=res["weights"]).evaluate(held)["accuracy"]
+    with _session(bundle, runs / f"{tag}-{method}-{lr:g}", optimizer, options, trainable,
+                  seed) as session:
+        res = session.run(pers, steps)
+        acc = session.evaluate(held).accuracy
     return {"accuracy": acc, "lr": lr, "steps": steps, "forwards": steps * per_step,
-            "trainable_params": res["trainable_params"], "seconds": time.perf_counter() - t0,
-            "step_ms_median": res["step_ms_median"]}
+            "trainable_params": res.trainable_params, "seconds": time.perf_counter() - t0,
+            "step_ms_median": res.step_ms_median}
 
 
 def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """For every fold: inner lr sweep per method, then the outer run with the chosen lr."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import load_npz
-    from edgelearn.model import Model
-    from edgelearn.optim import REGISTRY
+    import edgelearn as el
 
     grids = QUICK_GRIDS if args.quick else GRIDS
+    runtime = el.RuntimeConfig(backend="onnxruntime", device=None)
     # tpSGD needs the bundle's layer-taps graph; the exporter says why when it has none.
-    first = load_bundle(out / f"s{args.subjects[0]}" / "outer" / "bundle")
-    tpsgd_why = None if TPSGD in REGISTRY else "tpsgd is not installed"
-    if tpsgd_why is None and "onnx_taps" not in first.files:
+    first = el.load_bundle(out / f"s{args.subjects[0]}" / "outer" / "bundle")
+    tpsgd_why = None
+    if "onnx_taps" not in first.files:
         tpsgd_why = first.manifest.get("taps_unsupported", "bundle exported without taps")
     methods = [*VARIANTS, *(TPSGD_VARIANTS if tpsgd_why is None else [])]
     res: dict[str, Any] = {"methods": methods, "tpsgd_available": tpsgd_why is None,
@@ -382,12 +395,11 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     for s in args.subjects:
         fold_dir = out / f"s{s}"
         outer = fold_dir / "outer"
-        before = Model(load_bundle(outer / "bundle"), trainable=()).evaluate(
-            load_npz(outer / "held.npz"))["accuracy"]
+        before = el.evaluate(outer / "bundle", el.load_data(outer / "held.npz"),
+                             runtime=runtime).accuracy
         inner = fold_dir / "inner"
-        fold: dict[str, Any] = {"before": before, "inner_before": Model(
-            load_bundle(inner / "bundle"), trainable=()).evaluate(
-            load_npz(inner / "held.npz"))["accuracy"]}
+        fold: dict[str, Any] = {"before": before, "inner_before": el.evaluate(
+            inner / "bundle", el.load_data(inner / "held.npz"), runtime=runtime).accuracy}
         for method in methods:
             t0 = time.perf_counter()
             sweep = {lr: _personalize(inner, "inner", method, lr, args.budget,

@@ -81,34 +81,30 @@ def host(out: Path, seed: int) -> None:
 
 def device(out: Path, steps: int, seed: int, lr: float) -> dict:
     """On device: evaluate, personalize the head with ZO-SGD, evaluate again (no torch)."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import load_npz
-    from edgelearn.errors import InputError
-    from edgelearn.model import Model
-    from edgelearn.train import train
+    import edgelearn as el
 
-    bundle = load_bundle(out / "bundle")
-    user_train = load_npz(out / "user_train.npz")
-    user_test = load_npz(out / "user_test.npz")
-    before = Model(bundle, trainable=()).evaluate(user_test)
-    res = train(bundle, user_train, out / "run", optimizer="zo-sgd",
-                options={"lr": lr, "eps": 1e-3, "probes": 4}, steps=steps, batch_size=32,
-                seed=seed, trainable="head.*", progress=sys.stderr.isatty())
-    if res["resumed_from"] > steps:  # nothing was trained: do not report it as a result
-        raise InputError(f"{out / 'run'} already holds {res['resumed_from']} steps, more than "
-                         f"--steps {steps}: ask for at least that many, or --restart")
-    after = Model(bundle, trainable=(), weights=res["weights"]).evaluate(user_test)
+    bundle = el.load_bundle(out / "bundle")
+    user_train = el.load_data(out / "user_train.npz")
+    user_test = el.load_data(out / "user_test.npz")
+    runtime = el.RuntimeConfig(backend="onnxruntime", device=None)
+    before = el.evaluate(bundle, user_test, runtime=runtime)
+    config = el.TrainConfig(optimizer="zo-sgd", options={"lr": lr, "eps": 1e-3, "probes": 4},
+                            trainable="head.*", batch_size=32, seed=seed)
+    with el.Session(bundle, out / "run", config, runtime) as session:
+        res = session.run(user_train, steps,
+                          callbacks=[el.ProgressBar()] if sys.stderr.isatty() else [])
+        after = session.evaluate(user_test)
     return {
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "loss_before": before["loss"],
-        "loss_after": after["loss"],
-        "steps": res["steps"],
-        "step_ms_median": res["step_ms_median"],
-        "forward_ms_median": res["forward_ms_median"],
-        "peak_rss_mb": res["peak_rss_mb"],
-        "weights": res["weights"],
-        "journal": res["journal"],
+        "accuracy_before": before.accuracy,
+        "accuracy_after": after.accuracy,
+        "loss_before": before.loss,
+        "loss_after": after.loss,
+        "steps": res.steps,
+        "step_ms_median": res.step_ms_median,
+        "forward_ms_median": res.forward_ms_median,
+        "peak_rss_mb": res.peak_rss_mb,
+        "weights": res.weights,
+        "journal": res.journal,
         "torch_loaded_on_device": "torch" in sys.modules,
     }
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from edgelearn.errors import EdgelearnError
+import edgelearn as el
 
 #: seconds a device half gets to stop by itself after Ctrl-C (it saw the same SIGINT from the
 #: terminal), then after our own SIGINT, then after SIGTERM, before it is killed
@@ -34,7 +34,7 @@ def run_cli(prog: str, main: Callable[[], None], *, child: bool = False) -> None
     """
     try:
         main()
-    except EdgelearnError as e:
+    except el.EdgelearnError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -95,10 +95,11 @@ def test_demo_batch_size_flag_reaches_every_run(tmp_path, capsys) -> None:
 def test_demo_bundle_runs_tpsgd_on_litert(tmp_path) -> None:
     """The shipped bundle carries model_taps.tflite: tpSGD on LiteRT == on onnxruntime."""
     pytest.importorskip("ai_edge_litert")
+    from sessions import train
+
     from edgelearn.bundle import load_bundle
     from edgelearn.demo import DATA, RECIPES, demo_data
     from edgelearn.params import ParamStore
-    from edgelearn.train import train
 
     bundle = load_bundle(DATA / "demo")
     user_train, _, _ = demo_data(0)

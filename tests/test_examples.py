@@ -131,3 +131,64 @@ def test_har_loso_example(tmp_path: Path) -> None:
     assert all(row[m]["forwards"] <= 1500 for m in ("backprop", "zo-head", "zo-last", "zo-full"))
     # the watch data was converted once into a pickle-free .npz
     assert (tmp_path / "watch.npz").is_file()
+
+
+APP = ROOT / "examples" / "app_loop.py"
+
+
+def _app(out: Path, optimizer: str, *argv: str) -> list[str]:
+    return [sys.executable, str(APP), "--out", str(out), "--optimizer", optimizer,
+            "--samples", "200", "--json", *argv]
+
+
+def _file_sha(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "tpsgd"])
+def test_app_loop_sigkilled_resumes_bit_identical(tmp_path: Path, optimizer: str) -> None:
+    """Samples arrive one at a time; the app is SIGKILLed mid-run and started again: its
+    weights equal an uninterrupted app's and `edgelearn replay` of its journal (tpSGD from
+    the samples it recorded)."""
+    from edgelearn.journal import read_journal
+
+    def run(cmd: list[str]) -> dict:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    ref = run(_app(tmp_path / "ref", optimizer))
+    assert ref["steps"] == 200
+    assert ref["resumed_at"] == 0
+    app = tmp_path / "app"
+    proc = subprocess.Popen(_app(app, optimizer, "--delay-ms", "10"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (app / "journal.bin").is_file() and \
+                    len(read_journal(app / "journal.bin")[0]) > 40:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the app finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    killed_at = len(read_journal(app / "journal.bin")[0]) - 1
+    assert 40 <= killed_at < 200
+    res = run(_app(app, optimizer))  # the same app, started again
+    assert res["resumed_at"] == killed_at
+    assert res["steps"] == 200
+    assert res["sha256"] == ref["sha256"]
+    assert _file_sha(res["weights"]) == _file_sha(ref["weights"])
+    replayed = subprocess.run(
+        [sys.executable, "-m", "edgelearn.cli", "replay", str(ROOT / "edgelearn" / "data" /
+                                                              "demo"),
+         res["journal"], "--out", str(tmp_path / "replayed.safetensors"), "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["sha256"] == ref["sha256"]
+    assert (app / "samples.bin").is_file() == (optimizer == "tpsgd")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import pretrain_on_digits
+from sessions import replay_journal, train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -16,7 +17,6 @@ from edgelearn.losses import cross_entropy
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
 from edgelearn.parity import tolerance
-from edgelearn.train import replay_journal, train
 
 pytestmark = pytest.mark.torch
 

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Exported, pretrain_on_digits
+from sessions import replay_journal, train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
 from edgelearn.model import Model
 from edgelearn.parity import ATOL, RTOL, tolerance
-from edgelearn.train import replay_journal, train
 
 pytestmark = pytest.mark.torch
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Exported, load_store_into_torch, torch_forward
+from sessions import replay_journal, train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -22,7 +23,6 @@ from edgelearn.journal import read_journal
 from edgelearn.model import Model
 from edgelearn.params import ParamStore
 from edgelearn.parity import ATOL, RTOL, tolerance
-from edgelearn.train import replay_journal, train
 
 pytestmark = pytest.mark.torch
 
@@ -325,21 +325,23 @@ def test_tpsgd_same_run_on_ort_and_litert(tfl_bundles: dict[str, Exported], digi
 def test_tpsgd_step_on_litert_matches_torch_reference(tfl_bundles: dict[str, Exported],
                                                       digits: Dataset, arch: str) -> None:
     torch = pytest.importorskip("torch")
+    from sessions import taps_evaluate
     from torch_reference import tpsgd_step
 
+    from edgelearn.data import batch_indices
     from edgelearn.optim import make_optimizer
     from edgelearn.optim.tpsgd import projection
-    from edgelearn.train import batch_indices, taps_evaluator
 
     e = tfl_bundles[arch]
     b = load_bundle(e.path)
     data = _taps_data(arch, digits)
     store = b.load_store()
     opt = make_optimizer("tpsgd", lr=0.1, seed=3, target_scale=2.0)
-    at = taps_evaluator(b, store, data, opt, batch_size=11, seed=5, backend="litert", threads=1)
+    evaluate = taps_evaluate(b, store, data, opt, batch_size=11, seed=5, backend="litert",
+                             threads=1)
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
-    taps, _ = at(0)()
-    opt.step(store, taps=at(0))
+    taps, _ = evaluate()
+    opt.step(store, taps=evaluate)
     idx = batch_indices(len(data), 11, 0, 5)
     layers = b.manifest["layers"]
     classes = b.outputs[0].shape[-1]

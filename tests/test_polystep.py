@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sessions import train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -15,7 +16,6 @@ from edgelearn.losses import cross_entropy
 from edgelearn.model import Model
 from edgelearn.optim import Population, make_optimizer
 from edgelearn.optim.polystep import VERTICES, assignment, cosine
-from edgelearn.train import train
 
 pytestmark = pytest.mark.torch
 
@@ -168,12 +168,10 @@ def test_cli_rejects_bad_opt(nondiff, digits_npz, tmp_path, capsys) -> None:
 NO_TORCH_TRAIN = """
 import json, sys
 sys.modules['torch'] = None; sys.modules['onnxscript'] = None
-import edgelearn
-from edgelearn.data import load_npz
-from edgelearn.train import train
-bundle = edgelearn.load_bundle({bundle!r})
-res = train(bundle, load_npz({data!r}), {out!r}, optimizer={opt!r}, options={options!r},
-            steps=3, trainable={trainable!r})
+import edgelearn as el
+config = el.TrainConfig(optimizer={opt!r}, options={options!r}, trainable={trainable!r})
+with el.Session({bundle!r}, {out!r}, config, el.RuntimeConfig(backend="onnxruntime")) as s:
+    res = s.run(el.load_data({data!r}), 3).to_json()
 print(json.dumps({{"res": res, "loaded": [m for m in ("torch", "export") if m in sys.modules
                                           and sys.modules[m] is not None]}}))
 """

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from onnx_models import embedder_onnx, mlp_onnx, package_model, quantize_qdq
+from sessions import train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.cli import main
@@ -16,7 +17,6 @@ from edgelearn.data import Dataset
 from edgelearn.model import Model
 from edgelearn.parity import ATOL, RTOL, tolerance
 from edgelearn.prepare import ModelError, bake_bundle, list_params, prepare_onnx
-from edgelearn.train import train
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -14,22 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import load_stress_module
+from sessions import replay_journal, train
 
 from edgelearn import journal as journal_mod
 from edgelearn.bundle import load_bundle
-from edgelearn.data import Dataset, load_npz
+from edgelearn.data import Dataset, batch_indices, load_npz
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import Journal, read_journal
 from edgelearn.optim import make_optimizer
 from edgelearn.params import ParamSpec, ParamStore
-from edgelearn.train import (
-    JOURNAL,
-    DivergencePolicy,
-    batch_indices,
-    replay_journal,
-    run_lock,
-    train,
-)
+from edgelearn.training import DivergencePolicy
+from edgelearn.training.lock import run_lock
+from edgelearn.training.rundir import JOURNAL
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("onnx")
@@ -327,7 +323,7 @@ def test_training_writes_only_inside_run_dir(tiny, tmp_path, monkeypatch) -> Non
     assert all(k == "run" or k.startswith("run/") for k in new), new
     assert sorted(p.name for p in run.iterdir()) == sorted(
         ["journal.bin", "checkpoint.safetensors", "checkpoint.json", "weights.safetensors",
-         "lock"])
+         "lock", "session.json"])
 
 
 def test_symlinked_run_file_refused(tiny, tmp_path) -> None:

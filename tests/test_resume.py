@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import load_stress_module
+from sessions import replay_journal, train
 
 from edgelearn.budget import run_memory_bytes
 from edgelearn.bundle import load_bundle
@@ -23,16 +24,9 @@ from edgelearn.data import load_npz
 from edgelearn.errors import InputError
 from edgelearn.journal import read_journal
 from edgelearn.params import ParamStore
-from edgelearn.train import (
-    CKPT_META,
-    JOURNAL,
-    LOCK,
-    WEIGHTS,
-    DivergencePolicy,
-    header_changes,
-    replay_journal,
-    train,
-)
+from edgelearn.training import DivergencePolicy
+from edgelearn.training.header import header_changes
+from edgelearn.training.rundir import CKPT_META, JOURNAL, LOCK, SESSION, WEIGHTS
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -118,7 +112,7 @@ def test_restart_starts_over_and_keeps_other_files(tiny, tmp_path) -> None:
     assert (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / CKPT_META).read_text())["step"] == 20  # the new run's
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["notes.txt", LOCK, JOURNAL, WEIGHTS, CKPT_META, "checkpoint.safetensors"])
+        ["notes.txt", LOCK, JOURNAL, WEIGHTS, CKPT_META, "checkpoint.safetensors", SESSION])
 
 
 def test_restart_refuses_a_directory_that_is_not_a_run(tiny, tmp_path) -> None:
@@ -206,9 +200,7 @@ def test_ctrl_c_saves_weights_and_resumes_bit_identical(tiny, tmp_path, flags) -
 # -- memory: nothing grows with the run's length ------------------------------------------------
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys
-    from edgelearn.bundle import load_bundle
-    from edgelearn.data import Dataset, load_npz
-    from edgelearn.train import train
+    import edgelearn as el
 
     def rss_kb():
         with open("/proc/self/status") as f:
@@ -217,13 +209,16 @@ _RSS_SCRIPT = textwrap.dedent("""
     bundle_dir, data, run, optimizer, steps = sys.argv[1:6]
     marks = {}
 
-    def on_step(t, loss):
-        if t + 1 in (2000, int(steps)):
-            marks[t + 1] = rss_kb()
+    class Marks(el.Callback):
+        def on_step(self, session, result):
+            if result.step + 1 in (2000, int(steps)):
+                marks[result.step + 1] = rss_kb()
 
-    train(load_bundle(bundle_dir), load_npz(data), run, optimizer=optimizer,
-          options={"lr": 0.01}, steps=int(steps), batch_size=8, threads=1,
-          fsync_every=1_000_000, checkpoint_every=1_000_000, on_step=on_step)
+    config = el.TrainConfig(optimizer=optimizer, options={"lr": 0.01}, batch_size=8,
+                            fsync_every=1_000_000, checkpoint_every=1_000_000)
+    runtime = el.RuntimeConfig(backend="onnxruntime", threads=1, device=None)
+    with el.Session(el.load_bundle(bundle_dir), run, config, runtime) as s:
+        s.run(el.load_data(data), int(steps), callbacks=[Marks()])
     print(json.dumps(marks))
 """)
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sessions import replay_journal, taps_evaluate, train
 
 from edgelearn.bundle import Bundle
-from edgelearn.data import Dataset
+from edgelearn.data import Dataset, batch_indices
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.layers import (
     act_grad,
@@ -24,7 +25,6 @@ from edgelearn.layers import (
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
 from edgelearn.optim.tpsgd import projection
-from edgelearn.train import batch_indices, replay_journal, taps_evaluator, train
 
 ATOL = 1e-5  # float32 gradients of O(1) values, numpy vs torch summation order
 
@@ -263,9 +263,9 @@ def test_full_step_matches_torch_reference(name: str, local_loss: str, target_on
     store = bundle.load_store()
     opt = make_optimizer("tpsgd", lr=0.1, seed=3, local_loss=local_loss, target_on=target_on,
                          target_scale=2.0)
-    at = taps_evaluator(bundle, store, data, opt, batch_size=16, seed=5, threads=1)
+    evaluate = taps_evaluate(bundle, store, data, opt, batch_size=16, seed=5, threads=1)
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
-    opt.step(store, taps=at(0))
+    opt.step(store, taps=evaluate)
     idx = batch_indices(len(data), 16, 0, 5)
     layers = bundle.manifest["layers"]
     classes = bundle.outputs[0].shape[-1]
@@ -422,19 +422,19 @@ def test_taps_of_frozen_layers_are_not_computed(bundles, digits) -> None:
     layers = bundle.manifest["layers"]
     store = bundle.load_store(trainable="conv2.*,head.*")
     opt = make_optimizer("tpsgd", lr=0.01)
-    at = taps_evaluator(bundle, store, data, opt, batch_size=8, seed=0, threads=1)
-    taps, _ = at(0)()
+    taps, _ = taps_evaluate(bundle, store, data, opt, batch_size=8, seed=0, threads=1)()
     conv1_only = {layers[0][k] for k in ("preact", "output", "raw")}
     assert not conv1_only & set(taps)
     assert {layers[1][k] for k in ("input", "preact", "output", "target")} <= set(taps)
     assert layers[1]["raw"] not in taps  # bn2 frozen: a fixed scale, its input is not needed
     before = np.array(store["conv2.weight"])
-    opt.step(store, taps=at(1))
+    opt.step(store, taps=taps_evaluate(bundle, store, data, opt, batch_size=8, seed=0, step=1,
+                                  threads=1))
     assert not np.array_equal(store["conv2.weight"], before)
 
 
 def test_journal_headers_from_before_target_on_replay_with_activation_targets() -> None:
-    from edgelearn.train import optimizer_from_header
+    from edgelearn.training.header import optimizer_from_header
 
     old = {"optimizer": "tpsgd", "config": {"seed": 0, "lr": 0.1, "local_loss": "mse",
                                             "target_scale": 1.0, "head_loss": "cross-entropy",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sessions import replay_journal, train
 
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
@@ -20,7 +21,7 @@ from edgelearn.losses import cross_entropy
 from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
 from edgelearn.rng import Noise
-from edgelearn.train import JOURNAL, replay_journal, train
+from edgelearn.training.rundir import JOURNAL
 
 pytestmark = pytest.mark.torch
 

@@ -191,6 +191,10 @@ class Optimizer:
         """Attach what the optimizer needs besides `store` before its first step (default:
         nothing). `extra` as in `step` (tpsgd: layers=, targets=, out_shape=)."""
 
+    def check_targets(self, y: np.ndarray, out_shape: tuple[int, ...]) -> None:
+        """Raise InputError unless the optimizer can learn from targets `y` [N, ...] for a model
+        output of shape [batch, *out_shape] (default: any; checked before anything is journaled)."""
+
     def memory_bytes(self, store: ParamStore) -> int:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0

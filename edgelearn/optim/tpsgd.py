@@ -33,7 +33,7 @@ journal header) is all that is needed to rebuild it.
 
 Replay: the update depends on the data, not only on scalars, so a journal record cannot
 rebuild it alone. tpSGD is deterministic given the weights and the batch, and the batch of
-step t is a pure function of (data, data seed, t) (`edgelearn.train.batch_indices`), so replay
+step t is a pure function of (data, data seed, t) (`edgelearn.data.batch_indices`), so replay
 = re-running the same step on the same data: `replay(store, record, taps=...)` re-runs the
 forward and the update and checks that the regenerated record (true loss and every local loss,
 exact floats) equals the stored one, which fails loudly on different data or weights. The

@@ -1,0 +1,147 @@
+"""Callbacks: hooks a Session calls around its steps (progress, metrics, early stop, ...).
+
+Override the hooks you need; each receives the session. `on_step` and `on_checkpoint` run for
+every step (`Session.step` and `Session.run`); `on_start` / `on_end` bracket a `Session.run`
+call (`on_end` gets None when the run ended by an exception or Ctrl-C). A callback stops a run
+early with `session.request_stop(reason)`; the run then ends at that step boundary like a
+finished one (weights written, journal complete), so it resumes and replays as any other.
+Callbacks must not change the weights: that would break replay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, TextIO
+
+from edgelearn.errors import InputError
+
+if TYPE_CHECKING:
+    from edgelearn.training.results import RunResult, StepResult
+    from edgelearn.training.session import Session
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_start(self, session: Session, *, steps: int) -> None:
+        """Before the first step of `Session.run` (steps: the run's total)."""
+
+    def on_step(self, session: Session, result: StepResult) -> None:
+        """After each step is journaled."""
+
+    def on_checkpoint(self, session: Session, step: int) -> None:
+        """After a checkpoint covering `step` steps is written."""
+
+    def on_end(self, session: Session, result: RunResult | None) -> None:
+        """After `Session.run` (None when it ended by an exception or Ctrl-C)."""
+
+
+class ProgressBar(Callback):
+    """A progress bar with the last step's loss on a text stream (redrawn at most 5x/s).
+
+    Args:
+        stream: where to draw (default stderr).
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total, self.last = 0, 0.0
+
+    def on_start(self, session: Session, *, steps: int) -> None:
+        self.total, self.last = steps, 0.0
+
+    def on_step(self, session: Session, result: StepResult) -> None:
+        done, now = result.step + 1, time.monotonic()
+        if now - self.last < 0.2 and done < self.total:
+            return
+        self.last = now
+        width = 30
+        fill = int(width * min(done, self.total) / max(self.total, 1))
+        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                          f"loss {result.loss:.4f}")
+        if done >= self.total:
+            self.stream.write("\n")
+            self.last = 0.0
+        self.stream.flush()
+
+    def on_end(self, session: Session, result: RunResult | None) -> None:
+        if self.last:  # a bar left unfinished (Ctrl-C, early stop): end its line
+            self.stream.write("\n")
+            self.stream.flush()
+            self.last = 0.0
+
+
+class MetricsLog(Callback):
+    """Appends one JSON line per step ({"step", "loss", "accepted", "evaluations",
+    "seconds"}) to a file the app names (flushed per line; not fsynced: metrics, not state).
+
+    Args:
+        path: the file (created or appended to).
+        every: write every this many steps.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, every: int = 1) -> None:
+        if not (isinstance(every, int) and every >= 1):
+            raise InputError(f"MetricsLog every must be an integer >= 1, got {every!r}")
+        self.path, self.every = path, every
+        self._file: TextIO | None = None
+
+    def on_step(self, session: Session, result: StepResult) -> None:
+        if (result.step + 1) % self.every:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a")  # noqa: SIM115  (closed in on_end / close)
+        loss = result.loss if math.isfinite(result.loss) else None
+        self._file.write(json.dumps({**result.to_json(), "loss": loss}) + "\n")
+        self._file.flush()
+
+    def on_end(self, session: Session, result: RunResult | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (reopened on the next step)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class EarlyStopping(Callback):
+    """Stop a run when the loss has not improved for `patience` steps.
+
+    Forward-only steps are noisy, so the loss compared is the mean over the last `window`
+    steps (finite losses of accepted steps only).
+
+    Args:
+        patience: steps without an improvement of at least `min_delta` before stopping.
+        min_delta: smallest decrease of the windowed loss that counts as an improvement.
+        window: steps averaged.
+    """
+
+    def __init__(self, *, patience: int = 100, min_delta: float = 0.0, window: int = 20) -> None:
+        if not (isinstance(patience, int) and patience >= 1):
+            raise InputError(f"EarlyStopping patience must be an integer >= 1, got {patience!r}")
+        if not (isinstance(window, int) and window >= 1):
+            raise InputError(f"EarlyStopping window must be an integer >= 1, got {window!r}")
+        self.patience, self.min_delta, self.window = patience, float(min_delta), window
+        self.best = math.inf
+        self.since_best = 0
+        self._recent: list[float] = []
+
+    def on_step(self, session: Session, result: StepResult) -> None:
+        if not (result.accepted and math.isfinite(result.loss)):
+            return
+        self._recent = [*self._recent, result.loss][-self.window:]
+        if len(self._recent) < self.window:
+            return
+        mean = sum(self._recent) / len(self._recent)
+        if mean < self.best - self.min_delta:
+            self.best, self.since_best = mean, 0
+            return
+        self.since_best += 1
+        if self.since_best >= self.patience:
+            session.request_stop(f"no improvement for {self.patience} steps "
+                                 f"(best windowed loss {self.best:.4g})")

@@ -1,0 +1,209 @@
+"""What a Session trains (`TrainConfig`) and where it runs (`RuntimeConfig`).
+
+Both are frozen dataclasses that round-trip through JSON (`to_json` / `from_json`): a run
+directory records them in `session.json`, so `Session.resume(run_dir)` reopens the run as it
+was started. The runtime is resolved against a bundle and a device profile by
+`RuntimeConfig.resolve` (flags first, then the named or detected profile, as the CLI does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgelearn.bundle import Bundle
+from edgelearn.errors import InputError
+from edgelearn.optim import Optimizer, make_optimizer, optimizer_class
+from edgelearn.training.divergence import DivergencePolicy
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _options_dict(options: Any) -> dict[str, Any]:
+    """An optimizer's options as a plain dict (a mapping, or an options dataclass)."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        return dataclasses.asdict(options)
+    if not isinstance(options, Mapping):
+        raise InputError(f"optimizer options must be a mapping, got {type(options).__name__}")
+    return dict(options)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a run trains: everything its journal pins, plus checkpoint and fsync policy.
+
+    Args:
+        optimizer: registry name ("zo-sgd", "tpsgd", "polystep", "zo-scale").
+        options: the optimizer's keyword options (`seed` defaults to `seed`).
+        trainable: glob pattern(s) of parameters to train (None: the optimizer's default,
+            else the bundle's manifest flags).
+        objective: loss name (None: cross-entropy for classifiers, mse for regression).
+        batch_size: examples per step of `Session.run` (shrunk to fit a memory budget).
+        seed: run seed (noise, and the data order of `Session.run`).
+        checkpoint_every: steps between checkpoints.
+        fsync_every: journal records between fsyncs (1: every step is durable).
+        fsync_seconds: also fsync when this many seconds passed since the last one.
+        divergence: roll back and lower lr when the loss diverges (None: off).
+        population: score populations (polystep) with the bundle's population graph.
+        record_samples: append every step's batch to `samples.bin` in the run directory, so
+            a run fed live samples replays and resumes without its data (tpSGD needs this;
+            a step's sha256 is journaled either way).
+    """
+
+    optimizer: str = "zo-sgd"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    trainable: str | Sequence[str] | None = None
+    objective: str | None = None
+    batch_size: int = 32
+    seed: int = 0
+    checkpoint_every: int = 100
+    fsync_every: int = 1
+    fsync_seconds: float | None = None
+    divergence: DivergencePolicy | None = None
+    population: bool = True
+    record_samples: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", _options_dict(self.options))
+        if not isinstance(self.trainable, str | None):
+            object.__setattr__(self, "trainable", tuple(self.trainable))
+        for name in ("batch_size", "checkpoint_every", "fsync_every"):
+            _positive_int(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.fsync_seconds is not None and not (
+                isinstance(self.fsync_seconds, int | float) and math.isfinite(self.fsync_seconds)
+                and self.fsync_seconds >= 0):
+            raise InputError(f"fsync_seconds must be None or >= 0, got {self.fsync_seconds!r}")
+
+    def make_optimizer(self) -> Optimizer:
+        """A fresh optimizer of this config (its seed defaults to the run seed)."""
+        return make_optimizer(self.optimizer, **{"seed": self.seed, **self.options})
+
+    def trainable_patterns(self) -> str | Sequence[str] | None:
+        """The trainable globs: as given, else the optimizer's default (zo-scale: scales)."""
+        if self.trainable is not None:
+            return self.trainable
+        return optimizer_class(self.optimizer).default_trainable
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON data (`from_json` rebuilds an equal config)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["options"] = dict(self.options)
+        out["trainable"] = self.trainable if isinstance(self.trainable, str | None) \
+            else list(self.trainable)
+        out["divergence"] = None if self.divergence is None else \
+            dataclasses.asdict(self.divergence)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Rebuild a config from `to_json` output; InputError naming a bad key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"training config has unknown keys {unknown}")
+        kw = dict(data)
+        if kw.get("divergence") is not None:
+            kw["divergence"] = DivergencePolicy(**kw["divergence"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A resolved runtime: what the session really runs on.
+
+    Args:
+        backend: backend name. threads: runtime threads (None: its default).
+        providers: ORT execution providers (None: CPU). memory_budget_mb: peak memory the
+        run may use (None: no budget). profile: the device profile applied (None: none).
+        backend_options: further backend keyword options.
+    """
+
+    backend: str
+    threads: int | None
+    providers: list[str] | None
+    memory_budget_mb: float | None
+    profile: str | None
+    backend_options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where a session runs: explicit settings win over the device profile's.
+
+    Args:
+        backend: "onnxruntime" or "litert" (None: the profile's first backend that imports
+            here and for which the bundle has a model).
+        threads: runtime threads (None: the profile's).
+        providers: ORT execution providers (None: the profile's that this build has, or CPU).
+        memory_budget_mb: peak memory the run may use (None: the named profile's budget;
+            a detected profile's budget is not applied).
+        device: a shipped profile name or a profile TOML path; "auto" detects this machine's
+            profile; None applies no profile.
+        backend_options: Unstable: further backend options (litert: {"strategy": ...}).
+    """
+
+    backend: str | None = None
+    threads: int | None = None
+    providers: Sequence[str] | None = None
+    memory_budget_mb: float | None = None
+    device: str | None = "auto"
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "backend_options", dict(self.backend_options))
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise InputError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb!r}")
+
+    def resolve(self, bundle: Bundle | None) -> Runtime:
+        """The runtime for `bundle` on this machine (InputError when no backend can run it)."""
+        from edgelearn.devices import load_profile, machine_profile, resolve_backend
+
+        named = self.device if self.device not in (None, "auto") else None
+        prof = load_profile(named) if named else \
+            (machine_profile() if self.device == "auto" else None)
+        backend = resolve_backend(prof, self.backend, bundle)
+        budget = self.memory_budget_mb
+        if budget is None and named and prof:
+            budget = prof.memory_budget_mb
+        providers = list(self.providers) if self.providers else None
+        if providers is None and prof and backend in ("onnxruntime", "ort"):
+            providers = usable_providers(prof.providers)
+        return Runtime(backend=backend, threads=self.threads or (prof.threads if prof else None),
+                       providers=providers, memory_budget_mb=budget,
+                       profile=prof.name if prof else None,
+                       backend_options=dict(self.backend_options))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON data (`from_json` rebuilds an equal config)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["providers"] = None if self.providers is None else list(self.providers)
+        out["backend_options"] = dict(self.backend_options)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RuntimeConfig:
+        """Rebuild a config from `to_json` output; InputError naming a bad key."""
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise InputError(f"runtime config has unknown keys {unknown}")
+        return cls(**data)
+
+
+def usable_providers(wanted: Sequence[str]) -> list[str] | None:
+    """The ORT providers of `wanted` that this onnxruntime build has (CUDA only on GPU builds)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    have = set(ort.get_available_providers())
+    return [p for p in wanted if p in have] or None
