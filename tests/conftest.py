@@ -113,3 +113,12 @@ def pretrain_on_digits(module: Any, digits: Dataset, *, steps: int = 150, n: int
         torch.nn.functional.cross_entropy(module(x), y).backward()
         opt.step()
     return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(bundle dir, data .npz) of the stress script's tiny MLP (benchmarks/stress_kill.py)."""
+    pytest.importorskip("onnx")
+    stress = load_stress_module()
+    root = tmp_path_factory.mktemp("tiny")
+    return stress.make_bundle(root / "bundle"), stress.make_data(root / "data.npz")

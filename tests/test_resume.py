@@ -33,11 +33,6 @@ pytest.importorskip("onnxruntime")
 stress = load_stress_module()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(bundle dir, data .npz) of the stress script's tiny MLP."""
-    root = tmp_path_factory.mktemp("tiny")
-    return stress.make_bundle(root / "bundle"), stress.make_data(root / "data.npz")
 
 
 def _cli(bundle: Path, data: Path, run: Path, *flags: str) -> list[str]:
