@@ -55,7 +55,7 @@ def _import_litert_torch() -> Any:
         import litert_torch
     except ImportError as e:
         raise TfliteExportError(
-            f"TFLite export needs litert-torch ({e}); pip install 'edgelearn[export]'"
+            f"TFLite export needs litert-torch ({e}); pip install 'edgelearn[export-tflite]'"
         ) from None
     return litert_torch
 
