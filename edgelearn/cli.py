@@ -82,26 +82,12 @@ def _positive(text: str) -> int:
     return v
 
 
-def _runtime_config(args: argparse.Namespace) -> Any:
+def _runtime_config(args: argparse.Namespace) -> el.RuntimeConfig:
     """The RuntimeConfig of a command's flags: explicit flags first, then the --device
     profile, else the profile detected for this machine (`edgelearn device`)."""
     return el.RuntimeConfig(backend=args.backend, threads=args.threads,
                             memory_budget_mb=getattr(args, "memory_budget_mb", None),
                             device=getattr(args, "device", None) or "auto")
-
-
-def _runtime(args: argparse.Namespace, bundle: Any = None) -> dict[str, Any]:
-    """Backend, threads, providers and memory budget of a command (`RuntimeConfig.resolve`).
-
-    The backend is the first of the profile's preference order whose runtime imports and for
-    which the bundle (`bundle`, else `args.bundle`) carries a model. The memory budget of a
-    profile applies only when it is named with --device.
-    """
-    if bundle is None and getattr(args, "bundle", None):
-        bundle = el.load_bundle(args.bundle, verify=False)  # the command loads it verified
-    rt = _runtime_config(args).resolve(bundle)
-    return {"backend": rt.backend, "profile": rt.profile, "threads": rt.threads,
-            "providers": rt.providers, "memory_budget_mb": rt.memory_budget_mb}
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -390,9 +376,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from edgelearn.demo import DATA, run_demo
     from edgelearn.figures import ms
 
-    rt = _runtime(args, el.load_bundle(DATA / "demo", verify=False))
-    res = run_demo(args.out, backend=rt["backend"], threads=rt["threads"],
-                   providers=rt["providers"], steps=args.steps, batch_size=args.batch_size,
+    # the backend the shipped bundle runs on here (the profile's first that imports)
+    rt = _runtime_config(args).resolve(el.load_bundle(DATA / "demo", verify=False))
+    res = run_demo(args.out, backend=rt.backend, threads=rt.threads,
+                   providers=rt.providers, steps=args.steps, batch_size=args.batch_size,
                    seed=args.seed, progress=not args.json and sys.stderr.isatty())
 
     def human() -> str:
