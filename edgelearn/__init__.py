@@ -9,18 +9,28 @@ The public surface for apps (`import edgelearn as el`):
         print(s.evaluate(el.load_data("test.npz")).accuracy)
     el.replay(bundle, "runs/u1/journal.bin").sha256   # the same weights, from the journal
 
-Everything else (`edgelearn.optim`, `edgelearn.backends`, `edgelearn.training.*`, ...) is
-Unstable: importable, but its names may change between versions.
+What is available and what fits here: `el.optimizers()` (name -> its Options),
+`el.objectives()`, `el.backend_names()`, `el.device_profiles()`, `el.device(bundle)` (this
+machine, its profile and the largest batch per optimizer under its memory budget),
+`el.describe(bundle)` (what a bundle can train with). `el.tools` holds the tool-level entry
+points of `edgelearn prepare|bake|bench`.
+
+Unstable: `el.tools` and everything outside `__all__` (`edgelearn.optim`, `edgelearn.backends`,
+`edgelearn.training.*`, ...): importable, but its names may change between versions.
 
 Only stdlib and numpy are imported here; runtimes (onnxruntime, LiteRT) load lazily inside
 their backend, and torch never loads on the device side.
 """
 
+from edgelearn import tools
 from edgelearn.bundle import Bundle, load_bundle
+from edgelearn.capabilities import describe
 from edgelearn.data import Dataset, load_data
+from edgelearn.devices import device, device_profiles
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.optim import make_optimizer
 from edgelearn.params import ParamStore
+from edgelearn.registries import backend_names, objectives, optimizers
 from edgelearn.training import (
     Callback,
     DivergencePolicy,
@@ -62,9 +72,16 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "__version__",
+    "backend_names",
+    "describe",
+    "device",
+    "device_profiles",
     "evaluate",
     "load_bundle",
     "load_data",
     "make_optimizer",
+    "objectives",
+    "optimizers",
     "replay",
+    "tools",
 ]

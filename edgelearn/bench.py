@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model
 from edgelearn.optim import REGISTRY, make_optimizer
 from edgelearn.osutil import peak_rss_mb
+
+if TYPE_CHECKING:
+    from edgelearn.training import RuntimeConfig
 
 
 def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
@@ -103,3 +106,24 @@ def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = N
                                    if isinstance(v, float)},
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def bench(bundle: Bundle, runtime: RuntimeConfig | None = None, *, batch_size: int = 32,
+          trainable: str | None = None, runs: int = 30, steps: int = 20) -> dict[str, Any]:
+    """`run_bench` on the backend and threads `runtime` resolves to for this bundle.
+
+    Unstable (`el.tools.bench`): the result keys follow `bench --json` and may change.
+
+    Args:
+        bundle: a loaded bundle.
+        runtime: backend, threads or device profile (default: this machine's profile).
+        batch_size: examples per forward and per step.
+        trainable: glob(s) of parameters to train (None = the manifest's).
+        runs: timed forwards per variant.
+        steps: timed steps per optimizer.
+    """
+    from edgelearn.training import RuntimeConfig
+
+    rt = (runtime or RuntimeConfig()).resolve(bundle)
+    return run_bench(bundle, batch_size=batch_size, trainable=trainable, backend=rt.backend,
+                     threads=rt.threads, runs=runs, steps=steps)

@@ -10,11 +10,15 @@ an upper bound (the runtime reuses buffers), so a batch that fits here fits on t
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from edgelearn.data import PERMUTATIONS_CACHED
-from edgelearn.errors import InputError
+from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.osutil import current_rss_mb
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
 
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
                   16: 2}
@@ -123,3 +127,67 @@ def _numel(shape: tuple[int | str, ...]) -> int:
     for d in shape[1:]:
         n *= d if isinstance(d, int) else 1
     return n
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What fits a memory budget when a bundle trains here, per registered optimizer.
+
+    Args:
+        path: the bundle's path.
+        backend: the backend it was sized on.
+        budget_mb: the memory budget (MiB, whole process peak).
+        trainable_params: float32 parameters trained.
+        plans: optimizer -> `plan_batch`'s result, or {"error": why} when the bundle cannot
+            train with it or even batch 1 does not fit.
+    """
+
+    path: str
+    backend: str
+    budget_mb: float
+    trainable_params: int
+    plans: dict[str, dict[str, Any]]
+
+    @property
+    def max_batch(self) -> dict[str, int | None]:
+        """optimizer -> the largest batch that fits (None when it does not run)."""
+        return {k: v.get("batch_size") for k, v in self.plans.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The `bundle` object of `edgelearn device BUNDLE --json`."""
+        return {"path": self.path, "backend": self.backend, "budget_mb": self.budget_mb,
+                "trainable_params": self.trainable_params, "max_batch": self.max_batch,
+                "plans": self.plans}
+
+
+def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: int = 32,
+                trainable: str | None = None, threads: int | None = None) -> DevicePlan:
+    """The largest batch <= batch_size each registered optimizer can train `bundle` with here
+    (`plan_batch` with the optimizer's own buffers), measured with the model loaded.
+
+    Args:
+        bundle: a loaded bundle.
+        backend: the runtime to load it on (see `edgelearn.devices.resolve_backend`).
+        budget_mb: memory budget for the whole process (MiB).
+        batch_size: the batch wanted.
+        trainable: glob(s) of parameters to train (None = the manifest's).
+        threads: runtime intra-op threads (None = the runtime's choice).
+    """
+    from edgelearn.capabilities import optimizer_support
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+
+    model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
+    fits: dict[str, dict[str, Any]] = {}
+    for name, support in optimizer_support(bundle).items():
+        if support["supported"] is False:
+            fits[name] = {"error": f"not for this bundle: {support['why']}"}
+            continue
+        try:
+            extra = make_optimizer(name).memory_bytes(model.store)
+            fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
+                                    extra_bytes=extra)
+        except EdgelearnError as e:
+            fits[name] = {"error": str(e)}
+    return DevicePlan(path=str(bundle.path), backend=backend, budget_mb=budget_mb,
+                      trainable_params=model.store.n_trainable("float32"), plans=fits)

@@ -92,3 +92,18 @@ def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
 def bundle_support(bundle: Bundle) -> dict[str, Any]:
     """{"optimizers": optimizer_support, "backends": backend_support} of a bundle."""
     return {"optimizers": optimizer_support(bundle), "backends": backend_support(bundle)}
+
+
+def describe(bundle: Bundle) -> dict[str, Any]:
+    """What a bundle holds and can train with: `Bundle.info()` plus "support"
+    (`bundle_support`) and "files_mb" (file name -> size in MiB); the `info --json` object.
+
+    Unstable (`el.describe`): the keys follow `edgelearn info --json` and may grow.
+
+    Args:
+        bundle: a loaded bundle.
+    """
+    info = bundle.info()
+    info["support"] = bundle_support(bundle)
+    info["files_mb"] = {p.name: p.stat().st_size / (1 << 20) for p in bundle.files.values()}
+    return info

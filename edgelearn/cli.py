@@ -2,6 +2,12 @@
 
 With --json a command prints exactly one JSON object on stdout. Exit codes: 0 ok, 2 bad
 usage or bad input (one line on stderr naming the problem, no traceback).
+
+The CLI is a client of the public surface: it reaches the library only through `import
+edgelearn as el` (plus `edgelearn.export` for the host-side export, which needs torch); the
+modules it imports directly are its own command-line helpers, `edgelearn.paths` (output-path
+checks), `edgelearn.figures` (number formatting) and `edgelearn.demo` (the demo command, itself
+an `el` client), as tests/test_layout.py checks.
 """
 
 from __future__ import annotations
@@ -14,8 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgelearn.errors import EdgelearnError, InputError
-from edgelearn.parity import ATOL, RTOL
+import edgelearn as el
 
 
 class UsageError(SystemExit):
@@ -77,30 +82,12 @@ def _positive(text: str) -> int:
     return v
 
 
-def _runtime_config(args: argparse.Namespace) -> Any:
+def _runtime_config(args: argparse.Namespace) -> el.RuntimeConfig:
     """The RuntimeConfig of a command's flags: explicit flags first, then the --device
     profile, else the profile detected for this machine (`edgelearn device`)."""
-    import edgelearn as el
-
     return el.RuntimeConfig(backend=args.backend, threads=args.threads,
                             memory_budget_mb=getattr(args, "memory_budget_mb", None),
                             device=getattr(args, "device", None) or "auto")
-
-
-def _runtime(args: argparse.Namespace, bundle: Any = None) -> dict[str, Any]:
-    """Backend, threads, providers and memory budget of a command (`RuntimeConfig.resolve`).
-
-    The backend is the first of the profile's preference order whose runtime imports and for
-    which the bundle (`bundle`, else `args.bundle`) carries a model. The memory budget of a
-    profile applies only when it is named with --device.
-    """
-    if bundle is None and getattr(args, "bundle", None):
-        from edgelearn.bundle import load_bundle
-
-        bundle = load_bundle(args.bundle, verify=False)  # the command loads it verified
-    rt = _runtime_config(args).resolve(bundle)
-    return {"backend": rt.backend, "profile": rt.profile, "threads": rt.threads,
-            "providers": rt.providers, "memory_budget_mb": rt.memory_budget_mb}
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -117,15 +104,15 @@ def cmd_export(args: argparse.Namespace) -> None:
 
             from edgelearn.export import export_bundle
     except ImportError as e:
-        raise EdgelearnError(f"export needs torch and onnx on this host ({e}); "
+        raise el.EdgelearnError(f"export needs torch and onnx on this host ({e}); "
                              "pip install torch==2.13.0 'edgelearn[export]'") from None
     spec, _, attr = args.spec.partition(":")
     if not attr:
-        raise InputError(f"model spec {args.spec!r} must look like module.py:factory")
+        raise el.InputError(f"model spec {args.spec!r} must look like module.py:factory")
     if spec.endswith(".py"):
         path = Path(spec)
         if not path.is_file():
-            raise InputError(f"{spec}: no such file")
+            raise el.InputError(f"{spec}: no such file")
         ms = importlib.util.spec_from_file_location(path.stem, path)
         assert ms is not None
         assert ms.loader is not None
@@ -135,18 +122,18 @@ def cmd_export(args: argparse.Namespace) -> None:
         module = importlib.import_module(spec)
     factory = getattr(module, attr, None)
     if factory is None:
-        raise InputError(f"{spec} has no attribute {attr!r}")
+        raise el.InputError(f"{spec} has no attribute {attr!r}")
     try:
         kwargs = json.loads(args.kwargs) if args.kwargs else {}
     except json.JSONDecodeError as e:
-        raise InputError(f"--kwargs is not valid JSON ({e})") from None
+        raise el.InputError(f"--kwargs is not valid JSON ({e})") from None
     if not isinstance(kwargs, dict):
-        raise InputError("--kwargs must be a JSON object")
+        raise el.InputError("--kwargs must be a JSON object")
     torch.manual_seed(args.seed)
     try:
         model = factory(**kwargs)
     except TypeError as e:
-        raise InputError(f"{args.spec}: {e}") from None
+        raise el.InputError(f"{args.spec}: {e}") from None
     example = torch.randn(*args.example_shape)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     with quiet_third_party(args.verbose):
@@ -161,13 +148,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Describe a bundle: inputs, outputs, parameters, files, parity, what it can train with."""
-    from edgelearn.bundle import load_bundle
-    from edgelearn.capabilities import bundle_support
-
-    bundle = load_bundle(args.bundle)
-    info = bundle.info()
-    info["support"] = bundle_support(bundle)
-    info["files_mb"] = {p.name: p.stat().st_size / (1 << 20) for p in bundle.files.values()}
+    info = el.describe(el.load_bundle(args.bundle))
     _emit(args, info, lambda: _info_text(info))
 
 
@@ -227,8 +208,6 @@ def _info_text(info: dict[str, Any]) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy / loss of a bundle (optionally with personalized weights) on a data file."""
-    import edgelearn as el
-
     bundle = el.load_bundle(args.bundle)
     data = el.load_data(args.data, task=bundle.task)
     res = el.evaluate(bundle, data, weights=args.weights, runtime=_runtime_config(args),
@@ -267,7 +246,7 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
     for item in args.opt or []:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise InputError(f"--opt expects KEY=VALUE, got {item!r}")
+            raise el.InputError(f"--opt expects KEY=VALUE, got {item!r}")
         try:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -277,8 +256,6 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
-    import edgelearn as el
-
     bundle = el.load_bundle(args.bundle)
     data = el.load_data(args.data, task=bundle.task)
     options: dict[str, Any] = {"lr": _or(args.lr, 1e-3), "eps": _or(args.eps, 1e-3),
@@ -339,8 +316,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> None:
     """Rebuild trained weights from the bundle's base weights and a journal (no data)."""
-    import edgelearn as el
-
     bundle = el.load_bundle(args.bundle)
     data = None if args.data is None else el.load_data(args.data, task=bundle.task)
     res = el.replay(bundle, args.journal, data=data, out=args.out).to_json()
@@ -350,52 +325,15 @@ def cmd_replay(args: argparse.Namespace) -> None:
 
 def cmd_device(args: argparse.Namespace) -> None:
     """Detect this machine, show its profile, and (with a bundle) what fits its memory budget."""
-    from edgelearn.devices import detect, list_profiles, load_profile
-
     if args.list:
-        res: dict[str, Any] = {"profiles": [load_profile(n).to_json() for n in list_profiles()]}
+        res: dict[str, Any] = {"profiles": [p.to_json() for p in el.device_profiles()]}
         _emit(args, res, lambda: "\n".join(f"{p['name']:20s} {p['description']}"
                                            for p in res["profiles"]))
         return
-    machine = detect()
-    name = args.device or machine["profile"]
-    prof = load_profile(name) if name else None
-    res = {"machine": machine, "profile": prof.to_json() if prof else None}
-    if args.bundle:
-        res["bundle"] = _device_plans(args, prof, machine)
+    res = el.device(args.bundle, profile=args.device, backend=args.backend,
+                    trainable=args.trainable, batch_size=args.batch_size,
+                    memory_budget_mb=args.memory_budget_mb).to_json()
     _emit(args, res, lambda: _device_text(res))
-
-
-def _device_plans(args: argparse.Namespace, prof: Any, machine: dict[str, Any]
-                  ) -> dict[str, Any]:
-    """The `device BUNDLE` section: backend, budget, and the largest batch per optimizer."""
-    from edgelearn.budget import plan_batch
-    from edgelearn.bundle import load_bundle
-    from edgelearn.capabilities import optimizer_support
-    from edgelearn.devices import resolve_backend
-    from edgelearn.model import Model
-    from edgelearn.optim import make_optimizer
-
-    bundle = load_bundle(args.bundle)
-    backend = resolve_backend(prof, args.backend, bundle)
-    budget = args.memory_budget_mb or (prof.memory_budget_mb if prof else None) or \
-        machine["memory_available_mb"]
-    model = Model(bundle, backend=backend, trainable=args.trainable,
-                  threads=prof.threads if prof else None)
-    fits: dict[str, Any] = {}
-    for opt_name, support in optimizer_support(bundle).items():
-        if support["supported"] is False:
-            fits[opt_name] = {"error": f"not for this bundle: {support['why']}"}
-            continue
-        try:
-            opt = make_optimizer(opt_name)
-            fits[opt_name] = plan_batch(bundle, batch_size=args.batch_size, budget_mb=budget,
-                                        extra_bytes=opt.memory_bytes(model.store))
-        except EdgelearnError as e:
-            fits[opt_name] = {"error": str(e)}
-    return {"path": str(bundle.path), "backend": backend, "budget_mb": budget,
-            "trainable_params": model.store.n_trainable("float32"),
-            "max_batch": {k: v.get("batch_size") for k, v in fits.items()}, "plans": fits}
 
 
 def _device_text(res: dict[str, Any]) -> str:
@@ -435,13 +373,13 @@ def _mb_or_unknown(value: float | None) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The main job on shipped data: personalize for a new user, accuracy before/after."""
-    from edgelearn.bundle import load_bundle
     from edgelearn.demo import DATA, run_demo
     from edgelearn.figures import ms
 
-    rt = _runtime(args, load_bundle(DATA / "demo", verify=False))
-    res = run_demo(args.out, backend=rt["backend"], threads=rt["threads"],
-                   providers=rt["providers"], steps=args.steps, batch_size=args.batch_size,
+    # the backend the shipped bundle runs on here (the profile's first that imports)
+    rt = _runtime_config(args).resolve(el.load_bundle(DATA / "demo", verify=False))
+    res = run_demo(args.out, backend=rt.backend, threads=rt.threads,
+                   providers=rt.providers, steps=args.steps, batch_size=args.batch_size,
                    seed=args.seed, progress=not args.json and sys.stderr.isatty())
 
     def human() -> str:
@@ -472,15 +410,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Forward / step timing and memory of a bundle on this device."""
-    from edgelearn.bench import run_bench
-    from edgelearn.bundle import load_bundle
     from edgelearn.figures import mb, ms
 
-    bundle = load_bundle(args.bundle)
-    rt = _runtime(args, bundle)
-    res = run_bench(bundle, batch_size=args.batch_size, trainable=args.trainable,
-                    backend=rt["backend"], threads=rt["threads"], runs=args.runs,
-                    steps=args.steps)
+    res = el.tools.bench(el.load_bundle(args.bundle), _runtime_config(args),
+                         batch_size=args.batch_size, trainable=args.trainable, runs=args.runs,
+                         steps=args.steps)
 
     def human() -> str:
         lines = [f"{res['bundle']} on {res['backend']}, batch {res['batch_size']}, "
@@ -499,10 +433,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Turn an inference ONNX model into a bundle (or --list its weight tensors)."""
-    from edgelearn.prepare import list_params, prepare_onnx
-
     if args.list:
-        res = list_params(args.model)
+        res = el.tools.list_params(args.model)
 
         def human_list() -> str:
             lines = [f"model {res['model']}"]
@@ -518,10 +450,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         _emit(args, res, human_list)
         return
     if not args.out:
-        raise InputError("prepare needs --out DIR (or --list)")
-    res = prepare_onnx(args.model, args.out, trainable=args.trainable, new_head=args.new_head,
-                       task=args.task, seed=args.seed, example=args.example, atol=args.atol,
-                       rtol=args.rtol, overwrite=args.overwrite)
+        raise el.InputError("prepare needs --out DIR (or --list)")
+    res = el.tools.prepare(args.model, args.out, trainable=args.trainable,
+                           new_head=args.new_head, task=args.task, seed=args.seed,
+                           example=args.example, atol=args.atol, rtol=args.rtol,
+                           overwrite=args.overwrite)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), parity max abs err "
                              f"{res['parity_max_abs_err']:.2e}")
@@ -529,10 +462,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_bake(args: argparse.Namespace) -> None:
     """Write personalized weights back into a plain inference model (inference.onnx)."""
-    from edgelearn.prepare import bake_bundle
-
-    res = bake_bundle(args.bundle, args.weights, args.out, example=args.example,
-                      atol=args.atol, rtol=args.rtol, overwrite=args.overwrite)
+    res = el.tools.bake(args.bundle, args.weights, args.out, example=args.example,
+                        atol=args.atol, rtol=args.rtol, overwrite=args.overwrite)
     for name, why in res["skipped"].items():  # stderr in every mode: --json owns stdout only
         print(f"edgelearn: warning: {name} left out of {res['bundle']}: {why}", file=sys.stderr)
     _emit(args, res, lambda: f"wrote {res['bundle']} ({', '.join(res['inference'].values())}),"
@@ -565,11 +496,9 @@ def flag_users() -> dict[str, tuple[str, ...]]:
     """train flag (argparse dest) -> the optimizers that read it: those whose Options field
     names the flag (metadata "cli"; cmd_train passes it on). Any other optimizer refuses the
     flag instead of dropping it silently."""
-    from edgelearn.optim import REGISTRY
-
     users: dict[str, list[str]] = {}
-    for name in sorted(REGISTRY):
-        for flag in REGISTRY[name].Options.cli_flags():
+    for name, options in el.optimizers().items():
+        for flag in options.cli_flags():
             users.setdefault(flag.removeprefix("--").replace("-", "_"), []).append(name)
     return {dest: tuple(names) for dest, names in sorted(users.items())}
 
@@ -581,17 +510,13 @@ def _version() -> str:
     try:
         return version("edgelearn")
     except PackageNotFoundError:
-        from edgelearn import __version__
-
-        return __version__
+        return el.__version__
 
 
 def optimizer_option_names(name: str) -> list[str]:
     """Keys `--opt KEY=VALUE` takes for optimizer `name`: its Options fields but the run seed
     (--seed), sorted."""
-    from edgelearn.optim import REGISTRY
-
-    return REGISTRY[name].Options.opt_keys()
+    return el.optimizers()[name].opt_keys()
 
 
 def _dflt(dest: str, text: str) -> str:
@@ -600,9 +525,7 @@ def _dflt(dest: str, text: str) -> str:
 
 
 def _add_runtime(g: Any, *, batch_size: int | None = 256) -> None:
-    from edgelearn.backends import BACKENDS
-
-    g.add_argument("--backend", default=None, choices=BACKENDS,
+    g.add_argument("--backend", default=None, choices=el.backend_names(),
                    help="runtime (litert needs a bundle exported with tflite; tpsgd runs on "
                    "both); default: the first backend of the --device (else the detected) "
                    "profile that is installed and that the bundle has a model for")
@@ -622,9 +545,6 @@ def _add_json(sp: argparse.ArgumentParser) -> None:
 def _add_train(sub: Any) -> None:
     """`train` and its flag groups; optimizer-specific flags default to None (see
     TRAIN_DEFAULTS) so that a flag the chosen optimizer does not use can be refused."""
-    from edgelearn.losses import LOSSES
-    from edgelearn.optim import REGISTRY
-
     sp = sub.add_parser("train", help="personalize a bundle on device (forward-only)",
                         description="Personalize a bundle with a forward-only optimizer; "
                         "resumes when --out already holds the same run.")
@@ -638,7 +558,7 @@ def _add_train(sub: Any) -> None:
                    help="delete the run held in --out (journal, checkpoint, weights; nothing "
                    "else) and start it over; never done silently")
     g = sp.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="zo-sgd", choices=sorted(REGISTRY),
+    g.add_argument("--optimizer", default="zo-sgd", choices=list(el.optimizers()),
                    help="forward-only optimizer")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None,
@@ -646,7 +566,7 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--trainable", default=None,
                    help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
                    "manifest's; zo-scale: '*.scale')")
-    g.add_argument("--objective", default=None, choices=sorted(LOSSES),
+    g.add_argument("--objective", default=None, choices=list(el.objectives()),
                    help="loss to minimize (default: cross-entropy, mse for regression)")
     g.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
     g.add_argument("--opt", action="append", metavar="KEY=VALUE",
@@ -664,8 +584,6 @@ def _add_train(sub: Any) -> None:
 
 def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
     """`train`'s per-optimizer flag groups (zo-sgd / zo-scale, tpsgd, polystep via --opt)."""
-    from edgelearn.optim import REGISTRY
-
     g = sp.add_argument_group("zo-sgd / zo-scale options")
     g.add_argument("--eps", type=float, default=None,
                    help="perturbation scale (default: zo-sgd 1e-3, zo-scale 1e-4)")
@@ -697,7 +615,7 @@ def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
                              "the exporter recorded one) or on its activation output"))
     g.add_argument("--hidden-lr", type=float, default=None,
                    help="learning rate of the hidden layers (default: --lr)")
-    keys = optimizer_option_names("polystep") if "polystep" in REGISTRY else None
+    keys = optimizer_option_names("polystep") if "polystep" in el.optimizers() else None
     sp.add_argument_group("polystep options", "given as --opt KEY=VALUE, keys: "
                           f"{', '.join(keys or [])}")
 
@@ -740,10 +658,10 @@ def _add_export(sub: Any) -> None:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     sp.add_argument("--formats", default="onnx",
                     help="comma-separated model formats: onnx, or onnx,tflite")
-    sp.add_argument("--atol", type=float, default=ATOL,
+    sp.add_argument("--atol", type=float, default=el.tools.ATOL,
                     help="parity: |runtime - reference| <= atol + rtol * max|reference| "
                     "per output")
-    sp.add_argument("--rtol", type=float, default=RTOL,
+    sp.add_argument("--rtol", type=float, default=el.tools.RTOL,
                     help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("-v", "--verbose", action="store_true",
                     help="show the converters' own logs and warnings (hidden by default)")
@@ -765,9 +683,9 @@ def _add_prepare_bake(sub: Any) -> None:
                     "--new-head, else from the output)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the new head's weights")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
-    sp.add_argument("--atol", type=float, default=ATOL,
+    sp.add_argument("--atol", type=float, default=el.tools.ATOL,
                     help="parity: |runtime - reference| <= atol + rtol * max|reference| per output")
-    sp.add_argument("--rtol", type=float, default=RTOL,
+    sp.add_argument("--rtol", type=float, default=el.tools.RTOL,
                     help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     _add_json(sp)
@@ -777,10 +695,10 @@ def _add_prepare_bake(sub: Any) -> None:
     sp.add_argument("--weights", required=True, help="personalized weights (.safetensors)")
     sp.add_argument("--out", required=True, help="directory to create")
     sp.add_argument("--example", default=None, help=".npz of model inputs for the parity check")
-    sp.add_argument("--atol", type=float, default=ATOL,
+    sp.add_argument("--atol", type=float, default=el.tools.ATOL,
                     help="parity: |runtime - reference| <= atol + rtol * max|reference| "
                     "per output")
-    sp.add_argument("--rtol", type=float, default=RTOL,
+    sp.add_argument("--rtol", type=float, default=el.tools.RTOL,
                     help="parity tolerance relative to each output's largest magnitude")
     sp.add_argument("--overwrite", action="store_true",
                     help="replace an existing bundle directory")
@@ -789,8 +707,6 @@ def _add_prepare_bake(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to check README/--help drift in tests)."""
-    from edgelearn.losses import LOSSES
-
     p = _Parser(prog="edgelearn", description="On-device learning with forward-only "
                 "optimizers on inference runtimes.")
     p.add_argument("--version", action="version", version=f"edgelearn {_version()}",
@@ -808,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help=".npz with x (float32) and y")
     sp.add_argument("--weights", default=None,
                     help="personalized weights (.safetensors; default: the bundle's)")
-    sp.add_argument("--objective", default=None, choices=sorted(LOSSES),
+    sp.add_argument("--objective", default=None, choices=list(el.objectives()),
                     help="loss to report (default: cross-entropy, mse for regression)")
     _add_runtime(sp)
     _add_json(sp)
@@ -819,9 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
     sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
     sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
-    from edgelearn.backends import BACKENDS
-
-    sp.add_argument("--backend", default=None, choices=BACKENDS,
+    sp.add_argument("--backend", default=None, choices=el.backend_names(),
                     help="runtime (default: the profile's first installed backend)")
     sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
     sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
@@ -868,20 +782,20 @@ def check_train_flags(args: argparse.Namespace) -> None:
               if getattr(args, dest) is not None and opt not in users]
     if unused:
         hint = "; polystep options go through --opt KEY=VALUE" if opt == "polystep" else ""
-        raise InputError(f"--optimizer {opt} does not use {', '.join(unused)}; remove "
+        raise el.InputError(f"--optimizer {opt} does not use {', '.join(unused)}; remove "
                          f"{'it' if len(unused) == 1 else 'them'}{hint}")
     if args.diverge_factor is None:
         lone = [f for f, v in (("--diverge-patience", args.diverge_patience),
                                ("--diverge-lr-scale", args.diverge_lr_scale)) if v is not None]
         if lone:
-            raise InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
+            raise el.InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
                              "only with --diverge-factor")
     valid = optimizer_option_names(opt)
     for item in args.opt or []:
         key, sep, _ = item.partition("=")
         if sep and key.isidentifier() and key not in valid:
             why = "the run seed is --seed" if key == "seed" else f"valid keys: {', '.join(valid)}"
-            raise InputError(f"--opt {key}: {opt} has no option {key!r} ({why})")
+            raise el.InputError(f"--opt {key}: {opt} has no option {key!r} ({why})")
     for dest, value in TRAIN_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -946,7 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out if args.command in ("train", "demo") else None
         with paths.created_dirs(out):
             COMMANDS[args.command](args)
-    except EdgelearnError as e:
+    except el.EdgelearnError as e:
         return _fail(args, str(e))
     except OSError as e:  # a path problem the checks could not foresee: still one line
         return _fail(args, paths.describe_os_error(e))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from edgelearn.errors import InputError
 
 if TYPE_CHECKING:
+    from edgelearn.budget import DevicePlan
     from edgelearn.bundle import Bundle
 
 
@@ -79,6 +80,11 @@ def profiles_dir() -> Path:
 def list_profiles() -> list[str]:
     """Names of the shipped profiles."""
     return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def device_profiles() -> list[Profile]:
+    """Every shipped profile, loaded (sorted by name)."""
+    return [load_profile(n) for n in list_profiles()]
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -230,3 +236,56 @@ def _no_backend_message(prefs: list[str], bundle: Bundle | None) -> str:
     fixes += [f"install {b} ({INSTALL[b]})" for b in absent if MODEL_FILE[b][0] in bundle.files]
     return (f"bundle {bundle.path} has {' and '.join(lacking)}, and only "
             f"{' and '.join(installed)} is installed here ({missing}): {' or '.join(fixes)}")
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """This machine, the profile used for it and, for a bundle, what fits its memory budget.
+
+    Args:
+        machine: `detect()`'s figures.
+        profile: the profile asked for, else the detected one (None when none fits).
+        bundle: the plan for a bundle (`edgelearn.budget.plan_device`), when one was given.
+    """
+
+    machine: dict[str, Any]
+    profile: Profile | None
+    bundle: DevicePlan | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `edgelearn device [BUNDLE] --json` object."""
+        res = {"machine": self.machine, "profile": self.profile.to_json() if self.profile
+               else None}
+        if self.bundle is not None:
+            res["bundle"] = self.bundle.to_json()
+        return res
+
+
+def device(bundle: Bundle | str | os.PathLike | None = None, *, profile: str | None = None,
+           backend: str | None = None, trainable: str | None = None, batch_size: int = 32,
+           memory_budget_mb: float | None = None) -> DeviceReport:
+    """Detect this machine and, given a bundle, the largest batch each optimizer fits in.
+
+    Args:
+        bundle: a loaded bundle or its directory (loaded and verified); None = machine only.
+        profile: profile name or .toml path (default: the one detected for this machine).
+        backend: runtime to size on (default: `resolve_backend` with the profile).
+        trainable: glob(s) of parameters to train (None = the manifest's).
+        batch_size: the batch wanted.
+        memory_budget_mb: budget (MiB; default: the profile's, else the free memory).
+    """
+    from edgelearn.budget import plan_device
+    from edgelearn.bundle import Bundle, load_bundle
+
+    machine = detect()
+    name = profile or machine["profile"]
+    prof = load_profile(name) if name else None
+    if bundle is None:
+        return DeviceReport(machine, prof)
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    budget = memory_budget_mb or (prof.memory_budget_mb if prof else None) or \
+        machine["memory_available_mb"]
+    plan = plan_device(b, backend=resolve_backend(prof, backend, b), budget_mb=budget,
+                       batch_size=batch_size, trainable=trainable,
+                       threads=prof.threads if prof else None)
+    return DeviceReport(machine, prof, plan)

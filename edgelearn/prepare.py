@@ -734,6 +734,8 @@ def _check_prepared(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: 
 def list_params(model_path: str | os.PathLike) -> dict[str, Any]:
     """What `prepare` would make of a model: inputs, outputs and every weight tensor.
 
+    Unstable (`el.tools.list_params`): the result keys follow `prepare --list --json`.
+
     Args:
         model_path: the .onnx file.
     Returns: {"model", "inputs", "outputs", "params" (list), "total_params", "total_bytes"}.
@@ -768,6 +770,8 @@ def prepare_onnx(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Turn an inference ONNX model into a bundle; returns the `prepare --json` summary.
+
+    Unstable (`el.tools.prepare`): the signature and result keys may change.
 
     Args:
         model_path: the .onnx file (external data allowed inside its directory).
@@ -880,6 +884,8 @@ def bake_bundle(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write personalized weights back into plain inference models; returns `bake --json`.
+
+    Unstable (`el.tools.bake`): the signature and result keys may change.
 
     `out_dir` becomes a bundle whose base weights are `weights` (so it can be personalized
     further) and that also holds `inference.onnx`: every parameter an initializer, the inputs

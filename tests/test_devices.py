@@ -113,6 +113,41 @@ def test_device_command_sizes_a_bundle(bundles, capsys) -> None:
     assert len(json.loads(capsys.readouterr().out)["profiles"]) == len(list_profiles())
 
 
+def test_el_device_is_typed_and_is_what_the_command_prints(capsys) -> None:
+    import edgelearn as el
+    from edgelearn.demo import DATA
+
+    report = el.device(DATA / "demo", profile="raspberry-pi-4", backend="onnxruntime",
+                       batch_size=8)
+    assert report.profile is not None
+    assert report.profile.name == "raspberry-pi-4"
+    assert report.bundle is not None
+    assert report.bundle.budget_mb == 1024
+    assert report.bundle.max_batch["zo-sgd"] == 8
+    assert "error" in report.bundle.plans["zo-scale"]  # no int8 scales in the demo bundle
+    assert main(["device", str(DATA / "demo"), "--device", "raspberry-pi-4", "--backend",
+                 "onnxruntime", "--batch-size", "8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = report.to_json()
+    assert res["profile"] == want["profile"]
+    assert res["bundle"]["max_batch"] == want["bundle"]["max_batch"]
+    assert set(res["bundle"]) == set(want["bundle"])
+    assert el.device().bundle is None
+    assert [p.name for p in el.device_profiles()] == list_profiles()
+
+
+def test_registries_name_what_the_configs_accept() -> None:
+    import edgelearn as el
+    from edgelearn.backends import BACKENDS
+    from edgelearn.losses import LOSSES
+    from edgelearn.optim import REGISTRY
+
+    assert list(el.optimizers()) == sorted(REGISTRY)
+    assert el.optimizers()["polystep"] is REGISTRY["polystep"].Options
+    assert el.objectives() == tuple(sorted(LOSSES))
+    assert el.backend_names() == tuple(BACKENDS)
+
+
 # -- the device picks what is installed ------------------------------------------------------
 #: run the CLI in a fresh interpreter where onnxruntime and onnx do not import (a device with
 #: `pip install 'edgelearn[litert]'` only): `None` in sys.modules makes `import` raise

@@ -1,12 +1,14 @@
 """The layout a reader relies on (issue 14), read from the source with `ast`, nothing imported:
-no function longer than MAX_FUNCTION_LINES, no import cycle among the exporter's modules, and no
-module importing another module's `_private` names."""
+no function longer than MAX_FUNCTION_LINES, no import cycle among the exporter's modules, no
+module importing another module's `_private` names, and the CLI, the demo and the examples
+reaching the library only through `import edgelearn as el`."""
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,10 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS_ALLOWED: set[str] = set()
 #: Files owned by other in-flight work that still import a private name (same rule).
 PRIVATE_IMPORTS_ALLOWED: set[str] = set()
+#: Clients of the public surface (`import edgelearn as el`), as globs under the root.
+SURFACE_CLIENTS = ("edgelearn/cli.py", "edgelearn/demo.py", "examples/*.py")
+#: The CLI's own command-line modules, which edgelearn/cli.py alone may import directly.
+CLI_OWN = {"edgelearn.paths", "edgelearn.figures", "edgelearn.demo"}
 
 
 def _sources(*folders: str) -> list[Path]:
@@ -180,6 +186,78 @@ def test_no_module_imports_private_names_of_another() -> None:
     assert not stale, f"{stale} import no private name: remove from PRIVATE_IMPORTS_ALLOWED"
 
 
+def _torch_scopes(tree: ast.Module) -> dict[ast.AST, bool]:
+    """Each function of `tree` (and the module) -> whether its own body imports torch
+    (nested functions count for themselves only)."""
+    def own_nodes(scope: ast.AST) -> Iterator[ast.AST]:
+        todo = list(ast.iter_child_nodes(scope))
+        while todo:
+            node = todo.pop()
+            yield node
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                todo.extend(ast.iter_child_nodes(node))
+
+    scopes = [tree, *(n for n in ast.walk(tree)
+                      if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]
+    return {s: any(isinstance(n, ast.Import) and any(a.name.split(".")[0] == "torch"
+                                                     for a in n.names) for n in own_nodes(s))
+            for s in scopes}
+
+
+def _imports_by_scope(tree: ast.Module) -> Iterator[tuple[ast.AST, ast.Import | ast.ImportFrom]]:
+    """(innermost enclosing function or the module, import node) for every import."""
+    def visit(node: ast.AST, scope: ast.AST) -> Iterator[tuple[ast.AST, Any]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                yield scope, child
+            inner = child if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else scope
+            yield from visit(child, inner)
+
+    yield from visit(tree, tree)
+
+
+def surface_violations(path: Path, source: str | None = None) -> list[str]:
+    """`file:line module` for each edgelearn import of `path` other than `import edgelearn as
+    el`, a host-side `edgelearn.export...` import in a function that imports torch, or (in
+    edgelearn/cli.py) one of the CLI's own modules CLI_OWN.
+
+    Args:
+        path: the client's source file (where it sits decides relative imports and CLI_OWN).
+        source: its text (default: read from `path`).
+    """
+    tree = ast.parse(path.read_text() if source is None else source, str(path))
+    torch_in = _torch_scopes(tree)
+    in_package = path.is_relative_to(ROOT / "edgelearn")
+    is_cli = path == ROOT / "edgelearn" / "cli.py"
+    found = []
+    for scope, node in _imports_by_scope(tree):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names
+                    if not (a.name == "edgelearn" and a.asname == "el")]
+        else:
+            base = _resolve(node, _module_name(path), path.name == "__init__.py") \
+                if node.level and in_package else node.module or ""
+            mods = [f"{base}.{a.name}" if _module_path(f"{base}.{a.name}") else base
+                    for a in node.names]
+        for mod in dict.fromkeys(mods):  # one hit per module a statement imports from
+            if mod.split(".")[0] != "edgelearn":
+                continue
+            host = mod == "edgelearn.export" or mod.startswith("edgelearn.export.")
+            if (host and torch_in[scope]) or (is_cli and mod in CLI_OWN):
+                continue
+            found.append(f"{_rel(path)}:{node.lineno} {mod}")
+    return found
+
+
+def test_cli_demo_and_examples_use_only_the_public_surface() -> None:
+    clients = sorted({p for g in SURFACE_CLIENTS for p in ROOT.glob(g)})
+    assert ROOT / "edgelearn" / "cli.py" in clients
+    assert len(clients) >= 4  # cli, demo and the examples were found
+    offenders = [f for p in clients for f in surface_violations(p)]
+    assert not offenders, ("imports that reach past `import edgelearn as el` (expose what "
+                           "is needed in edgelearn/__init__.py instead):\n" + "\n".join(offenders))
+
+
 # -- the checkers themselves can fail ----------------------------------------------------------
 def test_find_cycle_reports_a_cycle_and_accepts_a_dag() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -196,6 +274,26 @@ def test_find_cycle_reports_a_cycle_and_accepts_a_dag() -> None:
 def test_private_imports_are_found(source: str, hits: list[str]) -> None:
     probe = ROOT / "export" / "probe.py"  # not written: a place in the tree for `from .`
     assert [h.split(" ", 1)[1] for h in private_imports(probe, source)] == hits
+
+
+@pytest.mark.parametrize(("where", "source", "hits"), [
+    ("edgelearn/cli.py", "import edgelearn as el\nfrom edgelearn import paths\n"
+     "from edgelearn.figures import mb\nfrom edgelearn.demo import DATA\n", []),
+    ("edgelearn/demo.py", "from edgelearn import paths\n", ["edgelearn.paths"]),
+    ("edgelearn/cli.py", "from edgelearn.optim import REGISTRY\nimport edgelearn\n"
+     "import edgelearn.backends as b\nfrom edgelearn import __version__\n",
+     ["edgelearn.optim", "edgelearn", "edgelearn.backends", "edgelearn"]),
+    ("edgelearn/cli.py", "from . import budget\n", ["edgelearn.budget"]),
+    ("examples/x.py", "def f():\n    from edgelearn.export import export_bundle\n",
+     ["edgelearn.export"]),
+    ("examples/x.py", "def f():\n    import torch\n    from edgelearn.export.zoo import MLP\n"
+     "    def g():\n        from edgelearn.export import export_bundle\n",
+     ["edgelearn.export"]),
+    ("examples/x.py", "import numpy\nfrom runner import run_cli\n", []),
+])
+def test_surface_violations_are_found(where: str, source: str, hits: list[str]) -> None:
+    found = [h.split(" ", 1)[1] for h in surface_violations(ROOT / where, source)]
+    assert found == hits
 
 
 def test_long_functions_are_found(tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ Torch-free: the shipped demo bundle (an MLP with taps and population graphs) and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,9 +243,14 @@ def test_configs_validate_and_round_trip() -> None:
 
 
 def test_public_surface() -> None:
-    assert len(el.__all__) <= 26
+    assert len(el.__all__) <= 32
     for name in el.__all__:
         assert getattr(el, name) is not None, name
+        # a name of the surface must not hide a subpackage (el.backends would hide
+        # edgelearn.backends for `import edgelearn.backends as b`)
+        if importlib.util.find_spec(f"edgelearn.{name}") is not None:
+            assert getattr(el, name) is sys.modules[f"edgelearn.{name}"], name
+    assert "Unstable:" in (el.tools.__doc__ or "")
     assert "Unstable:" in (el.__doc__ or "")
     assert "Unstable:" in (el.Session.store.__doc__ or "")
 
