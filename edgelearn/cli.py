@@ -310,11 +310,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                             seed=args.seed, checkpoint_every=args.checkpoint_every,
                             fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
                             divergence=divergence)
-    bar = [el.ProgressBar()] if not args.json and sys.stderr.isatty() else []
+    callbacks = _train_callbacks(args, bundle)
     try:
         with el.Session(bundle, args.out, config, _runtime_config(args),
                         restart=args.restart) as session:
-            res = session.run(data, args.steps, callbacks=bar).to_json()
+            res = session.run(data, args.steps, callbacks=callbacks).to_json()
     except el.TrainingInterrupted as stop:  # Ctrl-C: weights so far are written; resumable
         if args.json:
             print(json.dumps({"error": str(stop), "interrupted_at_step": stop.step}))
@@ -335,6 +335,20 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"weights: {res['weights']}\njournal: {res['journal']}")
 
     _emit(args, res, human)
+
+
+def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
+    """metrics.jsonl (held-out scores with --eval-data) and, unless --json, progress on
+    stderr (a bar on a terminal, plain periodic lines otherwise)."""
+    import edgelearn as el
+    from edgelearn.training.metrics import RunMetrics
+
+    held_out = None if args.eval_data is None else el.load_data(args.eval_data,
+                                                                task=bundle.task)
+    metrics = RunMetrics(held_out, eval_every=args.eval_every)
+    if args.json:
+        return [metrics]
+    return [metrics, el.ProgressBar(label=args.optimizer, metrics=metrics)]
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -442,7 +456,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rt = _runtime(args, load_bundle(DATA / "demo", verify=False))
     res = run_demo(args.out, backend=rt["backend"], threads=rt["threads"],
                    providers=rt["providers"], steps=args.steps, batch_size=args.batch_size,
-                   seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                   seed=args.seed, progress=not args.json)
 
     def human() -> str:
         lines = [
@@ -465,9 +479,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")
         lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB; torch was not used")
+        if res.get("report"):
+            lines.append(f"  report: {res['report']}")
         return "\n".join(lines)
 
     _emit(args, res, human)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """One self-contained HTML page comparing runs (curves, settings, timing, memory)."""
+    from edgelearn.report import write_report
+
+    res = write_report(args.runs, args.out)
+    _emit(args, res, lambda: f"report of {len(res['runs'])} run(s): {res['html']}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -550,6 +574,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "device": cmd_device,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "report": cmd_report,
 }
 
 
@@ -704,6 +729,12 @@ def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
 
 def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
     """`train`'s checkpoint, fsync and numerical-guard flags."""
+    g = sp.add_argument_group("metrics")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out .npz scored every --eval-every steps into the run's "
+                   "metrics.jsonl (does not change the training)")
+    g.add_argument("--eval-every", type=_positive, default=100,
+                   help="steps between held-out scores (and at the last step)")
     g = sp.add_argument_group("reliability")
     g.add_argument("--checkpoint-every", type=_positive, default=100,
                    help="steps between checkpoints")
@@ -846,6 +877,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(sp, batch_size=32)
     _add_json(sp)
 
+    sp = sub.add_parser("report", help="HTML page of runs' curves, settings, time, memory")
+    sp.add_argument("runs", nargs="+", metavar="RUN", help="run directory (with metrics.jsonl)")
+    sp.add_argument("--out", required=True, help="the .html file to write (self-contained)")
+    _add_json(sp)
+
     sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")
     sp.add_argument("bundle", help="bundle the run trained")
     sp.add_argument("journal", help="the run's journal.bin")
@@ -894,11 +930,13 @@ def check_paths(args: argparse.Namespace) -> None:
 
     cmd = args.command
     if cmd == "train":
-        paths.check_run_out(args.out, inputs=[args.bundle, args.data])
+        paths.check_run_out(args.out, inputs=[args.bundle, args.data, args.eval_data])
     elif cmd == "demo":
         from edgelearn.demo import RECIPES
 
         paths.check_demo_out(args.out, RECIPES)
+    elif cmd == "report":
+        paths.check_file_out(args.out, inputs=args.runs, suffix=".html")
     elif cmd == "replay":
         paths.check_file_out(args.out, inputs=[args.bundle, args.journal, args.data])
     elif cmd == "bake":
