@@ -58,10 +58,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         one_run(root, "warm", 20, None)
-        for _ in range(args.rounds):
-            off.append(one_run(root, "off", args.steps, None))
+        for r in range(args.rounds):
             m = TimedMetrics()
-            on.append(one_run(root, "on", args.steps, m))
+            for with_metrics in ((False, True) if r % 2 else (True, False)):  # alternate order
+                if with_metrics:
+                    on.append(one_run(root, "on", args.steps, m))
+                else:
+                    off.append(one_run(root, "off", args.steps, None))
             inside.append(m.spent / args.steps / on[-1])
     off_ms, on_ms = 1e3 * statistics.median(off), 1e3 * statistics.median(on)
     print(json.dumps({

@@ -862,7 +862,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the main job end to end on shipped data")
     sp.add_argument("--out", default="edgelearn-demo",
-                    help="directory for the runs (one run directory per optimizer)")
+                    help="directory for the runs (one run directory per optimizer) and "
+                    "their report.html")
     sp.add_argument("--steps", type=_positive, default=None,
                     help="override every optimizer's step count")
     sp.add_argument("--seed", type=int, default=0, help="run seed")

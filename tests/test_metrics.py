@@ -145,3 +145,21 @@ def test_progress_redraws_one_line_on_a_terminal(tmp_path: Path) -> None:
     assert "8/8" in final
     assert "steps/s" in final
     assert "held-out acc" in final
+
+
+@pytest.mark.parametrize(("optimizer", "options"), [
+    ("tpsgd", {"lr": 0.1}), ("polystep", {"radius": 0.3}), ("zo-sgd", {"lr": 0.01})])
+def test_held_out_scoring_leaves_every_optimizer_bit_identical(
+        tmp_path: Path, optimizer: str, options: dict) -> None:
+    """Scoring between steps (taps and population evaluators included) changes nothing."""
+    train, test, _ = demo_data(0)
+    config = el.TrainConfig(optimizer=optimizer, options=options, trainable="head.*")
+    digests = []
+    for name, cbs in (("plain", []), ("scored", [RunMetrics(test, eval_every=2)])):
+        with el.Session(BUNDLE, tmp_path / name, config, el.RuntimeConfig(device=None)) as s:
+            digests.append(s.run(train, 7, callbacks=cbs).sha256)
+    assert digests[0] == digests[1]
+    assert (tmp_path / "plain/journal.bin").read_bytes() == \
+        (tmp_path / "scored/journal.bin").read_bytes()
+    scored = read_metrics(tmp_path / "scored/metrics.jsonl")
+    assert [ln["step"] for ln in scored if "eval_accuracy" in ln] == [0, 2, 4, 6, 7]
