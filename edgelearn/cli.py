@@ -345,7 +345,7 @@ def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
 
     held_out = None if args.eval_data is None else el.load_data(args.eval_data,
                                                                 task=bundle.task)
-    metrics = RunMetrics(held_out, eval_every=args.eval_every)
+    metrics = RunMetrics(held_out, eval_every=args.eval_every or 100)
     if args.json:
         return [metrics]
     return [metrics, el.ProgressBar(label=args.optimizer, metrics=metrics)]
@@ -733,8 +733,9 @@ def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-data", default=None,
                    help="held-out .npz scored every --eval-every steps into the run's "
                    "metrics.jsonl (does not change the training)")
-    g.add_argument("--eval-every", type=_positive, default=100,
-                   help="steps between held-out scores (and at the last step)")
+    g.add_argument("--eval-every", type=_positive, default=None,
+                   help="with --eval-data: steps between held-out scores (also scored before "
+                   "the first and at the last step; default 100)")
     g = sp.add_argument_group("reliability")
     g.add_argument("--checkpoint-every", type=_positive, default=100,
                    help="steps between checkpoints")
@@ -913,6 +914,8 @@ def check_train_flags(args: argparse.Namespace) -> None:
         if lone:
             raise InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
                              "only with --diverge-factor")
+    if args.eval_every is not None and args.eval_data is None:
+        raise InputError("--eval-every applies only with --eval-data (the held-out .npz)")
     valid = optimizer_option_names(opt)
     for item in args.opt or []:
         key, sep, _ = item.partition("=")

@@ -163,3 +163,28 @@ def test_held_out_scoring_leaves_every_optimizer_bit_identical(
         (tmp_path / "scored/journal.bin").read_bytes()
     scored = read_metrics(tmp_path / "scored/metrics.jsonl")
     assert [ln["step"] for ln in scored if "eval_accuracy" in ln] == [0, 2, 4, 6, 7]
+
+
+def test_held_out_data_that_does_not_fit_is_one_line_naming_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, demo_npz: tuple[Path, Path]) -> None:
+    train, _ = demo_npz
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((5, 10), np.float32), y=np.zeros(5, np.int64))
+    code = main(["train", BUNDLE, "--data", str(train), "--steps", "3", "--out",
+                 str(tmp_path / "run"), "--eval-data", str(bad)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err.startswith("edgelearn: error: held-out data: input 'x' has shape")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # nothing trained: the directory is taken back
+
+
+def test_eval_every_alone_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                     demo_npz: tuple[Path, Path]) -> None:
+    code = main(["train", BUNDLE, "--data", str(demo_npz[0]), "--steps", "3", "--out",
+                 str(tmp_path / "run"), "--eval-every", "5"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert err == "edgelearn: error: --eval-every applies only with --eval-data (the " \
+        "held-out .npz)\n"
+    assert not (tmp_path / "run").exists()

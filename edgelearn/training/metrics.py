@@ -145,7 +145,10 @@ class RunMetrics(Callback):
     # -- internals ------------------------------------------------------------------------------
     def _score(self, session: Session, done: int) -> dict[str, Any]:
         assert self.eval_data is not None
-        res = session.evaluate(self.eval_data, batch_size=self.eval_batch_size)
+        try:
+            res = session.evaluate(self.eval_data, batch_size=self.eval_batch_size)
+        except InputError as e:  # say which data set does not fit (not the training set)
+            raise InputError(f"held-out data: {e}") from None
         self.last_eval = {"step": done, "loss": res.loss, "accuracy": res.accuracy}
         return {"eval_loss": _num(res.loss), "eval_accuracy": res.accuracy}
 
