@@ -188,3 +188,19 @@ def test_eval_every_alone_is_refused(capsys: pytest.CaptureFixture[str], tmp_pat
     assert err == "edgelearn: error: --eval-every applies only with --eval-data (the " \
         "held-out .npz)\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_progress_of_live_steps_has_no_total(tmp_path: Path) -> None:
+    """Session.step (no run, no total): 'N steps', steps/s, loss; no ETA, no bar."""
+    train, _, _ = demo_data(0)
+    stream = io.StringIO()
+    bar = el.ProgressBar(stream, label="live", interval=0.0)
+    config = el.TrainConfig(optimizer="zo-sgd", options={"lr": 0.01}, trainable="head.*")
+    with el.Session(BUNDLE, tmp_path / "run", config, el.RuntimeConfig(device=None),
+                    callbacks=[bar]) as s:
+        for i in range(3):
+            s.step((train.x[i], train.y[i]))
+    lines = stream.getvalue().splitlines()
+    assert [ln.split(" steps/s")[0].rsplit(" ", 1)[0] for ln in lines] == \
+        ["live 1 steps", "live 2 steps", "live 3 steps"]
+    assert all("ETA" not in ln and "loss " in ln for ln in lines)

@@ -75,7 +75,7 @@ class ProgressBar(Callback):
         done, now = result.step + 1, time.monotonic()
         tty = _isatty(self.stream)
         gap = 0.2 if tty else self.interval
-        if now - self.last < gap and done < self.total:
+        if now - self.last < gap and (done < self.total or not self.total):
             return
         if not self.start:  # Session.step (no on_start): rate from the first step seen
             self.start, self.first = now, result.step
@@ -93,19 +93,24 @@ class ProgressBar(Callback):
         self.stream.flush()
 
     def _line(self, done: int, now: float, tty: bool) -> str:
-        """One progress line (with a bar on a terminal)."""
-        total = max(self.total, done)
+        """One progress line (with a bar on a terminal; no total or ETA when fed live)."""
         rate = (done - self.first) / max(now - self.start, 1e-9)
-        parts = [f"{self.label or 'train'}"]
-        if tty:
-            fill = int(20 * done / max(total, 1))
+        parts = [self.label or "train"]
+        total = max(self.total, done)
+        if tty and self.total:
+            fill = int(20 * done / total)
             parts.append(f"[{'#' * fill}{'.' * (20 - fill)}]")
-        parts.append(f"{done}/{total}")
+        parts.append(f"{done}/{total}" if self.total else f"{done} steps")
         parts.append(f"{rate:.1f} steps/s")
-        if done < total and rate > 0:
+        if self.total and done < total and rate > 0:
             parts.append(f"ETA {_duration((total - done) / rate)}")
-        elif done >= total:
+        elif self.total and done >= total:
             parts.append(f"in {_duration(now - self.start)}")
+        return " ".join(parts + self._scores())
+
+    def _scores(self) -> list[str]:
+        """Mean loss since the last draw, and the latest held-out score."""
+        parts = []
         if self._losses:
             parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
         score = getattr(self.metrics, "last_eval", None)
@@ -113,7 +118,7 @@ class ProgressBar(Callback):
             parts.append(f"held-out acc {score['accuracy']:.3f} (step {score['step']})")
         elif score:
             parts.append(f"held-out loss {score['loss']:.4f} (step {score['step']})")
-        return " ".join(parts)
+        return parts
 
     def on_end(self, session: Session, result: RunResult | None) -> None:
         if self._open:  # a bar left unfinished (Ctrl-C, early stop): end its line
