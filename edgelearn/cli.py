@@ -287,11 +287,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                             seed=args.seed, checkpoint_every=args.checkpoint_every,
                             fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
                             divergence=divergence)
-    bar = [el.ProgressBar()] if not args.json and sys.stderr.isatty() else []
+    callbacks = _train_callbacks(args, bundle)
     try:
         with el.Session(bundle, args.out, config, _runtime_config(args),
                         restart=args.restart) as session:
-            res = session.run(data, args.steps, callbacks=bar).to_json()
+            res = session.run(data, args.steps, callbacks=callbacks).to_json()
     except el.TrainingInterrupted as stop:  # Ctrl-C: weights so far are written; resumable
         if args.json:
             print(json.dumps({"error": str(stop), "interrupted_at_step": stop.step}))
@@ -312,6 +312,19 @@ def cmd_train(args: argparse.Namespace) -> None:
                 f"weights: {res['weights']}\njournal: {res['journal']}")
 
     _emit(args, res, human)
+
+
+def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
+    """metrics.jsonl (held-out scores with --eval-data) and, unless --json, progress on
+    stderr (a bar on a terminal, plain periodic lines otherwise)."""
+    import edgelearn as el
+
+    held_out = None if args.eval_data is None else el.load_data(args.eval_data,
+                                                                task=bundle.task)
+    metrics = el.RunMetrics(held_out, eval_every=args.eval_every or 100)
+    if args.json:
+        return [metrics]
+    return [metrics, el.ProgressBar(label=args.optimizer, metrics=metrics)]
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -380,7 +393,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rt = _runtime_config(args).resolve(el.load_bundle(DATA / "demo", verify=False))
     res = run_demo(args.out, backend=rt.backend, threads=rt.threads,
                    providers=rt.providers, steps=args.steps, batch_size=args.batch_size,
-                   seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                   seed=args.seed, progress=not args.json)
 
     def human() -> str:
         lines = [
@@ -403,9 +416,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")
         lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB; torch was not used")
+        if res.get("report"):
+            lines.append(f"  report: {res['report']}")
         return "\n".join(lines)
 
     _emit(args, res, human)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """One self-contained HTML page comparing runs (curves, settings, timing, memory)."""
+
+    res = el.tools.report(args.runs, args.out)
+    _emit(args, res, lambda: f"report of {len(res['runs'])} run(s): {res['html']}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -481,6 +503,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "device": cmd_device,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "report": cmd_report,
 }
 
 
@@ -622,6 +645,13 @@ def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
 
 def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
     """`train`'s checkpoint, fsync and numerical-guard flags."""
+    g = sp.add_argument_group("metrics")
+    g.add_argument("--eval-data", default=None,
+                   help="held-out .npz scored every --eval-every steps into the run's "
+                   "metrics.jsonl (does not change the training)")
+    g.add_argument("--eval-every", type=_positive, default=None,
+                   help="with --eval-data: steps between held-out scores (also scored before "
+                   "the first and at the last step; default 100)")
     g = sp.add_argument_group("reliability")
     g.add_argument("--checkpoint-every", type=_positive, default=100,
                    help="steps between checkpoints")
@@ -745,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("demo", help="the main job end to end on shipped data")
     sp.add_argument("--out", default="edgelearn-demo",
-                    help="directory for the runs (one run directory per optimizer)")
+                    help="directory for the runs (one run directory per optimizer) and "
+                    "their report.html")
     sp.add_argument("--steps", type=_positive, default=None,
                     help="override every optimizer's step count")
     sp.add_argument("--seed", type=int, default=0, help="run seed")
@@ -758,6 +789,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
     sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
     _add_runtime(sp, batch_size=32)
+    _add_json(sp)
+
+    sp = sub.add_parser("report", help="HTML page of runs' curves, settings, time, memory")
+    sp.add_argument("runs", nargs="+", metavar="RUN", help="run directory (with metrics.jsonl)")
+    sp.add_argument("--out", required=True, help="the .html file to write (self-contained)")
     _add_json(sp)
 
     sp = sub.add_parser("replay", help="rebuild weights from base weights + journal")
@@ -790,6 +826,8 @@ def check_train_flags(args: argparse.Namespace) -> None:
         if lone:
             raise el.InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
                              "only with --diverge-factor")
+    if args.eval_every is not None and args.eval_data is None:
+        raise el.InputError("--eval-every applies only with --eval-data (the held-out .npz)")
     valid = optimizer_option_names(opt)
     for item in args.opt or []:
         key, sep, _ = item.partition("=")
@@ -808,11 +846,13 @@ def check_paths(args: argparse.Namespace) -> None:
 
     cmd = args.command
     if cmd == "train":
-        paths.check_run_out(args.out, inputs=[args.bundle, args.data])
+        paths.check_run_out(args.out, inputs=[args.bundle, args.data, args.eval_data])
     elif cmd == "demo":
         from edgelearn.demo import RECIPES
 
         paths.check_demo_out(args.out, RECIPES)
+    elif cmd == "report":
+        paths.check_file_out(args.out, inputs=args.runs, suffix=".html")
     elif cmd == "replay":
         paths.check_file_out(args.out, inputs=[args.bundle, args.journal, args.data])
     elif cmd == "bake":

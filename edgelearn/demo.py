@@ -19,6 +19,10 @@ import numpy as np
 import edgelearn as el
 
 DATA = Path(__file__).resolve().parent / "data"
+#: the demo's report page, beside its run directories
+REPORT = "report.html"
+#: held-out scores per demo run (each run scores the user's test digits this many times)
+EVALS = 20
 
 #: optimizer -> how the demo personalizes with it (only registered optimizers run)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -65,7 +69,8 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
              providers: list[str] | None = None, steps: int | None = None,
              batch_size: int | None = None, seed: int = 0,
              progress: bool = False) -> dict[str, Any]:
-    """Personalize the shipped model with every available optimizer; the `demo --json` object.
+    """Personalize the shipped model with every available optimizer; the `demo --json` object
+    (its "report" is the HTML page comparing the runs, written in `out`).
 
     Args:
         out: directory for the runs (weights, journals).
@@ -75,7 +80,7 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         steps: override every recipe's step count (short runs in tests).
         batch_size: examples per training step for every optimizer (None = each recipe's).
         seed: run seed.
-        progress: progress bars on stderr.
+        progress: progress on stderr (labelled bars on a terminal, plain lines otherwise).
     """
     out = Path(out)
     bundle = el.load_bundle(DATA / "demo")
@@ -108,9 +113,10 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         t0 = time.perf_counter()
         try:
             # restart: each demo starts its runs afresh (only run files are removed)
+            metrics = el.RunMetrics(user_test, eval_every=max(1, n_steps // EVALS))
+            bar = [el.ProgressBar(label=name, metrics=metrics)] if progress else []
             with el.Session(bundle, out / name, config, runtime, restart=True) as session:
-                run = session.run(user_train, n_steps,
-                                  callbacks=[el.ProgressBar()] if progress else [])
+                run = session.run(user_train, n_steps, callbacks=[metrics, *bar])
                 seconds = time.perf_counter() - t0
                 after = session.evaluate(user_test)
         except el.InputError as e:  # e.g. an optimizer the chosen backend cannot run
@@ -127,4 +133,9 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
             "run_dir": str(out / name), "weights": run.weights, "journal": run.journal,
         }
     res["peak_rss_mb"] = peak  # the peak so far: the last figure taken is the largest
+    if res["optimizers"]:
+        res["report"] = el.tools.report(
+            [o["run_dir"] for o in res["optimizers"].values()], out / REPORT,
+            title="edgelearn demo: personalizing for a new user's handwriting",
+            note="Held-out: the new user's test digits.")["html"]
     return res

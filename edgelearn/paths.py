@@ -20,7 +20,7 @@ from pathlib import Path
 from edgelearn.bundle import MANIFEST
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.journal import read_journal
-from edgelearn.training.rundir import CKPT, CKPT_META, JOURNAL, LOCK, SESSION
+from edgelearn.training.rundir import CKPT, CKPT_META, JOURNAL, LOCK, METRICS, SESSION
 
 #: files only an edgelearn run directory holds (weights.safetensors is in bundles too)
 RUN_MARKERS = (JOURNAL, LOCK, CKPT_META, CKPT)
@@ -184,10 +184,11 @@ def make_dir(out: PathLike) -> Path | None:
 
 def _holds_work(d: Path) -> bool:
     """True when a directory tree holds anything worth keeping (more than a lock, a session
-    record and a journal without step records); unreadable journals count as worth keeping."""
+    record, metrics and a journal without step records); unreadable journals count as worth
+    keeping."""
     for root, _, files in os.walk(d):
         for name in files:
-            if name in (LOCK, SESSION):  # written with the journal header: no work yet
+            if name in (LOCK, SESSION, METRICS):  # written with the header: no work yet
                 continue
             if name != JOURNAL:
                 return True

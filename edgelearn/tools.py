@@ -1,4 +1,4 @@
-"""Unstable: the tool-level entry points of `edgelearn prepare|bake|bench` (`el.tools.*`).
+"""Unstable: the tool-level entry points of `edgelearn prepare|bake|bench|report` (`el.tools.*`).
 
 Host- and developer-side work on models rather than what an app does while it learns: turn a
 third-party ONNX model into a bundle, bake personalized weights back into plain inference
@@ -13,5 +13,6 @@ from edgelearn.parity import ATOL, RTOL
 from edgelearn.prepare import bake_bundle as bake
 from edgelearn.prepare import list_params
 from edgelearn.prepare import prepare_onnx as prepare
+from edgelearn.report import write_report as report
 
-__all__ = ["ATOL", "RTOL", "bake", "bench", "list_params", "prepare"]
+__all__ = ["ATOL", "RTOL", "bake", "bench", "list_params", "prepare", "report"]

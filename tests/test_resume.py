@@ -26,7 +26,7 @@ from edgelearn.journal import read_journal
 from edgelearn.params import ParamStore
 from edgelearn.training import DivergencePolicy
 from edgelearn.training.header import header_changes
-from edgelearn.training.rundir import CKPT_META, JOURNAL, LOCK, SESSION, WEIGHTS
+from edgelearn.training.rundir import CKPT_META, JOURNAL, LOCK, METRICS, SESSION, WEIGHTS
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -107,7 +107,8 @@ def test_restart_starts_over_and_keeps_other_files(tiny, tmp_path) -> None:
     assert (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / CKPT_META).read_text())["step"] == 20  # the new run's
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["notes.txt", LOCK, JOURNAL, WEIGHTS, CKPT_META, "checkpoint.safetensors", SESSION])
+        ["notes.txt", LOCK, JOURNAL, WEIGHTS, CKPT_META, "checkpoint.safetensors", SESSION,
+         METRICS])
 
 
 def test_restart_refuses_a_directory_that_is_not_a_run(tiny, tmp_path) -> None:

@@ -12,6 +12,7 @@ One concern per module:
   checkpoints  atomic checkpoints, their validation against the journal
   divergence   rollback rule and its guard callback
   callbacks    Callback base, ProgressBar, MetricsLog, EarlyStopping
+  metrics      RunMetrics: the run directory's metrics.jsonl (+ held-out scores), its reader
   results      StepResult, RunResult, EvalResult, ReplayResult
   evaluation   scoring weights on a data set
   interrupt    Ctrl-C at step boundaries
@@ -25,10 +26,11 @@ from edgelearn.training.config import Runtime, RuntimeConfig, TrainConfig
 from edgelearn.training.divergence import DivergencePolicy
 from edgelearn.training.evaluation import evaluate
 from edgelearn.training.interrupt import TrainingInterrupted
+from edgelearn.training.metrics import RunMetrics
 from edgelearn.training.replay import replay
 from edgelearn.training.results import EvalResult, ReplayResult, RunResult, StepResult
 from edgelearn.training.session import Session
 
 __all__ = ["Callback", "DivergencePolicy", "EarlyStopping", "EvalResult", "MetricsLog",
-           "ProgressBar", "ReplayResult", "RunResult", "Runtime", "RuntimeConfig", "Session",
-           "StepResult", "TrainConfig", "TrainingInterrupted", "evaluate", "replay"]
+           "ProgressBar", "ReplayResult", "RunMetrics", "RunResult", "Runtime", "RuntimeConfig",
+           "Session", "StepResult", "TrainConfig", "TrainingInterrupted", "evaluate", "replay"]

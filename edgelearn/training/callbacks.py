@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from edgelearn.errors import InputError
 
@@ -41,38 +41,107 @@ class Callback:
 
 
 class ProgressBar(Callback):
-    """A progress bar with the last step's loss on a text stream (redrawn at most 5x/s).
+    """Progress a person can read: label, steps, steps/s, ETA, loss, held-out accuracy.
+
+    On a terminal the line is redrawn in place (`\\r`, at most 5x/s); on a stream that is not
+    a terminal (a log file, CI) a plain line is written every `interval` seconds and at the
+    end. The loss shown is the mean of the finite losses since the last draw (single-batch
+    losses are noisy).
 
     Args:
         stream: where to draw (default stderr).
+        label: what the run is (default: the optimizer's name).
+        metrics: a `RunMetrics` whose latest held-out score is shown (None: none shown).
+        interval: seconds between plain lines when `stream` is not a terminal.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, label: str | None = None,
+                 metrics: Any = None, interval: float = 10.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.total, self.last = 0, 0.0
+        self.label, self.metrics, self.interval = label, metrics, interval
+        self.total, self.last, self.start, self.first = 0, 0.0, 0.0, 0
+        self._losses: list[float] = []
+        self._open = False  # a terminal line is drawn and not yet ended
 
     def on_start(self, session: Session, *, steps: int) -> None:
-        self.total, self.last = steps, 0.0
+        self.total, self.last, self.start = steps, 0.0, time.monotonic()
+        self.first, self._losses = session.steps_done, []
+        if self.label is None:
+            self.label = session.optimizer.name
 
     def on_step(self, session: Session, result: StepResult) -> None:
+        if math.isfinite(result.loss):
+            self._losses.append(result.loss)
         done, now = result.step + 1, time.monotonic()
-        if now - self.last < 0.2 and done < self.total:
+        tty = _isatty(self.stream)
+        gap = 0.2 if tty else self.interval
+        if now - self.last < gap and (done < self.total or not self.total):
             return
+        if not self.start:  # Session.step (no on_start): rate from the first step seen
+            self.start, self.first = now, result.step
         self.last = now
-        width = 30
-        fill = int(width * min(done, self.total) / max(self.total, 1))
-        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
-                          f"loss {result.loss:.4f}")
-        if done >= self.total:
-            self.stream.write("\n")
-            self.last = 0.0
+        text = self._line(done, now, tty)
+        self._losses = []
+        if tty:
+            self.stream.write("\r" + text + "\033[K")
+            self._open = True
+            if done >= self.total:
+                self.stream.write("\n")
+                self._open = False
+        else:
+            self.stream.write(text + "\n")
         self.stream.flush()
 
+    def _line(self, done: int, now: float, tty: bool) -> str:
+        """One progress line (with a bar on a terminal; no total or ETA when fed live)."""
+        rate = (done - self.first) / max(now - self.start, 1e-9)
+        parts = [self.label or "train"]
+        total = max(self.total, done)
+        if tty and self.total:
+            fill = int(20 * done / total)
+            parts.append(f"[{'#' * fill}{'.' * (20 - fill)}]")
+        parts.append(f"{done}/{total}" if self.total else f"{done} steps")
+        parts.append(f"{rate:.1f} steps/s")
+        if self.total and done < total and rate > 0:
+            parts.append(f"ETA {_duration((total - done) / rate)}")
+        elif self.total and done >= total:
+            parts.append(f"in {_duration(now - self.start)}")
+        return " ".join(parts + self._scores())
+
+    def _scores(self) -> list[str]:
+        """Mean loss since the last draw, and the latest held-out score."""
+        parts = []
+        if self._losses:
+            parts.append(f"loss {sum(self._losses) / len(self._losses):.4f}")
+        score = getattr(self.metrics, "last_eval", None)
+        if score and score.get("accuracy") is not None:
+            parts.append(f"held-out acc {score['accuracy']:.3f} (step {score['step']})")
+        elif score:
+            parts.append(f"held-out loss {score['loss']:.4f} (step {score['step']})")
+        return parts
+
     def on_end(self, session: Session, result: RunResult | None) -> None:
-        if self.last:  # a bar left unfinished (Ctrl-C, early stop): end its line
+        if self._open:  # a bar left unfinished (Ctrl-C, early stop): end its line
             self.stream.write("\n")
             self.stream.flush()
-            self.last = 0.0
+            self._open = False
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # closed or not a file
+        return False
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m04s, 1h02m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 class MetricsLog(Callback):

@@ -9,6 +9,8 @@ A run directory holds:
   weights.safetensors      the weights after the last step
   session.json             how to reopen the run: bundle path, training and runtime config
                            (`Session.resume`)
+  metrics.jsonl            one JSON line per step (loss, lr, timing, held-out scores), written by
+                           the CLI's runs (`training.metrics.RunMetrics`)
   samples.bin              the samples each step was fed, when the app asked for them
                            (`TrainConfig(record_samples=True)`); a journal of its own
   lock                     held (flock) while a process trains in this directory
@@ -31,10 +33,11 @@ WEIGHTS = "weights.safetensors"
 SESSION = "session.json"
 SAMPLES = "samples.bin"
 LOCK = "lock"
+METRICS = "metrics.jsonl"
 
 #: the files of a run that `clear_run` deletes, metadata first (a kill midway never leaves a
 #: checkpoint that a new journal could be mistaken for)
-RUN_FILES = (CKPT_META, CKPT, WEIGHTS, SAMPLES, SESSION, JOURNAL)
+RUN_FILES = (CKPT_META, CKPT, WEIGHTS, SAMPLES, METRICS, SESSION, JOURNAL)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -48,8 +51,9 @@ def check_run_dir(run_dir: Path) -> None:
 def clear_run(run_dir: Path) -> list[str]:
     """Delete a run directory's own files so its run starts over (`train --restart`).
 
-    Removes the journal, checkpoint (+ metadata), weights, session record, recorded samples
-    and their leftover temp files; keeps the lock (the caller holds it) and every other file.
+    Removes the journal, checkpoint (+ metadata), weights, session record, metrics, recorded
+    samples and their leftover temp files; keeps the lock (the caller holds it) and every
+    other file.
     A directory holding files but no edgelearn journal is refused (InputError); an empty one
     has nothing to clear.
 

@@ -220,6 +220,14 @@ class Session:
         """Why the last `run` stopped early (None: it did not)."""
         return self._stop_reason
 
+    @property
+    def rollbacks(self) -> int:
+        """Divergence rollbacks the run holds (0 before its journal is open)."""
+        loop = self._loop
+        if loop is None:
+            return 0
+        return loop.rollbacks_before + (loop.guard.rollbacks if loop.guard else 0)
+
     def _stop_requested(self) -> bool:
         return self._stop_reason is not None
 
@@ -426,9 +434,8 @@ class Session:
 
     def _run_result(self, loop: RunLoop, *, done: int,
                     plan: dict[str, Any] | None, batch_size: int, stopped: bool) -> RunResult:
-        rollbacks = loop.rollbacks_before + (loop.guard.rollbacks if loop.guard else 0)
         return RunResult(
-            steps=self.optimizer.t, resumed_from=done, rollbacks=rollbacks,
+            steps=self.optimizer.t, resumed_from=done, rollbacks=self.rollbacks,
             loss_first=loop.loss_first, loss_last=loop.loss_last,
             weights=str(self.weights_path), journal=str(self.journal_path),
             sha256=self.store.digest(), optimizer=self.optimizer.name,
