@@ -145,9 +145,8 @@ def export_int8(work: Path, data: Path) -> Path:
     """A small int8 (QDQ) MLP bundle for digits, exported on the host with torch."""
     import numpy as np
     import torch
-    from torch import nn
-
     from edgelearn.export.quantize import export_int8_bundle
+    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))

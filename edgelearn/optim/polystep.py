@@ -85,7 +85,7 @@ def rotation(seed: int, step: int, particle: int) -> np.ndarray:
     for k in range(BLOCK, 1, -1):
         x = _direction(bits, k)
         s = 1.0 if x[0] >= 0 else -1.0
-        v = [x[0] + s * math.sqrt(seq_sum([a * a for a in x]))] + x[1:]
+        v = [x[0] + s * math.sqrt(seq_sum([a * a for a in x])), *x[1:]]
         f = 2.0 / seq_sum([a * a for a in v])
         off = BLOCK - k
         for row in q:  # row <- row @ H_k, then the column flip: H_k e_1 = -s x / |x|
