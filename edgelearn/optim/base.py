@@ -162,6 +162,8 @@ class Optimizer:
     #: "taps" (one taps-graph forward, `taps=` () -> (taps, y); see optim/tpsgd.py). The train
     #: loop builds the evaluator it names; replay of a "taps" journal needs the run's data.
     needs: ClassVar[str] = "loss"
+    #: why a replayed step may not reproduce its record (the replay error names it)
+    replay_hint: ClassVar[str] = "corrupt, or written with other settings, weights or data"
     #: True when the optimizer multiplies its learning rate by `self.lr_scale` (set by the
     #: trainer's divergence rollback; 1.0 otherwise). Optimizers that do not cannot be used
     #: with divergence rollback.
@@ -308,8 +310,7 @@ class Optimizer:
             raise InputError(f"journal record of step {step} has too many losses")
         if "evals" in record:
             again["evals"] = evals
-        check_reproduced(step, again, record, "corrupt, or written with other settings, "
-                         "weights or data")
+        check_reproduced(step, again, record, self.replay_hint)
         self.t = step + 1
 
     # -- public dialogue ------------------------------------------------------------------------

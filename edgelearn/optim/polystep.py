@@ -40,10 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn import portable
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
+from edgelearn.portable import mix, seq_sum
 from edgelearn.rng import Noise, philox_key
 
 BLOCK = 8
@@ -54,6 +56,10 @@ ARENAS = ("auto", "float32", "int8")
 # rotations and rounding uniforms never share a stream.
 _PROJ, _ROT, _ROUND = 1 << 24, 2 << 24, 3 << 24
 _RADEMACHER = Noise("rademacher")
+_INV_2_52 = 2.0 ** -52  # 53-bit word / 2^52: uniform in [0, 2), exact
+_TRIES = 256  # ball candidates per draw (dimension 8 accepts ~1.6% of cube points)
+#: how rotations are drawn; journals of version 1 (LAPACK QR, not bit-portable) are refused
+ROTATION_VERSION = 2
 
 
 def projection_block(seed: int, step: int, particle: int, m: int) -> np.ndarray:
@@ -64,13 +70,53 @@ def projection_block(seed: int, step: int, particle: int, m: int) -> np.ndarray:
 
 
 def rotation(seed: int, step: int, particle: int) -> np.ndarray:
-    """A random rotation in SO(8) (float64 [8, 8]) for a particle: QR of a seeded Gaussian."""
-    gen = np.random.Generator(np.random.Philox(key=philox_key(seed, step, _ROT + particle)))
-    q, r = np.linalg.qr(gen.standard_normal((BLOCK, BLOCK)))
-    q = q * np.sign(np.diag(r))  # Haar-distributed orthogonal matrix
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
+    """A random rotation in SO(8) (float64 [8, 8]) for a particle, the same bits on every CPU.
+
+    Stewart's construction (1980, "The efficient generation of random orthogonal matrices"):
+    Q = H_8 D_8 H_7 D_7 ... H_2 D_2 D_1, where H_k is the Householder reflection (on the last k
+    coordinates) taking e_1 to a uniform random direction of R^k and D_k flips that column's
+    sign, is Haar-distributed on O(8); the last column's sign then makes det(Q) = +1. The
+    directions come from raw Philox words (uniform in the cube, rejected outside the unit ball:
+    uniform on the sphere with no libm call), and everything is computed in Python floats, so no
+    LAPACK, BLAS or libm result enters (journal version 2; version 1 used LAPACK QR).
+    """
+    bits = np.random.Philox(key=philox_key(seed, step, _ROT + particle))
+    q = [[1.0 if r == c else 0.0 for c in range(BLOCK)] for r in range(BLOCK)]
+    det = 1.0
+    for k in range(BLOCK, 1, -1):
+        x = _direction(bits, k)
+        s = 1.0 if x[0] >= 0 else -1.0
+        v = [x[0] + s * math.sqrt(seq_sum([a * a for a in x])), *x[1:]]
+        f = 2.0 / seq_sum([a * a for a in v])
+        off = BLOCK - k
+        for row in q:  # row <- row @ H_k, then the column flip: H_k e_1 = -s x / |x|
+            d = f * seq_sum([row[off + i] * v[i] for i in range(k)])
+            for i in range(k):
+                row[off + i] = row[off + i] - d * v[i]
+            row[off] = -s * row[off]
+        det = det * s  # det(H_k) = -1 times the flip's -s
+    if det < 0:
+        for row in q:
+            row[BLOCK - 1] = -row[BLOCK - 1]
+    return np.array(q, np.float64)
+
+
+def _direction(bits: np.random.Philox, k: int) -> list[float]:
+    """A uniform random point of the unit ball of R^k (nonzero), from raw 64-bit words.
+
+    Candidates come 256 at a time (rows of uniforms in [-1, 1), exact from 53-bit words); the
+    first row inside the ball is taken. Squared norms add the columns left to right in
+    elementwise float64, so the choice is the same on every CPU.
+    """
+    while True:
+        x = (bits.random_raw(_TRIES * k) >> np.uint64(11)).astype(np.float64)
+        x = (x * _INV_2_52 - 1.0).reshape(_TRIES, k)
+        r2 = x[:, 0] * x[:, 0]
+        for i in range(1, k):
+            r2 = r2 + x[:, i] * x[:, i]
+        ok = np.flatnonzero((r2 > 1e-12) & (r2 <= 1.0))
+        if ok.size:
+            return [float(v) for v in x[ok[0]]]
 
 
 def vertices(rot: np.ndarray) -> np.ndarray:
@@ -79,20 +125,24 @@ def vertices(rot: np.ndarray) -> np.ndarray:
 
 
 def assignment(costs: np.ndarray, eps: float) -> np.ndarray:
-    """softmax(-c / eps) of costs normalized to [0, 1] by their range (float64 [16])."""
-    c = np.asarray(costs, np.float64)
-    span = float(c.max() - c.min())
-    c = (c - c.min()) / span if span > 0 else np.zeros_like(c)
-    w = np.exp(-(c - c.min()) / eps)
-    return w / w.sum()
+    """softmax(-c / eps) of costs normalized to [0, 1] by their range (float64 [16]); plain
+    double operations and `edgelearn.portable.exp`, so the same bits on every CPU."""
+    c = [float(v) for v in np.asarray(costs, np.float64).ravel()]
+    lo, span = min(c), max(c) - min(c)
+    w = [portable.exp(-((v - lo) / span) / eps) if span > 0 else 1.0 for v in c]
+    total = seq_sum(w)
+    return np.array([v / total for v in w], np.float64)
 
 
 def cosine(t: int, total: int | None, start: float, end: float) -> float:
-    """Cosine schedule from `start` (t = 0) to `end` (t >= total); constant without total."""
+    """Cosine schedule from `start` (t = 0) to `end` (t >= total); constant without total.
+
+    The cosine is `edgelearn.portable.cos_pi` (not libm), so the schedule is bit-portable.
+    """
     if not total:
         return start
     frac = min(t / total, 1.0)
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return end + (start - end) * 0.5 * (1.0 + portable.cos_pi(frac))
 
 
 @dataclass(frozen=True)
@@ -122,9 +172,17 @@ class PolyStepOptions(OptimizerOptions):
         "accepted for the shared CLI: probes always restore exactly from a copy of the probed "
         "tensor, so every value behaves the same", cli="--restore",
         choices=("auto", "copy", "drift")))
+    rotation: int = field(default=ROTATION_VERSION, metadata=meta(
+        "how particle rotations are drawn: 2 = seeded Householder product in plain float64, "
+        "the same bits on every CPU (1 = LAPACK QR, journals before it; refused)", legacy=1))
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check(self.rotation == ROTATION_VERSION,
+              f"this polystep run draws its rotations by version {self.rotation!r} (1: LAPACK "
+              "QR, which is not bit-portable and no longer implemented); this edgelearn draws "
+              f"version {ROTATION_VERSION} and cannot reproduce it: replay or resume it with "
+              "the edgelearn that wrote it")
         check(self.rank >= BLOCK and self.rank % BLOCK == 0,
               f"rank must be a positive multiple of {BLOCK}, got {self.rank!r}")
         for nm, v in (("radius", self.radius), ("eps", self.eps),
@@ -225,7 +283,7 @@ class PolyStep(Optimizer):
         def delta(j: int) -> np.ndarray:
             i, v = divmod(j, VERTICES)
             u = (r_probe * rots[i][v]).astype(np.float32)
-            return u @ block(i)
+            return mix(u, block(i))
 
         def restore() -> None:
             if cache["seg"] is not None:
@@ -258,7 +316,7 @@ class PolyStep(Optimizer):
         dxs = []
         for i in range(len(parts)):
             w = assignment(losses[VERTICES * i: VERTICES * (i + 1)], eps)
-            dxs.append((r_step * (w @ rots[i])).astype(np.float32))
+            dxs.append((r_step * mix(w, rots[i])).astype(np.float32))
         record["dx"] = [[float(v) for v in dx] for dx in dxs]
         # Monolithic update: every particle of a tensor moves it at once.
         i = 0
@@ -266,7 +324,7 @@ class PolyStep(Optimizer):
             a, b = parts[i]
             acc = np.zeros(b - a, np.float32)
             while i < len(parts) and parts[i] == (a, b):
-                acc += dxs[i] @ projection_block(self.seed, t, i, b - a)
+                acc += mix(dxs[i], projection_block(self.seed, t, i, b - a))
                 i += 1
             theta[a:b] = self._candidate(theta[a:b], acc, k_total + a)
         return record

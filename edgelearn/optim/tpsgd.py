@@ -146,6 +146,10 @@ class TPSGD(Optimizer):
     name = "tpsgd"
     Options = TPSGDOptions
     needs = "taps"
+    replay_hint = ("tpSGD replay re-runs the taps forward and numpy/BLAS matrix products, "
+                   "which are bit-exact only on the kind of CPU, runtime and BLAS build that "
+                   "trained the run (another CPU rounds differently); else the journal is "
+                   "corrupt or the settings, weights or data differ")
     options: TPSGDOptions
 
     def __init__(self, **options: Any) -> None:
