@@ -84,5 +84,7 @@ def test_wheel_installs_only_edgelearn_at_top_level(tmp_path: Path) -> None:
         assert z.read(top).decode().split() == ["edgelearn"]
     assert {n.split("/")[0] for n in names if not n.startswith("edgelearn-")} == {"edgelearn"}
     assert "edgelearn/profiles/raspberry-pi-4.toml" in names
+    for init in (ROOT / "edgelearn").rglob("__init__.py"):  # every subpackage ships
+        assert init.relative_to(ROOT).as_posix() in names, init
     assert "edgelearn/export/onnx_export.py" in names
     assert not [n for n in names if "reference" in n]  # torch references stay with the tests
