@@ -605,39 +605,55 @@ def _add_train(sub: Any) -> None:
     _add_json(sp)
 
 
+def _option_flag_specs() -> dict[str, dict[str, Any]]:
+    """train flag -> what every optimizer's Options field behind it declares: the users,
+    help text, type, choices and each user's default (flags come from the Options, once)."""
+    import dataclasses
+    import typing
+
+    specs: dict[str, dict[str, Any]] = {}
+    # zo-sgd first: where optimizers share a flag, its help text is the flag's
+    for name, options in sorted(el.optimizers().items(), key=lambda kv: (kv[0] != "zo-sgd",
+                                                                          kv[0])):
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            flag = f.metadata.get("cli")
+            if not flag or flag == "--lr":  # --lr is every optimizer's (the optimizer group)
+                continue
+            kind = typing.get_args(hints[f.name]) or (hints[f.name],)
+            spec = specs.setdefault(flag, {"users": [], "help": f.metadata["help"],
+                                           "type": next(k for k in kind if k is not type(None)),
+                                           "choices": f.metadata.get("choices"),
+                                           "defaults": {}})
+            spec["users"].append(name)
+            spec["defaults"][name] = f.default
+    return specs
+
+
+def _option_help(spec: dict[str, Any]) -> str:
+    """An option flag's help: its Options text and each user's default."""
+    values = {"none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+              for v in spec["defaults"].values()}
+    if len(values) == 1:
+        default = values.pop()
+    else:
+        default = ", ".join(f"{k} {'none' if v is None else v}"
+                            for k, v in sorted(spec["defaults"].items()))
+    return f"{spec['help']} (default: {default})"
+
+
 def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
-    """`train`'s per-optimizer flag groups (zo-sgd / zo-scale, tpsgd, polystep via --opt)."""
-    g = sp.add_argument_group("zo-sgd / zo-scale options")
-    g.add_argument("--eps", type=float, default=None,
-                   help="perturbation scale (default: zo-sgd 1e-3, zo-scale 1e-4)")
-    g.add_argument("--probes", type=_positive, default=None,
-                   help=_dflt("probes", "perturbations per step"))
-    g.add_argument("--noise", default=None, choices=["rademacher", "gaussian", "pool"],
-                   help="perturbation distribution (default: zo-sgd rademacher, "
-                   "zo-scale gaussian)")
-    g.add_argument("--restore", default=None, choices=["auto", "copy", "drift"],
-                   help=_dflt("restore", "how weights come back after +-eps probes (README: "
-                             "restore policy; also polystep)"))
-    g.add_argument("--schedule", default=None, choices=["constant", "cosine", "linear"],
-                   help=_dflt("schedule", "learning-rate schedule over --steps"))
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help=_dflt("weight_decay", "zo-sgd: decoupled decay of >=2-D weights"))
-    g.add_argument("--sign", action="store_true", default=None, help="zo-sgd: ZO-SignSGD update")
-    g.add_argument("--clip", type=float, default=None,
-                   help="clip |L+ - L-| (default: zo-sgd none; zo-scale clips the directional "
-                   "derivative at 100)")
-    g.add_argument("--conservative", action="store_true", default=None,
-                   help="zo-sgd: undo an update that makes the loss worse (1 extra forward)")
-    g = sp.add_argument_group("tpsgd options")
-    g.add_argument("--local-loss", default=None, choices=["mse", "l1", "drtp"],
-                   help=_dflt("local_loss", "hidden-layer loss against the projected label"))
-    g.add_argument("--target-scale", type=float, default=None,
-                   help=_dflt("target_scale", "std of the random label projections"))
-    g.add_argument("--target-on", default=None, choices=["pooled", "activation"],
-                   help=_dflt("target_on", "put a layer's target after its own pooling (when "
-                             "the exporter recorded one) or on its activation output"))
-    g.add_argument("--hidden-lr", type=float, default=None,
-                   help="learning rate of the hidden layers (default: --lr)")
+    """`train`'s per-optimizer flags, generated from the optimizers' Options dataclasses and
+    grouped by the optimizers that read them (polystep's go through --opt KEY=VALUE)."""
+    groups: dict[str, Any] = {}
+    for flag, spec in _option_flag_specs().items():
+        label = " / ".join(sorted(spec["users"])) + " options"
+        g = groups.get(label) or groups.setdefault(label, sp.add_argument_group(label))
+        if spec["type"] is bool:
+            g.add_argument(flag, action="store_true", default=None, help=_option_help(spec))
+        else:
+            g.add_argument(flag, type=spec["type"], default=None, choices=spec["choices"],
+                           help=_option_help(spec))
     keys = optimizer_option_names("polystep") if "polystep" in el.optimizers() else None
     sp.add_argument_group("polystep options", "given as --opt KEY=VALUE, keys: "
                           f"{', '.join(keys or [])}")
@@ -659,9 +675,6 @@ def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--fsync-seconds", type=float, default=None,
                    help="also fsync the journal when this many seconds passed since the last "
                    "fsync (use with a large --fsync-every for a time-based policy)")
-    g.add_argument("--reject-above", type=float, default=None,
-                   help="zo-sgd: reject a step (weights restored, no update) when |L+ - L-| "
-                   "exceeds this value")
     g.add_argument("--diverge-factor", type=float, default=None,
                    help="roll back to the last good checkpoint when the loss stays above "
                    "this many times its running minimum (off by default)")

@@ -142,9 +142,14 @@ def test_train_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str]
         main(["train", "--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo line wrapping
-    for group in ("data:", "optimizer:", "zo-sgd / zo-scale options:", "tpsgd options:",
-                  "polystep options:", "reliability:", "device / runtime:"):
+    for group in ("data:", "optimizer:", "zo-scale / zo-sgd options:", "zo-sgd options:",
+                  "tpsgd options:", "polystep options:", "reliability:", "device / runtime:"):
         assert group in text
+    import edgelearn as el  # every Options field with a flag is a train flag (generated)
+
+    for options in el.optimizers().values():
+        for flag in options.cli_flags():
+            assert f" {flag} " in text, flag
     for flag, default in (("--checkpoint-every CHECKPOINT_EVERY", "100"),
                           ("--probes PROBES", "1"), ("--restore {auto,copy,drift}", "auto"),
                           ("--target-scale TARGET_SCALE", "3.0"),
