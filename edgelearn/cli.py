@@ -13,6 +13,7 @@ an `el` client), as tests/test_layout.py checks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import textwrap
@@ -221,22 +222,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-def _other_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options of polystep / zo-scale from the shared flags they take."""
-    options: dict[str, Any] = {"restore": args.restore}
-    if args.optimizer == "zo-scale":
-        options.update({k: v for k, v in (("lr", args.lr), ("eps", args.eps),
-                                          ("noise", args.noise), ("clip", args.clip))
-                        if v is not None})
-        options.update(probes=args.probes, schedule=args.schedule)
-        if args.schedule != "constant":
-            options["total_steps"] = args.steps
-    elif args.optimizer == "polystep":
-        options["total_steps"] = args.steps  # cosine schedules of eps and radii
+def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen optimizer's options set by train flags: its Options fields that name a flag
+    ("cli" metadata), where the flag was given (the others keep their Options defaults), and
+    `total_steps` = --steps where the optimizer schedules over the run."""
+    options_cls = el.optimizers()[args.optimizer]
+    options = {key: getattr(args, flag[2:].replace("-", "_"))
+               for flag, key in options_cls.cli_flags().items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    defaults = {f.name: f.default for f in dataclasses.fields(options_cls)}
+    # polystep's radii and temperature always follow a cosine over the run; zo-sgd and
+    # zo-scale only under a --schedule other than constant
+    if "total_steps" in defaults and \
+            options.get("schedule", defaults.get("schedule", "cosine")) != "constant":
+        options["total_steps"] = args.steps
+    if args.optimizer == "tpsgd" and args.objective == "mse":  # its head loss follows
+        options["head_loss"] = "mse"
     return options
 
 
@@ -258,25 +259,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     bundle = el.load_bundle(args.bundle)
     data = el.load_data(args.data, task=bundle.task)
-    options: dict[str, Any] = {"lr": _or(args.lr, 1e-3), "eps": _or(args.eps, 1e-3),
-                               "probes": args.probes, "noise": _or(args.noise, "rademacher"),
-                               "restore": args.restore, "weight_decay": args.weight_decay,
-                               "sign": args.sign, "clip": args.clip,
-                               "conservative": args.conservative, "schedule": args.schedule}
-    if args.schedule != "constant":
-        options["total_steps"] = args.steps
-    if args.reject_above is not None:
-        options["reject_above"] = args.reject_above
-    if args.optimizer == "tpsgd":  # layer-local targets: its own options (README: tpSGD)
-        options = {k: v for k, v in (("lr", args.lr), ("local_loss", args.local_loss),
-                                     ("target_scale", args.target_scale),
-                                     ("hidden_lr", args.hidden_lr),
-                                     ("target_on", args.target_on)) if v is not None}
-        if args.objective == "mse":
-            options["head_loss"] = "mse"
-    elif args.optimizer != "zo-sgd":
-        options = _other_options(args)
-    options.update(_opt_pairs(args))
+    options = {**_flag_options(args), **_opt_pairs(args)}
     divergence = None
     if args.diverge_factor is not None:
         divergence = el.DivergencePolicy(factor=args.diverge_factor,
@@ -507,13 +490,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 }
 
 
-#: train flags stored as None when not given (so a flag given explicitly can be told apart)
-#: -> the value used when it is not given: the same values the flags had as plain defaults
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "probes": 1, "restore": "auto", "schedule": "constant", "weight_decay": 0.0,
-    "sign": False, "conservative": False, "local_loss": "mse", "target_scale": 3.0,
-    "target_on": "pooled", "diverge_patience": 20, "diverge_lr_scale": 0.5,
-}
+#: train flags of no optimizer stored as None when not given (so one given without
+#: --diverge-factor can be refused) -> the value used when it is not given. Optimizer flags
+#: need no entry: left None, they keep their Options defaults (`_flag_options`).
+TRAIN_DEFAULTS: dict[str, Any] = {"diverge_patience": 20, "diverge_lr_scale": 0.5}
 
 def flag_users() -> dict[str, tuple[str, ...]]:
     """train flag (argparse dest) -> the optimizers that read it: those whose Options field
