@@ -148,6 +148,8 @@ class RuntimeConfig:
         device: a shipped profile name or a profile TOML path; "auto" detects this machine's
             profile; None applies no profile.
         backend_options: Unstable: further backend options (litert: {"strategy": ...}).
+        prefix_cache: train on cached frozen-prefix features when only a suffix of the graph
+            trains (bit-identical results; onnxruntime; `train --no-cache` turns it off).
     """
 
     backend: str | None = None
@@ -156,6 +158,7 @@ class RuntimeConfig:
     memory_budget_mb: float | None = None
     device: str | None = "auto"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.providers is not None:

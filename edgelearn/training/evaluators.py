@@ -60,6 +60,8 @@ class StepEvaluator:
     replay_needs_data: bool = False
     #: True when populations are scored by the population graph
     population_graph: bool = False
+    #: why frozen-prefix caching is off for this run (`cache_report`), when it was asked for
+    cache_info: dict[str, Any] | None = None
 
     def __init__(self, timers: Timers) -> None:
         self.timers = timers
@@ -78,6 +80,13 @@ class StepEvaluator:
     def memory_bytes(self) -> int:
         """Bytes of buffers this evaluator allocates besides the model's (for memory plans)."""
         return 0
+
+    def cache_report(self) -> dict[str, Any] | None:
+        """The frozen-prefix cache's `cache` report (None: caching was not asked for)."""
+        return self.cache_info
+
+    def close(self) -> None:
+        """Release what the evaluator holds besides the model (a cache's spill file)."""
 
     def replay(self, opt: Optimizer, store: ParamStore, record: dict[str, Any],
                batch: Batch | None) -> None:
@@ -180,7 +189,8 @@ class TapsEvaluator(StepEvaluator):
 def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend: str,
                    threads: int | None = None, model: Model | None = None,
                    loss_fn: LossFn | None = None, population: bool = True,
-                   timers: Timers | None = None) -> StepEvaluator:
+                   timers: Timers | None = None, prefix_cache: bool = False,
+                   cache_bytes: int | None = None) -> StepEvaluator:
     """The evaluator of `opt`'s steps on `bundle` (the only place that tells taps apart).
 
     Args:
@@ -192,16 +202,29 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         loss_fn: the objective (with `model`).
         population: use the bundle's population graph when it batches the trainable set.
         timers: rings for forward / population timings (a fresh set when None).
+        prefix_cache: train on cached frozen-prefix features where the graph splits
+            (`edgelearn.training.cached_evaluator`; bit-identical, onnxruntime only).
+        cache_bytes: memory for cached features (None: the cache's default bound).
     Raises: InputError when the bundle or backend cannot run the optimizer's forwards.
     """
     timers = timers if timers is not None else Timers()
     if opt.needs == "taps":
-        return _taps_evaluator(bundle, store, opt, backend=backend, threads=threads,
+        taps = _taps_evaluator(bundle, store, opt, backend=backend, threads=threads,
                                timers=timers)
+        if prefix_cache:
+            taps.cache_info = {"enabled": False, "reason": f"{opt.name} runs its taps graph "
+                               "uncached (its update reads every tapped layer's activations)"}
+        return taps
     pop_eval = None
     if model is not None and population and model.backend.can_score_population():
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
-    return LossEvaluator(model, loss_fn, pop_eval, timers)
+    plain = LossEvaluator(model, loss_fn, pop_eval, timers)
+    if not prefix_cache:
+        return plain
+    from edgelearn.training.cached_evaluator import cached_or_plain
+
+    return cached_or_plain(bundle, plain, backend=backend, threads=threads,
+                           capacity=cache_bytes)
 
 
 def _taps_graph(bundle: Bundle, opt: Optimizer, backend: str) -> str:

@@ -47,6 +47,9 @@ class RunResult:
         steps: steps the run holds now (those asked, unless a callback stopped it early);
         resumed_from: steps it held before this call.
         stopped_early: a callback stopped the run early (`Session.request_stop`).
+        cache: the frozen-prefix cache report (`StepEvaluator.cache_report`): "enabled",
+            "cut" (tensor names), "prefix_nodes", "cached_examples", "bytes", ... or
+            {"enabled": False, "reason"}; None when caching was turned off.
         The other fields are the `train --json` keys (times in ms, memory in MiB).
     """
 
@@ -68,6 +71,7 @@ class RunResult:
     population_graph: bool
     population_call_ms_median: float | None
     stopped_early: bool = False
+    cache: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `train --json` object (every field but `stopped_early`)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgelearn.budget import plan_batch, run_memory_bytes
+from edgelearn.budget import MARGIN, plan_batch, run_memory_bytes
 from edgelearn.bundle import Bundle, load_bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import EdgelearnError, InputError
@@ -30,6 +30,7 @@ from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model
 from edgelearn.osutil import peak_rss_mb
 from edgelearn.params import ParamStore
+from edgelearn.training.cached_evaluator import CachedEvaluator
 from edgelearn.training.callbacks import Callback
 from edgelearn.training.config import RuntimeConfig, TrainConfig
 from edgelearn.training.divergence import DivergenceGuard, guard_from_header
@@ -101,7 +102,8 @@ class Session:
         self.evaluator: StepEvaluator = make_evaluator(
             self.bundle, self.model.store, self.optimizer, backend=self.runtime.backend,
             threads=self.runtime.threads, model=self.model, loss_fn=get_loss(self.objective),
-            population=self.config.population, timers=self.timers)
+            population=self.config.population, timers=self.timers,
+            prefix_cache=self.runtime_config.prefix_cache, cache_bytes=self._cache_bytes())
         divergence = self.config.divergence
         self._divergence = None if divergence is None else \
             divergence.to_json(self.optimizer, self.config.checkpoint_every)
@@ -113,6 +115,8 @@ class Session:
         self._feed_keys: dict[str, Any] = {}
         self._deferred = False  # an existing run that resumes only once run() gives its data
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.evaluator, CachedEvaluator):
+            self.evaluator.spill_to(self.run_dir)
         self._lock = RunLock(self.run_dir)
         try:
             check_run_dir(self.run_dir)
@@ -186,6 +190,9 @@ class Session:
         plan = self._memory_plan(len(data), self.config.batch_size)
         batch_size = self.config.batch_size if plan is None else plan["batch_size"]
         feed = DatasetFeed(data, batch_size, self.config.seed)
+        batches = feed.batch
+        if isinstance(self.evaluator, CachedEvaluator):  # keys cached features by index
+            batches = self.evaluator.indexed_batches(data, batch_size, self.config.seed)
         loop = self._open(feed.header(pin_data=self.evaluator.replay_needs_data), feed.batch,
                           steps=steps)
         done = self.optimizer.t
@@ -200,7 +207,7 @@ class Session:
         result: RunResult | None = None
         try:
             with deferred_sigint() as interrupted:
-                stopped = loop.run(feed.batch, range(done, steps), callbacks,
+                stopped = loop.run(batches, range(done, steps), callbacks,
                                    interrupted=interrupted, stop=self._stop_requested)
             loop.journal.sync()
             loop.write_weights()
@@ -276,6 +283,7 @@ class Session:
         """Save unsaved steps, close the journal and release the run lock (idempotent)."""
         if not self._lock.held:
             return
+        self.evaluator.close()
         try:
             if self._loop is not None:
                 try:
@@ -395,6 +403,16 @@ class Session:
             "train": self.config.to_json(), "runtime": self.runtime_config.to_json()})
 
     # -- memory ---------------------------------------------------------------------------------
+    def _cache_bytes(self) -> int | None:
+        """Memory for cached prefix features: half of what the budget leaves (None: the
+        cache's default bound without a budget); the rest spills to the run directory."""
+        budget = self.runtime.memory_budget_mb
+        if budget is None:
+            return None
+        from edgelearn.osutil import current_rss_mb
+
+        return int(max(0.0, budget / MARGIN - current_rss_mb()) / 2 * (1 << 20))
+
     def _check_weights_fit(self) -> None:
         budget = self.runtime.memory_budget_mb
         if budget is None:
@@ -445,4 +463,4 @@ class Session:
             batch_size=batch_size, memory_plan=plan,
             population_graph=self.evaluator.population_graph,
             population_call_ms_median=self.timers.population.median_ms(),
-            stopped_early=stopped)
+            stopped_early=stopped, cache=self.evaluator.cache_report())

@@ -1,0 +1,293 @@
+"""Loss forwards on cached frozen-prefix features: the suffix graph only, per probe.
+
+`make_evaluator` hands a plain loss evaluator to `cached_or_plain`, which splits the bundle's
+ONNX graph at its cut (`edgelearn.prefix_cache`) and, where a split exists, returns a
+`CachedEvaluator`: each step looks its batch's examples up in a `FeatureCache` (by data-set
+index when `Session.run` feeds it, by a sha256 of each example's bytes for live samples),
+runs the prefix on the misses only, and every evaluate() of the step is one suffix forward.
+
+Bit-identity with the uncached run is checked, not assumed: on the first batch the suffix
+output must equal the whole graph's output exactly, and the prefix's rows computed alone must
+equal the rows computed in the batch (a runtime whose kernels fuse across the cut, or whose
+results depend on the batch composition, fails this). On failure the evaluator falls back to
+the plain forwards for the rest of the session and says why in its report. Journals do not
+record whether a run was cached: replay and resume do not care.
+
+onnxruntime only: the split is an ONNX graph, and LiteRT's floats differ from onnxruntime's,
+so a LiteRT run computing its features with either runtime would not match the uncached run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelearn.data import Dataset, batch_indices, data_sha256
+from edgelearn.errors import EdgelearnError
+from edgelearn.prefix_cache import DEFAULT_CAPACITY, FeatureCache, Split, example_keys, plan_split
+from edgelearn.training.evaluators import Forwards, LossEvaluator, StepEvaluator
+
+Batch = tuple[np.ndarray, np.ndarray]
+#: cuts tried before caching gives up (each refused one moves the cut up)
+MAX_CUTS = 4
+
+
+def _session(model: bytes, threads: int | None, providers: Sequence[str]) -> Any:
+    """An onnxruntime session with the plain backend's options (same kernels, same floats)."""
+    from edgelearn.backends.ort_graph import import_ort
+
+    ort = import_ort()
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model, sess_options=so, providers=list(providers))
+
+
+class SuffixRunner:
+    """The suffix graph with the store's trainable views bound zero-copy (IOBinding).
+
+    Args:
+        split: the Split. store: the arena the optimizer updates in place.
+        threads / providers: as the run's onnxruntime backend.
+    """
+
+    def __init__(self, split: Split, store: Any, threads: int | None,
+                 providers: Sequence[str]) -> None:
+        from edgelearn.backends.ort_graph import import_ort
+
+        ort = import_ort()
+        self.session = _session(split.suffix, threads, providers)
+        self.io = self.session.io_binding()
+        self._keep = []
+        for name in split.trainable:
+            view = store[name]
+            ov = ort.OrtValue.ortvalue_from_numpy(view)
+            self.io.bind_ortvalue_input(name, ov)
+            self._keep.append((view, ov))
+        self.output = self.session.get_outputs()[0].name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The model output for the cut tensors (and passthrough inputs) in `feeds`."""
+        io = self.io
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        io.clear_binding_outputs()
+        io.bind_output(self.output, "cpu")
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
+
+
+class CachedEvaluator(StepEvaluator):
+    """Loss forwards on cached prefix features (see the module docstring).
+
+    Args:
+        plain: the uncached evaluator (first-batch check, and the fallback).
+        split: the bundle's split. store: the trainable arena.
+        threads / providers: the run's onnxruntime settings.
+        capacity: bytes of features kept in memory.
+    """
+
+    def __init__(self, plain: LossEvaluator, split: Split, store: Any, *,
+                 threads: int | None, providers: Sequence[str], capacity: int) -> None:
+        super().__init__(plain.timers)
+        self.plain, self.split = plain, split
+        self.prefix = _session(split.prefix, threads, providers)
+        self.suffix = SuffixRunner(split, store, threads, providers)
+        self.cache = FeatureCache(split.cut, capacity)
+        self.disabled: str | None = None
+        self.checked = False
+        self.prefix_seconds = 0.0
+        #: cuts tried before this one and why the check refused them
+        self.refused: list[dict[str, Any]] = []
+        self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
+
+    # -- feeds -----------------------------------------------------------------------------
+    def indexed_batches(self, data: Dataset, batch_size: int, seed: int
+                        ) -> Callable[[int], Batch]:
+        """`Session.run`'s batch source, telling this evaluator each batch's data-set indices
+        (keys without hashing every example; the data set is hashed once)."""
+        token = data_sha256(data)
+
+        def batch(step: int) -> Batch:
+            idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
+            x, y = data.x[idx], data.y[idx]
+            self._indexed = (x, [(token, int(i)) for i in idx])
+            return x, y
+
+        return batch
+
+    def spill_to(self, run_dir: Path) -> None:
+        """Spill features that do not fit in memory to a file in the run directory."""
+        self.cache.spill_dir = Path(run_dir)
+
+    def _keys(self, x: np.ndarray) -> list[Hashable]:
+        if self._indexed is not None and self._indexed[0] is x:
+            return self._indexed[1]
+        return list(example_keys(x))
+
+    # -- forwards --------------------------------------------------------------------------
+    def _run_prefix(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        names = list(self.split.cut.tensors)
+        outs = self.prefix.run(names, {self.plain.model.input_name: x})
+        self.prefix_seconds += time.perf_counter() - t0
+        return dict(zip(names, outs, strict=True))
+
+    def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self.cache.features(self._keys(x), x, self._run_prefix)
+        for name in self.split.cut.passthrough:
+            feeds[name] = x
+        return feeds
+
+    def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
+        if self.disabled is not None:
+            return self.plain.forwards(x, y)
+        loss_fn, timers, held = self.plain.loss_fn, self.timers, []
+        if loss_fn is None:
+            raise EdgelearnError("this evaluator replays only: it has no model to run")
+
+        def evaluate() -> float:
+            if not held:  # the step's lookup is timed as part of the step
+                held.append(self._feeds(x))
+                if not self.checked:
+                    self._check(x, held[0])
+            if self.disabled is not None:
+                return self.plain.forwards(x, y).evaluate()
+            t0 = time.perf_counter()
+            out = self.suffix.run(held[0])
+            timers.forward.append(time.perf_counter() - t0)
+            return loss_fn(out, y)
+
+        return Forwards(evaluate, None)
+
+    def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
+        """First real batch: the same checks as at setup (`mismatch`); fall back on failure."""
+        self.checked = True
+        bad = self.mismatch(x, feeds)
+        if bad is not None:
+            self.disabled = bad[0]
+
+    def mismatch(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None
+                 ) -> tuple[str, set[str]] | None:
+        """Why the split would change the floats on batch `x` (and the cut tensors at fault),
+        or None: the suffix must reproduce the whole graph's output exactly, and the prefix
+        rows of an example computed alone or in a pair must equal those of the batch.
+
+        Args:
+            x: a batch of >= 3 examples. feeds: its prefix outputs (computed when None).
+        """
+        model = self.plain.model
+        assert model is not None
+        feeds = dict(feeds) if feeds is not None else self._run_prefix(x)
+        for name in self.split.cut.passthrough:
+            feeds[name] = x
+        whole, split = model.predict(x), self.suffix.run(feeds)
+        if not np.array_equal(whole, split):
+            diff = float(np.max(np.abs(whole.astype(np.float64) - split)))
+            return (f"the split graphs' output differs from the whole graph's (max |diff| "
+                    f"{diff:.3g}): the runtime fuses nodes across the cut",
+                    set(self.split.cut.tensors))
+        bad: set[str] = set()
+        for lo, hi in ((0, 1), (len(x) - 1, len(x)), (1, 3)):
+            part = self._run_prefix(x[lo:hi])
+            bad |= {t for t in part if not np.array_equal(part[t], feeds[t][lo:hi])}
+        if bad:
+            return (f"the prefix's rows of {sorted(bad)} depend on the batch they are in "
+                    "(the runtime's kernels for other batch sizes sum in another order)", bad)
+        return None
+
+    # -- reports ---------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+    def cache_report(self) -> dict[str, Any]:
+        rep: dict[str, Any] = {"enabled": self.disabled is None, **self.split.cut.to_json(),
+                               **self.cache.report(),
+                               "prefix_ms_total": round(1e3 * self.prefix_seconds, 3),
+                               "refused_cuts": self.refused}
+        if self.disabled is not None:
+            rep["reason"] = self.disabled
+        return rep
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
+                    threads: int | None, capacity: int | None) -> StepEvaluator:
+    """A CachedEvaluator over `plain` where the bundle splits bit-identically, else `plain`
+    with the reason in its `cache_report()`.
+
+    The automatic cut is checked on a seeded synthetic batch (`CachedEvaluator.mismatch`);
+    a refused cut moves above the tensors at fault (e.g. a ReduceMean whose onnxruntime
+    kernel sums a batch of one in another order), up to MAX_CUTS tries.
+
+    Args:
+        bundle: the run's bundle. plain: its plain loss evaluator (bound model).
+        backend: the run's backend name. threads: runtime threads.
+        capacity: bytes of features kept in memory (None: DEFAULT_CAPACITY).
+    """
+    why = _why_not(bundle, plain, backend)
+    if why is not None:
+        plain.cache_info = {"enabled": False, "reason": why}
+        return plain
+    model = plain.model
+    assert model is not None
+    store = model.store
+    frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
+    providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
+    after: set[str] = set()
+    refused: list[dict[str, Any]] = []
+    x = _probe_batch(bundle)
+    for _ in range(MAX_CUTS):
+        split = plan_split(bundle.files["onnx"], frozen, store.trainable_names,
+                           [t.name for t in bundle.inputs], model.output_name, after=after)
+        if isinstance(split, str):
+            why = split
+            break
+        ev = CachedEvaluator(plain, split, store, threads=threads, providers=providers,
+                             capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+        ev.refused = refused
+        bad = ev.mismatch(x) if x is not None else None
+        if bad is None:
+            ev.prefix_seconds = 0.0
+            return ev
+        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
+        after |= bad[1]
+    else:
+        why = f"no bit-identical cut in {MAX_CUTS} tries"
+    plain.cache_info = {"enabled": False, "reason": why, "refused_cuts": refused}
+    return plain
+
+
+def _probe_batch(bundle: Any) -> np.ndarray | None:
+    """A seeded batch of 5 synthetic examples of the model input (None: symbolic dims)."""
+    spec = bundle.inputs[0]
+    if not all(isinstance(d, int) for d in spec.shape[1:]):
+        return None
+    rng = np.random.default_rng(0)
+    shape = (5, *spec.shape[1:])
+    if np.dtype(spec.dtype).kind in "iu":
+        return rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return rng.standard_normal(shape).astype(spec.dtype)
+
+
+def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
+    """Why this run cannot cache a prefix (None: it may try)."""
+    if backend != "onnxruntime":
+        return (f"prefix caching runs on onnxruntime only (the {backend} backend's floats "
+                "differ from onnxruntime's, so cached features would change the run)")
+    if plain.model is None or plain.loss_fn is None:
+        return "no model to run (replay only)"
+    if plain.population_graph:
+        return ("the population graph scores K candidates per call; caching would change "
+                "its floats (pass population=False to cache instead)")
+    if len(bundle.inputs) != 1:
+        return "prefix caching needs a single-input model"
+    return None
