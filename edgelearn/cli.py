@@ -88,7 +88,8 @@ def _runtime_config(args: argparse.Namespace) -> el.RuntimeConfig:
     profile, else the profile detected for this machine (`edgelearn device`)."""
     return el.RuntimeConfig(backend=args.backend, threads=args.threads,
                             memory_budget_mb=getattr(args, "memory_budget_mb", None),
-                            device=getattr(args, "device", None) or "auto")
+                            device=getattr(args, "device", None) or "auto",
+                            prefix_cache=not getattr(args, "no_cache", False))
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -149,7 +150,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     """Describe a bundle: inputs, outputs, parameters, files, parity, what it can train with."""
-    info = el.describe(el.load_bundle(args.bundle))
+    bundle = el.load_bundle(args.bundle)
+    info = el.describe(bundle)
+    info["cache"] = el.tools.cache_plan(bundle)  # the frozen prefix a train run caches
     _emit(args, info, lambda: _info_text(info))
 
 
@@ -204,6 +207,11 @@ def _info_text(info: dict[str, Any]) -> str:
     for name, b in info["support"]["backends"].items():
         lines.append(f"    {name:11s} " + (f"yes: {b['model']}" if b["supported"] else
                                             f"no: {b['why']}"))
+    cache = info.get("cache") or {}
+    text = (f"yes: {cache['prefix_nodes']} frozen prefix nodes run once per example, cut at "
+            f"{', '.join(cache['cut'])} ({cache['row_bytes']} bytes/example); onnxruntime"
+            if cache.get("enabled") else f"no: {cache.get('reason')}")
+    lines += textwrap.wrap(f"  prefix cache: {text}", 96, subsequent_indent=" " * 16)
     return "\n".join(lines)
 
 
@@ -290,6 +298,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                            ("population_call_ms_median", "population call")):
             if res.get(key) is not None:
                 timing += f", {label} {res[key]:.2f} ms"
+        cache = res.get("cache") or {}
+        if cache.get("enabled"):
+            timing += (f", cached prefix features of {cache['cached_examples']} examples "
+                       f"({cache['prefix_nodes']} nodes)")
         return (f"{res['steps']} steps ({res['resumed_from']} already done), loss {first} -> "
                 f"{last}{timing}, peak RSS {res['peak_rss_mb']:.0f} MB\n"
                 f"weights: {res['weights']}\njournal: {res['journal']}")
@@ -582,6 +594,9 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--memory-budget-mb", type=float, default=None,
                    help="peak memory allowed; the batch shrinks to fit (default: the "
                    "profile's)")
+    g.add_argument("--no-cache", action="store_true",
+                   help="run the whole graph every forward instead of caching the frozen "
+                   "prefix's features (same results; see 'cache' in --json)")
     _add_json(sp)
 
 

@@ -14,5 +14,6 @@ from edgelearn.prepare import bake_bundle as bake
 from edgelearn.prepare import list_params
 from edgelearn.prepare import prepare_onnx as prepare
 from edgelearn.report import write_report as report
+from edgelearn.training.cached_evaluator import cache_plan
 
-__all__ = ["ATOL", "RTOL", "bake", "bench", "list_params", "prepare", "report"]
+__all__ = ["ATOL", "RTOL", "bake", "bench", "cache_plan", "list_params", "prepare", "report"]

@@ -291,3 +291,30 @@ def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
     if len(bundle.inputs) != 1:
         return "prefix caching needs a single-input model"
     return None
+
+
+def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
+               ) -> dict[str, Any]:
+    """The cut a run of `bundle` would cache at (what `info` reports), checked as `train`
+    checks it; {"enabled": False, "reason"} where it would not cache.
+
+    Args:
+        bundle: a loaded bundle. trainable: glob(s) of trained parameters (None: manifest's).
+    """
+    from edgelearn.losses import default_loss, get_loss
+    from edgelearn.model import Model
+    from edgelearn.training.timing import Timers
+
+    if "onnx" not in bundle.files:
+        return {"enabled": False, "reason": "the bundle has no model.onnx"}
+    try:
+        model = Model(bundle, backend="onnxruntime", trainable=trainable, threads=1)
+        plain = LossEvaluator(model, get_loss(default_loss(bundle.task)), None, Timers())
+        ev = cached_or_plain(bundle, plain, backend="onnxruntime", threads=1, capacity=0)
+    except EdgelearnError as e:
+        return {"enabled": False, "reason": str(e)}
+    report = ev.cache_report() or {}
+    ev.close()
+    keep = ("enabled", "reason", "cut", "passthrough", "prefix_nodes", "suffix_nodes",
+            "row_bytes", "refused_cuts")
+    return {k: report[k] for k in keep if k in report}
