@@ -62,9 +62,12 @@ def same_run(a: el.RunResult, b: el.RunResult) -> bool:
 def test_cached_run_is_bit_identical(cnn: Path, tmp_path: Path, optimizer: str) -> None:
     cached = run(cnn, tmp_path / "c", optimizer, True)
     plain = run(cnn, tmp_path / "p", optimizer, False)
-    assert cached.cache is not None and cached.cache["enabled"], cached.cache
-    assert cached.cache["cut"] == ["features"] and cached.cache["prefix_nodes"] > 10
-    assert cached.cache["cached_examples"] == 24 and cached.cache["hits"] > 0
+    assert cached.cache is not None
+    assert cached.cache["enabled"], cached.cache
+    assert cached.cache["cut"] == ["features"]
+    assert cached.cache["prefix_nodes"] > 10
+    assert cached.cache["cached_examples"] == 24
+    assert cached.cache["hits"] > 0
     assert cached.cache["bytes"] == 24 * 64 * 4
     assert plain.cache is None
     assert same_run(cached, plain)
@@ -92,7 +95,8 @@ def test_live_steps_are_bit_identical(cnn: Path, tmp_path: Path) -> None:
             digests.append(s.digest())
             reports.append(s.evaluator.cache_report())
     assert digests[0] == digests[1]
-    assert reports[0]["cached_examples"] == 6 and reports[0]["hits"] >= 6
+    assert reports[0]["cached_examples"] == 6
+    assert reports[0]["hits"] >= 6
 
 
 def test_feature_cache_spills_and_recomputes(cnn: Path, tmp_path: Path) -> None:
@@ -114,7 +118,8 @@ def test_feature_cache_spills_and_recomputes(cnn: Path, tmp_path: Path) -> None:
             got = cache.features(list(range(6)), x, compute)["features"]
             assert np.array_equal(got, want)
         rep = cache.report()
-        assert rep["cached_examples"] == kept and rep["bytes"] == 2 * 64 * 4
+        assert rep["cached_examples"] == kept
+        assert rep["bytes"] == 2 * 64 * 4
         assert (tmp_path / "prefix_cache.bin").exists() == (spill is not None)
         cache.close()
     assert not (tmp_path / "prefix_cache.bin").exists()
@@ -125,8 +130,10 @@ def test_no_cut_when_the_first_layer_trains(cnn: Path, tmp_path: Path) -> None:
                     el.RuntimeConfig(backend="onnxruntime", device=None)) as s:
         rep = s.evaluator.cache_report()
         assert not isinstance(s.evaluator, CachedEvaluator)
-    assert rep is not None and rep["enabled"] is False
-    assert rep["reason"] == "the first trainable weight is read by the first layer: no frozen prefix"
+    assert rep is not None
+    assert rep["enabled"] is False
+    assert rep["reason"] == ("the first trainable weight is read by the first layer: no "
+                             "frozen prefix")
 
 
 def test_cache_is_onnxruntime_only() -> None:
@@ -145,13 +152,16 @@ def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,
     np.savez(tmp_path / "d.npz", x=data.x, y=data.y)
     assert main(["info", str(cnn), "--json"]) in (0, None)
     info = json.loads(capsys.readouterr().out)
-    assert info["cache"]["enabled"] and info["cache"]["cut"] == ["features"]
+    assert info["cache"]["enabled"]
+    assert info["cache"]["cut"] == ["features"]
     outs = []
     for extra in ([], ["--no-cache"]):
         main(["train", str(cnn), "--data", str(tmp_path / "d.npz"), "--steps", "5",
               "--out", str(tmp_path / f"r{len(extra)}"), "--json",
               *extra])
         outs.append(json.loads(capsys.readouterr().out))
-    assert outs[0]["cache"]["cut"] == ["features"] and outs[0]["cache"]["cached_examples"]
-    assert outs[1]["cache"] is None and outs[0]["sha256"] == outs[1]["sha256"]
+    assert outs[0]["cache"]["cut"] == ["features"]
+    assert outs[0]["cache"]["cached_examples"]
+    assert outs[1]["cache"] is None
+    assert outs[0]["sha256"] == outs[1]["sha256"]
 

@@ -132,7 +132,8 @@ class CachedEvaluator(StepEvaluator):
         return list(example_keys(x))
 
     # -- forwards --------------------------------------------------------------------------
-    def _run_prefix(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def run_prefix(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The cut tensors of batch `x` from the prefix graph (uncached)."""
         t0 = time.perf_counter()
         names = list(self.split.cut.tensors)
         outs = self.prefix.run(names, {self.plain.model.input_name: x})
@@ -140,7 +141,7 @@ class CachedEvaluator(StepEvaluator):
         return dict(zip(names, outs, strict=True))
 
     def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = self.cache.features(self._keys(x), x, self._run_prefix)
+        feeds = self.cache.features(self._keys(x), x, self.run_prefix)
         for name in self.split.cut.passthrough:
             feeds[name] = x
         return feeds
@@ -184,7 +185,7 @@ class CachedEvaluator(StepEvaluator):
         """
         model = self.plain.model
         assert model is not None
-        feeds = dict(feeds) if feeds is not None else self._run_prefix(x)
+        feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
         for name in self.split.cut.passthrough:
             feeds[name] = x
         whole, split = model.predict(x), self.suffix.run(feeds)
@@ -195,7 +196,7 @@ class CachedEvaluator(StepEvaluator):
                     set(self.split.cut.tensors))
         bad: set[str] = set()
         for lo, hi in ((0, 1), (len(x) - 1, len(x)), (1, 3)):
-            part = self._run_prefix(x[lo:hi])
+            part = self.run_prefix(x[lo:hi])
             bad |= {t for t in part if not np.array_equal(part[t], feeds[t][lo:hi])}
         if bad:
             return (f"the prefix's rows of {sorted(bad)} depend on the batch they are in "
