@@ -11,13 +11,20 @@ inverted residual blocks, 1280 pooled features). On each, two sessions train the
 with zo-sgd on the same data (batch 32, threads 1): one with the prefix cache, one with
 `prefix_cache=False`; their steps are interleaved in chunks (`Session.run` continues a run),
 so both see the same machine load. Reported per backbone:
-  step_ms_uncached / step_ms_cached: medians of the optimizer step (train's step_ms_median);
-  speedup: uncached / cached (goal >= 50);
-  head_forward_ms: one forward of the head alone (the suffix graph on cached features, a
-      plain onnxruntime session), interleaved with the steps; step_per_head_forward =
-      step_ms_cached / head_forward_ms (goal <= 2 per forward: a zo-sgd step runs
-      `evaluations` forwards, so the per-forward ratio is reported too);
-  identical: both runs end with the same weights sha256 and journal bytes.
+  step_ms_uncached / step_ms_cached_warm: medians of the optimizer step (StepResult.seconds;
+      warm: after the first chunk, when every example is cached);
+  speedup: uncached / cached warm (goal >= 50);
+  head_forward_ms: one forward of the head alone (the head-alone bundle's Model.predict on
+      a batch of cached features), interleaved with the steps; step_per_head_forward =
+      step_ms_cached_warm / head_forward_ms (goal <= 2; a zo-sgd step runs
+      `evaluations_per_step` forwards);
+  head_alone_step_ms: a zo-sgd step on a bundle that is only the head (its input is the cut
+      tensor, fed the cached features): the floor any caching can reach;
+      step_per_head_alone_step = step_ms_cached_warm / head_alone_step_ms;
+  session_setup_ms_cached / _uncached: Session() construction (the cached one splits the
+      graph and checks the cut on a probe batch);
+  identical: a cached run of as many steps as the uncached one ends with the same weights
+      sha256 and the same journal bytes.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
@@ -68,75 +75,108 @@ def backbones(tmp: Path, quick: bool) -> dict[str, tuple[Path, str]]:
     return {"transformer": (enc, "hidden"), "cnn": (cnn, "features")}
 
 
-def head_forward_ms(session: el.Session, data: el.Dataset) -> float:
-    """One forward of the head alone: the cached run's suffix graph on cached features."""
-    ev = session.evaluator  # Unstable internals: a CachedEvaluator here
-    feeds = ev.run_prefix(data.x[:BATCH])
-    times = []
-    for _ in range(50):
-        t0 = time.perf_counter()
-        ev.suffix.run(feeds)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-class Evaluations(el.Callback):
-    """Records the forwards each step ran."""
+class StepTimes(el.Callback):
+    """Records each step's optimizer time (seconds) and forwards."""
 
     def __init__(self) -> None:
-        self.counts: list[int] = []
+        self.seconds: list[float] = []
+        self.evaluations: list[int] = []
 
     def on_step(self, session: el.Session, result: el.StepResult) -> None:
-        self.counts.append(result.evaluations)
+        self.seconds.append(result.seconds)
+        self.evaluations.append(result.evaluations)
 
 
-def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, per_chunk: int
-            ) -> dict[str, Any]:
-    """Prepare a head on `src` and train it cached and uncached, interleaved."""
+def head_bundle(session: el.Session, out: Path) -> Path:
+    """The head alone as a bundle: the cached run's suffix graph with its weights inside,
+    prepared like any model (its input is the cut tensor)."""
+    import onnx
+    from onnx import numpy_helper
+
+    split = session.evaluator.split  # Unstable internals: a CachedEvaluator here
+    model = onnx.load_from_string(split.suffix)
+    keep = [i for i in model.graph.input if i.name not in split.trainable]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for name in split.trainable:
+        model.graph.initializer.append(numpy_helper.from_array(session.store[name], name))
+    onnx.save(model, str(out.with_suffix(".onnx")))
+    el.tools.prepare(out.with_suffix(".onnx"), out, trainable="head.*")
+    return out
+
+
+def median_ms(values: list[float]) -> float:
+    return 1e3 * statistics.median(values)
+
+
+def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int,
+            fast: int) -> dict[str, Any]:
+    """Prepare a head on `src`; train it cached, uncached and as a head-alone bundle on the
+    cached features, interleaved in chunks (`slow` uncached steps, `fast` others each)."""
     bundle = tmp / f"{name}_bundle"
     el.tools.prepare(src, bundle, new_head=f"{output}:2")
     spec = el.load_bundle(bundle).inputs[0]
     rng = np.random.default_rng(0)
     data = el.Dataset(rng.standard_normal((N, *spec.shape[1:])).astype(np.float32),
                       rng.integers(0, 2, N))
-    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=BATCH)
-    sessions = {c: el.Session(bundle, tmp / f"{name}_{c}", cfg,
-                              el.RuntimeConfig(backend="onnxruntime", device=None, threads=1,
-                                               prefix_cache=c == "cached"))
-                for c in ("cached", "uncached")}
-    steps: dict[str, list[float]] = {"cached": [], "uncached": []}
-    wall: dict[str, list[float]] = {"cached": [], "uncached": []}
-    heads, results, evals = [], {}, Evaluations()
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=BATCH, fsync_every=1 << 20)
+
+    def session(b: Path, run: str, cache: bool) -> el.Session:
+        return el.Session(b, tmp / f"{name}_{run}", cfg, el.RuntimeConfig(
+            backend="onnxruntime", device=None, threads=1, prefix_cache=cache))
+
+    setup = {}
+    for c in ("cached", "uncached"):  # a cached session splits and checks its cut here
+        t0 = time.perf_counter()
+        session(bundle, f"setup_{c}", c == "cached").close()
+        setup[c] = 1e3 * (time.perf_counter() - t0)
+    sessions = {"cached": session(bundle, "cached", True),
+                "uncached": session(bundle, "uncached", False)}
+    ev = sessions["cached"].evaluator
+    feats = el.Dataset(ev.run_prefix(data.x)[ev.split.cut.tensors[0]], data.y)
+    head = head_bundle(sessions["cached"], tmp / f"{name}_head")
+    sessions["head_alone"] = session(head, "head", False)
+    head_model = sessions["head_alone"].model  # Unstable internals: the bound head
+    times = {k: StepTimes() for k in sessions}
+    fwd: list[float] = []
+    results: dict[str, Any] = {}
     for k in range(1, chunks + 1):
         for c, s in sessions.items():
+            n = slow if c == "uncached" else fast
+            results[c] = s.run(data if c != "head_alone" else feats, k * n,
+                               callbacks=[times[c]])
+        for _ in range(20):
             t0 = time.perf_counter()
-            results[c] = s.run(data, k * per_chunk, callbacks=[evals] if c == "cached" else [])
-            wall[c].append((time.perf_counter() - t0) / per_chunk)
-            steps[c].append(results[c].step_ms_median)
-        heads.append(head_forward_ms(sessions["cached"], data))
-        log(f"{name}: chunk {k}: cached {steps['cached'][-1]:.3f} ms, uncached "
-            f"{steps['uncached'][-1]:.1f} ms, head forward {heads[-1]:.3f} ms")
+            head_model.predict(feats.x[:BATCH])
+            fwd.append(time.perf_counter() - t0)
+        log(f"{name}: chunk {k}: step cached {1e3 * times['cached'].seconds[-1]:.3f} ms, "
+            f"uncached {1e3 * times['uncached'].seconds[-1]:.1f} ms, head alone "
+            f"{1e3 * times['head_alone'].seconds[-1]:.3f} ms")
+    r_u = results["uncached"]
     for s in sessions.values():
         s.close()
-    r_c, r_u = results["cached"], results["uncached"]
-    cached, uncached, head = (statistics.median(steps["cached"][1:] or steps["cached"]),
-                              statistics.median(steps["uncached"]), statistics.median(heads))
-    n_eval = statistics.median(evals.counts)
+    with session(bundle, "cached_check", True) as s:  # same steps as the uncached run
+        r_c = s.run(data, r_u.steps)
+    warm = times["cached"].seconds[fast:]  # after the first chunk: every example cached
+    cached, uncached = median_ms(warm), median_ms(times["uncached"].seconds)
+    alone, head_fwd = median_ms(times["head_alone"].seconds), median_ms(fwd)
+    n_eval = statistics.median(times["cached"].evaluations)
     return {
-        "bundle_inputs": list(spec.shape), "cut": r_c.cache["cut"],
+        "input": list(spec.shape), "cut": r_c.cache["cut"],
         "prefix_nodes": r_c.cache["prefix_nodes"], "suffix_nodes": r_c.cache["suffix_nodes"],
-        "cached_examples": r_c.cache["cached_examples"], "cache_bytes": r_c.cache["bytes"],
+        "cached_examples": results["cached"].cache["cached_examples"],
+        "cache_bytes": results["cached"].cache["bytes"],
         "refused_cuts": r_c.cache["refused_cuts"],
-        "step_ms_cached": cached, "step_ms_uncached": uncached, "speedup": uncached / cached,
-        "wall_ms_per_step_cached_first_chunk": 1e3 * wall["cached"][0],
-        "wall_ms_per_step_cached_warm": 1e3 * statistics.median(wall["cached"][1:] or
-                                                                 wall["cached"]),
-        "wall_ms_per_step_uncached": 1e3 * statistics.median(wall["uncached"]),
-        "forward_ms_uncached": r_u.forward_ms_median, "head_forward_ms": head,
-        "evaluations_per_step": n_eval, "step_per_head_forward": cached / head,
-        "step_per_head_forward_per_evaluation": cached / head / n_eval,
+        "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
+        "step_ms_cached_first_chunk": median_ms(times["cached"].seconds[:fast]),
+        "speedup": uncached / cached, "forward_ms_uncached": r_u.forward_ms_median,
+        "head_forward_ms": head_fwd, "head_alone_step_ms": alone,
+        "evaluations_per_step": n_eval, "step_per_head_forward": cached / head_fwd,
+        "step_per_head_alone_step": cached / alone,
+        "session_setup_ms_cached": setup["cached"],
+        "session_setup_ms_uncached": setup["uncached"],
         "identical": r_c.sha256 == r_u.sha256 and Path(r_c.journal).read_bytes()
-        == Path(r_u.journal).read_bytes(), "steps": r_c.steps,
+        == Path(r_u.journal).read_bytes(), "identical_steps": r_u.steps,
     }
 
 
@@ -149,8 +189,8 @@ def main() -> None:
         out: dict[str, Any] = {"batch": BATCH, "examples": N, "optimizer": "zo-sgd",
                                "threads": 1, "quick": args.quick}
         for name, (src, output) in backbones(tmp, args.quick).items():
-            out[name] = compare(name, src, output, tmp, chunks=4, per_chunk=2 if args.quick
-                                else 3)
+            out[name] = compare(name, src, output, tmp, chunks=4, slow=3 if args.quick else 2,
+                                fast=25)
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

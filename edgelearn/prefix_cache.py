@@ -166,10 +166,8 @@ class Split:
     trainable: tuple[str, ...]
 
 
-def plan_split(model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
-               trainable: Sequence[str], data_inputs: Sequence[str], output: str, *,
-               after: Iterable[str] = ()) -> Split | str:
-    """Split the model file at its cut (frozen values baked), or say why it cannot be.
+class SplitPlanner:
+    """A bundle's graph, frozen values baked and shapes inferred once, split at cuts.
 
     Args:
         model_path: a bundle's model.onnx.
@@ -177,35 +175,56 @@ def plan_split(model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
         trainable: trainable parameter names.
         data_inputs: the bundle's data input names.
         output: the output the loss reads (other outputs are dropped).
-        after: tensors the cut must lie above (see `find_cut`).
     """
-    import onnx
-    from onnx.utils import Extractor
 
-    from edgelearn.backends.ort_graph import baked_model_bytes
+    def __init__(self, model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
+                 trainable: Sequence[str], data_inputs: Sequence[str], output: str) -> None:
+        import onnx
 
-    model = onnx.load_from_string(baked_model_bytes(model_path, frozen, [output]))
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as e:  # onnx raises its own InferenceError types
-        return f"onnx shape inference failed ({e})"
-    graph_inputs = {i.name for i in model.graph.input}
-    live = [n for n in trainable if n in graph_inputs]
-    cut = find_cut(model, live, data_inputs, output, after=after)
-    if isinstance(cut, str):
-        return cut
-    try:
-        ex = Extractor(model)
-        pre = ex.extract_model(list(data_inputs), list(cut.tensors))
-        suf = ex.extract_model([*cut.tensors, *cut.passthrough, *live], [output])
-    except Exception as e:  # Extractor raises KeyError/ValueError on untyped values
-        return f"onnx.utils.Extractor could not split the graph ({type(e).__name__}: {e})"
-    pre_inputs = {i.name for i in pre.graph.input}
-    used = [n for n in live if n in {i.name for i in suf.graph.input}]
-    if not pre_inputs <= set(data_inputs):
-        return f"the prefix reads {sorted(pre_inputs - set(data_inputs))[:3]}, not only data"
-    cut = replace(cut, suffix_nodes=len(suf.graph.node))
-    return Split(cut, pre.SerializeToString(), suf.SerializeToString(), tuple(used))
+        from edgelearn.backends.ort_graph import baked_model_bytes
+
+        self.data_inputs, self.output = list(data_inputs), output
+        self.model: Any = None
+        self.error: str | None = None
+        model = onnx.load_from_string(baked_model_bytes(model_path, frozen, [output]))
+        try:
+            self.model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as e:  # onnx raises its own InferenceError types
+            self.error = f"onnx shape inference failed ({e})"
+            return
+        graph_inputs = {i.name for i in self.model.graph.input}
+        self.live = [n for n in trainable if n in graph_inputs]
+
+    def split(self, after: Iterable[str] = ()) -> Split | str:
+        """The split at the automatic cut above `after` (see `find_cut`), or why none."""
+        from onnx.utils import Extractor
+
+        if self.error is not None:
+            return self.error
+        data, live = self.data_inputs, self.live
+        cut = find_cut(self.model, live, data, self.output, after=after)
+        if isinstance(cut, str):
+            return cut
+        try:
+            ex = Extractor(self.model)
+            pre = ex.extract_model(data, list(cut.tensors))
+            suf = ex.extract_model([*cut.tensors, *cut.passthrough, *live], [self.output])
+        except Exception as e:  # Extractor raises KeyError/ValueError on untyped values
+            return f"onnx.utils.Extractor could not split the graph ({type(e).__name__}: {e})"
+        pre_inputs = {i.name for i in pre.graph.input}
+        used = [n for n in live if n in {i.name for i in suf.graph.input}]
+        if not pre_inputs <= set(data):
+            return f"the prefix reads {sorted(pre_inputs - set(data))[:3]}, not only data"
+        cut = replace(cut, suffix_nodes=len(suf.graph.node))
+        return Split(cut, pre.SerializeToString(), suf.SerializeToString(), tuple(used))
+
+
+def plan_split(model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
+               trainable: Sequence[str], data_inputs: Sequence[str], output: str, *,
+               after: Iterable[str] = ()) -> Split | str:
+    """Split the model file at its cut (frozen values baked), or say why it cannot be
+    (`SplitPlanner(...).split(after)`)."""
+    return SplitPlanner(model_path, frozen, trainable, data_inputs, output).split(after)
 
 
 def example_keys(x: np.ndarray) -> list[bytes]:

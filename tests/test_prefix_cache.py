@@ -165,3 +165,17 @@ def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,
     assert outs[1]["cache"] is None
     assert outs[0]["sha256"] == outs[1]["sha256"]
 
+
+
+def test_spilled_run_is_bit_identical(cnn: Path, tmp_path: Path) -> None:
+    """Features past the memory bound go to the run directory's spill file, then away."""
+    cfg = el.TrainConfig(batch_size=8)
+    rt = el.RuntimeConfig(backend="onnxruntime", device=None)
+    with el.Session(cnn, tmp_path / "s", cfg, rt) as s:
+        s.evaluator.cache.max_rows = 5  # as a tight memory budget would leave
+        res = s.run(data_for(cnn), 12)
+        assert (tmp_path / "s" / "prefix_cache.bin").is_file()
+    assert not (tmp_path / "s" / "prefix_cache.bin").exists()
+    assert res.cache["cached_examples"] == 24
+    assert res.cache["spilled_examples"] == 19
+    assert same_run(res, run(cnn, tmp_path / "p", "zo-sgd", False))

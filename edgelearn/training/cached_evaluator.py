@@ -28,7 +28,13 @@ import numpy as np
 
 from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import EdgelearnError
-from edgelearn.prefix_cache import DEFAULT_CAPACITY, FeatureCache, Split, example_keys, plan_split
+from edgelearn.prefix_cache import (
+    DEFAULT_CAPACITY,
+    FeatureCache,
+    Split,
+    SplitPlanner,
+    example_keys,
+)
 from edgelearn.training.evaluators import Forwards, LossEvaluator, StepEvaluator
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -246,9 +252,10 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
     after: set[str] = set()
     refused: list[dict[str, Any]] = []
     x = _probe_batch(bundle)
+    planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
+                           [t.name for t in bundle.inputs], model.output_name)
     for _ in range(MAX_CUTS):
-        split = plan_split(bundle.files["onnx"], frozen, store.trainable_names,
-                           [t.name for t in bundle.inputs], model.output_name, after=after)
+        split = planner.split(after)
         if isinstance(split, str):
             why = split
             break
