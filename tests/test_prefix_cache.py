@@ -74,6 +74,15 @@ def test_cached_run_is_bit_identical(cnn: Path, tmp_path: Path, optimizer: str) 
     assert cached.loss_first != cached.loss_last  # it did train
 
 
+def test_memory_plan_is_the_uncached_runs(cnn: Path, tmp_path: Path) -> None:
+    """Under a budget the cache takes what the plan leaves: same batch, same run."""
+    cached = run(cnn, tmp_path / "c", "zo-sgd", True, memory_budget_mb=8192)
+    plain = run(cnn, tmp_path / "p", "zo-sgd", False, memory_budget_mb=8192)
+    assert cached.memory_plan["batch_size"] == plain.memory_plan["batch_size"]
+    assert 0 < cached.cache["capacity_bytes"] < 8192 << 20
+    assert same_run(cached, plain)
+
+
 def test_encoder_cut_is_checked(encoder: Path, tmp_path: Path) -> None:
     """The cut passes the runtime check (or moved above the tensor that failed it)."""
     cached = run(encoder, tmp_path / "c", "zo-sgd", True)

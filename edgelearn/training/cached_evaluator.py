@@ -211,7 +211,14 @@ class CachedEvaluator(StepEvaluator):
 
     # -- reports ---------------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        return self.cache.memory_bytes()
+        # 0: the cache takes only what the memory plan leaves (`fit_cache`), so the plan and
+        # its batch size are the uncached run's, and so are the results
+        return 0
+
+    def fit_cache(self, capacity: int) -> None:
+        """Bound the features kept in memory to `capacity` bytes from now on (what the run's
+        memory plan leaves); the rest spills or is recomputed."""
+        self.cache.max_rows = max(capacity, 0) // self.cache.row
 
     def cache_report(self) -> dict[str, Any]:
         rep: dict[str, Any] = {"enabled": self.disabled is None, **self.split.cut.to_json(),

@@ -193,6 +193,9 @@ class Session:
         batches = feed.batch
         if isinstance(self.evaluator, CachedEvaluator):  # keys cached features by index
             batches = self.evaluator.indexed_batches(data, batch_size, self.config.seed)
+            if plan is not None:  # features take only what the plan leaves of the budget
+                left = plan["budget_mb"] - plan["predicted_peak_mb"]
+                self.evaluator.fit_cache(int(left / MARGIN * (1 << 20)))
         loop = self._open(feed.header(pin_data=self.evaluator.replay_needs_data), feed.batch,
                           steps=steps)
         done = self.optimizer.t
@@ -404,8 +407,9 @@ class Session:
 
     # -- memory ---------------------------------------------------------------------------------
     def _cache_bytes(self) -> int | None:
-        """Memory for cached prefix features: half of what the budget leaves (None: the
-        cache's default bound without a budget); the rest spills to the run directory."""
+        """Memory for cached prefix features of live steps: half of what the budget leaves
+        now (None: the cache's default bound without a budget; `run` bounds it by its memory
+        plan); the rest spills to the run directory."""
         budget = self.runtime.memory_budget_mb
         if budget is None:
             return None
