@@ -248,24 +248,40 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
         capacity: bytes of features kept in memory (None: DEFAULT_CAPACITY).
     """
     why = _why_not(bundle, plain, backend)
-    if why is not None:
-        plain.cache_info = {"enabled": False, "reason": why}
-        return plain
+    refused: list[dict[str, Any]] = []
+    if why is None:
+        try:
+            found = _search(bundle, plain, threads=threads, capacity=capacity,
+                            refused=refused)
+        except Exception as e:  # onnx and onnxruntime raise their own types; a run that
+            # cannot split trains uncached, with the same results
+            found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
+        if not isinstance(found, str):
+            return found
+        why = found
+    plain.cache_info = {"enabled": False, "reason": why}
+    if refused:
+        plain.cache_info["refused_cuts"] = refused
+    return plain
+
+
+def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity: int | None,
+            refused: list[dict[str, Any]]) -> CachedEvaluator | str:
+    """The first cut (from the automatic one, moving up) that passes `mismatch` on a probe
+    batch, or why none; `refused` receives the cuts that failed."""
     model = plain.model
     assert model is not None
     store = model.store
     frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
     providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
     after: set[str] = set()
-    refused: list[dict[str, Any]] = []
     x = _probe_batch(bundle)
     planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
                            [t.name for t in bundle.inputs], model.output_name)
     for _ in range(MAX_CUTS):
         split = planner.split(after)
         if isinstance(split, str):
-            why = split
-            break
+            return split
         ev = CachedEvaluator(plain, split, store, threads=threads, providers=providers,
                              capacity=DEFAULT_CAPACITY if capacity is None else capacity)
         ev.refused = refused
@@ -275,10 +291,7 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
             return ev
         refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
         after |= bad[1]
-    else:
-        why = f"no bit-identical cut in {MAX_CUTS} tries"
-    plain.cache_info = {"enabled": False, "reason": why, "refused_cuts": refused}
-    return plain
+    return f"no bit-identical cut in {MAX_CUTS} tries"
 
 
 def _probe_batch(bundle: Any) -> np.ndarray | None:
