@@ -24,7 +24,8 @@ so both see the same machine load. Reported per backbone:
   session_setup_ms_cached / _uncached: Session() construction (the cached one splits the
       graph and checks the cut on a probe batch);
   identical: a cached run of as many steps as the uncached one ends with the same weights
-      sha256 and the same journal bytes.
+      sha256 and the same journal bytes;
+  live_*: one sample per `Session.step` (keys are a sha256 per sample), batch 1.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
@@ -105,6 +106,24 @@ def head_bundle(session: el.Session, out: Path) -> Path:
     return out
 
 
+def live_steps(bundle: Path, data: el.Dataset, tmp: Path, name: str) -> dict[str, float]:
+    """Single samples fed with `Session.step` (content keys: a sha256 per sample): median
+    step of a second pass over 16 samples (all cached) vs uncached steps."""
+    out = {}
+    for cache, n in ((True, 32), (False, 6)):
+        times = StepTimes()
+        rt = el.RuntimeConfig(backend="onnxruntime", device=None, threads=1,
+                              prefix_cache=cache)
+        with el.Session(bundle, tmp / f"{name}_live_{cache}", el.TrainConfig(fsync_every=1 << 20),
+                        rt, callbacks=[times]) as s:
+            for t in range(n):
+                s.step((data.x[t % 16], data.y[t % 16]))
+        out["cached" if cache else "uncached"] = median_ms(times.seconds[16:] if cache
+                                                           else times.seconds)
+    return {"live_step_ms_cached_warm": out["cached"], "live_step_ms_uncached": out["uncached"],
+            "live_speedup": out["uncached"] / out["cached"]}
+
+
 def median_ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
 
@@ -177,6 +196,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
         "session_setup_ms_uncached": setup["uncached"],
         "identical": r_c.sha256 == r_u.sha256 and Path(r_c.journal).read_bytes()
         == Path(r_u.journal).read_bytes(), "identical_steps": r_u.steps,
+        **live_steps(bundle, data, tmp, name),
     }
 
 
