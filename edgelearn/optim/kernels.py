@@ -42,6 +42,8 @@ _WORDS_PER_BLOCK = 4
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()  # per-thread Philox, re-keyed for each draw
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pools.clear)
 _pools_lock = threading.Lock()
 
 

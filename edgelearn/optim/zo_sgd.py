@@ -22,6 +22,15 @@ Restore policy (how theta comes back after the +-eps probes):
   * "auto" (default): "copy" when the trainable slice is at most 16 MiB, else "drift".
 In "drift" mode the last probe's restore and the update are fused into one pass
 (theta += (eps - c) z), so a 1-probe step costs 3 elementwise passes in either mode.
+
+Batched probes: under "copy" (while the 2q candidate rows take at most 16 MiB) the step asks
+its 2q probe points copy +- eps z_k at once, as one `Population` (order +z_0, -z_0, +z_1, ...):
+an evaluator with a population graph scores them in one runtime call from `fill` rows, any
+other expands it into `place` + one forward each. Both write every probe point with the same
+float operations, and the update reads only the copy and the losses, so the weights after a
+step are bit-identical either way for the same losses (the journal and replay are unchanged).
+Rademacher passes run in `edgelearn.optim.kernels` (one pass for all terms, threaded over
+large slices; results do not depend on the thread count).
 The journal record of each step holds (step, seeds, projected gradients, lr, eps, losses);
 replay re-runs the step with the recorded losses: no data and no forwards.
 """
@@ -166,7 +175,8 @@ class ZOSGD(Optimizer):
         return theta
 
     def memory_bytes(self, store: ParamStore) -> int:
-        """Restore copy (copy policy) + packed signs of every probe + two chunk buffers."""
+        """Restore copy (copy policy) + packed signs of every probe + chunk buffers (two, and
+        the sign kernel's per thread)."""
         n = store.n_trainable("float32")
         policy = self.rule.restore
         if policy == "auto":
@@ -258,7 +268,7 @@ class ZOSGD(Optimizer):
             op(theta[a:b], f, out=theta[a:b])
 
     # -- the step -------------------------------------------------------------------------------
-    def _step(self, store: ParamStore, **extra: Any) -> Generator[None, float, dict[str, Any]]:
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         theta = self._prepare(store)
         t, eps = self.t, self.rule.eps
         e32 = np.float32(eps)
