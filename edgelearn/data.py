@@ -86,9 +86,15 @@ def arrays_sha256(*arrays: np.ndarray) -> str:
     h = hashlib.sha256()
     for a in arrays:
         a = np.asarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(f"{_dtype_name(a.dtype)}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).data)  # the buffer itself: no copy
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dtype: np.dtype) -> str:
+    """str(dtype), cached: numpy builds it in Python, a step's largest bookkeeping cost."""
+    return str(dtype)
 
 
 def data_sha256(data: Dataset) -> str:

@@ -48,6 +48,47 @@ def error_rate(out: np.ndarray, y: np.ndarray) -> float:
     return 1.0 - accuracy(out, y)
 
 
+def cross_entropy_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`cross_entropy` of every candidate at once: the same float operations per row.
+
+    Args:
+        out: logits, float [K, batch, classes] (K candidates' outputs on one batch).
+        y: int labels [batch].
+    Returns: float64 [K].
+    """
+    z = out.astype(np.float64, copy=False)
+    z = z - z.max(axis=2, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=2))
+    return np.mean(lse - z[:, np.arange(len(y)), y], axis=1)
+
+
+def mse_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`mse` of every candidate at once (out [K, batch, ...], y broadcastable to out[0])."""
+    d = out.astype(np.float64, copy=False) - np.asarray(y, dtype=np.float64).reshape(
+        out.shape[1:])
+    return np.mean((d * d).reshape(len(out), -1), axis=1)
+
+
+#: loss -> its row-wise form over K candidates' outputs (same values as the loss of each row)
+ROW_LOSSES: dict[Callable[[np.ndarray, np.ndarray], float],
+                 Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    cross_entropy: cross_entropy_rows, mse: mse_rows}
+
+
+def row_losses(loss_fn: Callable[[np.ndarray, np.ndarray], float], out: np.ndarray,
+               y: np.ndarray) -> list[float]:
+    """[loss_fn(out[k], y) for every k], in one vectorized call when the loss has a row form.
+
+    Args:
+        out: model outputs of K candidates, [K, batch, ...].
+        y: the batch's targets.
+    """
+    rows = ROW_LOSSES.get(loss_fn)
+    if rows is None or len(out) == 0:
+        return [loss_fn(o, y) for o in out]
+    return [float(v) for v in rows(out, y)]
+
+
 LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "cross-entropy": cross_entropy,
     "mse": mse,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgelearn.errors import BundleError, EdgelearnError, InputError
+from edgelearn.losses import row_losses
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -53,8 +54,9 @@ class PopulationScorer(abc.ABC):
 
     def losses(self, pop: Population, x: np.ndarray, y: np.ndarray,
                loss_fn: Callable[[np.ndarray, np.ndarray], float]) -> list[float]:
-        """loss_fn(output, y) of every candidate of `pop` on (x, y), in candidate order."""
-        return [loss_fn(o, y) for o in self.forward(pop, x)]
+        """loss_fn(output, y) of every candidate of `pop` on (x, y), in candidate order
+        (one vectorized call for the losses that have a row form, same values)."""
+        return row_losses(loss_fn, self.forward(pop, x), y)
 
 
 class Backend(abc.ABC):

@@ -1,0 +1,303 @@
+"""What a ZO step costs beyond its forwards: the ratios of issue 16, side by side in one run.
+
+Usage:
+    python benchmarks/bench_zo_cost.py            # a few minutes on 2 shared cores
+    python benchmarks/bench_zo_cost.py --quick    # shorter (fewer rounds, a 3.2M MLP)
+
+Prints ONE JSON object on stdout (progress on stderr); never asserts. Every ratio is of two
+figures measured in this run, interleaved in rounds (A, B, A, B, ...) and reduced by medians,
+so a machine whose speed drifts (shared cores) moves both sides alike.
+
+  demo_head     the shipped demo bundle, head trainable, zo-sgd as `edgelearn demo` runs it
+                (probes 4, batch 32) through `Session.run`, against one forward of the model
+                (`predict`) on the same batch. Two ways of scoring the 8 probe points: one
+                population-graph call ("population") and one runtime call each ("per_probe").
+                Python overhead per step = a step of the run loop (optimizer, evaluator,
+                journal append without fsync, batch sha256, result) minus the time spent inside
+                the runtime's run calls (timed around the session object).
+  big_full      a 12.6M-parameter MLP (2048-2048-2048-2048-10), every weight trainable,
+                zo-sgd probes 1, restore auto (drift), batch 32: `opt.step` vs `predict`, with
+                the elementwise passes threaded (default) and on one thread.
+  torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
+                (benchmarks/bench_zo.py's torch child), in its own process.
+Torch runs only in child processes (the export and the MeZO baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG = {"in_features": 2048, "hidden": [2048, 2048, 2048], "classes": 10}
+QUICK_BIG = {"in_features": 1024, "hidden": [1024, 1024, 1024], "classes": 10}
+BATCH = 32
+DEMO_OPTIONS = {"lr": 0.01, "eps": 1e-3, "probes": 4}
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr."""
+    sys.stderr.write(f"[bench_zo_cost {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def clock() -> np.ndarray:
+    """(wall seconds, CPU seconds of this process): CPU time barely moves when other
+    processes take the cores, so its ratios hold on a loaded machine where wall ratios drift."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
+def med_ms(xs: list[float]) -> float | None:
+    """Median of seconds, in ms (None when empty)."""
+    return round(1e3 * statistics.median(xs), 4) if xs else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to 3 decimals, None when either is missing."""
+    return None if a is None or not b else round(a / b, 3)
+
+
+class TimedSession:
+    """Proxy of a runtime session object that adds the time of its run calls to `seconds`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner, self.seconds = inner, np.zeros(2)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not name.startswith("run"):
+            return attr
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = clock()
+            try:
+                return attr(*a, **k)
+            finally:
+                self.seconds += clock() - t0
+        return timed
+
+
+# -- demo head ---------------------------------------------------------------------------------
+def demo_session(work: Path, population: bool) -> Any:
+    """A Session on the shipped demo bundle as `edgelearn demo` trains zo-sgd (no fsync)."""
+    import edgelearn as el
+
+    bundle = Path(el.__file__).resolve().parent / "data" / "demo"
+    cfg = el.TrainConfig(optimizer="zo-sgd", options=DEMO_OPTIONS, trainable="head.*",
+                         batch_size=BATCH, population=population, fsync_every=1 << 30,
+                         checkpoint_every=1 << 30)
+    # one runtime thread: a 4.8k-parameter model gains nothing from more, and on shared cores
+    # a second ORT thread makes every call wait for a free core
+    return el.Session(bundle, work / ("pop" if population else "single"), cfg,
+                      el.RuntimeConfig(threads=1))
+
+
+def demo_round(s: Any, data: Any, xb: np.ndarray, steps: int, acc: dict[str, list[float]]
+               ) -> None:
+    """`steps` more steps of s.run, then `steps` forwards; per-step figures into acc.
+
+    A step of the loop is the time between two consecutive `on_step` callbacks (the next
+    batch, the optimizer step with its forwards, the journal append, the callbacks)."""
+    import edgelearn as el
+
+    timed = [o for o in (s.model.backend, getattr(s.evaluator, "pop_eval", None)) if o]
+    proxies = [TimedSession(o.session) for o in timed]
+    marks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    class Mark(el.Callback):
+        def on_step(self, session: Any, result: Any) -> None:
+            marks.append((clock(), sum((p.seconds for p in proxies), np.zeros(2))))
+
+    for o, p in zip(timed, proxies, strict=True):
+        o.session = p
+    try:
+        s.run(data, s.steps_done + steps, callbacks=[Mark()])
+    finally:
+        for o, p in zip(timed, proxies, strict=True):
+            o.session = p._inner
+    for (t0, r0), (t1, r1) in itertools.pairwise(marks):
+        for i, kind in enumerate(("", "cpu_")):
+            acc[f"{kind}loop_step"].append(t1[i] - t0[i])
+            acc[f"{kind}runtime"].append(r1[i] - r0[i])
+            acc[f"{kind}overhead"].append((t1[i] - t0[i]) - (r1[i] - r0[i]))
+    acc["opt_step"].append(s.timers.step.median_ms() / 1e3)
+    for _ in range(steps):
+        t1 = clock()
+        s.model.predict(xb)
+        d = clock() - t1
+        acc["forward"].append(d[0])
+        acc["cpu_forward"].append(d[1])
+
+
+def section_demo(rounds: int, steps: int) -> dict[str, Any]:
+    """Demo head: population vs per-probe scoring, interleaved rounds."""
+    from edgelearn.demo import demo_data
+
+    train = demo_data()[0]
+    xb = np.ascontiguousarray(train.x[:BATCH])
+    out: dict[str, Any] = {"options": DEMO_OPTIONS, "batch_size": BATCH, "steps_per_round": steps,
+                           "rounds": rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {"population": demo_session(Path(tmp), True),
+                    "per_probe": demo_session(Path(tmp), False)}
+        fields = [f"{c}{f}" for c in ("", "cpu_")
+                  for f in ("loop_step", "runtime", "overhead", "forward")] + ["opt_step"]
+        accs = {k: {f: [] for f in fields} for k in sessions}
+        try:
+            for r in range(rounds + 1):  # round 0 warms up
+                for name, s in sessions.items():
+                    acc = accs[name] if r else {k: [] for k in accs[name]}
+                    demo_round(s, train, xb, steps, acc)
+        finally:
+            for s in sessions.values():
+                s.close()
+        for name, s in sessions.items():
+            out[name] = summarize_demo(accs[name], s.evaluator.population_graph)
+    return out
+
+
+def summarize_demo(acc: dict[str, list[float]], population_graph: bool) -> dict[str, Any]:
+    """Medians (ms) and the ratios of one demo configuration."""
+    res: dict[str, Any] = {"population_graph": population_graph}
+    for k, v in acc.items():
+        res[f"{k}_ms"] = med_ms(v)
+    res["step_over_forward"] = ratio(res["opt_step_ms"], res["forward_ms"])
+    res["loop_step_over_forward"] = ratio(res["loop_step_ms"], res["forward_ms"])
+    res["cpu_loop_step_over_forward"] = ratio(res["cpu_loop_step_ms"], res["cpu_forward_ms"])
+    res["python_overhead_ms_per_step"] = res.pop("overhead_ms")
+    res["cpu_python_overhead_ms_per_step"] = res.pop("cpu_overhead_ms")
+    return res
+
+
+# -- big MLP -----------------------------------------------------------------------------------
+def export_big(work: Path, cfg: dict[str, Any]) -> Path:
+    """Export the big MLP in a torch child process (this process never imports torch)."""
+    code = ("import sys, json, torch; from edgelearn.export import export_bundle; "
+            "from edgelearn.export.zoo import MLP; c = json.loads(sys.argv[2]); "
+            "torch.manual_seed(0); m = MLP(c['in_features'], tuple(c['hidden']), c['classes']); "
+            "export_bundle(m, torch.randn(1, c['in_features']), sys.argv[1])")
+    out = work / "mlp_big"
+    subprocess.run([sys.executable, "-c", code, str(out), json.dumps(cfg)], check=True,
+                   capture_output=True, cwd=ROOT)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BATCH, cfg["in_features"]), dtype=np.float32)
+    np.savez(work / "data_big.npz", x=x, y=rng.integers(0, cfg["classes"], BATCH))
+    return out
+
+
+def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int) -> dict[str, Any]:
+    """Full-weight zo-sgd step vs forward on the big MLP, threaded and single-threaded."""
+    from edgelearn.bundle import load_bundle
+    from edgelearn.losses import cross_entropy
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+
+    model = Model(load_bundle(bundle_dir))
+    with np.load(data) as f:
+        xb, yb = f["x"], f["y"]
+    opts = {"lr": 1e-4, "eps": 1e-3, "seed": 0}
+    variants: dict[str, Any] = {"threaded": make_optimizer("zo-sgd", **opts)}
+    with contextlib.suppress(Exception):  # a tree without the threads option: no variant
+        variants["one_thread"] = make_optimizer("zo-sgd", threads=1, **opts)
+
+    def evaluate() -> float:
+        return cross_entropy(model.predict(xb), yb)
+
+    times: dict[str, list[np.ndarray]] = {k: [] for k in ("forward", *variants)}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, opt in variants.items():
+            for _ in range(steps):
+                t0 = clock()
+                model.predict(xb)
+                t1 = clock()
+                opt.step(model.store, evaluate)
+                if r:
+                    times["forward"].append(t1 - t0)
+                    times[name].append(clock() - t1)
+    res: dict[str, Any] = {"params": model.store.n_trainable("float32"), "batch_size": BATCH,
+                           "probes": 1, "policy": variants["threaded"].policy,
+                           "forward_ms": med_ms([t[0] for t in times["forward"]]),
+                           "cpu_forward_ms": med_ms([t[1] for t in times["forward"]])}
+    for name in variants:
+        for i, kind in enumerate(("", "cpu_")):
+            res[f"{kind}step_ms_{name}"] = med_ms([t[i] for t in times[name]])
+            res[f"{kind}step_over_forward_{name}"] = ratio(res[f"{kind}step_ms_{name}"],
+                                                          res[f"{kind}forward_ms"])
+    pass_ = getattr(variants["threaded"], "_pass", None)
+    res["threads"] = pass_.threads if pass_ is not None else 1
+    return res
+
+
+def torch_mezo(cfg: dict[str, Any], data: Path, steps: int) -> dict[str, Any]:
+    """bench_zo.py's plain-torch MeZO child on the same model, batch and probes."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_zo.py"), "--child", "torch-mezo",
+           "--cfg", json.dumps(cfg), "--data", str(data), "--timed-steps", str(steps),
+           "--warmup", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": p.stderr.strip()[-400:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every section and print one JSON object."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer rounds, a smaller big MLP")
+    args = p.parse_args(argv)
+    rounds = 3 if args.quick else 7
+    cfg = QUICK_BIG if args.quick else BIG
+    res: dict[str, Any] = {"benchmark": "bench_zo_cost", "quick": args.quick, "model_big": cfg}
+    log("demo head")
+    res["demo_head"] = section_demo(rounds, 100)
+    work = Path(tempfile.mkdtemp(prefix="bench_zo_cost_"))
+    try:
+        log("exporting the big MLP (torch child)")
+        bundle = export_big(work, cfg)
+        log("big MLP full-weight steps")
+        res["big_full"] = section_big(bundle, work / "data_big.npz", rounds, 3)
+        log("torch MeZO (child)")
+        res["torch_mezo"] = torch_mezo(cfg, work / "data_big.npz", 3 * rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["summary"] = summary(res)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """The four headline ratios next to their goals (issue 16)."""
+    demo, big, mezo = res["demo_head"], res.get("big_full", {}), res.get("torch_mezo", {})
+    get: Callable[[str], Any] = big.get
+    return {
+        "demo_head_step_over_forward": demo["population"]["step_over_forward"],
+        "demo_head_step_over_forward_per_probe": demo["per_probe"]["step_over_forward"],
+        "goal_demo_head_step_over_forward_max": 5.0,
+        "big_full_step_over_forward": get("step_over_forward_threaded"),
+        "big_full_step_over_forward_one_thread": get("step_over_forward_one_thread"),
+        "big_full_cpu_step_over_forward": get("cpu_step_over_forward_threaded"),
+        "goal_big_full_step_over_forward_max": 2.5,
+        "torch_mezo_step_over_ours": ratio(mezo.get("step_ms"), get("step_ms_threaded")),
+        "goal_torch_mezo_step_over_ours_min": 10.0,
+        "python_overhead_ms_per_step": demo["population"]["python_overhead_ms_per_step"],
+        "cpu_python_overhead_ms_per_step":
+            demo["population"]["cpu_python_overhead_ms_per_step"],
+        "goal_python_overhead_ms_per_step_max": 0.1,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

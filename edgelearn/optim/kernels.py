@@ -1,0 +1,218 @@
+"""Fast elementwise kernels of zeroth-order steps over packed Rademacher signs.
+
+A ZO step's cost beyond its forwards is a few passes `dst = src + sum_k c_k z_k` over the
+trainable slice, with z_k = +-1 drawn from packed sign bits (`edgelearn.rng.rademacher_bytes`).
+This module does those passes, and the draws, as fast as numpy allows:
+
+  * one pass per call whatever the number of terms: per chunk, c_0 z_0 is gathered from a
+    256-row table indexed by the packed sign bytes (each row is the 8 values a byte packs, as
+    one 32-byte item, so a gather is one fixed-size copy), further terms are gathered and
+    added in the chunk's buffer (in cache), and `src + acc` is written to `dst`;
+  * the byte indices of a chunk are widened to intp in a reused buffer and gathered with
+    mode="wrap" (no per-call index allocation, no per-index bounds error path);
+  * large slices are split into contiguous blocks of chunks run by a small thread pool (numpy
+    releases the GIL in `take`, its ufuncs and Philox's `random_raw`).
+
+Determinism: every element goes through the same float32 operations in the same order
+(acc = c_0 z_0; acc = acc + c_k z_k for k = 1..; dst = src + acc), whatever the chunk size
+and the thread count, so results are bit-identical for any `threads` and `chunk`, and to
+`ZOSGD._combine` on the same terms. `draw_signs` returns the very bytes of
+`rademacher_bytes`, drawn in parallel blocks (Philox is counter based: a block starts at its
+own counter).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from edgelearn.rng import DEFAULT_CHUNK, philox_key, sign_table
+
+#: below this many elements a pass or a draw runs on the calling thread (pool overhead wins)
+PARALLEL_MIN = 1 << 20
+#: default worker threads (None in the options): the cores this process may use, at most 4
+MAX_DEFAULT_THREADS = 4
+#: Philox4x64 emits 4 words per counter block; `advance` moves by blocks
+_WORDS_PER_BLOCK = 4
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_local = threading.local()  # per-thread Philox, re-keyed for each draw
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
+    os.register_at_fork(after_in_child=_pools.clear)
+_pools_lock = threading.Lock()
+
+
+def default_threads() -> int:
+    """Worker threads for elementwise passes: usable cores, capped at MAX_DEFAULT_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide pool of `threads` workers (created once, reused by every kernel)."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, "edgelearn-zo")
+        return pool
+
+
+def _blocks(n: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """[0, n) cut into at most `parts` contiguous ranges whose starts are multiples of align."""
+    step = -(-n // parts)
+    step = -(-step // align) * align
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def sign_items(coef: np.float32) -> np.ndarray:
+    """(256,) 32-byte items: item b = the 8 float32 values coef * z packed in byte b.
+
+    Read-only and cached by the bits of coef (a step's +-eps tables recur every step)."""
+    return _sign_items(int(np.float32(coef).view(np.uint32)))
+
+
+@functools.lru_cache(maxsize=64)
+def _sign_items(bits: int) -> np.ndarray:
+    items = np.ascontiguousarray(sign_table(np.uint32(bits).view(np.float32))).view("V32")
+    items = items.reshape(256)
+    items.setflags(write=False)
+    return items
+
+
+def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+                signs: Sequence[np.ndarray]) -> None:
+    """rows[j] = src + coefs[j] * z_j for every j, in one gather and one add (small slices).
+
+    The same float32 operations as `SignPass.run(rows[j], src, [coefs[j]], [signs[j]])`.
+
+    Args:
+        rows: float32 [K, n] (rows C-contiguous), overwritten.
+        src: float32 [n].
+        coefs: K float32 scalars; signs: K packed sign arrays of >= ceil(n / 8) bytes.
+    """
+    k, n = len(coefs), src.size
+    if k == 0:
+        return
+    nb = -(-n // 8)
+    idx = np.empty((k, nb), np.intp)
+    slots: dict[bytes, int] = {}  # one table per distinct coef (probes: +eps and -eps)
+    for j, (c, packed) in enumerate(zip(coefs, signs, strict=True)):
+        slot = slots.setdefault(np.float32(c).tobytes(), len(slots))
+        # row j reads its coef's table: byte indices offset into the stacked tables
+        np.copyto(idx[j], packed[:nb], casting="unsafe")
+        if slot:
+            idx[j] += 256 * slot
+    tables = np.concatenate([sign_items(np.frombuffer(b, np.float32)[0]) for b in slots])
+    vals = np.take(tables, idx).view(np.float32)[:, :n]
+    np.add(src, vals, out=rows[:k, :n])
+
+
+class SignPass:
+    """Runs `dst = src + sum_k coef_k z_k` passes; keeps per-thread chunk buffers.
+
+    Args:
+        chunk: elements per chunk (a multiple of 8; results do not depend on it).
+        threads: worker threads for slices of at least PARALLEL_MIN elements (None:
+            `default_threads()`; results do not depend on it).
+    """
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> None:
+        if chunk < 8 or chunk % 8:
+            raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}")
+        self.chunk = chunk
+        self.threads = default_threads() if threads is None else max(1, int(threads))
+        self._bufs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def _buffers(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Worker i's (acc, tmp) 32-byte item buffers and intp index buffer, one chunk each."""
+        while len(self._bufs) <= i:
+            k = self.chunk // 8
+            self._bufs.append((np.empty(k, "V32"), np.empty(k, "V32"), np.empty(k, np.intp)))
+        return self._bufs[i]
+
+    def run(self, dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+            signs: Sequence[np.ndarray]) -> None:
+        """dst = src + sum_k coefs[k] * z_k, z_k the packed signs `signs[k]`.
+
+        Args:
+            dst, src: float32 [n], C-contiguous (dst may be src: the pass is in place).
+            coefs: float32 scalars, one per term (at least one).
+            signs: uint8 [>= ceil(n / 8)] packed signs per term (bit i % 8 of byte i // 8).
+        """
+        n = dst.size
+        items = [sign_items(c) for c in coefs]  # cached
+        if n < PARALLEL_MIN or self.threads == 1:
+            self._range(dst, src, items, signs, 0, n, 0)
+            return
+        parts = _blocks(n, self.threads, self.chunk)
+        futures = [_pool(self.threads).submit(self._range, dst, src, items, signs, a, b, i)
+                   for i, (a, b) in enumerate(parts)]
+        for f in futures:
+            f.result()
+
+    def _range(self, dst: np.ndarray, src: np.ndarray, items: list[np.ndarray],
+               signs: Sequence[np.ndarray], lo: int, hi: int, worker: int) -> None:
+        """The pass over elements [lo, hi) (lo a multiple of 8), with worker's buffers."""
+        acc, tmp, idx = self._buffers(worker)
+        accf = acc.view(np.float32)
+        for a in range(lo, hi, self.chunk):
+            b = min(a + self.chunk, hi)
+            ia, ib = a // 8, -(-b // 8)
+            k = ib - ia
+            for t, (table, packed) in enumerate(zip(items, signs, strict=True)):
+                np.copyto(idx[:k], packed[ia:ib], casting="unsafe")
+                np.take(table, idx[:k], out=acc[:k] if t == 0 else tmp[:k], mode="wrap")
+                if t:
+                    np.add(accf[: 8 * k], tmp[:k].view(np.float32), out=accf[: 8 * k])
+            np.add(src[a:b], accf[: b - a], out=dst[a:b])
+
+
+def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
+               threads: int | None = None) -> np.ndarray:
+    """Packed Rademacher signs of z(run_seed, step, probe): `rademacher_bytes`' exact bytes.
+
+    Args:
+        run_seed, step, probe: the noise key (non-negative ints).
+        n: vector length (elements).
+        threads: parallel blocks for n >= PARALLEL_MIN (None: `default_threads()`).
+    Returns: uint8 array of ceil(n / 64) * 8 bytes.
+    """
+    words = -(-n // 64)
+    key = philox_key(run_seed, step, probe)
+    threads = default_threads() if threads is None else max(1, int(threads))
+    out = np.empty(words, "<u8")
+    if n < PARALLEL_MIN or threads == 1:
+        _draw(key, out, 0, words)
+    else:
+        futures = [_pool(threads).submit(_draw, key, out, a, b)
+                   for a, b in _blocks(words, threads, _WORDS_PER_BLOCK)]
+        for f in futures:
+            f.result()
+    return out.view(np.uint8)
+
+
+def _draw(key: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
+    """Words [a, b) of the Philox stream under `key` into out[a:b] (a on a block boundary).
+
+    Re-keys this thread's Philox by setting its state: the counter at block a // 4 and an
+    empty buffer is exactly `Philox(key=key)` advanced by a // 4 blocks, and skips the OS
+    entropy read a new Philox makes for its unused seed (the larger part of a small draw).
+    """
+    gen = getattr(_local, "philox", None)
+    if gen is None:
+        gen = _local.philox = np.random.Philox(key=key)
+    zero = np.zeros(4, np.uint64)
+    gen.state = {"bit_generator": "Philox",
+                 "state": {"counter": np.array([a // _WORDS_PER_BLOCK, 0, 0, 0], np.uint64),
+                           "key": key},
+                 "buffer": zero, "buffer_pos": _WORDS_PER_BLOCK, "has_uint32": 0,
+                 "uinteger": 0}
+    out[a:b] = gen.random_raw(b - a)

@@ -1,0 +1,164 @@
+"""Fast ZO kernels and batched probes: same bits as the reference paths, for any thread count.
+
+Torch-free: numpy problems, and the shipped demo bundle (it carries a population graph).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgelearn as el
+from edgelearn.losses import cross_entropy, mse, row_losses
+from edgelearn.optim import Population, make_optimizer
+from edgelearn.optim.kernels import PARALLEL_MIN, SignPass, draw_signs, signed_rows
+from edgelearn.params import ParamSpec, ParamStore
+from edgelearn.rng import Noise, rademacher_bytes
+
+DEMO = Path(el.__file__).resolve().parent / "data" / "demo"
+
+
+def bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, np.float32).view(np.uint32).tobytes()
+
+
+def reference_pass(src: np.ndarray, coefs: list[np.float32],
+                   keys: list[tuple[int, int, int]]) -> np.ndarray:
+    """src + sum_k c_k z_k with z from `Noise.fill` (acc = c_0 z_0, acc += c_k z_k, src + acc)."""
+    noise, acc = Noise("rademacher"), None
+    for c, (seed, step, probe) in zip(coefs, keys, strict=True):
+        z = noise.fill(np.empty(src.size, np.float32), run_seed=seed, step=step, probe=probe,
+                       start=0)
+        term = (z * c).astype(np.float32)
+        acc = term if acc is None else (acc + term).astype(np.float32)
+    return (src + acc).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 13, 650, PARALLEL_MIN + 13])
+def test_sign_pass_matches_noise_for_any_threads_and_chunk(n: int) -> None:
+    rng = np.random.default_rng(n)
+    src = rng.standard_normal(n, dtype=np.float32)
+    keys = [(3, 5, 0), (3, 5, 1), (3, 5, 2)]
+    coefs = [np.float32(1e-3), np.float32(-2.7e-4), np.float32(5e-5)]
+    ref = reference_pass(src, coefs, keys)
+    for threads in (1, 2, 3):
+        signs = [draw_signs(*k, n, threads=threads) for k in keys]
+        for sig, k in zip(signs, keys, strict=True):
+            assert sig.tobytes() == rademacher_bytes(*k, n).tobytes()
+        for chunk in (8, 1 << 16):
+            out = np.empty_like(src)
+            SignPass(chunk, threads).run(out, src, coefs, signs)
+            assert bits(out) == bits(ref), (threads, chunk)
+    inplace = src.copy()  # dst is src: the pass runs in place
+    SignPass(threads=2).run(inplace, inplace, coefs, [draw_signs(*k, n) for k in keys])
+    assert bits(inplace) == bits(ref)
+
+
+def test_signed_rows_equal_single_passes() -> None:
+    rng = np.random.default_rng(1)
+    src = rng.standard_normal(650, dtype=np.float32)
+    coefs = [np.float32(1e-3), np.float32(-1e-3), np.float32(0.25)]
+    signs = [draw_signs(0, 9, k, src.size) for k in range(3)]
+    rows = np.empty((4, src.size), np.float32)
+    signed_rows(rows, src, coefs, signs)
+    for j in range(3):
+        one = np.empty_like(src)
+        SignPass().run(one, src, [coefs[j]], [signs[j]])
+        assert bits(rows[j]) == bits(one)
+
+
+def test_row_losses_equal_per_row_losses() -> None:
+    rng = np.random.default_rng(2)
+    out = (5 * rng.standard_normal((8, 33, 10))).astype(np.float32)
+    y = rng.integers(0, 10, 33)
+    assert row_losses(cross_entropy, out, y) == [cross_entropy(o, y) for o in out]
+    t = rng.standard_normal((33, 10)).astype(np.float32)
+    assert row_losses(mse, out, t) == [mse(o, t) for o in out]
+
+
+def lsq(n: int = 40, seed: int = 0, rows: int = 16) -> tuple[ParamStore, np.ndarray, np.ndarray]:
+    """A least-squares problem over one trainable vector of n elements."""
+    rng = np.random.default_rng(seed)
+    store = ParamStore([ParamSpec("w", (n,), "float32", True)],
+                       values={"w": 0.1 * rng.standard_normal(n).astype(np.float32)})
+    return store, rng.standard_normal((rows, n)).astype(np.float32), rng.standard_normal(rows)
+
+
+def lsq_loss(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    d = x.astype(np.float64) @ w.astype(np.float64) - y
+    return float(np.mean(d * d))
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_batched_probes_equal_one_call_per_probe(noise: str) -> None:
+    """zo-sgd (copy policy) asks its 2q probes as one Population: scored in one go from
+    `fill` rows, the records and weights are bit-identical to the probes placed one by one."""
+    a, x, y = lsq()
+    b = a.copy()
+    kw = {"lr": 0.05, "eps": 1e-3, "probes": 3, "noise": noise, "seed": 5, "restore": "copy"}
+    opt_a, opt_b = make_optimizer("zo-sgd", **kw), make_optimizer("zo-sgd", **kw)
+    sizes = []
+
+    def batched(pop: Population) -> list[float]:
+        sizes.append(pop.size)
+        rows = {"float32": np.empty((pop.size, b.n_trainable()), np.float32)}
+        assert pop.fill is not None
+        pop.fill(rows, 0, pop.size)
+        return [lsq_loss(r, x, y) for r in rows["float32"]]
+
+    for _ in range(5):
+        opt_a.step(a, lambda: lsq_loss(a["w"], x, y))
+        opt_b.step(b, None, batched)
+        assert opt_a.last_info.record == opt_b.last_info.record
+        assert a.digest() == b.digest()
+    assert sizes == [6] * 5
+
+
+def test_full_step_independent_of_threads() -> None:
+    """A drift-policy step over > PARALLEL_MIN elements: same bits on 1 and 3 threads."""
+    digests = []
+    for threads in (1, 3):
+        store, x, y = lsq(PARALLEL_MIN + 77, seed=3, rows=2)
+        opt = make_optimizer("zo-sgd", lr=1e-3, eps=1e-3, probes=2, seed=1, threads=threads,
+                             restore="drift")
+        for _ in range(2):
+            opt.step(store, lambda s=store, x=x, y=y: lsq_loss(s["w"], x, y))
+        assert opt.policy == "drift"
+        digests.append(store.digest())
+    assert digests[0] == digests[1]
+
+
+def test_demo_population_run_replays_bit_exact(tmp_path: Path) -> None:
+    """The demo head trained with batched probes (population graph): replay sha256 ==
+    trained, and the population's losses are those of single forwards (to rounding)."""
+    from edgelearn.demo import demo_data
+
+    train = demo_data()[0]
+    cfg = el.TrainConfig(optimizer="zo-sgd", trainable="head.*",
+                         options={"lr": 0.01, "eps": 1e-3, "probes": 4})
+    with el.Session(DEMO, tmp_path / "r", cfg) as s:
+        assert s.evaluator.population_graph
+        s.run(train, 30)
+        digest = s.digest()
+        assert s.timers.population.median_ms() is not None  # the steps used the graph
+        x, yb = train.x[:32], train.y[:32]
+        fw = s.evaluator.forwards(x, yb)
+        theta = s.store.flat().copy()
+        z = np.where(np.arange(theta.size) % 2, 1e-3, -1e-3).astype(np.float32)
+
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            for j in range(lo, hi):
+                out["float32"][j - lo] = theta + (j + 1) * z
+
+        assert fw.population is not None
+        batched = fw.population(Population(3, lambda j: None, fill))
+        singles = []
+        for j in range(3):
+            s.store.flat()[...] = theta + (j + 1) * z
+            singles.append(fw.evaluate())
+        s.store.flat()[...] = theta
+        np.testing.assert_allclose(batched, singles, rtol=1e-6, atol=1e-6)
+    replayed = el.replay(el.load_bundle(DEMO), tmp_path / "r" / "journal.bin")
+    assert replayed.sha256 == digest
