@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgelearn import bundle_writer as writer
 from edgelearn.bundle import Bundle, load_bundle
+from edgelearn.errors import EdgelearnError
 from edgelearn.params import ParamStore
 
 
@@ -41,7 +42,7 @@ def rebase_bundle(bundle: Bundle, store: ParamStore, out_dir: str | os.PathLike)
             old = load_bundle(out_dir)
             if old.manifest.get("fleet", {}).get("weights_sha256") == digest:
                 return old
-        except Exception:  # noqa: BLE001 - a damaged copy is simply rewritten
+        except (EdgelearnError, OSError, ValueError):  # a damaged copy is rewritten
             pass
     with writer.staging_dir(out_dir, overwrite=True) as tmp:
         manifest = copy.deepcopy(bundle.manifest)
