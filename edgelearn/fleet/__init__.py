@@ -16,12 +16,15 @@ personal (local personalization on top of the global model), users (demo per-use
 strategy / apps (Flower Strategy, ClientApp, ServerApp), simulate, deploy, cli.
 """
 
+from edgelearn.fleet import cli
 from edgelearn.fleet.history import replay_global
 from edgelearn.fleet.node import FleetNode
+from edgelearn.fleet.personal import personalize, replay_personal
 from edgelearn.fleet.pool import SeedPool, apply_coefficients
 from edgelearn.fleet.server import FleetServer, Reply
 from edgelearn.fleet.settings import STRATEGIES, FleetSettings
 from edgelearn.fleet.users import write_demo_users
 
 __all__ = ["STRATEGIES", "FleetNode", "FleetServer", "FleetSettings", "Reply", "SeedPool",
-           "apply_coefficients", "replay_global", "write_demo_users"]
+           "apply_coefficients", "cli", "personalize", "replay_global", "replay_personal",
+           "write_demo_users"]

@@ -12,6 +12,7 @@ and stops it once the node has synced the final round (`status.json`). Every Flo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +54,10 @@ eval-data = {eval_data}
 """
 
 
+#: Flower processes started by this process and not yet stopped (a test's teardown stops them)
+RUNNING: set[subprocess.Popen] = set()
+
+
 def _tool(name: str) -> str:
     """The path of a Flower console script (beside this Python, else on PATH)."""
     here = Path(sys.executable).parent / name
@@ -63,28 +68,33 @@ def _tool(name: str) -> str:
     return found
 
 
-def _start(argv: list[str], home: Path, log: Path) -> subprocess.Popen:
-    """Start a Flower process in its own session (so its children stop with it)."""
+def start(argv: list[str], home: Path, log: Path) -> subprocess.Popen:
+    """Start a Flower process in its own session (so its children stop with it); it is
+    listed in RUNNING until `stop`ped.
+
+    Args:
+        argv: the command.
+        home: its FLWR_HOME (Flower's config, installed apps).
+        log: file its stdout and stderr are appended to.
+    """
     env = {**os.environ, "FLWR_HOME": str(home)}
     with open(log, "ab") as f:
-        return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    RUNNING.add(proc)
+    return proc
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
-    """Stop a process started by `_start` and its process group (SIGTERM, then SIGKILL)."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=timeout_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """Stop a process started by `start` and its process group (SIGTERM, then SIGKILL)."""
+    RUNNING.discard(proc)
+    with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout_s)
+    with contextlib.suppress(ProcessLookupError):  # what is left of its group (superexec...)
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait()
 
 
 def wait_for(ready: Callable[[], bool], timeout_s: float, what: str,
@@ -140,12 +150,12 @@ def serve(bundle: str, settings: FleetSettings, out: str | os.PathLike, *,
     app = write_app(out, bundle, settings, eval_data)
     if port_open(host, port):
         raise InputError(f"{host}:{port} is already in use")
-    link = _start([_tool("flower-superlink"), "--insecure", "--host", host, "--port",
+    link = start([_tool("flower-superlink"), "--insecure", "--host", host, "--port",
                    str(port), "--disable-runtime-dependency-installation"],
                   home, out / "superlink.log")
     try:
         wait_for(lambda: port_open(host, port), start_timeout_s, "SuperLink start", link)
-        runner = _start([_tool("flwr"), "run", str(app), "fleet", "--stream"], home,
+        runner = start([_tool("flwr"), "run", str(app), "fleet", "--stream"], home,
                         out / "serverapp.log")
         budget = start_timeout_s + settings.rounds * (2 * settings.round_timeout_s + 60)
         try:
@@ -175,7 +185,7 @@ def run_client(bundle: str, data: str, work: str | os.PathLike, *, superlink: st
     (work / STATUS).unlink(missing_ok=True)
     config = " ".join(f"{k}={json.dumps(str(Path(v).resolve()))}" for k, v in
                       (("bundle", bundle), ("data", data), ("work-dir", work)))
-    node = _start([_tool("flower-supernode"), "--insecure", "--superlink", superlink,
+    node = start([_tool("flower-supernode"), "--insecure", "--superlink", superlink,
                    "--port", str(port), "--node-config", config],
                   work / "flwr-home", work / "supernode.log")
 
