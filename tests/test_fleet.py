@@ -193,6 +193,15 @@ def test_cli_fleet_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert e.value.code == 2
 
 
+def test_import_edgelearn_does_not_load_flower() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edgelearn as el; el.fleet.FleetSettings(); "
+            "assert not any(m.split('.')[0] in ('flwr', 'ray') for m in sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_cli_demo_data_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from edgelearn.cli import main
 
@@ -227,6 +236,50 @@ def test_simulation_of_ten_users_improves_unseen_users_and_every_node_agrees(
     on_disk = {json.loads(p.read_text())["sha256"]
                for p in (tmp_path / "run" / "nodes").glob("*/status.json")}
     assert on_disk == {res["sha256"]}
+
+
+@pytest.mark.slow
+def test_simulation_drops_a_crashing_and_a_corrupting_client(tmp_path: Path, users: dict) -> None:
+    """Faults through Flower's transport: an exception in the ClientApp (Flower's error reply)
+    and a damaged frame are dropped; the others merge and every node still agrees."""
+    pytest.importorskip("ray")
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from edgelearn.fleet import apps
+    from edgelearn.fleet.simulate import client_files, node_for_partition, simulate
+
+    data = tmp_path / "clients"
+    data.mkdir()
+    for f in users["clients"][:4]:
+        (data / Path(f).name).write_bytes(Path(f).read_bytes())
+    node_for = node_for_partition(str(DEMO), client_files(data), tmp_path / "run")
+    train = apps.train_handler(node_for)
+    app = ClientApp()
+
+    @app.train()
+    def faulty(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if pid == 1:
+            raise RuntimeError("device crashed mid-round")
+        reply = train(msg, context)
+        if pid == 2:
+            payload = reply.content.config_records["fleet"]["payload"]
+            bad = bytes(payload[:-1]) + bytes([payload[-1] ^ 0xFF])
+            return Message(RecordDict({"fleet": ConfigRecord({"payload": bad})}), reply_to=msg)
+        return reply
+
+    app.evaluate()(apps.sync_handler(node_for))
+    res = simulate(DEMO, data, FleetSettings(rounds=2, local_steps=8, min_clients=4),
+                   tmp_path / "run", client_app=app)
+    for r in res["rounds"]:
+        assert len(r["merged"]) == 2
+        reasons = " | ".join(sorted(r["dropped"].values()))
+        assert "checksum" in reasons
+        assert "client error" in reasons
+        assert len(r["dropped"]) == 2
+        assert r["all_nodes_match"]
+        assert len(r["nodes_sha256"]) == 4
 
 
 def _free_port() -> int:
