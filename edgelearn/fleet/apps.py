@@ -15,6 +15,7 @@ node config (bundle, data, work-dir) and the run config (bundle, out, settings, 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,9 @@ def sync_handler(node_for: Callable[[Context], FleetNode]) -> Handler:
         node = node_for(context)
         info = node.sync(settings, bytes(cfg["state"]))
         status = {**info, "final": info["round"] >= settings.rounds}
-        (node.work / STATUS).write_text(json.dumps(status, sort_keys=True))
+        tmp = node.work / (STATUS + ".tmp")
+        tmp.write_text(json.dumps(status, sort_keys=True))
+        os.replace(tmp, node.work / STATUS)
         return Message(RecordDict({KEY: ConfigRecord({"sha256": info["sha256"],
                                                       "accuracy": float(info["accuracy"])})}),
                        reply_to=msg)
@@ -98,7 +101,9 @@ def run_federation(grid: Grid, options: dict[str, Any]) -> dict[str, Any]:
                "sha256": server.digest, "global_journal": str(server.journal.path),
                "weights": str(out / "global.safetensors"), "settings": json.loads(
                    settings.to_json())}
-    (out / SUMMARY).write_text(json.dumps(summary, sort_keys=True, indent=1))
+    tmp = out / (SUMMARY + ".tmp")  # whole or absent: `fleet server` polls for it
+    tmp.write_text(json.dumps(summary, sort_keys=True, indent=1))
+    os.replace(tmp, out / SUMMARY)
     return summary
 
 

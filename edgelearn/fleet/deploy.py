@@ -158,8 +158,9 @@ def serve(bundle: str, settings: FleetSettings, out: str | os.PathLike, *,
         runner = start([_tool("flwr"), "run", str(app), "fleet", "--stream"], home,
                         out / "serverapp.log")
         budget = start_timeout_s + settings.rounds * (2 * settings.round_timeout_s + 60)
-        try:
-            wait_for(lambda: (out / SUMMARY).is_file(), budget, "federation", link)
+        try:  # `flwr run --stream` returns when the run ends, done or failed
+            wait_for(lambda: (out / SUMMARY).is_file(), budget,
+                     f"federation (see {out / 'serverapp.log'})", runner)
         finally:
             stop(runner)
     finally:
