@@ -22,6 +22,7 @@ Only stdlib and numpy are imported here; runtimes (onnxruntime, LiteRT) load laz
 their backend, and torch never loads on the device side.
 """
 
+from edgelearn import fleet as fleet  # el.fleet: a subpackage, outside __all__
 from edgelearn import tools
 from edgelearn.bundle import Bundle, load_bundle
 from edgelearn.capabilities import describe

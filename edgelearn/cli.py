@@ -487,6 +487,12 @@ def cmd_bake(args: argparse.Namespace) -> None:
                              f" parity max abs err {res['parity_max_abs_err']:.2e}")
 
 
+def cmd_fleet(args: argparse.Namespace) -> None:
+    """`edgelearn fleet ...`: federated personalization on Flower (el.fleet.cli)."""
+    result, text = el.fleet.cli.run(args)
+    _emit(args, result, lambda: text)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "prepare": cmd_prepare,
     "bake": cmd_bake,
@@ -499,6 +505,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "demo": cmd_demo,
     "bench": cmd_bench,
     "report": cmd_report,
+    "fleet": cmd_fleet,
 }
 
 
@@ -814,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(sp)
 
     _add_prepare_bake(sub)
+    el.fleet.cli.add_parser(sub)
     return p
 
 
