@@ -1,8 +1,10 @@
 """Bring your own model: turn an inference ONNX model into a bundle, and bake weights back.
 
 `prepare_onnx` takes an ONNX model that edgelearn did not export and writes a bundle: its
-weight tensors (float32 initializers, plus int8/uint8/int32 weights read by a
-DequantizeLinear / QLinear* node, recorded with their scale and zero point) leave the graph,
+weight tensors (float32 initializers, plus int8/uint8/int32 weights of a quantized form --
+QDQ DequantizeLinear, weight-only Cast+Mul, QLinear*, MatMulInteger/ConvInteger, see
+`edgelearn.quant_graph` -- recorded with their scale and zero point, the float32 scales
+themselves becoming parameters of role "scale" that zo-scale trains) leave the graph,
 become graph inputs under the same name (renamed only if the name is not a plain tensor name)
 and go to weights.safetensors. Weights held by Constant nodes or by initializers of If/Loop
 bodies are lifted too when their name is unique in the model (outer-scope references keep
@@ -44,8 +46,9 @@ from edgelearn.bundle import (
 )
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.params import ParamSpec, ParamStore, check_name
-from edgelearn.quant_graph import QUANT_DTYPES, quant_info, scale_roles
 from edgelearn.parity import ATOL, RTOL, Parity, check_tolerances, compare, worst
+from edgelearn.quant_graph import QUANT_DTYPES, quant_info, scale_roles
+from edgelearn.quant_graph import graphs as _graphs
 
 BATCH = "batch"
 HEAD_OUTPUT = "logits"
@@ -81,17 +84,6 @@ def _import_ort() -> Any:
 
 
 # -- reading a model safely --------------------------------------------------------------------
-def _graphs(graph: Any) -> Iterator[Any]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.g.ByteSize():
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def _np_dtype(onnx: Any, elem_type: int) -> str | None:
     try:
         return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))

@@ -32,15 +32,15 @@ _DIRECT_OPS: dict[str, tuple[tuple[int, int, int, int | None], ...]] = {
 _INTEGER_OPS = {"ConvInteger": 0, "MatMulInteger": -1}  # op -> axis of a per-channel scale
 
 
-def _graphs(graph: Any) -> Iterator[Any]:
+def graphs(graph: Any) -> Iterator[Any]:
     """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.g.ByteSize():
-                yield from _graphs(attr.g)
+                yield from graphs(attr.g)
             for g in attr.graphs:
-                yield from _graphs(g)
+                yield from graphs(g)
 
 
 def _value(v: np.ndarray | None) -> Any:
@@ -153,7 +153,7 @@ def quant_info(model: Any, consts: Mapping[str, np.ndarray]) -> dict[str, dict[s
     Returns: scale / zero-point keys are absent when the form has none (a bare Cast).
     """
     out: dict[str, dict[str, Any]] = {}
-    for g in _graphs(model.graph):
+    for g in graphs(model.graph):
         gr = _Graph(g)
         for n in gr.nodes:
             if n.op_type in _DIRECT_OPS:

@@ -9,10 +9,11 @@ models, time a bundle's forwards and steps. Their signatures and result keys (th
 from __future__ import annotations
 
 from edgelearn.bench import bench
+from edgelearn.model import Model
 from edgelearn.parity import ATOL, RTOL
 from edgelearn.prepare import bake_bundle as bake
 from edgelearn.prepare import list_params
 from edgelearn.prepare import prepare_onnx as prepare
 from edgelearn.report import write_report as report
 
-__all__ = ["ATOL", "RTOL", "bake", "bench", "list_params", "prepare", "report"]
+__all__ = ["ATOL", "RTOL", "Model", "bake", "bench", "list_params", "prepare", "report"]

@@ -16,12 +16,13 @@ One step t, for every trainable weight tensor W (m elements) of the chosen arena
     assignment w_ij = softmax_j(-C_ij / eps_t); step dx_i = r_step * sum_j w_ij v_j.
   * update W <- W_t + B^T dx (all particles at once, the "monolithic" step).
 Probe budget (`max_particles`, default 8): a step moves at most that many particles, so its
-cost (16 forwards each) stays bounded however many tensors train (a prepared int8 transformer
-with 51,770 scales in ~150 tensors cost ~4,800 forwards per step before). When the model has
-more particles, each step draws which ones move: a partial Fisher-Yates shuffle of the particle
-indices from raw Philox words of (seed, t) (bit-portable); a particle's rotation and projection
-are keyed by its index among all particles, so with a model at or under the budget every step
-is exactly the unbudgeted one (journals written before the option replay unchanged).
+cost (16 forwards each) stays bounded however many tensors train (unbounded, 16 forwards x
+2 particles per tensor: one step on a prepared int8 transformer's 51,770 scales took 240 s,
+issue 15). When the model has more particles, each step draws which ones move: a partial
+Fisher-Yates shuffle of the particle indices from raw Philox words of (seed, t)
+(bit-portable); a particle's rotation and projection are keyed by its index among all
+particles, so with a model at or under the budget every step is exactly the unbudgeted one
+(journals written before the option replay unchanged).
 eps_t and the radii follow cosine schedules from their initial to their final values over
 `total_steps` (constant without it). Any non-finite probe loss rejects the step: weights stay
 exactly W_t (probes are written from a copy of the probed tensor, so restore is exact).
