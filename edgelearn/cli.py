@@ -490,6 +490,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def _quant_note(p: dict[str, Any]) -> str:
+    """`prepare --list`'s note on a quantized weight or a quantization scale."""
+    q = p["quant"]
+    if q.get("role") == "scale":
+        return f"  [scale of {', '.join(q.get('of', []))}]"
+    frozen = "" if p["dtype"] == "int8" else ", frozen"
+    return f"  [{p['dtype']} {q.get('op', '')}{frozen}]"
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Turn an inference ONNX model into a bundle (or --list its weight tensors)."""
     if args.list:
@@ -501,7 +510,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             lines += [f"  output {t['name']} {t['dtype']}{t['shape']}" for t in res["outputs"]]
             for p in res["params"]:
                 note = f"  [kept in graph: {p['kept_in_graph']}]" if "kept_in_graph" in p else (
-                    "  [int8, frozen]" if "quant" in p else "")
+                    _quant_note(p) if "quant" in p else "")
                 lines.append(f"  {p['name']:48s} {p['dtype']}{p['shape']} {p['bytes']} B{note}")
             lines.append(f"  {res['total_params']} params ({res['total_bytes']} bytes)")
             return "\n".join(lines)
