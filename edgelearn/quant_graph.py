@@ -5,7 +5,8 @@ Forms recognised (W an integer constant: initializer or Constant node):
   * QDQ: `DequantizeLinear(W, scale, zero_point, axis)` (per-tensor or per-channel).
   * weight-only: `Cast(W -> float)`, optionally `Sub(zero_point)`, then `Mul(., scale)`
     (the scale on either side of the Mul; a real int8 MiniLM ships 38 tensors this way).
-  * `QLinearConv` / `QLinearMatMul`: the weight operand with its scale and zero-point inputs.
+  * `QLinearConv` / `QLinearMatMul` / `QGemm` (com.microsoft): the weight operand with its
+    scale and zero-point inputs.
   * `ConvInteger` / `MatMulInteger` (onnxruntime's `quantize_dynamic`): W with its zero point;
     the scale sits downstream: the int32 output is Cast to float and multiplied by the weight
     scale, directly or through `Mul(activation_scale, weight_scale)`.
@@ -24,10 +25,13 @@ import numpy as np
 QUANT_DTYPES = ("int8", "uint8", "int32")
 _FLOAT = 1  # onnx.TensorProto.FLOAT
 # op -> (weight input index, scale index, zero-point index, default axis) for quantized weights
+# (per-channel scales: DequantizeLinear says its axis; a conv's is the output channel, a
+# MatMul B [K, N]'s the last axis, a QGemm B's 0 with transB, else 1)
 _DIRECT_OPS: dict[str, tuple[tuple[int, int, int, int | None], ...]] = {
     "DequantizeLinear": ((0, 1, 2, 1),),
     "QLinearConv": ((3, 4, 5, 0),),
-    "QLinearMatMul": ((3, 4, 5, None), (0, 1, 2, None)),
+    "QLinearMatMul": ((3, 4, 5, -1), (0, 1, 2, None)),
+    "QGemm": ((3, 4, 5, 1),),  # com.microsoft, from quantize_static(QOperator)
 }
 _INTEGER_OPS = {"ConvInteger": 0, "MatMulInteger": -1}  # op -> axis of a per-channel scale
 
@@ -133,11 +137,17 @@ def _direct(n: Any, consts: Mapping[str, np.ndarray], out: dict[str, dict]) -> N
     for w, s, z, axis in _DIRECT_OPS[n.op_type]:
         if w >= len(n.input) or n.input[w] not in consts or n.input[w] in out:
             continue
+        scale = consts.get(n.input[s]) if s < len(n.input) else None
         if n.op_type == "DequantizeLinear":
             axis = next((a.i for a in n.attribute if a.name == "axis"), axis)
-            scale = consts.get(n.input[s]) if s < len(n.input) else None
             if consts[n.input[w]].ndim <= 1 and scale is not None and scale.size == 1:
                 axis = None
+        elif scale is None or scale.size == 1:
+            axis = None
+        elif n.op_type == "QGemm":
+            axis = 0 if any(a.name == "transB" and a.i for a in n.attribute) else 1
+        elif axis is not None:
+            axis %= max(consts[n.input[w]].ndim, 1)
         scale_name = n.input[s] if s < len(n.input) else None
         zero = n.input[z] if z < len(n.input) else None
         out[n.input[w]] = _info(n.op_type, axis, consts, scale_name, zero)

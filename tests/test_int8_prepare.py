@@ -172,6 +172,40 @@ def test_polystep_trains_int8_on_grid_replays_and_bakes(form, tmp_path) -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want))
 
 
+def test_prepare_recognises_qoperator_form(tmp_path) -> None:
+    """quantize_static(QOperator): QGemm (com.microsoft) and QLinearMatMul weights + scales."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"x": x[i : i + 16]} for i in range(0, 64, 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    src = tmp_path / "qop.onnx"
+    quantize_static(str(mlp_onnx(tmp_path / "mlp.onnx")), str(src), Reader(),
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    listed = {p["name"]: p for p in list_params(src)["params"]}
+    ops = {p["quant"]["op"]: p["quant"]["axis"] for p in listed.values() if p["dtype"] == "int8"}
+    assert ops == {"QGemm": 0, "QLinearMatMul": 1}  # Gemm transB=1: rows; MatMul B: columns
+    prepare_onnx(src, tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_allclose(Model(bundle).predict(x), want, rtol=0, atol=tolerance(want))
+    store = bundle.load_store(trainable="@scale")
+    assert store.n_trainable() == 32 + 32 + 10
+
+
 def test_role_selector_says_what_is_missing(tmp_path) -> None:
     src = mlp_onnx(tmp_path / "mlp.onnx")
     prepare_onnx(src, tmp_path / "b")
