@@ -628,10 +628,12 @@ def _add_train(sub: Any) -> None:
                    help="forward-only optimizer")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: zo-sgd 1e-3, zo-scale 1e-5, tpsgd 0.05)")
+                   help="learning rate (default: zo-sgd 1e-3, zo-scale 0.02 of each scale, "
+                   "tpsgd 0.05)")
     g.add_argument("--trainable", default=None,
                    help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
-                   "manifest's; zo-scale: '*.scale')")
+                   "manifest's; zo-scale: '@scale', the quantization scales by role; "
+                   "'@int8': int8 weights)")
     g.add_argument("--objective", default=None, choices=list(el.objectives()),
                    help="loss to minimize (default: cross-entropy, mse for regression)")
     g.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
@@ -767,7 +769,8 @@ def _add_prepare_bake(sub: Any) -> None:
     sp.add_argument("--out", default=None, help="bundle directory to create")
     sp.add_argument("--list", action="store_true", help="show the weight tensors and stop")
     sp.add_argument("--trainable", default=None,
-                    help="glob(s) of trainable params (default '*', or 'head.*' with a new head)")
+                    help="glob(s) of trainable params (default '*', or 'head.*' with a new head)"
+                    "; '@scale' / '@int8' select quantization scales / int8 weights by role")
     sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
                     help="append a linear classifier on a model output")
     sp.add_argument("--task", default=None, choices=["classification", "regression"],
