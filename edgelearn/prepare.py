@@ -718,12 +718,22 @@ def _check_prepared(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: 
                  for live in (None, "")])
     if not par.ok:
         raise ModelError(f"parity check failed: original vs bundle {par.describe()}; no "
-                         "bundle written")
+                         f"bundle written{_quant_hint(p)}")
     manifest["parity"] = {"onnx": {**par.to_json(),
                                    "reference": "original model" if p.head is None
                                    else "original model + numpy head"}}
     writer.write_manifest(tmp, manifest)
     return par.max_abs_err
+
+
+def _quant_hint(p: _Prepared) -> str:
+    """Why an int8 model may fail parity with its scales as inputs, and what to do."""
+    if not any(c.quant and c.quant.get("role") == "scale" for c in p.kind.values()):
+        return ""
+    return ("; with its weights and scales constant onnxruntime runs this int8 graph on fused "
+            "integer kernels, with scales as inputs on float dequantized weights, and the two "
+            "differ here (e.g. u8s8 saturation on CPUs without VNNI): prepare with "
+            "--trainable '@int8' (scales stay constants) or requantize with reduce_range")
 
 
 # -- public API --------------------------------------------------------------------------------

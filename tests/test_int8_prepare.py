@@ -206,6 +206,63 @@ def test_prepare_recognises_qoperator_form(tmp_path) -> None:
     assert store.n_trainable() == 32 + 32 + 10
 
 
+def _conv_qdq(tmp: Path) -> Path:
+    """Conv + Relu quantized static QDQ (uint8 activations, int8 per-channel weights)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp / "conv.onnx"))
+    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    from onnxruntime.quantization import QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{"x": x[i : i + 8]} for i in range(0, 32, 8)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    quantize_static(str(tmp / "conv.onnx"), str(tmp / "q.onnx"), Reader(),
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True)
+    return tmp / "q.onnx"
+
+
+def test_fused_int8_kernels_that_disagree_are_explained(tmp_path) -> None:
+    """On CPUs whose fused int8 conv kernels differ from the float-dequantized graph (AVX2
+    without VNNI here), scales as inputs fail parity: the error says what to do, and the
+    advice works."""
+    from edgelearn.prepare import ModelError, example_inputs
+
+    src = _conv_qdq(tmp_path)
+    res = prepare_onnx(src, tmp_path / "a", trainable="@int8")
+    assert res["trainable_params"] == 8 * 3 * 3 * 3
+    feeds = example_inputs([{"name": "x", "shape": ["batch", 3, 8, 8], "dtype": "float32"}])
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_DISABLE_ALL):  # fused / the graph as written
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        outs.append(ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+                    .run(None, feeds)[0])
+    if np.abs(outs[0] - outs[1]).max() <= tolerance(outs[0]):
+        prepare_onnx(src, tmp_path / "b")  # kernels agree on this CPU: scales train too
+        return
+    with pytest.raises(ModelError, match="--trainable '@int8'"):
+        prepare_onnx(src, tmp_path / "b")
+
+
 def test_role_selector_says_what_is_missing(tmp_path) -> None:
     src = mlp_onnx(tmp_path / "mlp.onnx")
     prepare_onnx(src, tmp_path / "b")
