@@ -15,6 +15,13 @@ run, interleaved, medians:
   zo_sgd       a 1-probe ZO-SGD step (2 forwards), for scale.
 Ratios: single / population (> 1 = population is faster). Also per-probe costs and the int8
 step (QDQ bundle, head int8 weights, single path: population graphs are float32-only).
+
+    python benchmarks/bench_polystep.py --scaling   # torch-free
+
+Step time vs the number of trainable tensors: a deep int8 MLP (width 32, L layers, built with
+onnx.helper, `quantize_dynamic` -> MatMulInteger) prepared by `edgelearn prepare`, PolyStep on
+its int8 weights, batch 32: unbounded (`max_particles=None`, the behaviour before the probe
+budget: 16 probes x 2 particles per tensor) vs the default budget (8 particles per step).
 """
 
 from __future__ import annotations
@@ -74,10 +81,77 @@ def _compare(path: Path, x: np.ndarray, y: np.ndarray, reps: int) -> dict:
     }
 
 
+def _deep_int8(tmp: Path, layers: int) -> Path:
+    """A prepared bundle of an int8 (MatMulInteger) MLP [N, 32] with `layers` 32x32 layers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgelearn.prepare import prepare_onnx
+
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"h{i}"])]
+        h = f"h{i}"
+    nodes[-1] = helper.make_node("Identity", [f"m{layers - 1}"], ["logits"])
+    graph = helper.make_graph(
+        nodes, "deep", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp / f"f{layers}.onnx"))
+    quantize_dynamic(str(tmp / f"f{layers}.onnx"), str(tmp / f"q{layers}.onnx"),
+                     weight_type=QuantType.QInt8, per_channel=True)
+    prepare_onnx(tmp / f"q{layers}.onnx", tmp / f"b{layers}")
+    return tmp / f"b{layers}"
+
+
+def scaling(layer_counts: tuple[int, ...] = (4, 16, 64)) -> dict:
+    """PolyStep step time vs trainable tensors, with and without the probe budget."""
+    import logging
+
+    from edgelearn.bench import median_ms
+    from edgelearn.bundle import load_bundle
+    from edgelearn.losses import cross_entropy
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 32)).astype(np.float32)
+    y = rng.integers(0, 32, 32)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers in layer_counts:
+            model = Model(load_bundle(_deep_int8(Path(tmp), layers)), threads=2)
+            fwd = median_ms(lambda m=model: m.predict(x), 20, warmup=2)
+            row = {"int8_tensors": layers, "int8_params": model.store.n_trainable("int8"),
+                   "forward_ms": fwd}
+            for label, budget in (("unbounded", None), ("budget_8", 8)):
+                opt = make_optimizer("polystep", radius=2.0, max_particles=budget, seed=0)
+                ms = median_ms(lambda o=opt, m=model: o.step(
+                    m.store, lambda: cross_entropy(m.predict(x), y)), 3, warmup=1)
+                row[f"probes_{label}"] = opt.probes_per_step(model.store)
+                row[f"step_ms_{label}"] = ms
+            rows.append(row)
+            print(row, file=sys.stderr)
+    return {"machine": platform.machine(), "batch": 32, "runs": rows, "note":
+            "2 shared vCPUs under load from other jobs: figures are noisy"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scaling", action="store_true",
+                    help="step time vs trainable tensors, with / without the probe budget")
     args = ap.parse_args()
+    if args.scaling:
+        print(json.dumps(scaling()))
+        return
     import torch
     from edgelearn.export import export_bundle
     from edgelearn.export.population import add_population_graph

@@ -12,7 +12,7 @@ import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,23 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def select_trainable(names: Sequence[str], patterns: str | Sequence[str] | None) -> set[str]:
-    """Names matched by comma-separated glob patterns (`"head.*,*.bias"`); "*" = all.
+#: `--trainable` role selectors (a pattern "@ROLE"): what a parameter does in the graph
+ROLES = {"scale": "quantization scales (manifest quant.role 'scale')",
+         "int8": "int8 quantized weights"}
+
+
+def param_role(spec: ParamSpec) -> str | None:
+    """The role of a parameter for "@ROLE" patterns: "scale", "int8" or None."""
+    quant = spec.quant or {}
+    if quant.get("role") == "scale":
+        return "scale"
+    return "int8" if spec.dtype == "int8" and quant else None
+
+
+def select_trainable(names: Sequence[str], patterns: str | Sequence[str] | None,
+                     roles: Mapping[str, str | None] | None = None) -> set[str]:
+    """Names matched by comma-separated glob patterns (`"head.*,*.bias"`); "*" = all;
+    "@scale" / "@int8" select by role (`roles`: name -> `param_role`).
 
     Raises InputError when a pattern matches nothing (a typo would otherwise train nothing).
     """
@@ -88,7 +103,16 @@ def select_trainable(names: Sequence[str], patterns: str | Sequence[str] | None)
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
     chosen: set[str] = set()
     for pat in patterns:
-        hit = {n for n in names if fnmatch.fnmatchcase(n, pat)}
+        if pat.startswith("@"):
+            if pat[1:] not in ROLES:
+                raise InputError(f"--trainable role {pat!r} is not one of "
+                                 f"{', '.join('@' + r for r in ROLES)}")
+            hit = {n for n in names if (roles or {}).get(n) == pat[1:]}
+            if not hit:
+                raise InputError(f"--trainable role {pat!r} matches no parameter: the bundle "
+                                 f"has no {ROLES[pat[1:]]}")
+        else:
+            hit = {n for n in names if fnmatch.fnmatchcase(n, pat)}
         if not hit:
             raise InputError(f"--trainable pattern {pat!r} matches no parameter")
         chosen |= hit
@@ -222,7 +246,8 @@ class Bundle:
         """Parameter specs with the trainable flag set from glob patterns (None = manifest)."""
         if trainable is None:
             return list(self.params)
-        chosen = select_trainable([p.name for p in self.params], trainable)
+        chosen = select_trainable([p.name for p in self.params], trainable,
+                                  {p.name: param_role(p) for p in self.params})
         return [
             ParamSpec(p.name, p.shape, p.dtype, p.name in chosen, p.quant) for p in self.params
         ]

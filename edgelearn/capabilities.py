@@ -65,7 +65,7 @@ def _zo_scale(bundle: Bundle) -> dict[str, Any]:
     scales = [p.name for p in bundle.params if (p.quant or {}).get("role") == "scale"]
     if not scales:
         return {"supported": False, "why": "no int8 weights with quantization scales ("
-                "edgelearn.export.quantize.export_int8_bundle writes them)"}
+                "export --quantize int8 writes them; prepare finds them in int8 models)"}
     return {"supported": True, "how": f"trains the {len(scales)} quantization scale tensors"}
 
 

@@ -139,13 +139,67 @@ def cmd_export(args: argparse.Namespace) -> None:
     example = torch.randn(*args.example_shape)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     with quiet_third_party(args.verbose):
-        res = export_bundle(model, example, args.out, trainable=args.trainable,
-                            task=args.task, overwrite=args.overwrite,
-                            formats=formats, atol=args.atol, rtol=args.rtol)
+        if args.quantize:
+            res = _export_int8(args, model, example, formats)
+        else:
+            res = export_bundle(model, example, args.out, trainable=args.trainable,
+                                task=args.task, overwrite=args.overwrite,
+                                formats=formats, atol=args.atol, rtol=args.rtol)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), formats "
                              f"{','.join(res['formats'])}, parity max abs err "
-                             f"{res['parity_max_abs_err']:.2e}")
+                             f"{res['parity_max_abs_err']:.2e}" + _int8_note(res))
+
+
+def _export_int8(args: argparse.Namespace, model: Any, example: Any,
+                 formats: tuple[str, ...]) -> dict[str, Any]:
+    """`export --quantize int8`: QDQ bundle (weights int8 per channel, activations float32),
+    then the int8 model against the float one on the calibration inputs: --data's x, else
+    random inputs of the example's shape (64 rows)."""
+    import torch
+
+    from edgelearn.export.quantize import export_int8_bundle
+
+    if args.data:
+        x = el.load_data(args.data).x
+        if tuple(x.shape[1:]) != tuple(args.example_shape[1:]):
+            raise el.InputError(f"--data x has rows of shape {list(x.shape[1:])}, the example "
+                                f"shape says {list(args.example_shape[1:])}")
+        source = f"{args.data} (x, {len(x)} rows)"
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        x = torch.randn(64, *args.example_shape[1:], generator=gen).numpy()
+        source = "64 random N(0, 1) inputs of the example shape"
+    res = export_int8_bundle(model, example, args.out, trainable=args.trainable,
+                             task=args.task, overwrite=args.overwrite, formats=formats,
+                             atol=args.atol, rtol=args.rtol)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    got = el.tools.Model(el.load_bundle(args.out)).predict(x)
+    res["int8_vs_float"] = _quant_error(got, ref, source)
+    return res
+
+
+def _quant_error(got: Any, ref: Any, source: str) -> dict[str, Any]:
+    """How far the int8 model is from the float one, relative to the outputs' magnitude."""
+    import numpy as np
+
+    err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    scale = float(np.max(np.abs(ref)))
+    out = {"max_abs_err": err, "scale": scale, "relative_err": err / scale if scale else err,
+           "inputs": source}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        out["argmax_agreement"] = float(np.mean(got.argmax(1) == ref.argmax(1)))
+    return out
+
+
+def _int8_note(res: dict[str, Any]) -> str:
+    q = res.get("int8_vs_float")
+    if not q:
+        return ""
+    agree = f", argmax agreement {q['argmax_agreement']:.3f}" if "argmax_agreement" in q else ""
+    return (f"; int8 vs float on {q['inputs']}: max abs err {q['max_abs_err']:.3g} "
+            f"({q['relative_err']:.2%} of max|output| {q['scale']:.3g}){agree}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -448,6 +502,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     _emit(args, res, human)
 
 
+def _quant_note(p: dict[str, Any]) -> str:
+    """`prepare --list`'s note on a quantized weight or a quantization scale."""
+    q = p["quant"]
+    if q.get("role") == "scale":
+        return f"  [scale of {', '.join(q.get('of', []))}]"
+    frozen = "" if p["dtype"] == "int8" else ", frozen"
+    return f"  [{p['dtype']} {q.get('op', '')}{frozen}]"
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     """Turn an inference ONNX model into a bundle (or --list its weight tensors)."""
     if args.list:
@@ -459,7 +522,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             lines += [f"  output {t['name']} {t['dtype']}{t['shape']}" for t in res["outputs"]]
             for p in res["params"]:
                 note = f"  [kept in graph: {p['kept_in_graph']}]" if "kept_in_graph" in p else (
-                    "  [int8, frozen]" if "quant" in p else "")
+                    _quant_note(p) if "quant" in p else "")
                 lines.append(f"  {p['name']:48s} {p['dtype']}{p['shape']} {p['bytes']} B{note}")
             lines.append(f"  {res['total_params']} params ({res['total_bytes']} bytes)")
             return "\n".join(lines)
@@ -584,10 +647,12 @@ def _add_train(sub: Any) -> None:
                    help="forward-only optimizer")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: zo-sgd 1e-3, zo-scale 1e-5, tpsgd 0.05)")
+                   help="learning rate (default: zo-sgd 1e-3, zo-scale 0.02 of each scale, "
+                   "tpsgd 0.05)")
     g.add_argument("--trainable", default=None,
                    help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
-                   "manifest's; zo-scale: '*.scale')")
+                   "manifest's; zo-scale: '@scale', the quantization scales by role; "
+                   "'@int8': int8 weights)")
     g.add_argument("--objective", default=None, choices=list(el.objectives()),
                    help="loss to minimize (default: cross-entropy, mse for regression)")
     g.add_argument("--seed", type=int, default=0, help="run seed (noise and data order)")
@@ -703,6 +768,12 @@ def _add_export(sub: Any) -> None:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     sp.add_argument("--formats", default="onnx",
                     help="comma-separated model formats: onnx, or onnx,tflite")
+    sp.add_argument("--quantize", default=None, choices=["int8"],
+                    help="int8: weights int8 per output channel (QDQ), activations float32; "
+                    "reports the int8 vs float error on --data")
+    sp.add_argument("--data", default=None,
+                    help="with --quantize: .npz whose x is compared float vs int8 (default: "
+                    "random inputs of the example shape)")
     sp.add_argument("--atol", type=float, default=el.tools.ATOL,
                     help="parity: |runtime - reference| <= atol + rtol * max|reference| "
                     "per output")
@@ -720,7 +791,8 @@ def _add_prepare_bake(sub: Any) -> None:
     sp.add_argument("--out", default=None, help="bundle directory to create")
     sp.add_argument("--list", action="store_true", help="show the weight tensors and stop")
     sp.add_argument("--trainable", default=None,
-                    help="glob(s) of trainable params (default '*', or 'head.*' with a new head)")
+                    help="glob(s) of trainable params (default '*', or 'head.*' with a new head)"
+                    "; '@scale' / '@int8' select quantization scales / int8 weights by role")
     sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
                     help="append a linear classifier on a model output")
     sp.add_argument("--task", default=None, choices=["classification", "regression"],

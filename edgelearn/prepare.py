@@ -1,8 +1,10 @@
 """Bring your own model: turn an inference ONNX model into a bundle, and bake weights back.
 
 `prepare_onnx` takes an ONNX model that edgelearn did not export and writes a bundle: its
-weight tensors (float32 initializers, plus int8/uint8/int32 weights read by a
-DequantizeLinear / QLinear* node, recorded with their scale and zero point) leave the graph,
+weight tensors (float32 initializers, plus int8/uint8/int32 weights of a quantized form --
+QDQ DequantizeLinear, weight-only Cast+Mul, QLinear*, MatMulInteger/ConvInteger, see
+`edgelearn.quant_graph` -- recorded with their scale and zero point, the float32 scales
+themselves becoming parameters of role "scale" that zo-scale trains) leave the graph,
 become graph inputs under the same name (renamed only if the name is not a plain tensor name)
 and go to weights.safetensors. Weights held by Constant nodes or by initializers of If/Loop
 bodies are lifted too when their name is unique in the model (outer-scope references keep
@@ -38,12 +40,15 @@ from edgelearn.bundle import (
     TASKS,
     Bundle,
     load_bundle,
+    param_role,
     select_trainable,
     sha256_file,
 )
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.params import ParamSpec, ParamStore, check_name
 from edgelearn.parity import ATOL, RTOL, Parity, check_tolerances, compare, worst
+from edgelearn.quant_graph import QUANT_DTYPES, quant_info, scale_roles
+from edgelearn.quant_graph import graphs as _graphs
 
 BATCH = "batch"
 HEAD_OUTPUT = "logits"
@@ -51,15 +56,8 @@ INFERENCE_ONNX = "inference.onnx"
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit; larger models keep weights in external data
 MAX_DIMS = 8
 _WEIGHT_DTYPES = ("float32",)
-_QUANT_DTYPES = ("int8", "uint8", "int32")
-# op -> (weight input index, scale index, zero-point index, default axis) for quantized weights
-_QUANT_OPS: dict[str, tuple[tuple[int, int, int, int | None], ...]] = {
-    "DequantizeLinear": ((0, 1, 2, 1),),
-    "QLinearConv": ((3, 4, 5, 0),),
-    "QLinearMatMul": ((3, 4, 5, None), (0, 1, 2, None)),
-    "ConvInteger": ((1, -1, 3, None),),
-    "MatMulInteger": ((1, -1, 3, None),),
-}
+#: quantized weights a polystep run can train (others stay frozen): the int8 grid
+_TRAINABLE_QUANT = ("int8",)
 
 
 class ModelError(EdgelearnError, ValueError):
@@ -86,17 +84,6 @@ def _import_ort() -> Any:
 
 
 # -- reading a model safely --------------------------------------------------------------------
-def _graphs(graph: Any) -> Iterator[Any]:
-    """The graph and every subgraph (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.g.ByteSize():
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def _np_dtype(onnx: Any, elem_type: int) -> str | None:
     try:
         return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
@@ -258,7 +245,8 @@ class Candidate:
         if self.bundle_name and self.bundle_name != self.name:
             out["source_name"] = self.name
         if self.quant:
-            out["quant"] = {k: v for k, v in self.quant.items() if k in ("axis", "op")}
+            out["quant"] = {k: v for k, v in self.quant.items()
+                            if k in ("axis", "op", "role", "of", "scale_param")}
         if not self.liftable:
             out["kept_in_graph"] = self.reason
         return out
@@ -291,46 +279,50 @@ def _definitions(model: Any) -> dict[str, int]:
     return count
 
 
-def _quant_info(onnx: Any, model: Any, consts: Mapping[str, np.ndarray]) -> dict[str, dict]:
-    """weight name -> {"scale", "zero_point", "axis", "op", ...} for quantized weight inputs."""
-    out: dict[str, dict[str, Any]] = {}
-    for g in _graphs(model.graph):
-        for n in g.node:
-            for w, s, z, axis in _QUANT_OPS.get(n.op_type, ()):
-                if w >= len(n.input) or n.input[w] not in consts or n.input[w] in out:
-                    continue
-                if n.op_type == "DequantizeLinear":
-                    for a in n.attribute:
-                        if a.name == "axis":
-                            axis = a.i
-                    if consts[n.input[w]].ndim <= 1 and (
-                            s < len(n.input) and consts.get(n.input[s]) is not None
-                            and consts[n.input[s]].size == 1):
-                        axis = None
-                info: dict[str, Any] = {"op": n.op_type, "axis": axis}
-                for key, idx in (("scale", s), ("zero_point", z)):
-                    if 0 <= idx < len(n.input) and n.input[idx]:
-                        v = consts.get(n.input[idx])
-                        info[f"{key}_name"] = n.input[idx]
-                        info[key] = None if v is None else (
-                            v.item() if v.size == 1 else v.reshape(-1).tolist())
-                out[n.input[w]] = info
-    return out
+def _classify(name: str, val: np.ndarray, where: str, quant: Mapping[str, dict],
+              scales: Mapping[str, list[str]]) -> Candidate | None:
+    """The Candidate `name` is (a weight, a quantized weight, a quantization scale) or None."""
+    dtype = str(val.dtype)
+    if name in quant and dtype in QUANT_DTYPES:
+        return Candidate(name, tuple(val.shape), dtype, where, quant=dict(quant[name]))
+    if name in scales and dtype in _WEIGHT_DTYPES:  # scalar scales too: a role, not a size
+        return Candidate(name, tuple(val.shape), dtype, where,
+                         quant={"role": "scale", "of": list(scales[name])})
+    if dtype in _WEIGHT_DTYPES and val.ndim >= 1 and (
+            not where.endswith("constant") or val.size >= 2):
+        return Candidate(name, tuple(val.shape), dtype, where)
+    return None
+
+
+def _graph_items(g: Any, consts: Mapping[str, np.ndarray], sub: bool
+                 ) -> list[tuple[str, np.ndarray, str]]:
+    """(name, value, where) of a graph's initializers and Constant(value=...) outputs."""
+    items = [(t.name, consts[t.name], "subgraph-initializer" if sub else "initializer")
+             for t in g.initializer]
+    for n in g.node:
+        if n.op_type == "Constant" and n.output and n.output[0] in consts \
+                and n.attribute and n.attribute[0].name == "value":
+            items.append((n.output[0], consts[n.output[0]],
+                          "subgraph-constant" if sub else "constant"))
+    return items
 
 
 def find_weights(model: Any) -> list[Candidate]:
     """Every tensor prepare can turn into a parameter, and what it does with it.
 
     Float32 initializers of rank >= 1 and float32 Constant nodes with >= 2 elements are weights;
-    int8/uint8/int32 tensors are weights only when a quantized op reads them as its weight
-    operand (their scales and zero points stay constants in the graph). Weights inside
-    If/Loop bodies are lifted when their name is defined once in the whole model.
+    int8/uint8/int32 tensors are weights only when a quantized form reads them as its weight
+    (`edgelearn.quant_graph`: QDQ, Cast+Mul, QLinear*, *Integer); their float32 scales become
+    parameters too (quant role "scale", whatever their size), their zero points stay constants
+    in the graph. Weights inside If/Loop bodies are lifted when their name is defined once in
+    the whole model.
     """
     onnx = _import_onnx()
     consts = _const_values(onnx, model)
-    quant = _quant_info(onnx, model, consts)
+    quant = quant_info(model, consts)
+    scales = scale_roles(quant)
+    zero_points = {q.get("zero_point_name") for q in quant.values()}
     defs = _definitions(model)
-    scale_names = {q.get(k) for q in quant.values() for k in ("scale_name", "zero_point_name")}
     consumers: dict[str, list[str]] = {}
     for g in _graphs(model.graph):
         for n in g.node:
@@ -339,27 +331,12 @@ def find_weights(model: Any) -> list[Candidate]:
     found: list[Candidate] = []
     seen: set[str] = set()
     for depth, g in enumerate(_graphs(model.graph)):
-        sub = depth > 0
-        items: list[tuple[str, np.ndarray, str]] = [
-            (t.name, consts[t.name], "subgraph-initializer" if sub else "initializer")
-            for t in g.initializer]
-        for n in g.node:
-            if n.op_type == "Constant" and n.output and n.output[0] in consts \
-                    and n.attribute and n.attribute[0].name == "value":
-                items.append((n.output[0], consts[n.output[0]],
-                              "subgraph-constant" if sub else "constant"))
-        for name, val, where in items:
-            if name in seen or name in scale_names:
+        for name, val, where in _graph_items(g, consts, depth > 0):
+            c = None if name in seen or name in zero_points else \
+                _classify(name, val, where, quant, scales)
+            if c is None:
                 continue
-            dtype = str(val.dtype)
-            is_const = where.endswith("constant")
-            if name in quant and dtype in _QUANT_DTYPES:
-                c = Candidate(name, tuple(val.shape), dtype, where, quant=quant[name])
-            elif dtype in _WEIGHT_DTYPES and val.ndim >= 1 and (not is_const or val.size >= 2):
-                c = Candidate(name, tuple(val.shape), dtype, where)
-            else:
-                continue
-            if sub and defs.get(name, 0) != 1:
+            if depth > 0 and defs.get(name, 0) != 1:
                 c.liftable, c.reason = False, "name defined more than once in the model"
             c.consumers = consumers.get(name, [])
             if not c.consumers:
@@ -367,7 +344,20 @@ def find_weights(model: Any) -> list[Candidate]:
             seen.add(name)
             found.append(c)
     _assign_names(found, {i.name for i in model.graph.input} | set(defs))
+    _link_scales(found)
     return found
+
+
+def _link_scales(cands: Sequence[Candidate]) -> None:
+    """Point each quantized weight at its scale parameter (bundle names), and back."""
+    by_name = {c.name: c for c in cands}
+    for c in cands:
+        q = c.quant or {}
+        s = by_name.get(q.get("scale_name", ""))
+        if s is not None and s.liftable and c.dtype != "float32":
+            q["scale_param"] = s.bundle_name
+        if q.get("role") == "scale":
+            q["of"] = [by_name[w].bundle_name if w in by_name else w for w in q["of"]]
 
 
 def _assign_names(cands: list[Candidate], taken: set[str]) -> None:
@@ -676,14 +666,20 @@ def _rewrite(onnx: Any, ort: Any, model_path: Path, head: tuple[str, int] | None
 
 def _choose_trainable(p: _Prepared, trainable: str | Sequence[str] | None
                       ) -> tuple[set[str], list[str]]:
-    """(trainable names, quantized names the patterns matched but that stay frozen)."""
+    """(trainable names, quantized names the patterns matched but that stay frozen: uint8 and
+    int32 ones; int8 weights train with polystep on their grid)."""
     default = "head.*" if p.head is not None else "*"
-    chosen = select_trainable(list(p.values), trainable if trainable is not None else default)
-    frozen_quant = sorted(n for n in chosen if n in p.kind and p.kind[n].quant)
+    roles = {n: param_role(ParamSpec(n, c.shape, c.dtype, False, c.quant))
+             for n, c in p.kind.items()}
+    chosen = select_trainable(list(p.values), trainable if trainable is not None else default,
+                              roles)
+    frozen_quant = sorted(n for n in chosen if n in p.kind and p.kind[n].quant
+                          and p.kind[n].dtype in QUANT_DTYPES
+                          and p.kind[n].dtype not in _TRAINABLE_QUANT)
     chosen -= set(frozen_quant)
     if not chosen:
-        raise InputError("--trainable selects only quantized (int8) weights, which stay frozen; "
-                         "choose float32 parameters (see --list)")
+        raise InputError("--trainable selects only quantized uint8/int32 weights, which stay "
+                         "frozen; choose float32 or int8 parameters (see --list)")
     return chosen, frozen_quant
 
 
@@ -715,19 +711,29 @@ def _prepared_manifest(tmp: Path, p: _Prepared, specs: Sequence[ParamSpec], task
 def _check_prepared(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: float,
                     rtol: float) -> float:
     """Original vs bundle on the example, then manifest["parity"]; returns max abs error."""
-    # Live = the manifest's trainable set (int8 weights stay constants, so ORT keeps its
+    # Live = the manifest's trainable set (frozen int8 weights stay constants, so ORT keeps its
     # quantized kernels, as on the device); baked = every weight an initializer.
     par = worst([compare(_bundle_outputs(tmp, p.feeds, live), p.ref, atol=atol, rtol=rtol,
                          where=f"bundle, weights {'baked' if live == '' else 'live'}")
                  for live in (None, "")])
     if not par.ok:
         raise ModelError(f"parity check failed: original vs bundle {par.describe()}; no "
-                         "bundle written")
+                         f"bundle written{_quant_hint(p)}")
     manifest["parity"] = {"onnx": {**par.to_json(),
                                    "reference": "original model" if p.head is None
                                    else "original model + numpy head"}}
     writer.write_manifest(tmp, manifest)
     return par.max_abs_err
+
+
+def _quant_hint(p: _Prepared) -> str:
+    """Why an int8 model may fail parity with its scales as inputs, and what to do."""
+    if not any(c.quant and c.quant.get("role") == "scale" for c in p.kind.values()):
+        return ""
+    return ("; with its weights and scales constant onnxruntime runs this int8 graph on fused "
+            "integer kernels, with scales as inputs on float dequantized weights, and the two "
+            "differ here (e.g. u8s8 saturation on CPUs without VNNI): prepare with "
+            "--trainable '@int8' (scales stay constants) or requantize with reduce_range")
 
 
 # -- public API --------------------------------------------------------------------------------
@@ -777,7 +783,8 @@ def prepare_onnx(
         model_path: the .onnx file (external data allowed inside its directory).
         out_dir: bundle directory to create.
         trainable: glob(s) of parameters marked trainable (default: "head.*" with a new head,
-            else "*"); quantized (int8) weights always stay frozen.
+            else "*"; "@scale" / "@int8" select quantization scales / int8 weights by role);
+            uint8 / int32 quantized weights always stay frozen.
         new_head: "OUTPUT:NUM_CLASSES": append a linear classifier on that output (rank > 2
             outputs are mean-pooled over their middle axes first); the bundle's only output
             is then "logits" ("head.logits" if the model already has a "logits").

@@ -9,6 +9,7 @@ models, time a bundle's forwards and steps. Their signatures and result keys (th
 from __future__ import annotations
 
 from edgelearn.bench import bench
+from edgelearn.model import Model
 from edgelearn.parity import ATOL, RTOL
 from edgelearn.prepare import bake_bundle as bake
 from edgelearn.prepare import list_params
@@ -16,4 +17,5 @@ from edgelearn.prepare import prepare_onnx as prepare
 from edgelearn.report import write_report as report
 from edgelearn.training.cached_evaluator import cache_plan
 
-__all__ = ["ATOL", "RTOL", "bake", "bench", "cache_plan", "list_params", "prepare", "report"]
+__all__ = ["ATOL", "RTOL", "Model", "bake", "bench", "cache_plan", "list_params", "prepare",
+           "report"]

@@ -136,7 +136,7 @@ def test_int8_in_place_edit_seen_by_litert(int8_tfl: dict[str, Exported], strate
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize(("opt", "trainable", "options"), [
     ("polystep", "head.weight", {"rank": 16, "radius": 2.0, "total_steps": 40}),
-    ("zo-scale", None, {"lr": 1e-5, "eps": 1e-4, "probes": 2}),
+    ("zo-scale", None, {"relative": False, "lr": 1e-5, "eps": 1e-4, "probes": 2}),
 ])
 def test_int8_optimizer_trains_on_litert_and_replays(int8_tfl: dict[str, Exported],
                                                      digits: Dataset, tmp_path: Path, opt: str,

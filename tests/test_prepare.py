@@ -117,23 +117,25 @@ def test_zo_personalizes_new_head_on_embedding_model(tmp_path: Path, digits: Dat
     assert after["accuracy"] > before["accuracy"] + 0.2, (before, after)
 
 
-def test_int8_qdq_weights_recognised_and_frozen(tmp_path: Path, mlp: Path,
-                                                digits: Dataset) -> None:
+def test_int8_qdq_weights_recognised_with_scales(tmp_path: Path, mlp: Path,
+                                                 digits: Dataset) -> None:
     pytest.importorskip("onnxruntime.quantization")
     q = quantize_qdq(mlp, tmp_path / "mlp_int8.onnx", digits.x[:256])
     listed = {p["name"]: p for p in list_params(q)["params"]}
     int8 = [p for p in listed.values() if p["dtype"] == "int8"]
     assert int8
     assert all(p["quant"]["op"] == "DequantizeLinear" for p in int8)
+    assert all(listed[p["quant"]["scale_param"]]["quant"]["role"] == "scale" for p in int8)
+    int32 = [p["name"] for p in listed.values() if p["dtype"] == "int32"]  # biases: frozen
     with pytest.raises(Exception, match="quantized"):
-        prepare_onnx(q, tmp_path / "nope", trainable=int8[0]["name"])
+        prepare_onnx(q, tmp_path / "nope", trainable=int32[0])
     res = prepare_onnx(q, tmp_path / "b", new_head="logits:3")
     assert res["frozen_quantized"] == []
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     quant = {p["name"]: p for p in manifest["params"] if "quant" in p}
     assert quant
     assert all(not p["trainable"] for p in quant.values())
-    some = next(iter(quant.values()))["quant"]
+    some = next(p for p in quant.values() if p["dtype"] == "int8")["quant"]
     assert isinstance(some["scale"], (float, list))
     assert "zero_point" in some
     ref = run_plain(q, {"x": digits.x[:64]})[0]

@@ -15,6 +15,14 @@ One step t, for every trainable weight tensor W (m elements) of the chosen arena
   * costs C_ij = loss of candidate (i, j); normalized per particle to [0, 1] by the row range;
     assignment w_ij = softmax_j(-C_ij / eps_t); step dx_i = r_step * sum_j w_ij v_j.
   * update W <- W_t + B^T dx (all particles at once, the "monolithic" step).
+Probe budget (`max_particles`, default 8): a step moves at most that many particles, so its
+cost (16 forwards each) stays bounded however many tensors train (unbounded, 16 forwards x
+2 particles per tensor: one step on a prepared int8 transformer's 51,770 scales took 240 s,
+issue 15). When the model has more particles, each step draws which ones move: a partial
+Fisher-Yates shuffle of the particle indices from raw Philox words of (seed, t)
+(bit-portable); a particle's rotation and projection are keyed by its index among all
+particles, so with a model at or under the budget every step is exactly the unbudgeted one
+(journals written before the option replay unchanged).
 eps_t and the radii follow cosine schedules from their initial to their final values over
 `total_steps` (constant without it). Any non-finite probe loss rejects the step: weights stay
 exactly W_t (probes are written from a copy of the probed tensor, so restore is exact).
@@ -54,7 +62,7 @@ ROUNDINGS = ("deterministic", "stochastic")
 ARENAS = ("auto", "float32", "int8")
 # Probe-index domains inside edgelearn.rng's (seed, step, probe) keys, so projection columns,
 # rotations and rounding uniforms never share a stream.
-_PROJ, _ROT, _ROUND = 1 << 24, 2 << 24, 3 << 24
+_PROJ, _ROT, _ROUND, _PICK = 1 << 24, 2 << 24, 3 << 24, 4 << 24
 _RADEMACHER = Noise("rademacher")
 _INV_2_52 = 2.0 ** -52  # 53-bit word / 2^52: uniform in [0, 2), exact
 _TRIES = 256  # ball candidates per draw (dimension 8 accepts ~1.6% of cube points)
@@ -172,6 +180,10 @@ class PolyStepOptions(OptimizerOptions):
         "accepted for the shared CLI: probes always restore exactly from a copy of the probed "
         "tensor, so every value behaves the same", cli="--restore",
         choices=("auto", "copy", "drift")))
+    max_particles: int | None = field(default=8, metadata=meta(
+        "probe budget: at most this many particles (16 probes each) move per step, drawn "
+        "among all tensors' particles (null: every particle, cost grows with the tensors)",
+        legacy=None))
     rotation: int = field(default=ROTATION_VERSION, metadata=meta(
         "how particle rotations are drawn: 2 = seeded Householder product in plain float64, "
         "the same bits on every CPU (1 = LAPACK QR, journals before it; refused)", legacy=1))
@@ -190,6 +202,8 @@ class PolyStepOptions(OptimizerOptions):
                       ("eps_final", self.eps_final)):
             check(v is None or (v > 0 and math.isfinite(v)),
                   f"{nm} must be a finite number > 0, got {v!r}")
+        check(self.max_particles is None or self.max_particles >= 1,
+              f"max_particles must be a positive integer or null, got {self.max_particles!r}")
         check(self.total_steps is None or self.total_steps > 0,
               f"total_steps must be a positive integer, got {self.total_steps!r}")
         # resolved here, so config() (the journal header) holds the values the run uses
@@ -227,9 +241,23 @@ class PolyStep(Optimizer):
             out += [(a, b)] * (d // BLOCK)
         return out
 
+    def chosen(self, n: int, t: int) -> list[int]:
+        """Indices (ascending) of the particles that move at step t, out of `n`."""
+        k = self.options.max_particles
+        if k is None or n <= k:
+            return list(range(n))
+        words = np.random.Philox(key=philox_key(self.seed, t, _PICK)).random_raw(k)
+        idx = list(range(n))
+        for i in range(k):  # partial Fisher-Yates; modulo bias < n / 2^64
+            j = i + int(words[i] % np.uint64(n - i))
+            idx[i], idx[j] = idx[j], idx[i]
+        return sorted(idx[:k])
+
     def probes_per_step(self, store: ParamStore) -> int:
-        """Loss evaluations per step (16 per particle)."""
-        return VERTICES * len(self.particles(store))
+        """Loss evaluations per step (16 per moving particle)."""
+        n = len(self.particles(store))
+        k = self.options.max_particles
+        return VERTICES * (n if k is None else min(n, k))
 
     def memory_bytes(self, store: ParamStore) -> int:
         """Copy + projection block + temporaries of the largest tensor (population rows not
@@ -269,15 +297,17 @@ class PolyStep(Optimizer):
             raise InputError(f"polystep needs trainable {dtype} parameters; none are selected")
         t = self.t
         eps, r_step, r_probe = self.schedule(t)
-        parts = self.particles(store)
+        every = self.particles(store)
+        ids = self.chosen(len(every), t)  # global particle index keys its random streams
+        parts = [every[i] for i in ids]
         k_total = VERTICES * len(parts)
-        rots = [vertices(rotation(self.seed, t, i)) for i in range(len(parts))]
+        rots = [vertices(rotation(self.seed, t, i)) for i in ids]
         cache: dict[str, Any] = {"i": -1, "block": None, "seg": None, "copy": None}
 
         def block(i: int) -> np.ndarray:
             if cache["i"] != i:
                 a, b = parts[i]
-                cache["i"], cache["block"] = i, projection_block(self.seed, t, i, b - a)
+                cache["i"], cache["block"] = i, projection_block(self.seed, t, ids[i], b - a)
             return cache["block"]
 
         def delta(j: int) -> np.ndarray:
@@ -324,7 +354,7 @@ class PolyStep(Optimizer):
             a, b = parts[i]
             acc = np.zeros(b - a, np.float32)
             while i < len(parts) and parts[i] == (a, b):
-                acc += mix(dxs[i], projection_block(self.seed, t, i, b - a))
+                acc += mix(dxs[i], projection_block(self.seed, t, ids[i], b - a))
                 i += 1
             theta[a:b] = self._candidate(theta[a:b], acc, k_total + a)
         return record
