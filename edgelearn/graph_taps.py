@@ -176,7 +176,7 @@ def add_graph_taps(bundle_dir: str | Path, manifest: dict[str, Any], *,
     except EdgelearnError as e:
         why = f"head taps graph does not run ({e})"
     if why is None:
-        manifest["taps_from"] = "onnx graph: head only (exact update of the output layer)"
+        manifest["taps_from"] = "taps found in the ONNX graph: head only"
         writer.write_manifest(bundle_dir, manifest)
         return None
     (bundle_dir / TAPS_FILE).unlink()

@@ -295,6 +295,9 @@ def _add_tflite_graphs(job: _Export, tmp: Path, manifest: dict[str, Any],
     err = add_tflite(tmp, job.model, job.example, job.params, job.in_names, job.out_names,
                      manifest, batch=job.tflite_batch, parity_batch_sizes=job.batch_sizes,
                      atol=job.atol, rtol=job.rtol)
+    if err is not None and tg.gm is None and "onnx_taps" in manifest["files"]:
+        manifest["tflite_taps_skipped"] = ("the head-only taps graph is found in model.onnx: "
+                                           "tpsgd runs on onnxruntime")
     if err is not None and tg.gm is not None:
         add_tflite_taps(tmp, tg.gm, job.example, job.params, job.in_names,
                         [*job.out_names, *tg.names], manifest, batch=job.tflite_batch,

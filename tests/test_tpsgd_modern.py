@@ -219,7 +219,8 @@ def test_modern_full_step_matches_torch_reference(modern, digits, name, local_lo
                      local_loss=local_loss, skips={"pw": "dw"})
     assert set(new) == set(store.trainable_names)
     for n, v in new.items():
-        _close(np.asarray(store[n]), v.numpy(), n)
+        err = _close(np.asarray(store[n]), v.numpy(), n)
+        print(f"{name} {local_loss} {n}: |device - torch| {err:.2e}")  # the figure, with -s
 
 
 @pytest.mark.torch

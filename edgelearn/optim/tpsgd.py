@@ -208,8 +208,10 @@ class TPSGD(Optimizer):
                   for k in ("running_mean", "running_var")}
         stray = sorted(set(store.trainable_names) - owned)
         if stray:
-            raise InputError(f"tpsgd cannot train {stray} (no layer record owns them); "
-                             "freeze them with --trainable")
+            only = (f"; this bundle's taps cover only its head: --trainable "
+                    f"'{','.join(layers[-1].params.values())}'" if len(layers) == 1 else "")
+            raise InputError(f"tpsgd cannot train {stray[:8]}{' ...' if len(stray) > 8 else ''}"
+                             f" (no layer record owns them); freeze them with --trainable{only}")
         if targets is not None and out_shape is not None:
             self.check_targets(targets, tuple(out_shape))
         self.layers = list(layers)
