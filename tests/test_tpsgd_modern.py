@@ -366,3 +366,37 @@ def test_layer_taps_that_fail_parity_leave_a_head_only_bundle(tmp_path: Path) ->
     assert "onnx_taps" in m["files"]
     assert summary["bundle"] == str(tmp_path / "b")
     json.dumps(m)  # the reason is plain text in the manifest
+
+
+def test_new_layer_fields_are_validated() -> None:
+    from edgelearn.errors import BundleError
+    from edgelearn.layers import parse_layers
+
+    base = {"name": "c", "kind": "conv2d", "head": False, "activation": "gelu",
+            "params": {"weight": "c.weight"}, "input": "x", "preact": "p", "output": "o",
+            "raw": "r", "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}
+    ok = parse_layers({"layers": [{**base, "groups": 4, "ln": {"eps": 1e-5, "dims": 1}}]},
+                      {"c.weight"})[0]
+    assert (ok.groups, ok.ln, ok.weight_layout) == (4, {"eps": 1e-5, "dims": 1}, "out_in")
+    for bad in ({"groups": 0}, {"groups": "4"}, {"weight_layout": "in_out"},
+                {"ln": {"eps": 1e-5, "dims": 9}}, {"ln": {"eps": 1e-5, "dims": 1, "x": 1}},
+                {"ln": {"eps": 1e-5, "dims": 1}, "raw": None},
+                {"ln": {"eps": 1e-5, "dims": 1, "weight": "nope"}},
+                {"post": [{"op": "add", "k": 1}], "target": "t"},
+                {"post": [{"op": "add"}, {"op": "maxpool", "dims": 2, "kernel": [2, 2],
+                                          "stride": [2, 2]}], "target": "t"},
+                {"activation": "swish"}):
+        with pytest.raises(BundleError):
+            parse_layers({"layers": [{**base, **bad}]}, {"c.weight"})
+
+
+def test_info_says_what_head_only_taps_train(tmp_path: Path) -> None:
+    from edgelearn.capabilities import optimizer_support
+    from edgelearn.prepare import prepare_onnx
+
+    (tmp_path / "src").mkdir()
+    prepare_onnx(mlp_onnx(tmp_path / "src" / "m.onnx"), tmp_path / "b", trainable="fc2.*")
+    tp = optimizer_support(Bundle(tmp_path / "b"))["tpsgd"]
+    assert tp["supported"]
+    assert "head only" in tp["how"]
+    assert "fc2.weight, fc2.bias" in tp["how"]
