@@ -2,7 +2,9 @@
 
 Each function here computes the gradient of a loss w.r.t. ONE layer's parameters, given that
 layer's tapped input (and pre-activation / output) and dL/d(layer output): nothing crosses a
-layer boundary. Used by tpSGD (`edgelearn.optim.tpsgd`); torch parity in tests/test_tpsgd.py.
+layer boundary. Used by tpSGD (`edgelearn.optim.tpsgd`); torch parity in tests/test_tpsgd.py
+and tests/test_tpsgd_modern.py (GELU/SiLU/ReLU6/hardswish, layer norm, grouped and depthwise
+convs, residual adds; the papers behind each are cited in `edgelearn.optim.tpsgd`).
 """
 
 from __future__ import annotations
