@@ -39,6 +39,11 @@ def _tpsgd(bundle: Bundle) -> dict[str, Any]:
             bundle, "taps_unsupported", "exported without taps") + ")"}
     res: dict[str, Any] = {"supported": True, "backends": ["onnxruntime"],
                            "how": "one taps-graph forward per step"}
+    if bundle.manifest.get("taps_from"):  # head-only taps found in the ONNX graph
+        head = ((bundle.manifest.get("layers") or [{}])[-1].get("params") or {}).values()
+        res.update(how=f"one taps-graph forward per step ({bundle.manifest['taps_from']}): "
+                       f"exact update of {', '.join(head)}",
+                   layers_why=_reason(bundle, "taps_unsupported", "prepared ONNX model"))
     if "tflite_taps" in bundle.files:
         res["backends"].append("litert")
     elif "tflite" in bundle.files:

@@ -253,6 +253,8 @@ def _info_text(info: dict[str, Any]) -> str:
             extra.append("on " + " and ".join(o["backends"]))
         if o.get("litert_why"):
             extra.append(f"not on litert: {o['litert_why']}")
+        if o.get("layers_why"):
+            extra.append(f"no layer taps: {o['layers_why']}")
         if o.get("why_no_fast_path"):
             extra.append(o["why_no_fast_path"])
         lines += textwrap.wrap(f"{name:10s} yes: {'; '.join(extra)}", 96, initial_indent="    ",

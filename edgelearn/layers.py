@@ -2,7 +2,9 @@
 
 Each function here computes the gradient of a loss w.r.t. ONE layer's parameters, given that
 layer's tapped input (and pre-activation / output) and dL/d(layer output): nothing crosses a
-layer boundary. Used by tpSGD (`edgelearn.optim.tpsgd`); torch parity in tests/test_tpsgd.py.
+layer boundary. Used by tpSGD (`edgelearn.optim.tpsgd`); torch parity in tests/test_tpsgd.py
+and tests/test_tpsgd_modern.py (GELU/SiLU/ReLU6/hardswish, layer norm, grouped and depthwise
+convs, residual adds; the papers behind each are cited in `edgelearn.optim.tpsgd`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 from edgelearn.errors import BundleError
 
 KINDS = ("linear", "conv1d", "conv2d", "gru")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "none")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "relu6", "hardswish",
+               "none")
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,16 @@ class Layer:
     Args:
         name: module name. kind: linear | conv1d | conv2d | gru. head: True for the output layer.
         params: role (weight, bias, weight_ih, ...) -> parameter name.
-        activation: relu | tanh | sigmoid | none (after the optional batch norm).
+        activation: one of ACTIVATIONS (after the optional norm); "none": the layer's target
+            sits on its (normed) output, e.g. before a residual add.
         input / preact / output / raw: tap names (model input or taps-graph outputs); raw is the
-            conv/linear output before batch norm.
+            conv/linear output before the norm.
         bn: batch norm after the layer (eval affine): parameter names and eps, or None.
+        ln: layer norm after the layer (instead of bn): parameter names, eps and "dims" (how
+            many trailing axes it normalizes), or None.
+        groups: conv groups (in_channels for a depthwise conv).
+        weight_layout: "out_in" (torch's [out, in]) or "in_out" (an ONNX MatMul's [in, out]
+            weight; linear heads found in a prepared graph).
         stride / padding / dilation: conv2d geometry [h, w]; conv1d: (1, s), (0, p), (1, d),
             i.e. the geometry of the same conv seen as a conv2d over [N, C, 1, L].
         post: the parameter-free ops (pooling, mean, trailing reshape) between the activation
@@ -51,11 +60,14 @@ class Layer:
     dilation: tuple[int, int] = (1, 1)
     post: tuple[dict[str, Any], ...] = ()
     target: str | None = None
+    ln: dict[str, Any] | None = None
+    groups: int = 1
+    weight_layout: str = "out_in"
 
     def param_names(self) -> list[str]:
-        """Every parameter this layer's local update may touch (its own and its batch norm's)."""
-        bn = [self.bn[k] for k in ("weight", "bias") if self.bn and k in self.bn]
-        return [*self.params.values(), *bn]
+        """Every parameter this layer's local update may touch (its own and its norm's)."""
+        norm = self.bn or self.ln or {}
+        return [*self.params.values(), *(norm[k] for k in ("weight", "bias") if k in norm)]
 
 
 def _pair(v: Any, what: str) -> tuple[int, int]:
@@ -83,9 +95,11 @@ def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]
             raise BundleError(f"manifest.json: layer {r.get('name')!r} has unknown activation")
         params = r.get("params")
         bn = r.get("bn")
-        refs = [*(params or {}).values(), *((bn or {}).get(k) for k in
+        extras = _parse_extras(r)
+        norm = bn or extras["ln"]
+        refs = [*(params or {}).values(), *((norm or {}).get(k) for k in
                                             ("weight", "bias", "running_mean", "running_var")
-                                            if bn and k in bn)]
+                                            if norm and k in norm)]
         if not isinstance(params, dict) or not all(isinstance(n, str) and n in param_names
                                                    for n in refs):
             raise BundleError(f"manifest.json: layer {r.get('name')!r} names unknown parameters")
@@ -102,8 +116,27 @@ def parse_layers(manifest: dict[str, Any], param_names: set[str]) -> list[Layer]
         out.append(Layer(name=str(r.get("name")), kind=r["kind"], head=bool(r.get("head")),
                          params=dict(params), activation=r["activation"], input=r.get("input"),
                          preact=r.get("preact"), output=r.get("output"), raw=r.get("raw"),
-                         bn=bn, post=post, target=r.get("target") if post else None, **geo))
+                         bn=bn, post=post, target=r.get("target") if post else None, **geo,
+                         **extras))
     return out
+
+
+def _parse_extras(r: dict[str, Any]) -> dict[str, Any]:
+    """Validate a record's optional "ln", "groups" and "weight_layout" (Layer's defaults)."""
+    name, ln = r.get("name"), r.get("ln")
+    groups, layout = r.get("groups", 1), r.get("weight_layout", "out_in")
+    if type(groups) is not int or not 0 < groups <= 1 << 16 or (
+            groups != 1 and r.get("kind") not in ("conv1d", "conv2d")):
+        raise BundleError(f"manifest.json: layer {name!r} has bad groups {groups!r}")
+    if layout not in ("out_in", "in_out") or (layout != "out_in" and r.get("kind") != "linear"):
+        raise BundleError(f"manifest.json: layer {name!r} has bad weight_layout {layout!r}")
+    if ln is not None:
+        eps, dims = (ln.get("eps"), ln.get("dims")) if isinstance(ln, dict) else (None, None)
+        if (not isinstance(eps, float) or not eps >= 0 or type(dims) is not int
+                or not 0 < dims <= 4 or r.get("bn") or not isinstance(r.get("raw"), str)
+                or set(ln) - {"weight", "bias", "eps", "dims"}):
+            raise BundleError(f"manifest.json: layer {name!r} has a malformed layer norm")
+    return {"ln": ln, "groups": groups, "weight_layout": layout}
 
 
 def needed_taps(layers: list[Layer], trainable: set[str]) -> set[str]:
@@ -117,9 +150,10 @@ def needed_taps(layers: list[Layer], trainable: set[str]) -> set[str]:
         if any(n in trainable for n in layer.param_names()):
             need |= {t for t in (layer.input, layer.preact, layer.output, layer.target)
                      if t is not None}
-            # the norm's input only feeds its own gamma/beta gradients
-            if layer.raw is not None and layer.bn and any(
-                    layer.bn.get(k) in trainable for k in ("weight", "bias")):
+            # the batch norm's input only feeds its own gamma/beta gradients; a layer norm's
+            # backward always reads it (per-sample statistics)
+            if layer.raw is not None and (layer.ln or (layer.bn and any(
+                    layer.bn.get(k) in trainable for k in ("weight", "bias")))):
                 need.add(layer.raw)
     return need
 
@@ -158,11 +192,15 @@ def _parse_post(r: dict[str, Any]) -> tuple[dict[str, Any], ...]:
                     or len(set(dims)) != len(dims)):
                 raise bad
             ops.append({"op": "mean", "dims": tuple(sorted(dims)), "keepdim": keep})
-        elif kind == "reshape":
-            ops.append({"op": "reshape"})
+        elif kind in ("reshape", "add"):
+            if set(op) != {"op"}:
+                raise bad
+            ops.append({"op": kind})
         else:
             raise bad
     kinds = [o["op"] for o in ops]
+    if "add" in kinds and "maxpool" in kinds[kinds.index("add"):]:
+        raise bad  # a max pool after a residual add would need the skip path's values
     if "reshape" in kinds and any(k != "reshape" for k in kinds[kinds.index("reshape"):]):
         raise bad  # reshapes only trail (the device derives every other op's shape)
     return tuple(ops)
@@ -200,6 +238,8 @@ def post_backward(ops: tuple[dict[str, Any], ...], a: np.ndarray, d_target: np.n
     core = [op for op in ops if op["op"] != "reshape"]  # reshapes only trail: no backward
     shape = a.shape
     for op in core:  # a manifest's ops must fit the tapped maps (hostile or stale bundles)
+        if op["op"] == "add":
+            continue  # same shape out
         if (len(shape) != 2 + op["dims"] if op["op"] != "mean"
                 else len(shape) < 1 + max(op["dims"])):
             raise BundleError(f"post op {op['op']} does not fit an activation of shape {shape}")
@@ -222,6 +262,8 @@ def post_backward(ops: tuple[dict[str, Any], ...], a: np.ndarray, d_target: np.n
 
 def _shape_only(op: dict[str, Any], x: np.ndarray) -> np.ndarray:
     """A zero-stride array with the shape `op` gives `x` (when only the shape is needed)."""
+    if op["op"] == "add":
+        return x
     if op["op"] == "mean":
         shape = list(x.shape)
         for d in op["dims"]:
@@ -277,6 +319,10 @@ def _tiled_pool_backward(kind: str, x4: np.ndarray, d4: np.ndarray, kh: int, kw:
 def _op_backward(op: dict[str, Any], x: np.ndarray, d_y: np.ndarray) -> np.ndarray:
     """dL/dx of one post op given its input x and dL/d(output) (any shape of the output size)."""
     kind = op["op"]
+    if kind == "add":
+        # a residual add: out = x + skip, and the skip path does not depend on this layer's
+        # weights (it is computed before the layer), so dL/dx = dL/dout
+        return d_y.reshape(x.shape)
     if kind == "mean":
         shape = list(x.shape)
         for dd in op["dims"]:
@@ -332,7 +378,91 @@ def act_grad(activation: str, preact: np.ndarray, out: np.ndarray, d_out: np.nda
     if activation == "sigmoid":
         g = d_out * out  # in place below: same operations as d_out * out * (1 - out)
         return np.multiply(g, np.float32(1) - out, out=g)
+    if activation in _SMOOTH:
+        return (d_out * _SMOOTH[activation](preact)).astype(np.float32, copy=False)
     return d_out
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 (numpy has none): Numerical Recipes' erfc Chebyshev fit, fractional
+    error < 1.2e-7 everywhere (Press et al., Numerical Recipes 3rd ed., section 6.2.2)."""
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    erfc = t * np.exp(-z * z + poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def _gelu_d(z: np.ndarray) -> np.ndarray:
+    """d/dz z * Phi(z) = Phi(z) + z * phi(z) (torch's exact GELU), in float64."""
+    v = z.astype(np.float64)
+    return 0.5 * (1.0 + _erf(v / np.sqrt(2.0))) + v * np.exp(-0.5 * v * v) / np.sqrt(2 * np.pi)
+
+
+def _gelu_tanh_d(z: np.ndarray) -> np.ndarray:
+    """Derivative of GELU's tanh form 0.5 z (1 + tanh(k (z + 0.044715 z^3))), in float64."""
+    v = z.astype(np.float64)
+    k = np.sqrt(2.0 / np.pi)
+    th = np.tanh(k * (v + 0.044715 * v ** 3))
+    return 0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3 * 0.044715 * v * v)
+
+
+def _silu_d(z: np.ndarray) -> np.ndarray:
+    """d/dz z * sigmoid(z) = s (1 + z (1 - s)), in float64."""
+    v = z.astype(np.float64)
+    s = 1.0 / (1.0 + np.exp(-v))
+    return s * (1.0 + v * (1.0 - s))
+
+
+def _relu6_d(z: np.ndarray) -> np.ndarray:
+    """1 on 0 < z < 6 (torch's hardtanh backward: 0 at both kinks)."""
+    return ((z > 0) & (z < 6)).astype(np.float32)
+
+
+def _hardswish_d(z: np.ndarray) -> np.ndarray:
+    """0 below -3, z/3 + 1/2 on [-3, 3], 1 above (torch's hardswish backward)."""
+    return np.where(z < -3, np.float32(0),
+                    np.where(z <= 3, z / np.float32(3) + np.float32(0.5), np.float32(1)))
+
+
+#: activation -> f'(pre-activation), for activations whose derivative needs the input
+_SMOOTH = {"gelu": _gelu_d, "gelu_tanh": _gelu_tanh_d, "silu": _silu_d, "relu6": _relu6_d,
+           "hardswish": _hardswish_d}
+
+
+def ln_backward(raw: np.ndarray, eps: float, dims: int, gamma: np.ndarray | None,
+                d_pre: np.ndarray, *, params: bool = True) -> tuple[np.ndarray, dict]:
+    """Layer norm y = (raw - mu) / sqrt(var + eps) * gamma + beta over the last `dims` axes.
+
+    Statistics are per sample, so the input gradient is not a fixed scale as in eval batch
+    norm: dx = (g - mean(g) - xhat * mean(g * xhat)) / sigma with g = dy * gamma (means over
+    the normalized axes), computed in float64.
+
+    Args:
+        raw: layer output before the norm [N, ..., *normalized] (float32); eps; dims: number
+            of trailing axes normalized; gamma: weight shaped like those axes, or None;
+            d_pre: dL/dy like raw.
+        params: also return the gradients of gamma and beta.
+    Returns: (dL/d raw float32, {"weight": dL/dgamma, "bias": dL/dbeta} or {}).
+    """
+    axes = tuple(range(raw.ndim - dims, raw.ndim))
+    x = raw.astype(np.float64)
+    mu = x.mean(axis=axes, keepdims=True)
+    xc = x - mu
+    inv = 1.0 / np.sqrt((xc * xc).mean(axis=axes, keepdims=True) + eps)
+    xhat = xc * inv
+    dy = d_pre.astype(np.float64)
+    g = dy * gamma.astype(np.float64) if gamma is not None else dy
+    dx = (g - g.mean(axis=axes, keepdims=True)
+          - xhat * (g * xhat).mean(axis=axes, keepdims=True)) * inv
+    grads: dict[str, np.ndarray] = {}
+    if params:
+        lead = tuple(range(raw.ndim - dims))
+        grads = {"weight": (dy * xhat).sum(axis=lead).astype(np.float32),
+                 "bias": dy.sum(axis=lead).astype(np.float32)}
+    return dx.astype(np.float32), grads
 
 
 def bn_backward(raw: np.ndarray | None, mean: np.ndarray, var: np.ndarray, eps: float,
@@ -373,12 +503,14 @@ def linear_grads(x: np.ndarray, d_z: np.ndarray) -> dict[str, np.ndarray]:
 
 def conv2d_grads(x: np.ndarray, d_z: np.ndarray, kernel: tuple[int, int], *,
                  stride: tuple[int, int], padding: tuple[int, int],
-                 dilation: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Conv2d (groups=1) weight/bias gradients via im2col.
+                 dilation: tuple[int, int], groups: int = 1) -> dict[str, np.ndarray]:
+    """Conv2d weight/bias gradients via im2col (grouped and depthwise convs included).
 
     Args:
-        x: input [N, C, H, W]; d_z: dL/d(conv output) [N, O, Ho, Wo]; kernel (kh, kw).
-    Returns: {"weight": [O, C, kh, kw], "bias": [O]}.
+        x: input [N, C, H, W]; d_z: dL/d(conv output) [N, O, Ho, Wo]; kernel (kh, kw);
+        groups: conv groups (C for a depthwise conv): group g maps input channels
+            g*C/G .. (g+1)*C/G - 1 to outputs g*O/G .. (g+1)*O/G - 1.
+    Returns: {"weight": [O, C/groups, kh, kw], "bias": [O]}.
     """
     kh, kw = kernel
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -395,20 +527,26 @@ def conv2d_grads(x: np.ndarray, d_z: np.ndarray, kernel: tuple[int, int], *,
             win = xp[:, :, r0:r0 + sh * (ho - 1) + 1:sh, c0:c0 + sw * (wo - 1) + 1:sw]
             cols[:, i, j] = win.transpose(1, 0, 2, 3)
     d2 = np.ascontiguousarray(d_z.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
-    gw = (d2 @ cols.reshape(c * kh * kw, n * ho * wo).T).reshape(o, c, kh, kw)
+    if groups == 1:
+        gw = (d2 @ cols.reshape(c * kh * kw, n * ho * wo).T).reshape(o, c, kh, kw)
+    else:  # one batched GEMM over the groups: [G, O/G, NHW] x [G, NHW, C/G*kh*kw]
+        cg, og = c // groups, o // groups
+        gcols = cols.reshape(groups, cg * kh * kw, n * ho * wo).transpose(0, 2, 1)
+        gw = np.matmul(d2.reshape(groups, og, n * ho * wo), gcols).reshape(o, cg, kh, kw)
     return {"weight": gw.astype(np.float32, copy=False), "bias": d2.sum(axis=1)}
 
 
 def conv1d_grads(x: np.ndarray, d_z: np.ndarray, kernel: int, *, stride: int, padding: int,
-                 dilation: int) -> dict[str, np.ndarray]:
-    """Conv1d (groups=1) weight/bias gradients: the conv2d im2col over [N, C, 1, L].
+                 dilation: int, groups: int = 1) -> dict[str, np.ndarray]:
+    """Conv1d weight/bias gradients: the conv2d im2col over [N, C, 1, L].
 
     Args:
-        x: input [N, C, L]; d_z: dL/d(conv output) [N, O, Lo]; kernel: k (time steps).
-    Returns: {"weight": [O, C, k], "bias": [O]}.
+        x: input [N, C, L]; d_z: dL/d(conv output) [N, O, Lo]; kernel: k (time steps);
+        groups: conv groups.
+    Returns: {"weight": [O, C/groups, k], "bias": [O]}.
     """
     g = conv2d_grads(x[:, :, None, :], d_z[:, :, None, :], (1, kernel), stride=(1, stride),
-                     padding=(0, padding), dilation=(1, dilation))
+                     padding=(0, padding), dilation=(1, dilation), groups=groups)
     g["weight"] = g["weight"].reshape(g["weight"].shape[0], g["weight"].shape[1], kernel)
     return g
 

@@ -736,6 +736,17 @@ def _quant_hint(p: _Prepared) -> str:
             "--trainable '@int8' (scales stay constants) or requantize with reduce_range")
 
 
+def _add_head_taps(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: float,
+                   rtol: float) -> None:
+    """tpSGD's head-only taps graph found in the prepared graph, or the reason none is there."""
+    from edgelearn.graph_taps import add_graph_taps
+
+    why = add_graph_taps(tmp, manifest, feeds=p.feeds, atol=atol, rtol=rtol)
+    if why is not None:
+        manifest["taps_unsupported"] = f"head only: {why}"
+        writer.write_manifest(tmp, manifest)
+
+
 # -- public API --------------------------------------------------------------------------------
 def list_params(model_path: str | os.PathLike) -> dict[str, Any]:
     """What `prepare` would make of a model: inputs, outputs and every weight tensor.
@@ -813,6 +824,7 @@ def prepare_onnx(
         ParamStore(specs, values=p.values).save(tmp / writer.WEIGHTS)
         manifest = _prepared_manifest(tmp, p, specs, task, model_path, seed)
         err = _check_prepared(tmp, p, manifest, atol=atol, rtol=rtol)
+        _add_head_taps(tmp, p, manifest, atol=atol, rtol=rtol)
         writer.publish(tmp, out_dir)
     return {
         "bundle": str(out_dir),

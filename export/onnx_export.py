@@ -29,7 +29,7 @@ from edgelearn.export.common import (
     export_onnx_program,
     with_batch,
 )
-from edgelearn.export.taps import TapsError, check_batch_first, trace_layers
+from edgelearn.export.taps import TapsError, check_batch_first, check_records, trace_layers
 from edgelearn.export.tflite_export import add_tflite, add_tflite_taps
 from torch import nn
 
@@ -44,6 +44,7 @@ from edgelearn.bundle_writer import (
     staging_dir,
     write_manifest,
 )
+from edgelearn.graph_taps import add_graph_taps
 from edgelearn.params import ParamSpec, ParamStore, check_name
 from edgelearn.parity import ATOL, RTOL, check_tolerances
 
@@ -200,6 +201,7 @@ def _export_taps(job: _Export, tmp: Path, taps: bool | None) -> _TapsGraph:
             raise TapsError("tpsgd taps need a single-input, single-output model")
         gm, records, tap_names = trace_layers(job.model, job.in_names[0])
         check_batch_first(gm.eval(), job.example, [*job.out_names, *tap_names])
+        check_records(gm, job.example, records, [*job.out_names, *tap_names])
     except TapsError as e:
         if taps:
             raise
@@ -239,26 +241,51 @@ def _write_onnx_bundle(job: _Export, tmp: Path, taps: bool | None
     return manifest, tg
 
 
-def _check_onnx(job: _Export, tmp: Path, manifest: dict[str, Any], tg: _TapsGraph) -> float:
+def _check_onnx(job: _Export, tmp: Path, manifest: dict[str, Any], tg: _TapsGraph
+                ) -> tuple[float, _TapsGraph]:
     """torch vs onnxruntime on model.onnx (weights live and baked) and the taps graph;
-    records manifest["parity"]; returns the model's max abs error."""
+    records manifest["parity"]; returns the model's max abs error and the taps graph kept.
+
+    A layer-taps graph that fails its parity, or none at all, is replaced by a head-only one
+    found in model.onnx (`edgelearn.graph_taps`) when that passes its own check; the manifest's
+    "taps_unsupported" says why the layer taps are missing."""
     par = parity_check(tmp, job.model, job.example, job.batch_sizes, atol=job.atol,
                        rtol=job.rtol)
     if not par.ok:
         raise ExportError(f"parity check failed: torch vs onnxruntime {par.describe()}; "
                           "no bundle written")
     manifest["parity"] = {"onnx": {**par.to_json(), "batch_sizes": list(job.batch_sizes)}}
-    if tg.note:
-        manifest["taps_unsupported"] = tg.note
     if tg.gm is not None:
         par_taps = parity_check(tmp, tg.gm, job.example, job.batch_sizes, graph="onnx_taps",
                                 out_names=[*job.out_names, *tg.names], lives=("*",),
                                 seed=2000, atol=job.atol, rtol=job.rtol)
-        if not par_taps.ok:
-            raise ExportError(f"taps parity failed: torch vs onnxruntime "
-                              f"{par_taps.describe()}; no bundle written")
-        manifest["parity"]["onnx_taps"] = par_taps.to_json()
-    return par.max_abs_err
+        if par_taps.ok:
+            manifest["parity"]["onnx_taps"] = par_taps.to_json()
+            return par.max_abs_err, tg
+        # the layer taps are left out, never the bundle: the head-only graph may still hold
+        tg = _drop_taps(tmp, manifest, f"taps parity failed: torch vs onnxruntime "
+                                       f"{par_taps.describe()}")
+    if tg.note:  # (taps=False leaves no note: no taps graph of any kind)
+        manifest["taps_unsupported"] = tg.note
+        why = add_graph_taps(tmp, manifest, feeds=_example_feeds(job), atol=job.atol,
+                             rtol=job.rtol)
+        if why is not None:
+            manifest["taps_unsupported"] = f"{tg.note}; head only: {why}"
+    return par.max_abs_err, tg
+
+
+def _drop_taps(tmp: Path, manifest: dict[str, Any], why: str) -> _TapsGraph:
+    """Remove model_taps.onnx and the layer records from a bundle being written."""
+    (tmp / "model_taps.onnx").unlink()
+    del manifest["files"]["onnx_taps"]
+    manifest["layers"] = []
+    write_manifest(tmp, manifest)
+    return _TapsGraph([], why, None, [])
+
+
+def _example_feeds(job: _Export) -> dict[str, Any]:
+    """The export example as device inputs (name -> numpy array)."""
+    return {n: t.detach().cpu().numpy() for n, t in zip(job.in_names, job.example, strict=True)}
 
 
 def _add_tflite_graphs(job: _Export, tmp: Path, manifest: dict[str, Any],
@@ -268,6 +295,9 @@ def _add_tflite_graphs(job: _Export, tmp: Path, manifest: dict[str, Any],
     err = add_tflite(tmp, job.model, job.example, job.params, job.in_names, job.out_names,
                      manifest, batch=job.tflite_batch, parity_batch_sizes=job.batch_sizes,
                      atol=job.atol, rtol=job.rtol)
+    if err is not None and tg.gm is None and "onnx_taps" in manifest["files"]:
+        manifest["tflite_taps_skipped"] = ("the head-only taps graph is found in model.onnx: "
+                                           "tpsgd runs on onnxruntime")
     if err is not None and tg.gm is not None:
         add_tflite_taps(tmp, tg.gm, job.example, job.params, job.in_names,
                         [*job.out_names, *tg.names], manifest, batch=job.tflite_batch,
@@ -346,7 +376,7 @@ def export_bundle(
     _io_names(job, input_names, output_names)
     with staging_dir(out_dir, overwrite=overwrite) as tmp:
         manifest, tg = _write_onnx_bundle(job, tmp, taps)
-        err = _check_onnx(job, tmp, manifest, tg)
+        err, tg = _check_onnx(job, tmp, manifest, tg)
         if "tflite" in formats:
             tfl_err = _add_tflite_graphs(job, tmp, manifest, tg)
             err = max(err, tfl_err) if tfl_err is not None else err

@@ -6,17 +6,23 @@ the model with torch.fx, recognises the supported layer patterns and returns a G
 whose forward returns `(model output, *taps)` plus the manifest "layers" records that name
 those taps. Supported patterns (anything else raises TapsError naming the node):
 
-  Linear | Conv1d | Conv2d  [-> BatchNorm1d/2d (eval: a fixed per-channel affine)]
-      -> relu|tanh|sigmoid
+  Linear | Conv1d | Conv2d (any groups: depthwise and grouped convs too)
+      [-> BatchNorm1d/2d (eval: a fixed per-channel affine) | LayerNorm]
+      [-> relu|tanh|sigmoid|gelu|silu|relu6|hardswish]   (none: the target sits on the
+                                                           layer's (normed) output)
   GRU (1 layer, unidirectional, batch_first, no initial state) -> its output sequence
   Linear as the model's output (the head; it trains on the true loss)
 
+A LayerNorm anywhere else (a pre-norm) is not supported (it has parameters no layer owns).
+
 Between layers any parameter-free ops may sit (flatten, pooling, a mean over time): a layer's
 input is tapped wherever it comes from. A hidden layer's own pooling belongs to it: the chain
-of MaxPool/AvgPool (1d/2d, no padding), AdaptiveAvgPool(1), mean over dims, then
-flatten/view/reshape that follows its activation is recorded as the layer's "post" ops, and the
-end of that chain is tapped as its "target": tpSGD puts the projected label there (as DRTP does
-after pooling) and differentiates the pooling in numpy. Any other op ends the chain.
+of MaxPool/AvgPool (1d/2d, no padding), AdaptiveAvgPool(1) (global average pooling, module or
+functional), mean over dims, residual additions `skip + a` (identity backward: the skip path
+does not depend on the layer), then flatten/view/reshape that follows its activation is
+recorded as the layer's "post" ops, and the end of that chain is tapped as its "target":
+tpSGD puts the projected label there (as DRTP does after pooling) and differentiates the
+pooling in numpy. Any other op ends the chain.
 
 Parameter names are unchanged (fx keeps the module hierarchy), so the taps graph takes the
 same weight inputs as model.onnx.
@@ -33,11 +39,16 @@ from torch import fx, nn
 
 from edgelearn.errors import EdgelearnError
 
-_ACT_FUNCS = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.tanh: "tanh",
-              torch.sigmoid: "sigmoid", torch.nn.functional.sigmoid: "sigmoid",
-              torch.nn.functional.tanh: "tanh"}
-_ACT_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_F = torch.nn.functional
+_ACT_FUNCS = {torch.relu: "relu", _F.relu: "relu", torch.tanh: "tanh",
+              torch.sigmoid: "sigmoid", _F.sigmoid: "sigmoid", _F.tanh: "tanh",
+              _F.gelu: "gelu", _F.silu: "silu", _F.relu6: "relu6", _F.hardswish: "hardswish"}
+_ACT_MODULES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.GELU: "gelu",
+                nn.SiLU: "silu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
 _ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_GLOBAL_POOLS = {_F.adaptive_avg_pool1d: 1, _F.adaptive_avg_pool2d: 2,
+                 torch.adaptive_avg_pool1d: 1}
 
 
 class TapsError(EdgelearnError):
@@ -61,11 +72,16 @@ def _activation(gm: fx.GraphModule, node: fx.Node | None) -> str | None:
     if node is None:
         return None
     if node.op == "call_function" and node.target in _ACT_FUNCS:
-        return _ACT_FUNCS[node.target]
+        if set(node.kwargs) - {"inplace", "approximate"} or len(node.args) != 1:
+            return None
+        act = _ACT_FUNCS[node.target]
+        return "gelu_tanh" if node.kwargs.get("approximate") == "tanh" else act
     if node.op == "call_method" and node.target in _ACT_METHODS:
         return _ACT_METHODS[node.target]
     if node.op == "call_module":
-        return _ACT_MODULES.get(type(gm.get_submodule(str(node.target))))
+        mod = gm.get_submodule(str(node.target))
+        act = _ACT_MODULES.get(type(mod))
+        return "gelu_tanh" if act == "gelu" and mod.approximate == "tanh" else act
     return None
 
 
@@ -73,8 +89,33 @@ def _ints(v: Any, n: int) -> list[int]:
     return [int(v)] * n if isinstance(v, int) else [int(a) for a in v]
 
 
-def _post_op(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
-    """The "post" record of a parameter-free op that may follow a layer's activation, or None."""
+def _residual(node: fx.Node, prev: fx.Node) -> dict[str, Any] | None:
+    """{"op": "add"} when `node` is `prev + skip` (skip another tensor or a number)."""
+    if node.op == "call_function" and node.target in _ADDS:
+        pass
+    elif not (node.op == "call_method" and node.target in ("add", "add_")):
+        return None
+    if node.kwargs or len(node.args) != 2 or node.args.count(prev) != 1:
+        return None  # alpha=, or prev + prev (its gradient would be doubled)
+    return {"op": "add"}
+
+
+def _global_pool(node: fx.Node) -> dict[str, Any] | None:
+    """A functional adaptive average pool to size 1 as a "mean" post op, else None."""
+    dims = _GLOBAL_POOLS.get(node.target) if node.op == "call_function" else None
+    if dims is None or node.kwargs or len(node.args) != 2:
+        return None
+    if any(o != 1 for o in _ints(node.args[1], dims)):
+        return None
+    return {"op": "mean", "dims": list(range(2, 2 + dims)), "keepdim": True}
+
+
+def _post_op(gm: fx.GraphModule, node: fx.Node, prev: fx.Node) -> dict[str, Any] | None:
+    """The "post" record of a parameter-free op that may follow a layer's activation `prev`,
+    or None."""
+    add = _residual(node, prev)
+    if add is not None or (node.op == "call_function" and node.target in _GLOBAL_POOLS):
+        return add or _global_pool(node)
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, nn.MaxPool1d | nn.MaxPool2d | nn.AvgPool1d | nn.AvgPool2d):
@@ -121,25 +162,21 @@ def _post_op(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any] | None:
 def _post_chain(gm: fx.GraphModule, act: fx.Node) -> tuple[list[dict[str, Any]], fx.Node | None]:
     """The pooling/reshape ops that follow a layer's activation alone, and the chain's end."""
     ops: list[dict[str, Any]] = []
-    end, node = None, _only_user(act)
+    end, prev, node = None, act, _only_user(act)
     while node is not None:
-        op = _post_op(gm, node)
-        # a reshape may only trail: the device gets every other op's shape from the previous
-        if op is None or (ops and ops[-1]["op"] == "reshape" and op["op"] != "reshape"):
+        op = _post_op(gm, node, prev)
+        # a reshape may only trail: the device gets every other op's shape from the previous;
+        # a max pool after a residual add would need the skip path's values on the device
+        if op is None or (ops and ops[-1]["op"] == "reshape" and op["op"] != "reshape") or (
+                op["op"] == "maxpool" and any(o["op"] == "add" for o in ops)):
             break
         ops.append(op)
-        end, node = node, _only_user(node)
+        end, prev, node = node, node, _only_user(node)
     while ops and ops[-1]["op"] == "reshape" and not any(o["op"] != "reshape" for o in ops):
         ops.pop()  # a reshape alone changes nothing a flat target sees
     if not ops:
         return [], None
     return ops, end
-
-
-def _describe(node: fx.Node | None) -> str:
-    if node is None:
-        return "several users"
-    return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
 class _Taps:
@@ -193,12 +230,13 @@ def _geometry(mod: nn.Module, name: str) -> dict[str, Any]:
     if not isinstance(mod, nn.Conv1d | nn.Conv2d):
         return {"kind": "linear"}
     kind = "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
-    if mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        raise TapsError(f"{type(mod).__name__} {name!r}: tpsgd supports groups=1, zero "
-                        "padding given as numbers")
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        raise TapsError(f"{type(mod).__name__} {name!r}: tpsgd supports zero padding given "
+                        "as numbers")
     geo = _single if kind == "conv1d" else _pair
+    groups = {"groups": int(mod.groups)} if mod.groups != 1 else {}
     return {"kind": kind, "stride": geo(mod.stride), "padding": geo(mod.padding),
-            "dilation": geo(mod.dilation)}
+            "dilation": geo(mod.dilation), **groups}
 
 
 def _batch_norm(gm: fx.GraphModule, node: fx.Node | None) -> dict[str, Any] | None:
@@ -217,28 +255,51 @@ def _batch_norm(gm: fx.GraphModule, node: fx.Node | None) -> dict[str, Any] | No
     return bn
 
 
+def _layer_norm(gm: fx.GraphModule, node: fx.Node | None) -> dict[str, Any] | None:
+    """The "ln" record of a LayerNorm module node, None if `node` is not one."""
+    if node is None or node.op != "call_module" or not isinstance(
+            gm.get_submodule(str(node.target)), nn.LayerNorm):
+        return None
+    mod = gm.get_submodule(str(node.target))
+    b = str(node.target)
+    ln: dict[str, Any] = {"eps": float(mod.eps), "dims": len(mod.normalized_shape)}
+    if mod.weight is not None:
+        ln["weight"] = f"{b}.weight"
+    if mod.bias is not None:
+        ln["bias"] = f"{b}.bias"
+    return ln
+
+
 def _hidden_record(gm: fx.GraphModule, node: fx.Node, rec: dict[str, Any],
                    params: dict[str, str], taps: _Taps) -> dict[str, Any]:
-    """Complete the record of a hidden layer: [batch norm ->] activation [-> post ops]."""
+    """Complete the record of a hidden layer: [norm ->] [activation ->] [post ops]."""
     name = rec["name"]
     cur, raw = node, None
     nxt = _only_user(cur)
-    bn = _batch_norm(gm, nxt)
-    if bn is not None:
+    bn, ln = _batch_norm(gm, nxt), _layer_norm(gm, nxt)
+    if bn is not None or ln is not None:
         raw, cur = cur, nxt
         nxt = _only_user(cur)
     act = _activation(gm, nxt)
-    if act is None:
-        raise TapsError(f"layer {name!r} is followed by {_describe(nxt)}; tpsgd needs "
-                        "[batch norm ->] relu/tanh/sigmoid after a hidden layer")
+    if act is None:  # the target sits on the (normed) layer output itself
+        act, nxt = "none", cur
     rec.update(params=params, activation=act, input=taps.tap(node.args[0], f"{name}:in"),
                raw=None if raw is None else taps.tap(raw, f"{name}:raw"),
                preact=taps.tap(cur, f"{name}:pre"), output=taps.tap(nxt, f"{name}:out"), bn=bn)
+    if ln is not None:
+        rec["ln"] = ln
     post, end = _post_chain(gm, nxt)
     if post:
         assert end is not None
         rec.update(post=post, target=taps.tap(end, f"{name}:pooled"))
     return rec
+
+
+def _follows_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when `node`'s input is a hidden Linear/Conv call that feeds only `node`."""
+    src = node.args[0] if node.args else None
+    return (isinstance(src, fx.Node) and src.op == "call_module" and _only_user(src) is node
+            and isinstance(gm.get_submodule(str(src.target)), nn.Linear | nn.Conv1d | nn.Conv2d))
 
 
 def _layer_record(gm: fx.GraphModule, node: fx.Node, final: fx.Node,
@@ -248,9 +309,13 @@ def _layer_record(gm: fx.GraphModule, node: fx.Node, final: fx.Node,
         return None
     mod = gm.get_submodule(str(node.target))
     name = str(node.target)
+    if isinstance(mod, nn.LayerNorm) and not _follows_layer(gm, node):
+        raise TapsError(f"layer norm {name!r} does not directly follow a Linear/Conv layer "
+                        "(a pre-norm): its parameters would belong to no layer")
     if not isinstance(mod, nn.Linear | nn.Conv1d | nn.Conv2d | nn.GRU):
-        if any(p.requires_grad for p in mod.parameters(recurse=False)) and not isinstance(
-                mod, nn.BatchNorm1d | nn.BatchNorm2d):
+        # recurse: fx keeps torch.nn containers (TransformerEncoder, ...) as leaf calls
+        if any(p.requires_grad for p in mod.parameters()) and not isinstance(
+                mod, nn.BatchNorm1d | nn.BatchNorm2d | nn.LayerNorm):
             raise TapsError(f"layer {name!r} is a {type(mod).__name__}, which tpsgd does not "
                             "support (Linear, Conv1d, Conv2d, GRU)")
         return None
@@ -320,3 +385,31 @@ def check_batch_first(gm: nn.Module, example: tuple[torch.Tensor, ...], names: l
             if t.ndim == 0 or t.shape[0] != b:
                 raise TapsError(f"tap {name!r} is not batch-first (shape {list(t.shape)} at "
                                 f"batch {b}); tpsgd reads dim 0 of every tap as the batch")
+
+
+def check_records(gm: nn.Module, example: tuple[torch.Tensor, ...], records: list[dict[str, Any]],
+                  names: list[str]) -> None:
+    """Raise TapsError unless each layer's post ops map its activation onto its target tap.
+
+    fx records ops without shapes: a residual add that broadcasts, or a pooling that does not
+    fit, is caught here on the example, with the device's own parser and backward.
+
+    Args:
+        gm: the taps graph module (returns (output, *taps)). example: example inputs.
+        records: the layer records. names: output then tap names, in gm's return order.
+    """
+    from edgelearn.errors import BundleError
+    from edgelearn.layers import parse_layers, post_backward
+
+    with torch.no_grad():
+        outs = as_tuple(gm(*example))
+    values = {n: t.numpy() for n, t in zip(names, outs, strict=True)}
+    known = {v for r in records for d in (r["params"], r.get("bn") or {}, r.get("ln") or {})
+             for v in d.values() if isinstance(v, str)}
+    try:
+        for layer in parse_layers({"layers": records}, known):
+            if layer.post and layer.output in values and layer.target in values:
+                a, t = values[layer.output], values[layer.target]
+                post_backward(layer.post, a, t)
+    except BundleError as e:
+        raise TapsError(str(e)) from None

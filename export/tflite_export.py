@@ -325,8 +325,8 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
         batch: fixed batch of the graph (the same as model.tflite's).
         parity_batch_sizes / atol / rtol: as for `add_tflite`.
     Returns the worst |torch - LiteRT| over every tap, or None when litert-torch cannot convert
-    the taps graph (the bundle then ships without it; the reason is in
-    manifest["tflite_taps_skipped"]). A parity failure raises ExportError.
+    the taps graph or it fails its parity (the bundle then ships without it; the reason is in
+    manifest["tflite_taps_skipped"]).
     """
     path = bundle_dir / "model_taps.tflite"
     try:
@@ -342,8 +342,11 @@ def add_tflite_taps(bundle_dir: Path, gm: nn.Module, example: tuple[torch.Tensor
     sizes = [*parity_batch_sizes, batch + 3]
     par = parity_check(bundle_dir, gm, example, sizes, backend="litert", graph="tflite_taps",
                        out_names=out_names, seed=3000, atol=atol, rtol=rtol)
-    if not par.ok:
-        raise ExportError(f"taps parity failed: torch vs LiteRT {par.describe()}; no bundle "
-                          "written")
+    if not par.ok:  # the taps graph is left out, never the bundle (tpSGD then runs on ORT)
+        path.unlink()
+        del manifest["files"]["tflite_taps"], manifest["tflite_taps"]
+        manifest["tflite_taps_skipped"] = f"taps parity failed: torch vs LiteRT {par.describe()}"
+        write_manifest(bundle_dir, manifest)
+        return None
     manifest["parity"]["tflite_taps"] = {**par.to_json(), "batch_sizes": sizes}
     return par.max_abs_err

@@ -413,7 +413,8 @@ def test_tpsgd_on_litert_refuses_bundle_without_taps_graph(tfl_bundles: dict[str
 
 def test_taps_not_batch_first_are_unsupported(tmp_path: Path) -> None:
     """A layer applied with the batch on dim 1: tpSGD reads dim 0 of every tap as the batch
-    (and the fixed-batch TFLite graph pads along it), so the export records no taps and why."""
+    (and the fixed-batch TFLite graph pads along it), so the export records no layer taps and
+    why; the head's input is batch-first, so the head-only taps found in model.onnx remain."""
     torch = pytest.importorskip("torch")
     from edgelearn.export import export_bundle
 
@@ -431,7 +432,8 @@ def test_taps_not_batch_first_are_unsupported(tmp_path: Path) -> None:
     export_bundle(TimeMajor(), torch.randn(1, 64), tmp_path / "tm", formats=("onnx",))
     b = load_bundle(tmp_path / "tm")
     assert "not batch-first" in b.manifest["taps_unsupported"]
-    assert "onnx_taps" not in b.files
+    assert [r["name"] for r in b.manifest["layers"]] == ["head"]
+    assert "head only" in b.manifest["taps_from"]
 
 
 # -- bake: the TFLite files of a baked bundle carry the personalized weights ---------------------

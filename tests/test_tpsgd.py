@@ -225,10 +225,12 @@ def test_taps_export_records_layers(bundles) -> None:
     c1d = Bundle(bundles["conv1d"].path).manifest["layers"]
     assert "post" not in c1d[0]  # relu feeds conv2 directly
     assert c1d[1]["post"] == [{"op": "mean", "dims": [2], "keepdim": False}]
-    # a structure tpsgd cannot handle still exports, and the manifest says why
+    # a structure tpsgd cannot split into layers still exports, the manifest says why, and
+    # its head alone gets a taps graph found in model.onnx (edgelearn.graph_taps)
     m = Bundle(bundles["transformer"].path).manifest
-    assert m["layers"] == []
+    assert [(r["name"], r["head"]) for r in m["layers"]] == [("head", True)]
     assert "tpsgd" in m["taps_unsupported"]
+    assert "head only" in m["taps_from"]
 
 
 def _digits_for(name: str, digits: Dataset) -> Dataset:
@@ -377,7 +379,7 @@ def test_frozen_layers_stay_and_bundles_without_taps_are_refused(bundles, digits
     assert not np.array_equal(after["conv2.weight"], base["conv2.weight"])
     tbundle = Bundle(bundles["transformer"].path)
     x = np.zeros((4, 10, 8), np.float32)
-    with pytest.raises(InputError, match="taps"):
+    with pytest.raises(InputError, match="no layer record owns them"):  # head-only taps
         train(tbundle, Dataset(x, np.zeros(4, np.int64)), tmp_path / "t",
               optimizer="tpsgd", steps=1)
 

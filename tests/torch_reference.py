@@ -68,27 +68,37 @@ def _local_forward(model: nn.Module, layer: Mapping, p: Mapping[str, torch.Tenso
         sub = {f"{role}_l0": p[n] for role, n in layer["params"].items()}
         out, _ = functional_call(gru, sub, (x,))
         return out[:, -1]
+    groups = layer.get("groups", 1)
     if layer["kind"] == "conv1d":
         z = f.conv1d(x, w, b, stride=layer["stride"], padding=layer["padding"],
-                     dilation=layer["dilation"])
+                     dilation=layer["dilation"], groups=groups)
     elif layer["kind"] == "conv2d":
         z = f.conv2d(x, w, b, stride=layer["stride"], padding=layer["padding"],
-                     dilation=layer["dilation"])
+                     dilation=layer["dilation"], groups=groups)
     else:
         z = f.linear(x, w, b)
-    bn = layer.get("bn")
+    bn, ln = layer.get("bn"), layer.get("ln")
     if bn:
         z = f.batch_norm(z, p[bn["running_mean"]], p[bn["running_var"]], p.get(bn.get("weight")),
                          p.get(bn.get("bias")), training=False, eps=bn["eps"])
+    if ln:
+        z = f.layer_norm(z, z.shape[z.ndim - ln["dims"]:], p.get(ln.get("weight")),
+                         p.get(ln.get("bias")), eps=ln["eps"])
     act = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+           "gelu": f.gelu, "gelu_tanh": lambda v: f.gelu(v, approximate="tanh"),
+           "silu": f.silu, "relu6": f.relu6, "hardswish": f.hardswish,
            "none": lambda v: v}[layer["activation"]]
     return act(z)
 
 
-def _post(layer: Mapping, a: torch.Tensor) -> torch.Tensor:
-    """The layer's recorded post ops (pooling, mean, reshape) applied by torch's own ops."""
+def _post(layer: Mapping, a: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's recorded post ops (pooling, mean, residual add, reshape) by torch's ops;
+    `skip` is the (detached) other summand of a residual add."""
     f = torch.nn.functional
     for op in layer.get("post", []):
+        if op["op"] == "add":
+            a = a + skip
+            continue
         if op["op"] in ("maxpool", "avgpool"):
             fn = {("maxpool", 1): f.max_pool1d, ("maxpool", 2): f.max_pool2d,
                   ("avgpool", 1): f.avg_pool1d, ("avgpool", 2): f.avg_pool2d}[
@@ -113,6 +123,7 @@ def tpsgd_step(
     trainable: set[str],
     local_loss: str = "mse",
     target_on: str = "pooled",
+    skips: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One tpSGD step ("Learning with Local Gradients at the Edge", 2022) by torch autograd.
 
@@ -131,6 +142,8 @@ def tpsgd_step(
         local_loss: "mse" (0.5/N ||a - B y||^2), "l1" (1/N |a - B y|_1) or "drtp"
             (-1/N <a, B y>).
         target_on: "pooled" (a after the layer's recorded post ops) or "activation".
+        skips: layer name -> the layer whose input is the skip path of its residual add
+            (default: its own input, as in `h + f(h)`).
     Returns: name -> updated tensor for every trainable parameter a layer owns.
     """
     captured: dict[str, torch.Tensor] = {}
@@ -146,9 +159,8 @@ def tpsgd_step(
     new: dict[str, torch.Tensor] = {}
     n = len(labels)
     for i, layer in enumerate(layers):
-        own = [*layer["params"].values(),
-               *(layer["bn"][k] for k in ("weight", "bias") if layer.get("bn") and
-                 k in layer["bn"])]
+        norm = layer.get("bn") or layer.get("ln") or {}
+        own = [*layer["params"].values(), *(norm[k] for k in ("weight", "bias") if k in norm)]
         own = [o for o in own if o in trainable]
         if not own:
             continue
@@ -158,7 +170,7 @@ def tpsgd_step(
             loss = torch.nn.functional.cross_entropy(a, labels)
         else:
             if target_on == "pooled":
-                a = _post(layer, a)
+                a = _post(layer, a, captured[(skips or {}).get(layer["name"], layer["name"])])
             t = projections[i][labels].reshape(a.shape)
             if local_loss == "mse":
                 loss = 0.5 * ((a - t) ** 2).sum() / n

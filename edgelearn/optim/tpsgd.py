@@ -26,6 +26,30 @@ One step, on the batch (x, y):
      layer's taps (edgelearn.layers: linear, conv2d by im2col, conv1d as a 1 x L conv2d,
      batch norm in eval form, GRU by backprop through time inside the layer). The output
      layer uses the true loss.
+
+     Modern layers, each still differentiated only inside its own layer:
+     - activations GELU (exact and tanh form; Hendrycks & Gimpel 2016), SiLU (Elfwing et al.
+       2018), ReLU6 (MobileNetV2, Sandler et al. 2018) and hardswish (MobileNetV3, Howard et
+       al. 2019): f'(z) from the tapped pre-activation (`edgelearn.layers.act_grad`);
+     - layer norm after a layer (Ba, Kiros, Hinton 2016): its per-sample statistics make the
+       backward an exact projection, not a fixed scale (`ln_backward`); gamma/beta train with
+       the layer's local loss, as batch norm's do;
+     - residual additions (He et al. 2016): `y = skip + f(x)` after a layer is one of its
+       post ops; the target sits on y, the residual stream, and dy/df = 1 because the skip
+       path is computed before the layer (its weights cannot change it); no activation is
+       needed before it (a linear bottleneck or a transformer MLP's second projection);
+     - depthwise and grouped convolutions (Howard et al. 2017, MobileNets): im2col per group,
+       one batched GEMM;
+     - global average pooling (adaptive avg pool to 1, mean over the spatial axes, the
+       functional forms too): a "mean" post op.
+     DRTP's argument (a fixed random projection of the label as each layer's target; Frenkel
+     et al. 2021, section 3) does not depend on the layer type, and putting a local loss after
+     each residual block is how local-loss training is applied to ResNets (Nokland & Eidnes
+     2019, "Training Neural Networks with Local Error Signals").
+     Head only, any backbone: when the torch model cannot be traced into layers (attention,
+     anything unsupported) or for a prepared ONNX model, the taps graph is built from the ONNX
+     graph itself (`edgelearn.graph_taps`): the output layer's exact update needs only its
+     input and the logits.
   3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
      its taps are dropped. No gradient crosses a layer boundary.
 B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
@@ -59,6 +83,7 @@ from edgelearn.layers import (
     conv2d_grads,
     gru_grads,
     linear_grads,
+    ln_backward,
     post_backward,
 )
 from edgelearn.optim.base import Forward, Optimizer, register
@@ -183,8 +208,10 @@ class TPSGD(Optimizer):
                   for k in ("running_mean", "running_var")}
         stray = sorted(set(store.trainable_names) - owned)
         if stray:
-            raise InputError(f"tpsgd cannot train {stray} (no layer record owns them); "
-                             "freeze them with --trainable")
+            only = (f"; this bundle's taps cover only its head: --trainable "
+                    f"'{','.join(layers[-1].params.values())}'" if len(layers) == 1 else "")
+            raise InputError(f"tpsgd cannot train {stray[:8]}{' ...' if len(stray) > 8 else ''}"
+                             f" (no layer record owns them); freeze them with --trainable{only}")
         if targets is not None and out_shape is not None:
             self.check_targets(targets, tuple(out_shape))
         self.layers = list(layers)
@@ -278,12 +305,12 @@ class TPSGD(Optimizer):
         loss, locals_ = math.nan, []
         for i, layer in enumerate(self.layers):
             train = [r for r, n in layer.params.items() if store.specs[n].trainable]
-            bn = layer.bn or {}
+            bn = layer.bn or layer.ln or {}
             bn_train = [k for k in ("weight", "bias") if k in bn and store.specs[bn[k]].trainable]
             if layer.head:
                 loss, d_z = head_grad(logits, y, self.options.head_loss)
                 locals_.append(loss)
-                grads = linear_grads(taps[layer.input], d_z) if train else {}
+                grads = _head_grads(layer, taps[layer.input], d_z) if train else {}
                 bn_grads: dict[str, np.ndarray] = {}
             elif not (train or bn_train):
                 locals_.append(None)
@@ -327,7 +354,14 @@ class TPSGD(Optimizer):
         assert layer.preact is not None
         d_pre = act_grad(layer.activation, taps[layer.preact], a, d_a)
         bn_grads: dict[str, np.ndarray] = {}
-        if layer.bn:
+        if layer.ln:
+            ln = layer.ln
+            assert layer.raw is not None
+            d_pre, bn_grads = ln_backward(
+                taps[layer.raw], ln["eps"], ln["dims"],
+                store[ln["weight"]] if "weight" in ln else None, d_pre,
+                params=any(k in ln and store.specs[ln[k]].trainable for k in ("weight", "bias")))
+        elif layer.bn:
             bn = layer.bn
             affine = any(k in bn and store.specs[bn[k]].trainable for k in ("weight", "bias"))
             assert layer.raw is not None
@@ -341,11 +375,20 @@ class TPSGD(Optimizer):
         w = store[layer.params["weight"]]
         if layer.kind == "conv1d":
             g = conv1d_grads(x, d_pre, w.shape[2], stride=layer.stride[1],
-                             padding=layer.padding[1], dilation=layer.dilation[1])
+                             padding=layer.padding[1], dilation=layer.dilation[1],
+                             groups=layer.groups)
             return g, bn_grads, value
         g = conv2d_grads(x, d_pre, (w.shape[2], w.shape[3]), stride=layer.stride,
-                         padding=layer.padding, dilation=layer.dilation)
+                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         return g, bn_grads, value
+
+
+def _head_grads(layer: Layer, x: np.ndarray, d_z: np.ndarray) -> dict[str, np.ndarray]:
+    """The output layer's exact gradients; an ONNX MatMul head's weight is [in, out]."""
+    g = linear_grads(x, d_z)
+    if layer.weight_layout == "in_out":
+        g["weight"] = np.ascontiguousarray(g["weight"].T)
+    return g
 
 
 def _blas_controller() -> Any:
