@@ -210,7 +210,7 @@ def _info_text(info: dict[str, Any]) -> str:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy / loss of a bundle (optionally with personalized weights) on a data file."""
     bundle = el.load_bundle(args.bundle)
-    data = el.load_data(args.data, task=bundle.task)
+    data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
     res = el.evaluate(bundle, data, weights=args.weights, runtime=_runtime_config(args),
                       batch_size=args.batch_size, objective=args.objective).to_json()
 
@@ -258,7 +258,7 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     bundle = el.load_bundle(args.bundle)
-    data = el.load_data(args.data, task=bundle.task)
+    data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
     options = {**_flag_options(args), **_opt_pairs(args)}
     divergence = None
     if args.diverge_factor is not None:
@@ -302,8 +302,8 @@ def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
     stderr (a bar on a terminal, plain periodic lines otherwise)."""
     import edgelearn as el
 
-    held_out = None if args.eval_data is None else el.load_data(args.eval_data,
-                                                                task=bundle.task)
+    held_out = None if args.eval_data is None else el.load_data(
+        args.eval_data, task=bundle.task, inputs=bundle.inputs)
     metrics = el.RunMetrics(held_out, eval_every=args.eval_every or 100)
     if args.json:
         return [metrics]
@@ -313,7 +313,8 @@ def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
 def cmd_replay(args: argparse.Namespace) -> None:
     """Rebuild trained weights from the bundle's base weights and a journal (no data)."""
     bundle = el.load_bundle(args.bundle)
-    data = None if args.data is None else el.load_data(args.data, task=bundle.task)
+    data = None if args.data is None else el.load_data(args.data, task=bundle.task,
+                                                       inputs=bundle.inputs)
     res = el.replay(bundle, args.journal, data=data, out=args.out).to_json()
     _emit(args, res, lambda: f"replayed {res['steps']} steps -> {res['weights']} "
                              f"(sha256 {res['sha256']})")
@@ -459,7 +460,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     res = el.tools.prepare(args.model, args.out, trainable=args.trainable,
                            new_head=args.new_head, task=args.task, seed=args.seed,
                            example=args.example, atol=args.atol, rtol=args.rtol,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, pool=args.pool, mask=args.mask)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), parity max abs err "
                              f"{res['parity_max_abs_err']:.2e}")
@@ -701,6 +702,12 @@ def _add_prepare_bake(sub: Any) -> None:
                     help="glob(s) of trainable params (default '*', or 'head.*' with a new head)")
     sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
                     help="append a linear classifier on a model output")
+    sp.add_argument("--pool", default="mean", choices=["mean", "masked-mean"],
+                    help="how the new head pools a sequence output [batch, tokens, dim]: "
+                    "mean over every position, or masked-mean over the --mask input's non-zero "
+                    "positions (padding excluded)")
+    sp.add_argument("--mask", default=None, metavar="INPUT",
+                    help="the attention-mask input read by --pool masked-mean")
     sp.add_argument("--task", default=None, choices=["classification", "regression"],
                     help="what the model's output is (default: classification with "
                     "--new-head, else from the output)")
