@@ -414,13 +414,31 @@ def cmd_report(args: argparse.Namespace) -> None:
     _emit(args, res, lambda: f"report of {len(res['runs'])} run(s): {res['html']}")
 
 
+def _shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
+    """`--shape NAME=D1,D2,...` flags -> {name: dims}."""
+    shapes: dict[str, list[int]] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        try:
+            dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            dims = []
+        if not sep or not name or not dims or min(dims) < 1:
+            raise el.InputError(f"--shape expects NAME=D1,D2,... (positive ints), got {item!r}")
+        shapes[name] = dims
+    return shapes
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     """Forward / step timing and memory of a bundle on this device."""
     from edgelearn.figures import mb, ms
 
-    res = el.tools.bench(el.load_bundle(args.bundle), _runtime_config(args),
-                         batch_size=args.batch_size, trainable=args.trainable, runs=args.runs,
-                         steps=args.steps)
+    bundle = el.load_bundle(args.bundle)
+    data = None if args.data is None else el.load_data(args.data, task=bundle.task,
+                                                       inputs=bundle.inputs)
+    res = el.tools.bench(bundle, _runtime_config(args), batch_size=args.batch_size,
+                         trainable=args.trainable, runs=args.runs, steps=args.steps,
+                         data=data, shapes=_shapes(args.shape))
 
     def human() -> str:
         lines = [f"{res['bundle']} on {res['backend']}, batch {res['batch_size']}, "
@@ -788,6 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
     sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
     sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
+    sp.add_argument("--data", default=None,
+                    help=".npz whose first batch is the example input (default: random)")
+    sp.add_argument("--shape", action="append", default=None, metavar="NAME=DIMS",
+                    help="dims of an input with symbolic dims (e.g. a sequence length), with "
+                    "or without the batch: --shape input_ids=128 (repeatable)")
     _add_runtime(sp, batch_size=32)
     _add_json(sp)
 

@@ -176,6 +176,8 @@ def load_npz(
             keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
             want = _wanted_keys(keys, inputs, name)
             arrays = {k: _read_npy_member(zf, k, name, max_bytes) for k in [*want, "y"]}
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{name}: no such data file") from None
     except IsADirectoryError:
@@ -203,21 +205,18 @@ def load_npz(
 
 def _wanted_keys(keys: set[str], inputs: Sequence[Any] | None, name: str) -> list[str]:
     """The arrays of the file that feed the model (InputError naming what is missing)."""
+    if inputs is None or len(inputs) == 1:
+        xkey = next((k for k in ("x", *(s.name for s in inputs or ())) if k in keys), None)
+        missing = [k for k, ok in (("x", xkey is not None), ("y", "y" in keys)) if not ok]
+        if inputs is None and missing == ["x"] and len(keys) > 1:
+            return sorted(keys - {"y"})  # a multi-input file read without the model's inputs
+        if missing:
+            named = f" (or {inputs[0].name!r}, the model input's name)" if inputs else ""
+            raise InputError(f"{name}: data file has no {missing} array{named} (found "
+                             f"{sorted(keys)})")
+        return [xkey]
     if "y" not in keys:
         raise InputError(f"{name}: data file has no ['y'] array (found {sorted(keys)})")
-    if inputs is None:
-        if "x" in keys:
-            return ["x"]
-        rest = sorted(keys - {"y"})
-        if not rest:
-            raise InputError(f"{name}: data file has no ['x'] array (found {sorted(keys)})")
-        return rest
-    if len(inputs) == 1:
-        for k in ("x", inputs[0].name):
-            if k in keys:
-                return [k]
-        raise InputError(f"{name}: data file has no ['x'] array (nor one named after the "
-                         f"model input {inputs[0].name!r}; found {sorted(keys)})")
     missing = [s.name for s in inputs if s.name not in keys]
     if missing:
         from edgelearn.inputs import describe

@@ -147,5 +147,6 @@ def feeds(specs: Sequence[Any], x: Inputs) -> dict[str, np.ndarray]:
         if s.name not in x:
             raise InputError(f"no array for model input {s.name!r}; the model wants "
                              f"{describe(specs)} (got {sorted(x)})")
-        out[s.name] = np.ascontiguousarray(convert(s, x[s.name], "batch"))
+        # asarray, not ascontiguousarray: that one turns a 0-d input (a sample rate) 1-d
+        out[s.name] = np.asarray(convert(s, x[s.name], "batch"), order="C")
     return out

@@ -21,6 +21,7 @@ onnx and onnxruntime are imported lazily: `import edgelearn.prepare` costs only 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 import shutil
@@ -491,6 +492,7 @@ class HeadSpec:
     classes: int
     pool: str = "mean"
     mask: str | None = None
+    additive: bool = False  # the mask is added to attention scores (0 = token), not 0/1
 
 
 def _add_head(onnx: Any, model: Any, head: HeadSpec, feat: int | None, seed: int,
@@ -528,7 +530,8 @@ def _add_head(onnx: Any, model: Any, head: HeadSpec, feat: int | None, seed: int
     nodes = []
     if rank > 2:
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        nodes, src = pool_nodes(onnx, model, output, rank, head.pool, head.mask, opset)
+        nodes, src = pool_nodes(onnx, model, output, rank, head.pool, head.mask, opset,
+                                additive=head.additive)
     nodes.append(helper.make_node("Gemm", [src, "head.weight", "head.bias"], [out_name],
                                   transB=1))
     model.graph.node.extend(nodes)
@@ -614,7 +617,8 @@ def _pool_head(x: np.ndarray, head: Mapping[str, np.ndarray], spec: HeadSpec,
                feeds: Mapping[str, np.ndarray]) -> np.ndarray:
     from edgelearn.heads import pool_reference
 
-    pooled = pool_reference(x, spec.pool, feeds.get(spec.mask) if spec.mask else None)
+    pooled = pool_reference(x, spec.pool, feeds.get(spec.mask) if spec.mask else None,
+                            additive=spec.additive)
     return pooled @ head["head.weight"].T.astype(np.float64) + head["head.bias"]
 
 
@@ -672,11 +676,13 @@ def _rewrite(onnx: Any, ort: Any, model_path: Path, head: HeadSpec | None, seed:
     ref = _run(ort, original, feeds, f"the original {model_path.name}")
     values = _lift(onnx, model, lift, _const_values(onnx, model))
     if head is not None:
-        from edgelearn.heads import feature_dim
+        from edgelearn.heads import feature_dim, mask_is_additive
 
         if head.mask is not None and head.mask not in {s["name"] for s in in_specs}:
             raise InputError(f"--mask {head.mask!r} is not a model input (inputs: "
                              f"{', '.join(s['name'] for s in in_specs)})")
+        if head.mask is not None and mask_is_additive(model, head.mask):
+            head = dataclasses.replace(head, additive=True)
         taken = set(_definitions(model)) | {i.name for i in model.graph.input}
         feat = feature_dim(onnx, onnx.load_from_string(original), head.output, ref) \
             if head.output in ref else None
@@ -743,7 +749,8 @@ def _prepared_manifest(tmp: Path, p: _Prepared, specs: Sequence[ParamSpec], task
     if p.head is not None:
         manifest["head"] = {"on": p.head.output, "classes": p.head.classes, "seed": seed,
                             "pool": "mean over middle axes" if p.head.pool == "mean" else
-                            f"mean over tokens where {p.head.mask} != 0"}
+                            f"mean over tokens where {p.head.mask} "
+                            + ("> -1 (additive mask)" if p.head.additive else "!= 0")}
     if p.batch is not None:
         manifest["batch"] = p.batch
     writer.write_manifest(tmp, manifest)

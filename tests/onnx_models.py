@@ -124,22 +124,24 @@ def sigmoid_head_onnx(path: Path, *, seed: int = 0, frames: int = 16, features: 
     Flatten by a Reshape constant [1, frames*features], Gemm -> one sigmoid probability [1, 1].
 
     `pin="reshape"` pins the batch with a Reshape constant edgelearn can rewrite;
-    `pin="stuck"` uses [1, -1] (no rewrite possible: the model runs one example at a time).
+    `pin="stuck"` flattens with Flatten(axis=0) instead (everything into one row: no rewrite
+    possible, the model runs one example at a time).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     n = frames * features
-    shape = [1, n] if pin == "reshape" else [1, -1]
     inits = [numpy_helper.from_array((rng.standard_normal((n, 8)) * 0.2).astype(np.float32),
                                      "dense.weight"),
              numpy_helper.from_array(np.zeros(8, np.float32), "dense.bias"),
              numpy_helper.from_array((rng.standard_normal((8, 1)) * 0.2).astype(np.float32),
                                      "out.weight"),
              numpy_helper.from_array(np.zeros(1, np.float32), "out.bias"),
-             numpy_helper.from_array(np.array(shape, np.int64), "flat_shape")]
-    nodes = [helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+             numpy_helper.from_array(np.array([1, n], np.int64), "flat_shape")]
+    flat = helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]) if pin == "reshape" \
+        else helper.make_node("Flatten", ["x"], ["flat"], axis=0)
+    nodes = [flat,
              helper.make_node("Gemm", ["flat", "dense.weight", "dense.bias"], ["d"]),
              helper.make_node("Relu", ["d"], ["r"]),
              helper.make_node("Gemm", ["r", "out.weight", "out.bias"], ["z"]),

