@@ -244,3 +244,31 @@ def test_real_silero_vad_trains_with_a_constant_state(tmp_path: Path,
                  "3", "--batch-size", "1", "--trainable", "*decoder*", "--out",
                  str(tmp_path / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3
+
+
+def test_real_wakeword_head_trains_as_shipped(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = package_model("wakeword_hey_jarvis")
+    if path is None:
+        pytest.skip("openwakeword 0.4.0 (ships resources/models/hey_jarvis_v0.1.onnx; 0.6.0 "
+                    "downloads its models at run time) not installed")
+    # batch fixed at 1, one sigmoid probability, an If on p >= 0.5 (its verifier): the batch
+    # cannot be made symbolic, so edgelearn runs one example at a time; bce by default
+    res = el.tools.prepare(path, tmp_path / "b")
+    assert res["batch"].startswith("fixed")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 64)
+    x = rng.standard_normal((64, 16, 96)).astype(np.float32) * 0.5
+    x += (0.6 * (2 * y - 1))[:, None, None].astype(np.float32)  # stand-in for the features
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    capsys.readouterr()
+    args = ["--data", str(tmp_path / "d.npz"), "--json"]
+    assert main(["eval", str(tmp_path / "b"), *args]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert main(["train", str(tmp_path / "b"), *args, "--steps", "100", "--batch-size", "16",
+                 "--lr", "0.003", "--out", str(tmp_path / "run")]) == 0  # all 316,738 params
+    weights = json.loads(capsys.readouterr().out)["weights"]
+    assert main(["eval", str(tmp_path / "b"), *args, "--weights", weights]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] >= 0.9 > before["accuracy"]
