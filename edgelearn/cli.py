@@ -481,7 +481,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                            overwrite=args.overwrite, pool=args.pool, mask=args.mask)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), parity max abs err "
-                             f"{res['parity_max_abs_err']:.2e}")
+                             f"{res['parity_max_abs_err']:.2e}"
+                             + (f"; batch {res['batch']}" if res.get("batch") else ""))
 
 
 def cmd_bake(args: argparse.Namespace) -> None:
