@@ -274,7 +274,7 @@ def _info_text(info: dict[str, Any]) -> str:
 def cmd_eval(args: argparse.Namespace) -> None:
     """Accuracy / loss of a bundle (optionally with personalized weights) on a data file."""
     bundle = el.load_bundle(args.bundle)
-    data = el.load_data(args.data, task=bundle.task)
+    data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
     res = el.evaluate(bundle, data, weights=args.weights, runtime=_runtime_config(args),
                       batch_size=args.batch_size, objective=args.objective).to_json()
 
@@ -322,7 +322,7 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     bundle = el.load_bundle(args.bundle)
-    data = el.load_data(args.data, task=bundle.task)
+    data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
     options = {**_flag_options(args), **_opt_pairs(args)}
     divergence = None
     if args.diverge_factor is not None:
@@ -370,8 +370,8 @@ def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
     stderr (a bar on a terminal, plain periodic lines otherwise)."""
     import edgelearn as el
 
-    held_out = None if args.eval_data is None else el.load_data(args.eval_data,
-                                                                task=bundle.task)
+    held_out = None if args.eval_data is None else el.load_data(
+        args.eval_data, task=bundle.task, inputs=bundle.inputs)
     metrics = el.RunMetrics(held_out, eval_every=args.eval_every or 100)
     if args.json:
         return [metrics]
@@ -381,7 +381,8 @@ def _train_callbacks(args: argparse.Namespace, bundle: Any) -> list[Any]:
 def cmd_replay(args: argparse.Namespace) -> None:
     """Rebuild trained weights from the bundle's base weights and a journal (no data)."""
     bundle = el.load_bundle(args.bundle)
-    data = None if args.data is None else el.load_data(args.data, task=bundle.task)
+    data = None if args.data is None else el.load_data(args.data, task=bundle.task,
+                                                       inputs=bundle.inputs)
     res = el.replay(bundle, args.journal, data=data, out=args.out).to_json()
     _emit(args, res, lambda: f"replayed {res['steps']} steps -> {res['weights']} "
                              f"(sha256 {res['sha256']})")
@@ -481,13 +482,31 @@ def cmd_report(args: argparse.Namespace) -> None:
     _emit(args, res, lambda: f"report of {len(res['runs'])} run(s): {res['html']}")
 
 
+def _shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
+    """`--shape NAME=D1,D2,...` flags -> {name: dims}."""
+    shapes: dict[str, list[int]] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        try:
+            dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            dims = []
+        if not sep or not name or not dims or min(dims) < 1:
+            raise el.InputError(f"--shape expects NAME=D1,D2,... (positive ints), got {item!r}")
+        shapes[name] = dims
+    return shapes
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     """Forward / step timing and memory of a bundle on this device."""
     from edgelearn.figures import mb, ms
 
-    res = el.tools.bench(el.load_bundle(args.bundle), _runtime_config(args),
-                         batch_size=args.batch_size, trainable=args.trainable, runs=args.runs,
-                         steps=args.steps)
+    bundle = el.load_bundle(args.bundle)
+    data = None if args.data is None else el.load_data(args.data, task=bundle.task,
+                                                       inputs=bundle.inputs)
+    res = el.tools.bench(bundle, _runtime_config(args), batch_size=args.batch_size,
+                         trainable=args.trainable, runs=args.runs, steps=args.steps,
+                         data=data, shapes=_shapes(args.shape))
 
     def human() -> str:
         lines = [f"{res['bundle']} on {res['backend']}, batch {res['batch_size']}, "
@@ -536,10 +555,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     res = el.tools.prepare(args.model, args.out, trainable=args.trainable,
                            new_head=args.new_head, task=args.task, seed=args.seed,
                            example=args.example, atol=args.atol, rtol=args.rtol,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, pool=args.pool, mask=args.mask)
     _emit(args, res, lambda: f"wrote {res['bundle']}: {res['params']} params "
                              f"({res['trainable_params']} trainable), parity max abs err "
-                             f"{res['parity_max_abs_err']:.2e}")
+                             f"{res['parity_max_abs_err']:.2e}"
+                             + (f"; batch {res['batch']}" if res.get("batch") else ""))
 
 
 def cmd_bake(args: argparse.Namespace) -> None:
@@ -797,6 +817,12 @@ def _add_prepare_bake(sub: Any) -> None:
                     "; '@scale' / '@int8' select quantization scales / int8 weights by role")
     sp.add_argument("--new-head", default=None, metavar="OUTPUT:NUM_CLASSES",
                     help="append a linear classifier on a model output")
+    sp.add_argument("--pool", default="mean", choices=["mean", "masked-mean"],
+                    help="how the new head pools a sequence output [batch, tokens, dim]: "
+                    "mean over every position, or masked-mean over the --mask input's non-zero "
+                    "positions (padding excluded)")
+    sp.add_argument("--mask", default=None, metavar="INPUT",
+                    help="the attention-mask input read by --pool masked-mean")
     sp.add_argument("--task", default=None, choices=["classification", "regression"],
                     help="what the model's output is (default: classification with "
                     "--new-head, else from the output)")
@@ -877,6 +903,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
     sp.add_argument("--runs", type=_positive, default=30, help="timed forwards per variant")
     sp.add_argument("--steps", type=_positive, default=20, help="timed steps per optimizer")
+    sp.add_argument("--data", default=None,
+                    help=".npz whose first batch is the example input (default: random)")
+    sp.add_argument("--shape", action="append", default=None, metavar="NAME=DIMS",
+                    help="dims of an input with symbolic dims (e.g. a sequence length), with "
+                    "or without the batch: --shape input_ids=128 (repeatable)")
     _add_runtime(sp, batch_size=32)
     _add_json(sp)
 

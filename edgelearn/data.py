@@ -1,5 +1,9 @@
 """Data files: `.npz` with `x` (float32, model input layout) and `y` (int labels or floats).
 
+A model with several inputs reads one array per input, named after it (labels stay `y`);
+integer inputs keep their integer dtype; see `edgelearn.inputs` for constants (e.g. a
+recurrent state given once for every example).
+
 Data files are untrusted. They are read without numpy's pickle path at all: the zip members
 `x.npy` / `y.npy` are opened with zipfile, each .npy header is parsed and checked (plain numeric
 dtype, declared size == stored size, size under `max_bytes`) before a byte of data is read, so a
@@ -15,12 +19,14 @@ import hashlib
 import math
 import os
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from edgelearn.errors import InputError
+from edgelearn.inputs import Inputs, bind, n_rows, take
 
 MAX_DATA_BYTES = 2 << 30  # per array; pass max_bytes= to load larger files
 #: per-epoch permutations kept in memory (`batch_indices`); `budget.run_memory_bytes` counts them
@@ -31,27 +37,39 @@ _NPY_KINDS = "biuf"  # bool, ints, floats: nothing that can hold Python objects
 
 @dataclass(frozen=True)
 class Dataset:
-    """In-memory examples: x float32 [n, ...], y int64 [n] (classification) or float32."""
+    """In-memory examples: x float32 [n, ...], y int64 [n] (classification) or float32.
 
-    x: np.ndarray
+    Args:
+        x: the model input [n, ...], or for a multi-input model a dict input name -> [n, ...]
+            (integer inputs keep their dtype).
+        y: labels / targets [n, ...].
+        constants: inputs with no batch axis, fed as they are to every batch.
+    """
+
+    x: Inputs
     y: np.ndarray
+    constants: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.x)
+        return n_rows(self.x)
 
-    def batch_at(self, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rows(self, idx: Any) -> Inputs:
+        x = take(self.x, idx)
+        return {**x, **self.constants} if self.constants else x
+
+    def batch_at(self, step: int, batch_size: int, seed: int) -> tuple[Inputs, np.ndarray]:
         """The (x, y) batch `Session.run` feeds at `step` (`batch_indices` order).
 
         Args:
             step: 0-based step. batch_size: examples per batch. seed: the run seed.
         """
         idx = batch_indices(len(self), batch_size, step, seed)
-        return self.x[idx], self.y[idx]
+        return self._rows(idx), self.y[idx]
 
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, batch_size: int) -> Iterator[tuple[Inputs, np.ndarray]]:
         """Consecutive batches in file order (last one may be short)."""
-        for i in range(0, len(self.x), batch_size):
-            yield self.x[i : i + batch_size], self.y[i : i + batch_size]
+        for i in range(0, len(self), batch_size):
+            yield self._rows(slice(i, i + batch_size)), self.y[i : i + batch_size]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -77,14 +95,22 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.Philox(ss)).permutation(n)
 
 
-def arrays_sha256(*arrays: np.ndarray) -> str:
+def arrays_sha256(*arrays: np.ndarray | Mapping[str, np.ndarray]) -> str:
     """sha256 over arrays' dtype, shape and bytes (pins the exact data a step or a run used).
 
     Args:
-        arrays: e.g. (x, y) of a batch or of a whole data set.
+        arrays: e.g. (x, y) of a batch or of a whole data set; a dict (multi-input x) counts
+            its arrays in name order, each after its name.
     """
     h = hashlib.sha256()
+    flat: list[Any] = []
     for a in arrays:
+        if isinstance(a, Mapping):
+            for k in sorted(a):
+                flat += [np.frombuffer(k.encode(), np.uint8), a[k]]
+        else:
+            flat.append(a)
+    for a in flat:
         a = np.asarray(a)
         h.update(f"{_dtype_name(a.dtype)}{a.shape}".encode())
         h.update(np.ascontiguousarray(a).data)  # the buffer itself: no copy
@@ -99,6 +125,8 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 def data_sha256(data: Dataset) -> str:
     """sha256 of a data set's x and y (pins the data of runs whose replay needs it)."""
+    if data.constants:
+        return arrays_sha256(data.x, data.y, dict(data.constants))
     return arrays_sha256(data.x, data.y)
 
 
@@ -133,25 +161,29 @@ def _read_npy_member(zf: zipfile.ZipFile, key: str, name: str, max_bytes: int) -
 
 
 def load_npz(
-    path: str | os.PathLike, *, task: str = "classification", max_bytes: int = MAX_DATA_BYTES
+    path: str | os.PathLike, *, task: str = "classification", max_bytes: int = MAX_DATA_BYTES,
+    inputs: Sequence[Any] | None = None,
 ) -> Dataset:
     """Load and validate a data file.
 
     Args:
-        path: `.npz` file holding arrays `x` and `y`.
+        path: `.npz` file holding arrays `x` and `y`, or for a model with several inputs one
+            array per input, named after it, and `y`.
         task: "classification" (y must be integers) or "regression" (y floats).
         max_bytes: largest array (uncompressed bytes) accepted; bounds memory on hostile files.
+        inputs: the model's input specs (`bundle.inputs`): arrays are read, typed and checked
+            against them (None: `x` if the file has one, else every array but `y`, those of
+            length n per example).
     """
     name = os.fspath(path)  # as the user gave it: a base name alone can be ambiguous
+    single = inputs is not None and len(inputs) == 1
     try:
         with zipfile.ZipFile(path) as zf:
             keys = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-            missing = {"x", "y"} - keys
-            if missing:
-                raise InputError(f"{name}: data file has no {sorted(missing)} array "
-                                 f"(found {sorted(keys)})")
-            x = _read_npy_member(zf, "x", name, max_bytes)
-            y = _read_npy_member(zf, "y", name, max_bytes)
+            want = _wanted_keys(keys, inputs, name)
+            arrays = {k: _read_npy_member(zf, k, name, max_bytes) for k in [*want, "y"]}
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{name}: no such data file") from None
     except IsADirectoryError:
@@ -159,14 +191,66 @@ def load_npz(
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
             KeyError) as e:
         raise InputError(f"{name}: not a readable .npz data file ({e})") from None
+    y = arrays.pop("y")
+    if "x" in arrays and (inputs is None or (single and np.dtype(inputs[0].dtype).kind == "f")):
+        x = _float_x(arrays["x"], name)
+        return Dataset(x, _labels(y, len(x), task, name))
+    if single and "x" in arrays:  # a single integer input (token ids) given as `x`
+        arrays = {inputs[0].name: arrays["x"]}
+    n = len(y) if y.ndim else 0
+    if inputs is None:
+        per = {k: a for k, a in arrays.items() if a.ndim >= 1 and len(a) == n}
+        const = {k: a for k, a in arrays.items() if k not in per}
+    else:
+        per, const = bind(inputs, arrays, n, name)
+    if not per:
+        raise InputError(f"{name}: no array has one row per label ({n} labels)")
+    x_in: Inputs = per[inputs[0].name] if single and not const else per
+    return Dataset(x_in, _labels(y, n, task, name), const)
+
+
+def _wanted_keys(keys: set[str], inputs: Sequence[Any] | None, name: str) -> list[str]:
+    """The arrays of the file that feed the model (InputError naming what is missing)."""
+    if inputs is None or len(inputs) == 1:
+        xkey = next((k for k in ("x", *(s.name for s in inputs or ())) if k in keys), None)
+        missing = [k for k, ok in (("x", xkey is not None), ("y", "y" in keys)) if not ok]
+        if inputs is None and missing == ["x"] and len(keys) > 1:
+            return sorted(keys - {"y"})  # a multi-input file read without the model's inputs
+        if missing:
+            named = f" (or {inputs[0].name!r}, the model input's name)" if inputs else ""
+            raise InputError(f"{name}: data file has no {missing} array{named} (found "
+                             f"{sorted(keys)})")
+        return [xkey]
+    if "y" not in keys:
+        raise InputError(f"{name}: data file has no ['y'] array (found {sorted(keys)})")
+    missing = [s.name for s in inputs if s.name not in keys]
+    if missing:
+        from edgelearn.inputs import describe
+
+        raise InputError(f"{name}: no array for model input(s) {missing}; the model wants "
+                         f"{describe(inputs)} (found {sorted(keys)})")
+    return [s.name for s in inputs]
+
+
+def _float_x(x: np.ndarray, name: str) -> np.ndarray:
+    """The single float input `x`, checked (float, non-empty, finite) as float32."""
     if x.dtype.kind != "f" or x.dtype.itemsize > 8:
         raise InputError(f"{name}: x has dtype {x.dtype}, expected float32")
     with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
         x = x.astype(np.float32, copy=False)
     if x.ndim < 1 or len(x) == 0:
         raise InputError(f"{name}: x is empty")
-    if y.ndim < 1 or len(y) != len(x):
-        raise InputError(f"{name}: x has {len(x)} examples but y has {y.shape[:1]}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{name}: x contains NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def _labels(y: np.ndarray, n: int, task: str, name: str) -> np.ndarray:
+    """The labels / targets of `n` examples, checked for the task."""
+    if y.ndim < 1 or len(y) != n:
+        raise InputError(f"{name}: x has {n} examples but y has {y.shape[:1]}")
+    if n == 0:
+        raise InputError(f"{name}: x is empty")
     if task == "classification":
         if y.dtype.kind not in "iu" or y.ndim != 1:
             raise InputError(
@@ -181,9 +265,7 @@ def load_npz(
         y = y.astype(np.float32, copy=False)
         if not np.isfinite(y).all():
             raise InputError(f"{name}: y contains NaN or inf")
-    if not np.isfinite(x).all():
-        raise InputError(f"{name}: x contains NaN or inf")
-    return Dataset(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    return np.ascontiguousarray(y)
 
 
 #: the public name of `load_npz` (`edgelearn.load_data`)

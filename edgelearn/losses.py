@@ -1,4 +1,7 @@
-"""Objectives in numpy: cross-entropy, MSE, accuracy (non-differentiable objectives welcome).
+"""Objectives in numpy: cross-entropy, BCE, MSE, accuracy (non-differentiable ones welcome).
+
+Objectives are a registry (`LOSSES`); each has the accuracy that goes with it (`ACCURACIES`):
+argmax for logits, a 0.5 threshold for `bce` on a single sigmoid probability.
 
 Each takes the model output `out` (float32 [batch, ...]) and targets `y`, returns a Python float
 (mean over the batch; losses are accumulated in float64 so the scalar does not depend on
@@ -7,7 +10,8 @@ summation order beyond numpy's own pairwise sum).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +45,34 @@ def mse(out: np.ndarray, y: np.ndarray) -> float:
 def accuracy(out: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy in [0, 1] (argmax of logits [batch, classes] vs labels [batch])."""
     return float(np.mean(np.argmax(out, axis=1) == y))
+
+
+def _probabilities(out: np.ndarray, n: int) -> np.ndarray:
+    """The single probability per example of a sigmoid output [n] or [n, 1] (float64)."""
+    p = out.astype(np.float64, copy=False).reshape(n, -1)
+    if p.shape[1] != 1:
+        raise InputError(f"bce needs one probability per example (output [batch] or "
+                         f"[batch, 1]), got output {list(out.shape)}")
+    return p[:, 0]
+
+
+def binary_cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary cross-entropy of probabilities (a sigmoid output, not logits).
+
+    Args:
+        out: probabilities in [0, 1], float [batch] or [batch, 1]; clipped to [1e-7, 1-1e-7]
+            so a saturated sigmoid gives a large finite loss.
+        y: 0/1 labels (int) or target probabilities (float), [batch].
+    """
+    t = np.asarray(y, dtype=np.float64).reshape(-1)
+    p = np.clip(_probabilities(out, len(t)), BCE_EPS, 1.0 - BCE_EPS)
+    return float(np.mean(-(t * np.log(p) + (1.0 - t) * np.log1p(-p))))
+
+
+def binary_accuracy(out: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy in [0, 1] of a probability output thresholded at 0.5 vs 0/1 labels [batch]."""
+    t = np.asarray(y).reshape(-1) >= 0.5
+    return float(np.mean((_probabilities(out, len(t)) >= 0.5) == t))
 
 
 def error_rate(out: np.ndarray, y: np.ndarray) -> float:
@@ -93,17 +125,34 @@ LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "cross-entropy": cross_entropy,
     "mse": mse,
     "error-rate": error_rate,
+    "bce": binary_cross_entropy,
 }
+#: objective -> the accuracy reported with it (objectives absent here report argmax accuracy)
+ACCURACIES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {"bce": binary_accuracy}
+BCE_EPS = 1e-7
 
 
 def get_loss(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    """Loss function by name ("cross-entropy", "mse", "error-rate")."""
+    """Loss function by name ("cross-entropy", "mse", "error-rate", "bce")."""
     try:
         return LOSSES[name]
     except KeyError:
         raise InputError(f"unknown objective {name!r}; choose one of {sorted(LOSSES)}") from None
 
 
-def default_loss(task: str) -> str:
-    """Objective name for a bundle task ("classification" -> cross-entropy, else mse)."""
-    return "cross-entropy" if task == "classification" else "mse"
+def get_accuracy(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The accuracy that goes with objective `name` (argmax unless the objective has its own)."""
+    return ACCURACIES.get(name, accuracy)
+
+
+def default_loss(task: str, outputs: Sequence[Any] = ()) -> str:
+    """Objective name for a bundle task: classification -> cross-entropy (bce when the first
+    output has one value per example: a sigmoid probability), else mse.
+
+    Args:
+        task: the bundle's task. outputs: the bundle's output specs (`bundle.outputs`).
+    """
+    if task != "classification":
+        return "mse"
+    shape = tuple(outputs[0].shape) if outputs else ()
+    return "bce" if len(shape) in (1, 2) and shape[1:] in ((), (1,)) else "cross-entropy"

@@ -12,7 +12,8 @@ from edgelearn.backends import make_backend
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import InputError
-from edgelearn.losses import accuracy, default_loss, get_loss
+from edgelearn.inputs import Inputs, feeds
+from edgelearn.losses import default_loss, get_accuracy, get_loss
 
 
 class Model:
@@ -42,8 +43,9 @@ class Model:
     ) -> None:
         self.bundle = bundle
         self.store = bundle.load_store(trainable=trainable, weights=weights)
-        self._single = len(bundle.inputs) == 1
         self.input_name = bundle.inputs[0].name
+        # inputs whose batch dimension is fixed at 1: a larger batch runs one example at a time
+        self._batch1 = {s.name for s in bundle.inputs if s.shape and s.shape[0] == 1}
         self.output_name = bundle.outputs[0].name
         opts: dict[str, Any] = {"threads": threads}
         if providers:
@@ -52,26 +54,42 @@ class Model:
         self.backend = make_backend(backend, bundle, **opts)
         self.backend.bind(self.store)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """First model output for input batch `x` (float32, model input layout)."""
-        if not self._single:
-            raise InputError("predict() needs a single-input model; call backend.forward()")
-        return self.backend.forward({self.input_name: x})[self.output_name]
+    def predict(self, x: Inputs) -> np.ndarray:
+        """First model output for input batch `x`.
 
-    def check_data(self, data: Dataset) -> None:
-        """Raise InputError if `data` does not fit the model (input shape, label range)."""
-        spec = self.bundle.inputs[0]
-        probe = data.x[:1]
-        spec.check(probe)
-        if self.bundle.task == "classification":
-            n_cls = self.bundle.outputs[0].shape[-1]
-            if isinstance(n_cls, int) and int(data.y.max()) >= n_cls:
-                raise InputError(
-                    f"labels go up to {int(data.y.max())} but the model has {n_cls} classes"
-                )
-            if data.y.dtype.kind in "iu" and data.y.size and int(data.y.min()) < 0:
-                # numpy would wrap a negative class index around to the last classes
-                raise InputError(f"labels must be >= 0, got {int(data.y.min())}")
+        Args:
+            x: the input [batch, ...] of a single-input model, or a dict input name -> array
+                (`edgelearn.inputs`: integer inputs stay integers, floats become the declared
+                float type). A model whose batch is fixed at 1 runs a batch one example at a
+                time (outputs concatenated).
+        """
+        feed = feeds(self.bundle.inputs, x)
+        n = next((len(feed[k]) for k in self._batch1), 1)
+        if n <= 1:
+            return self.backend.forward(feed)[self.output_name]
+        outs = [self.backend.forward({k: v[i : i + 1] if k in self._batch1 else v
+                                      for k, v in feed.items()})[self.output_name]
+                for i in range(n)]
+        return np.concatenate(outs)
+
+    def check_data(self, data: Dataset, *, objective: str | None = None) -> None:
+        """Raise InputError if `data` does not fit the model (inputs, label range).
+
+        Args:
+            data: the examples. objective: the loss they train / score (None: the default).
+        """
+        self.bundle.check_inputs(feeds(self.bundle.inputs, next(data.batches(1))[0]))
+        if self.bundle.task != "classification":
+            return
+        objective = objective or default_loss(self.bundle.task, self.bundle.outputs)
+        if data.y.dtype.kind in "iu" and data.y.size and int(data.y.min()) < 0:
+            # numpy would wrap a negative class index around to the last classes
+            raise InputError(f"labels must be >= 0, got {int(data.y.min())}")
+        n_cls = 2 if objective == "bce" else self.bundle.outputs[0].shape[-1]
+        if isinstance(n_cls, int) and int(data.y.max()) >= n_cls:
+            raise InputError(
+                f"labels go up to {int(data.y.max())} but the model has {n_cls} classes"
+                + (" (bce: labels 0 / 1)" if objective == "bce" else ""))
 
     def evaluate(
         self, data: Dataset, *, batch_size: int = 256, objective: str | None = None
@@ -84,15 +102,16 @@ class Model:
             objective: loss name (default from the bundle task).
         Returns: {"loss", "accuracy" (classification only), "n"}.
         """
-        self.check_data(data)
-        loss_fn = get_loss(objective or default_loss(self.bundle.task))
+        objective = objective or default_loss(self.bundle.task, self.bundle.outputs)
+        self.check_data(data, objective=objective)
+        loss_fn, accuracy = get_loss(objective), get_accuracy(objective)
         total_loss, total_acc, n = 0.0, 0.0, 0
         for xb, yb in data.batches(batch_size):
             out = self.predict(xb)
-            total_loss += loss_fn(out, yb) * len(xb)
+            total_loss += loss_fn(out, yb) * len(yb)
             if self.bundle.task == "classification":
-                total_acc += accuracy(out, yb) * len(xb)
-            n += len(xb)
+                total_acc += accuracy(out, yb) * len(yb)
+            n += len(yb)
         res: dict[str, Any] = {"loss": total_loss / n, "n": n}
         if self.bundle.task == "classification":
             res["accuracy"] = total_acc / n

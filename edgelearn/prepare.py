@@ -23,6 +23,7 @@ onnx and onnxruntime are imported lazily: `import edgelearn.prepare` costs only 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 import shutil
@@ -472,46 +473,55 @@ def parse_new_head(text: str) -> tuple[str, int]:
     return name, k
 
 
-def _add_head(onnx: Any, model: Any, output: str, classes: int, seed: int,
+@dataclass(frozen=True)
+class HeadSpec:
+    """A new head: on `output`, `classes` logits, pooled by `pool` (`edgelearn.heads.POOLS`)
+    with the attention-mask input `mask` for "masked-mean"."""
+
+    output: str
+    classes: int
+    pool: str = "mean"
+    mask: str | None = None
+    additive: bool = False  # the mask is added to attention scores (0 = token), not 0/1
+
+
+def _add_head(onnx: Any, model: Any, head: HeadSpec, feat: int | None, seed: int,
               taken: set[str]) -> dict[str, np.ndarray]:
-    """Append mean-pool (over middle axes) + Gemm: `logits = pool(output) @ W.T + b`.
+    """Append pooling (mean over middle axes, or masked) + Gemm: `logits = pool(out) @ W.T + b`.
 
     Returns the head parameters: head.weight [classes, D] ~ U(-1/sqrt(D), 1/sqrt(D)) from
     `seed` (torch's nn.Linear bound), head.bias zeros.
     """
     from onnx import helper
 
+    from edgelearn.heads import pool_nodes
+
+    output, classes = head.output, head.classes
     outs = {o.name: o for o in model.graph.output}
     if output not in outs:
         raise InputError(f"--new-head: {output!r} is not a model output (outputs: "
                          f"{', '.join(outs)})")
     dims = outs[output].type.tensor_type.shape.dim
     rank = len(dims)
-    if rank < 2 or not dims[-1].dim_value:
-        raise InputError(f"--new-head: output {output!r} needs rank >= 2 and a fixed last "
-                         "dimension (the feature size)")
+    if rank < 2 or not feat:
+        raise InputError(f"--new-head: output {output!r} needs rank >= 2 and a known last "
+                         "dimension (the feature size; not found by shape inference either)")
+    if head.pool == "masked-mean" and rank != 3:
+        raise InputError(f"--pool masked-mean needs a sequence output [batch, tokens, dim]; "
+                         f"{output!r} has rank {rank}")
     out_name = HEAD_OUTPUT if HEAD_OUTPUT not in taken else "head.logits"
     clash = {"head.weight", "head.bias", out_name, "head.pooled"} & taken
     if clash:
         raise InputError(f"--new-head: names {sorted(clash)} are already used by the model")
-    feat = int(dims[-1].dim_value)
     elem = outs[output].type.tensor_type.elem_type
     if elem != onnx.TensorProto.FLOAT:
         raise InputError(f"--new-head: output {output!r} is not float32")
     src = output
     nodes = []
     if rank > 2:
-        axes = list(range(1, rank - 1))
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        if opset >= 18:
-            model.graph.initializer.append(
-                onnx.numpy_helper.from_array(np.array(axes, np.int64), "head.pool_axes"))
-            nodes.append(helper.make_node("ReduceMean", [output, "head.pool_axes"],
-                                          ["head.pooled"], keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceMean", [output], ["head.pooled"], axes=axes,
-                                          keepdims=0))
-        src = "head.pooled"
+        nodes, src = pool_nodes(onnx, model, output, rank, head.pool, head.mask, opset,
+                                additive=head.additive)
     nodes.append(helper.make_node("Gemm", [src, "head.weight", "head.bias"], [out_name],
                                   transB=1))
     model.graph.node.extend(nodes)
@@ -562,13 +572,14 @@ def load_example(path: str | os.PathLike, specs: Sequence[dict[str, Any]]) -> di
     return feeds
 
 
-def _run(ort: Any, src: Any, feeds: Mapping[str, np.ndarray], what: str) -> dict[str, Any]:
+def _run(ort: Any, src: Any, feeds: Mapping[str, np.ndarray], what: str, *,
+         log_level: int = 3) -> dict[str, Any]:
     def first(e: Exception) -> str:
         text = str(e).strip()
         return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = log_level
     try:
         sess = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types
@@ -592,10 +603,12 @@ def _bundle_outputs(path: Path, feeds: Mapping[str, np.ndarray], live: str | Non
     return be.forward(dict(feeds))
 
 
-def _pool_head(x: np.ndarray, head: Mapping[str, np.ndarray]) -> np.ndarray:
-    pooled = x.astype(np.float64)
-    if pooled.ndim > 2:
-        pooled = pooled.mean(axis=tuple(range(1, pooled.ndim - 1)))
+def _pool_head(x: np.ndarray, head: Mapping[str, np.ndarray], spec: HeadSpec,
+               feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    from edgelearn.heads import pool_reference
+
+    pooled = pool_reference(x, spec.pool, feeds.get(spec.mask) if spec.mask else None,
+                            additive=spec.additive)
     return pooled @ head["head.weight"].T.astype(np.float64) + head["head.bias"]
 
 
@@ -621,7 +634,8 @@ class _Prepared:
         in_specs / out_specs: the bundle's input / output tensor specs.
         feeds / ref: the parity example and the original model's outputs on it (through the
             numpy head when one is added).
-        head: (output, classes) of the new head, or None.
+        head: the new head, or None.
+        batch: what was done to a batch dimension fixed at 1 (None: it was not).
     """
 
     model: Any
@@ -632,13 +646,14 @@ class _Prepared:
     out_specs: list[dict[str, Any]]
     feeds: dict[str, np.ndarray]
     ref: dict[str, np.ndarray]
-    head: tuple[str, int] | None
+    head: HeadSpec | None
+    batch: str | None = None
 
 
-def _rewrite(onnx: Any, ort: Any, model_path: Path, head: tuple[str, int] | None, seed: int,
+def _rewrite(onnx: Any, ort: Any, model_path: Path, head: HeadSpec | None, seed: int,
              example: Mapping[str, np.ndarray] | str | os.PathLike | None) -> _Prepared:
     """Load the source model, run it on the example, lift its weights, add the head."""
-    model = load_onnx(model_path)
+    model, batch_note = _unpinned(onnx, ort, load_onnx(model_path), seed)
     original = model.SerializeToString()
     cands = find_weights(model)
     lift = [c for c in cands if c.liftable]
@@ -651,17 +666,43 @@ def _rewrite(onnx: Any, ort: Any, model_path: Path, head: tuple[str, int] | None
     ref = _run(ort, original, feeds, f"the original {model_path.name}")
     values = _lift(onnx, model, lift, _const_values(onnx, model))
     if head is not None:
+        from edgelearn.heads import feature_dim, mask_is_additive
+
+        if head.mask is not None and head.mask not in {s["name"] for s in in_specs}:
+            raise InputError(f"--mask {head.mask!r} is not a model input (inputs: "
+                             f"{', '.join(s['name'] for s in in_specs)})")
+        if head.mask is not None and mask_is_additive(model, head.mask):
+            head = dataclasses.replace(head, additive=True)
         taken = set(_definitions(model)) | {i.name for i in model.graph.input}
-        head_values = _add_head(onnx, model, head[0], head[1], seed, taken)
+        feat = feature_dim(onnx, onnx.load_from_string(original), head.output, ref) \
+            if head.output in ref else None
+        head_values = _add_head(onnx, model, head, feat, seed, taken)
         out_specs = _io_specs(onnx, model.graph.output, "output")
-        ref = {out_specs[0]["name"]: _pool_head(ref[head[0]], head_values)}
+        ref = {out_specs[0]["name"]: _pool_head(ref[head.output], head_values, head, feeds)}
         values.update(head_values)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # a rewrite bug, not user input, but say what happened
         raise ModelError(f"prepared graph fails the ONNX checker ({e})") from None
     return _Prepared(model, values, {c.bundle_name: c for c in lift}, cands, in_specs,
-                     out_specs, feeds, ref, head)
+                     out_specs, feeds, ref, head, batch_note)
+
+
+def _unpinned(onnx: Any, ort: Any, model: Any, seed: int) -> tuple[Any, str | None]:
+    """`heads.unpin_batch` with prepare's runner, example inputs and parity tolerances."""
+    from edgelearn.heads import unpin_batch
+
+    def make_feeds(m: Any, batch: int) -> dict[str, np.ndarray]:
+        inits = {t.name for t in m.graph.initializer}
+        specs = _io_specs(onnx, [i for i in m.graph.input if i.name not in inits], "input")
+        return example_inputs(specs, seed, batch=batch)
+
+    def agree(got: dict, ref: dict) -> bool:
+        return compare(got, ref, atol=ATOL, rtol=RTOL, where="batch").ok
+
+    return unpin_batch(onnx, model, lambda src, feeds: _run(ort, src, feeds, "the model",
+                                                           log_level=4),
+                       make_feeds, agree)
 
 
 def _choose_trainable(p: _Prepared, trainable: str | Sequence[str] | None
@@ -702,8 +743,12 @@ def _prepared_manifest(tmp: Path, p: _Prepared, specs: Sequence[ParamSpec], task
         files=writer.file_entries(tmp, {"weights": writer.WEIGHTS, "onnx": "model.onnx"}),
         exporter={**_versions(), "source": source})
     if p.head is not None:
-        manifest["head"] = {"on": p.head[0], "classes": p.head[1], "seed": seed,
-                            "pool": "mean over middle axes"}
+        manifest["head"] = {"on": p.head.output, "classes": p.head.classes, "seed": seed,
+                            "pool": "mean over middle axes" if p.head.pool == "mean" else
+                            f"mean over tokens where {p.head.mask} "
+                            + ("> -1 (additive mask)" if p.head.additive else "!= 0")}
+    if p.batch is not None:
+        manifest["batch"] = p.batch
     writer.write_manifest(tmp, manifest)
     return manifest
 
@@ -785,6 +830,8 @@ def prepare_onnx(
     atol: float = ATOL,
     rtol: float = RTOL,
     overwrite: bool = False,
+    pool: str = "mean",
+    mask: str | None = None,
 ) -> dict[str, Any]:
     """Turn an inference ONNX model into a bundle; returns the `prepare --json` summary.
 
@@ -806,6 +853,11 @@ def prepare_onnx(
         atol / rtol: per output, |original - bundle| <= atol + rtol * max|original| on the
             example (`edgelearn.parity`).
         overwrite: replace an existing bundle directory.
+        pool: how the new head pools a sequence output: "mean" (every position) or
+            "masked-mean" (positions where the input `mask` is non-zero: padding excluded).
+        mask: the attention-mask input, with pool="masked-mean".
+    A model whose batch dimension is fixed at 1 gets a symbolic batch where the graph allows
+    (checked against the original run one example at a time; `edgelearn.heads`).
     """
     check_tolerances(atol, rtol)
     onnx = _import_onnx()
@@ -815,7 +867,7 @@ def prepare_onnx(
     task = task or "classification"
     if task not in TASKS:
         raise InputError(f"task must be one of {TASKS}, not {task!r}")
-    head = parse_new_head(new_head) if isinstance(new_head, str) else new_head
+    head = _head_spec(new_head, pool, mask)
     p = _rewrite(onnx, ort, model_path, head, seed, example)
     chosen, frozen_quant = _choose_trainable(p, trainable)
     specs = [ParamSpec(n, tuple(v.shape), str(v.dtype), n in chosen) for n, v in p.values.items()]
@@ -837,7 +889,25 @@ def prepare_onnx(
         "outputs": p.out_specs,
         "formats": ["onnx"],
         "parity_max_abs_err": err,
+        "batch": p.batch,
     }
+
+
+def _head_spec(new_head: str | tuple[str, int] | None, pool: str, mask: str | None
+               ) -> HeadSpec | None:
+    """The head asked for by --new-head / --pool / --mask (InputError for a wrong mix)."""
+    from edgelearn.heads import POOLS
+
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if (pool == "masked-mean") != (mask is not None):
+        raise InputError("--pool masked-mean and --mask INPUT go together")
+    if new_head is None:
+        if mask is not None or pool != "mean":
+            raise InputError("--pool / --mask shape a new head: pass --new-head too")
+        return None
+    output, classes = parse_new_head(new_head) if isinstance(new_head, str) else new_head
+    return HeadSpec(output, classes, pool, mask)
 
 
 def _example_feeds(example: Mapping[str, np.ndarray] | str | os.PathLike | None,

@@ -55,12 +55,21 @@ def mlp_onnx(path: Path, *, seed: int = 0, hidden: int = 32, classes: int = 10,
     return path
 
 
-def embedder_onnx(path: Path, *, seed: int = 0, tokens: int = 4, dim: int = 16) -> Path:
-    """An "embedding model" [batch, 64] -> token embeddings [batch, tokens, dim] (tanh)."""
+def embedder_onnx(path: Path, *, seed: int = 0, tokens: int = 4, dim: int = 16,
+                  int_inputs: bool = False, vocab: int = 12) -> Path:
+    """An "embedding model" [batch, 64] -> token embeddings [batch, tokens, dim] (tanh).
+
+    With `int_inputs`, a text encoder as exported from transformers: inputs `input_ids`
+    int64 [batch, seq] and `attention_mask` int64 [batch, seq]; outputs `tokens` [batch, seq,
+    <hidden>] and `pooled` [batch, <hidden>] (mean over every position, padding included),
+    both with a symbolic feature dimension, as real exports declare them.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
+    if int_inputs:
+        return _text_encoder(path, rng, dim, vocab)
     w = (rng.standard_normal((64, tokens * dim)) * 0.3).astype(np.float32)
     inits = [numpy_helper.from_array(w, "proj.weight"),
              numpy_helper.from_array(np.array([0, tokens, dim], np.int64), "shape")]
@@ -70,6 +79,101 @@ def embedder_onnx(path: Path, *, seed: int = 0, tokens: int = 4, dim: int = 16) 
     graph = helper.make_graph(
         nodes, "embedder", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
         [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["N", tokens, dim])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _text_encoder(path: Path, rng: np.random.Generator, dim: int, vocab: int) -> Path:
+    """Gather(embedding, ids) -> MatMul -> tanh, scaled by a mask-dependent gate."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = rng.standard_normal((vocab, dim)).astype(np.float32)
+    w = (rng.standard_normal((dim, dim)) * 0.4).astype(np.float32)
+    inits = [numpy_helper.from_array(emb, "embeddings.weight"),
+             numpy_helper.from_array(w, "layer.weight"),
+             numpy_helper.from_array(np.array([1], np.int64), "seq_axis")]
+    nodes = [helper.make_node("Gather", ["embeddings.weight", "input_ids"], ["e"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "two"], ["m3"]),
+             helper.make_node("Mul", ["e", "m3"], ["em"]),  # attention would ignore padding
+             helper.make_node("Add", ["em", "e"], ["e2"]),  # ... but its outputs are not 0
+             helper.make_node("MatMul", ["e2", "layer.weight"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["tokens"]),
+             helper.make_node("ReduceMean", ["tokens", "seq_axis"], ["pooled"], keepdims=0)]
+    inits.append(numpy_helper.from_array(np.array([2], np.int64), "two"))
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+           for n in ("input_ids", "attention_mask")]
+    outs = [helper.make_tensor_value_info("tokens", TensorProto.FLOAT,
+                                          ["batch", "sequence", "hidden"]),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", "hidden"])]
+    graph = helper.make_graph(nodes, "text_encoder", ins, outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def sigmoid_head_onnx(path: Path, *, seed: int = 0, frames: int = 16, features: int = 8,
+                      pin: str = "reshape") -> Path:
+    """A wake-word-style head as shipped: input [1, frames, features] fixed at batch 1,
+    Flatten by a Reshape constant [1, frames*features], Gemm -> one sigmoid probability [1, 1].
+
+    `pin="reshape"` pins the batch with a Reshape constant edgelearn can rewrite;
+    `pin="stuck"` flattens with Flatten(axis=0) instead (everything into one row: no rewrite
+    possible, the model runs one example at a time).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    n = frames * features
+    inits = [numpy_helper.from_array((rng.standard_normal((n, 8)) * 0.2).astype(np.float32),
+                                     "dense.weight"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "dense.bias"),
+             numpy_helper.from_array((rng.standard_normal((8, 1)) * 0.2).astype(np.float32),
+                                     "out.weight"),
+             numpy_helper.from_array(np.zeros(1, np.float32), "out.bias"),
+             numpy_helper.from_array(np.array([1, n], np.int64), "flat_shape")]
+    flat = helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]) if pin == "reshape" \
+        else helper.make_node("Flatten", ["x"], ["flat"], axis=0)
+    nodes = [flat,
+             helper.make_node("Gemm", ["flat", "dense.weight", "dense.bias"], ["d"]),
+             helper.make_node("Relu", ["d"], ["r"]),
+             helper.make_node("Gemm", ["r", "out.weight", "out.bias"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["prob"])]
+    graph = helper.make_graph(
+        nodes, "wakeword",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, frames, features])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def stateful_onnx(path: Path, *, seed: int = 0, features: int = 8, state: int = 4) -> Path:
+    """A recurrent cell's step: inputs x [batch, features] and state h [batch, state] ->
+    logits [batch, 2] = Gemm(concat(x, tanh(h)))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((2, features + state)) * 0.3).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "cell.weight"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "cell.bias")]
+    nodes = [helper.make_node("Tanh", ["h"], ["th"]),
+             helper.make_node("Concat", ["x", "th"], ["xh"], axis=1),
+             helper.make_node("Gemm", ["xh", "cell.weight", "cell.bias"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "cell", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+                        helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", state])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -17,7 +17,7 @@ step record always has durable samples; samples of a step that never reached the
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ import numpy as np
 from edgelearn.bundle import Bundle
 from edgelearn.data import Dataset, data_sha256
 from edgelearn.errors import InputError
+from edgelearn.inputs import Inputs, convert, feeds, has_batch_axis
 from edgelearn.journal import Journal, iter_journal
 
-Batch = tuple[np.ndarray, np.ndarray]
+Batch = tuple[Inputs, np.ndarray]
 #: step -> the batch it was fed (None where a replay has no way to know)
 BatchSource = Callable[[int], Batch]
 
@@ -66,35 +67,57 @@ def as_batch(bundle: Bundle, x: Any, y: Any) -> Batch:
     for classifiers, float32 targets otherwise); a single sample gets a batch axis.
 
     Args:
-        x: model input [*input_shape] (one sample) or [n, *input_shape].
+        x: model input [*input_shape] (one sample) or [n, *input_shape]; for a model with
+            several inputs a dict input name -> array (`edgelearn.inputs`).
         y: its label / target (scalar or [n, ...]).
     """
-    x = np.asarray(x)
-    if x.dtype.kind not in "biuf":
-        raise InputError(f"x must hold numbers, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    specs = bundle.inputs
+    if isinstance(x, Mapping):
+        x = feeds(specs, x)
+        lead = next((s for s in specs if has_batch_axis(s)), specs[0])
+        if x[lead.name].ndim == len(lead.shape) - 1:  # one sample: a batch of one
+            x = {s.name: x[s.name][None] if has_batch_axis(s) else x[s.name] for s in specs}
+            y = np.asarray(y)[None]
+        n = len(x[lead.name])
+    else:
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InputError(f"x must hold numbers, got dtype {x.dtype}")
+        x = np.ascontiguousarray(convert(specs[0], x, "x")) if np.dtype(specs[0].dtype).kind \
+            in "iub" else np.ascontiguousarray(x, dtype=np.float32)
+        y = np.asarray(y)
+        if x.ndim == len(specs[0].shape) - 1:  # one sample: a batch of one
+            x, y = x[None], y[None]
+        n = len(x)
     y = np.asarray(y)
-    if x.ndim == len(bundle.inputs[0].shape) - 1:  # one sample: a batch of one
-        x, y = x[None], y[None]
     if bundle.task == "classification":
         if y.dtype.kind not in "iu":
             raise InputError(f"y must be integer class labels, got {y.dtype}")
         y = np.ascontiguousarray(y, dtype=np.int64).reshape(-1)
     else:
         y = np.ascontiguousarray(y, dtype=np.float32)
-    if len(y) != len(x):
-        raise InputError(f"x has {len(x)} examples but y has {len(y)}")
-    if not (np.isfinite(x).all() and (y.dtype.kind != "f" or np.isfinite(y).all())):
+    if len(y) != n:
+        raise InputError(f"x has {n} examples but y has {len(y)}")
+    arrays = list(x.values()) if isinstance(x, dict) else [x]
+    if not all(np.isfinite(a).all() for a in [*arrays, y] if a.dtype.kind == "f"):
         raise InputError("the batch contains NaN or inf")
     return x, y
 
 
-def _encode(a: np.ndarray) -> dict[str, Any]:
+def _encode(a: Inputs) -> dict[str, Any]:
+    if isinstance(a, Mapping):  # a multi-input batch: {"inputs": {name: array}}
+        return {"inputs": {k: _encode(v) for k, v in a.items()}}
     return {"dtype": a.dtype.str, "shape": list(a.shape),
             "b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")}
 
 
-def _decode(d: Any, where: str) -> np.ndarray:
+def _decode(d: Any, where: str) -> Inputs:
+    if isinstance(d, dict) and isinstance(d.get("inputs"), dict):
+        return {str(k): _decode_array(v, where) for k, v in d["inputs"].items()}
+    return _decode_array(d, where)
+
+
+def _decode_array(d: Any, where: str) -> np.ndarray:
     try:
         dtype = np.dtype(d["dtype"])
         if dtype.kind not in "biuf":
@@ -122,7 +145,7 @@ class SampleLog:
         if keep < len(self.journal):
             self.journal.truncate_to(keep)
 
-    def append(self, step: int, x: np.ndarray, y: np.ndarray) -> None:
+    def append(self, step: int, x: Inputs, y: np.ndarray) -> None:
         """Record the batch of `step`."""
         self.journal.append({"step": step, "x": _encode(x), "y": _encode(y)})
 

@@ -97,7 +97,8 @@ class Session:
                            threads=self.runtime.threads, providers=self.runtime.providers,
                            backend_options=self.runtime.backend_options)
         self.optimizer = self.config.make_optimizer()
-        self.objective = self.config.objective or default_loss(self.bundle.task)
+        self.objective = self.config.objective or default_loss(self.bundle.task,
+                                                                   self.bundle.outputs)
         self.timers = Timers()
         self.evaluator: StepEvaluator = make_evaluator(
             self.bundle, self.model.store, self.optimizer, backend=self.runtime.backend,
@@ -161,7 +162,7 @@ class Session:
             the weights are written.
         """
         x, y = as_batch(self.bundle, *batch)
-        self.model.check_data(Dataset(x, y))
+        self.model.check_data(Dataset(x, y), objective=self.objective)
         self.evaluator.check_targets(y)
         self._check_live_batch(len(x))
         loop = self._open(live_header(), None, steps=None)
@@ -185,7 +186,7 @@ class Session:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise InputError(f"steps must be an integer >= 0, got {steps!r}")
-        self.model.check_data(data)
+        self.model.check_data(data, objective=self.objective)
         self.evaluator.check_targets(data.y)
         plan = self._memory_plan(len(data), self.config.batch_size)
         batch_size = self.config.batch_size if plan is None else plan["batch_size"]
