@@ -39,12 +39,13 @@ SCHEDULES = ("constant", "cosine", "linear")
 class FZOOOptions(OptimizerOptions):
     """Options of fzoo (the update rule is in the module docstring)."""
 
-    lr: float = field(default=0.05, metadata=meta(
+    # defaults tuned on the demo's head at a 3000-forward budget (benchmarks/bench_zo_methods.py)
+    lr: float = field(default=0.1, metadata=meta(
         "learning rate (base value of the schedule; the step is normalised by the spread of "
         "the probe losses)", cli="--lr"))
     eps: float = field(default=1e-3, metadata=meta(
         "perturbation scale (units of the weights)", cli="--eps"))
-    probes: int = field(default=4, metadata=meta(
+    probes: int = field(default=8, metadata=meta(
         "one-sided probes per step (K >= 2); a step costs K + 1 forwards, one runtime call "
         "with a population graph", cli="--probes"))
     noise: str = field(default="rademacher", metadata=meta(
