@@ -86,3 +86,20 @@ def test_population_graph_run_replays_bit_exactly(tmp_path) -> None:
     store, steps = replay_journal(bundle, res["journal"])
     assert steps == 40
     assert store.digest() == res["sha256"]
+
+
+def test_without_a_population_graph_the_same_step_runs_as_single_forwards(tmp_path) -> None:
+    """population=False: K + 1 plain forwards per step, the same losses (this CPU: bit-equal;
+    asserted scale-aware since another CPU's batched kernels may round differently)."""
+    bundle, data, _ = demo()
+    kw = {"steps": 15, "seed": 1, "optimizer": "fzoo", "trainable": "head.*", "batch_size": 32}
+    a = train(bundle, data, tmp_path / "pop", **kw)
+    b = train(bundle, data, tmp_path / "single", population=False, **kw)
+    assert a["population_graph"]
+    assert not b["population_graph"]
+    assert b["population_call_ms_median"] is None
+    assert b["forward_ms_median"] is not None
+    ra, rb = ([r for r in read_journal(res["journal"])[0] if "evals" in r] for res in (a, b))
+    assert [len(r["evals"]) for r in rb] == [9] * 15
+    for p, q in zip(ra, rb, strict=True):
+        assert_close(q["evals"], p["evals"])
