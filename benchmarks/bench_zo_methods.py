@@ -5,8 +5,9 @@ Usage:
     python benchmarks/bench_zo_methods.py --quick     # 600 forwards, one seed
 
 The demo's task (`edgelearn demo`): the shipped MLP's head (650 weights) personalized on the
-new user's digits (batch 32, onnxruntime), scored on the user's held-out digits every ~50
-forwards. Every method gets the same forward budget (a population of K candidates counts K).
+new user's digits (--batch-size examples per forward, default 256 as in `edgelearn train`;
+onnxruntime), scored on the user's held-out digits every ~50 forwards. Every method gets the
+same forward budget (a population of K candidates counts K).
 The target is plain zo-sgd's final accuracy (its demo settings lr 0.01, eps 1e-3, one probe,
 mean over the seeds); for each method the table gives the forwards at which its held-out
 accuracy first reaches that target (mean over seeds; a seed that never does counts as the
@@ -53,8 +54,8 @@ def per_step(name: str, options: dict[str, Any]) -> int:
     return k + 1 if name == "fzoo" else 2 * k
 
 
-def history(name: str, options: dict[str, Any], budget: int, seed: int,
-            out: Path) -> tuple[list[tuple[int, float]], float]:
+def history(name: str, options: dict[str, Any], budget: int, seed: int, out: Path,
+            batch_size: int = 256) -> tuple[list[tuple[int, float]], float]:
     """(forwards, held-out accuracy) along one run of `budget` forwards; its seconds."""
     fwd = per_step(name, options)
     steps = budget // fwd
@@ -62,7 +63,7 @@ def history(name: str, options: dict[str, Any], budget: int, seed: int,
         options = {**options, "total_steps": steps}  # the schedule spans the run
     tr, te, _ = demo_data(0)
     config = el.TrainConfig(optimizer=name, options=options, trainable="head.*",
-                            batch_size=32, seed=seed, fsync_every=10_000)
+                            batch_size=batch_size, seed=seed, fsync_every=10_000)
     runtime = el.RuntimeConfig(backend="onnxruntime", threads=1, device=None)
     metrics = el.RunMetrics(te, eval_every=max(1, 50 // fwd))
     t0 = time.perf_counter()
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 forwards, one seed")
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (0 1 2)")
+    ap.add_argument("--batch-size", type=int, default=256,
+                    help="examples per forward (256: edgelearn train's default)")
     args = ap.parse_args()
     budget = args.budget or (600 if args.quick else 3000)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -98,12 +101,14 @@ def main() -> None:
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, (name, options, _) in METHODS.items():
-            got = [history(name, options, budget, s, Path(tmp) / f"{label}-{s}")
+            got = [history(name, options, budget, s, Path(tmp) / f"{label}-{s}",
+                           args.batch_size)
                    for s in seeds]
             runs[label] = [h for h, _ in got]
             seconds[label] = sum(t for _, t in got)
     target = statistics.mean(h[-1][1] for h in runs["zo-sgd"])
     res = {"budget_forwards": budget, "seeds": seeds, "target_accuracy": target,
+           "batch_size": args.batch_size,
            "methods": {}}
     sys.stderr.write(f"target = zo-sgd final accuracy after {budget} forwards "
                      f"(mean of {len(seeds)} seeds): {target:.3f}\n")
