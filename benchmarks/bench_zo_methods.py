@@ -5,13 +5,14 @@ Usage:
     python benchmarks/bench_zo_methods.py --quick     # 600 forwards, one seed
 
 The demo's task (`edgelearn demo`): the shipped MLP's head (650 weights) personalized on the
-new user's digits (--batch-size examples per forward, default 256 as in `edgelearn train`;
-onnxruntime), scored on the user's held-out digits every ~50 forwards. Every method gets the
-same forward budget (a population of K candidates counts K).
-The target is plain zo-sgd's final accuracy (its demo settings lr 0.01, eps 1e-3, one probe,
-mean over the seeds); for each method the table gives the forwards at which its held-out
-accuracy first reaches that target (mean over seeds; a seed that never does counts as the
-budget and is flagged) and the ratio to zo-sgd's budget, and its final accuracy.
+new user's digits (--batch-size examples per forward, default 32 as in the demo and
+`edgelearn train`; onnxruntime), scored on the user's held-out digits every ~50 forwards.
+Every method gets the same forward budget (a population of K candidates counts K). The
+target is plain zo-sgd's final accuracy (the demo's lr 0.01 and eps 1e-3, one probe, mean over
+the seeds; the demo's own zo-sgd recipe, 1500 steps of 4 probes, spends 12000 forwards). For
+each method the table gives the forwards at which its held-out accuracy first reaches that
+target (mean over seeds; a seed that never does counts as the budget and is flagged), the
+ratio to zo-sgd's budget, and its final accuracy.
 Prints a table on stderr and ONE JSON object on stdout; never asserts.
 """
 
@@ -55,7 +56,7 @@ def per_step(name: str, options: dict[str, Any]) -> int:
 
 
 def history(name: str, options: dict[str, Any], budget: int, seed: int, out: Path,
-            batch_size: int = 256) -> tuple[list[tuple[int, float]], float]:
+            batch_size: int = 32) -> tuple[list[tuple[int, float]], float]:
     """(forwards, held-out accuracy) along one run of `budget` forwards; its seconds."""
     fwd = per_step(name, options)
     steps = budget // fwd
@@ -92,8 +93,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 forwards, one seed")
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (0 1 2)")
-    ap.add_argument("--batch-size", type=int, default=256,
-                    help="examples per forward (256: edgelearn train's default)")
+    ap.add_argument("--batch-size", type=int, default=32,
+                    help="examples per forward (32: the demo's and edgelearn train's default)")
     args = ap.parse_args()
     budget = args.budget or (600 if args.quick else 3000)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
