@@ -670,7 +670,7 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: zo-sgd 1e-3, zo-scale 0.02 of each scale, "
-                   "tpsgd 0.05)")
+                   "tpsgd 0.05, fzoo 0.1, adamezo 0.01)")
     g.add_argument("--trainable", default=None,
                    help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
                    "manifest's; zo-scale: '@scale', the quantization scales by role; "

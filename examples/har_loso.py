@@ -27,6 +27,7 @@ Split of a subject's data (`--split`):
       on the other.
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--quick] [--out runs/har]
+                                [--zo fzoo,adamezo]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
 accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
 of the table, one JSON object).
@@ -73,6 +74,17 @@ GRIDS = {
 QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-full": (1e-3,),
                "tpsgd": (1e-2,), "tpsgd-head": (1e-2,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
+#: opt-in ZO estimators (`--zo fzoo,adamezo`): methods "<optimizer>-head" and "<optimizer>-full"
+#: with these lr grids (first: head, second: all weights); other options are their defaults
+EXTRA_ZO = {"fzoo": ((0.03, 0.1, 0.3), (0.01, 0.03, 0.1)),
+            "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2))}
+EXTRA_PARTS = {"head": "head.*", "full": "*"}
+
+
+def extra_methods(names: list[str]) -> dict[str, tuple[str, str, tuple[float, ...]]]:
+    """method -> (optimizer, trainable globs, lr grid) of the `--zo` estimators."""
+    return {f"{n}-{part}": (n, globs, EXTRA_ZO[n][i]) for n in names
+            for i, (part, globs) in enumerate(EXTRA_PARTS.items())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +368,13 @@ def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, 
 
     bundle = el.load_bundle(fold_dir / "bundle")
     pers, held = el.load_data(fold_dir / "pers.npz"), el.load_data(fold_dir / "held.npz")
+    extra = extra_methods(list(EXTRA_ZO))
     if method in TPSGD_VARIANTS:
         optimizer, (trainable, hidden) = TPSGD, TPSGD_VARIANTS[method]
         options = {"lr": lr, **({"hidden_lr": lr * hidden} if hidden else {})}
+    elif method in extra:
+        optimizer, trainable, _ = extra[method]
+        options = {"lr": lr}
     else:
         optimizer, trainable = "zo-sgd", VARIANTS[method]
         options = {"lr": lr, **ZO_OPTIONS}
@@ -382,14 +398,16 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """For every fold: inner lr sweep per method, then the outer run with the chosen lr."""
     import edgelearn as el
 
-    grids = QUICK_GRIDS if args.quick else GRIDS
+    extra = extra_methods(args.zo)
+    grids = {**(QUICK_GRIDS if args.quick else GRIDS),
+             **{m: (g[1],) if args.quick else g for m, (_, _, g) in extra.items()}}
     runtime = el.RuntimeConfig(backend="onnxruntime", device=None)
     # tpSGD needs the bundle's layer-taps graph; the exporter says why when it has none.
     first = el.load_bundle(out / f"s{args.subjects[0]}" / "outer" / "bundle")
     tpsgd_why = None
     if "onnx_taps" not in first.files:
         tpsgd_why = first.manifest.get("taps_unsupported", "bundle exported without taps")
-    methods = [*VARIANTS, *(TPSGD_VARIANTS if tpsgd_why is None else [])]
+    methods = [*VARIANTS, *extra, *(TPSGD_VARIANTS if tpsgd_why is None else [])]
     res: dict[str, Any] = {"methods": methods, "tpsgd_available": tpsgd_why is None,
                            "tpsgd_unavailable_reason": tpsgd_why, "folds": {}}
     for s in args.subjects:
@@ -491,8 +509,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of the table")
+    p.add_argument("--zo", default="", help="comma-separated extra ZO optimizers to compare, "
+                   f"each on the head and on all weights: {', '.join(EXTRA_ZO)} (default: none)")
     p.add_argument("--device-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.zo = [z for z in args.zo.split(",") if z.strip()]
+    if not set(args.zo) <= set(EXTRA_ZO):
+        p.error(f"--zo must name optimizers among {', '.join(EXTRA_ZO)}")
     args.subjects = [int(s) for s in args.subjects.split(",") if s.strip()]
     if not args.subjects or not set(args.subjects) <= set(SUBJECTS):
         p.error(f"--subjects must name subjects among {SUBJECTS}")
@@ -512,7 +535,8 @@ def main() -> None:
     dv = run_device_half([
         sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
         ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
-        args.split, "--seed", str(args.seed), *(["--quick"] if args.quick else [])])
+        args.split, "--seed", str(args.seed), "--zo", ",".join(args.zo),
+        *(["--quick"] if args.quick else [])])
     res = summarize(h, dv, args)
     res["seconds"] = {"host": t1 - t0, "device": time.perf_counter() - t1}
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -151,11 +151,13 @@ def test_train_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str]
         for flag in options.cli_flags():
             assert f" {flag} " in text, flag
     for flag, default in (("--checkpoint-every CHECKPOINT_EVERY", "100"),
-                          ("--probes PROBES", "1"), ("--restore {auto,copy,drift}", "auto"),
+                          # fzoo's K probes are one population call: its own default
+                          ("--probes PROBES", "adamezo 1, fzoo 8, zo-scale 1, zo-sgd 1"),
+                          ("--restore {auto,copy,drift}", "auto"),
                           ("--target-scale TARGET_SCALE", "3.0"),
                           ("--diverge-patience DIVERGE_PATIENCE", "20"),
                           ("--batch-size BATCH_SIZE", "32"),
-                          ("--optimizer {polystep,tpsgd,zo-scale,zo-sgd}", "zo-sgd")):
+                          (f"--optimizer {{{','.join(el.optimizers())}}}", "zo-sgd")):
         rest = text.split(f" {flag} ", 1)[1]
         own_help = re.split(r" --[a-z-]+ (?:[A-Z_]{2,}|\{)", rest)[0]  # up to the next flag
         assert f"(default: {default})" in own_help, (flag, own_help)

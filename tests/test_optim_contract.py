@@ -42,6 +42,13 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
                  [({"rank": 12}, "rank"), ({"radius": 0.0}, "radius"),
                   ({"arena": "int4"}, "arena"), ({"eps_final": -1.0}, "eps_final"),
                   ({"total_steps": 0}, "total_steps")]),
+    "fzoo": ({"lr": 0.05, "eps": 1e-3, "probes": 3, "noise": "gaussian"},
+             [({"lr": -1.0}, "lr"), ({"eps": 0}, "eps"), ({"probes": 1}, "probes"),
+              ({"schedule": "linear"}, "total_steps"), ({"chunk": 12}, "chunk")]),
+    "adamezo": ({"lr": 0.01, "eps": 1e-3, "probes": 2, "noise": "gaussian"},
+                [({"lr": math.inf}, "lr"), ({"eps": -1.0}, "eps"), ({"probes": 0}, "probes"),
+                 ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
+                 ({"adam_eps": 0.0}, "adam_eps"), ({"schedule": "cosine"}, "total_steps")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),
@@ -49,7 +56,8 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
 LOSS_ONLY = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
 OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
            "polystep": {"radius": 0.1, "rank": 16},
-           "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2}}
+           "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2},
+           "adamezo": {"lr": 0.05}}
 
 
 # -- every optimizer: one problem that offers both a loss and layer taps ----------------------

@@ -245,3 +245,86 @@ def polystep_step(
         for name, a in acc.items():
             new[name] = params[name] + a.reshape(params[name].shape)
     return new, losses, dxs
+
+
+def _loss_with(model: nn.Module, params: Mapping[str, torch.Tensor],
+               delta: Mapping[str, torch.Tensor], inputs: torch.Tensor,
+               targets: torch.Tensor, loss_fn: LossFn) -> float:
+    """Loss of the model with `params` shifted by `delta` (names in delta only)."""
+    cand = dict(params)
+    for n, d in delta.items():
+        cand[n] = params[n] + d
+    return float(loss_fn(functional_call(model, cand, (inputs,)), targets))
+
+
+def fzoo_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    zs: list[Mapping[str, torch.Tensor]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    loss_fn: LossFn = cross_entropy,
+) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    """One FZOO step (Dang et al., ICLR 2026): one-sided probes, step / std of their losses.
+
+    Args:
+        zs: K >= 2 noise dicts (name -> float32 tensor) for the trainable parameters.
+        others as in `zo_sgd_step`.
+    Returns: (new params for the names in zs[0], g_k, [L_0, L_1..L_K]).
+    """
+    with torch.no_grad():
+        l0 = _loss_with(model, params, {}, inputs, targets, loss_fn)
+        losses = [_loss_with(model, params, {n: eps * zn for n, zn in z.items()}, inputs,
+                             targets, loss_fn) for z in zs]
+        sigma = float(torch.tensor(losses, dtype=torch.float64).std(unbiased=False))
+        k = len(zs)
+        gs = [(lk - l0) / (k * sigma) if sigma > 0 else 0.0 for lk in losses]
+        new = {n: params[n] - lr * sum(g * z[n] for g, z in zip(gs, zs, strict=True))
+               for n in zs[0]}
+    return new, gs, [l0, *losses]
+
+
+def adamezo_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    zs: list[Mapping[str, torch.Tensor]],
+    moments: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    update: int,
+    lr: float,
+    eps: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    adam_eps: float = 1e-8,
+    loss_fn: LossFn = cross_entropy,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]], list[float]]:
+    """One ZO-Adam step on the SPSA estimate (AdaMeZO, Cai et al. 2026; Adam's rule).
+
+    Args:
+        zs: q noise dicts; moments: name -> (m, v) before the step; update: Adam's step count
+            after this step (1 for the first).
+    Returns: (new params, new moments, [L+_1, L-_1, ...]).
+    """
+    with torch.no_grad():
+        losses, gs = [], []
+        for z in zs:
+            lp = _loss_with(model, params, {n: eps * zn for n, zn in z.items()}, inputs,
+                            targets, loss_fn)
+            lm = _loss_with(model, params, {n: -eps * zn for n, zn in z.items()}, inputs,
+                            targets, loss_fn)
+            losses += [lp, lm]
+            gs.append((lp - lm) / (2.0 * eps))
+        new, out = {}, {}
+        for n in zs[0]:
+            g = sum(gk * z[n] for gk, z in zip(gs, zs, strict=True)) / len(zs)
+            m = beta1 * moments[n][0] + (1 - beta1) * g
+            v = beta2 * moments[n][1] + (1 - beta2) * g * g
+            mhat, vhat = m / (1 - beta1 ** update), v / (1 - beta2 ** update)
+            new[n] = params[n] - lr * mhat / (vhat.sqrt() + adam_eps)
+            out[n] = (m, v)
+    return new, out, losses

@@ -1,0 +1,137 @@
+"""Probe arithmetic shared by the batched zeroth-order optimizers (fzoo, adamezo).
+
+A step of these optimizers keeps the unperturbed trainable slice in a copy, scores candidates
+theta + sum_k c_k z_k written from that copy (as one `Population` request), and writes the
+update from the copy again, so the weights after a step are exactly the update rule applied in
+float32 and replay repeats the same float operations. The noise z(seed, step, probe) is
+`edgelearn.rng`'s, as in zo-sgd (Malladi et al. 2023, MeZO: regenerated from its seed, never
+stored); Rademacher signs are drawn once per probe and step and expanded through a sign table.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import numpy as np
+
+from edgelearn.errors import InputError
+from edgelearn.optim.base import Population
+from edgelearn.params import ParamStore
+from edgelearn.rng import Noise, noise_chunks, rademacher_bytes, sign_table
+
+#: one term of a combination: (coefficient, noise key (run_seed, step, probe))
+Term = tuple[np.float32, tuple[int, int, int]]
+
+
+class ProbeArena:
+    """The trainable float32 slice of a store, its pre-step copy and the step's noise.
+
+    Args:
+        noise: a `Noise` generator (rademacher, gaussian or pool).
+        chunk: elements per noise chunk (results do not depend on it).
+        owner: optimizer name for error messages.
+    """
+
+    def __init__(self, noise: Noise, chunk: int, owner: str) -> None:
+        self.noise, self.chunk, self.owner = noise, chunk, owner
+        self.n: int | None = None
+        self.copy: np.ndarray | None = None
+        self._zbuf = np.empty(chunk, np.float32)
+        self._abuf = np.empty(chunk, np.float32)
+        self._signs: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def begin(self, store: ParamStore) -> np.ndarray:
+        """Start a step: the trainable fp32 slice (theta), copied into `self.copy`."""
+        theta = store.flat("float32")
+        if theta.size == 0:
+            raise InputError(f"{self.owner} needs trainable float32 parameters; none are "
+                             "selected")
+        if self.n is None:
+            self.n = theta.size
+            self.copy = np.empty_like(theta)
+        elif theta.size != self.n:
+            raise InputError(f"store has {theta.size} trainable elements, this optimizer "
+                             f"was set up for {self.n}")
+        assert self.copy is not None
+        np.copyto(self.copy, theta)
+        self._signs.clear()
+        return theta
+
+    def combine(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
+        """dst = src + sum_k coef_k z_k (float32, accumulated in term order, chunk by chunk).
+
+        Args:
+            dst, src: float32 [n] (may be the same array); terms: (coef, key) pairs, >= 1.
+        """
+        if self.noise.kind == "rademacher":
+            self._combine_signs(dst, src, terms)
+            return
+        z, acc = self._zbuf, self._abuf
+        for a, b in noise_chunks(dst.size, self.chunk):
+            zc, ac = z[: b - a], acc[: b - a]
+            for i, (coef, (seed, step, probe)) in enumerate(terms):
+                self.noise.fill(zc, run_seed=seed, step=step, probe=probe, start=a)
+                if i == 0:
+                    np.multiply(zc, coef, out=ac)
+                else:
+                    np.multiply(zc, coef, out=zc)
+                    np.add(ac, zc, out=ac)
+            np.add(src[a:b], ac, out=dst[a:b])
+
+    def _combine_signs(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
+        """Rademacher `combine`: coef * z gathered from a 256 x 8 table (exactly +-coef)."""
+        tables = [sign_table(coef) for coef, _ in terms]
+        packed = [self.signs(key, dst.size) for _, key in terms]
+        acc, tmp = self._abuf.reshape(-1, 8), self._zbuf.reshape(-1, 8)
+        for a, b in noise_chunks(dst.size, self.chunk):
+            ia, ib = a // 8, -(-b // 8)
+            k = ib - ia
+            np.take(tables[0], packed[0][ia:ib], axis=0, out=acc[:k])
+            for table, signs in zip(tables[1:], packed[1:], strict=True):
+                np.take(table, signs[ia:ib], axis=0, out=tmp[:k])
+                np.add(acc[:k], tmp[:k], out=acc[:k])
+            np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
+
+    def signs(self, key: tuple[int, int, int], n: int) -> np.ndarray:
+        """Packed Rademacher signs of probe `key` (drawn once per step)."""
+        if key not in self._signs:
+            self._signs[key] = rademacher_bytes(*key, n=n)
+        return self._signs[key]
+
+    def population(self, theta: np.ndarray, candidates: Sequence[Sequence[Term]]) -> Population:
+        """A `Population` whose candidate j is copy + sum of `candidates[j]` (no terms: the copy).
+
+        `place(j)` writes candidate j into theta; `fill` writes the very same values into rows.
+        """
+        copy = self.copy
+        assert copy is not None
+
+        def write(dst: np.ndarray, j: int) -> None:
+            if candidates[j]:
+                self.combine(dst, copy, candidates[j])
+            else:
+                np.copyto(dst, copy)
+
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            rows = out["float32"]
+            for j in range(lo, hi):
+                write(rows[j - lo], j)
+
+        return Population(len(candidates), lambda j: write(theta, j), fill)
+
+
+def encode_array(a: np.ndarray) -> str:
+    """A float32 array as base64 of its little-endian bytes (JSON-able optimizer state)."""
+    return base64.b64encode(np.ascontiguousarray(a, "<f4").tobytes()).decode("ascii")
+
+
+def decode_array(text: object, what: str) -> np.ndarray:
+    """`encode_array` back: a float32 [n] array; InputError when `text` is not one."""
+    try:
+        raw = base64.b64decode(str(text), validate=True)
+    except ValueError:
+        raise InputError(f"bad {what} in optimizer state (not base64)") from None
+    if len(raw) % 4 or not isinstance(text, str):
+        raise InputError(f"bad {what} in optimizer state")
+    return np.frombuffer(raw, "<f4").astype(np.float32)

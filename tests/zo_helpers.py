@@ -1,0 +1,56 @@
+"""Shared pieces of the batched ZO optimizer tests (fzoo, adamezo): the shipped demo bundle,
+a torch twin of its MLP, the device's noise split into named tensors, and a scale-aware
+closeness check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgelearn.bundle import load_bundle
+from edgelearn.demo import DATA, demo_data
+from edgelearn.params import ParamStore
+from edgelearn.parity import tolerance
+from edgelearn.rng import Noise
+
+
+def demo():
+    """(bundle, user train set, user test set) of `edgelearn demo` (no export, no torch)."""
+    train, test, _ = demo_data(0)
+    return load_bundle(DATA / "demo"), train, test
+
+
+def torch_demo_module() -> Any:
+    """The demo MLP (64 -> 64 relu -> 10) in torch, parameter names as in the bundle."""
+    from torch import nn
+
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(self.layers(x))
+
+    return Mlp().eval()
+
+
+def named_noise(store: ParamStore, key: tuple[int, int, int], kind: str = "rademacher"
+                ) -> dict[str, Any]:
+    """The device's z(key) over the trainable slice, as named torch tensors."""
+    import torch
+
+    z = Noise(kind).fill(np.empty(store.n_trainable("float32"), np.float32), run_seed=key[0],
+                         step=key[1], probe=key[2], start=0)
+    return {name: torch.from_numpy(z[a:b].reshape(store[name].shape).copy())
+            for name, a, b in store.segments("float32")}
+
+
+def assert_close(got: Any, ref: Any, *, atol: float = 1e-6, rtol: float = 1e-6) -> None:
+    """|got - ref| <= atol + rtol * max|ref| (tolerance scaled by the magnitude compared)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    bound = tolerance(ref, atol=atol, rtol=rtol)
+    err = float(np.max(np.abs(got - ref)))
+    assert err <= bound, f"max |diff| {err:.3g} > {bound:.3g}"
