@@ -152,6 +152,7 @@ class Hybrid(Optimizer):
         self._view: _ExactView | None = None
         self._copy = np.empty(0, np.float32)
         self._z = np.empty(DEFAULT_CHUNK, np.float32)
+        self._w = np.empty(DEFAULT_CHUNK, np.float32)
 
     def setup(self, store: ParamStore, *, layers: Sequence[Layer] = (),
               targets: np.ndarray | None = None, out_shape: Sequence[int] | None = None,
@@ -193,7 +194,7 @@ class Hybrid(Optimizer):
 
     def memory_bytes(self, store: ParamStore) -> int:
         """The ZO tensors' restore copy and a noise chunk."""
-        return 4 * sum(b - a for _, a, b, _ in self.segments) + 4 * DEFAULT_CHUNK
+        return 4 * sum(b - a for _, a, b, _ in self.segments) + 8 * DEFAULT_CHUNK
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, plus the resolved group multipliers when groups are set."""
@@ -207,18 +208,24 @@ class Hybrid(Optimizer):
     # -- the ZO part ------------------------------------------------------------------------
     def _place(self, theta: np.ndarray, coefs: Mapping[str, Sequence[tuple[float, int]]]
                ) -> None:
-        """ZO tensor <- copy + sum_k coef_k z_k, chunk by chunk (coefs: name -> (coef, probe)
-        pairs; z indexed over the ZO tensors only, so exact tensors shift no noise)."""
-        seed, t = self.seed, self.t
-        for name, a, b, c in self.segments:
-            for lo, hi in noise_chunks(b - a, DEFAULT_CHUNK):
-                dst, src = theta[a + lo:a + hi], self._copy[c + lo:c + hi]
-                z = self._z[:hi - lo]
-                np.copyto(dst, src)
-                for coef, k in coefs[name]:
-                    self.noise.fill(z, run_seed=seed, step=t, probe=k, start=c + lo)
-                    np.multiply(z, np.float32(coef), out=z)
-                    np.add(dst, z, out=dst)
+        """ZO tensor <- copy + sum_k coef_k z_k (coefs: name -> (coef, probe) pairs, the same
+        probes for every tensor). z is indexed over the ZO tensors only (exact tensors shift
+        no noise) and drawn once per chunk of that space and probe, whatever the tensors."""
+        seed, t, n = self.seed, self.t, self._copy.size
+        probes = [k for _, k in coefs[self.segments[0][0]]]
+        for lo, hi in noise_chunks(n, DEFAULT_CHUNK):
+            segs = [s for s in self.segments if s[3] < hi and s[3] + s[2] - s[1] > lo]
+            for _, a, b, c in segs:  # start from the pre-step values
+                x, y = max(lo, c), min(hi, c + b - a)
+                np.copyto(theta[a + x - c:a + y - c], self._copy[x:y])
+            for i, k in enumerate(probes):
+                z = self.noise.fill(self._z[:hi - lo], run_seed=seed, step=t, probe=k,
+                                    start=lo)
+                for name, a, b, c in segs:
+                    x, y = max(lo, c), min(hi, c + b - a)
+                    term = np.multiply(z[x - lo:y - lo], np.float32(coefs[name][i][0]),
+                                       out=self._w[:y - x])
+                    np.add(theta[a + x - c:a + y - c], term, out=theta[a + x - c:a + y - c])
 
     def _probe_coefs(self, k: int, sign: float) -> dict[str, list[tuple[float, int]]]:
         eps = self.options.eps
@@ -282,7 +289,7 @@ class Hybrid(Optimizer):
         if finite:
             self._place(theta, self._update_coefs(gs))
         else:  # reject: ZO tensors back to their pre-step values
-            self._place(theta, {n: [] for n, _, _, _ in self.segments})
+            self._place(theta, {n: [] for n, _, _, _ in self.segments})  # copy back
         flat = [v for pair in losses for v in pair]
         return {"seeds": [[self.seed, self.t, k] for k in range(len(losses))], "g": gs,
                 "zo": [[v if math.isfinite(v) else None for v in p] for p in losses],
