@@ -293,14 +293,15 @@ def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
     options_cls = el.optimizers()[args.optimizer]
     options = {key: getattr(args, flag[2:].replace("-", "_"))
                for flag, key in options_cls.cli_flags().items()}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: ";".join(v) if isinstance(v, list) else v  # repeatable --group
+               for k, v in options.items() if v is not None}
     defaults = {f.name: f.default for f in dataclasses.fields(options_cls)}
     # polystep's radii and temperature always follow a cosine over the run; zo-sgd and
     # zo-scale only under a --schedule other than constant
     if "total_steps" in defaults and \
             options.get("schedule", defaults.get("schedule", "cosine")) != "constant":
         options["total_steps"] = args.steps
-    if args.optimizer == "tpsgd" and args.objective == "mse":  # its head loss follows
+    if args.optimizer in ("tpsgd", "hybrid") and args.objective == "mse":  # head loss follows
         options["head_loss"] = "mse"
     return options
 
@@ -740,6 +741,9 @@ def _add_train_optimizer_options(sp: argparse.ArgumentParser) -> None:
         g = groups.get(label) or groups.setdefault(label, sp.add_argument_group(label))
         if spec["type"] is bool:
             g.add_argument(flag, action="store_true", default=None, help=_option_help(spec))
+        elif flag == "--group":  # repeatable: one rule per flag
+            g.add_argument(flag, action="append", default=None, metavar="PATTERN:lr=X,eps=Y",
+                           help=_option_help(spec) + "; repeatable")
         else:
             g.add_argument(flag, type=spec["type"], default=None, choices=spec["choices"],
                            help=_option_help(spec))

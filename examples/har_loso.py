@@ -7,8 +7,10 @@ Data nobody here wrote: the 10-subject shoulder-exercise watch dataset that ship
   host (torch)   pretrain a small 1-D conv net by backprop on the 9 other subjects, export it;
                  backprop fine-tune of the same model on s's personalization part (the ceiling).
   device         (a separate process that never imports torch) personalize the bundle with
-                 ZO-SGD on the head / the last layers / all weights, and with tpSGD when the
-                 registry has it, on the same data; evaluate on s's held-out part.
+                 ZO-SGD on the head / the last layers / all weights, with tpSGD, and with the
+                 hybrid (tpSGD's exact head update + ZO-SGD on the conv layers, in one step
+                 of two taps forwards) when the bundle has taps, on the same data; evaluate
+                 on s's held-out part.
 
 Every method gets the same forward-pass budget (`--budget`, forwards of one batch): a ZO-SGD
 step with q probes costs 2q forwards (counted from the journal's "evals" of a 1-step run, so any
@@ -27,7 +29,7 @@ Split of a subject's data (`--split`):
       on the other.
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--quick] [--out runs/har]
-                                [--zo fzoo,adamezo]
+                                [--zo fzoo,adamezo] [--methods tpsgd-head,hybrid]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
 accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
 of the table, one JSON object).
@@ -62,6 +64,10 @@ TPSGD = "tpsgd"
 #: "tpsgd" keeps the hidden lr 1000x lower and "tpsgd-head" trains the head alone (exact SGD on
 #: the true loss from one taps forward).
 TPSGD_VARIANTS = {"tpsgd": ("*", 1e-3), "tpsgd-head": ("head.*", None)}
+#: hybrid variants: name -> (trainable globs, globs updated exactly; the rest gets ZO). The
+#: head gets tpSGD's exact update, the conv layers ZO-SGD at HYBRID_ZO_LR x the head's lr.
+HYBRID_VARIANTS = {"hybrid": ("*", "head.*")}
+HYBRID_ZO_LR = 0.1
 #: lr grids of the nested sweep (the chosen values are printed per fold)
 GRIDS = {
     "backprop": (3e-4, 1e-3, 3e-3),
@@ -70,9 +76,10 @@ GRIDS = {
     "zo-full": (3e-4, 1e-3, 3e-3),
     "tpsgd": (1e-3, 3e-3, 1e-2),
     "tpsgd-head": (1e-3, 3e-3, 1e-2),
+    "hybrid": (3e-3, 1e-2, 3e-2),
 }
 QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-full": (1e-3,),
-               "tpsgd": (1e-2,), "tpsgd-head": (1e-2,)}
+               "tpsgd": (1e-2,), "tpsgd-head": (1e-2,), "hybrid": (1e-2,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
 #: opt-in ZO estimators (`--zo fzoo,adamezo`): methods "<optimizer>-head" and "<optimizer>-full"
 #: with these lr grids (first: head, second: all weights); other options are their defaults
@@ -375,6 +382,9 @@ def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, 
     elif method in extra:
         optimizer, trainable, _ = extra[method]
         options = {"lr": lr}
+    elif method in HYBRID_VARIANTS:
+        optimizer, (trainable, exact) = "hybrid", HYBRID_VARIANTS[method]
+        options = {"lr": lr, "exact": exact, "zo_lr": lr * HYBRID_ZO_LR, **ZO_OPTIONS}
     else:
         optimizer, trainable = "zo-sgd", VARIANTS[method]
         options = {"lr": lr, **ZO_OPTIONS}
@@ -407,7 +417,10 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     tpsgd_why = None
     if "onnx_taps" not in first.files:
         tpsgd_why = first.manifest.get("taps_unsupported", "bundle exported without taps")
-    methods = [*VARIANTS, *extra, *(TPSGD_VARIANTS if tpsgd_why is None else [])]
+    methods = [*VARIANTS, *extra, *(TPSGD_VARIANTS if tpsgd_why is None else []),
+               *(HYBRID_VARIANTS if tpsgd_why is None and "hybrid" in el.optimizers() else [])]
+    if args.methods:  # a subset, e.g. to compare two methods on every subject quickly
+        methods = [m for m in methods if m in args.methods.split(",")]
     res: dict[str, Any] = {"methods": methods, "tpsgd_available": tpsgd_why is None,
                            "tpsgd_unavailable_reason": tpsgd_why, "folds": {}}
     for s in args.subjects:
@@ -467,11 +480,15 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
         "accounting": "ZO step = forwards counted in its journal (2 per probe); backprop step "
                       "= 3 forward-equivalents; steps = budget // cost",
         "zo_options": ZO_OPTIONS, "variants": VARIANTS, "grids": h["grids"],
+        "hybrid_variants": {k: {"trainable": t, "exact": e, "zo_lr_over_lr": HYBRID_ZO_LR}
+                            for k, (t, e) in HYBRID_VARIANTS.items()},
         "tpsgd_available": dv["tpsgd_available"],
         "tpsgd_unavailable_reason": dv["tpsgd_unavailable_reason"],
         "torch_loaded_on_device": dv["torch_loaded_on_device"],
         "mean_accuracy": mean, "recovered_fraction_of_mean_gain": recovered,
         "goal_recovered_0.8": {m: (r is not None and r >= 0.8) for m, r in recovered.items()},
+        "goal_hybrid_recovered_0.9": {m: (r is not None and r >= 0.9)
+                                      for m, r in recovered.items() if m in HYBRID_VARIANTS},
         "per_subject": per_subject,
     }
 
@@ -507,6 +524,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
     p.add_argument("--out", default="runs/har", help="working directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default=None,
+                   help="comma-separated device methods to run (default: every one available)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of the table")
     p.add_argument("--zo", default="", help="comma-separated extra ZO optimizers to compare, "
@@ -536,7 +555,8 @@ def main() -> None:
         sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
         ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
         args.split, "--seed", str(args.seed), "--zo", ",".join(args.zo),
-        *(["--quick"] if args.quick else [])])
+        *(["--quick"] if args.quick else []),
+        *(["--methods", args.methods] if args.methods else [])])
     res = summarize(h, dv, args)
     res["seconds"] = {"host": t1 - t0, "device": time.perf_counter() - t1}
     (out / "results.json").write_text(json.dumps(res, indent=1))

@@ -49,6 +49,10 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
                 [({"lr": math.inf}, "lr"), ({"eps": -1.0}, "eps"), ({"probes": 0}, "probes"),
                  ({"beta1": 1.0}, "beta1"), ({"beta2": -0.1}, "beta2"),
                  ({"adam_eps": 0.0}, "adam_eps"), ({"schedule": "cosine"}, "total_steps")]),
+    # fc1 by ZO, the head exactly: both parts of a step in every shared test
+    "hybrid": ({"lr": 0.1, "zo_lr": 0.01, "eps": 1e-3, "exact": "head.*", "probes": 2},
+               [({"zo_lr": -1.0}, "zo_lr"), ({"eps": 0.0}, "eps"), ({"probes": 0}, "probes"),
+                ({"groups": "head.*:lr=x"}, "groups"), ({"noise": "uniform"}, "noise")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),

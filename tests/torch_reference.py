@@ -328,3 +328,49 @@ def adamezo_step(
             new[n] = params[n] - lr * mhat / (vhat.sqrt() + adam_eps)
             out[n] = (m, v)
     return new, out, losses
+
+
+def hybrid_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    layers: list[dict],
+    projections: Mapping[int, torch.Tensor],
+    z: Mapping[str, torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lr: float,
+    zo_lr: float,
+    eps: float,
+    exact: set[str],
+    eps_scale: Mapping[str, float] | None = None,
+    lr_scale: Mapping[str, float] | None = None,
+) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    """One hybrid step (ElasticZO-style, Sugiura & Matsutani 2025): SPSA on the tensors in `z`,
+    tpSGD's exact rule on the tensors in `exact`, one probe.
+
+    The ZO tensors are perturbed to theta +- eps m_eps z (losses L+, L-); the exact update is
+    tpSGD's (`tpsgd_step`) at the weights of the second probe; then the ZO tensors move to
+    theta - zo_lr m_lr g z, g = (L+ - L-) / (2 eps).
+
+    Args:
+        z: name -> float32 noise of each ZO tensor. exact: the tpSGD-updated names.
+        eps_scale / lr_scale: per-tensor group multipliers (default 1).
+        other args: as `tpsgd_step` and `zo_sgd_step`.
+    Returns: (new params of the ZO and exact names, (L+, L-)).
+    """
+    eps_scale, lr_scale = eps_scale or {}, lr_scale or {}
+
+    def at(sign: float) -> dict[str, torch.Tensor]:
+        return {**params, **{n: params[n] + sign * eps * eps_scale.get(n, 1.0) * zn
+                             for n, zn in z.items()}}
+
+    with torch.no_grad():
+        lp = float(cross_entropy(functional_call(model, at(1.0), (inputs,)), labels))
+        lm = float(cross_entropy(functional_call(model, at(-1.0), (inputs,)), labels))
+    new = tpsgd_step(model, at(-1.0), layers, projections, inputs, labels, lr=lr,
+                     trainable=exact)
+    g = (lp - lm) / (2.0 * eps)
+    for n, zn in z.items():
+        new[n] = params[n] - zo_lr * lr_scale.get(n, 1.0) * g * zn
+    return new, (lp, lm)

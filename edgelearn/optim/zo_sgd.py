@@ -31,6 +31,9 @@ float operations, and the update reads only the copy and the losses, so the weig
 step are bit-identical either way for the same losses (the journal and replay are unchanged).
 Rademacher passes run in `edgelearn.optim.kernels` (one pass for all terms, threaded over
 large slices; results do not depend on the thread count).
+Parameter groups (option `groups`, edgelearn/optim/groups.py) multiply eps and lr per tensor
+where they are applied: the probes are theta +- eps m_eps z, the update
+theta - lr m_lr / q sum_k g_k z_k (then the drift restore is not fused with the update).
 The journal record of each step holds (step, seeds, projected gradients, lr, eps, losses);
 replay re-runs the step with the recorded losses: no data and no forwards.
 """
@@ -46,10 +49,11 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
+from edgelearn.optim.groups import GroupScales, parse_groups
 from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks
+from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks, sign_table
 
 RESTORE_POLICIES = ("auto", "copy", "drift")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -102,6 +106,10 @@ class ZOSGDOptions(OptimizerOptions):
     threads: int | None = field(default=None, metadata=meta(
         "threads of the elementwise passes over large slices (null: the usable cores, at most "
         "4; results do not depend on it)", record="never"))
+    groups: str | None = field(default=None, metadata=meta(
+        "lr / eps per group of tensors, 'PATTERN:lr=X,eps=Y;...' (Y may be rms*C: C times the "
+        "tensor's RMS; optim/groups.py); weight decay keeps the base lr", cli="--group",
+        record="when-set"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,6 +130,7 @@ class ZOSGDOptions(OptimizerOptions):
               f"chunk must be a positive multiple of 8, got {self.chunk!r}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+        parse_groups(self.groups)  # InputError naming a malformed rule
 
 
 @register
@@ -149,6 +158,8 @@ class ZOSGD(Optimizer):
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
         self._pass = SignPass(rule.chunk, rule.threads)
         self._decay_segments: list[tuple[int, int]] = []
+        # per-tensor lr / eps multipliers (optim/groups.py); empty: one lr and eps for all
+        self.groups = GroupScales(parse_groups(getattr(rule, "groups", None)))
 
     def _rule(self) -> ZOSGDOptions:
         """The ZO-SGD settings the steps run: zo-sgd's own options (zo-scale maps its own)."""
@@ -169,6 +180,10 @@ class ZOSGD(Optimizer):
             self._decay_segments = [
                 (a, b) for name, a, b in store.segments("float32") if store[name].ndim >= 2
             ]
+            if self.groups:
+                segs = store.segments("float32")
+                self.groups.setup(segs, {n: store[n] for n, _, _ in segs},
+                                  {"lr": self.rule.lr, "eps": self.rule.eps})
         elif theta.size != self._n:
             raise InputError(f"store has {theta.size} trainable elements, this optimizer "
                              f"was set up for {self._n}")
@@ -205,10 +220,21 @@ class ZOSGD(Optimizer):
             return self.rule.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
         return self.rule.lr * (1.0 - frac)
 
-    def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
-        """dst = src + sum_k coef_k * z_k, chunk by chunk (same float ops for any chunking)."""
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, plus the resolved group multipliers when groups are set."""
+        return {**super().state_dict(), **self.groups.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (group multipliers included)."""
+        super().load_state_dict(state)
+        self.groups.load(state)
+
+    def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term],
+                 group: str | None = None) -> None:
+        """dst = src + sum_k coef_k * z_k, chunk by chunk (same float ops for any chunking);
+        `group` ("lr" / "eps"): times each tensor's group multiplier of that key."""
         if self.rule.noise == "rademacher":
-            self._combine_signs(dst, src, terms)
+            self._combine_signs(dst, src, terms, group)
             return
         z, acc = self._zbuf, self._abuf
         for a, b in noise_chunks(dst.size, self.rule.chunk):
@@ -221,16 +247,40 @@ class ZOSGD(Optimizer):
                 else:
                     np.multiply(zc, coef, out=zc)
                     np.add(ac, zc, out=ac)
+            if group:
+                self.groups.apply(group, ac, a, b)
             np.add(src[a:b], ac, out=dst[a:b])
 
-    def _combine_signs(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
+    def _combine_signs(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term],
+                       group: str | None = None) -> None:
         """Rademacher fast path of `_combine`: the same values, from signs drawn once per step.
 
         coef * z is gathered from a table indexed by the packed sign bytes (exactly +-coef),
         in one pass for all terms, on a thread pool for large slices (`optim.kernels`).
         """
+        if group and self.groups:
+            self._combine_signs_grouped(dst, src, terms, group)
+            return
         self._pass.run(dst, src, [coef for coef, _ in terms], [self._packed(key, dst.size)
                                                                for _, key in terms])
+
+    def _combine_signs_grouped(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term],
+                               group: str) -> None:
+        """`_combine_signs` with per-tensor group multipliers: chunk by chunk, single-threaded
+        (the multipliers apply to each chunk's sum of terms before it is added to src)."""
+        tables = [sign_table(coef) for coef, _ in terms]
+        packed = [self._packed(key, dst.size) for _, key in terms]
+        acc = self._abuf.reshape(-1, 8)
+        tmp = self._zbuf.reshape(-1, 8)
+        for a, b in noise_chunks(dst.size, self.rule.chunk):
+            ia, ib = a // 8, -(-b // 8)
+            k = ib - ia
+            np.take(tables[0], packed[0][ia:ib], axis=0, out=acc[:k])
+            for table, signs in zip(tables[1:], packed[1:], strict=True):
+                np.take(table, signs[ia:ib], axis=0, out=tmp[:k])
+                np.add(acc[:k], tmp[:k], out=acc[:k])
+            self.groups.apply(group, self._abuf[: b - a], a, b)
+            np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
 
     def _packed(self, key: tuple[int, int, int], n: int) -> np.ndarray:
         """Packed signs of z(key) over n elements, drawn once per step."""
@@ -246,16 +296,16 @@ class ZOSGD(Optimizer):
         cands: list[Term] = [(sign, key) for key in seeds for sign in (e32, -e32)]
 
         def place(j: int) -> None:
-            self._combine(theta, src, [cands[j]])
+            self._combine(theta, src, [cands[j]], "eps")
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
             rows = out["float32"][: hi - lo, : src.size]
-            if self.rule.noise == "rademacher":
+            if self.rule.noise == "rademacher" and not self.groups:
                 signed_rows(rows, src, [c for c, _ in cands[lo:hi]],
                             [self._packed(key, src.size) for _, key in cands[lo:hi]])
                 return
             for j in range(lo, hi):
-                self._combine(rows[j - lo], src, [cands[j]])
+                self._combine(rows[j - lo], src, [cands[j]], "eps")
 
         return Population(len(cands), place, fill)
 
@@ -289,17 +339,19 @@ class ZOSGD(Optimizer):
             seeds_left = seeds
         for k, key in enumerate(seeds_left):
             if copy is not None:
-                self._combine(theta, copy, [(e32, key)])
+                self._combine(theta, copy, [(e32, key)], "eps")
                 lp = yield
-                self._combine(theta, copy, [(-e32, key)])
+                self._combine(theta, copy, [(-e32, key)], "eps")
                 lm = yield
             else:
-                self._combine(theta, theta, [(e32, key)])
+                self._combine(theta, theta, [(e32, key)], "eps")
                 lp = yield
-                self._combine(theta, theta, [(np.float32(-2.0 * eps), key)])
+                self._combine(theta, theta, [(np.float32(-2.0 * eps), key)], "eps")
                 lm = yield
-                if k < len(seeds) - 1:  # the last probe's restore is fused with the update
-                    self._combine(theta, theta, [(e32, key)])
+                # the last probe's restore is fused with the update (not across groups,
+                # whose eps and lr multipliers differ)
+                if k < len(seeds) - 1 or self.groups:
+                    self._combine(theta, theta, [(e32, key)], "eps")
             losses.append((lp, lm))
         finite = all(math.isfinite(v) for pair in losses for v in pair)
         over = finite and self.rule.reject_above is not None and any(
@@ -320,15 +372,15 @@ class ZOSGD(Optimizer):
         if not finite or over:  # reject: weights back to the pre-step values, no update
             if copy is not None:
                 np.copyto(theta, copy)
-            else:
+            elif not self.groups:  # with groups the last restore already ran
                 self._combine(theta, theta, [(e32, seeds[-1])])
             return record
         q = len(seeds)
         terms: list[Term] = [(np.float32(-(lr * g / q)), key) for g, key in zip(gs, seeds,
                                                                                strict=True)]
-        if copy is None:  # theta = theta_last_minus + eps z_last - sum_k c_k z_k, one pass
-            terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])
-        self._combine(theta, theta if copy is None else copy, terms)
+        if copy is None and not self.groups:  # theta = theta_last_minus + eps z_last - sum_k
+            terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])  # c_k z_k, one pass
+        self._combine(theta, theta if copy is None else copy, terms, "lr")
         self._decay(theta, lr)
         if self.rule.conservative:
             l_new = yield
@@ -340,5 +392,6 @@ class ZOSGD(Optimizer):
                 else:  # approximate in float32; replay repeats the same operations
                     self._decay(theta, lr, undo=True)
                     self._combine(theta, theta, [(np.float32(lr * g / q), key)
-                                                 for g, key in zip(gs, seeds, strict=True)])
+                                                 for g, key in zip(gs, seeds, strict=True)],
+                                  "lr")
         return record

@@ -5,8 +5,9 @@ evaluator built here hands it the right callables for a batch:
   - plain: evaluate() is the loss of one forward of the bundle's model on the batch;
   - population: evaluate_population(pop) scores K candidates in one runtime call with the
     bundle's population graph (onnxruntime, when it batches the trainable set);
-  - taps (optimizers with `needs == "taps"`, tpSGD): evaluate() is ONE forward of the taps
-    graph (model_taps.onnx, or model_taps.tflite on LiteRT) returning (taps, targets).
+  - taps (optimizers with `needs == "taps"`: tpSGD, and the hybrid, whose losses come from
+    the taps forwards' logits): evaluate() is ONE forward of the taps graph (model_taps.onnx,
+    or model_taps.tflite on LiteRT) returning (taps, targets).
 The same evaluator replays journal records: a plain optimizer's replay needs no forwards and
 no data; a taps optimizer re-runs the step's taps forward on its batch (`replay_needs_data`).
 """
