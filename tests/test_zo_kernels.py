@@ -91,14 +91,31 @@ def lsq_loss(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(d * d))
 
 
+def lsq_scale(n: int = 40) -> tuple[ParamStore, np.ndarray, np.ndarray]:
+    """`lsq` whose vector is a quantization scale (zo-scale's relative steps apply to it)."""
+    plain, x, y = lsq(n)
+    spec = ParamSpec("w", (n,), "float32", True, quant={"role": "scale"})
+    return ParamStore([spec], values={"w": np.abs(plain["w"]) + 0.05}), x, y
+
+
+# zo-sgd with and without parameter groups (per-tensor multipliers between the noise and the
+# weights), and zo-scale's relative steps (each probe scaled by |scale|): the rows written
+# from `fill` must carry the same multipliers as the probes placed one by one
+BATCHED = [("zo-sgd", {}, lsq), ("zo-sgd", {"groups": "w:lr=2,eps=rms*0.01"}, lsq),
+           ("zo-scale", {"relative": True}, lsq_scale)]
+
+
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
-def test_batched_probes_equal_one_call_per_probe(noise: str) -> None:
+@pytest.mark.parametrize(("name", "extra", "problem"), BATCHED)
+def test_batched_probes_equal_one_call_per_probe(noise: str, name: str, extra: dict,
+                                                 problem) -> None:
     """zo-sgd (copy policy) asks its 2q probes as one Population: scored in one go from
     `fill` rows, the records and weights are bit-identical to the probes placed one by one."""
-    a, x, y = lsq()
+    a, x, y = problem()
     b = a.copy()
-    kw = {"lr": 0.05, "eps": 1e-3, "probes": 3, "noise": noise, "seed": 5, "restore": "copy"}
-    opt_a, opt_b = make_optimizer("zo-sgd", **kw), make_optimizer("zo-sgd", **kw)
+    kw = {"lr": 0.05, "eps": 1e-3, "probes": 3, "noise": noise, "seed": 5, "restore": "copy",
+          **extra}
+    opt_a, opt_b = make_optimizer(name, **kw), make_optimizer(name, **kw)
     sizes = []
 
     def batched(pop: Population) -> list[float]:

@@ -123,14 +123,19 @@ class ZOScale(ZOSGD):
         extra = 12 * store.n_trainable("float32") if self.options.relative else 0
         return super().memory_bytes(store) + extra
 
-    def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Any) -> None:
+    def _combine(self, dst: np.ndarray, src: np.ndarray, terms: Any,
+                 group: str | None = None) -> None:
         """dst = src + m * sum_k coef_k z_k (relative), else ZO-SGD's dst = src + sum."""
         if self._mag is None:
-            super()._combine(dst, src, terms)
+            super()._combine(dst, src, terms, group)
             return
-        super()._combine(self._sum, self._zeros, terms)  # 0 + x == x exactly
+        super()._combine(self._sum, self._zeros, terms, group)  # 0 + x == x exactly
         np.multiply(self._sum, self._mag, out=self._sum)
         np.add(src, self._sum, out=dst)
+
+    def _rows_by_signs(self) -> bool:
+        """Relative steps scale each probe by |scale|: rows go through `_combine` then."""
+        return self._mag is None and super()._rows_by_signs()
 
     def _units(self, theta: np.ndarray, segs: list[tuple[int, int]]) -> None:
         """Fix this step's per-element units: |scale| on scale segments, 1 elsewhere."""

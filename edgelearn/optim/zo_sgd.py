@@ -282,6 +282,11 @@ class ZOSGD(Optimizer):
             self.groups.apply(group, self._abuf[: b - a], a, b)
             np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
 
+    def _rows_by_signs(self) -> bool:
+        """Whether probe rows may be written straight from packed signs (no per-element
+        multipliers between the noise and the weights)."""
+        return self.rule.noise == "rademacher" and not self.groups
+
     def _packed(self, key: tuple[int, int, int], n: int) -> np.ndarray:
         """Packed signs of z(key) over n elements, drawn once per step."""
         signs = self._signs.get(key)
@@ -300,7 +305,7 @@ class ZOSGD(Optimizer):
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
             rows = out["float32"][: hi - lo, : src.size]
-            if self.rule.noise == "rademacher" and not self.groups:
+            if self._rows_by_signs():
                 signed_rows(rows, src, [c for c, _ in cands[lo:hi]],
                             [self._packed(key, src.size) for _, key in cands[lo:hi]])
                 return
