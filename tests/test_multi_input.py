@@ -109,6 +109,21 @@ def test_tpsgd_head_taps_on_two_input_encoder(encoder_bundle: Path, tmp_path: Pa
     assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
 
 
+def test_prefix_cache_on_two_input_encoder_is_bit_identical(encoder_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    data = el.Dataset(x={k: v for k, v in text_data(96, 0).items() if k != "y"},
+                      y=text_data(96, 0)["y"])
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=16)
+    res = {}
+    for cache in (True, False):
+        with el.Session(encoder_bundle, tmp_path / f"run{cache}", cfg,
+                        el.RuntimeConfig(prefix_cache=cache)) as s:
+            res[cache] = s.run(data, 30)
+    assert res[True].cache["enabled"]
+    assert res[True].cache["cached_examples"] == 96
+    assert res[True].sha256 == res[False].sha256
+
+
 def test_session_api_with_dict_inputs(encoder_bundle: Path, tmp_path: Path) -> None:
     bundle = el.load_bundle(encoder_bundle)
     np.savez(tmp_path / "d.npz", **text_data(48, 2))
