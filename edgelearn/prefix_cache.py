@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn.inputs import Inputs, take
+
 #: in-memory cache bound without a memory budget (bytes)
 DEFAULT_CAPACITY = 1 << 30
 #: spill-file bound (bytes); examples past it are recomputed
@@ -95,7 +97,9 @@ def _row_shape(vi: Any, batch: str | None, onnx: Any) -> tuple[tuple[int, ...], 
     """(per-example shape, dtype) of a value whose first dim is the batch, else None."""
     tt = vi.type.tensor_type
     dims = list(tt.shape.dim) if tt.HasField("shape") else []
-    if not dims or batch is None or dims[0].dim_param != batch:
+    # a batch dim shape inference lost to a Reshape (-1: "unk__N") counts too: the cut check
+    # (`CachedEvaluator.mismatch`) proves rows are per example before anything is cached
+    if not dims or batch is None or not dims[0].dim_param:
         return None
     if any(d.dim_value <= 0 for d in dims[1:]):
         return None
@@ -227,8 +231,14 @@ def plan_split(model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
     return SplitPlanner(model_path, frozen, trainable, data_inputs, output).split(after)
 
 
-def example_keys(x: np.ndarray) -> list[bytes]:
-    """One content key per example of batch `x`: sha256 of its dtype, shape and bytes."""
+def example_keys(x: Inputs) -> list[bytes]:
+    """One content key per example of batch `x`: sha256 of its dtype, shape and bytes (of
+    every input, by name, for a multi-input batch)."""
+    if isinstance(x, dict):
+        per = [example_keys(x[k]) for k in sorted(x)]
+        names = "\0".join(sorted(x)).encode()
+        return [hashlib.sha256(names + b"".join(keys)).digest() for keys in zip(*per,
+                                                                                  strict=True)]
     x = np.ascontiguousarray(x)
     head = f"{x.dtype.str}{x.shape[1:]}".encode()
     return [hashlib.sha256(head + memoryview(row).cast("B")).digest() for row in x]
@@ -307,8 +317,8 @@ class FeatureCache:
             pos += n
         return out
 
-    def features(self, keys: Sequence[Hashable], x: np.ndarray,
-                 compute: Callable[[np.ndarray], dict[str, np.ndarray]]
+    def features(self, keys: Sequence[Hashable], x: Inputs,
+                 compute: Callable[[Inputs], dict[str, np.ndarray]]
                  ) -> dict[str, np.ndarray]:
         """The cut tensors of batch `x` (one key per example), computing the misses.
 
@@ -324,7 +334,7 @@ class FeatureCache:
             return {t: self.arena[t][idx] for t in self.cut.tensors}
         miss = [i for i, (k, s) in enumerate(zip(keys, slots, strict=True))
                 if s < 0 and k not in self.spilled]
-        fresh = compute(x[miss]) if miss else {}
+        fresh = compute(take(x, miss)) if miss else {}
         self.misses += len(miss)
         self.hits += len(keys) - len(miss)
         out = {t: np.empty((len(keys), *s), d) for t, (s, d) in self.cut.row_shapes.items()}

@@ -92,6 +92,38 @@ def test_cli_trains_and_evaluates_two_input_encoder(encoder_bundle: Path, tmp_pa
     assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
 
 
+def test_tpsgd_head_taps_on_two_input_encoder(encoder_bundle: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # the head-only taps graph reads the pooled embedding, not an input: any inputs work
+    assert el.load_bundle(encoder_bundle).manifest.get("taps_from", "").endswith("head only")
+    np.savez(tmp_path / "train.npz", **text_data(96, 0))
+    capsys.readouterr()
+    assert main(["train", str(encoder_bundle), "--data", str(tmp_path / "train.npz"),
+                 "--optimizer", "tpsgd", "--steps", "60", "--batch-size", "32", "--lr", "0.5",
+                 "--out", str(tmp_path / "run"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["loss_last"] < 0.5 * res["loss_first"]
+    assert main(["replay", str(encoder_bundle), str(tmp_path / "run" / "journal.bin"),
+                 "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "r.safetensors"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == res["sha256"]
+
+
+def test_prefix_cache_on_two_input_encoder_is_bit_identical(encoder_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    data = el.Dataset(x={k: v for k, v in text_data(96, 0).items() if k != "y"},
+                      y=text_data(96, 0)["y"])
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=16)
+    res = {}
+    for cache in (True, False):
+        with el.Session(encoder_bundle, tmp_path / f"run{cache}", cfg,
+                        el.RuntimeConfig(prefix_cache=cache)) as s:
+            res[cache] = s.run(data, 30)
+    assert res[True].cache["enabled"]
+    assert res[True].cache["cached_examples"] == 96
+    assert res[True].sha256 == res[False].sha256
+
+
 def test_session_api_with_dict_inputs(encoder_bundle: Path, tmp_path: Path) -> None:
     bundle = el.load_bundle(encoder_bundle)
     np.savez(tmp_path / "d.npz", **text_data(48, 2))

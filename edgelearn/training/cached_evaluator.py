@@ -28,6 +28,7 @@ import numpy as np
 
 from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import EdgelearnError
+from edgelearn.inputs import Inputs, has_batch_axis, take
 from edgelearn.prefix_cache import (
     DEFAULT_CAPACITY,
     FeatureCache,
@@ -122,7 +123,7 @@ class CachedEvaluator(StepEvaluator):
 
         def batch(step: int) -> Batch:
             idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
-            x, y = data.x[idx], data.y[idx]
+            x, y = take(data.x, idx), data.y[idx]
             self._indexed = (x, [(token, int(i)) for i in idx])
             return x, y
 
@@ -142,14 +143,15 @@ class CachedEvaluator(StepEvaluator):
         """The cut tensors of batch `x` from the prefix graph (uncached)."""
         t0 = time.perf_counter()
         names = list(self.split.cut.tensors)
-        outs = self.prefix.run(names, {self.plain.model.input_name: x})
+        feed = x if isinstance(x, dict) else {self.plain.model.input_name: x}
+        outs = self.prefix.run(names, feed)
         self.prefix_seconds += time.perf_counter() - t0
         return dict(zip(names, outs, strict=True))
 
     def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
         feeds = self.cache.features(self._keys(x), x, self.run_prefix)
         for name in self.split.cut.passthrough:
-            feeds[name] = x
+            feeds[name] = x[name] if isinstance(x, dict) else x
         return feeds
 
     def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
@@ -193,7 +195,7 @@ class CachedEvaluator(StepEvaluator):
         assert model is not None
         feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
         for name in self.split.cut.passthrough:
-            feeds[name] = x
+            feeds[name] = x[name] if isinstance(x, dict) else x
         whole, split = model.predict(x), self.suffix.run(feeds)
         if not np.array_equal(whole, split):
             diff = float(np.max(np.abs(whole.astype(np.float64) - split)))
@@ -202,7 +204,7 @@ class CachedEvaluator(StepEvaluator):
                     set(self.split.cut.tensors))
         bad: set[str] = set()
         for lo, hi in ((0, 1), (len(x) - 1, len(x)), (1, 3)):
-            part = self.run_prefix(x[lo:hi])
+            part = self.run_prefix(take(x, slice(lo, hi)))
             bad |= {t for t in part if not np.array_equal(part[t], feeds[t][lo:hi])}
         if bad:
             return (f"the prefix's rows of {sorted(bad)} depend on the batch they are in "
@@ -294,16 +296,20 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     return f"no bit-identical cut in {MAX_CUTS} tries"
 
 
-def _probe_batch(bundle: Any) -> np.ndarray | None:
-    """A seeded batch of 5 synthetic examples of the model input (None: symbolic dims)."""
-    spec = bundle.inputs[0]
-    if not all(isinstance(d, int) for d in spec.shape[1:]):
-        return None
+def _probe_batch(bundle: Any) -> Inputs | None:
+    """A seeded batch of 5 synthetic examples of the model input(s) (None: symbolic dims);
+    a dict name -> array for a multi-input model."""
     rng = np.random.default_rng(0)
-    shape = (5, *spec.shape[1:])
-    if np.dtype(spec.dtype).kind in "iu":
-        return rng.integers(0, 2, size=shape).astype(spec.dtype)
-    return rng.standard_normal(shape).astype(spec.dtype)
+    out = {}
+    for spec in bundle.inputs:
+        if not all(isinstance(d, int) for d in spec.shape[1:]):
+            return None
+        shape = (5, *spec.shape[1:])
+        if np.dtype(spec.dtype).kind in "iu":
+            out[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+        else:
+            out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return out if len(out) > 1 else next(iter(out.values()))
 
 
 def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
@@ -316,8 +322,8 @@ def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
     if plain.population_graph:
         return ("the population graph scores K candidates per call; caching would change "
                 "its floats (pass population=False to cache instead)")
-    if len(bundle.inputs) != 1:
-        return "prefix caching needs a single-input model"
+    if not all(has_batch_axis(s) for s in bundle.inputs):
+        return "prefix caching needs every model input to have a batch axis"
     return None
 
 

@@ -162,9 +162,11 @@ class TapsEvaluator(StepEvaluator):
     def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
         def taps() -> tuple[dict[str, np.ndarray], np.ndarray]:
             t0 = time.perf_counter()
-            out = self._run({self._input_name: x})
+            # a multi-input model's batch is a dict (its head-only taps read no input)
+            feed = x if isinstance(x, dict) else {self._input_name: x}
+            out = self._run(feed)
             self.timers.forward.append(time.perf_counter() - t0)
-            out[self._input_name] = x
+            out.update(feed)
             return out, y
 
         def no_loss() -> float:
