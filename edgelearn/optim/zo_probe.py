@@ -5,7 +5,8 @@ theta + sum_k c_k z_k written from that copy (as one `Population` request), and 
 update from the copy again, so the weights after a step are exactly the update rule applied in
 float32 and replay repeats the same float operations. The noise z(seed, step, probe) is
 `edgelearn.rng`'s, as in zo-sgd (Malladi et al. 2023, MeZO: regenerated from its seed, never
-stored); Rademacher signs are drawn once per probe and step and expanded through a sign table.
+stored); Rademacher signs are drawn once per probe and step and expanded by zo-sgd's
+kernels (`edgelearn.optim.kernels`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Population
+from edgelearn.optim.kernels import SignPass, draw_signs
 from edgelearn.params import ParamStore
-from edgelearn.rng import Noise, noise_chunks, rademacher_bytes, sign_table
+from edgelearn.rng import Noise, noise_chunks
 
 #: one term of a combination: (coefficient, noise key (run_seed, step, probe))
 Term = tuple[np.float32, tuple[int, int, int]]
@@ -40,6 +42,7 @@ class ProbeArena:
         self._zbuf = np.empty(chunk, np.float32)
         self._abuf = np.empty(chunk, np.float32)
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
+        self._pass = SignPass(chunk)
 
     def begin(self, store: ParamStore) -> np.ndarray:
         """Start a step: the trainable fp32 slice (theta), copied into `self.copy`."""
@@ -80,23 +83,15 @@ class ProbeArena:
             np.add(src[a:b], ac, out=dst[a:b])
 
     def _combine_signs(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
-        """Rademacher `combine`: coef * z gathered from a 256 x 8 table (exactly +-coef)."""
-        tables = [sign_table(coef) for coef, _ in terms]
-        packed = [self.signs(key, dst.size) for _, key in terms]
-        acc, tmp = self._abuf.reshape(-1, 8), self._zbuf.reshape(-1, 8)
-        for a, b in noise_chunks(dst.size, self.chunk):
-            ia, ib = a // 8, -(-b // 8)
-            k = ib - ia
-            np.take(tables[0], packed[0][ia:ib], axis=0, out=acc[:k])
-            for table, signs in zip(tables[1:], packed[1:], strict=True):
-                np.take(table, signs[ia:ib], axis=0, out=tmp[:k])
-                np.add(acc[:k], tmp[:k], out=acc[:k])
-            np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
+        """Rademacher `combine`: zo-sgd's sign kernels (`optim.kernels`; exactly +-coef, one
+        pass for all terms, threaded over large slices; same bits for any thread count)."""
+        self._pass.run(dst, src, [coef for coef, _ in terms],
+                       [self.signs(key, dst.size) for _, key in terms])
 
     def signs(self, key: tuple[int, int, int], n: int) -> np.ndarray:
         """Packed Rademacher signs of probe `key` (drawn once per step)."""
         if key not in self._signs:
-            self._signs[key] = rademacher_bytes(*key, n=n)
+            self._signs[key] = draw_signs(*key, n, threads=self._pass.threads)
         return self._signs[key]
 
     def population(self, theta: np.ndarray, candidates: Sequence[Sequence[Term]]) -> Population:
