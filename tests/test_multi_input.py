@@ -187,6 +187,24 @@ def test_missing_and_misshaped_inputs_are_named(encoder_bundle: Path, tmp_path: 
             assert "input_ids int64[batch, sequence]" in err
 
 
+@pytest.mark.parametrize("cmd", ["eval", "train", "train-no-cache"])
+def test_runtime_failure_on_input_values_is_one_line(encoder_bundle: Path, tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str],
+                                                     cmd: str) -> None:
+    d = text_data(8, 3)  # capfd: onnxruntime logs from C++ to fd 2 unless told not to
+    np.savez(tmp_path / "oov.npz", **{**d, "input_ids": d["input_ids"] + 100})  # vocab is 12
+    argv = [cmd.split("-")[0], str(encoder_bundle), "--data", str(tmp_path / "oov.npz")]
+    if cmd != "eval":
+        argv += ["--steps", "2", "--out", str(tmp_path / "run")]
+    if cmd == "train-no-cache":
+        argv.append("--no-cache")
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("edgelearn: error: onnxruntime failed running"), err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # nothing was trained: the run dir is removed
+
+
 def test_constant_state_input_is_broadcast(tmp_path: Path) -> None:
     src = stateful_onnx(tmp_path / "cell.onnx")
     el.tools.prepare(src, tmp_path / "b")

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelearn.backends.base import Backend, PopulationScorer
-from edgelearn.backends.ort_graph import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.backends.ort_graph import (
+    baked_model_bytes,
+    import_ort,
+    load_checked_model,
+    run_errors,
+)
 from edgelearn.errors import BundleError
 
 if TYPE_CHECKING:
@@ -73,7 +78,7 @@ class OrtBackend(Backend):
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures surface as our one-line errors
         return so
 
     def _session(self, store: ParamStore) -> Any:
@@ -137,7 +142,8 @@ class OrtBackend(Backend):
         io.clear_binding_outputs()
         for name in self._output_names:
             io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
+        with run_errors():
+            self.session.run_with_iobinding(io)
         out = dict(zip(self._output_names, io.copy_outputs_to_cpu(), strict=False))
         if reuse_outputs and all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf"
                                  and a.flags.c_contiguous and a.size for a in out.values()):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgelearn.errors import BundleError, EdgelearnError
+from edgelearn.errors import BundleError, EdgelearnError, InputError
 
 
 def import_ort() -> Any:
@@ -24,11 +25,31 @@ def import_ort() -> Any:
         raise EdgelearnError(
             "the onnxruntime backend needs onnxruntime: pip install 'edgelearn[onnx]'"
         ) from None
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(4)  # failures surface as our one-line errors
     return ort
 
 
 _import_ort = import_ort  # the name edgelearn.prepare imports
+
+
+@contextmanager
+def run_errors(what: str = "the model") -> Iterator[None]:
+    """Turn an onnxruntime failure inside the block into one InputError line.
+
+    A run fails on input values the graph cannot take (a token id beyond the vocabulary, a
+    length the model cannot reshape); onnxruntime raises its own types, or a bare
+    RuntimeError from an io-binding run, with a multi-line status text.
+    """
+    try:
+        yield
+    except EdgelearnError:
+        raise
+    except Exception as e:  # onnxruntime's exception types do not share a base class
+        text = str(e)
+        if "Status Message:" in text:
+            text = text.split("Status Message:", 1)[1]
+        line = (text.strip().splitlines() or [type(e).__name__])[0][:300]
+        raise InputError(f"onnxruntime failed running {what} on this input: {line}") from None
 
 
 def _external_tensors(model: Any) -> Iterator[tuple[str, Any]]:

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelearn.backends.base import PopulationScorer
-from edgelearn.backends.ort_graph import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.backends.ort_graph import (
+    baked_model_bytes,
+    import_ort,
+    load_checked_model,
+    run_errors,
+)
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 
 if TYPE_CHECKING:
@@ -52,7 +57,7 @@ class OrtPopulation(PopulationScorer):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures surface as our one-line errors
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         path = bundle.files[POP_ROLE]
         # bytes that passed load_checked_model, as in OrtBackend: ORT never opens a path
@@ -87,7 +92,8 @@ class OrtPopulation(PopulationScorer):
             for name, s, e in self.store.segments("float32"):
                 feeds[name] = np.ascontiguousarray(rows[:, s:e]).reshape(
                     b - a, *self.store[name].shape)
-            outs.append(self.session.run([self.output_name], feeds)[0])
+            with run_errors("the population graph"):
+                outs.append(self.session.run([self.output_name], feeds)[0])
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
     def memory_bytes(self) -> int:

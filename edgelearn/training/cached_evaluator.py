@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn.backends.ort_graph import run_errors
 from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import EdgelearnError
 from edgelearn.inputs import Inputs, has_batch_axis, take
@@ -52,7 +53,7 @@ def _session(model: bytes, threads: int | None, providers: Sequence[str]) -> Any
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures surface as our one-line errors
     return ort.InferenceSession(model, sess_options=so, providers=list(providers))
 
 
@@ -86,7 +87,8 @@ class SuffixRunner:
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
         io.clear_binding_outputs()
         io.bind_output(self.output, "cpu")
-        self.session.run_with_iobinding(io)
+        with run_errors("the cached suffix"):
+            self.session.run_with_iobinding(io)
         return io.copy_outputs_to_cpu()[0]
 
 
@@ -144,7 +146,8 @@ class CachedEvaluator(StepEvaluator):
         t0 = time.perf_counter()
         names = list(self.split.cut.tensors)
         feed = x if isinstance(x, dict) else {self.plain.model.input_name: x}
-        outs = self.prefix.run(names, feed)
+        with run_errors("the frozen prefix"):
+            outs = self.prefix.run(names, feed)
         self.prefix_seconds += time.perf_counter() - t0
         return dict(zip(names, outs, strict=True))
 
