@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import edgelearn as el
+from edgelearn.argtypes import positive_int as _positive
 
 
 class UsageError(SystemExit):
@@ -72,15 +73,6 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}; dims must be positive")
     return dims
 
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _runtime_config(args: argparse.Namespace) -> el.RuntimeConfig:

@@ -24,7 +24,7 @@ PRIVATE_IMPORTS_ALLOWED: set[str] = set()
 #: Clients of the public surface (`import edgelearn as el`), as globs under the root.
 SURFACE_CLIENTS = ("edgelearn/cli.py", "edgelearn/demo.py", "examples/*.py")
 #: The CLI's own command-line modules, which edgelearn/cli.py alone may import directly.
-CLI_OWN = {"edgelearn.paths", "edgelearn.figures", "edgelearn.demo"}
+CLI_OWN = {"edgelearn.paths", "edgelearn.figures", "edgelearn.demo", "edgelearn.argtypes"}
 
 
 def _sources(*folders: str) -> list[Path]:

@@ -15,18 +15,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from edgelearn.argtypes import positive_int as _positive
 from edgelearn.errors import InputError
 from edgelearn.fleet.settings import STRATEGIES, FleetSettings
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 def _port(text: str) -> int:
