@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelearn.backends.base import Backend, PopulationScorer
-from edgelearn.backends.ort_graph import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.backends.ort_graph import (
+    baked_model_bytes,
+    configure,
+    import_ort,
+    load_checked_model,
+)
 from edgelearn.errors import BundleError
 
 if TYPE_CHECKING:
@@ -74,7 +79,7 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        return so
+        return configure(so)
 
     def _session(self, store: ParamStore) -> Any:
         """An InferenceSession over the graph with the store's frozen parameters baked in."""

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgelearn.backends.base import PopulationScorer
-from edgelearn.backends.ort_graph import baked_model_bytes, import_ort, load_checked_model
+from edgelearn.backends.ort_graph import (
+    baked_model_bytes,
+    configure,
+    import_ort,
+    load_checked_model,
+)
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 
 if TYPE_CHECKING:
@@ -53,6 +58,7 @@ class OrtPopulation(PopulationScorer):
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
+        configure(so)
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         path = bundle.files[POP_ROLE]
         # bytes that passed load_checked_model, as in OrtBackend: ORT never opens a path
