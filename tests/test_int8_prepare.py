@@ -14,6 +14,7 @@ import pytest
 from onnx_models import mlp_onnx, quantize_qdq
 from sessions import replay_journal, train
 
+from edgelearn.backends.ort_graph import SESSION_CONFIG
 from edgelearn.bundle import load_bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import InputError
@@ -149,10 +150,10 @@ def test_zo_scale_trains_scales_by_role_and_replays(form, tmp_path) -> None:
 
 
 def test_polystep_trains_int8_on_grid_replays_and_bakes(form, tmp_path) -> None:
-    _, path, data = form
+    name, path, data = form
     bundle = load_bundle(path)
-    res = train(bundle, data, tmp_path / "run", optimizer="polystep",
-                options={"radius": 2.0}, steps=4, batch_size=64)
+    res = train(bundle, data, tmp_path / "run", optimizer="polystep", steps=4,
+                batch_size=64)  # default radius: 2 quantization steps on the int8 arena
     base = bundle.load_store()
     model = Model(bundle, weights=res["weights"])
     moved = [p.name for p in bundle.params if p.dtype == "int8"
@@ -166,10 +167,51 @@ def test_polystep_trains_int8_on_grid_replays_and_bakes(form, tmp_path) -> None:
     baked = onnx.load(out["inference"]["onnx"])
     dtypes = {t.name: t.data_type for t in baked.graph.initializer}
     assert all(dtypes[n] == onnx.TensorProto.INT8 for n in moved)  # int8 stays int8
-    sess = ort.InferenceSession(out["inference"]["onnx"], providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()  # onnxruntime as edgelearn runs it (QDQ as written)
+    for k, v in SESSION_CONFIG.items():
+        so.add_session_config_entry(k, v)
+    sess = ort.InferenceSession(out["inference"]["onnx"], so, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": data.x[:64]})[0]
     want = model.predict(data.x[:64])
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want))
+    fused = json.loads((tmp_path / "baked" / "manifest.json").read_text())["baked"].get(
+        "fused_int8")
+    assert (fused is not None) == (name == "qdq")  # only QDQ graphs fuse into int8 kernels
+
+
+@pytest.mark.parametrize("form", ["qdq"], indirect=True)
+def test_default_polystep_radius_follows_the_arena(form, tmp_path) -> None:
+    """No --opt radius: int8 weights move by quantization steps and the loss does not rise;
+    the header keeps radius null and replay is bit-exact."""
+    _, path, data = form
+    bundle = load_bundle(path)
+    before = Model(bundle).evaluate(data)
+    res = train(bundle, data, tmp_path / "run", optimizer="polystep", steps=20, batch_size=64)
+    after = Model(bundle, weights=res["weights"]).evaluate(data)
+    assert after["loss"] <= before["loss"], (before, after)
+    from edgelearn.journal import iter_journal
+
+    header, first = list(iter_journal(Path(res["journal"]), max_records=2))
+    assert header["config"]["radius"] is None
+    assert first["radius"] == 2.0  # t = 0 of the cosine schedule, in quantization steps
+    store, _ = replay_journal(bundle, res["journal"])
+    assert store.digest() == res["sha256"]
+
+
+def test_explicit_radius_and_float_default_are_unchanged() -> None:
+    """An explicit radius resolves (and journals) as before; the float default is 0.05."""
+    explicit = make_optimizer("polystep", radius=0.05, seed=1)
+    assert {k: explicit.config()[k] for k in ("radius", "radius_final", "probe_radius")} == \
+        {"radius": 0.05, "radius_final": 0.005, "probe_radius": 0.05}
+    default = make_optimizer("polystep", seed=1)
+    assert default.config()["radius"] is None
+    assert default.schedule(3, "float32") == explicit.schedule(3)
+    assert default.schedule(0, "int8")[1:] == (2.0, 2.0)
+    a, b = _store(2), _store(2)
+    for opt, st in ((default, a), (explicit, b)):
+        for _ in range(3):
+            opt.step(st, lambda st=st: float((st.flat() ** 2).sum()))
+    assert a.digest() == b.digest()
 
 
 def test_prepare_recognises_qoperator_form(tmp_path) -> None:
@@ -204,63 +246,6 @@ def test_prepare_recognises_qoperator_form(tmp_path) -> None:
     np.testing.assert_allclose(Model(bundle).predict(x), want, rtol=0, atol=tolerance(want))
     store = bundle.load_store(trainable="@scale")
     assert store.n_trainable() == 32 + 32 + 10
-
-
-def _conv_qdq(tmp: Path) -> Path:
-    """Conv + Relu quantized static QDQ (uint8 activations, int8 per-channel weights)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["y"])], "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp / "conv.onnx"))
-    x = rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
-    from onnxruntime.quantization import QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"x": x[i : i + 8]} for i in range(0, 32, 8)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.it, None)
-
-    quantize_static(str(tmp / "conv.onnx"), str(tmp / "q.onnx"), Reader(),
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True)
-    return tmp / "q.onnx"
-
-
-def test_fused_int8_kernels_that_disagree_are_explained(tmp_path) -> None:
-    """On CPUs whose fused int8 conv kernels differ from the float-dequantized graph (AVX2
-    without VNNI here), scales as inputs fail parity: the error says what to do, and the
-    advice works."""
-    from edgelearn.prepare import ModelError, example_inputs
-
-    src = _conv_qdq(tmp_path)
-    res = prepare_onnx(src, tmp_path / "a", trainable="@int8")
-    assert res["trainable_params"] == 8 * 3 * 3 * 3
-    feeds = example_inputs([{"name": "x", "shape": ["batch", 3, 8, 8], "dtype": "float32"}])
-    outs = []
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  ort.GraphOptimizationLevel.ORT_DISABLE_ALL):  # fused / the graph as written
-        so = ort.SessionOptions()
-        so.graph_optimization_level = level
-        outs.append(ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-                    .run(None, feeds)[0])
-    if np.abs(outs[0] - outs[1]).max() <= tolerance(outs[0]):
-        prepare_onnx(src, tmp_path / "b")  # kernels agree on this CPU: scales train too
-        return
-    with pytest.raises(ModelError, match="--trainable '@int8'"):
-        prepare_onnx(src, tmp_path / "b")
 
 
 def test_role_selector_says_what_is_missing(tmp_path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from edgelearn.backends.base import Backend, PopulationScorer
 from edgelearn.backends.ort_graph import (
     baked_model_bytes,
+    configure,
     import_ort,
     load_checked_model,
     run_errors,
@@ -79,7 +80,7 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 4  # failures surface as our one-line errors
-        return so
+        return configure(so)
 
     def _session(self, store: ParamStore) -> Any:
         """An InferenceSession over the graph with the store's frozen parameters baked in."""

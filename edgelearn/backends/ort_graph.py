@@ -31,6 +31,26 @@ def import_ort() -> Any:
 
 _import_ort = import_ort  # the name edgelearn.prepare imports
 
+#: session config entries every edgelearn onnxruntime session sets. disable_quant_qdq: ORT fuses
+#: a QDQ group (DequantizeLinear -> Conv/MatMul -> QuantizeLinear) into one int8 kernel only
+#: while its scales are constants, so a prepared bundle whose scales are live inputs would run
+#: the graph's float DequantizeLinear path while the original (and the baked model) ran the
+#: fused kernel, and the two differ: on x64 CPUs without VNNI the fused u8s8 kernels sum
+#: u8 x s8 pairs in saturating int16 (measured on this project's AVX2 host: a quantize_static
+#: conv 1.05 off on outputs of 4.6; elsewhere requantization rounds differently from
+#: QuantizeLinear). With "1" every graph runs as written (the ONNX semantics), whether its
+#: scales and weights are constants or inputs, on every CPU. (`session.x64quantprecision`
+#: also removes the saturation, but onnxruntime 1.32 then fails to load a QDQ model whose
+#: int8 weight feeds two nodes: "Attempt to replace the existing tensor".)
+SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+
+
+def configure(so: Any) -> Any:
+    """Apply `SESSION_CONFIG` to an onnxruntime SessionOptions; returns it."""
+    for key, value in SESSION_CONFIG.items():
+        so.add_session_config_entry(key, value)
+    return so
+
 
 @contextmanager
 def run_errors(what: str = "the model") -> Iterator[None]:

@@ -16,6 +16,7 @@ import numpy as np
 from edgelearn.backends.base import PopulationScorer
 from edgelearn.backends.ort_graph import (
     baked_model_bytes,
+    configure,
     import_ort,
     load_checked_model,
     run_errors,
@@ -58,6 +59,7 @@ class OrtPopulation(PopulationScorer):
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 4  # failures surface as our one-line errors
+        configure(so)
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         path = bundle.files[POP_ROLE]
         # bytes that passed load_checked_model, as in OrtBackend: ORT never opens a path

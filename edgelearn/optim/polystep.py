@@ -30,8 +30,11 @@ exactly W_t (probes are written from a copy of the probed tensor, so restore is 
 int8 arenas (weights stored as int8 with exported per-channel scales): the subspace lives in
 units of each channel's quantization step, and every candidate and update is rounded onto the
 int8 grid (deterministic round-half-even, or stochastic rounding from seeded uniforms) and
-saturated at [-127, 127]. There is no float shadow copy of the weights: a step keeps an int8
-copy of the probed tensor and float32 temporaries of one tensor's size.
+saturated at [-127, 127]. The default radius follows the arena (`DEFAULT_RADIUS`): 0.05 weight
+units on float32, 2 quantization steps on int8 (the float default would round every move of
+an int8 weight to zero); a journal whose header gives a radius replays with that radius.
+There is no float shadow copy of the weights: a step keeps an int8 copy of the probed tensor
+and float32 temporaries of one tensor's size.
 
 Population batching: all 16 * P candidates of a step are requested as one `Population`, so a
 backend with a population graph scores them in one runtime call; otherwise the base class
@@ -60,6 +63,11 @@ BLOCK = 8
 VERTICES = 2 * BLOCK
 ROUNDINGS = ("deterministic", "stochastic")
 ARENAS = ("auto", "float32", "int8")
+#: the radius (at t = 0) an arena gets when the options leave it null: weight units on float32;
+#: quantization steps on int8, where a move below half a step rounds to nothing (measured on
+#: the generated int8 MLPs of tests/test_int8_prepare.py, 30 steps: radius 0.05 moved no
+#: weight, 0.5-2 lowered the loss on all three forms, 4 raised it on two)
+DEFAULT_RADIUS = {"float32": 0.05, "int8": 2.0}
 # Probe-index domains inside edgelearn.rng's (seed, step, probe) keys, so projection columns,
 # rotations and rounding uniforms never share a stream.
 _PROJ, _ROT, _ROUND, _PICK = 1 << 24, 2 << 24, 3 << 24, 4 << 24
@@ -159,8 +167,9 @@ class PolyStepOptions(OptimizerOptions):
 
     rank: int = field(default=16, metadata=meta(
         "subspace dimension per weight tensor (a multiple of 8; 8 coordinates = 1 particle)"))
-    radius: float = field(default=0.05, metadata=meta(
-        "step radius at t = 0 (weight units for float32; quantization steps for int8)"))
+    radius: float | None = field(default=None, metadata=meta(
+        "step radius at t = 0, in weight units on a float32 arena, in quantization steps on "
+        "an int8 one (null: the arena's default, 0.05 for float32, 2 steps for int8)"))
     radius_final: float | None = field(default=None, metadata=meta(
         "step radius at the end of the cosine schedule (null: radius / 10)"))
     probe_radius: float | None = field(default=None, metadata=meta(
@@ -206,12 +215,22 @@ class PolyStepOptions(OptimizerOptions):
               f"max_particles must be a positive integer or null, got {self.max_particles!r}")
         check(self.total_steps is None or self.total_steps > 0,
               f"total_steps must be a positive integer, got {self.total_steps!r}")
-        # resolved here, so config() (the journal header) holds the values the run uses
-        for nm, v, resolved in (("radius_final", self.radius_final, self.radius / 10),
-                                ("probe_radius", self.probe_radius, self.radius),
-                                ("eps_final", self.eps_final, self.eps / 10)):
+        # resolved here, so config() (the journal header) holds the values the run uses; with
+        # radius null the radii follow the arena (`radii`), which the trainable set fixes
+        resolve = [("eps_final", self.eps_final, self.eps / 10)]
+        if self.radius is not None:
+            resolve += [("radius_final", self.radius_final, self.radius / 10),
+                        ("probe_radius", self.probe_radius, self.radius)]
+        for nm, v, resolved in resolve:
             if v is None:
                 object.__setattr__(self, nm, resolved)
+
+    def radii(self, arena: str) -> tuple[float, float, float]:
+        """(radius, radius_final, probe_radius) on `arena` ("float32" or "int8"): the options
+        where set, else `DEFAULT_RADIUS[arena]`, a tenth of it, and it."""
+        r = self.radius if self.radius is not None else DEFAULT_RADIUS[arena]
+        r_final = self.radius_final if self.radius_final is not None else r / 10
+        return r, r_final, self.probe_radius if self.probe_radius is not None else r
 
 
 @register
@@ -266,11 +285,12 @@ class PolyStep(Optimizer):
         m = max((b - a for _, a, b in store.segments(dtype)), default=0)
         return m * (np.dtype(dtype).itemsize + 4 * BLOCK + 8)
 
-    def schedule(self, t: int) -> tuple[float, float, float]:
-        """(eps, step radius, probe radius) at step t."""
+    def schedule(self, t: int, arena: str = "float32") -> tuple[float, float, float]:
+        """(eps, step radius, probe radius) at step t on `arena` (see `PolyStepOptions.radii`)."""
         o = self.options
-        r = cosine(t, o.total_steps, o.radius, o.radius_final)
-        return cosine(t, o.total_steps, o.eps, o.eps_final), r, o.probe_radius * r / o.radius
+        r0, r_final, r_probe = o.radii(arena)
+        r = cosine(t, o.total_steps, r0, r_final)
+        return cosine(t, o.total_steps, o.eps, o.eps_final), r, r_probe * r / r0
 
     # -- candidates -------------------------------------------------------------------------
     def _round(self, v: np.ndarray, key: int) -> np.ndarray:
@@ -296,7 +316,7 @@ class PolyStep(Optimizer):
         if theta.size == 0:
             raise InputError(f"polystep needs trainable {dtype} parameters; none are selected")
         t = self.t
-        eps, r_step, r_probe = self.schedule(t)
+        eps, r_step, r_probe = self.schedule(t, dtype)
         every = self.particles(store)
         ids = self.chosen(len(every), t)  # global particle index keys its random streams
         parts = [every[i] for i in ids]

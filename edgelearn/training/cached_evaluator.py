@@ -46,10 +46,10 @@ MAX_CUTS = 4
 
 def _session(model: bytes, threads: int | None, providers: Sequence[str]) -> Any:
     """An onnxruntime session with the plain backend's options (same kernels, same floats)."""
-    from edgelearn.backends.ort_graph import import_ort
+    from edgelearn.backends.ort_graph import configure, import_ort
 
     ort = import_ort()
-    so = ort.SessionOptions()
+    so = configure(ort.SessionOptions())
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
