@@ -106,13 +106,14 @@ class CachedEvaluator(StepEvaluator):
     """Loss forwards on cached prefix features (see the module docstring).
 
     Args:
-        plain: the uncached evaluator (first-batch check, and the fallback).
+        plain: the uncached evaluator (first-batch check, and the fallback; a
+            `CachedTapsEvaluator` passes its taps evaluator).
         split: the bundle's split. store: the trainable arena.
         threads / providers: the run's onnxruntime settings.
         capacity: bytes of features kept in memory.
     """
 
-    def __init__(self, plain: LossEvaluator, split: Split, store: Any, *,
+    def __init__(self, plain: LossEvaluator | Any, split: Split, store: Any, *,
                  threads: int | None, providers: Sequence[str], capacity: int) -> None:
         super().__init__(plain.timers)
         self.plain, self.split = plain, split

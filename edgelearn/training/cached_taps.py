@@ -55,8 +55,8 @@ class CachedTapsEvaluator(CachedEvaluator):
     def __init__(self, plain: TapsEvaluator, split: Split, store: Any, *, input_name: str,
                  taps: Sequence[str], threads: int | None, providers: Sequence[str],
                  capacity: int) -> None:
-        super().__init__(plain, split, store, threads=threads,  # type: ignore[arg-type]
-                         providers=providers, capacity=capacity)
+        super().__init__(plain, split, store, threads=threads, providers=providers,
+                         capacity=capacity)
         self.taps_plain = plain
         self.input_name = input_name
         self.taps = tuple(taps)
@@ -77,7 +77,8 @@ class CachedTapsEvaluator(CachedEvaluator):
 
     def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
         base = self.taps_plain.forwards(x, y)
-        if self.disabled is not None:
+        plain_taps = base.taps
+        if self.disabled is not None or plain_taps is None:
             return base
         held: list[dict[str, np.ndarray]] = []
 
@@ -87,7 +88,7 @@ class CachedTapsEvaluator(CachedEvaluator):
                 if not self.checked:
                     self._check(x, held[0])
             if self.disabled is not None:
-                return base.taps()  # type: ignore[misc]
+                return plain_taps()
             t0 = time.perf_counter()
             out = self._split_taps(x, held[0])
             self.timers.forward.append(time.perf_counter() - t0)
@@ -145,7 +146,7 @@ def taps_read(opt: Optimizer, store: ParamStore, input_name: str) -> list[str]:
     outputs the plain taps evaluator keeps (`edgelearn.layers.needed_taps`)."""
     from edgelearn.layers import needed_taps
 
-    layers = opt.layers  # type: ignore[attr-defined]
+    layers = getattr(opt, "layers", [])  # set up by make_evaluator (tpsgd, hybrid)
     need = needed_taps(layers, set(store.trainable_names)) - {input_name}
     logits = layers[-1].preact
     return [logits, *sorted(need - {logits})]
