@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from backbone_models import mobilenet_onnx, transformer_onnx
+from onnx_models import embedder_onnx
 
 import edgelearn as el
 from edgelearn.cli import main
@@ -90,6 +91,8 @@ def test_cached_taps_run_is_bit_identical(cnn: Path, tmp_path: Path, optimizer: 
     assert cached.loss_first != cached.loss_last  # it did train
     bundle = el.load_bundle(cnn)
     assert el.replay(bundle, cached.journal, data=data).sha256 == plain.sha256
+    assert el.replay(bundle, plain.journal, data=data, prefix_cache=True).sha256 \
+        == plain.sha256
     half = tmp_path / "half"
     run(cnn, half, optimizer, True, data, steps=5)
     with el.Session.resume(half) as s:  # replays 5 steps through the cached evaluator
@@ -130,6 +133,25 @@ def test_demo_bundle_exporter_taps(tmp_path: Path) -> None:
     assert cached.cache["cut"] == ["layers.0:out"]
     assert same_run(cached, run(DEMO, tmp_path / "p", "tpsgd", False, data,
                                 trainable="head.*"))
+
+
+@pytest.mark.parametrize("optimizer", ["tpsgd", "hybrid"])
+def test_two_input_text_head(tmp_path: Path, optimizer: str) -> None:
+    """int64 ids + mask, a masked-mean head: the sequence dim is symbolic (no probe batch at
+    setup), so the first real batch's check decides; identical either way."""
+    src = embedder_onnx(tmp_path / "enc.onnx", int_inputs=True)
+    bundle = tmp_path / "b"
+    el.tools.prepare(src, bundle, new_head="tokens:2", pool="masked-mean",
+                     mask="attention_mask")
+    rng = np.random.default_rng(0)
+    mask = (np.arange(6)[None, :] < rng.integers(2, 7, 24)[:, None]).astype(np.int64)
+    ids = rng.integers(3, 9, (24, 6)) * mask
+    data = el.Dataset({"input_ids": ids, "attention_mask": mask}, rng.integers(0, 2, 24))
+    cached = run(bundle, tmp_path / "c", optimizer, True, data, steps=10)
+    assert cached.cache["enabled"], cached.cache
+    assert cached.cache["taps_cached"] == cached.cache["cut"]  # the pooled head input
+    assert cached.cache["cached_examples"] == 24
+    assert same_run(cached, run(bundle, tmp_path / "p", optimizer, False, data, steps=10))
 
 
 def test_failed_first_batch_check_falls_back(cnn: Path, tmp_path: Path) -> None:
