@@ -15,6 +15,8 @@ record whether a run was cached: replay and resume do not care.
 
 onnxruntime only: the split is an ONNX graph, and LiteRT's floats differ from onnxruntime's,
 so a LiteRT run computing its features with either runtime would not match the uncached run.
+The taps forwards of tpSGD and the hybrid cache the same way (`CachedTapsEvaluator` in
+`edgelearn.training.cached_taps`, a subclass of `CachedEvaluator`).
 """
 
 from __future__ import annotations
