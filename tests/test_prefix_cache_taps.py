@@ -222,3 +222,27 @@ def test_exported_hidden_layer_taps(tmp_path: Path) -> None:
     assert rep["taps_cached"] == rep["cut"]  # layers.1's input
     assert rep["suffix_nodes"] >= 3
     assert same_run(cached, run(bundle, tmp_path / "p", "tpsgd", False, data))
+
+
+def test_live_tpsgd_steps_and_resume(cnn: Path, tmp_path: Path) -> None:
+    """Samples fed one at a time (content keys, recorded samples): cached == uncached, and
+    reopening the cached run replays the recorded samples through the cache."""
+    data = data_for(cnn, n=6)
+    digests = []
+    for cache in (True, False):
+        cfg = config("tpsgd", record_samples=True)
+        with el.Session(cnn, tmp_path / str(cache), cfg, runtime(cache)) as s:
+            for t in range(10):
+                s.step((data.x[t % 6], data.y[t % 6]))
+            digests.append(s.digest())
+            if cache:
+                assert s.evaluator.cache_report()["cached_examples"] == 6
+    assert digests[0] == digests[1]
+    with el.Session.resume(tmp_path / "True") as s:
+        assert isinstance(s.evaluator, CachedTapsEvaluator)
+        s.step((data.x[0], data.y[0]))  # opens the run: replays 10 steps first
+        assert s.optimizer.t == 11
+        again = s.digest()
+    with el.Session.resume(tmp_path / "False") as s:
+        s.step((data.x[0], data.y[0]))
+        assert s.digest() == again
