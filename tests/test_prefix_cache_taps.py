@@ -202,6 +202,7 @@ def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # a torch export: 9-24 s on the 2-core machine
 def test_exported_hidden_layer_taps(tmp_path: Path) -> None:
     """An exported MLP training its last hidden layer and head: the hidden layer's input is
     the cut (cached), its pre-activation and output come from the suffix."""
