@@ -26,6 +26,15 @@ so both see the same machine load. Reported per backbone:
   identical: a cached run of as many steps as the uncached one ends with the same weights
       sha256 and the same journal bytes;
   live_*: one sample per `Session.step` (keys are a sha256 per sample), batch 1.
+And a tpSGD row per backbone (`tpsgd`): the same head trained with tpsgd (one taps forward
+of model_taps.onnx per step, its head-only taps graph found in the ONNX graph), cached (the
+taps graph's suffix on cached features) vs uncached, interleaved the same way:
+  step_ms_uncached / step_ms_cached_warm / speedup as above;
+  head_forward_ms: the head-alone bundle's forward on cached features, interleaved;
+  step_per_head_forward = step_ms_cached_warm / head_forward_ms (a tpSGD step is ONE taps
+      forward plus the head's exact gradient in numpy);
+  identical: a cached tpsgd run of as many steps as the uncached one ends with the same
+      weights sha256 and journal bytes, and an uncached replay of it gives the same sha256.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
@@ -154,7 +163,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
     ev = sessions["cached"].evaluator
     feats = el.Dataset(ev.run_prefix(data.x)[ev.split.cut.tensors[0]], data.y)
     head = head_bundle(sessions["cached"], tmp / f"{name}_head")
-    sessions["head_alone"] = session(head, "head", False)
+    sessions["head_alone"] = session(head, "head_alone", False)  # not the bundle dir
     head_model = sessions["head_alone"].model  # Unstable internals: the bound head
     times = {k: StepTimes() for k in sessions}
     fwd: list[float] = []
@@ -200,6 +209,61 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
     }
 
 
+def compare_tpsgd(name: str, tmp: Path, chunks: int, slow: int, fast: int
+                  ) -> dict[str, Any]:
+    """tpsgd on the bundle and head-alone bundle `compare` prepared: cached vs uncached steps
+    and head-alone forwards, interleaved in chunks."""
+    bundle = tmp / f"{name}_bundle"
+    spec = el.load_bundle(bundle).inputs[0]
+    rng = np.random.default_rng(0)  # the same data as `compare`
+    data = el.Dataset(rng.standard_normal((N, *spec.shape[1:])).astype(np.float32),
+                      rng.integers(0, 2, N))
+    cfg = el.TrainConfig(optimizer="tpsgd", batch_size=BATCH, fsync_every=1 << 20)
+
+    def session(run: str, cache: bool) -> el.Session:
+        return el.Session(bundle, tmp / f"{name}_tpsgd_{run}", cfg, el.RuntimeConfig(
+            backend="onnxruntime", device=None, threads=1, prefix_cache=cache))
+
+    sessions = {"cached": session("cached", True), "uncached": session("uncached", False)}
+    ev = sessions["cached"].evaluator  # Unstable internals: a CachedTapsEvaluator here
+    head = el.tools.Model(el.load_bundle(tmp / f"{name}_head"), backend="onnxruntime",
+                          threads=1)
+    cut = ev.split.cut.tensors[0] if hasattr(ev, "split") else None
+    feats = ev.run_prefix(data.x[:BATCH])[cut] if cut == head.input_name else None
+    times = {k: StepTimes() for k in sessions}
+    fwd: list[float] = []
+    results: dict[str, Any] = {}
+    for k in range(1, chunks + 1):
+        for c, s in sessions.items():
+            results[c] = s.run(data, k * (slow if c == "uncached" else fast),
+                               callbacks=[times[c]])
+        for _ in range(20 if feats is not None else 0):
+            t0 = time.perf_counter()
+            head.predict(feats)
+            fwd.append(time.perf_counter() - t0)
+        log(f"{name} tpsgd: chunk {k}: step cached {1e3 * times['cached'].seconds[-1]:.3f} "
+            f"ms, uncached {1e3 * times['uncached'].seconds[-1]:.1f} ms")
+    r_u = results["uncached"]
+    for s in sessions.values():
+        s.close()
+    with session("cached_check", True) as s:
+        r_c = s.run(data, r_u.steps)
+    replayed = el.replay(el.load_bundle(bundle), r_c.journal, data=data)
+    cached, uncached = median_ms(times["cached"].seconds[fast:]), median_ms(
+        times["uncached"].seconds)
+    head_fwd = median_ms(fwd) if fwd else None
+    return {
+        "cache": {k: r_c.cache.get(k) for k in ("enabled", "reason", "cut", "taps_cached",
+                                                "prefix_nodes", "suffix_nodes")},
+        "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
+        "speedup": uncached / cached, "head_forward_ms": head_fwd,
+        "step_per_head_forward": cached / head_fwd if head_fwd else None,
+        "identical": r_c.sha256 == r_u.sha256 == replayed.sha256
+        and Path(r_c.journal).read_bytes() == Path(r_u.journal).read_bytes(),
+        "identical_steps": r_u.steps,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller backbones, fewer steps")
@@ -211,6 +275,8 @@ def main() -> None:
         for name, (src, output) in backbones(tmp, args.quick).items():
             out[name] = compare(name, src, output, tmp, chunks=4, slow=3 if args.quick else 2,
                                 fast=25)
+            out[name]["tpsgd"] = compare_tpsgd(name, tmp, chunks=4,
+                                               slow=3 if args.quick else 2, fast=25)
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -260,6 +260,12 @@ def _info_text(info: dict[str, Any]) -> str:
             f"{', '.join(cache['cut'])} ({cache['row_bytes']} bytes/example); onnxruntime"
             if cache.get("enabled") else f"no: {cache.get('reason')}")
     lines += textwrap.wrap(f"  prefix cache: {text}", 96, subsequent_indent=" " * 16)
+    taps = cache.get("taps")
+    if taps is not None:  # the taps graph's cut (tpsgd, hybrid)
+        text = (f"yes: cut at {', '.join(taps['cut'])}" if taps.get("enabled") else
+                f"no: {taps.get('reason')}")
+        lines += textwrap.wrap(f"  prefix cache (tpsgd, hybrid): {text}", 96,
+                               subsequent_indent=" " * 16)
     return "\n".join(lines)
 
 

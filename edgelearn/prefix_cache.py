@@ -111,14 +111,16 @@ def _row_shape(vi: Any, batch: str | None, onnx: Any) -> tuple[tuple[int, ...], 
 
 
 def find_cut(model: Any, trainable: Iterable[str], data_inputs: Sequence[str],
-             output: str, *, after: Iterable[str] = ()) -> Cut | str:
+             output: str | Sequence[str], *, after: Iterable[str] = ()) -> Cut | str:
     """The cut of `model` (shape-inferred ModelProto) before every `trainable` weight.
 
     Args:
         model: the ONNX model with shapes inferred (`onnx.shape_inference.infer_shapes`).
         trainable: names of the trainable parameters (graph inputs).
         data_inputs: the model's data input names (their first dim is the batch).
-        output: the model output the loss reads.
+        output: the model output the loss reads; or several (a taps graph's: the logits
+            first, then the layer taps a tpSGD step reads), each either made by the suffix
+            or a cut tensor itself (a tap above the cut, e.g. a head's input, is cached).
         after: tensors whose producers must go to the suffix (a cut that a runtime check
             refused moves above them).
     Returns: the Cut, or a sentence saying why there is none worth caching.
@@ -130,6 +132,8 @@ def find_cut(model: Any, trainable: Iterable[str], data_inputs: Sequence[str],
     values = {v.name: v for v in [*g.input, *g.value_info, *g.output]}
     batch = next((vi.type.tensor_type.shape.dim[0].dim_param for vi in g.input
                   if vi.name == data_inputs[0] and vi.type.tensor_type.shape.dim), None)
+    outs = [output] if isinstance(output, str) else list(output)
+    output = outs[0]
     live, live_t = _closure(nodes, set(trainable), set())
     if output not in live_t:
         return f"no trainable weight reaches the output {output!r}"
@@ -140,7 +144,7 @@ def find_cut(model: Any, trainable: Iterable[str], data_inputs: Sequence[str],
         made -= set(data_inputs)
         producer = {t: i for i in prefix for t in nodes[i].output}
         suffix = [i for i in range(len(nodes)) if i not in prefix]
-        read = set().union(*(_reads(nodes[i]) for i in suffix)) | {output}
+        read = set().union(*(_reads(nodes[i]) for i in suffix)) | set(outs)
         cut = sorted(t for t in made & read)
         bad = [t for t in cut if t not in values or _row_shape(values[t], batch, onnx) is None]
         if not bad:
@@ -178,19 +182,22 @@ class SplitPlanner:
         frozen: frozen parameter name -> value (baked as initializers, as the plain session).
         trainable: trainable parameter names.
         data_inputs: the bundle's data input names.
-        output: the output the loss reads (other outputs are dropped).
+        output: the output the loss reads (other outputs are dropped); or the outputs a
+            step reads, first the one that must depend on a trainable weight (`find_cut`).
     """
 
     def __init__(self, model_path: str | os.PathLike, frozen: dict[str, np.ndarray],
-                 trainable: Sequence[str], data_inputs: Sequence[str], output: str) -> None:
+                 trainable: Sequence[str], data_inputs: Sequence[str],
+                 output: str | Sequence[str]) -> None:
         import onnx
 
         from edgelearn.backends.ort_graph import baked_model_bytes
 
-        self.data_inputs, self.output = list(data_inputs), output
+        self.outputs = [output] if isinstance(output, str) else list(output)
+        self.data_inputs, self.output = list(data_inputs), self.outputs[0]
         self.model: Any = None
         self.error: str | None = None
-        model = onnx.load_from_string(baked_model_bytes(model_path, frozen, [output]))
+        model = onnx.load_from_string(baked_model_bytes(model_path, frozen, self.outputs))
         try:
             self.model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         except Exception as e:  # onnx raises its own InferenceError types
@@ -206,13 +213,14 @@ class SplitPlanner:
         if self.error is not None:
             return self.error
         data, live = self.data_inputs, self.live
-        cut = find_cut(self.model, live, data, self.output, after=after)
+        cut = find_cut(self.model, live, data, self.outputs, after=after)
         if isinstance(cut, str):
             return cut
         try:
             ex = Extractor(self.model)
             pre = ex.extract_model(data, list(cut.tensors))
-            suf = ex.extract_model([*cut.tensors, *cut.passthrough, *live], [self.output])
+            suf = ex.extract_model([*cut.tensors, *cut.passthrough, *live],
+                                   suffix_outputs(cut, self.outputs))
         except Exception as e:  # Extractor raises KeyError/ValueError on untyped values
             return f"onnx.utils.Extractor could not split the graph ({type(e).__name__}: {e})"
         pre_inputs = {i.name for i in pre.graph.input}
@@ -221,6 +229,12 @@ class SplitPlanner:
             return f"the prefix reads {sorted(pre_inputs - set(data))[:3]}, not only data"
         cut = replace(cut, suffix_nodes=len(suf.graph.node))
         return Split(cut, pre.SerializeToString(), suf.SerializeToString(), tuple(used))
+
+
+def suffix_outputs(cut: Cut, outputs: Sequence[str]) -> list[str]:
+    """The outputs the suffix graph computes: those that are not cut tensors or data inputs
+    (a tap above the cut is read from the cached features, a data input from the batch)."""
+    return [o for o in outputs if o not in cut.tensors and o not in cut.passthrough]
 
 
 def plan_split(model_path: str | os.PathLike, frozen: dict[str, np.ndarray],

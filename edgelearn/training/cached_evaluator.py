@@ -15,6 +15,8 @@ record whether a run was cached: replay and resume do not care.
 
 onnxruntime only: the split is an ONNX graph, and LiteRT's floats differ from onnxruntime's,
 so a LiteRT run computing its features with either runtime would not match the uncached run.
+The taps forwards of tpSGD and the hybrid cache the same way (`CachedTapsEvaluator` in
+`edgelearn.training.cached_taps`, a subclass of `CachedEvaluator`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from edgelearn.backends.ort_graph import run_errors
 from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import EdgelearnError
-from edgelearn.inputs import Inputs, has_batch_axis, take
+from edgelearn.inputs import Inputs, has_batch_axis, n_rows, take
 from edgelearn.prefix_cache import (
     DEFAULT_CAPACITY,
     FeatureCache,
@@ -79,6 +81,19 @@ class SuffixRunner:
             self.io.bind_ortvalue_input(name, ov)
             self._keep.append((view, ov))
         self.output = self.session.get_outputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output of the suffix graph (a taps suffix: the logits and the layer taps)."""
+        io = self.io
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        io.clear_binding_outputs()
+        for name in self.outputs:
+            io.bind_output(name, "cpu")
+        with run_errors("the cached suffix"):
+            self.session.run_with_iobinding(io)
+        return dict(zip(self.outputs, io.copy_outputs_to_cpu(), strict=True))
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The model output for the cut tensors (and passthrough inputs) in `feeds`."""
@@ -96,13 +111,14 @@ class CachedEvaluator(StepEvaluator):
     """Loss forwards on cached prefix features (see the module docstring).
 
     Args:
-        plain: the uncached evaluator (first-batch check, and the fallback).
+        plain: the uncached evaluator (first-batch check, and the fallback; a
+            `CachedTapsEvaluator` passes its taps evaluator).
         split: the bundle's split. store: the trainable arena.
         threads / providers: the run's onnxruntime settings.
         capacity: bytes of features kept in memory.
     """
 
-    def __init__(self, plain: LossEvaluator, split: Split, store: Any, *,
+    def __init__(self, plain: LossEvaluator | Any, split: Split, store: Any, *,
                  threads: int | None, providers: Sequence[str], capacity: int) -> None:
         super().__init__(plain.timers)
         self.plain, self.split = plain, split
@@ -115,6 +131,8 @@ class CachedEvaluator(StepEvaluator):
         #: cuts tried before this one and why the check refused them
         self.refused: list[dict[str, Any]] = []
         self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
+        #: the single data input's name (a multi-input model's batches are dicts)
+        self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
 
     # -- feeds -----------------------------------------------------------------------------
     def indexed_batches(self, data: Dataset, batch_size: int, seed: int
@@ -145,7 +163,7 @@ class CachedEvaluator(StepEvaluator):
         """The cut tensors of batch `x` from the prefix graph (uncached)."""
         t0 = time.perf_counter()
         names = list(self.split.cut.tensors)
-        feed = x if isinstance(x, dict) else {self.plain.model.input_name: x}
+        feed = x if isinstance(x, dict) else {self.input_name: x}
         with run_errors("the frozen prefix"):
             outs = self.prefix.run(names, feed)
         self.prefix_seconds += time.perf_counter() - t0
@@ -205,8 +223,16 @@ class CachedEvaluator(StepEvaluator):
             return (f"the split graphs' output differs from the whole graph's (max |diff| "
                     f"{diff:.3g}): the runtime fuses nodes across the cut",
                     set(self.split.cut.tensors))
+        return self.rows_mismatch(x, feeds)
+
+    def rows_mismatch(self, x: Inputs, feeds: dict[str, np.ndarray]
+                      ) -> tuple[str, set[str]] | None:
+        """Why the prefix rows of batch `x` (`feeds`, its prefix outputs) would differ when
+        computed alone or in a pair (a cached example was computed in another batch), or None.
+        """
         bad: set[str] = set()
-        for lo, hi in ((0, 1), (len(x) - 1, len(x)), (1, 3)):
+        n = n_rows(x)  # len() of a multi-input batch (a dict) counts its inputs
+        for lo, hi in ((0, 1), (n - 1, n), (1, 3)):
             part = self.run_prefix(take(x, slice(lo, hi)))
             bad |= {t for t in part if not np.array_equal(part[t], feeds[t][lo:hi])}
         if bad:
@@ -280,7 +306,7 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
     providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
     after: set[str] = set()
-    x = _probe_batch(bundle)
+    x = probe_batch(bundle)
     planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
                            [t.name for t in bundle.inputs], model.output_name)
     for _ in range(MAX_CUTS):
@@ -299,7 +325,7 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     return f"no bit-identical cut in {MAX_CUTS} tries"
 
 
-def _probe_batch(bundle: Any) -> Inputs | None:
+def probe_batch(bundle: Any) -> Inputs | None:
     """A seeded batch of 5 synthetic examples of the model input(s) (None: symbolic dims);
     a dict name -> array for a multi-input model."""
     rng = np.random.default_rng(0)
@@ -333,7 +359,8 @@ def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
 def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
                ) -> dict[str, Any]:
     """The cut a run of `bundle` would cache at (what `info` reports), checked as `train`
-    checks it; {"enabled": False, "reason"} where it would not cache.
+    checks it; {"enabled": False, "reason"} where it would not cache. A bundle with a taps
+    graph adds "taps": the same for tpsgd / hybrid runs (`cached_taps.taps_cache_plan`).
 
     Args:
         bundle: a loaded bundle. trainable: glob(s) of trained parameters (None: manifest's).
@@ -354,4 +381,9 @@ def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
     ev.close()
     keep = ("enabled", "reason", "cut", "passthrough", "prefix_nodes", "suffix_nodes",
             "row_bytes", "refused_cuts")
-    return {k: report[k] for k in keep if k in report}
+    plan = {k: report[k] for k in keep if k in report}
+    if "onnx_taps" in bundle.files:  # tpsgd / hybrid runs cache their taps graph's prefix
+        from edgelearn.training.cached_taps import taps_cache_plan
+
+        plan["taps"] = taps_cache_plan(bundle, trainable=trainable)
+    return plan

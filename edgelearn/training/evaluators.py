@@ -206,7 +206,8 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         population: use the bundle's population graph when it batches the trainable set.
         timers: rings for forward / population timings (a fresh set when None).
         prefix_cache: train on cached frozen-prefix features where the graph splits
-            (`edgelearn.training.cached_evaluator`; bit-identical, onnxruntime only).
+            (`edgelearn.training.cached_evaluator`; taps optimizers:
+            `edgelearn.training.cached_taps`; bit-identical, onnxruntime only).
         cache_bytes: memory for cached features (None: the cache's default bound).
     Raises: InputError when the bundle or backend cannot run the optimizer's forwards.
     """
@@ -214,10 +215,12 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
     if opt.needs == "taps":
         taps = _taps_evaluator(bundle, store, opt, backend=backend, threads=threads,
                                timers=timers)
-        if prefix_cache:
-            taps.cache_info = {"enabled": False, "reason": f"{opt.name} runs its taps graph "
-                               "uncached (its update reads every tapped layer's activations)"}
-        return taps
+        if not prefix_cache:
+            return taps
+        from edgelearn.training.cached_taps import cached_taps_or_plain
+
+        return cached_taps_or_plain(bundle, taps, store, opt, backend=backend, threads=threads,
+                                    capacity=cache_bytes)
     pop_eval = None
     if model is not None and population and model.backend.can_score_population():
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call

@@ -78,7 +78,7 @@ def replay_batches(header: dict[str, Any], journal_path: Path, data: Dataset | N
 
 
 def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None = None,
-           out: str | os.PathLike | None = None) -> ReplayResult:
+           out: str | os.PathLike | None = None, prefix_cache: bool = False) -> ReplayResult:
     """Rebuild the weights a journal describes from the bundle's base weights.
 
     Args:
@@ -87,6 +87,9 @@ def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None =
         data: the run's data set, for a tpSGD run fed from one (`Session.run`); not needed
             for zeroth-order runs or runs that recorded their samples.
         out: write the weights to this safetensors file (None: do not write).
+        prefix_cache: a tpsgd / hybrid replay re-runs its taps forwards on cached
+            frozen-prefix features (`edgelearn.training.cached_taps`; same floats, checked as
+            in training), so a long head-only journal does not re-run the backbone per step.
     Raises: InputError when the journal does not belong to the bundle, cannot be replayed
         without data it was not given, or does not reproduce itself.
     """
@@ -100,12 +103,16 @@ def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None =
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
     opt = optimizer_from_header(header)
     evaluator = make_evaluator(bundle, store, opt,
-                               backend=header.get("taps_backend", "onnxruntime"))
+                               backend=header.get("taps_backend", "onnxruntime"),
+                               prefix_cache=prefix_cache)
     batches = replay_batches(header, path, data, opt) if evaluator.replay_needs_data else None
     rule = guard_from_header(header)
     if rule is not None:
         rule.snap.take(store, opt)  # step 0: the base weights are the first good point
-    apply_records(records, store, opt, rule, evaluator, batches)
+    try:
+        apply_records(records, store, opt, rule, evaluator, batches)
+    finally:
+        evaluator.close()
     written = None
     if out is not None:
         written = str(store.save(out, metadata={"sha256": store.digest()}))

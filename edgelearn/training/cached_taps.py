@@ -1,0 +1,246 @@
+"""Taps forwards on cached frozen-prefix features: tpSGD and the hybrid run the suffix only.
+
+A tpSGD step (`edgelearn.optim.tpsgd`) reads one forward of the bundle's taps graph
+(model_taps.onnx: the logits plus each trainable layer's taps); the hybrid
+(`edgelearn.optim.hybrid`) reads 2q of them. When every trainable weight sits after a cut,
+the taps graph splits there like the loss graph (`edgelearn.prefix_cache`, with the taps a
+step reads as the split's outputs, logits first): the prefix runs once per example into the
+same `FeatureCache` (keys, memory plan, spill file and recompute as `CachedEvaluator`'s), and
+every taps forward is one suffix forward. A tap above the cut (a head's input, the only
+hidden tap of a head-only step) is itself a cut tensor: it comes from the cached features,
+not from the suffix.
+
+Bit-identity with the uncached taps forwards is checked as for the loss graph: on a seeded
+probe batch at setup and on the first real batch, every tap of the split graphs must equal
+the whole taps graph's, and the prefix rows of an example computed alone or in a pair must
+equal those of the batch; a cut that fails moves above the tensors at fault (up to
+`MAX_CUTS` tries), and a failure on the first real batch falls back to the uncached taps
+forwards for the rest of the session, the reason in the `cache` report. Replay re-runs the
+taps forwards through the same evaluator, cached or not: the floats are the same.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from edgelearn.inputs import Inputs, has_batch_axis
+from edgelearn.optim import Optimizer
+from edgelearn.params import ParamStore
+from edgelearn.prefix_cache import DEFAULT_CAPACITY, Split, SplitPlanner
+from edgelearn.training.cached_evaluator import MAX_CUTS, CachedEvaluator, probe_batch
+from edgelearn.training.evaluators import Batch, Forwards, StepEvaluator, TapsEvaluator
+from edgelearn.training.header import optimizer_record
+
+#: what onnxruntime runs a taps graph on (`make_backend` without providers: as the plain run)
+TAPS_PROVIDERS = ("CPUExecutionProvider",)
+
+
+class CachedTapsEvaluator(CachedEvaluator):
+    """Taps forwards on cached prefix features (see the module docstring).
+
+    Args:
+        plain: the uncached taps evaluator (checks, and the fallback).
+        split: the taps graph's split (outputs: `taps`). store: the trainable arena.
+        input_name: the model input's name (a single-input batch's feed).
+        taps: the taps a step reads, logits first (the whole taps graph's outputs).
+        threads / providers / capacity: as `CachedEvaluator`'s.
+    """
+
+    replay_needs_data = True
+
+    def __init__(self, plain: TapsEvaluator, split: Split, store: Any, *, input_name: str,
+                 taps: Sequence[str], threads: int | None, providers: Sequence[str],
+                 capacity: int) -> None:
+        super().__init__(plain, split, store, threads=threads, providers=providers,
+                         capacity=capacity)
+        self.taps_plain = plain
+        self.input_name = input_name
+        self.taps = tuple(taps)
+        #: taps that are cut tensors: read from the cached features
+        self.from_cut = tuple(t for t in taps if t in split.cut.tensors)
+
+    def _feed(self, x: Inputs) -> dict[str, np.ndarray]:
+        return dict(x) if isinstance(x, dict) else {self.input_name: x}
+
+    def _split_taps(self, x: Inputs, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The taps of batch `x` from its cut tensors `feeds` (passthrough inputs included):
+        one suffix forward, the taps above the cut, and the model input(s) (layer 0 reads
+        them), as the plain taps evaluator returns them."""
+        out = self.suffix.run_all(feeds)
+        out.update({t: feeds[t] for t in self.from_cut})
+        out.update(self._feed(x))
+        return out
+
+    def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
+        base = self.taps_plain.forwards(x, y)
+        plain_taps = base.taps
+        if self.disabled is not None or plain_taps is None:
+            return base
+        held: list[dict[str, np.ndarray]] = []
+
+        def taps() -> tuple[dict[str, np.ndarray], np.ndarray]:
+            if not held:  # one lookup per step: the hybrid's 2q forwards share it
+                held.append(self._feeds(x))
+                if not self.checked:
+                    self._check(x, held[0])
+            if self.disabled is not None:
+                return plain_taps()
+            t0 = time.perf_counter()
+            out = self._split_taps(x, held[0])
+            self.timers.forward.append(time.perf_counter() - t0)
+            return out, y
+
+        return Forwards(base.evaluate, None, taps)
+
+    def mismatch(self, x: Inputs, feeds: dict[str, np.ndarray] | None = None
+                 ) -> tuple[str, set[str]] | None:
+        """Why the split taps graphs would change a step's floats on batch `x` (and the cut
+        tensors at fault), or None: every tap must equal the whole taps graph's, and the
+        prefix rows must not depend on the batch (`rows_mismatch`).
+
+        Args:
+            x: a batch of >= 3 examples. feeds: its prefix outputs (computed when None).
+        """
+        feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
+        for name in self.split.cut.passthrough:
+            feeds[name] = x[name] if isinstance(x, dict) else x
+        base = self.taps_plain.forwards(x, np.zeros(0)).taps
+        assert base is not None
+        # copies: the plain taps forward returns the backend's reused output buffers
+        whole = {k: np.array(v) for k, v in base()[0].items()}
+        split = self._split_taps(x, feeds)
+        bad = [t for t in self.taps if not np.array_equal(whole[t], split[t])]
+        if bad:
+            diff = max(float(np.max(np.abs(whole[t].astype(np.float64) - split[t])))
+                       for t in bad)
+            at_cut = {t for t in bad if t in self.split.cut.tensors}
+            return (f"the split taps graphs' {bad[:4]} differ from the whole taps graph's "
+                    f"(max |diff| {diff:.3g}): the runtime fuses nodes across the cut",
+                    at_cut or set(self.split.cut.tensors))
+        return self.rows_mismatch(x, feeds)
+
+    def check_targets(self, y: np.ndarray) -> None:
+        self.taps_plain.check_targets(y)
+
+    def header_keys(self) -> dict[str, Any]:
+        return self.taps_plain.header_keys()
+
+    def replay(self, opt: Optimizer, store: ParamStore, record: dict[str, Any],
+               batch: Batch | None) -> None:
+        if batch is None:  # the plain evaluator says what is missing
+            self.taps_plain.replay(opt, store, record, batch)
+            return
+        opt.replay(store, optimizer_record(record), taps=self.forwards(*batch).taps)
+
+    def cache_report(self) -> dict[str, Any]:
+        return {**super().cache_report(), "graph": self.taps_plain.graph,
+                "taps_cached": list(self.from_cut)}
+
+
+def taps_read(opt: Optimizer, store: ParamStore, input_name: str) -> list[str]:
+    """The taps a step of `opt` (set up on the bundle's layers) reads, logits first: the
+    outputs the plain taps evaluator keeps (`edgelearn.layers.needed_taps`)."""
+    from edgelearn.layers import needed_taps
+
+    layers = getattr(opt, "layers", [])  # set up by make_evaluator (tpsgd, hybrid)
+    need = needed_taps(layers, set(store.trainable_names)) - {input_name}
+    logits = layers[-1].preact
+    return [logits, *sorted(need - {logits})]
+
+
+def cached_taps_or_plain(bundle: Any, plain: TapsEvaluator, store: ParamStore,
+                         opt: Optimizer, *, backend: str, threads: int | None,
+                         capacity: int | None) -> StepEvaluator:
+    """A CachedTapsEvaluator over `plain` where the bundle's taps graph splits
+    bit-identically, else `plain` with the reason in its `cache_report()`.
+
+    Args:
+        bundle: the run's bundle. plain: its taps evaluator (`opt` set up on its layers).
+        store: the arena the optimizer updates. opt: the taps optimizer.
+        backend: the run's backend name. threads: runtime threads.
+        capacity: bytes of features kept in memory (None: DEFAULT_CAPACITY).
+    """
+    why = _why_not(bundle, plain, backend)
+    refused: list[dict[str, Any]] = []
+    if why is None:
+        try:
+            found = _search(bundle, plain, store, opt, threads=threads,
+                            capacity=DEFAULT_CAPACITY if capacity is None else capacity,
+                            refused=refused)
+        except Exception as e:  # onnx and onnxruntime raise their own types; a run that
+            # cannot split trains uncached, with the same results
+            found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
+        if not isinstance(found, str):
+            return found
+        why = found
+    plain.cache_info = {"enabled": False, "reason": why, "graph": plain.graph}
+    if refused:
+        plain.cache_info["refused_cuts"] = refused
+    return plain
+
+
+def _search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer, *,
+            threads: int | None, capacity: int, refused: list[dict[str, Any]]
+            ) -> CachedTapsEvaluator | str:
+    """The first cut of the taps graph (from the automatic one, moving up) that passes
+    `mismatch` on a probe batch, or why none; `refused` receives the cuts that failed."""
+    in_name = bundle.inputs[0].name
+    taps = taps_read(opt, store, in_name)
+    frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
+    planner = SplitPlanner(bundle.files[plain.graph], frozen, store.trainable_names,
+                           [t.name for t in bundle.inputs], taps)
+    x, after = probe_batch(bundle), set()
+    for _ in range(MAX_CUTS):
+        split = planner.split(after)
+        if isinstance(split, str):
+            return split
+        ev = CachedTapsEvaluator(plain, split, store, input_name=in_name, taps=taps,
+                                 threads=threads, providers=TAPS_PROVIDERS, capacity=capacity)
+        ev.refused = refused
+        bad = ev.mismatch(x) if x is not None else None
+        if bad is None:
+            ev.prefix_seconds = 0.0
+            plain.timers.forward.clear()  # the check's forwards are no step's
+            return ev
+        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
+        after |= bad[1]
+    return f"no bit-identical cut in {MAX_CUTS} tries"
+
+
+def _why_not(bundle: Any, plain: TapsEvaluator, backend: str) -> str | None:
+    """Why this taps run cannot cache a prefix (None: it may try)."""
+    if backend != "onnxruntime" or plain.graph != "onnx_taps":
+        return (f"prefix caching of taps forwards runs on onnxruntime's model_taps.onnx only "
+                f"(this run: {backend}, {plain.graph})")
+    if not all(has_batch_axis(s) for s in bundle.inputs):
+        return "prefix caching needs every model input to have a batch axis"
+    return None
+
+
+def taps_cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
+                    ) -> dict[str, Any]:
+    """The cut a tpsgd run (or a hybrid run: same taps graph) of `bundle` would cache its
+    taps forwards at, checked as `train` checks it; {"enabled": False, "reason"} otherwise.
+
+    Args:
+        bundle: a loaded bundle with model_taps.onnx. trainable: glob(s) (None: manifest's).
+    """
+    from edgelearn.errors import EdgelearnError
+    from edgelearn.optim import make_optimizer
+    from edgelearn.training.evaluators import make_evaluator
+
+    try:
+        store = bundle.load_store(trainable=trainable)
+        ev = make_evaluator(bundle, store, make_optimizer("tpsgd"), backend="onnxruntime",
+                            threads=1, prefix_cache=True, cache_bytes=0)
+    except EdgelearnError as e:
+        return {"enabled": False, "reason": str(e)}
+    report = ev.cache_report() or {}
+    ev.close()
+    keep = ("enabled", "reason", "graph", "cut", "passthrough", "prefix_nodes",
+            "suffix_nodes", "row_bytes", "taps_cached", "refused_cuts")
+    return {k: report[k] for k in keep if k in report}
