@@ -32,6 +32,10 @@ from edgelearn.errors import EdgelearnError
 
 TFLITE_ALIGN = 64
 #: TFLite TensorType -> numpy dtype string (the types a cut tensor may have)
+#: operators that only move or relabel data: a prefix of these alone is not worth caching
+LAYOUT_OPS = frozenset({"RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "CAST", "PACK",
+                        "UNPACK", "CONCATENATION", "SLICE", "STRIDED_SLICE", "GATHER", "SHAPE",
+                        "QUANTIZE", "DEQUANTIZE"})
 DTYPES = {0: "<f4", 1: "<f2", 2: "<i4", 3: "|u1", 4: "<i8", 6: "|b1", 7: "<i2", 9: "|i1",
           10: "<f8", 12: "<u8", 15: "<u4", 16: "<u2"}
 
@@ -88,6 +92,14 @@ class TfliteGraph:
                      [int(o) for o in (op.outputs if op.outputs is not None else [])])
                     for op in self.sub.operators or []]
         self.producer = {t: i for i, (_, outs) in enumerate(self.ops) for t in outs}
+
+    def op_type(self, i: int) -> str:
+        """Builtin name of operator `i` ("RESHAPE", "CONV_2D", ...; "CUSTOM" for custom ops)."""
+        S = schema()
+        code = self.model.operatorCodes[self.sub.operators[i].opcodeIndex]
+        num = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+        names = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
+        return names.get(num, str(num))
 
     # -- tensors -------------------------------------------------------------------------------
     def is_const(self, t: int) -> bool:
@@ -221,10 +233,13 @@ def find_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int], outp
         if not bad:
             break
         forced.update(g.producer[t] for t in bad)
-    if not cut:
-        return "the first trainable weight is read by the first layer: no frozen prefix"
+    prefix = g.needed(cut, stop=set())
+    kinds = sorted({g.op_type(i) for i in prefix})
+    if not cut or set(kinds) <= LAYOUT_OPS:
+        moves = f" (the frozen operators only move data: {', '.join(kinds)})" if cut else ""
+        return f"the first trainable weight is read by the first layer: no frozen prefix{moves}"
     passthrough = tuple(sorted(read & set(data)))
-    return GraphCut(tuple(cut), passthrough, g.needed(cut, stop=set()), suffix)
+    return GraphCut(tuple(cut), passthrough, prefix, suffix)
 
 
 def _kinds(g: TfliteGraph, data: Sequence[int], trainable: set[int], forced: set[int]
