@@ -18,6 +18,8 @@ The bundle's manifest names the strategy the exporter measured fastest for that 
 explicit `strategy=` overrides it. TFLite graphs from litert-torch have a fixed batch: smaller
 batches are zero-padded, larger ones run in chunks (models are per-example in eval mode), and
 every output is cut back to the real rows.
+Frozen-prefix caching splits the file a run binds into two in-memory models on the device
+(`edgelearn.backends.litert_split`), run with `run_padded` like this backend.
 `graph="tflite_taps"` runs model_taps.tflite instead (tpSGD: the model output plus every layer
 tap in one call, named by the manifest's "tflite_taps" section), with the "inputs" strategy.
 """
