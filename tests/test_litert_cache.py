@@ -199,3 +199,32 @@ def test_exported_cnn_head_is_bit_identical(exported_cnn: dict[str, Path], tmp_p
     assert rep["suffix_nodes"] <= 5  # the head (+ its int8 dequantization)
     assert rep["cached_examples"] == 24
     assert same_run(res[0], res[1])
+
+
+def test_refused_tensors_move_the_cut_up() -> None:
+    """`split(after=...)`: the producers of refused cut tensors run in the suffix."""
+    from edgelearn.backends.litert_split import LiteRTSplitPlanner
+
+    bundle = el.load_bundle(DEMO)
+    planner = LiteRTSplitPlanner(bundle, bundle.load_store(), strategy="inputs",
+                                 output=bundle.outputs[0].name)
+    first = planner.split()
+    moved = planner.split(after=first.cut.tensors)
+    assert not isinstance(moved, str), moved
+    assert not set(moved.cut.tensors) & set(first.cut.tensors)
+    assert moved.cut.prefix_nodes < first.cut.prefix_nodes
+    assert moved.cut.suffix_nodes > first.cut.suffix_nodes
+
+
+def test_graphs_with_several_subgraphs_are_not_split() -> None:
+    import flatbuffers
+
+    from edgelearn.errors import EdgelearnError
+    from edgelearn.tflite_graph import TfliteGraph, schema
+
+    model = schema().ModelT.InitFromPackedBuf(bytearray((DEMO / "model.tflite").read_bytes()))
+    model.subgraphs.append(model.subgraphs[0])  # as a WHILE body or a composite would add
+    builder = flatbuffers.Builder(1 << 16)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    with pytest.raises(EdgelearnError, match="2 subgraphs"):
+        TfliteGraph(bytes(builder.Output()))
