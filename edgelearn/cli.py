@@ -199,6 +199,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     bundle = el.load_bundle(args.bundle)
     info = el.describe(bundle)
     info["cache"] = el.tools.cache_plan(bundle)  # the frozen prefix a train run caches
+    if "tflite" in bundle.formats:  # a LiteRT run splits the TFLite model on its own
+        info["cache_litert"] = el.tools.cache_plan(bundle, backend="litert")
     _emit(args, info, lambda: _info_text(info))
 
 
@@ -265,6 +267,14 @@ def _info_text(info: dict[str, Any]) -> str:
         text = (f"yes: cut at {', '.join(taps['cut'])}" if taps.get("enabled") else
                 f"no: {taps.get('reason')}")
         lines += textwrap.wrap(f"  prefix cache (tpsgd, hybrid): {text}", 96,
+                                 subsequent_indent=" " * 16)
+    lite = info.get("cache_litert")
+    if lite is not None:
+        text = (f"yes: {lite['prefix_nodes']} frozen prefix ops run once per example, cut at "
+                f"{len(lite['cut'])} tensor(s) ({lite['row_bytes']} bytes/example), "
+                f"strategy {lite['strategy']}" if lite.get("enabled")
+                else f"no: {lite.get('reason')}")
+        lines += textwrap.wrap(f"  prefix cache (litert): {text}", 96,
                                subsequent_indent=" " * 16)
     return "\n".join(lines)
 

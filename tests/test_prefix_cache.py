@@ -145,14 +145,16 @@ def test_no_cut_when_the_first_layer_trains(cnn: Path, tmp_path: Path) -> None:
                              "frozen prefix")
 
 
-def test_cache_is_onnxruntime_only() -> None:
+def test_cache_needs_a_model_on_a_splitting_backend() -> None:
     from edgelearn.training.cached_evaluator import cached_or_plain
     from edgelearn.training.evaluators import LossEvaluator
     from edgelearn.training.timing import Timers
 
-    plain = LossEvaluator(None, None, None, Timers())
-    assert cached_or_plain(None, plain, backend="litert", threads=None, capacity=0) is plain
-    assert "onnxruntime only" in plain.cache_report()["reason"]
+    for backend, why in (("other", "onnxruntime and litert only"),
+                         ("litert", "no model to run")):  # LiteRT: tests/test_litert_cache.py
+        plain = LossEvaluator(None, None, None, Timers())
+        assert cached_or_plain(None, plain, backend=backend, threads=None, capacity=0) is plain
+        assert why in plain.cache_report()["reason"]
 
 
 def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,

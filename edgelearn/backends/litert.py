@@ -18,6 +18,8 @@ The bundle's manifest names the strategy the exporter measured fastest for that 
 explicit `strategy=` overrides it. TFLite graphs from litert-torch have a fixed batch: smaller
 batches are zero-padded, larger ones run in chunks (models are per-example in eval mode), and
 every output is cut back to the real rows.
+Frozen-prefix caching splits the file a run binds into two in-memory models on the device
+(`edgelearn.backends.litert_split`), run with `run_padded` like this backend.
 `graph="tflite_taps"` runs model_taps.tflite instead (tpSGD: the model output plus every layer
 tap in one call, named by the manifest's "tflite_taps" section), with the "inputs" strategy.
 """
@@ -198,28 +200,42 @@ class LiteRTBackend(Backend):
                  ) -> dict[str, np.ndarray]:
         """Run on `inputs` (any batch size: padded / chunked to the graph's fixed batch)."""
         self._sync()
-        it, bsz = self.interpreter, self.batch
-        n = next(iter(inputs.values())).shape[0]
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._out_idx}
-        for start in range(0, max(n, 1), bsz):
-            m = min(bsz, n - start)
-            for name, arr in inputs.items():
-                chunk = arr[start : start + m]
-                if m < bsz:
-                    pad = np.zeros((bsz, *arr.shape[1:]), arr.dtype)
-                    pad[:m] = chunk
-                    chunk = pad
-                it.set_tensor(self._data_idx[name], np.ascontiguousarray(chunk))
-            it.invoke()
-            for name, idx in self._out_idx.items():
-                parts[name].append(it.get_tensor(idx)[:m])  # get_tensor copies
-        return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
+        feeds = {self._data_idx[name]: arr for name, arr in inputs.items()}
+        return run_padded(self.interpreter, self.batch, feeds, self._out_idx)
 
     def _close(self) -> None:
         self.interpreter = None
         self._live = []
         self._slots = {}
         self._model = b""
+
+
+def run_padded(it: Any, batch: int, feeds: dict[int, np.ndarray], outs: dict[str, int]
+               ) -> dict[str, np.ndarray]:
+    """Run interpreter `it` of fixed batch `batch` on `feeds` of any batch size: smaller
+    batches zero-padded, larger ones in chunks, every output cut back to the real rows.
+
+    Args:
+        it: an allocated interpreter. batch: its fixed batch.
+        feeds: input tensor index -> [n, ...] array (the same n for all).
+        outs: name -> output tensor index.
+    Returns: name -> [n, ...] output array.
+    """
+    n = next(iter(feeds.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in outs}
+    for start in range(0, max(n, 1), batch):
+        m = min(batch, n - start)
+        for idx, arr in feeds.items():
+            chunk = arr[start : start + m]
+            if m < batch:
+                pad = np.zeros((batch, *arr.shape[1:]), arr.dtype)
+                pad[:m] = chunk
+                chunk = pad
+            it.set_tensor(idx, np.ascontiguousarray(chunk))
+        it.invoke()
+        for name, idx in outs.items():
+            parts[name].append(it.get_tensor(idx)[:m])  # get_tensor copies
+    return {k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in parts.items()}
 
 
 def _section(bundle: Bundle, graph: str) -> dict[str, Any]:

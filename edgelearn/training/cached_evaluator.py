@@ -13,9 +13,10 @@ results depend on the batch composition, fails this). On failure the evaluator f
 the plain forwards for the rest of the session and says why in its report. Journals do not
 record whether a run was cached: replay and resume do not care.
 
-onnxruntime only: the split is an ONNX graph, and LiteRT's floats differ from onnxruntime's,
-so a LiteRT run computing its features with either runtime would not match the uncached run.
-The taps forwards of tpSGD and the hybrid cache the same way (`CachedTapsEvaluator` in
+Each runtime splits its own graph, so cached features are the run's own floats: onnxruntime
+splits the ONNX graph here; a LiteRT run splits the bundle's TFLite flatbuffer on the device
+(`edgelearn.training.litert_cached`, same checks, same cache). The taps forwards of tpSGD
+and the hybrid cache the same way on onnxruntime (`CachedTapsEvaluator` in
 `edgelearn.training.cached_taps`, a subclass of `CachedEvaluator`).
 """
 
@@ -122,8 +123,7 @@ class CachedEvaluator(StepEvaluator):
                  threads: int | None, providers: Sequence[str], capacity: int) -> None:
         super().__init__(plain.timers)
         self.plain, self.split = plain, split
-        self.prefix = _session(split.prefix, threads, providers)
-        self.suffix = SuffixRunner(split, store, threads, providers)
+        self.prefix, self.suffix = self._runners(split, store, threads, providers)
         self.cache = FeatureCache(split.cut, capacity)
         self.disabled: str | None = None
         self.checked = False
@@ -133,6 +133,13 @@ class CachedEvaluator(StepEvaluator):
         self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
         #: the single data input's name (a multi-input model's batches are dicts)
         self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
+
+    def _runners(self, split: Any, store: Any, threads: int | None,
+                 providers: Sequence[str]) -> tuple[Any, Any]:
+        """(prefix, suffix) runners of `split`: `prefix.run(names, feed)` -> the cut tensors,
+        `suffix.run(feeds)` -> the output (onnxruntime here; `LiteRTCachedEvaluator`)."""
+        return (_session(split.prefix, threads, providers),
+                SuffixRunner(split, store, threads, providers))
 
     # -- feeds -----------------------------------------------------------------------------
     def indexed_batches(self, data: Dataset, batch_size: int, seed: int
@@ -281,9 +288,10 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
     why = _why_not(bundle, plain, backend)
     refused: list[dict[str, Any]] = []
     if why is None:
+        search = _search if backend == "onnxruntime" else _litert_search
         try:
-            found = _search(bundle, plain, threads=threads, capacity=capacity,
-                            refused=refused)
+            found = search(bundle, plain, threads=threads, capacity=capacity,
+                           refused=refused)
         except Exception as e:  # onnx and onnxruntime raise their own types; a run that
             # cannot split trains uncached, with the same results
             found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
@@ -325,6 +333,16 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     return f"no bit-identical cut in {MAX_CUTS} tries"
 
 
+def _litert_search(bundle: Any, plain: LossEvaluator, *, threads: int | None,
+                   capacity: int | None, refused: list[dict[str, Any]]) -> Any:
+    """`_search` on the LiteRT backend (the TFLite model split on device)."""
+    from edgelearn.training.litert_cached import search_litert
+
+    return search_litert(bundle, plain, probe=probe_batch(bundle), threads=threads,
+                         capacity=DEFAULT_CAPACITY if capacity is None else capacity,
+                         max_cuts=MAX_CUTS, refused=refused)
+
+
 def probe_batch(bundle: Any) -> Inputs | None:
     """A seeded batch of 5 synthetic examples of the model input(s) (None: symbolic dims);
     a dict name -> array for a multi-input model."""
@@ -343,9 +361,9 @@ def probe_batch(bundle: Any) -> Inputs | None:
 
 def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
     """Why this run cannot cache a prefix (None: it may try)."""
-    if backend != "onnxruntime":
-        return (f"prefix caching runs on onnxruntime only (the {backend} backend's floats "
-                "differ from onnxruntime's, so cached features would change the run)")
+    if backend not in ("onnxruntime", "litert"):
+        return (f"prefix caching runs on onnxruntime and litert only, not {backend} (each "
+                "splits its own graph, so cached features are the run's own floats)")
     if plain.model is None or plain.loss_fn is None:
         return "no model to run (replay only)"
     if plain.population_graph:
@@ -356,33 +374,35 @@ def _why_not(bundle: Any, plain: LossEvaluator, backend: str) -> str | None:
     return None
 
 
-def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
-               ) -> dict[str, Any]:
+def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None,
+               backend: str = "onnxruntime") -> dict[str, Any]:
     """The cut a run of `bundle` would cache at (what `info` reports), checked as `train`
     checks it; {"enabled": False, "reason"} where it would not cache. A bundle with a taps
     graph adds "taps": the same for tpsgd / hybrid runs (`cached_taps.taps_cache_plan`).
 
     Args:
         bundle: a loaded bundle. trainable: glob(s) of trained parameters (None: manifest's).
+        backend: "onnxruntime" or "litert" (its TFLite model, the manifest's strategy).
     """
     from edgelearn.losses import default_loss, get_loss
     from edgelearn.model import Model
     from edgelearn.training.timing import Timers
 
-    if "onnx" not in bundle.files:
-        return {"enabled": False, "reason": "the bundle has no model.onnx"}
+    role = "tflite" if backend == "litert" else "onnx"
+    if role not in bundle.files:
+        return {"enabled": False, "reason": f"the bundle has no model.{role}"}
     try:
-        model = Model(bundle, backend="onnxruntime", trainable=trainable, threads=1)
+        model = Model(bundle, backend=backend, trainable=trainable, threads=1)
         plain = LossEvaluator(model, get_loss(default_loss(bundle.task)), None, Timers())
-        ev = cached_or_plain(bundle, plain, backend="onnxruntime", threads=1, capacity=0)
+        ev = cached_or_plain(bundle, plain, backend=backend, threads=1, capacity=0)
     except EdgelearnError as e:
         return {"enabled": False, "reason": str(e)}
     report = ev.cache_report() or {}
     ev.close()
     keep = ("enabled", "reason", "cut", "passthrough", "prefix_nodes", "suffix_nodes",
-            "row_bytes", "refused_cuts")
+            "row_bytes", "refused_cuts", "backend", "strategy")
     plan = {k: report[k] for k in keep if k in report}
-    if "onnx_taps" in bundle.files:  # tpsgd / hybrid runs cache their taps graph's prefix
+    if "onnx_taps" in bundle.files and backend == "onnxruntime":  # tpsgd / hybrid runs
         from edgelearn.training.cached_taps import taps_cache_plan
 
         plan["taps"] = taps_cache_plan(bundle, trainable=trainable)

@@ -149,7 +149,8 @@ class RuntimeConfig:
             profile; None applies no profile.
         backend_options: Unstable: further backend options (litert: {"strategy": ...}).
         prefix_cache: train on cached frozen-prefix features when only a suffix of the graph
-            trains (bit-identical results; onnxruntime; `train --no-cache` turns it off).
+            trains (bit-identical results; onnxruntime and litert; `train --no-cache` turns
+            it off).
     """
 
     backend: str | None = None
