@@ -197,11 +197,6 @@ class Optimizer:
         """Raise InputError unless the optimizer can learn from targets `y` [N, ...] for a model
         output of shape [batch, *out_shape] (default: any; checked before anything is journaled)."""
 
-    def flush(self) -> None:
-        """Finish an update a step left pending (zo-sgd's `step(..., defer=True)`), so the
-        store holds the weights of the last finished step; call it before anything reads the
-        weights between steps (default: nothing is ever pending)."""
-
     def memory_bytes(self, store: ParamStore) -> int:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0

@@ -10,19 +10,15 @@ This module does those passes, and the draws, as fast as numpy allows:
     added in the chunk's buffer (in cache), and `src + acc` is written to `dst`;
   * the byte indices of a chunk are widened to intp in a reused buffer and gathered with
     mode="wrap" (no per-call index allocation, no per-index bounds error path);
-  * passes that follow one another can run as the stages of one pass (`run_stages`): each
-    stage rounds into the chunk's buffer as its own pass would, so the arena is read and
-    written once for the lot (zo-sgd's deferred update: step t's update and step t+1's +eps
-    probe in one pass);
   * large slices are split into contiguous blocks of chunks run by a small thread pool (numpy
     releases the GIL in `take`, its ufuncs and Philox's `random_raw`).
 
 Determinism: every element goes through the same float32 operations in the same order
 (acc = c_0 z_0; acc = acc + c_k z_k for k = 1..; dst = src + acc), whatever the chunk size
 and the thread count, so results are bit-identical for any `threads` and `chunk`, and to
-`ZOSGD._combine` on the same terms; a stage of `run_stages` is bit-identical to a `run`.
-`draw_signs` returns the very bytes of `rademacher_bytes`, drawn in parallel blocks (Philox
-is counter based: a block starts at its own counter).
+`ZOSGD._combine` on the same terms. `draw_signs` returns the very bytes of
+`rademacher_bytes`, drawn in parallel blocks (Philox is counter based: a block starts at its
+own counter).
 """
 
 from __future__ import annotations
@@ -49,10 +45,6 @@ _local = threading.local()  # per-thread Philox, re-keyed for each draw
 if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads
     os.register_at_fork(after_in_child=_pools.clear)
 _pools_lock = threading.Lock()
-
-#: one stage of a pass: (coefs, packed signs), one per term
-Stage = tuple[Sequence[np.float32], Sequence[np.ndarray]]
-_Tables = tuple[list[np.ndarray], Sequence[np.ndarray]]  # a stage with its sign tables
 
 
 def default_threads() -> int:
@@ -137,15 +129,13 @@ class SignPass:
             raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}")
         self.chunk = chunk
         self.threads = default_threads() if threads is None else max(1, int(threads))
-        self._bufs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._bufs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def _buffers(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Worker i's (acc, tmp) 32-byte item buffers, intp index buffer and float32 stage
-        buffer, one chunk each."""
+    def _buffers(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Worker i's (acc, tmp) 32-byte item buffers and intp index buffer, one chunk each."""
         while len(self._bufs) <= i:
             k = self.chunk // 8
-            self._bufs.append((np.empty(k, "V32"), np.empty(k, "V32"), np.empty(k, np.intp),
-                               np.empty(self.chunk, np.float32)))
+            self._bufs.append((np.empty(k, "V32"), np.empty(k, "V32"), np.empty(k, np.intp)))
         return self._bufs[i]
 
     def run(self, dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -157,47 +147,32 @@ class SignPass:
             coefs: float32 scalars, one per term (at least one).
             signs: uint8 [>= ceil(n / 8)] packed signs per term (bit i % 8 of byte i // 8).
         """
-        self.run_stages(dst, src, [(coefs, signs)])
-
-    def run_stages(self, dst: np.ndarray, src: np.ndarray, stages: Sequence[Stage]) -> None:
-        """Several `run` passes in one: dst = (...((src + S_0) + S_1) ...) + S_last, where
-        S_i = sum_k coefs_i[k] z_ik; each stage rounds as its own `run` would (bit-identical
-        to the passes one after the other), but the arena is read and written once.
-
-        Args:
-            dst, src: float32 [n], C-contiguous (dst may be src).
-            stages: (coefs, signs) per stage, as `run` takes them (at least one stage).
-        """
         n = dst.size
-        tables = [([sign_items(c) for c in coefs], signs) for coefs, signs in stages]
+        items = [sign_items(c) for c in coefs]  # cached
         if n < PARALLEL_MIN or self.threads == 1:
-            self._range(dst, src, tables, 0, n, 0)
+            self._range(dst, src, items, signs, 0, n, 0)
             return
         parts = _blocks(n, self.threads, self.chunk)
-        futures = [_pool(self.threads).submit(self._range, dst, src, tables, a, b, i)
+        futures = [_pool(self.threads).submit(self._range, dst, src, items, signs, a, b, i)
                    for i, (a, b) in enumerate(parts)]
         for f in futures:
             f.result()
 
-    def _range(self, dst: np.ndarray, src: np.ndarray, stages: list[_Tables], lo: int,
-               hi: int, worker: int) -> None:
+    def _range(self, dst: np.ndarray, src: np.ndarray, items: list[np.ndarray],
+               signs: Sequence[np.ndarray], lo: int, hi: int, worker: int) -> None:
         """The pass over elements [lo, hi) (lo a multiple of 8), with worker's buffers."""
-        acc, tmp, idx, cur = self._buffers(worker)
+        acc, tmp, idx = self._buffers(worker)
         accf = acc.view(np.float32)
-        last = len(stages) - 1
         for a in range(lo, hi, self.chunk):
             b = min(a + self.chunk, hi)
             ia, ib = a // 8, -(-b // 8)
             k = ib - ia
-            for s, (items, signs) in enumerate(stages):
-                for t, (table, packed) in enumerate(zip(items, signs, strict=True)):
-                    np.copyto(idx[:k], packed[ia:ib], casting="unsafe")
-                    np.take(table, idx[:k], out=acc[:k] if t == 0 else tmp[:k], mode="wrap")
-                    if t:
-                        np.add(accf[: 8 * k], tmp[:k].view(np.float32), out=accf[: 8 * k])
-                # middle stages round into the chunk's buffer (in cache), the last into dst
-                np.add(src[a:b] if s == 0 else cur[: b - a], accf[: b - a],
-                       out=dst[a:b] if s == last else cur[: b - a])
+            for t, (table, packed) in enumerate(zip(items, signs, strict=True)):
+                np.copyto(idx[:k], packed[ia:ib], casting="unsafe")
+                np.take(table, idx[:k], out=acc[:k] if t == 0 else tmp[:k], mode="wrap")
+                if t:
+                    np.add(accf[: 8 * k], tmp[:k].view(np.float32), out=accf[: 8 * k])
+            np.add(src[a:b], accf[: b - a], out=dst[a:b])
 
 
 def draw_signs(run_seed: int, step: int, probe: int, n: int, *,

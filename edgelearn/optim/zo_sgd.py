@@ -22,14 +22,6 @@ Restore policy (how theta comes back after the +-eps probes):
   * "auto" (default): "copy" when the trainable slice is at most 16 MiB, else "drift".
 In "drift" mode the last probe's restore and the update are fused into one pass
 (theta += (eps - c) z), so a 1-probe step costs 3 elementwise passes in either mode.
-Deferred update (`step(..., defer=True)`, which the train loop asks when nothing reads the
-weights before the next step): under drift the update is left pending and the next step's
-first pass applies it and that step's +eps z as two stages of one pass over the arena
-(`SignPass.run_stages`: each stage rounds as its own pass would), so a 1-probe step costs 2
-arena passes. The float operations, the weights after every step, the losses, the journal
-and replay are those of undeferred steps, bit for bit; `flush()` applies a pending update
-(one pass) before anything reads the weights. Not deferred: copy policy, groups, weight
-decay, conservative, non-Rademacher noise, subclasses that override the step (zo-scale).
 
 Batched probes: under "copy" (while the 2q candidate rows take at most 16 MiB) the step asks
 its 2q probe points copy +- eps z_k at once, as one `Population` (order +z_0, -z_0, +z_1, ...):
@@ -58,7 +50,7 @@ import numpy as np
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.groups import GroupScales, parse_groups
-from edgelearn.optim.kernels import SignPass, Stage, draw_signs, signed_rows
+from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks, sign_table
@@ -165,8 +157,6 @@ class ZOSGD(Optimizer):
         # Packed Rademacher signs of this step's probes (n/8 bytes each), drawn once per step.
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
         self._pass = SignPass(rule.chunk, rule.threads)
-        # step(defer=True): the last update, not yet applied: (its slice, (coefs, signs))
-        self._pending: tuple[np.ndarray, Stage] | None = None
         self._decay_segments: list[tuple[int, int]] = []
         # per-tensor lr / eps multipliers (optim/groups.py); empty: one lr and eps for all
         self.groups = GroupScales(parse_groups(getattr(rule, "groups", None)))
@@ -200,25 +190,16 @@ class ZOSGD(Optimizer):
         return theta
 
     def memory_bytes(self, store: ParamStore) -> int:
-        """Restore copy (copy policy) + packed signs of every probe (twice under drift: a
-        deferred update's and the next step's) + chunk buffers (two, and the sign kernel's
-        per thread)."""
+        """Restore copy (copy policy) + packed signs of every probe + chunk buffers (two, and
+        the sign kernel's per thread)."""
         n = store.n_trainable("float32")
         policy = self.rule.restore
         if policy == "auto":
             policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
         signs = self.rule.probes * (-(-n // 64) * 8) if self.rule.noise == "rademacher" else 0
-        if policy == "drift":  # a deferred update keeps its signs while the next are drawn
-            signs *= 2
         pool = 4 * self.rule.pool_size if self.rule.noise == "pool" else 0
-        # per thread: 2 item buffers, 1 index buffer (8 bytes per 8 elements), 1 stage buffer
-        passes = 13 * self.rule.chunk * self._pass.threads
+        passes = 9 * self.rule.chunk * self._pass.threads  # per thread: 2 item + 1 index buffer
         return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.rule.chunk + passes
-
-    @property
-    def pending(self) -> bool:
-        """Whether a deferred update is waiting to be applied (`flush()`)."""
-        return self._pending is not None
 
     @property
     def policy(self) -> str:
@@ -244,9 +225,7 @@ class ZOSGD(Optimizer):
         return {**super().state_dict(), **self.groups.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` output (group multipliers included); a pending update is
-        applied first (it belongs to the weights of the state being replaced)."""
-        self.flush()
+        """Restore `state_dict()` output (group multipliers included)."""
         super().load_state_dict(state)
         self.groups.load(state)
 
@@ -343,59 +322,9 @@ class ZOSGD(Optimizer):
         for a, b in self._decay_segments:
             op(theta[a:b], f, out=theta[a:b])
 
-    # -- deferred update ------------------------------------------------------------------------
-    def flush(self) -> None:
-        """Apply the update a `step(..., defer=True)` left pending (none: no-op): the store
-        then holds the weights of the last finished step, bit-identical to an undeferred
-        step's (the same float32 operations, module docstring)."""
-        if self._pending is not None:
-            theta, stage = self._pending
-            self._pending = None
-            self._pass.run_stages(theta, theta, [stage])
-
-    def _deferrable(self) -> bool:
-        """Whether a step's update may be left pending: drift, Rademacher signs, nothing
-        between the update and the next probe (groups, weight decay, conservative check),
-        and the step is zo-sgd's own (a subclass that reads theta after it, such as zo-scale's
-        floor, needs the update applied)."""
-        return (self._policy == "drift" and self.rule.noise == "rademacher"
-                and not self.groups and self.rule.weight_decay == 0.0
-                and not self.rule.conservative and type(self)._step is ZOSGD._step)
-
-    def _plus(self, theta: np.ndarray, e32: np.float32, key: tuple[int, int, int], *,
-              first: bool) -> None:
-        """theta += eps z(key) in place (drift); the step's first also applies a pending
-        update of this slice, as the first stage of the same pass."""
-        pending = self._pending if first else None
-        if pending is None or pending[0].ctypes.data != theta.ctypes.data \
-                or pending[0].size != theta.size:
-            self.flush()  # (a pending update of another slice: applied where it belongs)
-            self._combine(theta, theta, [(e32, key)], "eps")
-            return
-        self._pending = None
-        self._pass.run_stages(theta, theta, [pending[1], ([e32], [self._packed(key, theta.size)])])
-
-    def _projected(self, losses: Sequence[tuple[float, float]]
-                   ) -> tuple[bool, bool, list[float]]:
-        """(all losses finite, a probe over reject_above, projected gradient per probe)."""
-        finite = all(math.isfinite(v) for pair in losses for v in pair)
-        over = finite and self.rule.reject_above is not None and any(
-            abs(lp - lm) > self.rule.reject_above for lp, lm in losses)
-        gs: list[float] = []
-        for lp, lm in losses:
-            d = lp - lm if finite else 0.0
-            if self.rule.clip is not None:
-                d = min(max(d, -self.rule.clip), self.rule.clip)
-            g = d / (2.0 * self.rule.eps)
-            gs.append(float(np.sign(g)) if self.rule.sign else g)
-        return finite, over, gs
-
     # -- the step -------------------------------------------------------------------------------
-    def _step(self, store: ParamStore, *, defer: bool = False, **extra: Any
-              ) -> Generator[Any, Any, dict[str, Any]]:
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         theta = self._prepare(store)
-        if self._policy != "drift":
-            self.flush()
         t, eps = self.t, self.rule.eps
         e32 = np.float32(eps)
         self._signs.clear()
@@ -420,7 +349,7 @@ class ZOSGD(Optimizer):
                 self._combine(theta, copy, [(-e32, key)], "eps")
                 lm = yield
             else:
-                self._plus(theta, e32, key, first=k == 0)
+                self._combine(theta, theta, [(e32, key)], "eps")
                 lp = yield
                 self._combine(theta, theta, [(np.float32(-2.0 * eps), key)], "eps")
                 lm = yield
@@ -429,7 +358,16 @@ class ZOSGD(Optimizer):
                 if k < len(seeds) - 1 or self.groups:
                     self._combine(theta, theta, [(e32, key)], "eps")
             losses.append((lp, lm))
-        finite, over, gs = self._projected(losses)
+        finite = all(math.isfinite(v) for pair in losses for v in pair)
+        over = finite and self.rule.reject_above is not None and any(
+            abs(lp - lm) > self.rule.reject_above for lp, lm in losses)
+        gs: list[float] = []
+        for lp, lm in losses:
+            d = lp - lm if finite else 0.0
+            if self.rule.clip is not None:
+                d = min(max(d, -self.rule.clip), self.rule.clip)
+            g = d / (2.0 * eps)
+            gs.append(float(np.sign(g)) if self.rule.sign else g)
         lr = self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "g": gs, "lr": lr,
                                   "eps": eps, "accepted": finite, "undone": False}
@@ -447,11 +385,7 @@ class ZOSGD(Optimizer):
                                                                                strict=True)]
         if copy is None and not self.groups:  # theta = theta_last_minus + eps z_last - sum_k
             terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])  # c_k z_k, one pass
-        if defer and self._deferrable():  # the next step's first pass applies it (flush())
-            self._pending = (theta, ([c for c, _ in terms],
-                                     [self._packed(key, theta.size) for _, key in terms]))
-        else:
-            self._combine(theta, theta if copy is None else copy, terms, "lr")
+        self._combine(theta, theta if copy is None else copy, terms, "lr")
         self._decay(theta, lr)
         if self.rule.conservative:
             l_new = yield

@@ -5,9 +5,7 @@ every step (`Session.step` and `Session.run`); `on_start` / `on_end` bracket a `
 call (`on_end` gets None when the run ended by an exception or Ctrl-C). A callback stops a run
 early with `session.request_stop(reason)`; the run then ends at that step boundary like a
 finished one (weights written, journal complete), so it resumes and replays as any other.
-Callbacks must not change the weights: that would break replay. A callback that never reads
-the weights in `on_step` returns False from `reads_weights(step)`: the run may then keep an
-optimizer's update pending over that step boundary (`training/loop.py`, deferred update).
+Callbacks must not change the weights: that would break replay.
 """
 
 from __future__ import annotations
@@ -31,11 +29,6 @@ class Callback:
 
     def on_start(self, session: Session, *, steps: int) -> None:
         """Before the first step of `Session.run` (steps: the run's total)."""
-
-    def reads_weights(self, step: int) -> bool:
-        """Whether `on_step` of step `step` may read the weights (the default: True; False
-        lets the run leave the step's update pending until the next step)."""
-        return True
 
     def on_step(self, session: Session, result: StepResult) -> None:
         """After each step is journaled."""
@@ -75,9 +68,6 @@ class ProgressBar(Callback):
         self.first, self._losses = session.steps_done, []
         if self.label is None:
             self.label = session.optimizer.name
-
-    def reads_weights(self, step: int) -> bool:
-        return False  # reads only the step's result
 
     def on_step(self, session: Session, result: StepResult) -> None:
         if math.isfinite(result.loss):
@@ -169,9 +159,6 @@ class MetricsLog(Callback):
         self.path, self.every = path, every
         self._file: TextIO | None = None
 
-    def reads_weights(self, step: int) -> bool:
-        return False  # reads only the step's result
-
     def on_step(self, session: Session, result: StepResult) -> None:
         if (result.step + 1) % self.every:
             return
@@ -212,9 +199,6 @@ class EarlyStopping(Callback):
         self.best = math.inf
         self.since_best = 0
         self._recent: list[float] = []
-
-    def reads_weights(self, step: int) -> bool:
-        return False  # reads only the step's result
 
     def on_step(self, session: Session, result: StepResult) -> None:
         if not (result.accepted and math.isfinite(result.loss)):

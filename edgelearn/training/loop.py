@@ -9,13 +9,6 @@ Crash safety: journal records are appended (length-prefixed, CRC-32) and fsynced
 renamed, and the directory fsynced. A step that raised half-way leaves the weights perturbed:
 the loop is then broken and writes nothing more (the journal still rebuilds the last step).
 
-Deferred update: inside `run`, a step whose weights nobody reads before the next step (no
-divergence guard, no checkpoint due, no callback whose `reads_weights(step)` is True) asks
-the optimizer to leave its update pending (`step(..., defer=True)`; zo-sgd under drift then
-applies it in the next step's first pass, one arena pass fewer per step, same bits); `run`,
-checkpoints and weight writes call `opt.flush()` first, so whatever reads the weights between
-steps sees those of the last finished step.
-
 Memory stays flat however long the run: records go to disk, the loop keeps only the first
 and last loss and fixed rings of timings (`budget.run_memory_bytes` counts what it keeps).
 """
@@ -77,16 +70,14 @@ class RunLoop:
         self.rollbacks_before = 0  # rollback records the journal held when the run opened
         self._extra: Sequence[Callback] = ()  # the callbacks of the `run` in progress
 
-    def step(self, x: np.ndarray, y: np.ndarray, *, defer: bool = False) -> StepResult:
-        """One journaled step on batch (x, y); `defer`: another step follows at once (its
-        update may stay pending when nothing reads the weights in between)."""
+    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
+        """One journaled step on batch (x, y)."""
         if self.broken:
             raise EdgelearnError(f"this session cannot step any more: {self.broken}")
         t, fw = self.opt.t, self.evaluator.forwards(x, y)
         try:
             t0 = time.perf_counter()
-            info = self.opt.step(self.store, fw.evaluate, fw.population, taps=fw.taps,
-                                 defer=defer and self._may_defer(t))
+            info = self.opt.step(self.store, fw.evaluate, fw.population, taps=fw.taps)
             seconds = time.perf_counter() - t0
             if self.samples is not None:
                 self.samples.append(t, x, y)
@@ -110,13 +101,6 @@ class RunLoop:
             cb.on_step(self.owner, result)
         return result
 
-    def _may_defer(self, t: int) -> bool:
-        """Whether nothing reads the weights between step t and the next: no guard snapshot,
-        no checkpoint due, no callback reading them at step t."""
-        return (self.guard is None and (t + 1) % self.checkpoint_every != 0
-                and not any(getattr(cb, "reads_weights", lambda _t: True)(t)
-                            for cb in (*self.callbacks, *self._extra)))
-
     def run(self, batches: BatchSource, todo: range, extra: Sequence[Callback], *,
             interrupted: Callable[[], bool], stop: Callable[[], bool]) -> bool:
         """Steps `todo` on `batches`, `extra` callbacks after the session's; True when a
@@ -131,10 +115,9 @@ class RunLoop:
                     self.interrupt()
                 if stop():
                     return True
-                self.step(*batches(t), defer=t + 1 < todo.stop)
+                self.step(*batches(t))
         finally:
             self._extra = ()
-            self.opt.flush()  # the weights of the last finished step (a deferred update)
         return False
 
     def interrupt(self) -> None:
@@ -144,7 +127,6 @@ class RunLoop:
 
     def checkpoint(self) -> None:
         """Make the journal durable, then write a checkpoint of the current state."""
-        self.opt.flush()
         self.journal.sync()
         write_checkpoint(self.run_dir, self.store, self.opt, len(self.journal))
         for cb in (*self.callbacks, *self._extra):
@@ -165,7 +147,6 @@ class RunLoop:
         """Write `weights.safetensors` (with its sha256 in the metadata)."""
         if self.broken:
             raise EdgelearnError(f"not writing weights: {self.broken}")
-        self.opt.flush()
         path = self.store.save(self.run_dir / WEIGHTS, metadata={"sha256": self.store.digest()})
         self.dirty = False
         return path

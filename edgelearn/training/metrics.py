@@ -106,10 +106,6 @@ class RunMetrics(Callback):
         if done == 0 and self.eval_data is not None:
             self._write({"step": 0, **self._score(session, 0)})
 
-    def reads_weights(self, step: int) -> bool:
-        done = step + 1  # only held-out scores read the weights
-        return self.eval_data is not None and (done % self.eval_every == 0 or done == self.total)
-
     def on_step(self, session: Session, result: StepResult) -> None:
         done = result.step + 1
         if self._file is None:  # Session.step (live feeding): no on_start
