@@ -17,8 +17,10 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 the runtime's run calls (timed around the session object).
   big_full      a 12.6M-parameter MLP (2048-2048-2048-2048-10), every weight trainable,
                 zo-sgd probes 1, restore auto (drift), batch 32: `opt.step` vs `predict`, with
-                the elementwise passes threaded (default), on one thread, and deferred
-                (`defer=True`, as Session.run steps: 2 arena passes a step, not 3).
+                the elementwise passes threaded (default) and on one thread, and threaded on
+                a session whose onnxruntime workers busy-wait after each run ("spinning":
+                onnxruntime's default; edgelearn turns it off, as its workers then hold the
+                cores the passes need right after each forward).
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
@@ -202,47 +204,43 @@ def export_big(work: Path, cfg: dict[str, Any]) -> Path:
 
 def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
                 between: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Full-weight zo-sgd step vs forward on the big MLP: threaded, single-threaded and
-    deferred (`step(defer=True)`, as `Session.run` steps: 2 arena passes a step instead of 3;
-    the first step of each round, which has no pending update, is not timed); `between()`
-    runs before the first, the middle and after the last round (the MeZO child)."""
+    """Full-weight zo-sgd step vs forward on the big MLP: the elementwise passes threaded
+    and on one thread, and threaded on a session whose onnxruntime workers spin after each
+    run ("spinning", onnxruntime's default, edgelearn's before it turned spinning off), each
+    against forwards of its own session; `between()` runs before the first, the middle and
+    after the last round (the MeZO child)."""
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
     from edgelearn.optim import make_optimizer
 
-    model = Model(load_bundle(bundle_dir))
+    bundle = load_bundle(bundle_dir)
+    model = Model(bundle)
+    models = {"threaded": model, "one_thread": model}
+    with contextlib.suppress(Exception):  # a tree without the option: no variant
+        models["spinning"] = Model(bundle, backend_options={"spinning": True})
     with np.load(data) as f:
         xb, yb = f["x"], f["y"]
     opts = {"lr": 1e-4, "eps": 1e-3, "seed": 0}
-    variants: dict[str, Any] = {"threaded": make_optimizer("zo-sgd", **opts)}
-    with contextlib.suppress(Exception):  # a tree without the threads option: no variant
-        variants["one_thread"] = make_optimizer("zo-sgd", threads=1, **opts)
-    deferred = "deferred" if hasattr(variants["threaded"], "flush") else None
-    if deferred:
-        variants[deferred] = make_optimizer("zo-sgd", **opts)
-
-    def evaluate() -> float:
-        return cross_entropy(model.predict(xb), yb)
-
-    times: dict[str, list[np.ndarray]] = {k: [] for k in ("forward", "flush", *variants)}
+    variants = {name: make_optimizer("zo-sgd", **opts, **({"threads": 1} if name ==
+                                                           "one_thread" else {}))
+                for name in models}
+    times: dict[str, list[np.ndarray]] = {k: [] for k in (*variants, "forward",
+                                                          "forward_spinning")}
     for r in range(rounds + 1):  # round 0 warms up
         if r in (1, rounds // 2 + 1):
             between()
         for name, opt in variants.items():
-            defer = {"defer": True} if name == deferred else {}
-            for i in range(steps + bool(defer)):
+            m = models[name]
+            for _ in range(steps):
                 t0 = clock()
-                model.predict(xb)
+                m.predict(xb)
                 t1 = clock()
-                opt.step(model.store, evaluate, **defer)
-                if r and not (defer and i == 0):
-                    times["forward"].append(t1 - t0)
+                opt.step(m.store, lambda m=m: cross_entropy(m.predict(xb), yb))
+                if r:
+                    times["forward_spinning" if name == "spinning" else "forward"].append(
+                        t1 - t0)
                     times[name].append(clock() - t1)
-            if defer:  # Session.run: once per run, when the weights are read
-                t0 = clock()
-                opt.flush()
-                times["flush"].append(clock() - t0)
     between()
     return summarize_big(model.store.n_trainable("float32"), variants, times)
 
@@ -251,15 +249,16 @@ def summarize_big(params: int, variants: dict[str, Any], times: dict[str, list[n
                   ) -> dict[str, Any]:
     """Medians (ms) and step / forward ratios of the big-MLP section."""
     res: dict[str, Any] = {"params": params, "batch_size": BATCH, "probes": 1,
-                           "policy": variants["threaded"].policy,
-                           "forward_ms": med_ms([t[0] for t in times["forward"]]),
-                           "cpu_forward_ms": med_ms([t[1] for t in times["forward"]]),
-                           "flush_ms": med_ms([t[0] for t in times["flush"]])}
+                           "policy": variants["threaded"].policy}
+    for fw in ("forward", "forward_spinning"):
+        res[f"{fw}_ms"] = med_ms([t[0] for t in times[fw]])
+        res[f"cpu_{fw}_ms"] = med_ms([t[1] for t in times[fw]])
     for name in variants:
+        fw = "forward_spinning" if name == "spinning" else "forward"
         for i, kind in enumerate(("", "cpu_")):
             res[f"{kind}step_ms_{name}"] = med_ms([t[i] for t in times[name]])
             res[f"{kind}step_over_forward_{name}"] = ratio(res[f"{kind}step_ms_{name}"],
-                                                          res[f"{kind}forward_ms"])
+                                                          res[f"{kind}{fw}_ms"])
     pass_ = getattr(variants["threaded"], "_pass", None)
     res["threads"] = pass_.threads if pass_ is not None else 1
     return res
@@ -329,11 +328,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "big_full_step_over_forward_one_thread": get("step_over_forward_one_thread"),
         "big_full_cpu_step_over_forward": get("cpu_step_over_forward_threaded"),
         "goal_big_full_step_over_forward_max": 2.5,
-        "big_full_step_over_forward_deferred": get("step_over_forward_deferred"),
-        "big_full_cpu_step_over_forward_deferred": get("cpu_step_over_forward_deferred"),
+        "big_full_step_over_forward_spinning": get("step_over_forward_spinning"),
         "torch_mezo_step_over_ours": ratio(mezo.get("step_ms"), get("step_ms_threaded")),
-        "torch_mezo_step_over_ours_deferred": ratio(mezo.get("step_ms"),
-                                                    get("step_ms_deferred")),
+        "torch_mezo_step_over_ours_spinning": ratio(mezo.get("step_ms"),
+                                                    get("step_ms_spinning")),
         "goal_torch_mezo_step_over_ours_min": 10.0,
         "python_overhead_ms_per_step": demo["population"]["python_overhead_ms_per_step"],
         "cpu_python_overhead_ms_per_step":
