@@ -61,7 +61,7 @@ def make_backend(name: str, bundle: Bundle, **options: Any) -> Backend:
         name: a registered backend name or alias.
         bundle: the loaded bundle.
         options: constructor keywords: threads, strategy, graph, outputs (every backend);
-            providers (onnxruntime).
+            providers, spinning (onnxruntime).
     """
     return backend_class(name)(bundle, **options)
 

@@ -40,6 +40,10 @@ class OrtBackend(Backend):
         graph: which model file of the bundle to run (files role "onnx" or "onnx_taps").
         outputs: graph outputs to compute (None: all); the others are removed before the
             session is built, so onnxruntime may fuse the nodes behind them.
+        spinning: let the intra-op worker threads busy-wait after a run (onnxruntime's
+            default). Off by default: they spin for milliseconds after each run (up to ~16 ms
+            on AMD Zen) and hold the cores the numpy work between forwards needs (a ZO
+            step's passes over the arena; measured in benchmarks/bench_zo_cost.py).
     """
 
     name = "onnxruntime"
@@ -60,9 +64,11 @@ class OrtBackend(Backend):
         strategy: str | None = None,
         graph: str | None = None,
         outputs: Collection[str] | None = None,
+        spinning: bool = False,
     ) -> None:
         super().__init__(bundle, threads=threads, strategy=strategy, graph=graph,
                          outputs=outputs)
+        self.spinning = bool(spinning)
         if self.graph not in bundle.files:
             raise BundleError(f"bundle has no {self.graph!r} model (it carries "
                               f"{bundle.formats})")
@@ -80,6 +86,8 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 4  # failures surface as our one-line errors
+        if not self.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return configure(so)
 
     def _session(self, store: ParamStore) -> Any:
