@@ -24,6 +24,10 @@ from edgelearn.backends.ort_graph import (
 )
 from edgelearn.errors import BundleError
 
+#: trainable float32 weights from which the workers stop spinning by default: zo-sgd's passes
+#: over the arena run on threads from here (optim.kernels.PARALLEL_MIN)
+SPIN_OFF_MIN_TRAINABLE = 1 << 20
+
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
     from edgelearn.params import ParamStore
@@ -41,9 +45,11 @@ class OrtBackend(Backend):
         outputs: graph outputs to compute (None: all); the others are removed before the
             session is built, so onnxruntime may fuse the nodes behind them.
         spinning: let the intra-op worker threads busy-wait after a run (onnxruntime's
-            default). Off by default: they spin for milliseconds after each run (up to ~16 ms
-            on AMD Zen) and hold the cores the numpy work between forwards needs (a ZO
-            step's passes over the arena; measured in benchmarks/bench_zo_cost.py).
+            default). They spin for milliseconds after each run (up to ~16 ms on AMD Zen)
+            and hold the cores the numpy work between forwards needs (a ZO step's threaded
+            passes over a large arena; benchmarks/bench_zo_cost.py), but a sleeping worker
+            costs a small model's forward its wake-up (demo: 0.26 -> 0.34 ms, loaded host).
+            None (default): off when at least SPIN_OFF_MIN_TRAINABLE float32 weights train.
     """
 
     name = "onnxruntime"
@@ -64,11 +70,11 @@ class OrtBackend(Backend):
         strategy: str | None = None,
         graph: str | None = None,
         outputs: Collection[str] | None = None,
-        spinning: bool = False,
+        spinning: bool | None = None,
     ) -> None:
         super().__init__(bundle, threads=threads, strategy=strategy, graph=graph,
                          outputs=outputs)
-        self.spinning = bool(spinning)
+        self.spinning = spinning
         if self.graph not in bundle.files:
             raise BundleError(f"bundle has no {self.graph!r} model (it carries "
                               f"{bundle.formats})")
@@ -80,13 +86,16 @@ class OrtBackend(Backend):
         self._reused: tuple[Any, dict[str, np.ndarray]] | None = None
         self.bound: list[str] = []
 
-    def _options(self, ort: Any) -> Any:
+    def _options(self, ort: Any, store: ParamStore) -> Any:
         so = ort.SessionOptions()
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 4  # failures surface as our one-line errors
-        if not self.spinning:
+        spin = self.spinning
+        if spin is None:
+            spin = store.n_trainable("float32") < SPIN_OFF_MIN_TRAINABLE
+        if not spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return configure(so)
 
@@ -101,7 +110,7 @@ class OrtBackend(Backend):
         else:
             src = load_checked_model(self.model_path).SerializeToString()
         try:
-            return ort.InferenceSession(src, sess_options=self._options(ort),
+            return ort.InferenceSession(src, sess_options=self._options(ort, store),
                                         providers=self.providers)
         except Exception as e:  # ORT raises its own exception types
             raise BundleError(f"{self.model_path.name}: onnxruntime cannot load it ({e})") \
