@@ -480,6 +480,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             lines.append(f"      weights {o['weights']}  journal {o['journal']}")
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")
+        lines.append(f"  train's default here (no --optimizer): {res['default_optimizer']}")
         lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB; torch was not used")
         if res.get("report"):
             lines.append(f"  report: {res['report']}")
