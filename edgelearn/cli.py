@@ -328,11 +328,23 @@ def _opt_pairs(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _auto_optimizer(args: argparse.Namespace, bundle: Any) -> el.TrainConfig:
+    """--optimizer auto: the config (optimizer, its default options, why) the bundle's rule
+    picks, or the run's in --out when resuming; then the flag checks for that optimizer."""
+    base = el.TrainConfig(trainable=args.trainable, objective=args.objective).resolve(
+        bundle, _runtime_config(args).resolve(bundle).backend,
+        run_dir=None if args.restart else args.out)
+    args.optimizer = base.optimizer
+    check_optimizer_flags(args, base.optimizer, chosen_by=base.chosen_by)
+    return base
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Personalize a bundle on a data file; resumes when --out already holds the run."""
     bundle = el.load_bundle(args.bundle)
+    auto = _auto_optimizer(args, bundle) if args.optimizer == "auto" else None
     data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
-    options = {**_flag_options(args), **_opt_pairs(args)}
+    options = {**(auto.options if auto else {}), **_flag_options(args), **_opt_pairs(args)}
     divergence = None
     if args.diverge_factor is not None:
         divergence = el.DivergencePolicy(factor=args.diverge_factor,
@@ -342,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                             objective=args.objective, batch_size=args.batch_size,
                             seed=args.seed, checkpoint_every=args.checkpoint_every,
                             fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
-                            divergence=divergence)
+                            divergence=divergence, chosen_by=auto.chosen_by if auto else None)
     callbacks = _train_callbacks(args, bundle)
     try:
         with el.Session(bundle, args.out, config, _runtime_config(args),
@@ -476,6 +488,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             lines.append(f"      weights {o['weights']}  journal {o['journal']}")
         for name, why in res["unavailable"].items():
             lines.append(f"  {name}: not run ({why})")
+        lines.append(f"  train's default here (no --optimizer): {res['default_optimizer']}")
         lines.append(f"  peak RSS {res['peak_rss_mb']:.0f} MB; torch was not used")
         if res.get("report"):
             lines.append(f"  report: {res['report']}")
@@ -674,8 +687,13 @@ def _add_train(sub: Any) -> None:
                    help="delete the run held in --out (journal, checkpoint, weights; nothing "
                    "else) and start it over; never done silently")
     g = sp.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="zo-sgd", choices=list(el.optimizers()),
-                   help="forward-only optimizer")
+    g.add_argument("--optimizer", default="auto", choices=["auto", *el.optimizers()],
+                   help="forward-only optimizer; auto picks by bundle and trainable set: "
+                   "polystep (radius 2) for int8 weights, zo-scale for int8 scales only, "
+                   "tpsgd (lr 0.1) when taps cover every trainable tensor, hybrid (lr 0.1, "
+                   "zo-lr 0.01) when they cover some, else fzoo (zo-sgd above 16 MiB of "
+                   "trainable weights); given flags override these; a resumed run keeps its "
+                   "optimizer; the choice and why: --json 'chosen_by', session.json")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: zo-sgd 1e-3, zo-scale 0.02 of each scale, "
@@ -944,15 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- checks before a command runs ----------------------------------------------------------
 def check_train_flags(args: argparse.Namespace) -> None:
-    """Refuse flags the optimizer would ignore and unknown --opt keys; fill the defaults."""
-    opt = args.optimizer
-    unused = [f"--{dest.replace('_', '-')} ({', '.join(users)})"
-              for dest, users in flag_users().items()
-              if getattr(args, dest) is not None and opt not in users]
-    if unused:
-        hint = "; polystep options go through --opt KEY=VALUE" if opt == "polystep" else ""
-        raise el.InputError(f"--optimizer {opt} does not use {', '.join(unused)}; remove "
-                         f"{'it' if len(unused) == 1 else 'them'}{hint}")
+    """Refuse flags the optimizer would ignore and unknown --opt keys; fill the defaults.
+    Under --optimizer auto the optimizer's checks wait for the bundle's choice."""
+    if args.optimizer != "auto":
+        check_optimizer_flags(args, args.optimizer)
     if args.diverge_factor is None:
         lone = [f for f, v in (("--diverge-patience", args.diverge_patience),
                                ("--diverge-lr-scale", args.diverge_lr_scale)) if v is not None]
@@ -961,15 +974,33 @@ def check_train_flags(args: argparse.Namespace) -> None:
                              "only with --diverge-factor")
     if args.eval_every is not None and args.eval_data is None:
         raise el.InputError("--eval-every applies only with --eval-data (the held-out .npz)")
+    for dest, value in TRAIN_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+
+
+def check_optimizer_flags(args: argparse.Namespace, opt: str, *,
+                          chosen_by: str | None = None) -> None:
+    """Refuse flags optimizer `opt` would ignore and --opt keys it does not have.
+
+    Args:
+        chosen_by: why --optimizer auto picked `opt` (named in the message).
+    """
+    unused = [f"--{dest.replace('_', '-')} ({', '.join(users)})"
+              for dest, users in flag_users().items()
+              if getattr(args, dest) is not None and opt not in users]
+    if unused:
+        hint = "; polystep options go through --opt KEY=VALUE" if opt == "polystep" else ""
+        named = f"--optimizer {opt}" if chosen_by is None else \
+            f"the default optimizer, {chosen_by}, which --optimizer NAME overrides,"
+        raise el.InputError(f"{named} does not use {', '.join(unused)}; remove "
+                         f"{'it' if len(unused) == 1 else 'them'}{hint}")
     valid = optimizer_option_names(opt)
     for item in args.opt or []:
         key, sep, _ = item.partition("=")
         if sep and key.isidentifier() and key not in valid:
             why = "the run seed is --seed" if key == "seed" else f"valid keys: {', '.join(valid)}"
             raise el.InputError(f"--opt {key}: {opt} has no option {key!r} ({why})")
-    for dest, value in TRAIN_DEFAULTS.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
 
 
 def check_paths(args: argparse.Namespace) -> None:

@@ -98,6 +98,9 @@ def run_demo(out: str | Path, *, backend: str = "onnxruntime", threads: int | No
         "accuracy_before": before.accuracy,
         "loss_before": before.loss,
         "accuracy_after": {},
+        # what `train` without --optimizer would pick for the demo's head on this backend
+        "default_optimizer": el.TrainConfig(trainable="head.*").resolve(
+            bundle, backend).chosen_by,
         "optimizers": {},
         "unavailable": {},
     }

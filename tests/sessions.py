@@ -1,8 +1,9 @@
 """Test shorthand over the public API: one call trains (or resumes) a run, one call replays.
 
 `train(bundle, data, run_dir, steps=..., **settings)` opens an `el.Session` with the
-settings split into TrainConfig and RuntimeConfig (runtime defaults: onnxruntime, no device
-profile, so results do not depend on the machine), runs it to `steps` and returns the
+settings split into TrainConfig (optimizer zo-sgd unless named) and RuntimeConfig (runtime
+defaults: onnxruntime, no device profile, so results do not depend on the machine), runs it
+to `steps` and returns the
 `train --json` object; `replay_journal` returns (store, steps) of `el.replay`.
 """
 
@@ -40,7 +41,9 @@ def train(bundle: el.Bundle, data: el.Dataset, run_dir: str | os.PathLike, *,
     rt = runtime(**{k: settings.pop(k) for k in RUNTIME_KEYS
                     if settings.get(k) is not None})
     cbs = [*callbacks, *([OnStep(on_step)] if on_step is not None else [])]
-    with el.Session(bundle, run_dir, el.TrainConfig(**settings), rt, restart=restart) as s:
+    # zo-sgd unless named: the tests were written when it was TrainConfig's default
+    config = el.TrainConfig(**{"optimizer": "zo-sgd", **settings})
+    with el.Session(bundle, run_dir, config, rt, restart=restart) as s:
         return s.run(data, steps, callbacks=cbs).to_json()
 
 

@@ -117,7 +117,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 # -- choices, help ------------------------------------------------------------------------------
 def test_choices_come_from_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(train_action("optimizer").choices) == set(REGISTRY)
+    assert set(train_action("optimizer").choices) == {"auto", *REGISTRY}
     assert set(train_action("objective").choices) == set(LOSSES)
     assert set(train_action("backend").choices) == set(BACKENDS)
     for flag, value in (("--optimizer", "sgd"), ("--objective", "hinge"),
@@ -157,7 +157,7 @@ def test_train_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str]
                           ("--target-scale TARGET_SCALE", "3.0"),
                           ("--diverge-patience DIVERGE_PATIENCE", "20"),
                           ("--batch-size BATCH_SIZE", "32"),
-                          (f"--optimizer {{{','.join(el.optimizers())}}}", "zo-sgd")):
+                          (f"--optimizer {{auto,{','.join(el.optimizers())}}}", "auto")):
         rest = text.split(f" {flag} ", 1)[1]
         own_help = re.split(r" --[a-z-]+ (?:[A-Z_]{2,}|\{)", rest)[0]  # up to the next flag
         assert f"(default: {default})" in own_help, (flag, own_help)

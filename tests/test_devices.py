@@ -75,7 +75,7 @@ def test_budget_shrinks_the_batch_and_the_run_stays_under_it(bundles, tmp_path) 
     def run(out: str, batch: int, budget: float) -> dict:
         cmd = [sys.executable, "-m", "edgelearn.cli", "train", str(bundle.path), "--data",
                str(data), "--steps", "3", "--out", str(tmp_path / out), "--batch-size",
-               str(batch), "--memory-budget-mb", str(budget), "--json"]
+               str(batch), "--memory-budget-mb", str(budget), "--optimizer", "zo-sgd", "--json"]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True,
                                          text=True).stdout)
 

@@ -31,7 +31,8 @@ def demo_npz(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _train(capsys: pytest.CaptureFixture[str], out: Path, train: Path, steps: int,
            *extra: str) -> dict:
     code = main(["train", BUNDLE, "--data", str(train), "--steps", str(steps), "--trainable",
-                 "head.*", "--lr", "0.01", "--out", str(out), "--json", *extra])
+                 "head.*", "--lr", "0.01", "--optimizer", "zo-sgd", "--out", str(out), "--json",
+                 *extra])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     assert err == ""  # --json: no progress anywhere

@@ -98,7 +98,7 @@ def test_live_steps_are_bit_identical(cnn: Path, tmp_path: Path) -> None:
     digests, reports = [], []
     for cache in (True, False):
         rt = el.RuntimeConfig(backend="onnxruntime", device=None, prefix_cache=cache)
-        with el.Session(cnn, tmp_path / str(cache), el.TrainConfig(), rt) as s:
+        with el.Session(cnn, tmp_path / str(cache), el.TrainConfig(optimizer="zo-sgd"), rt) as s:
             for t in range(12):
                 s.step((data.x[t % 6], data.y[t % 6]))
             digests.append(s.digest())
@@ -135,7 +135,7 @@ def test_feature_cache_spills_and_recomputes(cnn: Path, tmp_path: Path) -> None:
 
 
 def test_no_cut_when_the_first_layer_trains(cnn: Path, tmp_path: Path) -> None:
-    with el.Session(cnn, tmp_path / "r", el.TrainConfig(trainable="*"),
+    with el.Session(cnn, tmp_path / "r", el.TrainConfig(optimizer="zo-sgd", trainable="*"),
                     el.RuntimeConfig(backend="onnxruntime", device=None)) as s:
         rep = s.evaluator.cache_report()
         assert not isinstance(s.evaluator, CachedEvaluator)
@@ -168,7 +168,7 @@ def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,
     outs = []
     for extra in ([], ["--no-cache"]):
         main(["train", str(cnn), "--data", str(tmp_path / "d.npz"), "--steps", "5",
-              "--out", str(tmp_path / f"r{len(extra)}"), "--json",
+              "--out", str(tmp_path / f"r{len(extra)}"), "--json", "--optimizer", "zo-sgd",
               *extra])
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["cache"]["cut"] == ["features"]
@@ -180,7 +180,7 @@ def test_cli_info_train_and_no_cache(cnn: Path, tmp_path: Path,
 
 def test_spilled_run_is_bit_identical(cnn: Path, tmp_path: Path) -> None:
     """Features past the memory bound go to the run directory's spill file, then away."""
-    cfg = el.TrainConfig(batch_size=8)
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=8)
     rt = el.RuntimeConfig(backend="onnxruntime", device=None)
     with el.Session(cnn, tmp_path / "s", cfg, rt) as s:
         s.evaluator.cache.max_rows = 5  # as a tight memory budget would leave

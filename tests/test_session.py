@@ -143,7 +143,7 @@ def test_run_then_more_steps_and_feeds_do_not_mix(bundle, digits, tmp_path) -> N
         "steps", "resumed_from", "rollbacks", "loss_first", "loss_last", "weights", "journal",
         "sha256", "optimizer", "trainable_params", "step_ms_median", "forward_ms_median",
         "peak_rss_mb", "batch_size", "memory_plan", "population_graph",
-        "population_call_ms_median", "cache"}
+        "population_call_ms_median", "cache", "chosen_by"}
 
 
 def test_changed_settings_refused_when_the_run_opens(bundle, digits, tmp_path) -> None:

@@ -134,7 +134,8 @@ def test_killed_cli_run_resumes_bit_identical(headless_bundle, digits_split, tmp
     data = tmp_path / "d.npz"
     np.savez(data, x=digits_split[0].x, y=digits_split[0].y)
     cmd = [sys.executable, "-m", "edgelearn.cli", "train", str(headless_bundle), "--data",
-           str(data), "--steps", "1500", "--lr", "0.003", "--seed", "9", "--json",
+           str(data), "--optimizer", "zo-sgd", "--steps", "1500", "--lr", "0.003", "--seed", "9",
+           "--json",
            "--checkpoint-every", "37"]
     ref = json.loads(subprocess.run([*cmd, "--out", str(tmp_path / "ref")], check=True,
                                     capture_output=True, text=True).stdout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from edgelearn.bundle import Bundle
 from edgelearn.errors import InputError
 from edgelearn.optim import Optimizer, make_optimizer, optimizer_class
+from edgelearn.optim.defaults import AUTO, choose_optimizer, recorded_choice
 from edgelearn.training.divergence import DivergencePolicy
 
 
@@ -39,8 +41,11 @@ class TrainConfig:
     """How a run trains: everything its journal pins, plus checkpoint and fsync policy.
 
     Args:
-        optimizer: registry name ("zo-sgd", "tpsgd", "polystep", "zo-scale").
-        options: the optimizer's keyword options (`seed` defaults to `seed`).
+        optimizer: registry name ("zo-sgd", "tpsgd", "fzoo", "hybrid", "polystep",
+            "zo-scale", ...), or "auto" (the default): the bundle's best supported method,
+            chosen when a Session opens (`resolve`; rule in edgelearn/optim/defaults.py).
+        options: the optimizer's keyword options (`seed` defaults to `seed`); under "auto"
+            they override the chosen method's default options.
         trainable: glob pattern(s) of parameters to train (None: the optimizer's default,
             else the bundle's manifest flags).
         objective: loss name (None: cross-entropy for classifiers, mse for regression).
@@ -54,9 +59,11 @@ class TrainConfig:
         record_samples: append every step's batch to `samples.bin` in the run directory, so
             a run fed live samples replays and resumes without its data (tpSGD needs this;
             a step's sha256 is journaled either way).
+        chosen_by: why "auto" picked `optimizer` ("auto: NAME (reason)"), set by `resolve`;
+            None for an optimizer named explicitly.
     """
 
-    optimizer: str = "zo-sgd"
+    optimizer: str = AUTO
     options: Mapping[str, Any] = field(default_factory=dict)
     trainable: str | Sequence[str] | None = None
     objective: str | None = None
@@ -68,6 +75,7 @@ class TrainConfig:
     divergence: DivergencePolicy | None = None
     population: bool = True
     record_samples: bool = False
+    chosen_by: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", _options_dict(self.options))
@@ -82,13 +90,39 @@ class TrainConfig:
                 and self.fsync_seconds >= 0):
             raise InputError(f"fsync_seconds must be None or >= 0, got {self.fsync_seconds!r}")
 
+    def resolve(self, bundle: Bundle, backend: str, *,
+                run_dir: str | os.PathLike | None = None) -> TrainConfig:
+        """This config with "auto" replaced by the chosen optimizer (any other: itself).
+
+        Args:
+            bundle: the bundle the run trains.
+            backend: the run's resolved backend name.
+            run_dir: the run directory; when it holds a run, that run's recorded optimizer
+                and options are kept, so resuming never changes method (None: a new run).
+        Returns: a config naming the optimizer, its options = the choice's defaults
+            overridden by this config's, and `chosen_by` = the reason.
+        """
+        if self.optimizer != AUTO:
+            return self
+        from edgelearn.training.rundir import recorded_train
+
+        recorded = recorded_train(run_dir) if run_dir is not None else None
+        choice = recorded_choice(recorded) if recorded else None
+        if choice is None:
+            choice = choose_optimizer(bundle, trainable=self.trainable, backend=backend,
+                                      objective=self.objective)
+        return dataclasses.replace(self, optimizer=choice.name, chosen_by=choice.why,
+                                   options={**choice.options, **self.options})
+
     def make_optimizer(self) -> Optimizer:
         """A fresh optimizer of this config (its seed defaults to the run seed)."""
+        if self.optimizer == AUTO:
+            raise InputError('optimizer "auto" is chosen per bundle: resolve() the config')
         return make_optimizer(self.optimizer, **{"seed": self.seed, **self.options})
 
     def trainable_patterns(self) -> str | Sequence[str] | None:
         """The trainable globs: as given, else the optimizer's default (zo-scale: scales)."""
-        if self.trainable is not None:
+        if self.trainable is not None or self.optimizer == AUTO:
             return self.trainable
         return optimizer_class(self.optimizer).default_trainable
 

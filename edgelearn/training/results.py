@@ -50,6 +50,7 @@ class RunResult:
         cache: the frozen-prefix cache report (`StepEvaluator.cache_report`): "enabled",
             "cut" (tensor names), "prefix_nodes", "cached_examples", "bytes", ... or
             {"enabled": False, "reason"}; None when caching was turned off.
+        chosen_by: why optimizer "auto" picked `optimizer` (None: named explicitly).
         The other fields are the `train --json` keys (times in ms, memory in MiB).
     """
 
@@ -72,6 +73,7 @@ class RunResult:
     population_call_ms_median: float | None
     stopped_early: bool = False
     cache: dict[str, Any] | None = None
+    chosen_by: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `train --json` object (every field but `stopped_early`)."""

@@ -99,3 +99,18 @@ def read_session_record(run_dir: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("version") != 1:
         raise InputError(f"{path}: not an edgelearn session record (version 1)")
     return record
+
+
+def recorded_train(run_dir: str | Path) -> dict[str, Any] | None:
+    """The training config a run directory records (`session.json` "train") when it holds a
+    run (a journal); None for a new directory or an unreadable record (resume then names
+    any mismatch). Symlinked run files are not followed (`check_run_dir` refuses them)."""
+    run_dir = Path(run_dir)
+    journal, session = run_dir / JOURNAL, run_dir / SESSION
+    if not journal.is_file() or journal.is_symlink() or session.is_symlink():
+        return None
+    try:
+        train = read_session_record(run_dir).get("train")
+    except InputError:
+        return None
+    return train if isinstance(train, dict) else None

@@ -71,7 +71,8 @@ class Session:
     Args:
         bundle: a loaded Bundle or its directory.
         run_dir: the run directory (created; resumed when it holds this run).
-        config: what and how to train (`TrainConfig`).
+        config: what and how to train (`TrainConfig`; default: optimizer "auto", the
+            bundle's best supported method, recorded as `config.chosen_by`).
         runtime: where to run (`RuntimeConfig`; default: this machine's detected profile).
         restart: delete the run's own files first (refused for a directory that is not a
             run directory).
@@ -91,6 +92,9 @@ class Session:
         self.config = config if config is not None else TrainConfig()
         self.runtime_config = runtime if runtime is not None else RuntimeConfig()
         self.runtime = self.runtime_config.resolve(self.bundle)
+        # "auto": the bundle's default optimizer, or the one of the run being resumed
+        self.config = self.config.resolve(self.bundle, self.runtime.backend,
+                                          run_dir=None if restart else run_dir)
         self._check_weights_fit()
         self.model = Model(self.bundle, backend=self.runtime.backend,
                            trainable=self.config.trainable_patterns(),
@@ -468,4 +472,5 @@ class Session:
             batch_size=batch_size, memory_plan=plan,
             population_graph=self.evaluator.population_graph,
             population_call_ms_median=self.timers.population.median_ms(),
-            stopped_early=stopped, cache=self.evaluator.cache_report())
+            stopped_early=stopped, cache=self.evaluator.cache_report(),
+            chosen_by=self.config.chosen_by)

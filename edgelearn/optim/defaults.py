@@ -1,0 +1,158 @@
+"""The default optimizer: which method `train` (and a Session) uses when none is named.
+
+One rule, read from the bundle's manifest and the run's trainable set alone (no runtime is
+imported), in this order:
+
+  1. trainable int8 weights          -> polystep on their int8 grid (radius 2 quantization
+                                        steps; the only optimizer that steps int8 weights)
+  2. trainable set = int8 scales only -> zo-scale (QZO: relative steps on the scales)
+  3. a taps graph the backend runs, an objective tpSGD's head loss computes (cross-entropy
+     or mse), and
+       every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
+       some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
+  4. otherwise (no taps, or a loss only ZO can use)   -> fzoo (batched one-sided probes),
+     or zo-sgd when the trainable float32 slice exceeds 16 MiB (fzoo keeps a copy of it;
+     zo-sgd's drift restore keeps none)
+
+Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
+optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
+forwards what ZO-SGD does not reach in thousands; without taps, FZOO reaches ZO-SGD's final
+accuracy in about half its forwards. int8 weights and scales have one optimizer each.
+Explicit choices always win: this rule runs only for optimizer "auto".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from edgelearn.optim.zo_sgd import AUTO_COPY_MAX_BYTES
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+
+#: the name that asks for this rule (`train --optimizer auto`, the default)
+AUTO = "auto"
+
+#: objectives tpSGD's head computes exactly -> its `head_loss` option
+TAPS_OBJECTIVES = {"cross-entropy": "cross-entropy", "mse": "mse"}
+
+#: each default's options that differ from its Options defaults (measured; see the README)
+RECIPES: dict[str, dict[str, Any]] = {
+    "tpsgd": {"lr": 0.1},
+    "hybrid": {"lr": 0.1, "zo_lr": 0.01},
+    "fzoo": {},
+    "zo-sgd": {},  # chosen for large trainable sets: its lr 1e-3, not the demo head's 0.01
+    "zo-scale": {},
+    "polystep": {"radius": 2.0},
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The optimizer the rule picked.
+
+    Args:
+        name: registry name. options: its options besides its Options defaults.
+        why: one line, "auto: NAME (reason)", recorded with the run.
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+
+def _pick(name: str, reason: str, **extra: Any) -> Choice:
+    return Choice(name, {**RECIPES[name], **extra}, f"auto: {name} ({reason})")
+
+
+def choose_optimizer(bundle: Bundle, *, trainable: str | Sequence[str] | None = None,
+                     backend: str = "onnxruntime", objective: str | None = None) -> Choice:
+    """The default optimizer for training `trainable` of `bundle` on `backend`.
+
+    Args:
+        bundle: a loaded bundle (manifest and file list only).
+        trainable: the run's trainable globs (None: the manifest's flags).
+        backend: the resolved backend name ("onnxruntime" or "litert").
+        objective: the run's loss (None: the bundle's default loss).
+    Raises: InputError when `trainable` matches nothing.
+    """
+    from edgelearn.bundle import param_role
+    from edgelearn.losses import default_loss
+
+    specs = bundle.param_specs(trainable)
+    train = [s for s in specs if s.trainable]
+    roles = {s.name: param_role(s) for s in train}
+    if any(r == "int8" for r in roles.values()):
+        return _pick("polystep", "int8 weights train on their int8 grid; radius in "
+                     "quantization steps")
+    if train and all(r == "scale" for r in roles.values()):
+        return _pick("zo-scale", "only int8 quantization scales train")
+    if not train and any(param_role(s) == "scale" for s in specs):
+        return _pick("zo-scale", "no trainable flags; the int8 quantization scales train")
+    objective = objective or default_loss(bundle.task, bundle.outputs)
+    taps = _taps_choice(bundle, [s.name for s in train], backend, objective)
+    if taps is not None:
+        return taps
+    return _zo_choice(bundle, train, backend, objective)
+
+
+def _taps_choice(bundle: Bundle, train: list[str], backend: str,
+                 objective: str) -> Choice | None:
+    """tpsgd or hybrid where the bundle's taps reach (part of) the trainable set, else None."""
+    if _taps_missing(bundle, backend) or objective not in TAPS_OBJECTIVES or not train:
+        return None
+    from edgelearn.layers import parse_layers
+
+    layers = parse_layers(bundle.manifest, {p.name for p in bundle.params})
+    if not layers or not layers[-1].head:
+        return None
+    owned = {n for layer in layers for n in layer.param_names()}
+    owned |= {layer.bn[k] for layer in layers if layer.bn
+              for k in ("running_mean", "running_var")}
+    extra = {"head_loss": TAPS_OBJECTIVES[objective]} if objective != "cross-entropy" else {}
+    covered = [n for n in train if n in owned]
+    if len(covered) == len(train):
+        return _pick("tpsgd", f"taps cover all {len(train)} trainable tensors: exact "
+                     "layer-local updates, one forward a step", **extra)
+    if covered:
+        return _pick("hybrid", f"taps cover {len(covered)} of {len(train)} trainable tensors: "
+                     "those exact, ZO on the rest, two forwards a step", **extra)
+    return None
+
+
+def _taps_missing(bundle: Bundle, backend: str) -> str | None:
+    """Why the bundle has no taps graph `backend` can run (None: it has one)."""
+    if "onnx_taps" not in bundle.files:
+        return "no taps graph"
+    if backend == "litert" and "tflite_taps" not in bundle.files:
+        return "no model_taps.tflite for litert"
+    return None
+
+
+def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: str) -> Choice:
+    """fzoo, or zo-sgd for a trainable slice too large to keep a copy of."""
+    why = _taps_missing(bundle, backend) or (
+        f"the {objective} loss is not one tpSGD's head computes" if objective not in
+        TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
+    nbytes = sum(s.nbytes for s in train if s.dtype == "float32")
+    if nbytes > AUTO_COPY_MAX_BYTES:
+        return _pick("zo-sgd", f"{why}; {nbytes / (1 << 20):.0f} MiB of trainable weights: "
+                     "MeZO's in-place probes need no copy of them")
+    return _pick("fzoo", f"{why}: batched one-sided probes, fewer forwards than zo-sgd")
+
+
+def recorded_choice(train: Mapping[str, Any]) -> Choice | None:
+    """The choice a run directory's recorded training config holds (its `session.json`
+    "train" object), so that resuming an "auto" run keeps its optimizer and options even when
+    this rule would now pick another; None when it records no optimizer.
+
+    Args:
+        train: `TrainConfig.to_json()` of the recorded run.
+    """
+    name, options = train.get("optimizer"), train.get("options")
+    if not isinstance(name, str) or name == AUTO or not isinstance(options, Mapping):
+        return None
+    why = train.get("chosen_by") or f"auto: {name} (the optimizer of the run being resumed)"
+    return Choice(name, dict(options), str(why))

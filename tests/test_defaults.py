@@ -1,0 +1,183 @@
+"""The default optimizer (`train` without --optimizer, `TrainConfig()`): the rule's choice on
+each bundle kind, the choice and its reason recorded with the run, explicit choices winning,
+resuming and replaying an auto run. Shipped demo bundle and generated ONNX models (no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundle_edit import demo_bundle_without
+from onnx_models import mlp_onnx, quantize_qdq
+
+import edgelearn as el
+from edgelearn.cli import main
+from edgelearn.demo import DATA, demo_data
+from edgelearn.optim import defaults
+from edgelearn.optim.defaults import choose_optimizer
+
+DEMO = DATA / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo() -> el.Bundle:
+    return el.load_bundle(DEMO)
+
+
+@pytest.fixture(scope="module")
+def user_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo user's personalization digits as .npz."""
+    path = tmp_path_factory.mktemp("defaults") / "user.npz"
+    train, _, _ = demo_data(0)
+    np.savez(path, x=train.x, y=train.y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> el.Bundle:
+    """A generated inference MLP through `prepare`: head taps only, every weight trainable."""
+    pytest.importorskip("onnx")
+    tmp = tmp_path_factory.mktemp("prep")
+    el.tools.prepare(mlp_onnx(tmp / "mlp.onnx"), tmp / "b")
+    return el.load_bundle(tmp / "b")
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory: pytest.TempPathFactory) -> el.Bundle:
+    """An int8 QDQ model (onnxruntime.quantization) through `prepare`."""
+    pytest.importorskip("onnxruntime.quantization")
+    tmp = tmp_path_factory.mktemp("int8")
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    el.tools.prepare(quantize_qdq(mlp_onnx(tmp / "mlp.onnx"), tmp / "q.onnx", x), tmp / "b")
+    return el.load_bundle(tmp / "b")
+
+
+# -- the rule ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("trainable", [None, "*", "head.*", "layers.*"])
+def test_taps_for_every_trainable_tensor_choose_tpsgd(demo, trainable) -> None:
+    choice = choose_optimizer(demo, trainable=trainable)
+    assert choice.name == "tpsgd"
+    assert choice.why.startswith("auto: tpsgd (taps cover all")
+    assert choice.options == {"lr": 0.1}
+
+
+def test_head_taps_only_choose_hybrid_for_the_whole_model(prepared) -> None:
+    head = prepared.manifest["layers"][-1]["params"]
+    assert len(prepared.manifest["layers"]) == 1  # taps found in the graph: the head's only
+    choice = choose_optimizer(prepared)  # prepare marks every weight trainable
+    assert choice.name == "hybrid"
+    assert "taps cover 2 of" in choice.why
+    assert choice.options == {"lr": 0.1, "zo_lr": 0.01}
+    assert choose_optimizer(prepared, trainable=",".join(head.values())).name == "tpsgd"
+
+
+def test_no_taps_choose_fzoo_and_zo_sgd_above_the_copy_limit(tmp_path, monkeypatch) -> None:
+    bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
+    choice = choose_optimizer(bare)
+    assert (choice.name, choice.options) == ("fzoo", {})
+    assert "no taps graph" in choice.why
+    # fzoo keeps a copy of the trainable slice; above the limit zo-sgd's drift restore keeps
+    # none (the head's 2600 bytes stand in for a large model)
+    monkeypatch.setattr(defaults, "AUTO_COPY_MAX_BYTES", 2000)
+    assert choose_optimizer(bare).name == "zo-sgd"
+
+
+def test_taps_the_backend_cannot_run_or_losses_they_cannot_give_mean_zo(demo, tmp_path) -> None:
+    no_tflite_taps = el.load_bundle(demo_bundle_without(tmp_path / "b", ("tflite_taps",)))
+    assert choose_optimizer(no_tflite_taps, backend="onnxruntime").name == "tpsgd"
+    litert = choose_optimizer(no_tflite_taps, backend="litert")
+    assert litert.name == "fzoo"
+    assert "litert" in litert.why
+    assert choose_optimizer(demo, objective="error-rate").name == "fzoo"
+    assert choose_optimizer(demo, objective="mse").options == {"lr": 0.1, "head_loss": "mse"}
+
+
+def test_int8_weights_choose_polystep_and_scales_alone_zo_scale(int8) -> None:
+    choice = choose_optimizer(int8)  # prepare's default trainable set: the int8 weights too
+    assert (choice.name, choice.options) == ("polystep", {"radius": 2.0})
+    scales = choose_optimizer(int8, trainable="@scale")
+    assert scales.name == "zo-scale"
+    assert "scales" in scales.why
+
+
+# -- runs -------------------------------------------------------------------------------------
+def _train(capsys, out: Path, data: Path, *extra: str, steps: int = 3) -> dict:
+    code = main(["train", str(DEMO), "--data", str(data), "--steps", str(steps), "--out",
+                 str(out), "--json", *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_train_records_the_choice_and_replays(capsys, tmp_path, user_npz) -> None:
+    run = tmp_path / "run"
+    res = _train(capsys, run, user_npz)
+    assert res["optimizer"] == "tpsgd"
+    assert res["chosen_by"].startswith("auto: tpsgd (")
+    record = json.loads((run / "session.json").read_text())["train"]
+    assert (record["optimizer"], record["chosen_by"]) == ("tpsgd", res["chosen_by"])
+    assert record["options"] == {"lr": 0.1}
+    header = _header(run)[0]
+    assert header["optimizer"] == "tpsgd"
+    assert header["config"]["lr"] == 0.1
+    code = main(["replay", str(DEMO), str(run / "journal.bin"), "--data", str(user_npz),
+                 "--out", str(tmp_path / "w.safetensors"), "--json"])
+    replayed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert replayed["sha256"] == res["sha256"]
+
+
+def _header(run: Path) -> list[dict]:
+    from edgelearn.journal import iter_journal
+
+    return list(iter_journal(run / "journal.bin", max_records=1))
+
+
+def test_explicit_optimizer_and_flags_win(capsys, tmp_path, user_npz) -> None:
+    res = _train(capsys, tmp_path / "zo", user_npz, "--optimizer", "zo-sgd")
+    assert (res["optimizer"], res["chosen_by"]) == ("zo-sgd", None)
+    res = _train(capsys, tmp_path / "lr", user_npz, "--lr", "0.02")
+    assert res["optimizer"] == "tpsgd"
+    assert _header(tmp_path / "lr")[0]["config"]["lr"] == 0.02
+    # a flag the chosen default does not use is refused, naming the choice
+    code = main(["train", str(DEMO), "--data", str(user_npz), "--steps", "2", "--out",
+                 str(tmp_path / "eps"), "--eps", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "default optimizer, auto: tpsgd" in err
+    assert "--eps" in err
+
+
+def test_auto_resumes_the_recorded_optimizer(capsys, tmp_path, user_npz) -> None:
+    # a run started when zo-sgd was the default resumes as zo-sgd, bit-identical to one run
+    run, ref = tmp_path / "old", tmp_path / "ref"
+    _train(capsys, run, user_npz, "--optimizer", "zo-sgd", steps=2)
+    resumed = _train(capsys, run, user_npz, steps=4)
+    straight = _train(capsys, ref, user_npz, "--optimizer", "zo-sgd", steps=4)
+    assert resumed["optimizer"] == "zo-sgd"
+    assert resumed["resumed_from"] == 2
+    assert resumed["sha256"] == straight["sha256"]
+    # an auto run resumes with its recorded choice; --restart chooses again
+    auto = tmp_path / "auto"
+    _train(capsys, auto, user_npz, steps=2)
+    assert _train(capsys, auto, user_npz, steps=4)["optimizer"] == "tpsgd"
+    restarted = _train(capsys, run, user_npz, "--restart", steps=2)
+    assert restarted["optimizer"] == "tpsgd"
+
+
+def test_session_without_an_optimizer_uses_the_rule(tmp_path, demo) -> None:
+    train, _, _ = demo_data(0)
+    rt = el.RuntimeConfig(backend="onnxruntime", device=None)
+    with el.Session(demo, tmp_path / "s", el.TrainConfig(options={"lr": 0.05}), rt) as s:
+        res = s.run(train, 3)
+        assert s.config.optimizer == "tpsgd"
+        assert s.config.options == {"lr": 0.05}  # given options override the choice's
+    assert res.chosen_by is not None
+    assert res.chosen_by.startswith("auto: tpsgd")
+    again = el.Session.resume(tmp_path / "s")
+    assert again.config.chosen_by == res.chosen_by
+    again.close()
+    with pytest.raises(el.InputError, match="auto"):
+        el.TrainConfig().make_optimizer()
