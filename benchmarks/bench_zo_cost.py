@@ -200,15 +200,18 @@ import numpy as np
 import edgelearn as el
 from edgelearn.demo import demo_data
 
+def clock():
+    return np.array([time.perf_counter(), time.process_time()])
+
 class Timed:
-    def __init__(self, inner): self._inner, self.seconds = inner, 0.0
+    def __init__(self, inner): self._inner, self.seconds = inner, np.zeros(2)
     def __getattr__(self, name):
         attr = getattr(self._inner, name)
         if not name.startswith("run"): return attr
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0 = clock()
             try: return attr(*a, **k)
-            finally: self.seconds += time.perf_counter() - t0
+            finally: self.seconds += clock() - t0
         return timed
 
 def session(work, options):
@@ -221,7 +224,7 @@ def session(work, options):
         if o is not None:
             o.session = Timed(o.session)
             proxies.append(o.session)
-    return s, lambda: sum(p.seconds for p in proxies)
+    return s, lambda: sum((p.seconds for p in proxies), np.zeros(2))
 
 train = demo_data()[0]
 x, y = np.ascontiguousarray(train.x[:32]), train.y[:32]
@@ -229,27 +232,27 @@ work = Path(tempfile.mkdtemp())
 one, rt_one = session(work / "one", {})
 loop, rt_loop = session(work / "loop", json.loads(sys.argv[1]))
 fw = one.evaluator.forwards(x, y)
+keys = ("step", "step_runtime", "forward", "loop_step", "loop_runtime")
 for line in sys.stdin:
-    n, res = int(line), {k: [] for k in ("step", "step_runtime", "forward", "loop_step",
-                                         "loop_runtime")}
+    n, res = int(line), {k: [] for k in keys}
     for _ in range(n):
-        r0, t0 = rt_one(), time.perf_counter()
+        r0, t0 = rt_one(), clock()
         one.optimizer.step(one.store, fw.evaluate, fw.population)
-        t1 = time.perf_counter()
-        res["step"].append(t1 - t0)
+        res["step"].append(clock() - t0)
         res["step_runtime"].append(rt_one() - r0)
     for _ in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         one.model.predict(x)
-        res["forward"].append(time.perf_counter() - t0)
+        res["forward"].append(clock() - t0)
     marks = []
     class Mark(el.Callback):
-        def on_step(self, session, result): marks.append((time.perf_counter(), rt_loop()))
+        def on_step(self, session, result): marks.append((clock(), rt_loop()))
     loop.run(train, loop.steps_done + n + 1, callbacks=[Mark()])
     for (t0, r0), (t1, r1) in itertools.pairwise(marks):
         res["loop_step"].append(t1 - t0)
         res["loop_runtime"].append(r1 - r0)
-    print(json.dumps({k: statistics.median(v) for k, v in res.items()}), flush=True)
+    print(json.dumps({f"{c}{k}": statistics.median(float(v[i]) for v in res[k])
+                      for k in keys for i, c in enumerate(("", "cpu_"))}), flush=True)
 """
 
 
@@ -293,14 +296,19 @@ def section_overhead(before: str | None, rounds: int, steps: int) -> dict[str, A
                            "loop_options": DEMO_OPTIONS}
     for name, rows in acc.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        out[name] = {
-            "step_ms": med_ms([med["step"]]), "forward_ms": med_ms([med["forward"]]),
-            "step_over_forward": ratio(med["step"], med["forward"]),
-            "step_runtime_ms": med_ms([med["step_runtime"]]),
-            "step_overhead_ms": med_ms([med["step"] - med["step_runtime"]]),
-            "loop_step_ms": med_ms([med["loop_step"]]),
-            "loop_step_over_forward": ratio(med["loop_step"], med["forward"]),
-            "loop_overhead_ms": med_ms([med["loop_step"] - med["loop_runtime"]])}
+        res: dict[str, Any] = {}
+        for c in ("", "cpu_"):
+            res.update({
+                f"{c}step_ms": med_ms([med[f"{c}step"]]),
+                f"{c}forward_ms": med_ms([med[f"{c}forward"]]),
+                f"{c}step_over_forward": ratio(med[f"{c}step"], med[f"{c}forward"]),
+                f"{c}step_runtime_ms": med_ms([med[f"{c}step_runtime"]]),
+                f"{c}step_overhead_ms": med_ms([med[f"{c}step"] - med[f"{c}step_runtime"]]),
+                f"{c}loop_step_ms": med_ms([med[f"{c}loop_step"]]),
+                f"{c}loop_step_over_forward": ratio(med[f"{c}loop_step"], med[f"{c}forward"]),
+                f"{c}loop_overhead_ms": med_ms([med[f"{c}loop_step"]
+                                                - med[f"{c}loop_runtime"]])})
+        out[name] = res
     return out
 
 
