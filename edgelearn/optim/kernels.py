@@ -11,7 +11,10 @@ This module does those passes, and the draws, as fast as numpy allows:
   * the byte indices of a chunk are widened to intp in a reused buffer and gathered with
     mode="wrap" (no per-call index allocation, no per-index bounds error path);
   * large slices are split into contiguous blocks of chunks run by a small thread pool (numpy
-    releases the GIL in `take`, its ufuncs and Philox's `random_raw`).
+    releases the GIL in `take`, its ufuncs and Philox's `random_raw`);
+  * small slices (at most SMALL_MAX elements: a head, a few norms) skip the per-coef tables,
+    whose construction costs more than the pass: the signs are expanded to +-1.0 once per
+    sign array and multiplied by each coef, c * (+-1.0) being exactly the table entry +-c.
 
 Determinism: every element goes through the same float32 operations in the same order
 (acc = c_0 z_0; acc = acc + c_k z_k for k = 1..; dst = src + acc), whatever the chunk size
