@@ -12,9 +12,9 @@ The triple is hashed by ``np.random.SeedSequence`` into a 128-bit Philox key (th
 vectorized here over a block of KEY_BLOCK steps: ~30 us a key one by one, ~1 us in a block);
 the Philox4x64 counter-mode stream under that key is a fixed sequence of uint64 words, and
 element ``i`` reads only the words at a fixed position computed from ``i`` (word ``i // 64``
-bit ``i % 64`` for Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter based, any word can be
-reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads exactly the words the whole
-vector would read at those positions, whatever the chunking.
+bit ``i % 64`` for Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter
+based, any word can be reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads
+exactly the words the whole vector would read at those positions, whatever the chunking.
 
 Kinds:
 
