@@ -67,8 +67,10 @@ _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38
 _MIX_L, _MIX_R, _POOL, _MASK32 = 0xCA01F9DD, 0x4973F715, 4, 0xFFFFFFFF
 #: keys derived at once for a block of steps (one numpy pass; a step then costs a dict lookup)
 KEY_BLOCK = 256
-_MAX_KEY_BLOCKS = 64
-_key_blocks: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+#: blocks kept (4 KiB each)
+_MAX_KEY_BLOCKS = 256
+_key_blocks: dict[tuple[int, int, int], np.ndarray] = {}
+_key_seen: set[tuple[int, int, int]] = set()  # blocks asked for one key so far
 _key_lock = threading.Lock()
 
 
@@ -131,38 +133,52 @@ def seed_sequence_keys(entropy: np.ndarray) -> np.ndarray:
     return state.view(np.uint64)  # native order, as generate_state's view
 
 
-def _step_block(run_seed: int, base: int, probe: int) -> list[tuple[int, int]]:
+def _step_block(run_seed: int, base: int, probe: int) -> np.ndarray:
     """Keys of steps [base, base + KEY_BLOCK) (base a multiple of KEY_BLOCK < 2**64), one pass.
 
-    KEY_BLOCK divides 2**32, so every step of the block has as many entropy words as base."""
+    KEY_BLOCK divides 2**32, so every step of the block has as many entropy words as base.
+    Returns: uint64 [KEY_BLOCK, 2]."""
     nw = len(_u32_words(base + KEY_BLOCK - 1))
     steps = np.arange(base, base + KEY_BLOCK, dtype=np.uint64)
     cols = [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(run_seed)]
     cols += [((steps >> np.uint64(32 * i)) & np.uint64(_MASK32)).astype(np.uint32)
              for i in range(nw)]
     cols += [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(probe)]
-    keys = seed_sequence_keys(np.stack(cols, axis=1))
-    return list(zip(keys[:, 0].tolist(), keys[:, 1].tolist(), strict=True))
+    return seed_sequence_keys(np.stack(cols, axis=1))
 
 
 def _key_tuple(run_seed: int, step: int, probe: int) -> tuple[int, int]:
-    """The Philox key of (run_seed, step, probe) as two ints, from the step's cached block.
+    """The Philox key of (run_seed, step, probe) as two ints.
 
-    Keys are derived KEY_BLOCK steps at a time (numpy's SeedSequence costs ~30 us a key, a
-    block ~1 us a key); the last few blocks are kept, so training, replay and a chunked fill
-    of a huge vector (the same triple ~1500 times) look keys up."""
+    numpy's SeedSequence costs ~30 us a key; derived KEY_BLOCK steps at a time it costs ~1 us.
+    A block is derived the second time its (run_seed, probe) stream asks for a key in it
+    (training and replay walk steps in order; a chunked fill of a huge vector asks the same
+    triple ~1500 times), so streams asked once per block (keys indexed by something other
+    than the step) keep the one-key cost. The last _MAX_KEY_BLOCKS blocks are kept."""
     if step >= 1 << 64:  # steps beyond uint64: numpy's own SeedSequence
-        state = np.random.SeedSequence([run_seed, step, probe]).generate_state(2, np.uint64)
-        return int(state[0]), int(state[1])
+        return _one_key(run_seed, step, probe)
     base = step - step % KEY_BLOCK
-    block = _key_blocks.get((run_seed, base, probe))
+    where = (run_seed, base, probe)
+    block = _key_blocks.get(where)
     if block is None:
-        block = _step_block(run_seed, base, probe)
-        with _key_lock:  # bounded: the oldest block goes
-            if len(_key_blocks) >= _MAX_KEY_BLOCKS:
+        with _key_lock:
+            if where not in _key_seen:  # first ask in this block: one key
+                if len(_key_seen) >= 8 * _MAX_KEY_BLOCKS:
+                    _key_seen.clear()
+                _key_seen.add(where)
+                return _one_key(run_seed, step, probe)
+            block = _step_block(run_seed, base, probe)
+            if len(_key_blocks) >= _MAX_KEY_BLOCKS:  # bounded: the oldest block goes
                 del _key_blocks[next(iter(_key_blocks))]
-            _key_blocks[(run_seed, base, probe)] = block
-    return block[step - base]
+            _key_blocks[where] = block
+    i = step - base
+    return block.item(i, 0), block.item(i, 1)
+
+
+def _one_key(run_seed: int, step: int, probe: int) -> tuple[int, int]:
+    """`SeedSequence([run_seed, step, probe]).generate_state(2, uint64)` as two ints."""
+    state = np.random.SeedSequence([run_seed, step, probe]).generate_state(2, np.uint64)
+    return int(state[0]), int(state[1])
 
 
 def philox_key(run_seed: int, step: int, probe: int) -> np.ndarray:

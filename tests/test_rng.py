@@ -198,9 +198,13 @@ def test_block_derived_keys_equal_numpy_seed_sequence() -> None:
         triples.append(tuple(int(rng.integers(0, 1 << 62)) % bounds[int(rng.integers(0, 4))]
                              if rng.integers(0, 2) else int(rng.integers(0, 300))
                              for _ in range(3)))
-    for t in triples:
-        assert tuple(philox_key_ints(*t)) == _seed_sequence_key(*t), t
-        assert philox_key(*t).tolist() == list(_seed_sequence_key(*t))
+    for seed, step, probe in triples:
+        # the first ask of a block derives one key, the second (another step of the same
+        # block) derives the whole block, later asks look it up
+        for s in (step, step ^ 1, step, step ^ 5):
+            assert philox_key_ints(seed, s, probe) == _seed_sequence_key(seed, s, probe)
+        assert philox_key(seed, step, probe).tolist() == list(_seed_sequence_key(seed, step,
+                                                                                  probe))
     for base in (0, 2**32 - KEY_BLOCK, 2**32, 2**64 - KEY_BLOCK):  # a whole block each
         steps = range(base, base + KEY_BLOCK, 37)
         assert [philox_key_ints(11, s, 2) for s in steps] == [_seed_sequence_key(11, s, 2)
