@@ -198,6 +198,10 @@ def test_small_slice_path_equals_table_path(n: int, monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(kernels, "SMALL_MAX", small)
         rows = np.full((8, n + 3), np.nan, np.float32)
         signed_rows(rows, src, coefs, rows_signs)
+        pair = np.full((2, n), np.nan, np.float32)  # one probe: +eps and -eps over one array
+        signed_rows(pair, src, coefs[:2], [signs[1], signs[1]])
+        distinct = np.full((3, n), np.nan, np.float32)
+        signed_rows(distinct, src, coefs[2:5], signs)
         passes = []
         for k in range(1, 4):
             dst = np.empty_like(src)
@@ -205,7 +209,8 @@ def test_small_slice_path_equals_table_path(n: int, monkeypatch: pytest.MonkeyPa
             passes.append(bits(dst))
         inplace = src.copy()
         SignPass().run(inplace, inplace, coefs[:2], rows_signs[2:4])
-        got.append(bits(rows[:6, :n]) + b"".join(passes) + bits(inplace))
+        got.append(bits(rows[:6, :n]) + bits(pair) + bits(distinct) + b"".join(passes)
+                   + bits(inplace))
     assert got[0] == got[1]
 
 

@@ -123,7 +123,8 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     z = np.empty((len(firsts), nb), "V32")
     for j, packed in enumerate(firsts):
         _expand(packed, nb, z[j])
-    zk = z if len(firsts) == k else z.take(which, axis=0)
+    # one sign array (a single probe's +-eps rows) broadcasts over the rows
+    zk = z if len(firsts) in (1, k) else z.take(which, axis=0)
     out = rows[:k, :n]
     np.multiply(zk.view(np.float32)[:, :n], np.array(coefs, np.float32)[:, None], out=out)
     np.add(out, src, out=out)
