@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_zo_cost.py            # a few minutes on 2 shared cores
     python benchmarks/bench_zo_cost.py --quick    # shorter (fewer rounds, a 3.2M MLP)
+    python benchmarks/bench_zo_cost.py --before REF --overhead-only   # before/after, ~1 min
 
 Prints ONE JSON object on stdout (progress on stderr); never asserts. Every ratio is of two
 figures measured in this run, interleaved in rounds (A, B, A, B, ...) and reduced by medians,
@@ -24,6 +25,13 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
+  overhead      per-step Python overhead on the demo head, this tree ("after") and, with
+                --before REF, the tree of git ref REF ("before", extracted with git archive),
+                each in its own child process, rounds interleaved A, B, B, A, ...: `opt.step` of
+                zo-sgd with its default options (probes 1, as `edgelearn bench` steps it), one
+                forward (`predict`), their ratio, the time inside the runtime's run calls and
+                the overhead (step - runtime); and the same for a step of the run loop
+                (`Session.run`, probes 4, journal append, batch sha256).
 Torch runs only in child processes (the export and the MeZO baseline).
 """
 
@@ -33,6 +41,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -186,6 +195,127 @@ def summarize_demo(acc: dict[str, list[float]], population_graph: bool) -> dict[
     return res
 
 
+# -- before / after: per-step overhead on the demo head -----------------------------------------
+#: one child per tree: reads a count per line on stdin, runs a round, prints one JSON line
+OVERHEAD_CHILD = r"""
+import itertools, json, statistics, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+import edgelearn as el
+from edgelearn.demo import demo_data
+
+def clock():
+    return np.array([time.perf_counter(), time.process_time()])
+
+class Timed:
+    def __init__(self, inner): self._inner, self.seconds = inner, np.zeros(2)
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if not name.startswith("run"): return attr
+        def timed(*a, **k):
+            t0 = clock()
+            try: return attr(*a, **k)
+            finally: self.seconds += clock() - t0
+        return timed
+
+def session(work, options):
+    cfg = el.TrainConfig(optimizer="zo-sgd", options=options, trainable="head.*", batch_size=32,
+                         fsync_every=1 << 30, checkpoint_every=1 << 30)
+    s = el.Session(Path(el.__file__).resolve().parent / "data" / "demo", work, cfg,
+                   el.RuntimeConfig(threads=1))
+    proxies = []
+    for o in (s.model.backend, getattr(s.evaluator, "pop_eval", None)):
+        if o is not None:
+            o.session = Timed(o.session)
+            proxies.append(o.session)
+    return s, lambda: sum((p.seconds for p in proxies), np.zeros(2))
+
+train = demo_data()[0]
+x, y = np.ascontiguousarray(train.x[:32]), train.y[:32]
+work = Path(tempfile.mkdtemp())
+one, rt_one = session(work / "one", {})
+loop, rt_loop = session(work / "loop", json.loads(sys.argv[1]))
+fw = one.evaluator.forwards(x, y)
+keys = ("step", "step_runtime", "forward", "loop_step", "loop_runtime")
+for line in sys.stdin:
+    n, res = int(line), {k: [] for k in keys}
+    for _ in range(n):
+        r0, t0 = rt_one(), clock()
+        one.optimizer.step(one.store, fw.evaluate, fw.population)
+        res["step"].append(clock() - t0)
+        res["step_runtime"].append(rt_one() - r0)
+    for _ in range(n):
+        t0 = clock()
+        one.model.predict(x)
+        res["forward"].append(clock() - t0)
+    marks = []
+    class Mark(el.Callback):
+        def on_step(self, session, result): marks.append((clock(), rt_loop()))
+    loop.run(train, loop.steps_done + n + 1, callbacks=[Mark()])
+    for (t0, r0), (t1, r1) in itertools.pairwise(marks):
+        res["loop_step"].append(t1 - t0)
+        res["loop_runtime"].append(r1 - r0)
+    print(json.dumps({f"{c}{k}": statistics.median(float(v[i]) for v in res[k])
+                      for k in keys for i, c in enumerate(("", "cpu_"))}), flush=True)
+"""
+
+
+def overhead_child(tree: Path) -> subprocess.Popen[str]:
+    """The overhead child running edgelearn from `tree` (its own PYTHONPATH and cwd)."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.Popen([sys.executable, "-c", OVERHEAD_CHILD, json.dumps(DEMO_OPTIONS)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=tree, env=env)
+
+
+def section_overhead(before: str | None, rounds: int, steps: int) -> dict[str, Any]:
+    """Demo-head step, forward, ratio and overhead for this tree and (optionally) REF's."""
+    trees = {"after": ROOT}
+    work = Path(tempfile.mkdtemp(prefix="bench_zo_cost_before_"))
+    try:
+        if before:
+            arch = subprocess.run(["git", "-C", str(ROOT), "archive", before, "edgelearn"],
+                                  check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(work)], input=arch, check=True)
+            trees = {"before": work, "after": ROOT}
+        kids = {k: overhead_child(t) for k, t in trees.items()}
+        acc: dict[str, list[dict[str, float]]] = {k: [] for k in kids}
+        order = list(kids)
+        for r in range(rounds + 1):  # round 0 warms up
+            for name in (order if r % 2 else order[::-1]):
+                kid = kids[name]
+                assert kid.stdin is not None
+                assert kid.stdout is not None
+                kid.stdin.write(f"{steps}\n")
+                kid.stdin.flush()
+                row = json.loads(kid.stdout.readline())
+                if r:
+                    acc[name].append(row)
+        for kid in kids.values():
+            kid.communicate("")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out: dict[str, Any] = {"ref_before": before, "rounds": rounds, "steps_per_round": steps,
+                           "step_options": "zo-sgd defaults (probes 1)",
+                           "loop_options": DEMO_OPTIONS}
+    for name, rows in acc.items():
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        res: dict[str, Any] = {}
+        for c in ("", "cpu_"):
+            res.update({
+                f"{c}step_ms": med_ms([med[f"{c}step"]]),
+                f"{c}forward_ms": med_ms([med[f"{c}forward"]]),
+                f"{c}step_over_forward": ratio(med[f"{c}step"], med[f"{c}forward"]),
+                f"{c}step_runtime_ms": med_ms([med[f"{c}step_runtime"]]),
+                f"{c}step_overhead_ms": med_ms([med[f"{c}step"] - med[f"{c}step_runtime"]]),
+                f"{c}loop_step_ms": med_ms([med[f"{c}loop_step"]]),
+                f"{c}loop_step_over_forward": ratio(med[f"{c}loop_step"], med[f"{c}forward"]),
+                f"{c}loop_overhead_ms": med_ms([med[f"{c}loop_step"]
+                                                - med[f"{c}loop_runtime"]])})
+        out[name] = res
+    return out
+
+
 # -- big MLP -----------------------------------------------------------------------------------
 def export_big(work: Path, cfg: dict[str, Any]) -> Path:
     """Export the big MLP in a torch child process (this process never imports torch)."""
@@ -293,10 +423,19 @@ def main(argv: list[str] | None = None) -> int:
     """Run every section and print one JSON object."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds, a smaller big MLP")
+    p.add_argument("--before", metavar="REF", help="git ref to measure the demo-head overhead "
+                   "of side by side with this tree (section overhead)")
+    p.add_argument("--overhead-only", action="store_true",
+                   help="run only the before/after overhead section")
     args = p.parse_args(argv)
     rounds = 3 if args.quick else 7
     cfg = QUICK_BIG if args.quick else BIG
     res: dict[str, Any] = {"benchmark": "bench_zo_cost", "quick": args.quick, "model_big": cfg}
+    log("demo head overhead, before / after")
+    res["overhead"] = section_overhead(args.before, 2 * rounds + 1, 200)
+    if args.overhead_only:
+        print(json.dumps(res, indent=1))
+        return 0
     log("demo head")
     res["demo_head"] = section_demo(rounds, 100)
     work = Path(tempfile.mkdtemp(prefix="bench_zo_cost_"))

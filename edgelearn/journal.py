@@ -56,6 +56,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-finite JSON constant {name}")
 
 
+#: the record encoder (what json.dumps(sort_keys=True, separators=(",", ":"), allow_nan=False)
+#: builds on every call; one instance, the same text)
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
 def _encode(record: dict[str, Any]) -> bytes:
     """Serialize one record to header + payload bytes.
 
@@ -65,10 +70,15 @@ def _encode(record: dict[str, Any]) -> bytes:
     Returns:
         bytes: 8-byte ``<II`` header followed by the UTF-8 JSON payload.
     """
+    return _encode_text(record)[0]
+
+
+def _encode_text(record: dict[str, Any]) -> tuple[bytes, str]:
+    """`_encode`'s bytes and the JSON text of the payload (decoded back by `append`)."""
     if not isinstance(record, dict):
         raise JournalError(f"journal record must be a dict, got {type(record).__name__}")
     try:
-        text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(record)
     except ValueError as exc:
         raise JournalError(f"journal record is not finite JSON (NaN/inf?): {exc}") from exc
     except TypeError as exc:
@@ -78,7 +88,7 @@ def _encode(record: dict[str, Any]) -> bytes:
         raise JournalError(
             f"journal record is {len(payload)} bytes, over MAX_RECORD_BYTES={MAX_RECORD_BYTES}"
         )
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload, text
 
 
 def _check_magic(f: BinaryIO, path: str | os.PathLike[str]) -> None:
@@ -296,12 +306,12 @@ class Journal:
             lists, int keys -> str), a new object the caller's later mutation cannot change.
         """
         self._require_open()
-        data = _encode(record)
+        data, text = _encode_text(record)
         self._write_all(data)
         self._require_open().flush()
         self._n += 1
         self._unsynced += 1
-        written = json.loads(data[_HEADER.size :])
+        written = json.loads(text)  # the payload's text: what a reader decodes
         if self._unsynced >= self.fsync_every or (
             self.fsync_seconds is not None
             and time.monotonic() - self._synced_at >= self.fsync_seconds

@@ -21,14 +21,21 @@ from edgelearn.errors import InputError
 def cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
     """Mean softmax cross-entropy.
 
+    Computed as max-shifted log-sum-exp minus the label's logit, in float64, reduced with
+    numpy's own reductions (the batch mean is sum / batch, what np.mean computes), in place
+    in one buffer: `cross_entropy_rows` runs the very same operations on each row.
+
     Args:
         out: logits, float [batch, classes].
         y: int labels [batch] in [0, classes).
     """
-    z = out.astype(np.float64, copy=False)
-    z = z - z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
-    return float(np.mean(lse - z[np.arange(len(y)), y]))
+    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
+    np.subtract(z, np.maximum.reduce(z, axis=1, keepdims=True), out=z)
+    picked = z[np.arange(len(y)), y]
+    lse = np.add.reduce(np.exp(z, out=z), axis=1)
+    np.log(lse, out=lse)
+    np.subtract(lse, picked, out=lse)
+    return float(np.add.reduce(lse) / len(lse))
 
 
 def mse(out: np.ndarray, y: np.ndarray) -> float:
@@ -83,15 +90,21 @@ def error_rate(out: np.ndarray, y: np.ndarray) -> float:
 def cross_entropy_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
     """`cross_entropy` of every candidate at once: the same float operations per row.
 
+    The same operations as `cross_entropy`, on a [K, batch, classes] buffer.
+
     Args:
         out: logits, float [K, batch, classes] (K candidates' outputs on one batch).
         y: int labels [batch].
     Returns: float64 [K].
     """
-    z = out.astype(np.float64, copy=False)
-    z = z - z.max(axis=2, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=2))
-    return np.mean(lse - z[:, np.arange(len(y)), y], axis=1)
+    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
+    b = z.shape[1]
+    np.subtract(z, np.maximum.reduce(z, axis=2, keepdims=True), out=z)
+    picked = z[:, np.arange(len(y)), y]
+    lse = np.add.reduce(np.exp(z, out=z), axis=2)
+    np.log(lse, out=lse)
+    np.subtract(lse, picked, out=lse)
+    return np.add.reduce(lse, axis=1) / b
 
 
 def mse_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -118,7 +131,7 @@ def row_losses(loss_fn: Callable[[np.ndarray, np.ndarray], float], out: np.ndarr
     rows = ROW_LOSSES.get(loss_fn)
     if rows is None or len(out) == 0:
         return [loss_fn(o, y) for o in out]
-    return [float(v) for v in rows(out, y)]
+    return rows(out, y).tolist()  # float64 -> the same Python floats
 
 
 LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {

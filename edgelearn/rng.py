@@ -8,12 +8,13 @@ the update instead of storing it. For models with ~1e8 parameters z must be prod
 ``[a, b)`` and never materialized in full.
 
 Chunk independence: element ``i`` of z is a pure function of ``(run_seed, step, probe, i)``.
-The triple is hashed by ``np.random.SeedSequence`` into a 128-bit Philox key; the Philox4x64
-counter-mode stream under that key is a fixed sequence of uint64 words, and element ``i`` reads
-only the words at a fixed position computed from ``i`` (word ``i // 64`` bit ``i % 64`` for
-Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter based, any word can be
-reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads exactly the words the whole
-vector would read at those positions, whatever the chunking.
+The triple is hashed by ``np.random.SeedSequence`` into a 128-bit Philox key (the same hash,
+vectorized here over a block of KEY_BLOCK steps: ~30 us a key one by one, ~1 us in a block);
+the Philox4x64 counter-mode stream under that key is a fixed sequence of uint64 words, and
+element ``i`` reads only the words at a fixed position computed from ``i`` (word ``i // 64``
+bit ``i % 64`` for Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter
+based, any word can be reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads
+exactly the words the whole vector would read at those positions, whatever the chunking.
 
 Kinds:
 
@@ -32,8 +33,8 @@ No global RNG state is read or written anywhere in this module.
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -51,6 +52,8 @@ _GAUSS_BLOCK = 1 << 15
 
 
 def _check_nonneg_int(name: str, value: object) -> int:
+    if type(value) is int and value >= 0:  # the common case, without the checks below
+        return value
     # bool is an int subclass; a True seed is almost certainly a bug, so reject it.
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"{name} must be a non-negative int, got {type(value).__name__}")
@@ -59,9 +62,121 @@ def _check_nonneg_int(name: str, value: object) -> int:
     return int(value)
 
 
-@functools.lru_cache(maxsize=256)
+# numpy's SeedSequence constants (numpy/random/bit_generator.pyx; stable since numpy 1.17)
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _POOL, _MASK32 = 0xCA01F9DD, 0x4973F715, 4, 0xFFFFFFFF
+#: keys derived at once for a block of steps (one numpy pass; a step then costs a dict lookup)
+KEY_BLOCK = 256
+#: blocks kept (4 KiB each)
+_MAX_KEY_BLOCKS = 256
+_key_blocks: dict[tuple[int, int, int], np.ndarray] = {}
+_key_seen: set[tuple[int, int, int]] = set()  # blocks asked for one key so far
+_key_lock = threading.Lock()
+
+
+def _u32_words(n: int) -> list[int]:
+    """SeedSequence's entropy words of one int: 32-bit little-endian limbs, [0] for 0."""
+    words = []
+    while n > 0:
+        words.append(n & _MASK32)
+        n >>= 32
+    return words or [0]
+
+
+def seed_sequence_keys(entropy: np.ndarray) -> np.ndarray:
+    """`SeedSequence(row).generate_state(2, uint64)` of every row, in one vectorized pass.
+
+    The same integer hash as numpy's SeedSequence (pool of 4 words, no spawn key), run on
+    columns: uint32 arithmetic wraps modulo 2**32 like the C code's, so the keys are bit-equal
+    (tests compare them with `np.random.SeedSequence` over many tuples, large ints included).
+
+    Args:
+        entropy: uint32 [N, L], row i the entropy words of tuple i (`_u32_words` of each int,
+            concatenated).
+    Returns: uint64 [N, 2].
+    """
+    cols = [np.ascontiguousarray(entropy[:, i], np.uint32) for i in range(entropy.shape[1])]
+    n = entropy.shape[0]
+    hc = _INIT_A
+
+    def hashmix(v: np.ndarray) -> np.ndarray:
+        nonlocal hc
+        v = v ^ np.uint32(hc)
+        hc = (hc * _MULT_A) & _MASK32
+        v *= np.uint32(hc)
+        v ^= v >> np.uint32(16)
+        return v
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r = np.uint32(_MIX_L) * x
+        r -= np.uint32(_MIX_R) * y
+        r ^= r >> np.uint32(16)
+        return r
+
+    zero = np.zeros(n, np.uint32)
+    pool = [hashmix(cols[i] if i < len(cols) else zero) for i in range(_POOL)]
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_POOL, len(cols)):
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(cols[src]))
+    state = np.empty((n, 4), np.uint32)
+    hb = _INIT_B
+    for i in range(4):
+        v = pool[i % _POOL] ^ np.uint32(hb)
+        hb = (hb * _MULT_B) & _MASK32
+        v *= np.uint32(hb)
+        v ^= v >> np.uint32(16)
+        state[:, i] = v
+    return state.view(np.uint64)  # native order, as generate_state's view
+
+
+def _step_block(run_seed: int, base: int, probe: int) -> np.ndarray:
+    """Keys of steps [base, base + KEY_BLOCK) (base a multiple of KEY_BLOCK < 2**64), one pass.
+
+    KEY_BLOCK divides 2**32, so every step of the block has as many entropy words as base.
+    Returns: uint64 [KEY_BLOCK, 2]."""
+    nw = len(_u32_words(base + KEY_BLOCK - 1))
+    steps = np.arange(base, base + KEY_BLOCK, dtype=np.uint64)
+    cols = [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(run_seed)]
+    cols += [((steps >> np.uint64(32 * i)) & np.uint64(_MASK32)).astype(np.uint32)
+             for i in range(nw)]
+    cols += [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(probe)]
+    return seed_sequence_keys(np.stack(cols, axis=1))
+
+
 def _key_tuple(run_seed: int, step: int, probe: int) -> tuple[int, int]:
-    # Cached: a 1e8-element fill in 64Ki chunks calls this ~1500 times with the same triple.
+    """The Philox key of (run_seed, step, probe) as two ints.
+
+    numpy's SeedSequence costs ~30 us a key; derived KEY_BLOCK steps at a time it costs ~1 us.
+    A block is derived the second time its (run_seed, probe) stream asks for a key in it
+    (training and replay walk steps in order; a chunked fill of a huge vector asks the same
+    triple ~1500 times), so streams asked once per block (keys indexed by something other
+    than the step) keep the one-key cost. The last _MAX_KEY_BLOCKS blocks are kept."""
+    if step >= 1 << 64:  # steps beyond uint64: numpy's own SeedSequence
+        return _one_key(run_seed, step, probe)
+    base = step - step % KEY_BLOCK
+    where = (run_seed, base, probe)
+    block = _key_blocks.get(where)
+    if block is None:
+        with _key_lock:
+            if where not in _key_seen:  # first ask in this block: one key
+                if len(_key_seen) >= 8 * _MAX_KEY_BLOCKS:
+                    _key_seen.clear()
+                _key_seen.add(where)
+                return _one_key(run_seed, step, probe)
+            block = _step_block(run_seed, base, probe)
+            if len(_key_blocks) >= _MAX_KEY_BLOCKS:  # bounded: the oldest block goes
+                del _key_blocks[next(iter(_key_blocks))]
+            _key_blocks[where] = block
+    i = step - base
+    return block.item(i, 0), block.item(i, 1)
+
+
+def _one_key(run_seed: int, step: int, probe: int) -> tuple[int, int]:
+    """`SeedSequence([run_seed, step, probe]).generate_state(2, uint64)` as two ints."""
     state = np.random.SeedSequence([run_seed, step, probe]).generate_state(2, np.uint64)
     return int(state[0]), int(state[1])
 
@@ -77,12 +192,16 @@ def philox_key(run_seed: int, step: int, probe: int) -> np.ndarray:
     Returns:
         (2,) uint64 array, ``SeedSequence([run_seed, step, probe]).generate_state(2, uint64)``.
     """
-    key = _key_tuple(
+    return np.array(philox_key_ints(run_seed, step, probe), dtype=np.uint64)
+
+
+def philox_key_ints(run_seed: int, step: int, probe: int) -> tuple[int, int]:
+    """`philox_key` as two Python ints (what a Philox state dict takes without conversion)."""
+    return _key_tuple(
         _check_nonneg_int("run_seed", run_seed),
         _check_nonneg_int("step", step),
         _check_nonneg_int("probe", probe),
     )
-    return np.array(key, dtype=np.uint64)
 
 
 def _raw_words(key: np.ndarray, first: int, count: int) -> np.ndarray:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks, philox_key
+from edgelearn.rng import (
+    DEFAULT_CHUNK,
+    KEY_BLOCK,
+    NOISE_KINDS,
+    Noise,
+    noise_chunks,
+    philox_key,
+    philox_key_ints,
+    seed_sequence_keys,
+)
 
 N = 5000
 # Small table keeps construction fast and makes the wrap-around path run in the chunk tests.
@@ -171,3 +180,42 @@ def test_negative_start_and_seed_raise() -> None:
 def test_bad_chunk_raises() -> None:
     with pytest.raises(ValueError, match="chunk"):
         list(noise_chunks(10, 0))
+
+
+def _seed_sequence_key(*ints: int) -> tuple[int, int]:
+    state = np.random.SeedSequence(list(ints)).generate_state(2, np.uint64)
+    return int(state[0]), int(state[1])
+
+
+def test_block_derived_keys_equal_numpy_seed_sequence() -> None:
+    """Keys derived KEY_BLOCK steps at a time (vectorized hash) == SeedSequence, one by one:
+    small and large ints (several 32-bit words), blocks next to 2**32 and 2**64, zeros."""
+    rng = np.random.default_rng(5)
+    bounds = [300, 1 << 32, 1 << 64, 1 << 130]
+    triples = [(0, 0, 0), (1, 2, 3), (2**32 - 1, 2**32 - 1, 5), (2**32, 2**32, 2**32),
+               (7, 2**64 - 1, 0), (2**100 + 3, 7, 2**70), (5, 2**64, 1), (5, 2**64 + 300, 9)]
+    for _ in range(400):
+        triples.append(tuple(int(rng.integers(0, 1 << 62)) % bounds[int(rng.integers(0, 4))]
+                             if rng.integers(0, 2) else int(rng.integers(0, 300))
+                             for _ in range(3)))
+    for seed, step, probe in triples:
+        # the first ask of a block derives one key, the second (another step of the same
+        # block) derives the whole block, later asks look it up
+        for s in (step, step ^ 1, step, step ^ 5):
+            assert philox_key_ints(seed, s, probe) == _seed_sequence_key(seed, s, probe)
+        assert philox_key(seed, step, probe).tolist() == list(_seed_sequence_key(seed, step,
+                                                                                  probe))
+    for base in (0, 2**32 - KEY_BLOCK, 2**32, 2**64 - KEY_BLOCK):  # a whole block each
+        steps = range(base, base + KEY_BLOCK, 37)
+        assert [philox_key_ints(11, s, 2) for s in steps] == [_seed_sequence_key(11, s, 2)
+                                                               for s in steps]
+
+
+def test_seed_sequence_keys_match_numpy_on_long_entropy() -> None:
+    """More entropy words than SeedSequence's pool (the extra mixing rounds)."""
+    rng = np.random.default_rng(6)
+    ent = rng.integers(0, 1 << 32, size=(20, 7), dtype=np.uint64).astype(np.uint32)
+    keys = seed_sequence_keys(ent)
+    for row, key in zip(ent, keys, strict=True):
+        want = np.random.SeedSequence(row).generate_state(2, np.uint64)
+        assert key.tolist() == want.tolist()

@@ -12,7 +12,8 @@ import pytest
 
 import edgelearn as el
 from edgelearn.losses import cross_entropy, mse, row_losses
-from edgelearn.optim import Population, make_optimizer
+from edgelearn.model import Model
+from edgelearn.optim import Population, kernels, make_optimizer
 from edgelearn.optim.kernels import PARALLEL_MIN, SignPass, draw_signs, signed_rows
 from edgelearn.params import ParamSpec, ParamStore
 from edgelearn.rng import Noise, rademacher_bytes
@@ -179,3 +180,72 @@ def test_demo_population_run_replays_bit_exact(tmp_path: Path) -> None:
         np.testing.assert_allclose(batched, singles, rtol=1e-6, atol=1e-6)
     replayed = el.replay(el.load_bundle(DEMO), tmp_path / "r" / "journal.bin")
     assert replayed.sha256 == digest
+
+
+@pytest.mark.parametrize("n", [1, 13, 650, 4096 + 5])
+def test_small_slice_path_equals_table_path(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices of at most SMALL_MAX elements expand the signs to +-1 and multiply: the same bits
+    as the table gathers (forced here with SMALL_MAX = 0), for rows and for passes, including
+    rows that share sign arrays (+eps / -eps probe pairs), zero and negative coefs."""
+    rng = np.random.default_rng(n)
+    src = rng.standard_normal(n, dtype=np.float32)
+    signs = [draw_signs(4, 2, k, n) for k in range(3)]
+    coefs = [np.float32(1e-3), np.float32(-1e-3), np.float32(0.0), np.float32(-0.0),
+             np.float32(-3.5e-4), np.float32(7.0)]
+    rows_signs = [signs[0], signs[0], signs[1], signs[1], signs[2], signs[0]]
+    got: list[bytes] = []
+    for small in (kernels.SMALL_MAX, 0):
+        monkeypatch.setattr(kernels, "SMALL_MAX", small)
+        rows = np.full((8, n + 3), np.nan, np.float32)
+        signed_rows(rows, src, coefs, rows_signs)
+        pair = np.full((2, n), np.nan, np.float32)  # one probe: +eps and -eps over one array
+        signed_rows(pair, src, coefs[:2], [signs[1], signs[1]])
+        distinct = np.full((3, n), np.nan, np.float32)
+        signed_rows(distinct, src, coefs[2:5], signs)
+        passes = []
+        for k in range(1, 4):
+            dst = np.empty_like(src)
+            SignPass(chunk=64).run(dst, src, coefs[-k:], rows_signs[-k:])
+            passes.append(bits(dst))
+        inplace = src.copy()
+        SignPass().run(inplace, inplace, coefs[:2], rows_signs[2:4])
+        got.append(bits(rows[:6, :n]) + bits(pair) + bits(distinct) + b"".join(passes)
+                   + bits(inplace))
+    assert got[0] == got[1]
+
+
+def test_cross_entropy_rows_equal_cross_entropy_any_shape() -> None:
+    """Row losses == `cross_entropy` of each row, bit for bit, over random shapes and scales."""
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        k, b, c = (int(v) for v in rng.integers(1, [9, 70, 20]))
+        c = max(c, 2)
+        out = (rng.standard_normal((k, b, c)) * rng.choice([0.1, 5.0, 80.0])).astype(np.float32)
+        y = rng.integers(0, c, b)
+        assert row_losses(cross_entropy, out, y) == [cross_entropy(o, y) for o in out]
+
+
+def test_population_scorer_rows_are_read_at_each_call() -> None:
+    """The scorer feeds cached views of its rows buffer: later calls (other candidates, other
+    chunk sizes) give the outputs of contiguous copies, exactly."""
+    bundle = el.load_bundle(DEMO)
+    model = Model(bundle, trainable="head.*")
+    scorer = model.backend.population_scorer(max_population=3)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, *bundle.inputs[0].shape[1:])).astype(np.float32)
+    n = model.store.n_trainable("float32")
+    for size in (3, 2, 5, 3):
+        cand = rng.standard_normal((size, n)).astype(np.float32)
+
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int, cand: np.ndarray = cand) -> None:
+            out["float32"][: hi - lo] = cand[lo:hi]
+
+        got = scorer.forward(Population(size, lambda j: None, fill), x)
+        for j in range(size):
+            feeds = {bundle.inputs[0].name: x}
+            for name, s, e in model.store.segments("float32"):
+                feeds[name] = np.ascontiguousarray(cand[j:j + 1, s:e]).reshape(
+                    1, *model.store[name].shape)
+            want = scorer.session.run([bundle.outputs[0].name], feeds)[0][0]
+            assert np.array_equal(got[j], want)
+    scorer.close()

@@ -74,7 +74,9 @@ class OrtPopulation(PopulationScorer):
         self.input_name = bundle.inputs[0].name
         self.output_name = bundle.outputs[0].name
         self.max_population = max_population
+        self._output_names = [self.output_name]
         self._rows: np.ndarray | None = None
+        self._feeds: dict[int, dict[str, np.ndarray]] = {}
 
     def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
         """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
@@ -82,21 +84,31 @@ class OrtPopulation(PopulationScorer):
             raise EdgelearnError("the population scorer is closed")
         if pop.fill is None:
             raise BundleError("this population request cannot fill candidate rows")
-        n = self.store.n_trainable("float32")
         if self._rows is None:
-            self._rows = np.empty((self.max_population, n), np.float32)
+            self._rows = np.empty((self.max_population, self.store.n_trainable("float32")),
+                                  np.float32)
+        out = {"float32": self._rows}
         outs = []
         for a in range(0, pop.size, self.max_population):
             b = min(a + self.max_population, pop.size)
-            pop.fill({"float32": self._rows}, a, b)
-            rows = self._rows[: b - a]
-            feeds = {self.input_name: x}
-            for name, s, e in self.store.segments("float32"):
-                feeds[name] = np.ascontiguousarray(rows[:, s:e]).reshape(
-                    b - a, *self.store[name].shape)
+            pop.fill(out, a, b)
+            feeds = {self.input_name: x, **self._param_feeds(b - a)}
             with run_errors("the population graph"):
-                outs.append(self.session.run([self.output_name], feeds)[0])
+                outs.append(self.session.run(self._output_names, feeds)[0])
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def _param_feeds(self, k: int) -> dict[str, np.ndarray]:
+        """Parameter name -> its [k, *shape] block of the rows buffer (views, kept per k:
+        onnxruntime reads strided arrays, so no per-call copy or reshape on our side)."""
+        feeds = self._feeds.get(k)
+        if feeds is None:
+            rows = self._rows
+            assert rows is not None
+            feeds = {name: rows[:k, s:e].reshape(k, *self.store[name].shape)
+                     for name, s, e in self.store.segments("float32")}
+            if all(np.shares_memory(v, rows) for v in feeds.values()):  # views: reusable
+                self._feeds[k] = feeds
+        return feeds
 
     def memory_bytes(self) -> int:
         """Bytes of the candidate rows buffer (+ one copy of them as per-parameter inputs)."""
@@ -106,3 +118,4 @@ class OrtPopulation(PopulationScorer):
         """Drop the session and the candidate rows."""
         self.session = None
         self._rows = None
+        self._feeds = {}

@@ -11,7 +11,10 @@ This module does those passes, and the draws, as fast as numpy allows:
   * the byte indices of a chunk are widened to intp in a reused buffer and gathered with
     mode="wrap" (no per-call index allocation, no per-index bounds error path);
   * large slices are split into contiguous blocks of chunks run by a small thread pool (numpy
-    releases the GIL in `take`, its ufuncs and Philox's `random_raw`).
+    releases the GIL in `take`, its ufuncs and Philox's `random_raw`);
+  * small slices (at most SMALL_MAX elements: a head, a few norms) skip the per-coef tables,
+    whose construction costs more than the pass: the signs are expanded to +-1.0 once per
+    sign array and multiplied by each coef, c * (+-1.0) being exactly the table entry +-c.
 
 Measured (12.6M elements, one thread, the project's 2-core box): a pass takes ~6.7 ms CPU,
 about half of it the add (streamed at memory speed), 40% the gather, 10% widening the
@@ -39,14 +42,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from edgelearn.rng import DEFAULT_CHUNK, philox_key, sign_table
+from edgelearn.rng import DEFAULT_CHUNK, philox_key_ints, sign_table
 
 #: below this many elements a pass or a draw runs on the calling thread (pool overhead wins)
 PARALLEL_MIN = 1 << 20
+#: up to this many elements a pass expands the signs to +-1.0 and multiplies (no per-coef
+#: table: building one costs more than the pass itself on a small slice; same values)
+SMALL_MAX = 1 << 14
 #: default worker threads (None in the options): the cores this process may use, at most 4
 MAX_DEFAULT_THREADS = 4
 #: Philox4x64 emits 4 words per counter block; `advance` moves by blocks
 _WORDS_PER_BLOCK = 4
+_ZERO_BUFFER = (0, 0, 0, 0)
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()  # per-thread Philox, re-keyed for each draw
@@ -95,6 +102,42 @@ def _sign_items(bits: int) -> np.ndarray:
     return items
 
 
+#: (256,) 32-byte items: item b = the 8 signs (+1.0 / -1.0) packed in byte b
+_ONES = sign_items(np.float32(1.0))
+
+
+def _expand(packed: np.ndarray, nb: int, out: np.ndarray) -> None:
+    """out (nb 32-byte items) = the +-1.0 float32 signs of packed[:nb] (8 per byte)."""
+    _ONES.take(packed[:nb], out=out, mode="wrap")
+
+
+def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+                signs: Sequence[np.ndarray]) -> None:
+    """`signed_rows` for slices of at most SMALL_MAX elements: rows = (c_j * z_j) + src.
+
+    c * (+-1.0) is exactly the table entry +-c, and float addition commutes bit for bit, so
+    the rows equal the gathered ones. Each distinct sign array is expanded once (probe rows
+    come in pairs +eps z_k, -eps z_k over the same signs)."""
+    k, n = len(coefs), src.size
+    nb = -(-n // 8)
+    slot: dict[int, int] = {}  # id of a sign array -> its row of z (arrays alive: ids unique)
+    which, firsts = [], []
+    for packed in signs:
+        j = slot.get(id(packed))
+        if j is None:
+            j = slot[id(packed)] = len(firsts)
+            firsts.append(packed)
+        which.append(j)
+    z = np.empty((len(firsts), nb), "V32")
+    for j, packed in enumerate(firsts):
+        _expand(packed, nb, z[j])
+    # one sign array (a single probe's +-eps rows) broadcasts over the rows
+    zk = z if len(firsts) in (1, k) else z.take(which, axis=0)
+    out = rows[:k, :n]
+    np.multiply(zk.view(np.float32)[:, :n], np.array(coefs, np.float32)[:, None], out=out)
+    np.add(out, src, out=out)
+
+
 def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
     """rows[j] = src + coefs[j] * z_j for every j, in one gather and one add (small slices).
@@ -108,6 +151,9 @@ def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     """
     k, n = len(coefs), src.size
     if k == 0:
+        return
+    if n <= SMALL_MAX:
+        _small_rows(rows, src, coefs, signs)
         return
     nb = -(-n // 8)
     idx = np.empty((k, nb), np.intp)
@@ -156,6 +202,9 @@ class SignPass:
             signs: uint8 [>= ceil(n / 8)] packed signs per term (bit i % 8 of byte i // 8).
         """
         n = dst.size
+        if n <= SMALL_MAX:
+            _small_pass(dst, src, coefs, signs)
+            return
         items = [sign_items(c) for c in coefs]  # cached
         if n < PARALLEL_MIN or self.threads == 1:
             self._range(dst, src, items, signs, 0, n, 0)
@@ -183,6 +232,23 @@ class SignPass:
             np.add(src[a:b], accf[: b - a], out=dst[a:b])
 
 
+def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+                signs: Sequence[np.ndarray]) -> None:
+    """`SignPass.run` on at most SMALL_MAX elements: the signs expanded to +-1.0 and
+    multiplied by each coef (exactly the table entries), summed in the same order."""
+    n = dst.size
+    nb = -(-n // 8)
+    z = np.empty(nb, "V32")
+    zf = z.view(np.float32)[:n]
+    _expand(signs[0], nb, z)
+    acc = np.multiply(zf, np.float32(coefs[0]), out=zf if len(coefs) == 1 else None)
+    for c, packed in zip(coefs[1:], signs[1:], strict=True):
+        _expand(packed, nb, z)
+        np.multiply(zf, np.float32(c), out=zf)
+        np.add(acc, zf, out=acc)
+    np.add(src, acc, out=dst)
+
+
 def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
                threads: int | None = None) -> np.ndarray:
     """Packed Rademacher signs of z(run_seed, step, probe): `rademacher_bytes`' exact bytes.
@@ -194,33 +260,38 @@ def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
     Returns: uint8 array of ceil(n / 64) * 8 bytes.
     """
     words = -(-n // 64)
-    key = philox_key(run_seed, step, probe)
-    threads = default_threads() if threads is None else max(1, int(threads))
-    out = np.empty(words, "<u8")
+    key = philox_key_ints(run_seed, step, probe)
+    if n >= PARALLEL_MIN:
+        threads = default_threads() if threads is None else max(1, int(threads))
     if n < PARALLEL_MIN or threads == 1:
-        _draw(key, out, 0, words)
-    else:
-        futures = [_pool(threads).submit(_draw, key, out, a, b)
-                   for a, b in _blocks(words, threads, _WORDS_PER_BLOCK)]
-        for f in futures:
-            f.result()
+        return _words(key, 0, words).astype("<u8", copy=False).view(np.uint8)
+    out = np.empty(words, "<u8")
+    futures = [_pool(threads).submit(_draw, key, out, a, b)
+               for a, b in _blocks(words, threads, _WORDS_PER_BLOCK)]
+    for f in futures:
+        f.result()
     return out.view(np.uint8)
 
 
-def _draw(key: np.ndarray, out: np.ndarray, a: int, b: int) -> None:
-    """Words [a, b) of the Philox stream under `key` into out[a:b] (a on a block boundary).
+def _words(key: tuple[int, int], a: int, b: int) -> np.ndarray:
+    """Words [a, b) of the Philox stream under `key` (a on a block boundary), uint64.
 
     Re-keys this thread's Philox by setting its state: the counter at block a // 4 and an
     empty buffer is exactly `Philox(key=key)` advanced by a // 4 blocks, and skips the OS
     entropy read a new Philox makes for its unused seed (the larger part of a small draw).
+    The state is given as Python ints (the setter reads numpy arrays element by element,
+    several times slower).
     """
     gen = getattr(_local, "philox", None)
     if gen is None:
-        gen = _local.philox = np.random.Philox(key=key)
-    zero = np.zeros(4, np.uint64)
+        gen = _local.philox = np.random.Philox(key=np.array(key, np.uint64))
     gen.state = {"bit_generator": "Philox",
-                 "state": {"counter": np.array([a // _WORDS_PER_BLOCK, 0, 0, 0], np.uint64),
-                           "key": key},
-                 "buffer": zero, "buffer_pos": _WORDS_PER_BLOCK, "has_uint32": 0,
+                 "state": {"counter": [a // _WORDS_PER_BLOCK, 0, 0, 0], "key": key},
+                 "buffer": _ZERO_BUFFER, "buffer_pos": _WORDS_PER_BLOCK, "has_uint32": 0,
                  "uinteger": 0}
-    out[a:b] = gen.random_raw(b - a)
+    return gen.random_raw(b - a)
+
+
+def _draw(key: tuple[int, int], out: np.ndarray, a: int, b: int) -> None:
+    """`_words(key, a, b)` into out[a:b] (a parallel block of `draw_signs`)."""
+    out[a:b] = _words(key, a, b)
