@@ -790,10 +790,12 @@ def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("reliability")
     g.add_argument("--checkpoint-every", type=_positive, default=100,
                    help="steps between checkpoints")
-    g.add_argument("--fsync-every", type=_positive, default=1, help="journal records per fsync")
-    g.add_argument("--fsync-seconds", type=float, default=None,
-                   help="also fsync the journal when this many seconds passed since the last "
-                   "fsync (use with a large --fsync-every for a time-based policy)")
+    g.add_argument("--fsync-every", type=_positive, default=64,
+                   help="journal records per fsync (1: every step durable against power loss; "
+                   "a killed process loses no appended step either way)")
+    g.add_argument("--fsync-seconds", type=float, default=1.0,
+                   help="also fsync the journal at a step this many seconds after the last "
+                   "fsync (default: %(default)s)")
     g.add_argument("--diverge-factor", type=float, default=None,
                    help="roll back to the last good checkpoint when the loss stays above "
                    "this many times its running minimum (off by default)")
