@@ -149,3 +149,67 @@ def test_cli_info_train_json_and_no_cache(tmp_path: Path,
     assert main(["info", str(DEMO)]) in (0, None)
     assert "prefix cache (litert tpsgd, hybrid): yes: cut at layers.0:out" \
         in capsys.readouterr().out
+
+
+def test_a_taps_cut_that_fails_its_check_is_refused(tmp_path: Path) -> None:
+    """A split whose prefix does not compute what the whole taps graph does (its frozen first
+    layer from other weights) fails the bit-identity check, naming the taps at fault."""
+    from edgelearn.backends.litert_split import LiteRTTapsSplitPlanner
+    from edgelearn.training.litert_cached import LiteRTCachedTapsEvaluator
+
+    cfg = el.TrainConfig(optimizer="tpsgd")
+    rt = el.RuntimeConfig(backend="litert", device=None, prefix_cache=True)
+    with el.Session(DEMO, tmp_path / "r", cfg, rt) as s:
+        ev = s.evaluator
+        assert isinstance(ev, LiteRTCachedTapsEvaluator)
+        other = s.store.copy()
+        other["layers.0.bias"] = other["layers.0.bias"] + np.float32(1e-3)
+        split = LiteRTTapsSplitPlanner(el.load_bundle(DEMO), other, taps=ev.taps).split()
+        # "inputs": the prefix's frozen parameters are set from the store it is given
+        bad = LiteRTCachedTapsEvaluator(ev.taps_plain, split, other, input_name="x",
+                                        taps=ev.taps, threads=1, providers=(),
+                                        capacity=1 << 20).mismatch(data(5).x)
+    assert bad is not None
+    assert "differ from the whole taps graph's" in bad[0]
+    assert bad[1] == {"layers.0:out"}
+
+
+@pytest.fixture(scope="module")
+def exported_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The zoo CNN exported with TFLite batch 4 (taps graph included), head-only trainable."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from edgelearn.export import export_bundle
+    from edgelearn.export.zoo import ZOO
+
+    root = tmp_path_factory.mktemp("cnn_tfl_taps")
+    factory, shape = ZOO["cnn"]
+    torch.manual_seed(0)
+    export_bundle(factory(), torch.randn(1, *shape), root / "float", trainable="head.*",
+                  formats=("onnx", "tflite"), tflite_batch=4)
+    return root / "float"
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["tpsgd", "hybrid"])
+def test_exported_cnn_taps_are_bit_identical(exported_cnn: Path, tmp_path: Path,
+                                             optimizer: str) -> None:
+    """Conv backbone (TFLite layout transposes, folded batch norm) cut before the head;
+    batch 6 on the TFLite batch 4: a full chunk and a padded one."""
+    bundle = el.load_bundle(exported_cnn)
+    assert "tflite_taps" in bundle.files, bundle.manifest.get("tflite_taps_skipped")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((24, *bundle.inputs[0].shape[1:])).astype(np.float32)
+    d = el.Dataset(x, rng.integers(0, 10, 24))
+    cached = run(exported_cnn, tmp_path / "c", optimizer, True, d, batch=6, steps=10)
+    plain = run(exported_cnn, tmp_path / "p", optimizer, False, d, batch=6, steps=10)
+    rep = cached.cache
+    assert rep["enabled"], rep
+    assert rep["graph"] == "tflite_taps"
+    assert rep["prefix_nodes"] > 10
+    assert rep["suffix_nodes"] <= 3  # the head
+    assert rep["taps_cached"] == rep["cut"]  # the head's input, cached
+    assert rep["cached_examples"] == 24
+    assert same_run(cached, plain)
+    assert el.replay(bundle, cached.journal, data=d).sha256 == plain.sha256
