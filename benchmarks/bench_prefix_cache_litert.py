@@ -158,7 +158,7 @@ def compare(bundle: Path, tmp: Path, strategy: str, chunks: int, slow: int, fast
     uncached = median_ms(times["uncached"].seconds)
     rep = results["cached"].cache
     return {
-        "cache_enabled": rep["enabled"], "cut": rep.get("cut"),
+        "optimizer": optimizer, "cache_enabled": rep["enabled"], "cut": rep.get("cut"),
         "prefix_nodes": rep.get("prefix_nodes"), "suffix_nodes": rep.get("suffix_nodes"),
         "cached_examples": rep.get("cached_examples"), "cache_bytes": rep.get("bytes"),
         "refused_cuts": rep.get("refused_cuts"), "reason": rep.get("reason"),
