@@ -12,7 +12,9 @@ inputs, builtin kernels; "rebuild": constants, XNNPACK re-created on change), tw
 train the head with zo-sgd on the same 64 examples (batch 32, threads 1): one with the prefix
 cache (the TFLite flatbuffer split on the device), one with `prefix_cache=False`; their steps
 are interleaved in chunks (`Session.run` continues a run) so both see the same machine load.
-Reported per strategy:
+The same for tpSGD (row "tpsgd": its taps graph model_taps.tflite, "inputs" strategy, split
+with the logits and the head's input as outputs; one taps forward per step).
+Reported per strategy (and for the tpsgd row):
   step_ms_uncached / step_ms_cached_warm: medians of the optimizer step (StepResult.seconds;
       warm: after the first chunk, when every example is cached);
   speedup: uncached / cached warm;
@@ -122,17 +124,18 @@ def median_ms(values: list[float]) -> float:
     return 1e3 * statistics.median(values)
 
 
-def compare(bundle: Path, tmp: Path, strategy: str, chunks: int, slow: int, fast: int
-            ) -> dict[str, Any]:
-    """Cached vs uncached zo-sgd head training on LiteRT with `strategy`, interleaved."""
+def compare(bundle: Path, tmp: Path, strategy: str, chunks: int, slow: int, fast: int,
+            optimizer: str = "zo-sgd") -> dict[str, Any]:
+    """Cached vs uncached head training with `optimizer` on LiteRT with `strategy`,
+    interleaved (tpsgd: its taps graph, model_taps.tflite, "inputs" only)."""
     spec = el.load_bundle(bundle).inputs[0]
     rng = np.random.default_rng(0)
     data = el.Dataset(rng.standard_normal((N, *spec.shape[1:])).astype(np.float32),
                       rng.integers(0, 2, N))
-    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=BATCH, fsync_every=1 << 20)
+    cfg = el.TrainConfig(optimizer=optimizer, batch_size=BATCH, fsync_every=1 << 20)
 
     def session(run: str, cache: bool) -> el.Session:
-        return el.Session(bundle, tmp / f"{strategy}_{run}", cfg, el.RuntimeConfig(
+        return el.Session(bundle, tmp / f"{optimizer}_{strategy}_{run}", cfg, el.RuntimeConfig(
             backend="litert", device=None, threads=1, prefix_cache=cache,
             backend_options={"strategy": strategy}))
 
@@ -143,7 +146,8 @@ def compare(bundle: Path, tmp: Path, strategy: str, chunks: int, slow: int, fast
         for c, s in sessions.items():
             n = slow if c == "uncached" else fast
             results[c] = s.run(data, k * n, callbacks=[times[c]])
-        log(f"{strategy}: chunk {k}: step cached {1e3 * times['cached'].seconds[-1]:.3f} ms, "
+        log(f"{optimizer} {strategy}: chunk {k}: step cached "
+            f"{1e3 * times['cached'].seconds[-1]:.3f} ms, "
             f"uncached {1e3 * times['uncached'].seconds[-1]:.1f} ms")
     for s in sessions.values():
         s.close()
@@ -154,7 +158,7 @@ def compare(bundle: Path, tmp: Path, strategy: str, chunks: int, slow: int, fast
     uncached = median_ms(times["uncached"].seconds)
     rep = results["cached"].cache
     return {
-        "cache_enabled": rep["enabled"], "cut": rep.get("cut"),
+        "optimizer": optimizer, "cache_enabled": rep["enabled"], "cut": rep.get("cut"),
         "prefix_nodes": rep.get("prefix_nodes"), "suffix_nodes": rep.get("suffix_nodes"),
         "cached_examples": rep.get("cached_examples"), "cache_bytes": rep.get("bytes"),
         "refused_cuts": rep.get("refused_cuts"), "reason": rep.get("reason"),
@@ -181,6 +185,9 @@ def main() -> None:
             "quick": args.quick, "backend": "litert"}
         for strategy in ("inputs", "rebuild"):
             out[strategy] = compare(bundle, tmp, strategy, chunks=4, slow=2, fast=25)
+        # tpSGD's taps graph (model_taps.tflite, "inputs"): one taps forward per step
+        out["tpsgd"] = compare(bundle, tmp, "inputs", chunks=4, slow=2, fast=25,
+                               optimizer="tpsgd")
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

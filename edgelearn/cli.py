@@ -276,6 +276,12 @@ def _info_text(info: dict[str, Any]) -> str:
                 else f"no: {lite.get('reason')}")
         lines += textwrap.wrap(f"  prefix cache (litert): {text}", 96,
                                subsequent_indent=" " * 16)
+        ltaps = lite.get("taps")
+        if ltaps is not None:  # model_taps.tflite's cut (tpsgd, hybrid on litert)
+            text = (f"yes: cut at {', '.join(ltaps['cut'])}" if ltaps.get("enabled") else
+                    f"no: {ltaps.get('reason')}")
+            lines += textwrap.wrap(f"  prefix cache (litert tpsgd, hybrid): {text}", 96,
+                                   subsequent_indent=" " * 16)
     return "\n".join(lines)
 
 

@@ -242,6 +242,41 @@ def find_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int], outp
     return GraphCut(tuple(cut), passthrough, prefix, suffix)
 
 
+def find_taps_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int],
+                  outputs: Sequence[int], *, batch: int, forced: Iterable[int] = ()
+                  ) -> GraphCut | str:
+    """`find_cut` for a taps graph: several outputs, the logits first, then the taps a step
+    reads. An output computed from the data and frozen values only (a head's input) is a cut
+    tensor itself (cached; the suffix need not read it).
+
+    Args:
+        g / data / trainable / batch / forced: as `find_cut`'s.
+        outputs: tensor indices of the outputs a step reads, the logits first.
+    Returns: the GraphCut, or a sentence saying why there is none worth caching.
+    """
+    forced, seeds, fed = set(forced), set(trainable), set(data)
+    while True:
+        live, dep = _kinds(g, data, seeds, forced)
+        if outputs[0] not in live:
+            return f"no trainable weight reaches the logits (tensor {outputs[0]})"
+        above = {t for t in outputs if t not in live}
+        if above - dep or above & fed:
+            return "a tap the step reads is a model input or a constant, not a layer's value"
+        suffix = g.needed([t for t in outputs if t in live], stop=dep - live)
+        read = {t for i in suffix for t in g.ops[i][0] if t >= 0}
+        cut = sorted(((read & dep) - live - fed) | above)
+        bad = [t for t in cut if g.row_shape(t, batch) is None]
+        if not bad:
+            break
+        forced.update(g.producer[t] for t in bad)
+    prefix = g.needed(cut, stop=set())
+    kinds = sorted({g.op_type(i) for i in prefix})
+    if not cut or set(kinds) <= LAYOUT_OPS:
+        moves = f" (the frozen operators only move data: {', '.join(kinds)})" if cut else ""
+        return f"the first trainable weight is read by the first layer: no frozen prefix{moves}"
+    return GraphCut(tuple(cut), tuple(sorted(read & fed)), prefix, suffix)
+
+
 def _kinds(g: TfliteGraph, data: Sequence[int], trainable: set[int], forced: set[int]
            ) -> tuple[set[int], set[int]]:
     """(tensors computed in the suffix: from a trainable weight or by a forced operator,

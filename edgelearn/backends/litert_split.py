@@ -12,13 +12,17 @@ halves):
 Both halves have the bundle's fixed batch (`tflite.batch`): `run_padded` zero-pads smaller
 batches and chunks larger ones exactly as the backend does, and cuts every result back to the
 real rows, so features are cached per example.
+A taps graph (model_taps.tflite, "inputs" only: what tpSGD and the hybrid run on LiteRT) splits
+the same way with several outputs, the logits and the taps a step reads
+(`LiteRTTapsSplitPlanner`, `TapsSuffixRunner`); a tap above the cut is a cut tensor, named
+after its tap.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +30,13 @@ import numpy as np
 from edgelearn.backends.litert import import_interpreter, run_padded
 from edgelearn.errors import BundleError, EdgelearnError
 from edgelearn.prefix_cache import Cut
-from edgelearn.tflite_graph import TfliteGraph, buffer_offsets, constant_offsets, find_cut
+from edgelearn.tflite_graph import (
+    TfliteGraph,
+    buffer_offsets,
+    constant_offsets,
+    find_cut,
+    find_taps_cut,
+)
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -237,3 +247,86 @@ class SuffixRunner:
         out = run_padded(self.it, s.batch, {s.suffix_feeds[n]: a for n, a in feeds.items()},
                          {"out": s.output})
         return out["out"]
+
+
+@dataclass(frozen=True)
+class LiteRTTapsSplit(LiteRTSplit):
+    """A taps graph's LiteRTSplit; `outputs`: tap name -> suffix output tensor index (the
+    taps computed in the suffix, the logits among them; the others are cut tensors)."""
+
+    outputs: dict[str, int] = field(default_factory=dict)
+
+
+class LiteRTTapsSplitPlanner(LiteRTSplitPlanner):
+    """The bundle's model_taps.tflite ("inputs": parameters are subgraph inputs), read once,
+    split at cuts with the taps a step reads as outputs (`split`).
+
+    Args:
+        bundle: a bundle with a "tflite_taps" section. store: the run's parameters.
+        taps: the taps a step reads, logits first (names of the section's outputs).
+    Raises: EdgelearnError when the model cannot be read as a splittable graph, or names
+        a tap it does not output.
+    """
+
+    def __init__(self, bundle: Bundle, store: ParamStore, *, taps: Sequence[str]) -> None:
+        sec = bundle.manifest["tflite_taps"]
+        self.store, self.strategy, self.batch = store, "inputs", int(sec["batch"])
+        self.g = TfliteGraph(bundle.files["tflite_taps"].read_bytes())
+        ins, outs = self.g.signature()
+        self.params = {n: ins[s] for n, s in sec["params"].items() if s in ins}
+        try:
+            self.data = {n: ins[s] for n, s in sec["inputs"].items()}
+            self.taps = {t: outs[sec["outputs"][t]] for t in taps}
+        except KeyError as e:
+            raise BundleError(f"manifest.json: tflite_taps names {e} the model's signature "
+                              "lacks") from None
+        self.out = self.taps[taps[0]]
+        # a tap's tensor is named after the tap: the cut and the cache say "layers.0:out"
+        self.names = self.g.names()
+        for tap, t in self.taps.items():
+            self.names[t] = tap
+        if len(set(self.names)) != len(self.names):
+            raise EdgelearnError("the taps graph has taps sharing one tensor, or named like "
+                                 "another tensor")
+
+    def split(self, after: Iterable[str] = ()) -> LiteRTTapsSplit | str:
+        """The split at the automatic cut above the tensors `after` (names), or why none."""
+        g, index = self.g, {n: i for i, n in enumerate(self.names)}
+        trainable = [self.params[n] for n in self.store.trainable_names if n in self.params]
+        forced = {g.producer[index[n]] for n in after if index.get(n) in g.producer}
+        cut = find_taps_cut(g, list(self.data.values()), trainable, list(self.taps.values()),
+                            batch=self.batch, forced=forced)
+        if isinstance(cut, str):
+            return cut
+        param_of = {i: n for n, i in self.params.items()}
+        data_of = {i: n for n, i in self.data.items()}
+        pre_in, suf_in = g.free_inputs(cut.prefix_ops), g.free_inputs(cut.suffix_ops)
+        stray = [t for t in pre_in if t not in data_of and (
+            t not in param_of or self.store.specs[param_of[t]].trainable)]
+        stray += [t for t in suf_in if t not in data_of and t not in param_of
+                  and t not in cut.tensors]
+        if stray:
+            odd = [self.names[t] for t in stray][:3]
+            return f"the TFLite halves would read unknown inputs {odd}"
+        live = [t for t in dict.fromkeys(self.taps.values()) if t not in cut.tensors]
+        prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
+        # every cut tensor is a suffix input (a tap the suffix does not read is fed unused),
+        # so the cached features feed the suffix as they are
+        suffix, suf = g.extract(cut.suffix_ops, sorted(set(suf_in) | set(cut.tensors)), live)
+        base = self._split(cut, prefix, pre, suffix, suf, param_of, data_of)
+        return LiteRTTapsSplit(**{f.name: getattr(base, f.name) for f in fields(base)},
+                               outputs={tap: suf[t] for tap, t in self.taps.items()
+                                        if t in live})
+
+
+class TapsSuffixRunner(SuffixRunner):
+    """The suffix half of a taps graph: `run_all` -> every tap it computes (tap name ->
+    [n, ...]), reading the store's trainable views before each forward."""
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The suffix's taps (the logits among them) for the cut tensors in `feeds`."""
+        self._sync()
+        s = self.split
+        assert isinstance(s, LiteRTTapsSplit)
+        return run_padded(self.it, s.batch, {s.suffix_feeds[n]: a for n, a in feeds.items()},
+                          s.outputs)

@@ -16,8 +16,8 @@ record whether a run was cached: replay and resume do not care.
 Each runtime splits its own graph, so cached features are the run's own floats: onnxruntime
 splits the ONNX graph here; a LiteRT run splits the bundle's TFLite flatbuffer on the device
 (`edgelearn.training.litert_cached`, same checks, same cache). The taps forwards of tpSGD
-and the hybrid cache the same way on onnxruntime (`CachedTapsEvaluator` in
-`edgelearn.training.cached_taps`, a subclass of `CachedEvaluator`).
+and the hybrid cache the same way (`CachedTapsEvaluator` in `edgelearn.training.cached_taps`,
+a subclass of `CachedEvaluator`; on LiteRT over model_taps.tflite).
 """
 
 from __future__ import annotations
@@ -402,8 +402,8 @@ def cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None,
     keep = ("enabled", "reason", "cut", "passthrough", "prefix_nodes", "suffix_nodes",
             "row_bytes", "refused_cuts", "backend", "strategy")
     plan = {k: report[k] for k in keep if k in report}
-    if "onnx_taps" in bundle.files and backend == "onnxruntime":  # tpsgd / hybrid runs
+    if f"{role}_taps" in bundle.files and "onnx_taps" in bundle.files:  # tpsgd / hybrid
         from edgelearn.training.cached_taps import taps_cache_plan
 
-        plan["taps"] = taps_cache_plan(bundle, trainable=trainable)
+        plan["taps"] = taps_cache_plan(bundle, trainable=trainable, backend=backend)
     return plan

@@ -8,7 +8,8 @@ step reads as the split's outputs, logits first): the prefix runs once per examp
 same `FeatureCache` (keys, memory plan, spill file and recompute as `CachedEvaluator`'s), and
 every taps forward is one suffix forward. A tap above the cut (a head's input, the only
 hidden tap of a head-only step) is itself a cut tensor: it comes from the cached features,
-not from the suffix.
+not from the suffix. On LiteRT the same evaluator runs the halves of model_taps.tflite, split
+on the device (`edgelearn.training.litert_cached.LiteRTCachedTapsEvaluator`).
 
 Bit-identity with the uncached taps forwards is checked as for the loss graph: on a seeded
 probe batch at setup and on the first real batch, every tap of the split graphs must equal
@@ -168,9 +169,10 @@ def cached_taps_or_plain(bundle: Any, plain: TapsEvaluator, store: ParamStore,
     refused: list[dict[str, Any]] = []
     if why is None:
         try:
-            found = _search(bundle, plain, store, opt, threads=threads,
-                            capacity=DEFAULT_CAPACITY if capacity is None else capacity,
-                            refused=refused)
+            search = _search if backend == "onnxruntime" else _litert_search
+            found = search(bundle, plain, store, opt, threads=threads,
+                           capacity=DEFAULT_CAPACITY if capacity is None else capacity,
+                           refused=refused)
         except Exception as e:  # onnx and onnxruntime raise their own types; a run that
             # cannot split trains uncached, with the same results
             found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
@@ -211,23 +213,36 @@ def _search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer
     return f"no bit-identical cut in {MAX_CUTS} tries"
 
 
+def _litert_search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer, *,
+                   threads: int | None, capacity: int, refused: list[dict[str, Any]]
+                   ) -> CachedTapsEvaluator | str:
+    """`_search` on the LiteRT backend: model_taps.tflite split on the device
+    (`edgelearn.training.litert_cached.search_litert_taps`)."""
+    from edgelearn.training.litert_cached import search_litert_taps
+
+    return search_litert_taps(bundle, plain, store, opt, probe=probe_batch(bundle),
+                              threads=threads, capacity=capacity, max_cuts=MAX_CUTS,
+                              refused=refused)
+
+
 def _why_not(bundle: Any, plain: TapsEvaluator, backend: str) -> str | None:
     """Why this taps run cannot cache a prefix (None: it may try)."""
-    if backend != "onnxruntime" or plain.graph != "onnx_taps":
-        return (f"prefix caching of taps forwards runs on onnxruntime's model_taps.onnx only "
-                f"(this run: {backend}, {plain.graph})")
+    if (backend, plain.graph) not in (("onnxruntime", "onnx_taps"), ("litert", "tflite_taps")):
+        return (f"prefix caching of taps forwards runs on onnxruntime's model_taps.onnx and "
+                f"litert's model_taps.tflite only (this run: {backend}, {plain.graph})")
     if not all(has_batch_axis(s) for s in bundle.inputs):
         return "prefix caching needs every model input to have a batch axis"
     return None
 
 
-def taps_cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
-                    ) -> dict[str, Any]:
+def taps_cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None,
+                    backend: str = "onnxruntime") -> dict[str, Any]:
     """The cut a tpsgd run (or a hybrid run: same taps graph) of `bundle` would cache its
     taps forwards at, checked as `train` checks it; {"enabled": False, "reason"} otherwise.
 
     Args:
         bundle: a loaded bundle with model_taps.onnx. trainable: glob(s) (None: manifest's).
+        backend: "onnxruntime" (model_taps.onnx) or "litert" (model_taps.tflite).
     """
     from edgelearn.errors import EdgelearnError
     from edgelearn.optim import make_optimizer
@@ -235,12 +250,12 @@ def taps_cache_plan(bundle: Any, *, trainable: str | Sequence[str] | None = None
 
     try:
         store = bundle.load_store(trainable=trainable)
-        ev = make_evaluator(bundle, store, make_optimizer("tpsgd"), backend="onnxruntime",
+        ev = make_evaluator(bundle, store, make_optimizer("tpsgd"), backend=backend,
                             threads=1, prefix_cache=True, cache_bytes=0)
     except EdgelearnError as e:
         return {"enabled": False, "reason": str(e)}
     report = ev.cache_report() or {}
     ev.close()
     keep = ("enabled", "reason", "graph", "cut", "passthrough", "prefix_nodes",
-            "suffix_nodes", "row_bytes", "taps_cached", "refused_cuts")
+            "suffix_nodes", "row_bytes", "taps_cached", "refused_cuts", "backend", "strategy")
     return {k: report[k] for k in keep if k in report}

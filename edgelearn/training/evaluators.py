@@ -206,7 +206,7 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         population: use the bundle's population graph when it batches the trainable set.
         timers: rings for forward / population timings (a fresh set when None).
         prefix_cache: train on cached frozen-prefix features where the graph splits
-            (`edgelearn.training.cached_evaluator`; taps optimizers on onnxruntime:
+            (`edgelearn.training.cached_evaluator`; taps optimizers:
             `edgelearn.training.cached_taps`; bit-identical; onnxruntime and litert).
         cache_bytes: memory for cached features (None: the cache's default bound).
     Raises: InputError when the bundle or backend cannot run the optimizer's forwards.

@@ -7,6 +7,11 @@ cache keyed per example, the same memory plan, the same bit-identity checks (suf
 the whole model's output on a probe batch, and prefix rows of an example alone or in a pair ==
 its rows in the batch, through the fixed-batch padding); a refused cut moves above the tensors
 at fault, and a run with no cut trains uncached with the reason in its `cache` report.
+
+tpSGD and the hybrid on LiteRT run model_taps.tflite: `cached_taps_or_plain` calls
+`search_litert_taps`, which splits it with the taps a step reads as outputs
+(`LiteRTTapsSplitPlanner`) and runs the halves in a `LiteRTCachedTapsEvaluator` (the
+`CachedTapsEvaluator` checks: every tap == the whole taps graph's, prefix rows per example).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from edgelearn.inputs import Inputs
 from edgelearn.training.cached_evaluator import CachedEvaluator
+from edgelearn.training.cached_taps import CachedTapsEvaluator, taps_read
 from edgelearn.training.evaluators import LossEvaluator
 
 
@@ -64,6 +70,56 @@ def search_litert(bundle: Any, plain: LossEvaluator, *, probe: Inputs | None,
         bad = ev.mismatch(probe) if probe is not None else None
         if bad is None:
             ev.prefix_seconds = 0.0
+            return ev
+        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
+        after |= bad[1]
+    return f"no bit-identical cut in {max_cuts} tries"
+
+
+class LiteRTCachedTapsEvaluator(CachedTapsEvaluator):
+    """`CachedTapsEvaluator` whose prefix and suffix are LiteRT interpreters over the halves
+    of model_taps.tflite (a LiteRTTapsSplit)."""
+
+    def _runners(self, split: Any, store: Any, threads: int | None,
+                 providers: Sequence[str]) -> tuple[Any, Any]:
+        from edgelearn.backends.litert_split import PrefixRunner, TapsSuffixRunner
+
+        return PrefixRunner(split, store, threads), TapsSuffixRunner(split, store, threads)
+
+    def cache_report(self) -> dict[str, Any]:
+        return {**super().cache_report(), "backend": "litert",
+                "strategy": self.split.strategy}
+
+
+def search_litert_taps(bundle: Any, plain: Any, store: Any, opt: Any, *,
+                       probe: Inputs | None, threads: int | None, capacity: int,
+                       max_cuts: int, refused: list[dict[str, Any]]
+                       ) -> CachedTapsEvaluator | str:
+    """The first cut of the bundle's model_taps.tflite (from the automatic one, moving up)
+    whose split passes `CachedTapsEvaluator.mismatch` on `probe`, or why none.
+
+    Args:
+        bundle: the run's bundle. plain: its plain taps evaluator ("tflite_taps").
+        store: the arena the optimizer updates. opt: the taps optimizer (set up).
+        probe / threads / capacity / max_cuts / refused: as `search_litert`'s.
+    """
+    from edgelearn.backends.litert_split import LiteRTTapsSplitPlanner
+
+    in_name = bundle.inputs[0].name
+    taps = taps_read(opt, store, in_name)
+    planner = LiteRTTapsSplitPlanner(bundle, store, taps=taps)
+    after: set[str] = set()
+    for _ in range(max_cuts):
+        split = planner.split(after)
+        if isinstance(split, str):
+            return split
+        ev = LiteRTCachedTapsEvaluator(plain, split, store, input_name=in_name, taps=taps,
+                                       threads=threads, providers=(), capacity=capacity)
+        ev.refused = refused
+        bad = ev.mismatch(probe) if probe is not None else None
+        if bad is None:
+            ev.prefix_seconds = 0.0
+            plain.timers.forward.clear()  # the check's forwards are no step's
             return ev
         refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
         after |= bad[1]
