@@ -72,7 +72,7 @@ def test_live_steps_are_bit_identical(tmp_path: Path) -> None:
     d = data(6)
     digests, reports = [], []
     for cache in (True, False):
-        with el.Session(DEMO, tmp_path / str(cache), el.TrainConfig(),
+        with el.Session(DEMO, tmp_path / str(cache), el.TrainConfig(optimizer="zo-sgd"),
                         runtime("rebuild", cache)) as s:
             for t in range(12):
                 s.step((d.x[t % 6], d.y[t % 6]))
@@ -86,7 +86,7 @@ def test_live_steps_are_bit_identical(tmp_path: Path) -> None:
 def test_spilled_and_budgeted_runs_are_bit_identical(tmp_path: Path) -> None:
     """Features past the memory bound spill to the run directory; under a memory budget the
     plan (batch size) is the uncached run's."""
-    cfg = el.TrainConfig(batch_size=16)
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=16)
     with el.Session(DEMO, tmp_path / "s", cfg, runtime("inputs", True)) as s:
         s.evaluator.cache.max_rows = 5  # as a tight memory budget would leave
         spilled = s.run(data(), 12)
@@ -117,7 +117,8 @@ def test_a_cut_that_fails_its_check_is_refused(tmp_path: Path) -> None:
     from edgelearn.backends.litert_split import LiteRTSplitPlanner
     from edgelearn.training.litert_cached import LiteRTCachedEvaluator
 
-    with el.Session(DEMO, tmp_path / "r", el.TrainConfig(), runtime("rebuild", True)) as s:
+    with el.Session(DEMO, tmp_path / "r", el.TrainConfig(optimizer="zo-sgd"),
+                    runtime("rebuild", True)) as s:
         ev = s.evaluator
         store = s.store
         other = store.copy()
@@ -190,7 +191,7 @@ def test_exported_cnn_head_is_bit_identical(exported_cnn: dict[str, Path], tmp_p
     d = el.Dataset(x.astype(np.float32), rng.integers(0, 10, 24))
     res = []
     for cache in (True, False):
-        cfg = el.TrainConfig(batch_size=6, trainable="head.*")
+        cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=6, trainable="head.*")
         with el.Session(bundle, tmp_path / str(cache), cfg, runtime(strategy, cache)) as s:
             res.append(s.run(d, 10))
     rep = res[0].cache
