@@ -145,8 +145,8 @@ def test_cli_info_train_json_and_no_cache(tmp_path: Path,
     outs = []
     for extra in ([], ["--no-cache"]):
         main(["train", str(DEMO), "--data", str(tmp_path / "d.npz"), "--steps", "5",
-              "--backend", "litert", "--out", str(tmp_path / f"r{len(extra)}"), "--json",
-              *extra])
+              "--optimizer", "zo-sgd", "--backend", "litert",
+              "--out", str(tmp_path / f"r{len(extra)}"), "--json", *extra])
         outs.append(json.loads(capsys.readouterr().out))
     assert outs[0]["cache"]["cut"] == lite["cut"]
     assert outs[0]["cache"]["cached_examples"]
