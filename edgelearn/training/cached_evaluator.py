@@ -160,6 +160,7 @@ class CachedEvaluator(StepEvaluator):
         #: cuts tried before this one and why the check refused them
         self.refused: list[dict[str, Any]] = []
         self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
+        self._rows: dict[int, dict[str, np.ndarray]] = {}  # batch size -> feature arrays
         #: the single data input's name (a multi-input model's batches are dicts)
         self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
 
@@ -199,7 +200,17 @@ class CachedEvaluator(StepEvaluator):
         return dict(zip(names, outs, strict=True))
 
     def _feeds(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = self.cache.features(self._keys(x), x, self.run_prefix)
+        """The suffix feeds of batch `x`: its cut tensors (written into arrays kept per batch
+        size: valid until the next lookup, and bound to the suffix once) and passthrough
+        inputs."""
+        keys = self._keys(x)
+        out = self._rows.get(len(keys))
+        if out is None:
+            if len(self._rows) >= 4:  # a few batch sizes (run batches, live samples)
+                self._rows.clear()
+            out = self._rows[len(keys)] = {t: np.empty((len(keys), *s), d) for t, (s, d)
+                                           in self.split.cut.row_shapes.items()}
+        feeds = dict(self.cache.features(keys, x, self.run_prefix, out=out))
         for name in self.split.cut.passthrough:
             feeds[name] = x[name] if isinstance(x, dict) else x
         return feeds
