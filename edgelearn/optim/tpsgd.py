@@ -421,7 +421,8 @@ class _OneBlasThread:
 
     Args:
         libs: threadpoolctl's controllers of the loaded BLAS libraries.
-        ownership: threadpoolctl's OpenBLAS controlling-thread counter (None before 3.8).
+        ownership: threadpoolctl's OpenBLAS controlling-thread counter (None in versions
+            without one).
     """
 
     def __init__(self, libs: Sequence[Any], ownership: Any) -> None:
