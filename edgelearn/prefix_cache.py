@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -332,26 +333,34 @@ class FeatureCache:
         return out
 
     def features(self, keys: Sequence[Hashable], x: Inputs,
-                 compute: Callable[[Inputs], dict[str, np.ndarray]]
-                 ) -> dict[str, np.ndarray]:
+                 compute: Callable[[Inputs], dict[str, np.ndarray]],
+                 out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The cut tensors of batch `x` (one key per example), computing the misses.
 
         Args:
             keys: one hashable key per example of `x`.
             x: the batch (only its missing examples are run through the prefix).
             compute: batch -> cut tensor name -> [n, ...] (the prefix graph).
+            out: arrays [len(keys), ...] per cut tensor to write the rows into (returned);
+                None: fresh ones.
         """
-        slots = [self.slots.get(k, -1) for k in keys]
+        slots = list(map(self.slots.get, keys, itertools.repeat(-1)))
         if min(slots, default=0) >= 0:  # the common case once warm: one gather per tensor
             self.hits += len(keys)
             idx = np.asarray(slots)
-            return {t: self.arena[t][idx] for t in self.cut.tensors}
+            if out is None:
+                return {t: self.arena[t][idx] for t in self.cut.tensors}
+            for t in self.cut.tensors:  # every index is a valid slot: "clip" never clips,
+                # and it lets take write straight into `out` (mode "raise" buffers it)
+                np.take(self.arena[t], idx, axis=0, out=out[t], mode="clip")
+            return out
         miss = [i for i, (k, s) in enumerate(zip(keys, slots, strict=True))
                 if s < 0 and k not in self.spilled]
         fresh = compute(take(x, miss)) if miss else {}
         self.misses += len(miss)
         self.hits += len(keys) - len(miss)
-        out = {t: np.empty((len(keys), *s), d) for t, (s, d) in self.cut.row_shapes.items()}
+        if out is None:
+            out = {t: np.empty((len(keys), *s), d) for t, (s, d) in self.cut.row_shapes.items()}
         where = {m: j for j, m in enumerate(miss)}
         for i, k in enumerate(keys):
             row = ({t: fresh[t][where[i]] for t in fresh} if i in where else

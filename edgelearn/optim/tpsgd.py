@@ -109,16 +109,26 @@ def projection(seed: int, index: int, rows: int, cols: int, scale: float) -> np.
 
 def head_grad(out: np.ndarray, y: np.ndarray, loss: str) -> tuple[float, np.ndarray]:
     """(loss, dL/d out) of the true loss (cross-entropy on logits, or mean squared error)."""
+    # fewer numpy calls than the textbook form, each value computed by the same float
+    # operations in the same order (replay checks every bit): both operands cast to float64
+    # before the subtraction, one row sum serves p and the log-sum, and np.mean is
+    # add.reduce / n
     if loss == "cross-entropy":
-        z = out.astype(np.float64) - out.max(axis=1, keepdims=True)
+        n = len(y)
+        z = np.subtract(out, out.max(axis=1, keepdims=True), dtype=np.float64)
         e = np.exp(z)
-        p = e / e.sum(axis=1, keepdims=True)
-        idx = np.arange(len(y))
-        value = float(np.mean(np.log(e.sum(axis=1)) - z[idx, y]))
+        s = e.sum(axis=1, keepdims=True)
+        p = np.divide(e, s, out=e)
+        idx = np.arange(n)
+        logs = np.log(s.reshape(n), out=s.reshape(n))
+        value = float(np.add.reduce(np.subtract(logs, z[idx, y], out=logs))) / n
         p[idx, y] -= 1.0
-        return value, (p / len(y)).astype(np.float32)
-    d = out.astype(np.float64) - np.asarray(y, np.float64).reshape(out.shape)
-    return float(np.mean(d * d)), (2.0 * d / d.size).astype(np.float32)
+        return value, np.divide(p, n, out=p).astype(np.float32)
+    d = np.subtract(out, np.asarray(y).reshape(out.shape), dtype=np.float64)
+    value = float(np.add.reduce(np.multiply(d, d), axis=None)) / d.size
+    g = np.multiply(2.0, d, out=d)
+    g /= d.size
+    return value, g.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,9 @@ class TPSGD(Optimizer):
         self.layers: list[Layer] = []
         self._proj: dict[int, np.ndarray] = {}
         self._drop: list[list[str]] = []  # layer index -> taps last used by that layer
-        self._blas: Any = None
+        self._blas: _OneBlasThread | None = None
+        # per layer (trainable roles, trainable norm roles), for the store it was made for
+        self._plan: tuple[Any, list[tuple[list[str], list[str]]]] = (None, [])
 
     def setup(self, store: ParamStore, *, layers: Sequence[Layer] = (),
               targets: np.ndarray | None = None, out_shape: Sequence[int] | None = None,
@@ -215,7 +227,8 @@ class TPSGD(Optimizer):
         if targets is not None and out_shape is not None:
             self.check_targets(targets, tuple(out_shape))
         self.layers = list(layers)
-        self._blas = _blas_controller()
+        self._blas = _OneBlasThread.make()
+        self._plan = (None, [])
         last_use: dict[str, int] = {}
         for i, layer in enumerate(self.layers):
             for tap in (layer.input, layer.preact, layer.output, layer.raw, layer.target):
@@ -287,9 +300,21 @@ class TPSGD(Optimizer):
         arrays, y = yield Forward(taps)
         # the local GEMMs are small ([O, N*H*W] x [N*H*W, C*k*k]): BLAS threads cost more than
         # they save (measured 23 ms vs 0.13 ms for a 32x512x144 sgemm on 2 busy cores)
-        one = self._blas.limit(limits=1, user_api="blas") if self._blas else None
-        with one or contextlib.nullcontext():
+        with self._blas or contextlib.nullcontext():
             return self._update(store, dict(arrays), y)
+
+    def _layer_plan(self, store: ParamStore) -> list[tuple[list[str], list[str]]]:
+        """Per layer: its trainable param roles and trainable norm roles in `store` (made once
+        per store: a store's trainable set is fixed when it is built)."""
+        if self._plan[0] is not store:
+            plan = []
+            for layer in self.layers:
+                norm = layer.bn or layer.ln or {}
+                plan.append(([r for r, n in layer.params.items() if store.specs[n].trainable],
+                             [k for k in ("weight", "bias")
+                              if k in norm and store.specs[norm[k]].trainable]))
+            self._plan = (store, plan)
+        return self._plan[1]
 
     def _update(self, store: ParamStore, taps: dict[str, np.ndarray], y: np.ndarray
                 ) -> dict[str, Any]:
@@ -303,10 +328,9 @@ class TPSGD(Optimizer):
             return {"loss": None, "local": [None] * len(self.layers), "lr": self.options.lr,
                     "accepted": False, "step": self.t}
         loss, locals_ = math.nan, []
-        for i, layer in enumerate(self.layers):
-            train = [r for r, n in layer.params.items() if store.specs[n].trainable]
+        for i, (layer, (train, bn_train)) in enumerate(zip(self.layers, self._layer_plan(store),
+                                                           strict=True)):
             bn = layer.bn or layer.ln or {}
-            bn_train = [k for k in ("weight", "bias") if k in bn and store.specs[bn[k]].trainable]
             if layer.head:
                 loss, d_z = head_grad(logits, y, self.options.head_loss)
                 locals_.append(loss)
@@ -391,13 +415,45 @@ def _head_grads(layer: Layer, x: np.ndarray, d_z: np.ndarray) -> dict[str, np.nd
     return g
 
 
-def _blas_controller() -> Any:
-    """threadpoolctl's controller when installed (optional on device), else None."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController()
+class _OneBlasThread:
+    """Context: the BLAS libraries run one thread inside it (threadpoolctl's `limit(limits=1,
+    user_api="blas")` without rebuilding its library info on every step).
+
+    Args:
+        libs: threadpoolctl's controllers of the loaded BLAS libraries.
+        ownership: threadpoolctl's OpenBLAS controlling-thread counter (None in versions
+            without one).
+    """
+
+    def __init__(self, libs: Sequence[Any], ownership: Any) -> None:
+        self.libs, self.ownership = list(libs), ownership
+        self.saved: list[tuple[Any, int]] = []
+
+    @classmethod
+    def make(cls) -> _OneBlasThread | None:
+        """One for the BLAS libraries loaded now; None without threadpoolctl (optional on
+        device)."""
+        try:
+            import threadpoolctl
+        except ImportError:
+            return None
+        libs = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        return cls(libs, getattr(threadpoolctl, "CONTROLLING_THREAD_OWNERSHIP", None))
+
+    def __enter__(self) -> None:
+        if self.ownership is not None:  # as threadpoolctl's limiter: released on exit
+            self.ownership.increment()
+        self.saved = [(lib, n) for lib in self.libs
+                      if (n := lib.get_num_threads()) is not None and n != 1]
+        for lib, _ in self.saved:
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        for lib, n in self.saved:
+            lib.set_num_threads(n)
+        self.saved = []
+        if self.ownership is not None:
+            self.ownership.decrement()
 
 
 _SUM_CHUNK = 1 << 16  # float64 elements per product chunk (512 KiB: stays in cache)
