@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/bench_prefix_cache.py            # MiniLM-L3-sized encoder, 128px CNN
     python benchmarks/bench_prefix_cache.py --quick    # smaller backbones (< 30 s)
+    python benchmarks/bench_prefix_cache.py --only cnn --no-tpsgd   # the 128px CNN, zo-sgd
 
 Two backbones are generated as ONNX (no torch, tests/backbone_models.py) and prepared with
 a new 2-class head (`prepare --new-head`): a pre-LN transformer encoder (3 layers, hidden
@@ -13,6 +14,10 @@ with zo-sgd on the same data (batch 32, threads 1): one with the prefix cache, o
 so both see the same machine load. Reported per backbone:
   step_ms_uncached / step_ms_cached_warm: medians of the optimizer step (StepResult.seconds;
       warm: after the first chunk, when every example is cached);
+  loop_step_ms_cached_warm: median wall time between consecutive steps of a cached
+      `Session.run` (after the first chunk): the optimizer step plus the loop's own work
+      (batch, its journaled identity, journal append, callbacks);
+      loop_overhead_ms = loop_step_ms_cached_warm - step_ms_cached_warm;
   speedup: uncached / cached warm (goal >= 50);
   head_forward_ms: one forward of the head alone (the head-alone bundle's Model.predict on
       a batch of cached features), interleaved with the steps; step_per_head_forward =
@@ -86,13 +91,23 @@ def backbones(tmp: Path, quick: bool) -> dict[str, tuple[Path, str]]:
 
 
 class StepTimes(el.Callback):
-    """Records each step's optimizer time (seconds) and forwards."""
+    """Records each step's optimizer time (seconds) and forwards, and the wall time between
+    consecutive steps of one `Session.run` (the whole loop step: batch, step, journal)."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.evaluations: list[int] = []
+        self.loop: list[float] = []
+        self._last: float | None = None
+
+    def on_start(self, session: el.Session, steps: int) -> None:
+        self._last = None  # the first step of a run also pays the run's setup
 
     def on_step(self, session: el.Session, result: el.StepResult) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.loop.append(now - self._last)
+        self._last = now
         self.seconds.append(result.seconds)
         self.evaluations.append(result.evaluations)
 
@@ -123,8 +138,9 @@ def live_steps(bundle: Path, data: el.Dataset, tmp: Path, name: str) -> dict[str
         times = StepTimes()
         rt = el.RuntimeConfig(backend="onnxruntime", device=None, threads=1,
                               prefix_cache=cache)
-        with el.Session(bundle, tmp / f"{name}_live_{cache}", el.TrainConfig(fsync_every=1 << 20),
-                        rt, callbacks=[times]) as s:
+        cfg = el.TrainConfig(optimizer="zo-sgd", fsync_every=1 << 20)  # not the default tpsgd:
+        # a live tpsgd run must record its samples
+        with el.Session(bundle, tmp / f"{name}_live_{cache}", cfg, rt, callbacks=[times]) as s:
             for t in range(n):
                 s.step((data.x[t % 16], data.y[t % 16]))
         out["cached" if cache else "uncached"] = median_ms(times.seconds[16:] if cache
@@ -187,6 +203,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
         r_c = s.run(data, r_u.steps)
     warm = times["cached"].seconds[fast:]  # after the first chunk: every example cached
     cached, uncached = median_ms(warm), median_ms(times["uncached"].seconds)
+    loop = median_ms(times["cached"].loop[fast - 1:])  # fast - 1 intervals per chunk
     alone, head_fwd = median_ms(times["head_alone"].seconds), median_ms(fwd)
     n_eval = statistics.median(times["cached"].evaluations)
     return {
@@ -197,6 +214,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
         "refused_cuts": r_c.cache["refused_cuts"],
         "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
         "step_ms_cached_first_chunk": median_ms(times["cached"].seconds[:fast]),
+        "loop_step_ms_cached_warm": loop, "loop_overhead_ms": loop - cached,
         "speedup": uncached / cached, "forward_ms_uncached": r_u.forward_ms_median,
         "head_forward_ms": head_fwd, "head_alone_step_ms": alone,
         "evaluations_per_step": n_eval, "step_per_head_forward": cached / head_fwd,
@@ -251,11 +269,13 @@ def compare_tpsgd(name: str, tmp: Path, chunks: int, slow: int, fast: int
     replayed = el.replay(el.load_bundle(bundle), r_c.journal, data=data)
     cached, uncached = median_ms(times["cached"].seconds[fast:]), median_ms(
         times["uncached"].seconds)
+    loop = median_ms(times["cached"].loop[fast - 1:])
     head_fwd = median_ms(fwd) if fwd else None
     return {
         "cache": {k: r_c.cache.get(k) for k in ("enabled", "reason", "cut", "taps_cached",
                                                 "prefix_nodes", "suffix_nodes")},
         "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
+        "loop_step_ms_cached_warm": loop, "loop_overhead_ms": loop - cached,
         "speedup": uncached / cached, "head_forward_ms": head_fwd,
         "step_per_head_forward": cached / head_fwd if head_fwd else None,
         "identical": r_c.sha256 == r_u.sha256 == replayed.sha256
@@ -267,16 +287,21 @@ def compare_tpsgd(name: str, tmp: Path, chunks: int, slow: int, fast: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller backbones, fewer steps")
+    ap.add_argument("--only", choices=("transformer", "cnn"), help="one backbone only")
+    ap.add_argument("--no-tpsgd", action="store_true", help="skip the tpsgd rows")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_prefix_cache_"))
     try:
         out: dict[str, Any] = {"batch": BATCH, "examples": N, "optimizer": "zo-sgd",
                                "threads": 1, "quick": args.quick}
         for name, (src, output) in backbones(tmp, args.quick).items():
+            if args.only not in (None, name):
+                continue
             out[name] = compare(name, src, output, tmp, chunks=4, slow=3 if args.quick else 2,
                                 fast=25)
-            out[name]["tpsgd"] = compare_tpsgd(name, tmp, chunks=4,
-                                               slow=3 if args.quick else 2, fast=25)
+            if not args.no_tpsgd:
+                out[name]["tpsgd"] = compare_tpsgd(name, tmp, chunks=4,
+                                                   slow=3 if args.quick else 2, fast=25)
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

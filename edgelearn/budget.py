@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edgelearn.data import PERMUTATIONS_CACHED
+from edgelearn.data import EXAMPLE_DIGEST_BYTES, PERMUTATIONS_CACHED
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.osutil import current_rss_mb
 
@@ -60,14 +60,15 @@ def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,
     are kept. What it does keep is bounded and counted here.
 
     Args:
-        n_examples: training examples (the cached epoch permutations are int64 of this size).
+        n_examples: training examples (the cached epoch permutations are int64 of this size;
+            the batch digests keep `EXAMPLE_DIGEST_BYTES` per example).
         trainable_bytes: bytes of the trainable slices (a divergence snapshot copies them).
         snapshots: True with a divergence policy: one good snapshot is kept, and resuming
             keeps a second copy (the base weights) while it replays.
         timing_samples: samples per timing ring.
         timers: number of timing rings.
     """
-    permutations = PERMUTATIONS_CACHED * 8 * n_examples
+    permutations = (PERMUTATIONS_CACHED * 8 + EXAMPLE_DIGEST_BYTES) * n_examples
     copies = 2 * trainable_bytes if snapshots else 0
     return permutations + copies + 8 * timing_samples * timers
 

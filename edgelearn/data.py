@@ -130,6 +130,123 @@ def data_sha256(data: Dataset) -> str:
     return arrays_sha256(data.x, data.y)
 
 
+# -- batch identity: per-example digests -------------------------------------------------------
+# A step's journaled `batch_digest` is sha256 over the batch's arrays without a batch axis and
+# the per-example digests in batch order; an example's digest is sha256 over its rows of every
+# input (by name) and of the target, each after its dtype and row shape. The digests of a data
+# set's examples are computed once per run (`ExampleDigests`), so a step costs one sha256 of
+# 32 bytes per example instead of one over the whole batch; a live batch (`Session.step`) is
+# digested the same way (`batch_digest`), so the field has one meaning.
+
+#: bytes per data-set example a run keeps for its batch digests (a sha256 and a "done" flag)
+EXAMPLE_DIGEST_BYTES = 33
+_BATCH_DOMAIN = b"edgelearn batch_digest v1\0"
+_Named = tuple[bytes, str, np.ndarray]  # (tag, name, array)
+
+
+def _head(tag: bytes, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """What precedes an array's bytes: tag, length-prefixed name, dtype and shape."""
+    return tag + f"{len(name)}:{name}|{dtype.str}{tuple(shape)}|".encode()
+
+
+def _split_batch(x: Inputs, y: np.ndarray) -> tuple[list[_Named], list[_Named]]:
+    """(per-example arrays, arrays without a batch axis) of a batch: an input is per-example
+    when its first dimension is the batch's length (that of y)."""
+    y = np.asarray(y)
+    n = len(y) if y.ndim else 0
+    items = sorted(x.items()) if isinstance(x, Mapping) else [("", x)]
+    per: list[_Named] = []
+    wide: list[_Named] = []
+    for name, a in items:
+        a = np.asarray(a)
+        (per if a.ndim >= 1 and a.shape[0] == n else wide).append((b"x", name, a))
+    return [*per, (b"y", "", y)], wide
+
+
+def _row_digests(arrays: Sequence[_Named], rows: Iterator[int] | Sequence[int]) -> list[bytes]:
+    """The sha256 (32 bytes) of each example `rows` of the per-example `arrays`."""
+    heads = [_head(tag, name, a.dtype, a.shape[1:]) for tag, name, a in arrays]
+    out = []
+    for i in rows:
+        h = hashlib.sha256()
+        for head, (_, _, a) in zip(heads, arrays, strict=True):
+            h.update(head)
+            h.update(np.ascontiguousarray(a[i : i + 1]).data)  # the row's bytes, no copy
+        out.append(h.digest())
+    return out
+
+
+def _wide_hasher(wide: Sequence[_Named]) -> Any:
+    """sha256 state after the domain and the batch's arrays without a batch axis."""
+    h = hashlib.sha256(_BATCH_DOMAIN + f"{len(wide)}|".encode())
+    for _, name, a in wide:
+        h.update(_head(b"c", name, a.dtype, a.shape))
+        h.update(np.ascontiguousarray(a).data)
+    return h
+
+
+def _finish(h: Any, n: int, digests: bytes) -> str:
+    h.update(f"{n} examples|".encode())
+    h.update(digests)
+    return h.hexdigest()
+
+
+def example_digests(x: Inputs, y: np.ndarray) -> np.ndarray:
+    """Per-example digests of a batch: uint8 [n, 32] (see `batch_digest`).
+
+    Args:
+        x: the batch's input [n, ...] or dict input name -> array (arrays without a batch
+            axis are not per-example). y: its targets [n, ...].
+    """
+    per, _ = _split_batch(x, y)
+    n = len(per[-1][2])
+    return np.frombuffer(b"".join(_row_digests(per, range(n))), np.uint8).reshape(n, 32)
+
+
+def batch_digest(x: Inputs, y: np.ndarray) -> str:
+    """The journaled identity of a step's batch: sha256 (hex) over its arrays without a batch
+    axis, then its per-example digests in batch order.
+
+    Args:
+        x: the batch's input [n, ...] or dict input name -> array. y: its targets [n, ...].
+    """
+    per, wide = _split_batch(x, y)
+    n = len(per[-1][2])
+    return _finish(_wide_hasher(wide), n, b"".join(_row_digests(per, range(n))))
+
+
+class ExampleDigests:
+    """The per-example digests of a data set, each computed the first time its example is
+    fed and kept for the run (`EXAMPLE_DIGEST_BYTES` per example): a batch's digest is then
+    one sha256 over 32 bytes per example, equal to `batch_digest` of the batch's rows.
+
+    Args:
+        data: the data set (must not change while the run uses it: a digest is of the
+            example as it was first fed).
+    """
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+        self.per, _ = _split_batch(data.x, data.y)
+        self.constants = sorted(data.constants.items())
+        self.digests = np.zeros((len(data), 32), np.uint8)
+        self.done = np.zeros(len(data), bool)
+        self._wide = _wide_hasher([(b"x", k, np.asarray(a)) for k, a in self.constants])
+
+    def batch_digest(self, idx: np.ndarray) -> str:
+        """`batch_digest` of the data set's examples `idx` (int [n], batch order)."""
+        n = len(idx)
+        if any(np.ndim(a) >= 1 and np.shape(a)[0] == n for _, a in self.constants):
+            # a constant as long as the batch reads as per-example: digest the rows as such
+            return batch_digest(self.data._rows(idx), self.data.y[idx])
+        todo = np.unique(idx[~self.done[idx]])
+        if len(todo):
+            self.digests[todo] = np.frombuffer(b"".join(_row_digests(self.per, todo.tolist())),
+                                               np.uint8).reshape(-1, 32)
+            self.done[todo] = True
+        return _finish(self._wide.copy(), n, self.digests[idx].tobytes())
+
+
 def _read_npy_member(zf: zipfile.ZipFile, key: str, name: str, max_bytes: int) -> np.ndarray:
     """Read array `key` of an .npz after validating its header against the stored size."""
     fmt = np.lib.format

@@ -63,7 +63,7 @@ def test_live_steps_resume_and_replay_bit_identical(bundle, digits, tmp_path, co
     assert replayed.steps == 20
     records = read_journal(tmp_path / "cut" / "journal.bin")[0]
     assert records[0]["feed"] == "live"
-    assert all(len(r["batch_sha256"]) == 64 for r in records[1:])
+    assert all(len(r["batch_digest"]) == 64 for r in records[1:])
     assert (tmp_path / "cut" / "samples.bin").is_file() == config.record_samples
 
 

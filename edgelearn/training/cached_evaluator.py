@@ -172,17 +172,32 @@ class CachedEvaluator(StepEvaluator):
                 SuffixRunner(split, store, threads, providers))
 
     # -- feeds -----------------------------------------------------------------------------
-    def indexed_batches(self, data: Dataset, batch_size: int, seed: int
-                        ) -> Callable[[int], Batch]:
+    def indexed_batches(self, data: Dataset, batch_size: int, seed: int, *,
+                        rows: bool = True) -> Callable[[int], tuple[Any, np.ndarray]]:
         """`Session.run`'s batch source, telling this evaluator each batch's data-set indices
-        (keys without hashing every example; the data set is hashed once)."""
-        token = data_sha256(data)
+        (keys without hashing every example; the data set is hashed once).
 
-        def batch(step: int) -> Batch:
+        Args:
+            rows: False when the caller reads no rows of the batches itself (the loop's
+                `needs_rows`): a batch whose examples are all cached then comes as
+                (None, y), its rows never copied out of the data set, when nothing of this
+                evaluator reads them (not a taps evaluator, no passthrough input, the cut
+                checked and not refused); otherwise x is the batch's rows.
+        """
+        token = data_sha256(data)
+        lean = (not rows and type(self).forwards is CachedEvaluator.forwards
+                and not self.split.cut.passthrough)
+        cache = self.cache
+
+        def batch(step: int) -> tuple[Any, np.ndarray]:
             idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
-            x, y = take(data.x, idx), data.y[idx]
-            self._indexed = (x, [(token, int(i)) for i in idx])
-            return x, y
+            keys = [(token, int(i)) for i in idx]
+            # a step whose keys all hit reads no row of x (FeatureCache.features)
+            skip = lean and self.checked and self.disabled is None and all(
+                k in cache.slots or k in cache.spilled for k in keys)
+            x = None if skip else take(data.x, idx)
+            self._indexed = (x, keys)
+            return x, data.y[idx]
 
         return batch
 

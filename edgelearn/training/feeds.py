@@ -3,9 +3,11 @@
 A run is fed either from a data set (`Session.run`: the batch of step t is
 `batch_indices(n, batch_size, t, seed)`, so the data set, batch size and seed pin every
 batch) or live (`Session.step`: whatever batch the app just got). Every step record holds the
-sha256 of its batch. Replays that re-run forwards (tpSGD) need the batches back: from the data
-set (checked against the header's sha256) or, for a live run, from `samples.bin`, which the
-run appends each step's batch to when `TrainConfig(record_samples=True)`.
+identity of its batch (`edgelearn.data.batch_digest`; a data set's per-example digests are
+computed once per run, `DatasetFeed.digest`). Replays that re-run forwards (tpSGD) need the
+batches back: from the data set (checked against the header's sha256) or, for a live run,
+from `samples.bin`, which the run appends each step's batch to when
+`TrainConfig(record_samples=True)`.
 
 `samples.bin` is a journal of its own (same length-prefixed, CRC-checked records), one record
 {"step", "x", "y"} per step, arrays as {"dtype", "shape", "b64"} (raw bytes, so replay sees the
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn.bundle import Bundle
-from edgelearn.data import Dataset, data_sha256
+from edgelearn.data import Dataset, ExampleDigests, batch_indices, data_sha256
 from edgelearn.errors import InputError
 from edgelearn.inputs import Inputs, convert, feeds, has_batch_axis
 from edgelearn.journal import Journal, iter_journal
@@ -43,10 +45,19 @@ class DatasetFeed:
 
     def __init__(self, data: Dataset, batch_size: int, seed: int) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
+        self._digests: ExampleDigests | None = None  # made on first use
 
     def batch(self, step: int) -> Batch:
         """The (x, y) of `step`."""
         return self.data.batch_at(step, self.batch_size, self.seed)
+
+    def digest(self, step: int) -> str:
+        """`batch_digest` of the batch of `step`, from per-example digests kept for the run
+        (each example is hashed once; the batch's rows are not taken)."""
+        if self._digests is None:
+            self._digests = ExampleDigests(self.data)
+        idx = batch_indices(len(self.data), self.batch_size, step, self.seed)
+        return self._digests.batch_digest(idx)
 
     def header(self, *, pin_data: bool) -> dict[str, Any]:
         """Journal header keys of this feed (`pin_data`: the data's sha256 too)."""

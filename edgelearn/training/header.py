@@ -4,8 +4,12 @@ The header (the journal's first record) holds everything resume and replay must 
 the optimizer and its config, the trainable set, the base weights' sha256, the objective and
 how the steps were fed (a data set's size, batch size and order seed; or live samples). A
 command whose settings differ from the header is refused with every change named
-(`header_changes`). Step records are the optimizer's own record plus `batch_sha256`, the sha256
-of the batch the step was fed (`LOOP_KEYS`, stripped before the optimizer replays the record).
+(`header_changes`). Step records are the optimizer's own record plus the identity of the batch
+the step was fed (`LOOP_KEYS`, stripped before the optimizer replays the record): new runs
+write `batch_digest` (`edgelearn.data.batch_digest`, from per-example digests) and say so in
+the header (`"batch_identity": "example-sha256"`); a journal without that key is an older
+run's, whose records hold `batch_sha256` (sha256 of the batch's arrays): it keeps writing
+that field when resumed, and replay checks each record by the field it holds.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from edgelearn.optim import Optimizer, optimizer_from_config
 from edgelearn.params import ParamStore
 
 #: keys the loop adds to an optimizer's step record (the optimizer never sees them)
-LOOP_KEYS = ("kind", "batch_sha256")
+LOOP_KEYS = ("kind", "batch_sha256", "batch_digest")
+#: the header key naming a run's batch identity scheme, and its values: per-example digests
+#: (`batch_digest`, new runs), or the whole batch's sha256 (`batch_sha256`, a header without
+#: the key: runs journaled before per-example digests)
+BATCH_IDENTITY = "batch_identity"
+EXAMPLE_DIGESTS = "example-sha256"
+BATCH_SHA256 = "batch-sha256"
 
 
 def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -> dict[str, Any]:
@@ -32,8 +42,15 @@ def make_header(bundle: Bundle, store: ParamStore, opt: Optimizer, **run: Any) -
     return {
         "kind": "header", "version": 1, "optimizer": opt.name, "config": opt.config(),
         "trainable": store.trainable_names, "n_trainable": store.n_trainable("float32"),
-        "base_sha256": bundle.manifest["files"]["weights"]["sha256"], **run,
+        "base_sha256": bundle.manifest["files"]["weights"]["sha256"],
+        BATCH_IDENTITY: EXAMPLE_DIGESTS, **run,
     }
+
+
+def batch_identity(header: dict[str, Any]) -> str:
+    """The batch identity scheme a journal's step records use (`EXAMPLE_DIGESTS` or
+    `BATCH_SHA256`)."""
+    return str(header.get(BATCH_IDENTITY, BATCH_SHA256))
 
 
 def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
@@ -53,7 +70,8 @@ def optimizer_record(record: dict[str, Any]) -> dict[str, Any]:
 _SETTING_NAMES = {"data_seed": "seed", "base_sha256": "bundle weights", "data_sha256": "data",
                   "n_examples": "examples", "n_trainable": "trainable params",
                   "taps_backend": "taps backend", "version": "journal version",
-                  "feed": "fed by", "samples": "recorded samples"}
+                  "feed": "fed by", "samples": "recorded samples",
+                  BATCH_IDENTITY: "batch identity"}
 
 
 def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -73,6 +91,8 @@ def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif a != b and key == "divergence":
             out.append(f"divergence {_show_policy(a)} -> {_show_policy(b)}")
     for key in sorted((set(old) | set(new)) - {"config", "divergence"}):
+        if key == BATCH_IDENTITY and key not in old:
+            continue  # an older run continues with the batch identity it was journaled with
         if old.get(key) != new.get(key):
             out.append(f"{_SETTING_NAMES.get(key, key)} {_show(old.get(key), key in old)} -> "
                        f"{_show(new.get(key), key in new)}")

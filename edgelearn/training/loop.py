@@ -2,8 +2,12 @@
 
 A step runs the optimizer with the evaluator's forwards for the batch, appends the batch to
 the recorded samples (when the run records them), appends the step record (the optimizer's
-record + the batch's sha256) to the journal, then lets the divergence guard roll back or take
+record + the batch's identity) to the journal, then lets the divergence guard roll back or take
 its snapshot (else a checkpoint every `checkpoint_every` steps), then calls the callbacks.
+The identity is the scheme the journal's header names (`header.batch_identity`): a new run's
+`batch_digest` comes from per-example digests computed once per run for a data set
+(`DatasetFeed.digest`: a step hashes 32 bytes per example, not the batch), or from the live
+batch's rows; a resumed older run keeps writing `batch_sha256` over the whole batch.
 Crash safety: journal records are appended (length-prefixed, CRC-32) and fsynced per policy
 (`fsync_every` records / `fsync_seconds`); checkpoints are written to a temp file, fsynced,
 renamed, and the directory fsynced. A step that raised half-way leaves the weights perturbed:
@@ -22,9 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgelearn.data import arrays_sha256
+from edgelearn.data import arrays_sha256, batch_digest
 from edgelearn.errors import EdgelearnError
-from edgelearn.journal import Journal
+from edgelearn.journal import Journal, iter_journal
 from edgelearn.optim import Optimizer
 from edgelearn.params import ParamStore
 from edgelearn.training.callbacks import Callback
@@ -32,6 +36,7 @@ from edgelearn.training.checkpoints import write_checkpoint
 from edgelearn.training.divergence import DivergenceGuard
 from edgelearn.training.evaluators import StepEvaluator
 from edgelearn.training.feeds import BatchSource, SampleLog
+from edgelearn.training.header import BATCH_SHA256, batch_identity
 from edgelearn.training.interrupt import TrainingInterrupted
 from edgelearn.training.results import StepResult
 from edgelearn.training.rundir import WEIGHTS
@@ -69,9 +74,29 @@ class RunLoop:
         self.dirty = False  # steps taken since the weights were last written
         self.rollbacks_before = 0  # rollback records the journal held when the run opened
         self._extra: Sequence[Callback] = ()  # the callbacks of the `run` in progress
+        header = next(iter_journal(journal.path, max_records=1), {})
+        #: the journal's batch identity scheme (an older run keeps its `batch_sha256`)
+        self.batch_identity = batch_identity(header)
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> StepResult:
-        """One journaled step on batch (x, y)."""
+    @property
+    def needs_rows(self) -> bool:
+        """True when a step reads its batch's rows itself (recorded samples, or the whole
+        batch's sha256 of an older run), besides what the evaluator reads."""
+        return self.samples is not None or self.batch_identity == BATCH_SHA256
+
+    def _identity(self, x: np.ndarray, y: np.ndarray, digest: str | None) -> dict[str, str]:
+        """The step record's batch identity, in the journal's scheme."""
+        if self.batch_identity == BATCH_SHA256:
+            return {"batch_sha256": arrays_sha256(x, y)}
+        return {"batch_digest": digest if digest is not None else batch_digest(x, y)}
+
+    def step(self, x: np.ndarray, y: np.ndarray, digest: str | None = None) -> StepResult:
+        """One journaled step on batch (x, y).
+
+        Args:
+            digest: the batch's `batch_digest` when the feed knows it (None: from x and y;
+                x may then be None only when the evaluator and `needs_rows` do not read it).
+        """
         if self.broken:
             raise EdgelearnError(f"this session cannot step any more: {self.broken}")
         t, fw = self.opt.t, self.evaluator.forwards(x, y)
@@ -82,7 +107,7 @@ class RunLoop:
             if self.samples is not None:
                 self.samples.append(t, x, y)
             written = self.journal.append({"kind": "step", **info.record,
-                                           "batch_sha256": arrays_sha256(x, y)})
+                                           **self._identity(x, y, digest)})
         except BaseException as e:  # weights may be perturbed or ahead of the journal
             self.broken = f"step {t} failed ({type(e).__name__}: {e}); reopen the run to resume"
             raise
@@ -102,20 +127,26 @@ class RunLoop:
         return result
 
     def run(self, batches: BatchSource, todo: range, extra: Sequence[Callback], *,
-            interrupted: Callable[[], bool], stop: Callable[[], bool]) -> bool:
+            interrupted: Callable[[], bool], stop: Callable[[], bool],
+            digests: Callable[[int], str] | None = None) -> bool:
         """Steps `todo` on `batches`, `extra` callbacks after the session's; True when a
         callback stopped it early.
 
+        Args:
+            digests: step -> `batch_digest` of its batch (`DatasetFeed.digest`; None: from
+                each batch's rows).
         Raises TrainingInterrupted (weights and checkpoint written) once `interrupted()`.
         """
         self._extra = extra
+        if self.batch_identity == BATCH_SHA256:
+            digests = None  # an older run's records hash the whole batch
         try:
             for t in todo:
                 if interrupted():
                     self.interrupt()
                 if stop():
                     return True
-                self.step(*batches(t))
+                self.step(*batches(t), digest=digests(t) if digests is not None else None)
         finally:
             self._extra = ()
         return False

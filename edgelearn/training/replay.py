@@ -4,7 +4,9 @@ Zeroth-order optimizers (zo-sgd, zo-scale, polystep) replay from seeds and scala
 data, no forwards. tpSGD's update depends on the activations, so its replay re-runs each step's
 taps forward on the step's batch: from `samples.bin` beside the journal when the run recorded
 its samples, else from the run's data set (`data`, checked against the header's sha256). Either
-way each batch is checked against the step's journaled sha256.
+way each batch is checked against the identity its step record holds: `batch_digest`
+(per-example digests, `edgelearn.data.batch_digest`) in new runs, `batch_sha256` (the whole
+batch's sha256) in runs journaled before them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelearn.bundle import Bundle
-from edgelearn.data import Dataset, arrays_sha256, data_sha256
+from edgelearn.data import Dataset, arrays_sha256, batch_digest, data_sha256
 from edgelearn.errors import InputError
 from edgelearn.journal import iter_journal
 from edgelearn.optim import Optimizer
@@ -25,6 +27,19 @@ from edgelearn.training.evaluators import StepEvaluator, make_evaluator
 from edgelearn.training.feeds import BatchSource, DatasetFeed, SampleReader
 from edgelearn.training.header import optimizer_from_header
 from edgelearn.training.results import ReplayResult
+
+
+def check_batch(record: dict[str, Any], x: Any, y: Any) -> None:
+    """Refuse a batch other than the one a step record names (by the identity it holds)."""
+    if "batch_digest" in record:
+        what, got, want = "batch digest", batch_digest(x, y), record["batch_digest"]
+    elif "batch_sha256" in record:
+        what, got, want = "batch sha256", arrays_sha256(x, y), record["batch_sha256"]
+    else:
+        return
+    if got != want:
+        raise InputError(f"step {record.get('step')} was fed other data than its journal "
+                         f"record says ({what} differs)")
 
 
 def apply_records(records: Iterable[dict[str, Any]], store: ParamStore, opt: Optimizer,
@@ -43,10 +58,7 @@ def apply_records(records: Iterable[dict[str, Any]], store: ParamStore, opt: Opt
             batch = None
             if evaluator.replay_needs_data and batches is not None:
                 batch = batches(int(rec["step"]))
-                want = rec.get("batch_sha256")
-                if want is not None and arrays_sha256(*batch) != want:
-                    raise InputError(f"step {rec['step']} was fed other data than its journal "
-                                     "record says (batch sha256 differs)")
+                check_batch(rec, *batch)
             evaluator.replay(opt, store, rec, batch)
             if rule is not None and rule.feed_step(rec) == "snapshot":
                 rule.snap.take(store, opt)

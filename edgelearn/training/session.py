@@ -195,14 +195,16 @@ class Session:
         plan = self._memory_plan(len(data), self.config.batch_size)
         batch_size = self.config.batch_size if plan is None else plan["batch_size"]
         feed = DatasetFeed(data, batch_size, self.config.seed)
-        batches = feed.batch
-        if isinstance(self.evaluator, CachedEvaluator):  # keys cached features by index
-            batches = self.evaluator.indexed_batches(data, batch_size, self.config.seed)
-            if plan is not None:  # features take only what the plan leaves of the budget
-                left = plan["budget_mb"] - plan["predicted_peak_mb"]
-                self.evaluator.fit_cache(int(left / MARGIN * (1 << 20)))
+        cached = isinstance(self.evaluator, CachedEvaluator)
+        if cached and plan is not None:  # features take only what the plan leaves of the budget
+            left = plan["budget_mb"] - plan["predicted_peak_mb"]
+            self.evaluator.fit_cache(int(left / MARGIN * (1 << 20)))
         loop = self._open(feed.header(pin_data=self.evaluator.replay_needs_data), feed.batch,
                           steps=steps)
+        batches = feed.batch
+        if cached:  # keys cached features by index; copies no rows nothing reads
+            batches = self.evaluator.indexed_batches(data, batch_size, self.config.seed,
+                                                     rows=loop.needs_rows)
         done = self.optimizer.t
         if steps < done:
             raise fewer_steps_error(self.run_dir, done, steps)
@@ -216,7 +218,8 @@ class Session:
         try:
             with deferred_sigint() as interrupted:
                 stopped = loop.run(batches, range(done, steps), callbacks,
-                                   interrupted=interrupted, stop=self._stop_requested)
+                                   interrupted=interrupted, stop=self._stop_requested,
+                                   digests=feed.digest)
             loop.journal.sync()
             loop.write_weights()
             result = self._run_result(loop, done=done, plan=plan,
