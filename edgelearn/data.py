@@ -232,15 +232,18 @@ class ExampleDigests:
         self.digests = np.zeros((len(data), 32), np.uint8)
         self.done = np.zeros(len(data), bool)
         self._wide = _wide_hasher([(b"x", k, np.asarray(a)) for k, a in self.constants])
+        #: batch lengths at which a constant reads as per-example (`_split_batch`)
+        self._ambiguous = {np.shape(a)[0] for _, a in self.constants if np.ndim(a) >= 1}
 
     def batch_digest(self, idx: np.ndarray) -> str:
         """`batch_digest` of the data set's examples `idx` (int [n], batch order)."""
         n = len(idx)
-        if any(np.ndim(a) >= 1 and np.shape(a)[0] == n for _, a in self.constants):
+        if n in self._ambiguous:
             # a constant as long as the batch reads as per-example: digest the rows as such
             return batch_digest(self.data._rows(idx), self.data.y[idx])
-        todo = np.unique(idx[~self.done[idx]])
-        if len(todo):
+        new = ~self.done[idx]
+        if new.any():  # examples fed for the first time in this run
+            todo = np.unique(idx[new])
             self.digests[todo] = np.frombuffer(b"".join(_row_digests(self.per, todo.tolist())),
                                                np.uint8).reshape(-1, 32)
             self.done[todo] = True
