@@ -99,6 +99,8 @@ class RunLoop:
         """
         if self.broken:
             raise EdgelearnError(f"this session cannot step any more: {self.broken}")
+        if x is None and (digest is None or self.needs_rows):  # a feed that skipped rows
+            raise EdgelearnError("internal error: a step without its batch's rows")
         t, fw = self.opt.t, self.evaluator.forwards(x, y)
         try:
             t0 = time.perf_counter()
