@@ -233,13 +233,7 @@ def find_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int], outp
         if not bad:
             break
         forced.update(g.producer[t] for t in bad)
-    prefix = g.needed(cut, stop=set())
-    kinds = sorted({g.op_type(i) for i in prefix})
-    if not cut or set(kinds) <= LAYOUT_OPS:
-        moves = f" (the frozen operators only move data: {', '.join(kinds)})" if cut else ""
-        return f"the first trainable weight is read by the first layer: no frozen prefix{moves}"
-    passthrough = tuple(sorted(read & set(data)))
-    return GraphCut(tuple(cut), passthrough, prefix, suffix)
+    return _graph_cut(g, cut, tuple(sorted(read & set(data))), suffix)
 
 
 def find_taps_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int],
@@ -269,12 +263,20 @@ def find_taps_cut(g: TfliteGraph, data: Sequence[int], trainable: Iterable[int],
         if not bad:
             break
         forced.update(g.producer[t] for t in bad)
+    return _graph_cut(g, cut, tuple(sorted(read & fed)), suffix)
+
+
+def _graph_cut(g: TfliteGraph, cut: list[int], passthrough: tuple[int, ...],
+               suffix: tuple[int, ...]
+               ) -> GraphCut | str:
+    """The GraphCut at tensors `cut`, or why it is not worth caching (no frozen prefix, or
+    one that only moves data)."""
     prefix = g.needed(cut, stop=set())
     kinds = sorted({g.op_type(i) for i in prefix})
     if not cut or set(kinds) <= LAYOUT_OPS:
         moves = f" (the frozen operators only move data: {', '.join(kinds)})" if cut else ""
         return f"the first trainable weight is read by the first layer: no frozen prefix{moves}"
-    return GraphCut(tuple(cut), tuple(sorted(read & fed)), prefix, suffix)
+    return GraphCut(tuple(cut), passthrough, prefix, suffix)
 
 
 def _kinds(g: TfliteGraph, data: Sequence[int], trainable: set[int], forced: set[int]

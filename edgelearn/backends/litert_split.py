@@ -118,6 +118,17 @@ class LiteRTSplitPlanner:
         param_of = {i: n for n, i in self.params.items()}
         data_of = {i: n for n, i in self.data.items()}
         pre_in, suf_in = g.free_inputs(cut.prefix_ops), g.free_inputs(cut.suffix_ops)
+        why = self._stray_inputs(cut, pre_in, suf_in, param_of, data_of)
+        if why:
+            return why
+        prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
+        suffix, suf = g.extract(cut.suffix_ops, suf_in, [self.out])
+        return self._split(cut, prefix, pre, suffix, suf, param_of, data_of)
+
+    def _stray_inputs(self, cut: Any, pre_in: Iterable[int], suf_in: Iterable[int],
+                      param_of: dict[int, str], data_of: dict[int, str]) -> str | None:
+        """Why the halves cannot run (an input neither data, a frozen weight in the prefix,
+        a weight or a cut tensor in the suffix), or None."""
         stray = [t for t in pre_in if t not in data_of and (
             t not in param_of or self.store.specs[param_of[t]].trainable)]
         stray += [t for t in suf_in if t not in data_of and t not in param_of
@@ -125,9 +136,7 @@ class LiteRTSplitPlanner:
         if stray:
             odd = [self.names[t] for t in stray][:3]
             return f"the TFLite halves would read unknown inputs {odd}"
-        prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
-        suffix, suf = g.extract(cut.suffix_ops, suf_in, [self.out])
-        return self._split(cut, prefix, pre, suffix, suf, param_of, data_of)
+        return None
 
     def _split(self, cut: Any, prefix: bytes, pre: dict[int, int], suffix: bytes,
                suf: dict[int, int], param_of: dict[int, str], data_of: dict[int, str]
@@ -301,13 +310,9 @@ class LiteRTTapsSplitPlanner(LiteRTSplitPlanner):
         param_of = {i: n for n, i in self.params.items()}
         data_of = {i: n for n, i in self.data.items()}
         pre_in, suf_in = g.free_inputs(cut.prefix_ops), g.free_inputs(cut.suffix_ops)
-        stray = [t for t in pre_in if t not in data_of and (
-            t not in param_of or self.store.specs[param_of[t]].trainable)]
-        stray += [t for t in suf_in if t not in data_of and t not in param_of
-                  and t not in cut.tensors]
-        if stray:
-            odd = [self.names[t] for t in stray][:3]
-            return f"the TFLite halves would read unknown inputs {odd}"
+        why = self._stray_inputs(cut, pre_in, suf_in, param_of, data_of)
+        if why:
+            return why
         live = [t for t in dict.fromkeys(self.taps.values()) if t not in cut.tensors]
         prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
         # every cut tensor is a suffix input (a tap the suffix does not read is fed unused),
