@@ -359,33 +359,49 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
     return plain
 
 
-def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity: int | None,
-            refused: list[dict[str, Any]]) -> CachedEvaluator | str:
-    """The first cut (from the automatic one, moving up) that passes `mismatch` on a probe
-    batch, or why none; `refused` receives the cuts that failed."""
-    model = plain.model
-    assert model is not None
-    store = model.store
-    frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
-    providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
+def first_clean_cut(planner: Any, make: Callable[[Any], CachedEvaluator], probe: Inputs | None,
+                    refused: list[dict[str, Any]], max_cuts: int = MAX_CUTS
+                    ) -> CachedEvaluator | str:
+    """The evaluator of the first split (from the automatic cut, moving up past the tensors
+    each refusal names) that passes `mismatch` on `probe`, or why none.
+
+    Args:
+        planner: `split(after: set[str]) -> split | str` (an ONNX or a TFLite planner).
+        make: the cached evaluator of one split.
+        probe: a seeded synthetic batch (None: checked on the first real batch only).
+        refused: receives the cuts that failed and why. max_cuts: cuts tried.
+    """
     after: set[str] = set()
-    x = probe_batch(bundle)
-    planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
-                           [t.name for t in bundle.inputs], model.output_name)
-    for _ in range(MAX_CUTS):
+    for _ in range(max_cuts):
         split = planner.split(after)
         if isinstance(split, str):
             return split
-        ev = CachedEvaluator(plain, split, store, threads=threads, providers=providers,
-                             capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+        ev = make(split)
         ev.refused = refused
-        bad = ev.mismatch(x) if x is not None else None
+        bad = ev.mismatch(probe) if probe is not None else None
         if bad is None:
             ev.prefix_seconds = 0.0
             return ev
         refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
         after |= bad[1]
-    return f"no bit-identical cut in {MAX_CUTS} tries"
+    return f"no bit-identical cut in {max_cuts} tries"
+
+
+def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity: int | None,
+            refused: list[dict[str, Any]]) -> CachedEvaluator | str:
+    """The first cut of the ONNX graph that passes `mismatch` on a probe batch, or why
+    none; `refused` receives the cuts that failed."""
+    model = plain.model
+    assert model is not None
+    store = model.store
+    frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
+    providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
+    planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
+                           [t.name for t in bundle.inputs], model.output_name)
+    return first_clean_cut(planner, lambda split: CachedEvaluator(
+        plain, split, store, threads=threads, providers=providers,
+        capacity=DEFAULT_CAPACITY if capacity is None else capacity),
+        probe_batch(bundle), refused)
 
 
 def _litert_search(bundle: Any, plain: LossEvaluator, *, threads: int | None,

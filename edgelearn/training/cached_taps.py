@@ -32,7 +32,12 @@ from edgelearn.inputs import Inputs, has_batch_axis
 from edgelearn.optim import Optimizer
 from edgelearn.params import ParamStore
 from edgelearn.prefix_cache import DEFAULT_CAPACITY, Split, SplitPlanner
-from edgelearn.training.cached_evaluator import MAX_CUTS, CachedEvaluator, probe_batch
+from edgelearn.training.cached_evaluator import (
+    MAX_CUTS,
+    CachedEvaluator,
+    first_clean_cut,
+    probe_batch,
+)
 from edgelearn.training.evaluators import Batch, Forwards, StepEvaluator, TapsEvaluator
 from edgelearn.training.header import optimizer_record
 
@@ -195,22 +200,12 @@ def _search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer
     frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
     planner = SplitPlanner(bundle.files[plain.graph], frozen, store.trainable_names,
                            [t.name for t in bundle.inputs], taps)
-    x, after = probe_batch(bundle), set()
-    for _ in range(MAX_CUTS):
-        split = planner.split(after)
-        if isinstance(split, str):
-            return split
-        ev = CachedTapsEvaluator(plain, split, store, input_name=in_name, taps=taps,
-                                 threads=threads, providers=TAPS_PROVIDERS, capacity=capacity)
-        ev.refused = refused
-        bad = ev.mismatch(x) if x is not None else None
-        if bad is None:
-            ev.prefix_seconds = 0.0
-            plain.timers.forward.clear()  # the check's forwards are no step's
-            return ev
-        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
-        after |= bad[1]
-    return f"no bit-identical cut in {MAX_CUTS} tries"
+    found = first_clean_cut(planner, lambda split: CachedTapsEvaluator(
+        plain, split, store, input_name=in_name, taps=taps, threads=threads,
+        providers=TAPS_PROVIDERS, capacity=capacity), probe_batch(bundle), refused)
+    if not isinstance(found, str):
+        plain.timers.forward.clear()  # the check's forwards are no step's
+    return found
 
 
 def _litert_search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer, *,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edgelearn.inputs import Inputs
-from edgelearn.training.cached_evaluator import CachedEvaluator
+from edgelearn.training.cached_evaluator import CachedEvaluator, first_clean_cut
 from edgelearn.training.cached_taps import CachedTapsEvaluator, taps_read
 from edgelearn.training.evaluators import LossEvaluator
 
@@ -59,21 +59,9 @@ def search_litert(bundle: Any, plain: LossEvaluator, *, probe: Inputs | None,
         return "the LiteRT backend runs the taps graph"
     planner = LiteRTSplitPlanner(bundle, model.store, strategy=model.backend.strategy,
                                  output=model.output_name)
-    after: set[str] = set()
-    for _ in range(max_cuts):
-        split = planner.split(after)
-        if isinstance(split, str):
-            return split
-        ev = LiteRTCachedEvaluator(plain, split, model.store, threads=threads, providers=(),
-                                   capacity=capacity)
-        ev.refused = refused
-        bad = ev.mismatch(probe) if probe is not None else None
-        if bad is None:
-            ev.prefix_seconds = 0.0
-            return ev
-        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
-        after |= bad[1]
-    return f"no bit-identical cut in {max_cuts} tries"
+    return first_clean_cut(planner, lambda split: LiteRTCachedEvaluator(
+        plain, split, model.store, threads=threads, providers=(), capacity=capacity),
+        probe, refused, max_cuts)
 
 
 class LiteRTCachedTapsEvaluator(CachedTapsEvaluator):
@@ -108,19 +96,9 @@ def search_litert_taps(bundle: Any, plain: Any, store: Any, opt: Any, *,
     in_name = bundle.inputs[0].name
     taps = taps_read(opt, store, in_name)
     planner = LiteRTTapsSplitPlanner(bundle, store, taps=taps)
-    after: set[str] = set()
-    for _ in range(max_cuts):
-        split = planner.split(after)
-        if isinstance(split, str):
-            return split
-        ev = LiteRTCachedTapsEvaluator(plain, split, store, input_name=in_name, taps=taps,
-                                       threads=threads, providers=(), capacity=capacity)
-        ev.refused = refused
-        bad = ev.mismatch(probe) if probe is not None else None
-        if bad is None:
-            ev.prefix_seconds = 0.0
-            plain.timers.forward.clear()  # the check's forwards are no step's
-            return ev
-        refused.append({"cut": list(split.cut.tensors), "reason": bad[0]})
-        after |= bad[1]
-    return f"no bit-identical cut in {max_cuts} tries"
+    found = first_clean_cut(planner, lambda split: LiteRTCachedTapsEvaluator(
+        plain, split, store, input_name=in_name, taps=taps, threads=threads, providers=(),
+        capacity=capacity), probe, refused, max_cuts)
+    if not isinstance(found, str):
+        plain.timers.forward.clear()  # the check's forwards are no step's
+    return found
