@@ -192,3 +192,20 @@ def test_exporter_head_only_graph_run(tmp_path: Path) -> None:
     g = run(demo, tmp_path / "g", "graph", data, steps=6, trainable="head.*")
     assert g.cache["head_update"] == {"mode": "graph"}
     assert el.replay(el.load_bundle(demo), g.journal, data=data).sha256 == g.sha256
+
+
+def test_mse_head_graph_run_replays(encoder: Path, tmp_path: Path) -> None:
+    """head_loss mse with target vectors: the graph run trains, records finite losses and
+    replays bit-exactly."""
+    data = data_for(encoder)
+    targets = np.eye(3, dtype=np.float32)[data.y]
+    vec = el.Dataset(data.x, targets)
+    cfg = el.TrainConfig(optimizer="tpsgd", batch_size=8,
+                         options={"head_update": "graph", "head_loss": "mse"})
+    rt = el.RuntimeConfig(backend="onnxruntime", device=None, prefix_cache=True)
+    with el.Session(encoder, tmp_path / "m", cfg, rt) as s:
+        r = s.run(vec, 8)
+    assert r.cache["head_update"] == {"mode": "graph"}
+    assert r.loss_last is not None
+    assert r.loss_last < r.loss_first
+    assert el.replay(el.load_bundle(encoder), r.journal, data=vec).sha256 == r.sha256
