@@ -77,6 +77,7 @@ class CachedTapsEvaluator(CachedEvaluator):
         self.head_feeds: dict[str, np.ndarray] = {}
         self.head_y = np.int64
         self.head_update: dict[str, Any] = {"mode": "numpy"}
+        self._y_buf: dict[tuple[int, ...], np.ndarray] = {}
 
     def _feed(self, x: Inputs) -> dict[str, np.ndarray]:
         return dict(x) if isinstance(x, dict) else {self.input_name: x}
@@ -117,10 +118,14 @@ class CachedTapsEvaluator(CachedEvaluator):
         """`_split_taps` from the suffix with the head update appended: the taps plus the
         loss and the updated head weights (`edgelearn.graph_update` names)."""
         assert self.head_runner is not None
-        yy = np.ascontiguousarray(y, dtype=self.head_y)
-        if self.head_y == np.float32:  # mse targets: [N, k] whatever their per-example shape
-            yy = yy.reshape(len(yy), -1)
-        out = self.head_runner.run_all({**feeds, graph_update.Y: yy, **self.head_feeds})
+        yy = np.asarray(y)
+        yy = yy.reshape(len(yy), -1) if self.head_y == np.float32 else yy  # mse: [N, k]
+        # one targets array per shape, filled in place: the runner binds it once
+        buf = self._y_buf.get(yy.shape)
+        if buf is None:
+            buf = self._y_buf[yy.shape] = np.empty(yy.shape, self.head_y)
+        np.copyto(buf, yy, casting="unsafe")
+        out = self.head_runner.run_all({**feeds, graph_update.Y: buf, **self.head_feeds})
         out.update({t: feeds[t] for t in self.from_cut})
         out.update(self._feed(x))
         return out
