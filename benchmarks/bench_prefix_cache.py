@@ -40,6 +40,13 @@ taps graph's suffix on cached features) vs uncached, interleaved the same way:
       forward plus the head's exact gradient in numpy);
   identical: a cached tpsgd run of as many steps as the uncached one ends with the same
       weights sha256 and journal bytes, and an uncached replay of it gives the same sha256.
+And a `tpsgd-graph` row: cached tpsgd with head_update "graph" (the head's exact update
+inside the suffix's onnxruntime call, edgelearn.graph_update) vs "numpy", interleaved with
+head-alone forwards:
+  step_ms_graph / step_ms_numpy: medians of warm steps; head_forward_ms as above;
+  step_per_head_forward_graph / _numpy = step_ms / head_forward_ms (goal <= 2);
+  head_update: the graph run's cache report entry; replay_identical: el.replay of the graph
+      run (which re-runs the same graph) gives the same sha256.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
@@ -284,6 +291,52 @@ def compare_tpsgd(name: str, tmp: Path, chunks: int, slow: int, fast: int
     }
 
 
+def compare_tpsgd_graph(name: str, tmp: Path, chunks: int, steps: int) -> dict[str, Any]:
+    """Cached tpsgd steps with the head update in the graph vs in numpy, and head-alone
+    forwards, interleaved in chunks (on the bundles `compare` prepared)."""
+    bundle = tmp / f"{name}_bundle"
+    spec = el.load_bundle(bundle).inputs[0]
+    rng = np.random.default_rng(0)  # the same data as `compare`
+    data = el.Dataset(rng.standard_normal((N, *spec.shape[1:])).astype(np.float32),
+                      rng.integers(0, 2, N))
+
+    def session(mode: str) -> el.Session:
+        cfg = el.TrainConfig(optimizer="tpsgd", batch_size=BATCH, fsync_every=1 << 20,
+                             options={"head_update": mode})
+        return el.Session(bundle, tmp / f"{name}_tpgraph_{mode}", cfg, el.RuntimeConfig(
+            backend="onnxruntime", device=None, threads=1, prefix_cache=True))
+
+    sessions = {m: session(m) for m in ("graph", "numpy")}
+    ev = sessions["graph"].evaluator  # Unstable internals: a CachedTapsEvaluator here
+    head = el.tools.Model(el.load_bundle(tmp / f"{name}_head"), backend="onnxruntime",
+                          threads=1)
+    feeds = ev.run_prefix(data.x[:BATCH])
+    feats = feeds.get(head.input_name)
+    times = {k: StepTimes() for k in sessions}
+    fwd: list[float] = []
+    results: dict[str, Any] = {}
+    for k in range(1, chunks + 1):
+        for m, s in sessions.items():
+            results[m] = s.run(data, k * steps, callbacks=[times[m]])
+        for _ in range(20 if feats is not None else 0):
+            t0 = time.perf_counter()
+            head.predict(feats)
+            fwd.append(time.perf_counter() - t0)
+    for s in sessions.values():
+        s.close()
+    replayed = el.replay(el.load_bundle(bundle), results["graph"].journal, data=data)
+    head_fwd = median_ms(fwd) if fwd else None
+    out: dict[str, Any] = {"head_update": results["graph"].cache.get("head_update"),
+                           "head_forward_ms": head_fwd,
+                           "replay_identical": replayed.sha256 == results["graph"].sha256}
+    for m in sessions:
+        ms = median_ms(times[m].seconds[steps:])
+        out[f"step_ms_{m}"] = ms
+        out[f"step_per_head_forward_{m}"] = ms / head_fwd if head_fwd else None
+    log(f"{name} tpsgd-graph: {out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller backbones, fewer steps")
@@ -302,6 +355,7 @@ def main() -> None:
             if not args.no_tpsgd:
                 out[name]["tpsgd"] = compare_tpsgd(name, tmp, chunks=4,
                                                    slow=3 if args.quick else 2, fast=25)
+                out[name]["tpsgd-graph"] = compare_tpsgd_graph(name, tmp, chunks=4, steps=25)
         print(json.dumps(out, indent=1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,6 +50,10 @@ One step, on the batch (x, y):
      anything unsupported) or for a prepared ONNX model, the taps graph is built from the ONNX
      graph itself (`edgelearn.graph_taps`): the output layer's exact update needs only its
      input and the logits.
+     Head only, on cached frozen-prefix features (onnxruntime), `head_update="graph"` (or
+     "auto") computes that update inside the suffix's runtime call instead of in numpy
+     (`edgelearn.graph_update`): the same rule in float32, so other floats; the option is
+     recorded in the journal header and replay re-runs the same graph.
   3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
      its taps are dropped. No gradient crosses a layer boundary.
 B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
@@ -74,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelearn import graph_update
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.layers import (
     Layer,
@@ -93,6 +98,7 @@ from edgelearn.params import ParamStore
 LOCAL_LOSSES = ("mse", "l1", "drtp")
 TARGETS_ON = ("pooled", "activation")
 HEAD_LOSSES = ("cross-entropy", "mse")
+HEAD_UPDATES = ("numpy", "graph", "auto")
 _B_DOMAIN = 0x7B5D  # separates projection draws from noise/data draws of the same seed
 
 #: the `taps=` input of a tpsgd step: () -> (taps: name -> array incl. the model input,
@@ -157,6 +163,13 @@ class TPSGDOptions(OptimizerOptions):
         "put a layer's target after its own pooling (pooled, when the exporter recorded one) "
         "or on its activation output", cli="--target-on", choices=TARGETS_ON,
         legacy="activation"))
+
+    # the graph update rounds differently (float32 loss and G): a run records its mode, and
+    # journals without the key replay the numpy path
+    head_update: str = field(default="numpy", metadata=meta(
+        "where a head-only run on cached prefix features computes the head's update: numpy, "
+        "graph (inside the suffix's onnxruntime call; edgelearn.graph_update) or auto (graph "
+        "where it can run, else numpy)", choices=HEAD_UPDATES, record="when-set"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -298,6 +311,8 @@ class TPSGD(Optimizer):
                              "runs one taps forward on the step's batch, so it needs taps= "
                              "(replay: the run's data, --data)")
         arrays, y = yield Forward(taps)
+        if graph_update.LOSS in arrays:  # the update ran in the graph: no BLAS call here
+            return self._update(store, dict(arrays), y)
         # the local GEMMs are small ([O, N*H*W] x [N*H*W, C*k*k]): BLAS threads cost more than
         # they save (measured 23 ms vs 0.13 ms for a 32x512x144 sgemm on 2 busy cores)
         with self._blas or contextlib.nullcontext():
@@ -327,6 +342,13 @@ class TPSGD(Optimizer):
         if not np.isfinite(logits).all():  # reject: no layer is updated
             return {"loss": None, "local": [None] * len(self.layers), "lr": self.options.lr,
                     "accepted": False, "step": self.t}
+        if graph_update.LOSS in taps:
+            return self._graph_update(store, taps)
+        if self.options.head_update == "graph":
+            raise InputError("tpsgd head_update='graph': this step's taps forward did not run "
+                             "the head update graph (it runs on cached frozen-prefix features "
+                             "only: turn the prefix cache on; or the cache was disabled, see "
+                             "its report)")
         loss, locals_ = math.nan, []
         for i, (layer, (train, bn_train)) in enumerate(zip(self.layers, self._layer_plan(store),
                                                            strict=True)):
@@ -354,6 +376,19 @@ class TPSGD(Optimizer):
         local = [None if v is None or not math.isfinite(v) else v for v in locals_]
         return {"loss": loss if math.isfinite(loss) else None, "local": local,
                 "lr": self.options.lr, "accepted": finite, "step": self.t}
+
+    def _graph_update(self, store: ParamStore, taps: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Copy the head weights the taps graph updated (`edgelearn.graph_update`) into the
+        arena in place: a head-only run, so no other layer has a trainable weight."""
+        head = self.layers[-1]
+        for role in self._layer_plan(store)[-1][0]:
+            view = store[head.params[role]]
+            np.copyto(view, taps[graph_update.output_name(role)].reshape(view.shape))
+        loss = float(taps[graph_update.LOSS])
+        finite = math.isfinite(loss)
+        local = [None] * (len(self.layers) - 1) + [loss if finite else None]
+        return {"loss": loss if finite else None, "local": local, "lr": self.options.lr,
+                "accepted": finite, "step": self.t}
 
     def _layer_grads(self, i: int, layer: Layer, taps: dict[str, np.ndarray], y: np.ndarray,
                      classes: int, store: ParamStore) -> tuple[dict, dict, float]:

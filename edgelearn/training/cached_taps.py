@@ -22,12 +22,15 @@ taps forwards through the same evaluator, cached or not: the floats are the same
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from edgelearn import graph_update
+from edgelearn.errors import InputError
 from edgelearn.inputs import Inputs, has_batch_axis
 from edgelearn.optim import Optimizer
 from edgelearn.params import ParamStore
@@ -35,6 +38,7 @@ from edgelearn.prefix_cache import DEFAULT_CAPACITY, Split, SplitPlanner
 from edgelearn.training.cached_evaluator import (
     MAX_CUTS,
     CachedEvaluator,
+    SuffixRunner,
     first_clean_cut,
     probe_batch,
 )
@@ -68,6 +72,13 @@ class CachedTapsEvaluator(CachedEvaluator):
         self.taps = tuple(taps)
         #: taps that are cut tensors: read from the cached features
         self.from_cut = tuple(t for t in taps if t in split.cut.tensors)
+        #: the suffix with tpSGD's head update appended (`edgelearn.graph_update`), its
+        #: constant feeds (lr) and the targets' dtype; None: the numpy head update
+        self.head_runner: SuffixRunner | None = None
+        self.head_feeds: dict[str, np.ndarray] = {}
+        self.head_y = np.int64
+        self.head_update: dict[str, Any] = {"mode": "numpy"}
+        self._y_buf: dict[tuple[int, ...], np.ndarray] = {}
 
     def _feed(self, x: Inputs) -> dict[str, np.ndarray]:
         return dict(x) if isinstance(x, dict) else {self.input_name: x}
@@ -96,11 +107,29 @@ class CachedTapsEvaluator(CachedEvaluator):
             if self.disabled is not None:
                 return plain_taps()
             t0 = time.perf_counter()
-            out = self._split_taps(x, held[0])
+            out = (self._split_taps(x, held[0]) if self.head_runner is None
+                   else self._head_taps(x, y, held[0]))
             self.timers.forward.append(time.perf_counter() - t0)
             return out, y
 
         return Forwards(base.evaluate, None, taps)
+
+    def _head_taps(self, x: Inputs, y: np.ndarray, feeds: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+        """`_split_taps` from the suffix with the head update appended: the taps plus the
+        loss and the updated head weights (`edgelearn.graph_update` names)."""
+        assert self.head_runner is not None
+        yy = np.asarray(y)
+        yy = yy.reshape(len(yy), -1) if self.head_y == np.float32 else yy  # mse: [N, k]
+        # one targets array per shape, filled in place: the runner binds it once
+        buf = self._y_buf.get(yy.shape)
+        if buf is None:
+            buf = self._y_buf[yy.shape] = np.empty(yy.shape, self.head_y)
+        np.copyto(buf, yy, casting="unsafe")
+        out = self.head_runner.run_all({**feeds, graph_update.Y: buf, **self.head_feeds})
+        out.update({t: feeds[t] for t in self.from_cut})
+        out.update(self._feed(x))
+        return out
 
     def mismatch(self, x: Inputs, feeds: dict[str, np.ndarray] | None = None
                  ) -> tuple[str, set[str]] | None:
@@ -144,7 +173,7 @@ class CachedTapsEvaluator(CachedEvaluator):
 
     def cache_report(self) -> dict[str, Any]:
         return {**super().cache_report(), "graph": self.taps_plain.graph,
-                "taps_cached": list(self.from_cut)}
+                "taps_cached": list(self.from_cut), "head_update": dict(self.head_update)}
 
 
 def taps_read(opt: Optimizer, store: ParamStore, input_name: str) -> list[str]:
@@ -182,12 +211,54 @@ def cached_taps_or_plain(bundle: Any, plain: TapsEvaluator, store: ParamStore,
             # cannot split trains uncached, with the same results
             found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
         if not isinstance(found, str):
+            attach_head_update(found, opt, store, threads=threads, backend=backend)
             return found
         why = found
+    if _head_mode(opt) == "graph":
+        raise InputError(f"tpsgd head_update='graph' runs on cached frozen-prefix features "
+                         f"only, and this run cannot cache them: {why}")
     plain.cache_info = {"enabled": False, "reason": why, "graph": plain.graph}
     if refused:
         plain.cache_info["refused_cuts"] = refused
     return plain
+
+
+def _head_mode(opt: Optimizer) -> str:
+    return str(getattr(getattr(opt, "options", None), "head_update", "numpy"))
+
+
+def attach_head_update(ev: CachedTapsEvaluator, opt: Optimizer, store: ParamStore, *,
+                       threads: int | None, backend: str = "onnxruntime") -> None:
+    """Give `ev` the suffix with tpSGD's head update appended when `opt` asks for it
+    (head_update "graph": InputError with the reason if it cannot; "auto": the numpy update,
+    the reason in `ev.head_update`)."""
+    mode = _head_mode(opt)
+    if mode == "numpy" or backend != "onnxruntime":
+        if mode == "graph":
+            raise InputError("tpsgd head_update='graph' runs on onnxruntime only")
+        if mode == "auto":
+            ev.head_update = {"mode": "numpy", "reason": f"the {backend} backend"}
+        return
+    layers = getattr(opt, "layers", [])
+    trainable = list(store.trainable_names)
+    why = graph_update.why_not(layers, trainable, [i.name for i in ev.suffix.session.get_inputs()])
+    if why is None:
+        try:
+            loss = opt.options.head_loss  # type: ignore[attr-defined]
+            model = graph_update.build(ev.split.suffix, layers[-1], trainable, loss)
+            ev.head_runner = SuffixRunner(dataclasses.replace(ev.split, suffix=model), store,
+                                          threads, TAPS_PROVIDERS)
+        except Exception as e:  # onnx and onnxruntime raise their own types
+            why = f"the head update graph could not be built ({type(e).__name__}: {e})"
+    if why is not None:
+        if mode == "graph":
+            raise InputError(f"tpsgd head_update='graph' cannot run here: {why}")
+        ev.head_update = {"mode": "numpy", "reason": why}
+        return
+    lr = opt.options.lr  # type: ignore[attr-defined]
+    ev.head_feeds = {graph_update.LR: np.asarray(lr, np.float32)}
+    ev.head_y = np.int64 if loss == "cross-entropy" else np.float32
+    ev.head_update = {"mode": "graph"}
 
 
 def _search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer, *,

@@ -102,6 +102,8 @@ def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None =
         prefix_cache: a tpsgd / hybrid replay re-runs its taps forwards on cached
             frozen-prefix features (`edgelearn.training.cached_taps`; same floats, checked as
             in training), so a long head-only journal does not re-run the backbone per step.
+            A tpsgd run whose head update ran in the graph (`head_update` graph / auto)
+            replays on cached features always: the same graph, the same floats.
     Raises: InputError when the journal does not belong to the bundle, cannot be replayed
         without data it was not given, or does not reproduce itself.
     """
@@ -114,9 +116,10 @@ def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None =
         raise InputError("journal was recorded on a bundle with different base weights")
     store = bundle.load_store(trainable=header.get("trainable", []) or "")
     opt = optimizer_from_header(header)
+    graph_head = getattr(getattr(opt, "options", None), "head_update", "numpy") != "numpy"
     evaluator = make_evaluator(bundle, store, opt,
                                backend=header.get("taps_backend", "onnxruntime"),
-                               prefix_cache=prefix_cache)
+                               prefix_cache=prefix_cache or graph_head)
     batches = replay_batches(header, path, data, opt) if evaluator.replay_needs_data else None
     rule = guard_from_header(header)
     if rule is not None:
