@@ -64,14 +64,10 @@ TPSGD = "tpsgd"
 #: "tpsgd" keeps the hidden lr 1000x lower and "tpsgd-head" trains the head alone (exact SGD on
 #: the true loss from one taps forward).
 TPSGD_VARIANTS = {"tpsgd": ("*", 1e-3), "tpsgd-head": ("head.*", None)}
-#: hybrid variants: name -> (trainable globs, globs updated exactly (the rest gets ZO), ZO
-#: parameter groups). The head gets tpSGD's exact update, the conv layers ZO-SGD at
-#: HYBRID_ZO_LR x the head's lr; "hybrid-rms" perturbs each conv tensor by 1% of its RMS
-#: (optim/groups.py) instead of a fixed eps. Variants in OPT_IN run only when --methods names them.
-HYBRID_VARIANTS = {"hybrid": ("*", "head.*", None),
-                   "hybrid-rms": ("*", "head.*", "*:eps=rms*0.01")}
+#: hybrid variants: name -> (trainable globs, globs updated exactly; the rest gets ZO). The
+#: head gets tpSGD's exact update, the conv layers ZO-SGD at HYBRID_ZO_LR x the head's lr.
+HYBRID_VARIANTS = {"hybrid": ("*", "head.*")}
 HYBRID_ZO_LR = 0.1
-OPT_IN = {"hybrid-rms"}
 #: lr grids of the nested sweep (the chosen values are printed per fold)
 GRIDS = {
     "backprop": (3e-4, 1e-3, 3e-3),
@@ -79,13 +75,11 @@ GRIDS = {
     "zo-last": (3e-4, 1e-3, 3e-3),
     "zo-full": (3e-4, 1e-3, 3e-3),
     "tpsgd": (1e-3, 3e-3, 1e-2),
-    "tpsgd-head": (1e-2, 3e-2, 1e-1),  # 1e-3..1e-2 picked its top value on every fold
+    "tpsgd-head": (1e-3, 3e-3, 1e-2),
     "hybrid": (3e-3, 1e-2, 3e-2),
-    "hybrid-rms": (3e-3, 1e-2, 3e-2),
 }
 QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-full": (1e-3,),
-               "tpsgd": (1e-2,), "tpsgd-head": (1e-2,), "hybrid": (1e-2,),
-               "hybrid-rms": (1e-2,)}
+               "tpsgd": (1e-2,), "tpsgd-head": (1e-2,), "hybrid": (1e-2,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
 #: opt-in ZO estimators (`--zo fzoo,adamezo`): methods "<optimizer>-head" and "<optimizer>-full"
 #: with these lr grids (first: head, second: all weights); other options are their defaults
@@ -389,9 +383,8 @@ def _personalize(fold_dir: Path, tag: str, method: str, lr: float, budget: int, 
         optimizer, trainable, _ = extra[method]
         options = {"lr": lr}
     elif method in HYBRID_VARIANTS:
-        optimizer, (trainable, exact, groups) = "hybrid", HYBRID_VARIANTS[method]
-        options = {"lr": lr, "exact": exact, "zo_lr": lr * HYBRID_ZO_LR, **ZO_OPTIONS,
-                   **({"groups": groups} if groups else {})}
+        optimizer, (trainable, exact) = "hybrid", HYBRID_VARIANTS[method]
+        options = {"lr": lr, "exact": exact, "zo_lr": lr * HYBRID_ZO_LR, **ZO_OPTIONS}
     else:
         optimizer, trainable = "zo-sgd", VARIANTS[method]
         options = {"lr": lr, **ZO_OPTIONS}
@@ -428,8 +421,6 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                *(HYBRID_VARIANTS if tpsgd_why is None and "hybrid" in el.optimizers() else [])]
     if args.methods:  # a subset, e.g. to compare two methods on every subject quickly
         methods = [m for m in methods if m in args.methods.split(",")]
-    else:
-        methods = [m for m in methods if m not in OPT_IN]
     res: dict[str, Any] = {"methods": methods, "tpsgd_available": tpsgd_why is None,
                            "tpsgd_unavailable_reason": tpsgd_why, "folds": {}}
     for s in args.subjects:
@@ -489,9 +480,8 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
         "accounting": "ZO step = forwards counted in its journal (2 per probe); backprop step "
                       "= 3 forward-equivalents; steps = budget // cost",
         "zo_options": ZO_OPTIONS, "variants": VARIANTS, "grids": h["grids"],
-        "hybrid_variants": {k: {"trainable": t, "exact": e, "groups": g,
-                                "zo_lr_over_lr": HYBRID_ZO_LR}
-                            for k, (t, e, g) in HYBRID_VARIANTS.items()},
+        "hybrid_variants": {k: {"trainable": t, "exact": e, "zo_lr_over_lr": HYBRID_ZO_LR}
+                            for k, (t, e) in HYBRID_VARIANTS.items()},
         "tpsgd_available": dv["tpsgd_available"],
         "tpsgd_unavailable_reason": dv["tpsgd_unavailable_reason"],
         "torch_loaded_on_device": dv["torch_loaded_on_device"],
