@@ -33,6 +33,7 @@ from edgelearn import graph_update
 from edgelearn.errors import InputError
 from edgelearn.inputs import Inputs, has_batch_axis
 from edgelearn.optim import Optimizer
+from edgelearn.optim.tpsgd import TPSGDOptions
 from edgelearn.params import ParamStore
 from edgelearn.prefix_cache import DEFAULT_CAPACITY, Split, SplitPlanner
 from edgelearn.training.cached_evaluator import (
@@ -239,12 +240,14 @@ def attach_head_update(ev: CachedTapsEvaluator, opt: Optimizer, store: ParamStor
         if mode == "auto":
             ev.head_update = {"mode": "numpy", "reason": f"the {backend} backend"}
         return
+    options = opt.options
+    assert isinstance(options, TPSGDOptions)  # only tpsgd has head_update other than numpy
     layers = getattr(opt, "layers", [])
     trainable = list(store.trainable_names)
     why = graph_update.why_not(layers, trainable, [i.name for i in ev.suffix.session.get_inputs()])
     if why is None:
         try:
-            loss = opt.options.head_loss  # type: ignore[attr-defined]
+            loss = options.head_loss
             model = graph_update.build(ev.split.suffix, layers[-1], trainable, loss)
             ev.head_runner = SuffixRunner(dataclasses.replace(ev.split, suffix=model), store,
                                           threads, TAPS_PROVIDERS)
@@ -255,8 +258,7 @@ def attach_head_update(ev: CachedTapsEvaluator, opt: Optimizer, store: ParamStor
             raise InputError(f"tpsgd head_update='graph' cannot run here: {why}")
         ev.head_update = {"mode": "numpy", "reason": why}
         return
-    lr = opt.options.lr  # type: ignore[attr-defined]
-    ev.head_feeds = {graph_update.LR: np.asarray(lr, np.float32)}
+    ev.head_feeds = {graph_update.LR: np.asarray(options.lr, np.float32)}
     ev.head_y = np.int64 if loss == "cross-entropy" else np.float32
     ev.head_update = {"mode": "graph"}
 
