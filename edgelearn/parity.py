@@ -135,7 +135,7 @@ def _one(name: str, got: Any, want: Any, atol: float, rtol: float, where: str) -
         return Parity(True, 0.0, atol, rtol, output=name, scale=scale, bound=bound,
                       where=where)
     with np.errstate(invalid="ignore"):
-        d = np.abs(g64 - w64)
+        d = np.asarray(np.abs(g64 - w64))  # an array also for 0-d outputs (a scalar loss)
     same = (g64 == w64) | (np.isnan(g64) & np.isnan(w64))
     d[same] = 0.0
     d[np.isnan(d)] = np.inf  # NaN on one side only, or opposite infinities

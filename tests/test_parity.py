@@ -149,3 +149,12 @@ def test_parity_is_frozen() -> None:
     res = Parity(True, 0.0, ATOL, RTOL)
     with pytest.raises(AttributeError):
         res.ok = False  # type: ignore[misc]
+
+
+def test_zero_dim_outputs_compare() -> None:
+    """A scalar output (a loss, a 0-d graph output) compares like any other."""
+    assert compare({"loss": np.float32(2.0)}, {"loss": np.float64(2.0)}).ok
+    bad = compare({"loss": np.asarray(2.5)}, {"loss": np.asarray(2.0)})
+    assert not bad.ok
+    assert bad.max_abs_err == 0.5
+    assert bad.index == ()
