@@ -16,11 +16,11 @@ import numpy as np
 
 from edgelearn.backends.base import Backend, PopulationScorer
 from edgelearn.backends.ort_graph import (
+    KeptOutputs,
     baked_model_bytes,
     configure,
     import_ort,
     load_checked_model,
-    run_errors,
 )
 from edgelearn.errors import BundleError
 
@@ -83,7 +83,7 @@ class OrtBackend(Backend):
         self.session: Any = None
         self._io: Any = None
         self._keepalive: list[Any] = []
-        self._reused: tuple[Any, dict[str, np.ndarray]] | None = None
+        self._outputs: KeptOutputs | None = None
         self.bound: list[str] = []
 
     def _options(self, ort: Any, store: ParamStore) -> Any:
@@ -138,7 +138,7 @@ class OrtBackend(Backend):
             raise BundleError(f"graph inputs {sorted(missing)} are neither data nor parameters")
         self._output_names = [o.name for o in self.session.get_outputs()]
         self._io = io
-        self._reused = None
+        self._outputs = KeptOutputs(self.session, io, self._output_names, "the model")
 
     def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
                  ) -> dict[str, np.ndarray]:
@@ -147,33 +147,12 @@ class OrtBackend(Backend):
         io = self._io
         for name, arr in inputs.items():
             io.bind_cpu_input(name, np.asarray(arr, order="C"))  # keeps 0-d inputs 0-d
-        key = tuple((n, np.shape(a)) for n, a in inputs.items())
-        if reuse_outputs and self._reused is not None and self._reused[0] == key:
-            try:
-                self.session.run_with_iobinding(io)
-                return dict(self._reused[1])
-            except Exception:  # output shapes that depend on input values: re-bind below
-                pass
-        # Outputs are otherwise re-bound every call: a bound output keeps its first shape, and
-        # the batch dimension is symbolic.
-        self._reused = None
-        io.clear_binding_outputs()
-        for name in self._output_names:
-            io.bind_output(name, "cpu")
-        with run_errors():
-            self.session.run_with_iobinding(io)
-        out = dict(zip(self._output_names, io.copy_outputs_to_cpu(), strict=False))
-        if reuse_outputs and all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf"
-                                 and a.flags.c_contiguous and a.size for a in out.values()):
-            # the next run with these input shapes writes into these (owned, fresh) arrays
-            io.clear_binding_outputs()
-            for name, a in out.items():
-                io.bind_output(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
-            self._reused = (key, out)
-        return out
+        assert self._outputs is not None  # bound with the session
+        return self._outputs.run(tuple((n, np.shape(a)) for n, a in inputs.items()),
+                                 keep=reuse_outputs)
 
     def _close(self) -> None:
-        self._io = self.session = self._reused = None
+        self._io = self.session = self._outputs = None
         self._keepalive = []
         self.bound = []
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelearn.backends.ort_graph import run_errors
+from edgelearn.backends.ort_graph import KeptOutputs, run_errors
 from edgelearn.data import Dataset, batch_indices, data_sha256
 from edgelearn.errors import EdgelearnError
 from edgelearn.inputs import Inputs, has_batch_axis, n_rows, take
@@ -83,10 +83,9 @@ class SuffixRunner:
             self._keep.append((view, ov))
         self.output = self.session.get_outputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
-        #: input name -> the array last bound to it; (input shapes, output arrays) that the
-        #: next `run_all` with those shapes writes into
+        #: input name -> the array last bound to it
         self._bound: dict[str, np.ndarray] = {}
-        self._reused: tuple[Any, dict[str, np.ndarray]] | None = None
+        self._outputs = KeptOutputs(self.session, self.io, self.outputs, "the cached suffix")
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output of the suffix graph (a taps suffix: the logits and the layer taps).
@@ -100,28 +99,7 @@ class SuffixRunner:
             if bound.get(name) is not arr or not arr.flags.c_contiguous:
                 io.bind_cpu_input(name, np.ascontiguousarray(arr))
                 bound[name] = arr
-        key = tuple((n, a.shape) for n, a in feeds.items())
-        if self._reused is not None and self._reused[0] == key:
-            try:
-                self.session.run_with_iobinding(io)
-                return dict(self._reused[1])
-            except Exception:  # output shapes that depend on input values: re-bind below
-                pass
-        self._reused = None
-        io.clear_binding_outputs()
-        for name in self.outputs:
-            io.bind_output(name, "cpu")
-        with run_errors("the cached suffix"):
-            self.session.run_with_iobinding(io)
-        out = dict(zip(self.outputs, io.copy_outputs_to_cpu(), strict=True))
-        if all(isinstance(a, np.ndarray) and a.dtype.kind in "biuf" and a.flags.c_contiguous
-               and a.size for a in out.values()):
-            # the next run with these input shapes writes into these (owned, fresh) arrays
-            io.clear_binding_outputs()
-            for name, a in out.items():
-                io.bind_output(name, "cpu", 0, a.dtype.type, list(a.shape), a.ctypes.data)
-            self._reused = (key, out)
-        return dict(out)
+        return self._outputs.run(tuple((n, a.shape) for n, a in feeds.items()))
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The model output for the cut tensors (and passthrough inputs) in `feeds`."""
@@ -129,7 +107,7 @@ class SuffixRunner:
         for name, arr in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(arr))
             self._bound[name] = arr
-        self._reused = None  # run_all's outputs are no longer bound
+        self._outputs.forget()  # run_all's kept outputs are no longer bound
         io.clear_binding_outputs()
         io.bind_output(self.output, "cpu")
         with run_errors("the cached suffix"):
