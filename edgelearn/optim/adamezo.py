@@ -27,11 +27,18 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, register
-from edgelearn.optim.fzoo import SCHEDULES, scheduled
 from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_fields import (
+    chunk_field,
+    copy_restore_field,
+    pool_size_field,
+    schedule_field,
+    scheduled,
+    total_steps_field,
+)
 from edgelearn.optim.zo_probe import ProbeArena, decode_array, encode_array
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise
+from edgelearn.rng import NOISE_KINDS, Noise
 
 
 @dataclass(frozen=True)
@@ -52,18 +59,11 @@ class AdaMeZOOptions(OptimizerOptions):
         "added to sqrt(v) in the denominator (> 0)"))
     noise: str = field(default="rademacher", metadata=meta(
         "rademacher, gaussian (as in AdaMeZO) or pool", cli="--noise", choices=NOISE_KINDS))
-    schedule: str = field(default="constant", metadata=meta(
-        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
-        choices=SCHEDULES))
-    total_steps: int | None = field(default=None, metadata=meta(
-        "schedule length (required for non-constant schedules; train sets it to --steps)"))
-    restore: str = field(default="auto", metadata=meta(
-        "accepted for the shared CLI: adamezo always writes probes and the update from a "
-        "copy of the trainable slice, so every value behaves the same", cli="--restore",
-        choices=("auto", "copy", "drift")))
-    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
-        "elements per noise chunk (results do not depend on it)", record="never"))
-    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+    schedule: str = schedule_field()
+    total_steps: int | None = total_steps_field()
+    restore: str = copy_restore_field("adamezo")
+    chunk: int = chunk_field()
+    pool_size: int = pool_size_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -28,11 +28,17 @@ import numpy as np
 
 from edgelearn.optim.base import Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_fields import (
+    chunk_field,
+    copy_restore_field,
+    pool_size_field,
+    schedule_field,
+    scheduled,
+    total_steps_field,
+)
 from edgelearn.optim.zo_probe import ProbeArena, Term
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise
-
-SCHEDULES = ("constant", "cosine", "linear")
+from edgelearn.rng import NOISE_KINDS, Noise
 
 
 @dataclass(frozen=True)
@@ -50,18 +56,11 @@ class FZOOOptions(OptimizerOptions):
         "with a population graph", cli="--probes"))
     noise: str = field(default="rademacher", metadata=meta(
         "rademacher (as in FZOO), gaussian or pool", cli="--noise", choices=NOISE_KINDS))
-    schedule: str = field(default="constant", metadata=meta(
-        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
-        choices=SCHEDULES))
-    total_steps: int | None = field(default=None, metadata=meta(
-        "schedule length (required for non-constant schedules; train sets it to --steps)"))
-    restore: str = field(default="auto", metadata=meta(
-        "accepted for the shared CLI: fzoo always writes probes and the update from a copy "
-        "of the trainable slice, so every value behaves the same", cli="--restore",
-        choices=("auto", "copy", "drift")))
-    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
-        "elements per noise chunk (results do not depend on it)", record="never"))
-    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+    schedule: str = schedule_field()
+    total_steps: int | None = total_steps_field()
+    restore: str = copy_restore_field("fzoo")
+    chunk: int = chunk_field()
+    pool_size: int = pool_size_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,17 +75,6 @@ class FZOOOptions(OptimizerOptions):
         check(self.chunk >= 8 and self.chunk % 8 == 0,
               f"chunk must be a positive multiple of 8, got {self.chunk!r}")
         check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
-
-
-def scheduled(lr: float, schedule: str, total: int | None, t: int) -> float:
-    """lr at step t under `schedule` (constant, cosine or linear decay to 0 over `total`)."""
-    if schedule == "constant":
-        return lr
-    assert total is not None
-    frac = min(t / total, 1.0)
-    if schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    return lr * (1.0 - frac)
 
 
 def fzoo_coefficients(l0: float, losses: list[float]) -> tuple[list[float], float]:

@@ -36,9 +36,15 @@ import numpy as np
 from edgelearn.errors import InputError
 from edgelearn.optim.base import register
 from edgelearn.optim.options import OptimizerOptions, check, meta
-from edgelearn.optim.zo_sgd import RESTORE_POLICIES, SCHEDULES, ZOSGD, ZOSGDOptions
+from edgelearn.optim.zo_fields import (
+    chunk_field,
+    pool_size_field,
+    schedule_field,
+    total_steps_field,
+)
+from edgelearn.optim.zo_sgd import RESTORE_POLICIES, ZOSGD, ZOSGDOptions
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS
+from edgelearn.rng import NOISE_KINDS
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,10 @@ class ZOScaleOptions(OptimizerOptions):
         "a scale never drops below min_ratio x its pre-step value (0 < ratio < 1)"))
     restore: str = field(default="auto", metadata=meta(
         "auto, copy or drift (see zo-sgd)", cli="--restore", choices=RESTORE_POLICIES))
-    schedule: str = field(default="constant", metadata=meta(
-        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
-        choices=SCHEDULES))
-    total_steps: int | None = field(default=None, metadata=meta(
-        "schedule length (train sets it to --steps)"))
-    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
-        "elements per noise chunk (results do not depend on it)", record="never"))
-    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+    schedule: str = schedule_field()
+    total_steps: int | None = total_steps_field("schedule length (train sets it to --steps)")
+    chunk: int = chunk_field()
+    pool_size: int = pool_size_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()

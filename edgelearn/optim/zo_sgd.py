@@ -52,11 +52,17 @@ from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.groups import GroupScales, parse_groups
 from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
 from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_fields import (
+    chunk_field,
+    pool_size_field,
+    schedule_field,
+    scheduled,
+    total_steps_field,
+)
 from edgelearn.params import ParamStore
-from edgelearn.rng import DEFAULT_CHUNK, NOISE_KINDS, Noise, noise_chunks, sign_table
+from edgelearn.rng import NOISE_KINDS, Noise, noise_chunks, sign_table
 
 RESTORE_POLICIES = ("auto", "copy", "drift")
-SCHEDULES = ("constant", "cosine", "linear")
 AUTO_COPY_MAX_BYTES = 16 << 20
 #: copy-policy probes are asked as one Population (K = 2 x probes candidates, scored in one
 #: runtime call by a population graph) while K candidate rows take at most this many bytes
@@ -95,14 +101,10 @@ class ZOSGDOptions(OptimizerOptions):
     restore: str = field(default="auto", metadata=meta(
         "how weights come back after the probes: auto, copy or drift (module docstring)",
         cli="--restore", choices=RESTORE_POLICIES))
-    schedule: str = field(default="constant", metadata=meta(
-        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
-        choices=SCHEDULES))
-    total_steps: int | None = field(default=None, metadata=meta(
-        "schedule length (required for non-constant schedules; train sets it to --steps)"))
-    chunk: int = field(default=DEFAULT_CHUNK, metadata=meta(
-        "elements per noise chunk (results do not depend on it)", record="never"))
-    pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+    schedule: str = schedule_field()
+    total_steps: int | None = total_steps_field()
+    chunk: int = chunk_field()
+    pool_size: int = pool_size_field()
     threads: int | None = field(default=None, metadata=meta(
         "threads of the elementwise passes over large slices (null: the usable cores, at most "
         "4; results do not depend on it)", record="never"))
@@ -208,17 +210,8 @@ class ZOSGD(Optimizer):
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
-        lr = self._scheduled_lr(t)
+        lr = scheduled(self.rule.lr, self.rule.schedule, self.rule.total_steps, t)
         return lr if self.lr_scale == 1.0 else lr * self.lr_scale
-
-    def _scheduled_lr(self, t: int) -> float:
-        if self.rule.schedule == "constant":
-            return self.rule.lr
-        assert self.rule.total_steps is not None
-        frac = min(t / self.rule.total_steps, 1.0)
-        if self.rule.schedule == "cosine":
-            return self.rule.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return self.rule.lr * (1.0 - frac)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, plus the resolved group multipliers when groups are set."""

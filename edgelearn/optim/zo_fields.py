@@ -1,0 +1,71 @@
+"""Option fields and the lr schedule shared by the ZO family (zo-sgd, zo-scale, fzoo, adamezo).
+
+One definition per field keeps their help, choices and recording alike across optimizers
+(the CLI flags are generated from them, so two copies drifting apart would show as two flags
+that mean different things). Field order stays with each Options class: headers record the
+fields in declaration order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import field
+from typing import Any
+
+from edgelearn.optim.options import meta
+from edgelearn.rng import DEFAULT_CHUNK
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def scheduled(lr: float, schedule: str, total: int | None, t: int) -> float:
+    """lr at step t under `schedule` (constant, cosine or linear decay to 0 over `total`).
+
+    Args:
+        lr: base learning rate; schedule: one of SCHEDULES; total: schedule length in steps
+            (required unless constant); t: step index (0-based).
+    """
+    if schedule == "constant":
+        return lr
+    assert total is not None
+    frac = min(t / total, 1.0)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return lr * (1.0 - frac)
+
+
+def schedule_field() -> Any:
+    """The `schedule` option (constant, cosine or linear)."""
+    return field(default="constant", metadata=meta(
+        "decay of lr over total_steps: constant, cosine or linear", cli="--schedule",
+        choices=SCHEDULES))
+
+
+def total_steps_field(
+        help: str = "schedule length (required for non-constant schedules; train sets it to "
+                    "--steps)") -> Any:
+    """The `total_steps` option (the schedule's length; train fills it in)."""
+    return field(default=None, metadata=meta(help))
+
+
+def chunk_field() -> Any:
+    """The `chunk` option (noise chunk size; never recorded: results do not depend on it)."""
+    return field(default=DEFAULT_CHUNK, metadata=meta(
+        "elements per noise chunk (results do not depend on it)", record="never"))
+
+
+def pool_size_field() -> Any:
+    """The `pool_size` option (the shared noise table's size for noise=pool)."""
+    return field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+
+
+def copy_restore_field(name: str) -> Any:
+    """The `restore` option of optimizers that always work from a copy of the slice.
+
+    Args:
+        name: the optimizer's name, for the help text.
+    """
+    return field(default="auto", metadata=meta(
+        f"accepted for the shared CLI: {name} always writes probes and the update from a "
+        "copy of the trainable slice, so every value behaves the same", cli="--restore",
+        choices=("auto", "copy", "drift")))
