@@ -202,6 +202,48 @@ def test_exported_cnn_head_is_bit_identical(exported_cnn: dict[str, Path], tmp_p
     assert same_run(res[0], res[1])
 
 
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_input_model_is_bit_identical(tmp_path: Path, strategy: str) -> None:
+    """Two float inputs merged before the head (exported with litert-torch): the cut holds
+    the merged features; cached == uncached for zo-sgd and polystep."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("litert_torch")
+    from edgelearn.export import export_bundle
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(4, 16)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.a(x)) + torch.relu(self.b(z)))
+
+    torch.manual_seed(0)
+    bundle = tmp_path / "b"
+    export_bundle(TwoInputs().eval(), (torch.randn(2, 8), torch.randn(2, 4)), bundle,
+                  trainable="head.*", formats=("onnx", "tflite"), input_names=["x", "z"],
+                  tflite_batch=8)
+    rng = np.random.default_rng(0)
+    d = el.Dataset({"x": rng.standard_normal((20, 8)).astype(np.float32),
+                    "z": rng.standard_normal((20, 4)).astype(np.float32)},
+                   rng.integers(0, 3, 20))
+    for optimizer in ("zo-sgd", "polystep"):
+        res = []
+        for cache in (True, False):
+            cfg = el.TrainConfig(optimizer=optimizer, batch_size=6)
+            with el.Session(bundle, tmp_path / f"{optimizer}{cache}", cfg,
+                            runtime(strategy, cache)) as s:
+                res.append(s.run(d, 8))
+        rep = res[0].cache
+        assert rep["enabled"], rep
+        assert rep["cached_examples"] == 20
+        assert same_run(res[0], res[1])
+        assert res[0].loss_first != res[0].loss_last
+
+
 def test_refused_tensors_move_the_cut_up() -> None:
     """`split(after=...)`: the producers of refused cut tensors run in the suffix."""
     from edgelearn.backends.litert_split import LiteRTSplitPlanner
