@@ -35,15 +35,13 @@ def v_name(weight: str) -> str:
     return f"{weight}.lozo_v"
 
 
-def _nodes(graph: Any) -> Iterator[Any]:
-    """Every node of `graph` and of its subgraphs (If / Loop / Scan bodies)."""
+def _subgraph_nodes(graph: Any) -> Iterator[Any]:
+    """Every node inside the subgraphs (If / Loop / Scan bodies) of `graph`'s nodes."""
     for node in graph.node:
-        yield node
         for a in node.attribute:
-            if a.HasField("g"):
-                yield from _nodes(a.g)
-            for g in a.graphs:
-                yield from _nodes(g)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from g.node
+                yield from _subgraph_nodes(g)
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -73,15 +71,15 @@ def why_not(model: Any, weights: Sequence[str]) -> str | None:
         model: the onnx ModelProto. weights: names of 2-D trainable weights (graph inputs).
     """
     inputs = {i.name for i in model.graph.input}
-    top = set(id(n) for n in model.graph.node)
     for w in weights:
         if w not in inputs:
             return f"{w} is not a graph input"
-        users = [n for n in _nodes(model.graph) if w in n.input]
+        users = [n for n in model.graph.node if w in n.input]
         if not users:
             return f"no node reads {w}"
-        for n in users:
-            if id(n) not in top or not _linear_use(n, w):
+        inner = next((n for n in _subgraph_nodes(model.graph) if w in n.input), None)
+        for n in [*users, *([inner] if inner is not None else [])]:
+            if n is inner or not _linear_use(n, w):
                 return (f"{w} is read by a {n.op_type} node {n.name!r}, not as the weight of "
                         "a MatMul or Gemm (transA = 0)")
     return None

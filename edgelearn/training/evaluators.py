@@ -225,6 +225,10 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
     if model is not None and population and model.backend.can_score_population():
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
     plain = LossEvaluator(model, loss_fn, pop_eval, timers)
+    if opt.probe_graph == "lowrank" and not prefix_cache:  # lozo: probes inside the graph
+        from edgelearn.training.lowrank_evaluator import lowrank_or_plain
+
+        return lowrank_or_plain(bundle, plain, store, opt, backend=backend, threads=threads)
     if not prefix_cache:
         return plain
     from edgelearn.training.cached_evaluator import cached_or_plain
