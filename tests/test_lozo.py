@@ -84,6 +84,7 @@ def demo_step(graph: bool, seed: int = 5, **opts):
     ev = make_evaluator(bundle, model.store, opt, backend="onnxruntime", model=model,
                         loss_fn=cross_entropy)
     assert ev.lowrank_info["graph"]
+    assert ev.runner.stacked  # Gemm weights and biases: both probes in one stacked run
     fw = ev.forwards(x, y)
     info = opt.step(model.store, fw.evaluate, fw.population if graph else None)
     return model, opt, info, (x, y)
@@ -151,3 +152,38 @@ def test_litert_falls_back_to_dense_probes_with_the_reason() -> None:
     ev = make_evaluator(bundle, model.store, opt, backend="litert", model=model,
                         loss_fn=cross_entropy)
     assert ev.lowrank_info == {"graph": False, "why": "backend litert has no low-rank graph"}
+
+
+def test_onnxruntime_update_engine_equals_numpy_and_replays_bit_exactly() -> None:
+    """The in-place Gemm engine: within rounding of numpy's row blocks, and a run with it
+    replays to the same sha256 (replay runs the same engine: the option is recorded)."""
+    from edgelearn.backends.ort_rank_update import OrtRankUpdate
+    from edgelearn.optim.lozo import rank_update
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((300, 200)).astype(np.float32)
+    c = rng.standard_normal((300, 3)).astype(np.float32)
+    vt = rng.standard_normal((3, 200)).astype(np.float32)
+    ref = w.copy()
+    rank_update(ref, c, vt)
+    engine = OrtRankUpdate()
+    got = w.copy()
+    engine(got, c, vt)
+    assert_close(got, ref)
+    engine(got, -c, vt)  # the second call on the same weight reuses its binding
+    assert_close(got, w, atol=1e-5)
+
+    bundle, data, _ = demo()
+    model = Model(bundle, trainable="*")
+    base = model.store.copy()
+    opts = {"lr": 0.003, "eps": 1e-3, "seed": 2, "update": "onnxruntime"}
+    opt = make_optimizer("lozo", **opts)
+    records = []
+    for t in range(4):
+        x, y = data.batch_at(t, 32, 2)
+        records.append(opt.step(model.store, lambda x=x, y=y: cross_entropy(model.predict(x), y))
+                       .record)
+    again = make_optimizer("lozo", **opts)
+    for rec in records:
+        again.replay(base, rec)
+    assert base.digest() == model.store.digest()

@@ -1,10 +1,12 @@
 """Loss forwards for optimizers whose probes are low rank (`probe_graph == "lowrank"`: lozo).
 
 On onnxruntime a `LowRankPopulation` is scored by the rewritten graph
-(`edgelearn.backends.ort_lowrank`): per candidate, the small dense part is written into the
-store (`prepare`) and one run adds s U V^T inside the graph, so the 2-D weights are never
-touched by the probes. Where that graph cannot be built (another backend, a weight read by
-something other than a MatMul / Gemm, a batch fixed at 1) the evaluator says why
+(`edgelearn.backends.ort_lowrank`): where every perturbed tensor is a Gemm operand, both
+probes in ONE run on the batch stacked twice (biases perturbed in the graph too); else per
+candidate, the small dense part is written into the store (`prepare`) and one run adds
+s U V^T inside the graph. Either way the 2-D weights are never touched by the probes.
+Where that graph cannot be built (another backend, a weight read by something other than a
+MatMul / Gemm, a batch fixed at 1, a cached prefix) the evaluator says why
 (`lowrank_info`) and falls back to the plain evaluator, which expands the request into dense
 candidates (`place`: W + s U V^T written in numpy). The update and the journal do not depend
 on which way the losses were computed (edgelearn/optim/lozo.py), so replay is unchanged.
@@ -59,6 +61,8 @@ class LowRankEvaluator(StepEvaluator):
                     pop.place(j)
                     out.append(base.evaluate())
                 return out
+            if runner.stacked:
+                return stacked(pop)
             losses = []
             for j in range(pop.size):
                 pop.prepare(j)
@@ -67,6 +71,15 @@ class LowRankEvaluator(StepEvaluator):
                 timers.forward.append(time.perf_counter() - t0)
                 losses.append(loss_fn(logits, y))
             return losses
+
+        def stacked(pop: LowRankPopulation) -> list[float]:
+            n = len(y)
+            rows = {k: np.concatenate([v] * pop.size) for k, v in feed.items()}
+            scale = np.repeat(np.asarray(pop.scales, np.float32), n)
+            t0 = time.perf_counter()
+            out = runner.forward(rows, pop.factors, scale, pop.dense)
+            timers.population.append(time.perf_counter() - t0)
+            return [loss_fn(out[j * n : (j + 1) * n], y) for j in range(pop.size)]
 
         return Forwards(base.evaluate, population)
 
