@@ -138,6 +138,7 @@ def test_session_trains_through_the_graph_and_replays_bit_exactly(tmp_path) -> N
     before = Model(bundle).evaluate(test)["loss"]
     res = train(bundle, data, tmp_path / "run", steps=150, seed=3, optimizer="lozo",
                 trainable="*", batch_size=32, options={"lr": 0.003, "eps": 1e-3, "nu": 20})
+    assert res["population_call_ms_median"] is not None  # the stacked graph scored the probes
     store, steps = replay_journal(bundle, res["journal"])
     assert steps == 150
     assert store.digest() == res["sha256"]

@@ -6,7 +6,7 @@ probes in ONE run on the batch stacked twice (biases perturbed in the graph too)
 candidate, the small dense part is written into the store (`prepare`) and one run adds
 s U V^T inside the graph. Either way the 2-D weights are never touched by the probes.
 Where that graph cannot be built (another backend, a weight read by something other than a
-MatMul / Gemm, a batch fixed at 1, a cached prefix) the evaluator says why
+MatMul / Gemm, a batch fixed at 1) the evaluator says why
 (`lowrank_info`) and falls back to the plain evaluator, which expands the request into dense
 candidates (`place`: W + s U V^T written in numpy). The update and the journal do not depend
 on which way the losses were computed (edgelearn/optim/lozo.py), so replay is unchanged.
@@ -41,6 +41,7 @@ class LowRankEvaluator(StepEvaluator):
         super().__init__(plain.timers)
         self.plain, self.runner = plain, runner
         self.population_graph = plain.population_graph
+        self.cache_info = plain.cache_info  # why no frozen prefix is cached, when asked
         #: whether the low-rank graph scores the probes, and why not
         self.lowrank_info: dict[str, Any] = {"graph": runner is not None, "why": why}
 
