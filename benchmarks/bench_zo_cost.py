@@ -23,8 +23,10 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 onnxruntime's default; edgelearn turns it off, as its workers then hold the
                 cores the passes need right after each forward).
   big_full_lozo the same model and batch, lozo (rank 2, edgelearn/optim/lozo.py): both probes
-                scored by the low-rank graph (the weights untouched), the update one threaded
-                rank-2 pass; `opt.step` with the evaluator a run builds vs `predict`.
+                scored by the low-rank graph in one stacked run (the weights untouched), the
+                update one in-place pass (update engine onnxruntime; big_full_lozo_numpy: the
+                numpy row-block engine, lozo's default); `opt.step` with the evaluator a run
+                builds vs `predict`, interleaved.
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
@@ -494,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         res["torch_mezo"] = pooled_mezo(mezo)
         log("big MLP full-weight lozo steps (low-rank probes in the graph)")
         res["big_full_lozo"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3)
+        res["big_full_lozo_numpy"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3,
+                                                      update="numpy")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["summary"] = summary(res)
@@ -514,6 +518,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "big_full_cpu_step_over_forward": get("cpu_step_over_forward_threaded"),
         "goal_big_full_step_over_forward_max": 2.5,
         "big_full_lozo_step_over_forward": res.get("big_full_lozo", {}).get(
+            "step_over_forward"),
+        "big_full_lozo_cpu_step_over_forward": res.get("big_full_lozo", {}).get(
+            "cpu_step_over_forward"),
+        "big_full_lozo_numpy_step_over_forward": res.get("big_full_lozo_numpy", {}).get(
             "step_over_forward"),
         "big_full_lozo_rank": res.get("big_full_lozo", {}).get("rank"),
         "big_full_step_over_forward_spinning": get("step_over_forward_spinning"),

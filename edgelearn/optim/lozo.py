@@ -63,7 +63,8 @@ class LOZOOptions(OptimizerOptions):
     nu: int = field(default=50, metadata=meta(
         "lozo: steps between fresh draws of V (the lazy factor)", cli="--nu"))
     noise: str = field(default="gaussian", metadata=meta(
-        "gaussian (as in LOZO) or rademacher (bit-portable)", choices=LOZO_NOISE))
+        "gaussian (as in LOZO) or rademacher (bit-portable)", cli="--noise",
+        choices=LOZO_NOISE))
     restore: str = field(default="auto", metadata=meta(
         "accepted for the shared CLI: lozo restores the dense part from a copy and never "
         "perturbs the 2-D weights in its graph probes, so every value behaves the same",
