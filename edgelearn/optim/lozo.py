@@ -17,14 +17,18 @@ t_v = nu * floor(t / nu), z from (seed, t, 2) (`edgelearn.rng.Noise`, tensors la
 Why it is cheap: X @ (W + s U V^T) = X @ W + s (X @ U) V^T, so an evaluator with the rewritten
 graph (edgelearn/lowrank_graph.py, edgelearn/training/lowrank_evaluator.py) scores both
 probes with the weights untouched, fed U, V and s: the step yields a `LowRankPopulation`,
-whose `prepare(j)` writes only the small dense part of candidate j. Any other evaluator
+whose `prepare(j)` writes only the small dense part of candidate j (or, for a stacked graph,
+whose `dense` z the graph adds itself: both probes in one run). Any other evaluator
 (LiteRT, a cached prefix, ask/tell, a plain `evaluate`) expands it with `place(j)`, which
 writes W + s U V^T densely from a copy of the 2-D weights (allocated on first use): the
 losses differ by float rounding, the update does not depend on how they were obtained, so the
 weights after a step, the journal and replay are bit-identical either way for the same losses.
-The update is the only pass over W: row blocks of W += (c U) V^T with a cache-sized
-temporary, the blocks split over a few threads (each element's float operations are fixed,
-so results do not depend on the thread count). Record: (seeds, g, lr, eps, losses).
+The update is the only pass over W, by the engine option `update`: "numpy", row blocks of
+W += (c U) V^T with a cache-sized temporary, split over a few threads (each element's float
+operations are fixed, so results do not depend on the thread count); "onnxruntime", its Gemm
+in place (edgelearn/backends/ort_rank_update.py; ~3x faster on large weights, memory-bound;
+its floats may differ from numpy's, so a run's engine is recorded and replay uses it).
+Record: (seeds [seed, t, t_v], g, lr, eps, accepted, losses).
 """
 
 from __future__ import annotations
