@@ -22,6 +22,11 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 a session whose onnxruntime workers busy-wait after each run ("spinning":
                 onnxruntime's default; edgelearn turns it off, as its workers then hold the
                 cores the passes need right after each forward).
+  big_full_lozo the same model and batch, lozo (rank 2, edgelearn/optim/lozo.py): both probes
+                scored by the low-rank graph in one stacked run (the weights untouched), the
+                update one in-place pass (update engine onnxruntime; big_full_lozo_numpy: the
+                numpy row-block engine, lozo's default); `opt.step` with the evaluator a run
+                builds vs `predict`, interleaved.
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
@@ -394,6 +399,47 @@ def summarize_big(params: int, variants: dict[str, Any], times: dict[str, list[n
     return res
 
 
+def section_big_lozo(bundle_dir: Path, data: Path, rounds: int, steps: int,
+                     rank: int = 2, update: str = "onnxruntime") -> dict[str, Any]:
+    """Full-weight lozo step vs forward on the big MLP: the probes scored by the low-rank
+    graph through the evaluator a run uses (`make_evaluator`), the update one threaded
+    rank-r pass; interleaved with `predict` as in `section_big`."""
+    from edgelearn.bundle import load_bundle
+    from edgelearn.losses import cross_entropy
+    from edgelearn.model import Model
+    from edgelearn.optim import make_optimizer
+    from edgelearn.training.evaluators import make_evaluator
+
+    bundle = load_bundle(bundle_dir)
+    model = Model(bundle)
+    with np.load(data) as f:
+        xb, yb = f["x"], f["y"]
+    opt = make_optimizer("lozo", lr=1e-4, eps=1e-3, rank=rank, seed=0, update=update)
+    ev = make_evaluator(bundle, model.store, opt, backend="onnxruntime", model=model,
+                        loss_fn=cross_entropy)
+    fw = ev.forwards(xb, yb)
+    times: dict[str, list[np.ndarray]] = {"forward": [], "step": []}
+    for r in range(rounds + 1):  # round 0 warms up
+        for _ in range(steps):
+            t0 = clock()
+            model.predict(xb)
+            t1 = clock()
+            opt.step(model.store, fw.evaluate, fw.population)
+            if r:
+                times["forward"].append(t1 - t0)
+                times["step"].append(clock() - t1)
+    ev.close()
+    res: dict[str, Any] = {"params": model.store.n_trainable("float32"), "batch_size": BATCH,
+                           "rank": rank, "nu": opt.options.nu, "update": update,
+                           "graph": getattr(ev, "lowrank_info", {}).get("graph", False),
+                           "threads": opt.threads}
+    for i, kind in enumerate(("", "cpu_")):
+        res[f"{kind}forward_ms"] = med_ms([t[i] for t in times["forward"]])
+        res[f"{kind}step_ms"] = med_ms([t[i] for t in times["step"]])
+        res[f"{kind}step_over_forward"] = ratio(res[f"{kind}step_ms"], res[f"{kind}forward_ms"])
+    return res
+
+
 def torch_mezo(cfg: dict[str, Any], data: Path, steps: int) -> dict[str, Any]:
     """bench_zo.py's plain-torch MeZO child on the same model, batch and probes."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_zo.py"), "--child", "torch-mezo",
@@ -448,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
             bundle, work / "data_big.npz", rounds, 3,
             lambda: mezo.append(torch_mezo(cfg, work / "data_big.npz", rounds)))
         res["torch_mezo"] = pooled_mezo(mezo)
+        log("big MLP full-weight lozo steps (low-rank probes in the graph)")
+        res["big_full_lozo"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3)
+        res["big_full_lozo_numpy"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3,
+                                                      update="numpy")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["summary"] = summary(res)
@@ -467,6 +517,13 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
         "big_full_step_over_forward_one_thread": get("step_over_forward_one_thread"),
         "big_full_cpu_step_over_forward": get("cpu_step_over_forward_threaded"),
         "goal_big_full_step_over_forward_max": 2.5,
+        "big_full_lozo_step_over_forward": res.get("big_full_lozo", {}).get(
+            "step_over_forward"),
+        "big_full_lozo_cpu_step_over_forward": res.get("big_full_lozo", {}).get(
+            "cpu_step_over_forward"),
+        "big_full_lozo_numpy_step_over_forward": res.get("big_full_lozo_numpy", {}).get(
+            "step_over_forward"),
+        "big_full_lozo_rank": res.get("big_full_lozo", {}).get("rank"),
         "big_full_step_over_forward_spinning": get("step_over_forward_spinning"),
         "torch_mezo_step_over_ours": ratio(mezo.get("step_ms"), get("step_ms_threaded")),
         "torch_mezo_step_over_ours_spinning": ratio(mezo.get("step_ms"),

@@ -53,6 +53,10 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
     "hybrid": ({"lr": 0.1, "zo_lr": 0.01, "eps": 1e-3, "exact": "head.*", "probes": 2},
                [({"zo_lr": -1.0}, "zo_lr"), ({"eps": 0.0}, "eps"), ({"probes": 0}, "probes"),
                 ({"groups": "head.*:lr=x"}, "groups"), ({"noise": "uniform"}, "noise")]),
+    # fc1 and the head low rank (dense fallback: no graph here), the biases dense
+    "lozo": ({"lr": 0.02, "eps": 1e-3, "rank": 2, "nu": 3},
+             [({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"rank": 0}, "rank"),
+              ({"nu": 0}, "nu"), ({"noise": "pool"}, "noise")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),
@@ -61,7 +65,8 @@ LOSS_ONLY = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
 OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
            "polystep": {"radius": 0.1, "rank": 16},
            "zo-scale": {"lr": 0.01, "eps": 1e-3, "probes": 2},
-           "adamezo": {"lr": 0.05}}
+           "adamezo": {"lr": 0.05},
+           "lozo": {"lr": 0.02, "eps": 1e-3, "nu": 5}}
 
 
 # -- every optimizer: one problem that offers both a loss and layer taps ----------------------

@@ -374,3 +374,34 @@ def hybrid_step(
     for n, zn in z.items():
         new[n] = params[n] - zo_lr * lr_scale.get(n, 1.0) * g * zn
     return new, (lp, lm)
+
+
+def lozo_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    z: Mapping[str, torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    loss_fn: LossFn = cross_entropy,
+) -> tuple[dict[str, torch.Tensor], float, tuple[float, float]]:
+    """One LOZO step (Chen et al., ICLR 2025): 2-D weights along U V^T, the rest along z.
+
+    Args:
+        factors: name -> (U [a, r], V [b, r]) of each 2-D trainable weight [a, b].
+        z: name -> dense noise of every other trainable tensor.
+        others as in `zo_sgd_step`.
+    Returns: (new params for the names in factors and z, g, (L+, L-)).
+    """
+    with torch.no_grad():
+        dirs = {n: u @ v.T for n, (u, v) in factors.items()} | dict(z)
+        lp = _loss_with(model, params, {n: eps * d for n, d in dirs.items()}, inputs, targets,
+                        loss_fn)
+        lm = _loss_with(model, params, {n: -eps * d for n, d in dirs.items()}, inputs,
+                        targets, loss_fn)
+        g = (lp - lm) / (2.0 * eps)
+        new = {n: params[n] - (lr * g) * d for n, d in dirs.items()}
+    return new, g, (lp, lm)

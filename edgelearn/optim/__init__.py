@@ -3,6 +3,7 @@
 from edgelearn.optim import adamezo as _adamezo  # noqa: F401  (registers "adamezo")
 from edgelearn.optim import fzoo as _fzoo  # noqa: F401  (registers "fzoo")
 from edgelearn.optim import hybrid as _hybrid  # noqa: F401  (registers "hybrid")
+from edgelearn.optim import lozo as _lozo  # noqa: F401  (registers "lozo")
 from edgelearn.optim import polystep as _polystep  # noqa: F401  (registers "polystep")
 from edgelearn.optim import tpsgd as _tpsgd  # noqa: F401  (registers "tpsgd")
 from edgelearn.optim import zo_scale as _zo_scale  # noqa: F401  (registers "zo-scale")

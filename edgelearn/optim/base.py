@@ -168,6 +168,9 @@ class Optimizer:
     #: trainer's divergence rollback; 1.0 otherwise). Optimizers that do not cannot be used
     #: with divergence rollback.
     supports_lr_scale: ClassVar[bool] = False
+    #: "lowrank": the step's probes are `LowRankPopulation`s (optim/lozo.py) that an evaluator
+    #: may score with a low-rank graph (`make_evaluator` reads it); None: plain candidates
+    probe_graph: ClassVar[str | None] = None
     #: what `edgelearn train` trains when --trainable is not given (None: the manifest's flags)
     default_trainable: ClassVar[str | None] = None
 

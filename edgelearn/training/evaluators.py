@@ -5,6 +5,9 @@ evaluator built here hands it the right callables for a batch:
   - plain: evaluate() is the loss of one forward of the bundle's model on the batch;
   - population: evaluate_population(pop) scores K candidates in one runtime call with the
     bundle's population graph (onnxruntime, when it batches the trainable set);
+  - lowrank (optimizers with `probe_graph == "lowrank"`: lozo): its low-rank probes scored by
+    a rewritten graph that adds s U V^T itself (training/lowrank_evaluator.py), where no
+    frozen prefix is cached (a cached suffix scores them as dense candidates);
   - taps (optimizers with `needs == "taps"`: tpSGD, and the hybrid, whose losses come from
     the taps forwards' logits): evaluate() is ONE forward of the taps graph (model_taps.onnx,
     or model_taps.tflite on LiteRT) returning (taps, targets).
@@ -225,12 +228,17 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
     if model is not None and population and model.backend.can_score_population():
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
     plain = LossEvaluator(model, loss_fn, pop_eval, timers)
-    if not prefix_cache:
-        return plain
-    from edgelearn.training.cached_evaluator import cached_or_plain
+    found: StepEvaluator = plain
+    if prefix_cache:
+        from edgelearn.training.cached_evaluator import cached_or_plain
 
-    return cached_or_plain(bundle, plain, backend=backend, threads=threads,
-                           capacity=cache_bytes)
+        found = cached_or_plain(bundle, plain, backend=backend, threads=threads,
+                                capacity=cache_bytes)
+    if opt.probe_graph == "lowrank" and found is plain:  # lozo: probes inside the graph
+        from edgelearn.training.lowrank_evaluator import lowrank_or_plain
+
+        return lowrank_or_plain(bundle, plain, store, opt, backend=backend, threads=threads)
+    return found
 
 
 def _taps_graph(bundle: Bundle, opt: Optimizer, backend: str) -> str:

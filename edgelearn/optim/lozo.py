@@ -1,0 +1,313 @@
+"""LOZO: zeroth-order steps along low-rank directions, probed inside the runtime's graph.
+
+Chen et al. 2025, "Enhancing Zeroth-order Fine-tuning for Language Models with Low-rank
+Structures" (LOZO, ICLR 2025, arXiv 2410.07698; reference code optsuite/LOZO, read, not
+copied). Each 2-D float32 weight W [a, b] is perturbed along Z = U V^T, U [a, r] drawn afresh
+every step, V [b, r] every `nu` steps (lazy); every other trainable float32 tensor (biases,
+norms, convolution kernels) along a dense z, as in MeZO. For step t (one probe):
+
+    L+ = L(theta + eps Z),  L- = L(theta - eps Z),  g = (L+ - L-) / (2 eps)
+    W <- W - lr g U V^T (2-D weights),   p <- p - lr g z (the rest)
+
+U has N(0, 1/r) entries (Z's entries have unit variance for any rank, so lr and eps mean
+what they mean for zo-sgd), V N(0, 1); noise "rademacher" draws +-1/sqrt(r) and +-1 instead
+(bit-portable across CPUs). U comes from the stream (seed, t, 0), V from (seed, t_v, 1) with
+t_v = nu * floor(t / nu), z from (seed, t, 2) (`edgelearn.rng.Noise`, tensors laid end to end).
+
+Why it is cheap: X @ (W + s U V^T) = X @ W + s (X @ U) V^T, so an evaluator with the rewritten
+graph (edgelearn/lowrank_graph.py, edgelearn/training/lowrank_evaluator.py) scores both
+probes with the weights untouched, fed U, V and s: the step yields a `LowRankPopulation`,
+whose `prepare(j)` writes only the small dense part of candidate j (or, for a stacked graph,
+whose `dense` z the graph adds itself: both probes in one run). Any other evaluator
+(LiteRT, a cached prefix, ask/tell, a plain `evaluate`) expands it with `place(j)`, which
+writes W + s U V^T densely from a copy of the 2-D weights (allocated on first use): the
+losses differ by float rounding, the update does not depend on how they were obtained, so the
+weights after a step, the journal and replay are bit-identical either way for the same losses.
+The update is the only pass over W, by the engine option `update`: "numpy", row blocks of
+W += (c U) V^T with a cache-sized temporary, split over a few threads (each element's float
+operations are fixed, so results do not depend on the thread count); "onnxruntime", its Gemm
+in place (edgelearn/backends/ort_rank_update.py; ~3x faster on large weights, memory-bound;
+its floats may differ from numpy's, so a run's engine is recorded and replay uses it).
+Record: (seeds [seed, t, t_v], g, lr, eps, accepted, losses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import InputError
+from edgelearn.optim.base import Optimizer, Population, register
+from edgelearn.optim.kernels import PARALLEL_MIN, default_threads
+from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.params import ParamStore
+from edgelearn.rng import Noise
+
+LOZO_NOISE = ("gaussian", "rademacher")
+LOZO_UPDATES = ("numpy", "onnxruntime")
+#: elements of the update's per-thread temporary (a row block of U V^T; stays in cache)
+BLOCK = 1 << 15
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+@dataclass(frozen=True)
+class LOZOOptions(OptimizerOptions):
+    """Options of lozo (the update rule is in the module docstring)."""
+
+    lr: float = field(default=1e-3, metadata=meta("learning rate", cli="--lr"))
+    eps: float = field(default=1e-3, metadata=meta(
+        "perturbation scale (units of the weights)", cli="--eps"))
+    rank: int = field(default=2, metadata=meta(
+        "lozo: rank r of each 2-D weight's perturbation U V^T", cli="--rank"))
+    nu: int = field(default=50, metadata=meta(
+        "lozo: steps between fresh draws of V (the lazy factor)", cli="--nu"))
+    noise: str = field(default="gaussian", metadata=meta(
+        "gaussian (as in LOZO) or rademacher (bit-portable)", cli="--noise",
+        choices=LOZO_NOISE))
+    restore: str = field(default="auto", metadata=meta(
+        "accepted for the shared CLI: lozo restores the dense part from a copy and never "
+        "perturbs the 2-D weights in its graph probes, so every value behaves the same",
+        cli="--restore", choices=("auto", "copy", "drift")))
+    update: str = field(default="numpy", metadata=meta(
+        "engine of the W += c U V^T pass: numpy (row blocks; no runtime needed) or onnxruntime "
+        "(its Gemm, in place: ~3x faster on large weights; replay then needs onnxruntime)",
+        cli="--update-engine", choices=LOZO_UPDATES))
+    threads: int | None = field(default=None, metadata=meta(
+        "threads of the update pass over large weights (null: the usable cores, at most 4; "
+        "results do not depend on it)", record="never"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.lr >= 0 and math.isfinite(self.lr),
+              f"lr must be a finite number >= 0, got {self.lr}")
+        check(self.eps > 0 and math.isfinite(self.eps),
+              f"eps must be a finite number > 0, got {self.eps}")
+        check(self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
+        check(self.nu >= 1, f"nu must be an integer >= 1, got {self.nu!r}")
+        check(self.threads is None or self.threads >= 1,
+              f"threads must be an integer >= 1, got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class LowRankPopulation(Population):
+    """Candidates theta + s_j Z that an evaluator with the low-rank graph scores directly.
+
+    Args (besides Population's size, place, fill):
+        factors: 2-D weight name -> (U [a, r], V [b, r]) float32 of this step.
+        dense: every other tensor's name -> its z (float32, flat): candidate j is that
+            tensor + s_j z (for a graph that perturbs them itself: stacked probes).
+        scales: s_j of each candidate (float32 values): the graph's scale input.
+        prepare: prepare(j) writes candidate j's dense part (non-2-D tensors) into the
+            store and leaves the 2-D weights at their values (the graph adds s_j U V^T).
+    """
+
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict,
+                                                              repr=False)
+    dense: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    scales: tuple[float, ...] = ()
+    prepare: Callable[[int], None] | None = field(default=None, repr=False)
+
+
+def rank_update(w: np.ndarray, cu: np.ndarray, vt: np.ndarray, src: np.ndarray | None = None,
+                threads: int = 1) -> None:
+    """w = src + cu @ vt by row blocks, each element as (cu_0 v_0 + cu_1 v_1 + ...) in float32.
+
+    Args:
+        w: float32 [a, b], written. cu: float32 [a, r]. vt: float32 [r, b] (C-contiguous).
+        src: float32 [a, b] (None: w itself, in place). threads: row ranges run in parallel.
+    """
+    src = w if src is None else src
+    a, b = w.shape
+    rows = max(1, BLOCK // max(b, 1))
+    parts = threads if threads > 1 and w.size >= PARALLEL_MIN else 1
+    edges = [a * i // parts for i in range(parts + 1)]
+
+    def run(lo: int, hi: int) -> None:
+        tmp = np.empty((2, rows, b), np.float32)
+        for i in range(lo, hi, rows):
+            j = min(i + rows, hi)
+            t, t2 = tmp[0, : j - i], tmp[1, : j - i]
+            np.multiply(cu[i:j, 0:1], vt[0], out=t)
+            for k in range(1, cu.shape[1]):
+                np.multiply(cu[i:j, k : k + 1], vt[k], out=t2)
+                np.add(t, t2, out=t)
+            np.add(src[i:j], t, out=w[i:j])
+
+    if parts == 1:
+        run(0, a)
+        return
+    pool = _pools.get(parts) or _pools.setdefault(parts, ThreadPoolExecutor(parts))
+    for f in [pool.submit(run, edges[i], edges[i + 1]) for i in range(parts)]:
+        f.result()
+
+
+@register
+class LOZO(Optimizer):
+    """LOZO over the trainable float32 tensors of a ParamStore (low rank on 2-D weights).
+
+    Args:
+        **options: `LOZOOptions` fields (lr, eps, rank, nu, noise, ..., seed).
+    """
+
+    name = "lozo"
+    Options = LOZOOptions
+    supports_lr_scale = True
+    probe_graph = "lowrank"
+    options: LOZOOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.noise = Noise(self.options.noise)
+        self.threads = self.options.threads or default_threads()
+        self._shapes: dict[str, tuple[int, int]] | None = None
+        self._dense: list[tuple[int, int]] = []  # (start, end) in the float32 slice
+        self._dense_names: list[str] = []
+        self._dcopy = np.empty(0, np.float32)
+        self._wcopy: dict[str, np.ndarray] = {}  # dense-probe fallback only
+        self._placed = False
+        self._v: tuple[int, np.ndarray] | None = None  # (t_v, every V) of the current period
+        self._engine: Any = None  # OrtRankUpdate, for update "onnxruntime"
+
+    def _prepare(self, store: ParamStore) -> np.ndarray:
+        """The trainable float32 slice; splits it into 2-D weights and the dense rest once."""
+        theta = store.flat("float32")
+        if theta.size == 0:
+            raise InputError("lozo needs trainable float32 parameters; none are selected")
+        segs = store.segments("float32")
+        shapes = {n: store[n].shape for n, _, _ in segs if store[n].ndim == 2}
+        if self._shapes is None:
+            self._shapes = shapes
+            self._dense = [(a, b) for n, a, b in segs if n not in shapes]
+            self._dense_names = [n for n, _, _ in segs if n not in shapes]
+            self._dcopy = np.empty(sum(b - a for a, b in self._dense), np.float32)
+        elif shapes != self._shapes:
+            raise InputError("the store's 2-D trainable weights differ from those this "
+                             "optimizer was set up for")
+        return theta
+
+    def memory_bytes(self, store: ParamStore) -> int:
+        """Dense part: copy + z; U and V; update temporaries; the dense-probe fallback's copy
+        of the 2-D weights (only allocated when the evaluator has no low-rank graph)."""
+        r = self.options.rank
+        two_d = [store[n] for n in store.trainable_names
+                 if store[n].dtype == np.float32 and store[n].ndim == 2]
+        dense = store.n_trainable("float32") - sum(w.size for w in two_d)
+        factors = sum(4 * r * (w.shape[0] + w.shape[1]) for w in two_d)
+        return 8 * dense + 2 * factors + 4 * BLOCK * self.threads + 4 * sum(w.size
+                                                                            for w in two_d)
+
+    def lr_at(self, t: int) -> float:
+        """Learning rate of step t, times `lr_scale` (divergence rollback)."""
+        return self.options.lr * self.lr_scale
+
+    def factors(self, t: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Name -> (U [a, r], V [b, r]) float32 of step t (module docstring)."""
+        assert self._shapes is not None
+        r, nu = self.options.rank, self.options.nu
+        tv = nu * (t // nu)
+        n_u = sum(a * r for a, _ in self._shapes.values())
+        u_all = self.noise.fill(np.empty(n_u, np.float32), run_seed=self.seed, step=t,
+                                probe=0, start=0)
+        u_all *= np.float32(1.0 / math.sqrt(r))
+        if self._v is None or self._v[0] != tv:  # V changes every nu steps only
+            n_v = sum(b * r for _, b in self._shapes.values())
+            self._v = (tv, self.noise.fill(np.empty(n_v, np.float32), run_seed=self.seed,
+                                           step=tv, probe=1, start=0))
+        v_all = self._v[1]
+        out = {}
+        iu = iv = 0
+        for name, (a, b) in self._shapes.items():
+            out[name] = (u_all[iu : iu + a * r].reshape(a, r),
+                         v_all[iv : iv + b * r].reshape(b, r))
+            iu, iv = iu + a * r, iv + b * r
+        return out
+
+    def _update(self, w: np.ndarray, cu: np.ndarray, v: np.ndarray) -> None:
+        """w += cu V^T in place with the configured engine."""
+        if self.options.update == "numpy":
+            rank_update(w, cu, np.ascontiguousarray(v.T), threads=self.threads)
+            return
+        if self._engine is None:
+            from edgelearn.backends.ort_rank_update import OrtRankUpdate
+
+            self._engine = OrtRankUpdate(self.options.threads)
+        self._engine(w, cu, np.ascontiguousarray(v.T))
+
+    def _write_dense(self, theta: np.ndarray, z: np.ndarray, coef: np.float32) -> None:
+        """The dense part of theta = its pre-step copy + coef z."""
+        o = 0
+        for a, b in self._dense:
+            n = b - a
+            np.add(self._dcopy[o : o + n], coef * z[o : o + n], out=theta[a:b])
+            o += n
+
+    def _population(self, store: ParamStore, theta: np.ndarray, z: np.ndarray,
+                    factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> LowRankPopulation:
+        """The two probes theta +- eps Z (order +, -)."""
+        e32 = np.float32(self.options.eps)
+        scales = (e32, -e32)
+
+        def prepare(j: int) -> None:
+            self._write_dense(theta, z, scales[j])
+
+        def place(j: int) -> None:  # dense fallback: W = copy + s U V^T written in numpy
+            prepare(j)
+            if not self._placed:
+                for name in factors:
+                    copy = self._wcopy.get(name)
+                    if copy is None:
+                        copy = self._wcopy[name] = np.empty_like(store[name])
+                    np.copyto(copy, store[name])
+                self._placed = True
+            for name, (u, v) in factors.items():
+                rank_update(store[name], scales[j] * u, np.ascontiguousarray(v.T),
+                            self._wcopy[name], self.threads)
+
+        def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
+            for j in range(lo, hi):
+                place(j)
+                out["float32"][j - lo, : theta.size] = theta
+
+        zs, o = {}, 0
+        for name, (a, b) in zip(self._dense_names, self._dense, strict=True):
+            zs[name], o = z[o : o + b - a], o + b - a
+        return LowRankPopulation(2, place, fill, factors=factors, dense=zs,
+                                 scales=tuple(float(s) for s in scales), prepare=prepare)
+
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
+        theta = self._prepare(store)
+        t, eps = self.t, self.options.eps
+        factors = self.factors(t)
+        z = self.noise.fill(np.empty(self._dcopy.size, np.float32), run_seed=self.seed,
+                            step=t, probe=2, start=0)
+        o = 0
+        for a, b in self._dense:
+            self._dcopy[o : o + b - a] = theta[a:b]
+            o += b - a
+        self._placed = False
+        lp, lm = yield self._population(store, theta, z, factors)
+        o = 0
+        for a, b in self._dense:  # the dense part back exactly
+            theta[a:b] = self._dcopy[o : o + b - a]
+            o += b - a
+        if self._placed:
+            for name in factors:
+                np.copyto(store[name], self._wcopy[name])
+        finite = math.isfinite(lp) and math.isfinite(lm)
+        g = (lp - lm) / (2.0 * eps) if finite else 0.0
+        lr = self.lr_at(t)
+        nu = self.options.nu
+        record: dict[str, Any] = {"seeds": [self.seed, t, nu * (t // nu)], "g": g, "lr": lr,
+                                  "eps": eps, "accepted": finite}
+        if not finite:
+            return record
+        c = np.float32(-(lr * g))
+        self._write_dense(theta, z, c)
+        for name, (u, v) in factors.items():
+            self._update(store[name], c * u, v)
+        return record
