@@ -202,3 +202,21 @@ def test_one_run_per_probe_where_the_graph_cannot_stack(monkeypatch) -> None:
     again = Model(demo()[0], trainable="*")
     make_optimizer("lozo", lr=0.05, eps=1e-3, rank=2, seed=5).replay(again.store, ia.record)
     assert again.store.digest() == a.store.digest()  # replay never perturbs: restore exact
+
+
+def test_in_place_update_check_restores_and_names_the_way_out() -> None:
+    """A wrong in-place result (as an onnxruntime that stopped copying C first would give) is
+    refused on the first run per weight, the weight restored."""
+    from edgelearn.backends.ort_rank_update import check_in_place
+    from edgelearn.errors import EdgelearnError
+
+    rng = np.random.default_rng(3)
+    before = rng.standard_normal((40, 30)).astype(np.float32)
+    c = rng.standard_normal((40, 2)).astype(np.float32)
+    vt = rng.standard_normal((2, 30)).astype(np.float32)
+    w = before + c @ vt
+    check_in_place(w, before, c, vt)  # right: passes
+    w[7, 3] += 0.5
+    with pytest.raises(EdgelearnError, match="update=numpy"):
+        check_in_place(w, before, c, vt)
+    assert np.array_equal(w, before)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn.backends.ort_graph import configure, import_ort
+from edgelearn.errors import EdgelearnError
 
 _C, _VT, _W, _OUT = "c", "vt", "w", "w_new"
 
@@ -34,6 +35,25 @@ def _gemm_model(a: int, b: int, r: int) -> bytes:
          helper.make_tensor_value_info(_W, f, [a, b])],
         [helper.make_tensor_value_info(_OUT, f, [a, b])])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def check_in_place(w: np.ndarray, before: np.ndarray, c: np.ndarray, vt: np.ndarray) -> None:
+    """Raise when the in-place Gemm did not give before + c @ vt (an onnxruntime release that
+    stops copying C into the output first would read half-written weights).
+
+    Args:
+        w: float32 [a, b] after the run; before: its copy from before the run; c [a, r];
+            vt [r, b]. Tolerance: float32 rounding of the sum, scaled by its magnitude.
+    """
+    want = before.astype(np.float64) + c.astype(np.float64) @ vt.astype(np.float64)
+    err = float(np.max(np.abs(w - want), initial=0.0))
+    bound = 1e-5 * (1.0 + float(np.max(np.abs(want), initial=0.0)))
+    if not err <= bound:
+        np.copyto(w, before)
+        raise EdgelearnError(
+            f"onnxruntime's in-place Gemm update is off by {err:.3g} (> {bound:.3g}) on a "
+            f"{w.shape[0]}x{w.shape[1]} weight in this onnxruntime release: use the lozo "
+            "option update=numpy")
 
 
 class OrtRankUpdate:
@@ -77,7 +97,12 @@ class OrtRankUpdate:
             io.bind_ortvalue_input(_W, ov)
             io.bind_output(_OUT, "cpu", 0, np.float32, [a, b], w.ctypes.data)
             bound = self._bound[key] = (session, io, ov, w)
+            before = w.copy()  # the first run on this array checks the in-place result
+        else:
+            before = None
         session, io = bound[0], bound[1]
         io.bind_cpu_input(_C, np.ascontiguousarray(c, np.float32))
         io.bind_cpu_input(_VT, np.ascontiguousarray(vt, np.float32))
         session.run_with_iobinding(io)
+        if before is not None:
+            check_in_place(w, before, c, vt)
