@@ -137,7 +137,10 @@ class CachedEvaluator(StepEvaluator):
         self.prefix_seconds = 0.0
         #: cuts tried before this one and why the check refused them
         self.refused: list[dict[str, Any]] = []
-        self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
+        #: the batch `indexed_batches` made last: (x, its keys, the data set's arena slot per
+        #: example (-1: not known to be in memory), its data-set indices)
+        self._indexed: tuple[Any, list[Hashable], np.ndarray, np.ndarray] | None = None
+        self._slot_of: dict[str, np.ndarray] = {}  # data sha256 -> slot per example
         self._rows: dict[int, dict[str, np.ndarray]] = {}  # batch size -> feature arrays
         #: the single data input's name (a multi-input model's batches are dicts)
         self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
@@ -167,14 +170,20 @@ class CachedEvaluator(StepEvaluator):
                 and not self.split.cut.passthrough)
         cache = self.cache
 
+        if token not in self._slot_of:
+            if len(self._slot_of) >= 4:  # a few data sets per session
+                self._slot_of.clear()
+            self._slot_of[token] = np.full(len(data), -1, np.intp)
+        slot_of = self._slot_of[token]
+
         def batch(step: int) -> tuple[Any, np.ndarray]:
             idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
-            keys = [(token, int(i)) for i in idx]
+            keys = [(token, i) for i in idx.tolist()]
             # a step whose keys all hit reads no row of x (FeatureCache.features)
             skip = lean and self.checked and self.disabled is None and all(
                 k in cache.slots or k in cache.spilled for k in keys)
             x = None if skip else take(data.x, idx)
-            self._indexed = (x, keys)
+            self._indexed = (x, keys, slot_of, idx)
             return x, data.y[idx]
 
         return batch
@@ -210,7 +219,17 @@ class CachedEvaluator(StepEvaluator):
                 self._rows.clear()
             out = self._rows[len(keys)] = {t: np.empty((len(keys), *s), d) for t, (s, d)
                                            in self.split.cut.row_shapes.items()}
-        feeds = dict(self.cache.features(keys, x, self.run_prefix, out=out))
+        ix = self._indexed if self._indexed is not None and self._indexed[0] is x else None
+        # a `Session.run` batch whose examples are all in memory: one gather of their slots
+        # (no per-key dict lookups); else the cache's lookup, then their slots are known
+        slots = ix[2][ix[3]] if ix is not None else None
+        if slots is not None and slots.min() >= 0:
+            feeds = dict(self.cache.gather(slots, out))
+        else:
+            feeds = dict(self.cache.features(keys, x, self.run_prefix, out=out))
+            if ix is not None:
+                get = self.cache.slots.get
+                ix[2][ix[3]] = [get(k, -1) for k in keys]
         for name in self.split.cut.passthrough:
             feeds[name] = x[name] if isinstance(x, dict) else x
         return feeds
