@@ -91,7 +91,7 @@ from edgelearn.layers import (
     ln_backward,
     post_backward,
 )
-from edgelearn.optim.base import Forward, Optimizer, register
+from edgelearn.optim.base import Forward, Optimizer, StepInfo, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 
@@ -316,6 +316,23 @@ class TPSGD(Optimizer):
             return value, np.divide(np.sign(d, out=d), np.float32(n), out=d)
         return -_sum_products64(a, t) / n, t / np.float32(-n)
 
+    def step(self, store: ParamStore, evaluate: Callable[[], float] | None = None,
+             evaluate_population: Any = None, **extra: Any) -> StepInfo:
+        """`Optimizer.step`; when the taps forward ran a form-2 head update graph (it returns
+        the updated head weights), the step is that forward and `_graph_step`, without the
+        generator dialogue: the same record, weights and forward count as through `_step`
+        (which replay runs)."""
+        taps = extra.get("taps")
+        if (taps is None or self.options.head_update == "numpy" or self.options.head_graph == 1
+                or not self.layers or self._gen is not None):
+            return super().step(store, evaluate, evaluate_population, **extra)
+        arrays, y = taps()
+        if graph_update.LOSS not in arrays:  # the numpy update (auto, or a disabled cache)
+            return super().step(store, evaluate, evaluate_population,
+                                **{**extra, "taps": lambda: (arrays, y)})
+        self._evals, self._losses = 1, []
+        return self._finish(self._graph_step(store, arrays))
+
     def _step(self, store: ParamStore, *, taps: TapsEvaluate | None = None,
               **extra: Any) -> Generator[Forward, Any, dict[str, Any]]:
         """One tpSGD step: one taps forward, then each layer's local update, in place.
@@ -435,8 +452,8 @@ class TPSGD(Optimizer):
             copies = self._copies = (store, [
                 (store[head.params[r]], graph_update.output_name(r))
                 for r in self._layer_plan(store)[-1][0]])
-        for view, name in copies[1]:
-            np.copyto(view, out[name].reshape(view.shape))
+        for view, name in copies[1]:  # the graph's outputs come shaped like the params
+            np.copyto(view, out[name])
         local = [None] * (len(self.layers) - 1) + [loss if finite else None]
         return {"loss": loss if finite else None, "local": local, "lr": self.options.lr,
                 "accepted": finite, "step": self.t}

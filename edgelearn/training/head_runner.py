@@ -29,7 +29,7 @@ class _Bound:
     """The arrays one batch size `n` binds: fed constants, targets and outputs."""
 
     def __init__(self, n: int, loss: str, lr: float, classes: int,
-                 shapes: dict[str, tuple[int, ...]]) -> None:
+                 shapes: dict[str, tuple[tuple[int, ...], bool]]) -> None:
         self.n = n
         self.inputs = {graph_update.S: graph_update.scale(loss, lr, n, classes),
                        graph_update.ONES: np.ones((1, n), np.float32)}
@@ -46,8 +46,11 @@ class _Bound:
             self.targets = [np.zeros((n, classes), np.float32)]
             self.inputs[graph_update.Y] = self.targets[0]
             self.inputs[graph_update.SIZE] = np.asarray(n * classes, np.float32)
-        self.outputs = {name: np.zeros(shape if name != "logits" else (n, classes), np.float32)
-                        for name, shape in shapes.items()}
+        #: name -> (the array returned, the shape the graph writes into its memory: a bias
+        #: [1, out] lands in an array shaped like the parameter [out])
+        self.bind = {name: (np.zeros(shape[1:] if bias else shape, np.float32), shape)
+                     for name, (shape, bias) in shapes.items()}
+        self.outputs = {name: arr for name, (arr, _) in self.bind.items()}
 
 
 class HeadRunner:
@@ -66,8 +69,7 @@ class HeadRunner:
         self.session, self.io = suffix.session, suffix.io
         self.keep = suffix  # owns the arena views the binding reads
         self.logits, self.loss, self.lr, self.classes = head_logits, loss, lr, classes
-        self.shapes: dict[str, tuple[int, ...]] = {head_logits: (), graph_update.LOSS: (),
-                                                   **params}
+        self.params = params
         self._sizes: dict[int, _Bound] = {}
         self._current: _Bound | None = None
         self._fed: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (given, bound)
@@ -78,15 +80,16 @@ class HeadRunner:
         if b is None:
             if len(self._sizes) >= KEEP_SIZES:
                 self._sizes.clear()
-            shapes = {k: (v if k != self.logits else (n, self.classes))
-                      for k, v in self.shapes.items()}
+            bias = graph_update.output_name("bias")
+            shapes = {self.logits: ((n, self.classes), False), graph_update.LOSS: ((), False),
+                      **{k: (v, k == bias) for k, v in self.params.items()}}
             b = self._sizes[n] = _Bound(n, self.loss, self.lr, self.classes, shapes)
         io = self.io
         for name, arr in b.inputs.items():
             io.bind_cpu_input(name, arr)
         io.clear_binding_outputs()
-        for name, arr in b.outputs.items():
-            io.bind_output(name, "cpu", 0, arr.dtype.type, list(arr.shape), arr.ctypes.data)
+        for name, (arr, shape) in b.bind.items():
+            io.bind_output(name, "cpu", 0, arr.dtype.type, list(shape), arr.ctypes.data)
         self._current = b
         return b
 
@@ -104,7 +107,8 @@ class HeadRunner:
         """The logits, loss and updated parameters of one step on cut tensors `feeds` (and
         passthrough inputs) with targets `y` [N] (labels) or [N, classes] (mse).
 
-        Returns arrays kept per batch size, overwritten by the next run of that size.
+        Returns arrays kept per batch size (each updated parameter shaped like it),
+        overwritten by the next run of that size.
         """
         n = len(y)
         b = self._current
