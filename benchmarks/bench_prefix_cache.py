@@ -41,12 +41,16 @@ taps graph's suffix on cached features) vs uncached, interleaved the same way:
   identical: a cached tpsgd run of as many steps as the uncached one ends with the same
       weights sha256 and journal bytes, and an uncached replay of it gives the same sha256.
 And a `tpsgd-graph` row: cached tpsgd with head_update "graph" (the head's exact update
-inside the suffix's onnxruntime call, edgelearn.graph_update) vs "numpy", interleaved with
-head-alone forwards:
-  step_ms_graph / step_ms_numpy: medians of warm steps; head_forward_ms as above;
+inside the suffix's onnxruntime call: edgelearn.graph_update's form 2, run with every array
+bound once by edgelearn.training.head_runner) vs "numpy", interleaved with head-alone
+forwards:
+  step_ms_graph / step_ms_numpy: medians of warm steps (StepResult.seconds: the feature
+      lookup, the one runtime call and the copy of the updated head into the arena);
+      head_forward_ms as above;
   step_per_head_forward_graph / _numpy = step_ms / head_forward_ms (goal <= 2);
-  head_update: the graph run's cache report entry; replay_identical: el.replay of the graph
-      run (which re-runs the same graph) gives the same sha256.
+  head_update: the graph run's cache report entry ({"mode": "graph", "graph": 2});
+      replay_identical: el.replay of the graph run (which re-runs the same graph) gives the
+      same sha256.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
