@@ -21,8 +21,9 @@ so both see the same machine load. Reported per backbone:
   speedup: uncached / cached warm (goal >= 50);
   head_forward_ms: one forward of the head alone (the head-alone bundle's Model.predict on
       a batch of cached features), interleaved with the steps; step_per_head_forward =
-      step_ms_cached_warm / head_forward_ms (goal <= 2; a zo-sgd step runs
-      `evaluations_per_step` forwards);
+      step_ms_cached_warm / head_forward_ms (goal <= 2; a zo-sgd step scores its
+      `evaluations_per_step` probe points in one call of the K-candidate suffix graph,
+      edgelearn.training.cached_population; the cache report's "population");
   head_alone_step_ms: a zo-sgd step on a bundle that is only the head (its input is the cut
       tensor, fed the cached features): the floor any caching can reach;
       step_per_head_alone_step = step_ms_cached_warm / head_alone_step_ms;
@@ -222,7 +223,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
         "prefix_nodes": r_c.cache["prefix_nodes"], "suffix_nodes": r_c.cache["suffix_nodes"],
         "cached_examples": results["cached"].cache["cached_examples"],
         "cache_bytes": results["cached"].cache["bytes"],
-        "refused_cuts": r_c.cache["refused_cuts"],
+        "refused_cuts": r_c.cache["refused_cuts"], "population": r_c.cache.get("population"),
         "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
         "step_ms_cached_first_chunk": median_ms(times["cached"].seconds[:fast]),
         "loop_step_ms_cached_warm": loop, "loop_overhead_ms": loop - cached,

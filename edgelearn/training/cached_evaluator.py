@@ -5,6 +5,10 @@ ONNX graph at its cut (`edgelearn.prefix_cache`) and, where a split exists, retu
 `CachedEvaluator`: each step looks its batch's examples up in a `FeatureCache` (by data-set
 index when `Session.run` feeds it, by a sha256 of each example's bytes for live samples),
 runs the prefix on the misses only, and every evaluate() of the step is one suffix forward.
+A population (zo-sgd's 2q probe points) is one call of a K-candidate suffix graph
+(`edgelearn.training.cached_population`: the suffix's trainable-dependent nodes copied per
+candidate, each output checked equal to a single forward on the first population of each batch
+size), so a head-only zo-sgd step is one runtime call.
 
 Bit-identity with the uncached run is checked, not assumed: on the first batch the suffix
 output must equal the whole graph's output exactly, and the prefix's rows computed alone must
@@ -144,6 +148,13 @@ class CachedEvaluator(StepEvaluator):
         self._rows: dict[int, dict[str, np.ndarray]] = {}  # batch size -> feature arrays
         #: the single data input's name (a multi-input model's batches are dicts)
         self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
+        #: K-candidate suffix graphs per K (`edgelearn.training.cached_population`), why
+        #: populations are not scored in one call (None: they are), batch sizes checked
+        self.candidates: dict[int, Any] = {}
+        self.population_off: str | None = "not set up (onnxruntime runs only)"
+        self._pop_store: Any = None
+        self._threads = threads
+        self._pop_checked: set[int] = set()
 
     def _runners(self, split: Any, store: Any, threads: int | None,
                  providers: Sequence[str]) -> tuple[Any, Any]:
@@ -241,19 +252,94 @@ class CachedEvaluator(StepEvaluator):
         if loss_fn is None:
             raise EdgelearnError("this evaluator replays only: it has no model to run")
 
-        def evaluate() -> float:
+        def feeds() -> dict[str, np.ndarray]:
             if not held:  # the step's lookup is timed as part of the step
                 held.append(self._feeds(x))
                 if not self.checked:
                     self._check(x, held[0])
+            return held[0]
+
+        def evaluate() -> float:
+            cut = feeds()
             if self.disabled is not None:
                 return self.plain.forwards(x, y).evaluate()
             t0 = time.perf_counter()
-            out = self.suffix.run(held[0])
+            out = self.suffix.run(cut)
             timers.forward.append(time.perf_counter() - t0)
             return loss_fn(out, y)
 
-        return Forwards(evaluate, None)
+        def evaluate_population(pop: Any) -> list[float]:
+            cut = feeds()
+            if (self.disabled is not None or pop.fill is None
+                    or not self.candidate_runners(pop.size)):
+                out = []  # one forward per candidate, as the optimizer would expand it
+                for j in range(pop.size):
+                    pop.place(j)
+                    out.append(evaluate())
+                return out
+            t0 = time.perf_counter()
+            losses = self._population_losses(pop, cut, y, loss_fn)
+            timers.population.append(time.perf_counter() - t0)
+            return losses
+
+        return Forwards(evaluate, evaluate_population if self.population_off is None else None)
+
+    def enable_population(self, store: Any) -> None:
+        """Score populations (zo-sgd's probe points) in one runtime call from now on, where
+        the suffix allows it (`edgelearn.training.cached_population`)."""
+        from edgelearn.training.cached_population import population_supported
+
+        self._pop_store = store
+        self.population_off = population_supported(self.split, store)
+
+    def _population_losses(self, pop: Any, cut: dict[str, np.ndarray], y: np.ndarray,
+                           loss_fn: Any) -> list[float]:
+        """loss_fn of every candidate of `pop` from K-candidate suffix calls; on the first
+        population of a batch size each candidate also runs alone, its loss is the one used
+        and the outputs must be equal (else populations expand from now on)."""
+        from edgelearn.training.cached_population import MAX_CANDIDATES
+
+        n, losses = len(y), []
+        for lo in range(0, pop.size, MAX_CANDIDATES):
+            hi = min(lo + MAX_CANDIDATES, pop.size)
+            runner = self.candidates[hi - lo]
+            pop.fill({"float32": runner.rows}, lo, hi)
+            outs = runner.outputs(cut)
+            if n in self._pop_checked:
+                losses.extend(loss_fn(o, y) for o in outs)
+                continue
+            alone = []
+            for j in range(lo, hi):
+                pop.place(j)
+                alone.append(self.suffix.run(cut))
+            if not all(np.array_equal(a, b) for a, b in zip(outs, alone, strict=True)):
+                self.population_off = ("the K-candidate suffix graph's outputs differ from "
+                                       "single suffix forwards")
+            losses.extend(loss_fn(o, y) for o in alone)
+        if self.population_off is None:
+            self._pop_checked.add(n)
+        return losses
+
+    def candidate_runners(self, size: int) -> bool:
+        """Make the K-candidate graphs a population of `size` runs on (chunks of
+        MAX_CANDIDATES); False when populations are not scored in one call (the reason in
+        `population_off`)."""
+        from edgelearn.training.cached_population import MAX_CANDIDATES, CandidateRunner
+
+        providers = self.suffix.session.get_providers()
+        for k in {min(size, MAX_CANDIDATES), size % MAX_CANDIDATES or MAX_CANDIDATES}:
+            if self.population_off is not None:
+                break
+            if k not in self.candidates:
+                try:
+                    self.candidates[k] = CandidateRunner(
+                        lambda split: SuffixRunner(split, self._pop_store, self._threads,
+                                                   providers),
+                        self.split, self._pop_store, self.suffix.output, k)
+                except Exception as e:  # onnx and onnxruntime raise their own types
+                    self.population_off = (f"the K-candidate suffix graph could not be built "
+                                           f"({type(e).__name__}: {e})")
+        return self.population_off is None
 
     def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
         """First real batch: the same checks as at setup (`mismatch`); fall back on failure."""
@@ -315,6 +401,9 @@ class CachedEvaluator(StepEvaluator):
                                **self.cache.report(),
                                "prefix_ms_total": round(1e3 * self.prefix_seconds, 3),
                                "refused_cuts": self.refused}
+        if self._pop_store is not None:  # how populations (zo-sgd's probes) are scored
+            rep["population"] = ({"one_call": True} if self.population_off is None else
+                                 {"one_call": False, "reason": self.population_off})
         if self.disabled is not None:
             rep["reason"] = self.disabled
         return rep
@@ -395,10 +484,13 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
     planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
                            [t.name for t in bundle.inputs], model.output_name)
-    return first_clean_cut(planner, lambda split: CachedEvaluator(
+    found = first_clean_cut(planner, lambda split: CachedEvaluator(
         plain, split, store, threads=threads, providers=providers,
         capacity=DEFAULT_CAPACITY if capacity is None else capacity),
         probe_batch(bundle), refused)
+    if not isinstance(found, str):
+        found.enable_population(store)
+    return found
 
 
 def _litert_search(bundle: Any, plain: LossEvaluator, *, threads: int | None,
