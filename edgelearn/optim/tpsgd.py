@@ -52,8 +52,9 @@ One step, on the batch (x, y):
      input and the logits.
      Head only, on cached frozen-prefix features (onnxruntime), `head_update="graph"` (or
      "auto") computes that update inside the suffix's runtime call instead of in numpy
-     (`edgelearn.graph_update`): the same rule in float32, so other floats; the option is
-     recorded in the journal header and replay re-runs the same graph.
+     (`edgelearn.graph_update`): the same rule in float32, so other floats; the option and
+     the graph's form (`head_graph`) are recorded in the journal header and replay re-runs
+     the same graph.
   3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
      its taps are dropped. No gradient crosses a layer boundary.
 B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
