@@ -173,12 +173,11 @@ class CachedEvaluator(StepEvaluator):
             rows: False when the caller reads no rows of the batches itself (the loop's
                 `needs_rows`): a batch whose examples are all cached then comes as
                 (None, y), its rows never copied out of the data set, when nothing of this
-                evaluator reads them (not a taps evaluator, no passthrough input, the cut
-                checked and not refused); otherwise x is the batch's rows.
+                evaluator reads them (`reads_rows`, no passthrough input, the cut checked and
+                not refused); otherwise x is the batch's rows.
         """
         token = data_sha256(data)
-        lean = (not rows and type(self).forwards is CachedEvaluator.forwards
-                and not self.split.cut.passthrough)
+        lean = not rows and not self.reads_rows() and not self.split.cut.passthrough
         cache = self.cache
 
         if token not in self._slot_of:
@@ -198,6 +197,11 @@ class CachedEvaluator(StepEvaluator):
             return x, data.y[idx]
 
         return batch
+
+    def reads_rows(self) -> bool:
+        """Whether a step on cached features reads its batch's rows (the loss forwards do
+        not; a subclass whose forwards do says so)."""
+        return type(self).forwards is not CachedEvaluator.forwards
 
     def spill_to(self, run_dir: Path) -> None:
         """Spill features that do not fit in memory to a file in the run directory."""

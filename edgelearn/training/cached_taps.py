@@ -87,6 +87,11 @@ class CachedTapsEvaluator(CachedEvaluator):
     def _feed(self, x: Inputs) -> dict[str, np.ndarray]:
         return dict(x) if isinstance(x, dict) else {self.input_name: x}
 
+    def reads_rows(self) -> bool:
+        # form 2 of the head update reads the cut tensors and targets only; the other taps
+        # forwards return the model input(s) as a tap (layer 0 reads them)
+        return self.head_step is None
+
     def _split_taps(self, x: Inputs, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The taps of batch `x` from its cut tensors `feeds` (passthrough inputs included):
         one suffix forward, the taps above the cut, and the model input(s) (layer 0 reads
