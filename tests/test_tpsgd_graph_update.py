@@ -297,3 +297,26 @@ def test_cli_graph_without_cache_is_one_line(capsys: pytest.CaptureFixture[str],
     assert "prefix cache is off" in err
     assert "Traceback" not in out + err
     assert not (tmp_path / "r").exists()
+
+
+def test_live_graph_steps_of_several_sizes_replay(encoder: Path, tmp_path: Path) -> None:
+    """Live samples and batches of different sizes (content keys, recorded samples): the form-2
+    runner re-binds per batch size, and resuming the run replays it bit-exactly."""
+    data = data_for(encoder)
+    cfg = el.TrainConfig(optimizer="tpsgd", record_samples=True,
+                         options={"head_update": "graph"})
+    rt = el.RuntimeConfig(backend="onnxruntime", device=None, prefix_cache=True)
+    sizes = [1, 4, 1, 3, 4, 4, 1]
+    with el.Session(encoder, tmp_path / "live", cfg, rt) as s:
+        at = 0
+        for n in sizes:
+            s.step((data.x[at:at + n], data.y[at:at + n]) if n > 1 else (data.x[at], data.y[at]))
+            at = (at + n) % 16
+        assert s.evaluator.cache_report()["head_update"] == {"mode": "graph", "graph": 2}
+        digest = s.digest()
+    assert digest != el.load_bundle(encoder).load_store().digest()  # the head moved
+    replayed = el.replay(el.load_bundle(encoder), tmp_path / "live" / "journal.bin")
+    assert (replayed.steps, replayed.sha256) == (len(sizes), digest)
+    with el.Session.resume(tmp_path / "live") as s:
+        s.step((data.x[0], data.y[0]))  # opens the run: replays the recorded steps first
+        assert s.optimizer.t == len(sizes) + 1
