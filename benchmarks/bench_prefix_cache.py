@@ -21,8 +21,9 @@ so both see the same machine load. Reported per backbone:
   speedup: uncached / cached warm (goal >= 50);
   head_forward_ms: one forward of the head alone (the head-alone bundle's Model.predict on
       a batch of cached features), interleaved with the steps; step_per_head_forward =
-      step_ms_cached_warm / head_forward_ms (goal <= 2; a zo-sgd step runs
-      `evaluations_per_step` forwards);
+      step_ms_cached_warm / head_forward_ms (goal <= 2; a zo-sgd step scores its
+      `evaluations_per_step` probe points in one call of the K-candidate suffix graph,
+      edgelearn.training.cached_population; the cache report's "population");
   head_alone_step_ms: a zo-sgd step on a bundle that is only the head (its input is the cut
       tensor, fed the cached features): the floor any caching can reach;
       step_per_head_alone_step = step_ms_cached_warm / head_alone_step_ms;
@@ -41,12 +42,16 @@ taps graph's suffix on cached features) vs uncached, interleaved the same way:
   identical: a cached tpsgd run of as many steps as the uncached one ends with the same
       weights sha256 and journal bytes, and an uncached replay of it gives the same sha256.
 And a `tpsgd-graph` row: cached tpsgd with head_update "graph" (the head's exact update
-inside the suffix's onnxruntime call, edgelearn.graph_update) vs "numpy", interleaved with
-head-alone forwards:
-  step_ms_graph / step_ms_numpy: medians of warm steps; head_forward_ms as above;
+inside the suffix's onnxruntime call: edgelearn.graph_update's form 2, run with every array
+bound once by edgelearn.training.head_runner) vs "numpy", interleaved with head-alone
+forwards:
+  step_ms_graph / step_ms_numpy: medians of warm steps (StepResult.seconds: the feature
+      lookup, the one runtime call and the copy of the updated head into the arena);
+      head_forward_ms as above;
   step_per_head_forward_graph / _numpy = step_ms / head_forward_ms (goal <= 2);
-  head_update: the graph run's cache report entry; replay_identical: el.replay of the graph
-      run (which re-runs the same graph) gives the same sha256.
+  head_update: the graph run's cache report entry ({"mode": "graph", "graph": 2});
+      replay_identical: el.replay of the graph run (which re-runs the same graph) gives the
+      same sha256.
 Prints ONE JSON object on stdout; progress on stderr. It never asserts.
 """
 
@@ -218,7 +223,7 @@ def compare(name: str, src: Path, output: str, tmp: Path, chunks: int, slow: int
         "prefix_nodes": r_c.cache["prefix_nodes"], "suffix_nodes": r_c.cache["suffix_nodes"],
         "cached_examples": results["cached"].cache["cached_examples"],
         "cache_bytes": results["cached"].cache["bytes"],
-        "refused_cuts": r_c.cache["refused_cuts"],
+        "refused_cuts": r_c.cache["refused_cuts"], "population": r_c.cache.get("population"),
         "step_ms_uncached": uncached, "step_ms_cached_warm": cached,
         "step_ms_cached_first_chunk": median_ms(times["cached"].seconds[:fast]),
         "loop_step_ms_cached_warm": loop, "loop_overhead_ms": loop - cached,

@@ -346,14 +346,11 @@ class FeatureCache:
         """
         slots = list(map(self.slots.get, keys, itertools.repeat(-1)))
         if min(slots, default=0) >= 0:  # the common case once warm: one gather per tensor
-            self.hits += len(keys)
             idx = np.asarray(slots)
             if out is None:
+                self.hits += len(keys)
                 return {t: self.arena[t][idx] for t in self.cut.tensors}
-            for t in self.cut.tensors:  # every index is a valid slot: "clip" never clips,
-                # and it lets take write straight into `out` (mode "raise" buffers it)
-                np.take(self.arena[t], idx, axis=0, out=out[t], mode="clip")
-            return out
+            return self.gather(idx, out)
         miss = [i for i, (k, s) in enumerate(zip(keys, slots, strict=True))
                 if s < 0 and k not in self.spilled]
         fresh = compute(take(x, miss)) if miss else {}
@@ -370,6 +367,16 @@ class FeatureCache:
                 out[t][i] = row[t]
         if miss:
             self._store([keys[i] for i in miss], fresh)
+        return out
+
+    def gather(self, slots: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows at arena `slots` (intp [n], every one a slot `features` filled, as the
+        caller knows) written into `out` (arrays [n, ...] per cut tensor); returns `out`."""
+        self.hits += len(slots)
+        for t in self.cut.tensors:  # every index is a valid slot: "clip" never clips, and
+            # it lets take write straight into `out` (mode "raise" buffers it); the method
+            # with positional arguments: np.take's keyword dispatch costs more than the copy
+            self.arena[t].take(slots, 0, out[t], "clip")
         return out
 
     def memory_bytes(self) -> int:

@@ -52,8 +52,9 @@ One step, on the batch (x, y):
      input and the logits.
      Head only, on cached frozen-prefix features (onnxruntime), `head_update="graph"` (or
      "auto") computes that update inside the suffix's runtime call instead of in numpy
-     (`edgelearn.graph_update`): the same rule in float32, so other floats; the option is
-     recorded in the journal header and replay re-runs the same graph.
+     (`edgelearn.graph_update`): the same rule in float32, so other floats; the option and
+     the graph's form (`head_graph`) are recorded in the journal header and replay re-runs
+     the same graph.
   3. Each layer's trainable slice of the arena is updated in place, W -= lr * dL_i/dW, and
      its taps are dropped. No gradient crosses a layer boundary.
 B_i is drawn from (seed, layer index) with a counter-based generator, so the run's seed (in the
@@ -91,7 +92,7 @@ from edgelearn.layers import (
     ln_backward,
     post_backward,
 )
-from edgelearn.optim.base import Forward, Optimizer, register
+from edgelearn.optim.base import Forward, Optimizer, StepInfo, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.params import ParamStore
 
@@ -170,6 +171,12 @@ class TPSGDOptions(OptimizerOptions):
         "where a head-only run on cached prefix features computes the head's update: numpy, "
         "graph (inside the suffix's onnxruntime call; edgelearn.graph_update) or auto (graph "
         "where it can run, else numpy)", choices=HEAD_UPDATES, record="when-set"))
+    # recorded with every non-numpy head_update (`config`); a header with a graph head update
+    # and no head_graph ran form 1, the only one before this option (`from_config`)
+    head_graph: int = field(default=graph_update.VERSION, metadata=meta(
+        "form of the head update graph (edgelearn.graph_update): 2 (6 nodes, targets and "
+        "scale fed in place) or 1 (the first form, which older journals replay with)",
+        record="never"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +186,21 @@ class TPSGDOptions(OptimizerOptions):
               f"target_scale must be > 0, got {self.target_scale}")
         check(self.hidden_lr is None or (self.hidden_lr >= 0 and math.isfinite(self.hidden_lr)),
               f"hidden_lr must be a finite number >= 0, got {self.hidden_lr}")
+        check(self.head_graph in graph_update.VERSIONS,
+              f"head_graph must be one of {graph_update.VERSIONS}, got {self.head_graph}")
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        if self.head_update != "numpy" or self.head_graph != graph_update.VERSION:
+            out["head_graph"] = self.head_graph  # which graph replay must build
+        return out
+
+    @classmethod
+    def from_config(cls, owner: str, config: Any) -> TPSGDOptions:
+        if (isinstance(config, dict) and config.get("head_update", "numpy") != "numpy"
+                and "head_graph" not in config):
+            config = {**config, "head_graph": 1}  # recorded before form 2 existed
+        return super().from_config(owner, config)
 
 
 @register
@@ -208,6 +230,7 @@ class TPSGD(Optimizer):
         self._blas: _OneBlasThread | None = None
         # per layer (trainable roles, trainable norm roles), for the store it was made for
         self._plan: tuple[Any, list[tuple[list[str], list[str]]]] = (None, [])
+        self._copies: tuple[Any, list[tuple[np.ndarray, str]]] = (None, [])
 
     def setup(self, store: ParamStore, *, layers: Sequence[Layer] = (),
               targets: np.ndarray | None = None, out_shape: Sequence[int] | None = None,
@@ -241,7 +264,7 @@ class TPSGD(Optimizer):
             self.check_targets(targets, tuple(out_shape))
         self.layers = list(layers)
         self._blas = _OneBlasThread.make()
-        self._plan = (None, [])
+        self._plan, self._copies = (None, []), (None, [])
         last_use: dict[str, int] = {}
         for i, layer in enumerate(self.layers):
             for tap in (layer.input, layer.preact, layer.output, layer.raw, layer.target):
@@ -294,6 +317,23 @@ class TPSGD(Optimizer):
             return value, np.divide(np.sign(d, out=d), np.float32(n), out=d)
         return -_sum_products64(a, t) / n, t / np.float32(-n)
 
+    def step(self, store: ParamStore, evaluate: Callable[[], float] | None = None,
+             evaluate_population: Any = None, **extra: Any) -> StepInfo:
+        """`Optimizer.step`; when the taps forward ran a form-2 head update graph (it returns
+        the updated head weights), the step is that forward and `_graph_step`, without the
+        generator dialogue: the same record, weights and forward count as through `_step`
+        (which replay runs)."""
+        taps = extra.get("taps")
+        if (taps is None or self.options.head_update == "numpy" or self.options.head_graph == 1
+                or not self.layers or self._gen is not None):
+            return super().step(store, evaluate, evaluate_population, **extra)
+        arrays, y = taps()
+        if graph_update.LOSS not in arrays:  # the numpy update (auto, or a disabled cache)
+            return super().step(store, evaluate, evaluate_population,
+                                **{**extra, "taps": lambda: (arrays, y)})
+        self._evals, self._losses = 1, []
+        return self._finish(self._graph_step(store, arrays))
+
     def _step(self, store: ParamStore, *, taps: TapsEvaluate | None = None,
               **extra: Any) -> Generator[Forward, Any, dict[str, Any]]:
         """One tpSGD step: one taps forward, then each layer's local update, in place.
@@ -312,6 +352,8 @@ class TPSGD(Optimizer):
                              "(replay: the run's data, --data)")
         arrays, y = yield Forward(taps)
         if graph_update.LOSS in arrays:  # the update ran in the graph: no BLAS call here
+            if self.options.head_graph != 1:
+                return self._graph_step(store, arrays)
             return self._update(store, dict(arrays), y)
         # the local GEMMs are small ([O, N*H*W] x [N*H*W, C*k*k]): BLAS threads cost more than
         # they save (measured 23 ms vs 0.13 ms for a 32x512x144 sgemm on 2 busy cores)
@@ -386,6 +428,33 @@ class TPSGD(Optimizer):
             np.copyto(view, taps[graph_update.output_name(role)].reshape(view.shape))
         loss = float(taps[graph_update.LOSS])
         finite = math.isfinite(loss)
+        local = [None] * (len(self.layers) - 1) + [loss if finite else None]
+        return {"loss": loss if finite else None, "local": local, "lr": self.options.lr,
+                "accepted": finite, "step": self.t}
+
+    def _graph_step(self, store: ParamStore, out: dict[str, np.ndarray]) -> dict[str, Any]:
+        """`_update` of a form-2 head update graph's outputs `out` (logits, LOSS, updated
+        head parameters; `edgelearn.graph_update`), with the same record and weights.
+
+        Nothing is re-checked per step: the targets were checked when the run started, as
+        the graph's outputs were when it was built. A non-finite logit makes LOSS non-finite
+        (log P is NaN or -inf there, times a 0 or -1/N one-hot entry), so the logits are
+        checked only then: a step with non-finite logits is rejected without an update, one
+        whose loss alone overflowed is applied and not accepted, as in `_update`.
+        """
+        loss = float(out[graph_update.LOSS])
+        finite = math.isfinite(loss)
+        if not finite and not np.isfinite(out[self.layers[-1].preact]).all():
+            return {"loss": None, "local": [None] * len(self.layers), "lr": self.options.lr,
+                    "accepted": False, "step": self.t}
+        copies = self._copies
+        if copies[0] is not store:  # (arena view, graph output) per trainable head param
+            head = self.layers[-1]
+            copies = self._copies = (store, [
+                (store[head.params[r]], graph_update.output_name(r))
+                for r in self._layer_plan(store)[-1][0]])
+        for view, name in copies[1]:  # the graph's outputs come shaped like the params
+            np.copyto(view, out[name])
         local = [None] * (len(self.layers) - 1) + [loss if finite else None]
         return {"loss": loss if finite else None, "local": local, "lr": self.options.lr,
                 "accepted": finite, "step": self.t}

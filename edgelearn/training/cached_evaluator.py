@@ -5,6 +5,10 @@ ONNX graph at its cut (`edgelearn.prefix_cache`) and, where a split exists, retu
 `CachedEvaluator`: each step looks its batch's examples up in a `FeatureCache` (by data-set
 index when `Session.run` feeds it, by a sha256 of each example's bytes for live samples),
 runs the prefix on the misses only, and every evaluate() of the step is one suffix forward.
+A population (zo-sgd's 2q probe points) is one call of a K-candidate suffix graph
+(`edgelearn.training.cached_population`: the suffix's trainable-dependent nodes copied per
+candidate, each output checked equal to a single forward on the first population of each batch
+size), so a head-only zo-sgd step is one runtime call.
 
 Bit-identity with the uncached run is checked, not assumed: on the first batch the suffix
 output must equal the whole graph's output exactly, and the prefix's rows computed alone must
@@ -137,10 +141,20 @@ class CachedEvaluator(StepEvaluator):
         self.prefix_seconds = 0.0
         #: cuts tried before this one and why the check refused them
         self.refused: list[dict[str, Any]] = []
-        self._indexed: tuple[np.ndarray, list[Hashable]] | None = None
+        #: the batch `indexed_batches` made last: (x, its keys, the data set's arena slot per
+        #: example (-1: not known to be in memory), its data-set indices)
+        self._indexed: tuple[Any, list[Hashable], np.ndarray, np.ndarray] | None = None
+        self._slot_of: dict[str, np.ndarray] = {}  # data sha256 -> slot per example
         self._rows: dict[int, dict[str, np.ndarray]] = {}  # batch size -> feature arrays
         #: the single data input's name (a multi-input model's batches are dicts)
         self.input_name = getattr(getattr(plain, "model", None), "input_name", None)
+        #: K-candidate suffix graphs per K (`edgelearn.training.cached_population`), why
+        #: populations are not scored in one call (None: they are), batch sizes checked
+        self.candidates: dict[int, Any] = {}
+        self.population_off: str | None = "not set up (onnxruntime runs only)"
+        self._pop_store: Any = None
+        self._threads = threads
+        self._pop_checked: set[int] = set()
 
     def _runners(self, split: Any, store: Any, threads: int | None,
                  providers: Sequence[str]) -> tuple[Any, Any]:
@@ -159,25 +173,35 @@ class CachedEvaluator(StepEvaluator):
             rows: False when the caller reads no rows of the batches itself (the loop's
                 `needs_rows`): a batch whose examples are all cached then comes as
                 (None, y), its rows never copied out of the data set, when nothing of this
-                evaluator reads them (not a taps evaluator, no passthrough input, the cut
-                checked and not refused); otherwise x is the batch's rows.
+                evaluator reads them (`reads_rows`, no passthrough input, the cut checked and
+                not refused); otherwise x is the batch's rows.
         """
         token = data_sha256(data)
-        lean = (not rows and type(self).forwards is CachedEvaluator.forwards
-                and not self.split.cut.passthrough)
+        lean = not rows and not self.reads_rows() and not self.split.cut.passthrough
         cache = self.cache
+
+        if token not in self._slot_of:
+            if len(self._slot_of) >= 4:  # a few data sets per session
+                self._slot_of.clear()
+            self._slot_of[token] = np.full(len(data), -1, np.intp)
+        slot_of = self._slot_of[token]
 
         def batch(step: int) -> tuple[Any, np.ndarray]:
             idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
-            keys = [(token, int(i)) for i in idx]
+            keys = [(token, i) for i in idx.tolist()]
             # a step whose keys all hit reads no row of x (FeatureCache.features)
             skip = lean and self.checked and self.disabled is None and all(
                 k in cache.slots or k in cache.spilled for k in keys)
             x = None if skip else take(data.x, idx)
-            self._indexed = (x, keys)
+            self._indexed = (x, keys, slot_of, idx)
             return x, data.y[idx]
 
         return batch
+
+    def reads_rows(self) -> bool:
+        """Whether a step on cached features reads its batch's rows (the loss forwards do
+        not; a subclass whose forwards do says so)."""
+        return type(self).forwards is not CachedEvaluator.forwards
 
     def spill_to(self, run_dir: Path) -> None:
         """Spill features that do not fit in memory to a file in the run directory."""
@@ -210,7 +234,17 @@ class CachedEvaluator(StepEvaluator):
                 self._rows.clear()
             out = self._rows[len(keys)] = {t: np.empty((len(keys), *s), d) for t, (s, d)
                                            in self.split.cut.row_shapes.items()}
-        feeds = dict(self.cache.features(keys, x, self.run_prefix, out=out))
+        ix = self._indexed if self._indexed is not None and self._indexed[0] is x else None
+        # a `Session.run` batch whose examples are all in memory: one gather of their slots
+        # (no per-key dict lookups); else the cache's lookup, then their slots are known
+        slots = ix[2][ix[3]] if ix is not None else None
+        if slots is not None and slots.min() >= 0:
+            feeds = dict(self.cache.gather(slots, out))
+        else:
+            feeds = dict(self.cache.features(keys, x, self.run_prefix, out=out))
+            if ix is not None:
+                get = self.cache.slots.get
+                ix[2][ix[3]] = [get(k, -1) for k in keys]
         for name in self.split.cut.passthrough:
             feeds[name] = x[name] if isinstance(x, dict) else x
         return feeds
@@ -222,19 +256,94 @@ class CachedEvaluator(StepEvaluator):
         if loss_fn is None:
             raise EdgelearnError("this evaluator replays only: it has no model to run")
 
-        def evaluate() -> float:
+        def feeds() -> dict[str, np.ndarray]:
             if not held:  # the step's lookup is timed as part of the step
                 held.append(self._feeds(x))
                 if not self.checked:
                     self._check(x, held[0])
+            return held[0]
+
+        def evaluate() -> float:
+            cut = feeds()
             if self.disabled is not None:
                 return self.plain.forwards(x, y).evaluate()
             t0 = time.perf_counter()
-            out = self.suffix.run(held[0])
+            out = self.suffix.run(cut)
             timers.forward.append(time.perf_counter() - t0)
             return loss_fn(out, y)
 
-        return Forwards(evaluate, None)
+        def evaluate_population(pop: Any) -> list[float]:
+            cut = feeds()
+            if (self.disabled is not None or pop.fill is None
+                    or not self.candidate_runners(pop.size)):
+                out = []  # one forward per candidate, as the optimizer would expand it
+                for j in range(pop.size):
+                    pop.place(j)
+                    out.append(evaluate())
+                return out
+            t0 = time.perf_counter()
+            losses = self._population_losses(pop, cut, y, loss_fn)
+            timers.population.append(time.perf_counter() - t0)
+            return losses
+
+        return Forwards(evaluate, evaluate_population if self.population_off is None else None)
+
+    def enable_population(self, store: Any) -> None:
+        """Score populations (zo-sgd's probe points) in one runtime call from now on, where
+        the suffix allows it (`edgelearn.training.cached_population`)."""
+        from edgelearn.training.cached_population import population_supported
+
+        self._pop_store = store
+        self.population_off = population_supported(self.split, store)
+
+    def _population_losses(self, pop: Any, cut: dict[str, np.ndarray], y: np.ndarray,
+                           loss_fn: Any) -> list[float]:
+        """loss_fn of every candidate of `pop` from K-candidate suffix calls; on the first
+        population of a batch size each candidate also runs alone, its loss is the one used
+        and the outputs must be equal (else populations expand from now on)."""
+        from edgelearn.training.cached_population import MAX_CANDIDATES
+
+        n, losses = len(y), []
+        for lo in range(0, pop.size, MAX_CANDIDATES):
+            hi = min(lo + MAX_CANDIDATES, pop.size)
+            runner = self.candidates[hi - lo]
+            pop.fill({"float32": runner.rows}, lo, hi)
+            outs = runner.outputs(cut)
+            if n in self._pop_checked:
+                losses.extend(loss_fn(o, y) for o in outs)
+                continue
+            alone = []
+            for j in range(lo, hi):
+                pop.place(j)
+                alone.append(self.suffix.run(cut))
+            if not all(np.array_equal(a, b) for a, b in zip(outs, alone, strict=True)):
+                self.population_off = ("the K-candidate suffix graph's outputs differ from "
+                                       "single suffix forwards")
+            losses.extend(loss_fn(o, y) for o in alone)
+        if self.population_off is None:
+            self._pop_checked.add(n)
+        return losses
+
+    def candidate_runners(self, size: int) -> bool:
+        """Make the K-candidate graphs a population of `size` runs on (chunks of
+        MAX_CANDIDATES); False when populations are not scored in one call (the reason in
+        `population_off`)."""
+        from edgelearn.training.cached_population import MAX_CANDIDATES, CandidateRunner
+
+        providers = self.suffix.session.get_providers()
+        for k in {min(size, MAX_CANDIDATES), size % MAX_CANDIDATES or MAX_CANDIDATES}:
+            if self.population_off is not None:
+                break
+            if k not in self.candidates:
+                try:
+                    self.candidates[k] = CandidateRunner(
+                        lambda split: SuffixRunner(split, self._pop_store, self._threads,
+                                                   providers),
+                        self.split, self._pop_store, self.suffix.output, k)
+                except Exception as e:  # onnx and onnxruntime raise their own types
+                    self.population_off = (f"the K-candidate suffix graph could not be built "
+                                           f"({type(e).__name__}: {e})")
+        return self.population_off is None
 
     def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
         """First real batch: the same checks as at setup (`mismatch`); fall back on failure."""
@@ -296,6 +405,9 @@ class CachedEvaluator(StepEvaluator):
                                **self.cache.report(),
                                "prefix_ms_total": round(1e3 * self.prefix_seconds, 3),
                                "refused_cuts": self.refused}
+        if self._pop_store is not None:  # how populations (zo-sgd's probes) are scored
+            rep["population"] = ({"one_call": True} if self.population_off is None else
+                                 {"one_call": False, "reason": self.population_off})
         if self.disabled is not None:
             rep["reason"] = self.disabled
         return rep
@@ -376,10 +488,13 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
     providers = getattr(model.backend, "providers", None) or ["CPUExecutionProvider"]
     planner = SplitPlanner(bundle.files["onnx"], frozen, store.trainable_names,
                            [t.name for t in bundle.inputs], model.output_name)
-    return first_clean_cut(planner, lambda split: CachedEvaluator(
+    found = first_clean_cut(planner, lambda split: CachedEvaluator(
         plain, split, store, threads=threads, providers=providers,
         capacity=DEFAULT_CAPACITY if capacity is None else capacity),
         probe_batch(bundle), refused)
+    if not isinstance(found, str):
+        found.enable_population(store)
+    return found
 
 
 def _litert_search(bundle: Any, plain: LossEvaluator, *, threads: int | None,

@@ -44,6 +44,7 @@ from edgelearn.training.cached_evaluator import (
     probe_batch,
 )
 from edgelearn.training.evaluators import Batch, Forwards, StepEvaluator, TapsEvaluator
+from edgelearn.training.head_runner import HeadRunner, head_runner
 from edgelearn.training.header import optimizer_record
 
 #: what onnxruntime runs a taps graph on (`make_backend` without providers: as the plain run)
@@ -73,9 +74,11 @@ class CachedTapsEvaluator(CachedEvaluator):
         self.taps = tuple(taps)
         #: taps that are cut tensors: read from the cached features
         self.from_cut = tuple(t for t in taps if t in split.cut.tensors)
-        #: the suffix with tpSGD's head update appended (`edgelearn.graph_update`), its
-        #: constant feeds (lr) and the targets' dtype; None: the numpy head update
+        #: the suffix with tpSGD's head update appended in form 1 (`edgelearn.graph_update`),
+        #: its constant feeds (lr) and the targets' dtype; None: form 2 or the numpy update
         self.head_runner: SuffixRunner | None = None
+        #: form 2 of the head update graph, every array bound once (`head_runner`)
+        self.head_step: HeadRunner | None = None
         self.head_feeds: dict[str, np.ndarray] = {}
         self.head_y = np.int64
         self.head_update: dict[str, Any] = {"mode": "numpy"}
@@ -83,6 +86,11 @@ class CachedTapsEvaluator(CachedEvaluator):
 
     def _feed(self, x: Inputs) -> dict[str, np.ndarray]:
         return dict(x) if isinstance(x, dict) else {self.input_name: x}
+
+    def reads_rows(self) -> bool:
+        # form 2 of the head update reads the cut tensors and targets only; the other taps
+        # forwards return the model input(s) as a tap (layer 0 reads them)
+        return self.head_step is None
 
     def _split_taps(self, x: Inputs, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The taps of batch `x` from its cut tensors `feeds` (passthrough inputs included):
@@ -108,8 +116,12 @@ class CachedTapsEvaluator(CachedEvaluator):
             if self.disabled is not None:
                 return plain_taps()
             t0 = time.perf_counter()
-            out = (self._split_taps(x, held[0]) if self.head_runner is None
-                   else self._head_taps(x, y, held[0]))
+            if self.head_step is not None:  # form 2: the taps are the logits only
+                out = self.head_step.run(held[0], y)
+            elif self.head_runner is not None:
+                out = self._head_taps(x, y, held[0])
+            else:
+                out = self._split_taps(x, held[0])
             self.timers.forward.append(time.perf_counter() - t0)
             return out, y
 
@@ -224,6 +236,15 @@ def cached_taps_or_plain(bundle: Any, plain: TapsEvaluator, store: ParamStore,
     return plain
 
 
+def refuse_uncached(opt: Optimizer) -> None:
+    """InputError when `opt` asks for tpSGD's graph head update without the prefix cache (it
+    runs on cached features only; "auto" takes the numpy update there)."""
+    if _head_mode(opt) == "graph":
+        raise InputError("tpsgd head_update='graph' runs on cached frozen-prefix features, "
+                         "and the prefix cache is off (RuntimeConfig(prefix_cache=False) / "
+                         "train --no-cache): turn it on, or use head_update='numpy' or 'auto'")
+
+
 def _head_mode(opt: Optimizer) -> str:
     return str(getattr(getattr(opt, "options", None), "head_update", "numpy"))
 
@@ -245,12 +266,17 @@ def attach_head_update(ev: CachedTapsEvaluator, opt: Optimizer, store: ParamStor
     layers = getattr(opt, "layers", [])
     trainable = list(store.trainable_names)
     why = graph_update.why_not(layers, trainable, [i.name for i in ev.suffix.session.get_inputs()])
+    loss, version = options.head_loss, options.head_graph
     if why is None:
         try:
-            loss = options.head_loss
-            model = graph_update.build(ev.split.suffix, layers[-1], trainable, loss)
-            ev.head_runner = SuffixRunner(dataclasses.replace(ev.split, suffix=model), store,
-                                          threads, TAPS_PROVIDERS)
+            model = graph_update.build(ev.split.suffix, layers[-1], trainable, loss, version)
+            runner = SuffixRunner(dataclasses.replace(ev.split, suffix=model), store,
+                                  threads, TAPS_PROVIDERS)
+            if version == 1:
+                ev.head_runner = runner
+            else:
+                ev.head_step = head_runner(runner, layers[-1], trainable, store, loss=loss,
+                                           lr=options.lr)
         except Exception as e:  # onnx and onnxruntime raise their own types
             why = f"the head update graph could not be built ({type(e).__name__}: {e})"
     if why is not None:
@@ -260,7 +286,7 @@ def attach_head_update(ev: CachedTapsEvaluator, opt: Optimizer, store: ParamStor
         return
     ev.head_feeds = {graph_update.LR: np.asarray(options.lr, np.float32)}
     ev.head_y = np.int64 if loss == "cross-entropy" else np.float32
-    ev.head_update = {"mode": "graph"}
+    ev.head_update = {"mode": "graph", "graph": version}
 
 
 def _search(bundle: Any, plain: TapsEvaluator, store: ParamStore, opt: Optimizer, *,

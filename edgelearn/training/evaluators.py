@@ -218,9 +218,11 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
     if opt.needs == "taps":
         taps = _taps_evaluator(bundle, store, opt, backend=backend, threads=threads,
                                timers=timers)
+        from edgelearn.training.cached_taps import cached_taps_or_plain, refuse_uncached
+
         if not prefix_cache:
+            refuse_uncached(opt)  # before anything of the run is written
             return taps
-        from edgelearn.training.cached_taps import cached_taps_or_plain
 
         return cached_taps_or_plain(bundle, taps, store, opt, backend=backend, threads=threads,
                                     capacity=cache_bytes)
