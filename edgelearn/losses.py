@@ -23,14 +23,16 @@ def cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
 
     Computed as max-shifted log-sum-exp minus the label's logit, in float64, reduced with
     numpy's own reductions (the batch mean is sum / batch, what np.mean computes), in place
-    in one buffer: `cross_entropy_rows` runs the very same operations on each row.
+    in one buffer: `cross_entropy_rows` runs the very same operations on each row. The max
+    is taken on the float32 logits (the float64 cast is exact and monotone: the same value)
+    and the shift casts as it subtracts (one call, the same float64 differences).
 
     Args:
         out: logits, float [batch, classes].
         y: int labels [batch] in [0, classes).
     """
-    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
-    np.subtract(z, np.maximum.reduce(z, axis=1, keepdims=True), out=z)
+    # a fresh float64 buffer: the steps below run in place
+    z = np.subtract(out, np.maximum.reduce(out, axis=1, keepdims=True), dtype=np.float64)
     picked = z[np.arange(len(y)), y]
     lse = np.add.reduce(np.exp(z, out=z), axis=1)
     np.log(lse, out=lse)
@@ -97,9 +99,9 @@ def cross_entropy_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
         y: int labels [batch].
     Returns: float64 [K].
     """
-    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
+    # a fresh float64 buffer: the steps below run in place
+    z = np.subtract(out, np.maximum.reduce(out, axis=2, keepdims=True), dtype=np.float64)
     b = z.shape[1]
-    np.subtract(z, np.maximum.reduce(z, axis=2, keepdims=True), out=z)
     picked = z[:, np.arange(len(y)), y]
     lse = np.add.reduce(np.exp(z, out=z), axis=2)
     np.log(lse, out=lse)
