@@ -190,9 +190,9 @@ _LO32, _SHIFT32 = np.uint64(_MASK32), np.uint64(32)
 #: streams of at most this many words are drawn for KEY_BLOCK steps in one vectorized pass
 #: (a step then reads its row; one by one, re-keying numpy's Philox costs more than the draw)
 BLOCK_DRAW_MAX_WORDS = 32
-#: bytes of word blocks kept (the oldest go first)
-_MAX_WORD_BLOCK_BYTES = 2 << 20
-_word_blocks: dict[tuple[int, int, int, int], np.ndarray] = {}
+#: bytes of sign blocks kept (the oldest go first)
+_MAX_SIGN_BLOCK_BYTES = 2 << 20
+_sign_blocks: dict[tuple[int, int, int, int], np.ndarray] = {}
 
 
 def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -227,41 +227,42 @@ def philox4x64(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
     return np.stack([c0, c1, c2, c3], axis=1)
 
 
-def _word_block(keys: np.ndarray, words: int) -> np.ndarray:
-    """Words [0, words) of the Philox stream under each of `keys` (uint64 [B, 2]): [B, words],
-    read-only."""
+def _sign_block(keys: np.ndarray, words: int) -> np.ndarray:
+    """Packed signs (`rademacher_bytes`) of the streams under each of `keys` (uint64 [B, 2]):
+    words [0, words) of each as little-endian bytes, uint8 [B, 8 * words], read-only."""
     blocks = -(-words // _WORDS_PER_BLOCK)
     lanes = np.repeat(keys, blocks, axis=0)
     counters = np.tile(np.arange(1, blocks + 1, dtype=np.uint64), len(keys))
     out = philox4x64(lanes, counters).reshape(len(keys), -1)[:, :words]
-    out = np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out, "<u8").view(np.uint8)
     out.setflags(write=False)
     return out
 
 
-def block_words(run_seed: int, step: int, probe: int, words: int) -> np.ndarray | None:
-    """Words [0, words) of z(run_seed, step, probe)'s Philox stream (what `_raw_words` draws
-    from 0), read from a block drawn for KEY_BLOCK steps at once; None when the stream is not
-    drawn that way (longer than BLOCK_DRAW_MAX_WORDS, or its keys not derived in a block
-    yet: see `_key_tuple`).
+def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int
+                           ) -> np.ndarray | None:
+    """`rademacher_bytes` of a vector of `words` Philox words (64 elements each), read from a
+    block drawn for KEY_BLOCK steps at once; None when the stream is not drawn that way
+    (longer than BLOCK_DRAW_MAX_WORDS, or its keys not derived in a block yet: see
+    `_key_tuple`, which derives them from the second step asked in a block).
 
-    Returns: read-only uint64 [words].
+    Returns: read-only uint8 [8 * words].
     """
-    if words > BLOCK_DRAW_MAX_WORDS or step >= 1 << 64:
-        return None
+    if words > BLOCK_DRAW_MAX_WORDS or not type(run_seed) is type(step) is type(probe) is int:
+        return None  # (a bool or a numpy int: drawn one by one, after the usual checks)
     base = step - step % KEY_BLOCK
     where = (run_seed, base, probe, words)
-    block = _word_blocks.get(where)
+    block = _sign_blocks.get(where)
     if block is None:
-        keys = _key_blocks.get((run_seed, base, probe))
+        keys = _key_blocks.get((run_seed, base, probe))  # only for checked non-negative ints
         if keys is None:
             return None
-        block = _word_block(keys, words)
+        block = _sign_block(keys, words)
         with _key_lock:
-            held = sum(b.nbytes for b in _word_blocks.values())
-            while _word_blocks and held + block.nbytes > _MAX_WORD_BLOCK_BYTES:
-                held -= _word_blocks.pop(next(iter(_word_blocks))).nbytes  # the oldest go
-            _word_blocks[where] = block
+            held = sum(b.nbytes for b in _sign_blocks.values())
+            while _sign_blocks and held + block.nbytes > _MAX_SIGN_BLOCK_BYTES:
+                held -= _sign_blocks.pop(next(iter(_sign_blocks))).nbytes  # the oldest go
+            _sign_blocks[where] = block
     return block[step - base]
 
 

@@ -11,7 +11,7 @@ from edgelearn.rng import (
     KEY_BLOCK,
     NOISE_KINDS,
     Noise,
-    block_words,
+    block_rademacher_bytes,
     noise_chunks,
     philox4x64,
     philox_key,
@@ -251,7 +251,13 @@ def test_signs_drawn_in_blocks_equal_one_by_one() -> None:
         for step in [*range(KEY_BLOCK - 3, KEY_BLOCK + 40), 2**32 + 5, 2**32 + 6, 2**32 + 7]:
             got = draw_signs(13, step, 2, n)
             assert got.tobytes() == rademacher_bytes(13, step, 2, n).tobytes()
-    row = block_words(13, KEY_BLOCK + 7, 2, 11)
+    row = block_rademacher_bytes(13, KEY_BLOCK + 7, 2, 11)
     assert row is not None
     assert not row.flags.writeable  # shared by every ask: read-only
-    assert block_words(13, KEY_BLOCK + 7, 2, BLOCK_DRAW_MAX_WORDS + 1) is None
+    assert block_rademacher_bytes(13, KEY_BLOCK + 7, 2, BLOCK_DRAW_MAX_WORDS + 1) is None
+    for step in range(KEY_BLOCK, KEY_BLOCK + 3):  # the blocks of run seed 1 exist ...
+        draw_signs(1, step, 2, 650)
+    assert block_rademacher_bytes(1, KEY_BLOCK + 7, 2, 11) is not None
+    assert block_rademacher_bytes(True, KEY_BLOCK + 7, 2, 11) is None  # ... not for True
+    with pytest.raises(ValueError, match="run_seed"):  # which the draw refuses
+        draw_signs(True, KEY_BLOCK + 7, 2, 650)

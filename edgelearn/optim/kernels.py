@@ -42,7 +42,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from edgelearn.rng import DEFAULT_CHUNK, block_words, philox_key_ints, sign_table
+from edgelearn.rng import (
+    DEFAULT_CHUNK,
+    block_rademacher_bytes,
+    philox_key_ints,
+    sign_table,
+)
 
 #: below this many elements a pass or a draw runs on the calling thread (pool overhead wins)
 PARALLEL_MIN = 1 << 20
@@ -116,17 +121,21 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     """`signed_rows` for slices of at most SMALL_MAX elements: rows = (c_j * z_j) + src.
 
     c * (+-1.0) is exactly the table entry +-c, and float addition commutes bit for bit, so
-    the rows equal the gathered ones. One sign array for every row (a single probe's +eps,
-    -eps rows) is expanded once and broadcast."""
+    the rows equal the gathered ones. Each distinct sign array is expanded once (probe rows
+    come in pairs +eps z_k, -eps z_k over the same signs)."""
     k, n = len(coefs), src.size
     nb = -(-n // 8)
     first = signs[0]
-    if all(packed is first for packed in signs):
+    if all(packed is first for packed in signs):  # one probe's rows: broadcast its signs
         z = _ONES.take(first[:nb], mode="wrap")
     else:
-        z = np.empty((k, nb), "V32")
-        for j, packed in enumerate(signs):
+        slot: dict[int, int] = {}  # id of a sign array -> its row of z (arrays alive)
+        which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
+        z = np.empty((len(slot), nb), "V32")
+        for j, packed in {j: packed for packed, j in zip(signs, which, strict=True)}.items():
             _expand(packed, nb, z[j])
+        if len(slot) < k:
+            z = z.take(which, axis=0)
     out = rows[:k, :n]
     np.multiply(z.view(np.float32)[..., :n], np.array(coefs, np.float32)[:, None], out=out)
     np.add(out, src, out=out)
@@ -253,13 +262,13 @@ def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
         n: vector length (elements).
         threads: parallel blocks for n >= PARALLEL_MIN (None: `default_threads()`).
     Returns: uint8 array of ceil(n / 64) * 8 bytes (read-only when drawn in a block: short
-        vectors, `edgelearn.rng.block_words`).
+        vectors, `edgelearn.rng.block_rademacher_bytes`).
     """
     words = -(-n // 64)
+    signs = block_rademacher_bytes(run_seed, step, probe, words)  # short: drawn in blocks
+    if signs is not None:
+        return signs
     key = philox_key_ints(run_seed, step, probe)  # checks the ints; derives keys in blocks
-    block = block_words(run_seed, step, probe, words)  # a short vector: drawn in blocks
-    if block is not None:
-        return block.astype("<u8", copy=False).view(np.uint8)
     if n >= PARALLEL_MIN:
         threads = default_threads() if threads is None else max(1, int(threads))
     if n < PARALLEL_MIN or threads == 1:
