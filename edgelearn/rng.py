@@ -15,6 +15,9 @@ element ``i`` reads only the words at a fixed position computed from ``i`` (word
 bit ``i % 64`` for Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter
 based, any word can be reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads
 exactly the words the whole vector would read at those positions, whatever the chunking.
+Short vectors (at most BLOCK_DRAW_MAX_WORDS words: a head, a few norms) are drawn for a block
+of KEY_BLOCK steps in one pass of a vectorized Philox4x64-10 (`philox4x64`, bit-equal to
+numpy's; tests compare them), so a small model's step does not pay numpy's re-keying.
 
 Kinds:
 
@@ -233,10 +236,10 @@ def _sign_block(keys: np.ndarray, words: int) -> np.ndarray:
     blocks = -(-words // _WORDS_PER_BLOCK)
     lanes = np.repeat(keys, blocks, axis=0)
     counters = np.tile(np.arange(1, blocks + 1, dtype=np.uint64), len(keys))
-    out = philox4x64(lanes, counters).reshape(len(keys), -1)[:, :words]
-    out = np.ascontiguousarray(out, "<u8").view(np.uint8)
-    out.setflags(write=False)
-    return out
+    out = np.ascontiguousarray(philox4x64(lanes, counters).reshape(len(keys), -1)[:, :words],
+                               "<u8")
+    out.setflags(write=False)  # rows are handed out and shared: nobody may change them
+    return out.view(np.uint8)
 
 
 def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int

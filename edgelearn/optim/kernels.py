@@ -29,7 +29,8 @@ Determinism: every element goes through the same float32 operations in the same 
 and the thread count, so results are bit-identical for any `threads` and `chunk`, and to
 `ZOSGD._combine` on the same terms. `draw_signs` returns the very bytes of
 `rademacher_bytes`, drawn in parallel blocks (Philox is counter based: a block starts at its
-own counter).
+own counter); a short vector's bytes come from a block drawn for 256 steps at once
+(`edgelearn.rng.block_rademacher_bytes`).
 """
 
 from __future__ import annotations
