@@ -10,6 +10,7 @@ summation order beyond numpy's own pairwise sum).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,15 +24,17 @@ def cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
 
     Computed as max-shifted log-sum-exp minus the label's logit, in float64, reduced with
     numpy's own reductions (the batch mean is sum / batch, what np.mean computes), in place
-    in one buffer: `cross_entropy_rows` runs the very same operations on each row.
+    in one buffer: `cross_entropy_rows` runs the very same operations on each row. The max
+    is taken on the float32 logits (the float64 cast is exact and monotone: the same value)
+    and the shift casts as it subtracts (one call, the same float64 differences).
 
     Args:
         out: logits, float [batch, classes].
         y: int labels [batch] in [0, classes).
     """
-    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
-    np.subtract(z, np.maximum.reduce(z, axis=1, keepdims=True), out=z)
-    picked = z[np.arange(len(y)), y]
+    # a fresh float64 buffer: the steps below run in place
+    z = np.subtract(out, np.maximum.reduce(out, axis=1, keepdims=True), dtype=np.float64)
+    picked = z[_arange(len(y)), y]
     lse = np.add.reduce(np.exp(z, out=z), axis=1)
     np.log(lse, out=lse)
     np.subtract(lse, picked, out=lse)
@@ -87,36 +90,46 @@ def error_rate(out: np.ndarray, y: np.ndarray) -> float:
     return 1.0 - accuracy(out, y)
 
 
-def cross_entropy_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+def cross_entropy_rows(out: np.ndarray, y: np.ndarray) -> list[float]:
     """`cross_entropy` of every candidate at once: the same float operations per row.
 
-    The same operations as `cross_entropy`, on a [K, batch, classes] buffer.
+    The same operations as `cross_entropy`, on a [K, batch, classes] buffer; the means are
+    taken on Python floats (sum / batch: the float64 division numpy does, one call fewer).
 
     Args:
         out: logits, float [K, batch, classes] (K candidates' outputs on one batch).
         y: int labels [batch].
-    Returns: float64 [K].
+    Returns: K floats.
     """
-    z = out.astype(np.float64)  # a fresh buffer: the steps below run in place
+    # a fresh float64 buffer: the steps below run in place
+    z = np.subtract(out, np.maximum.reduce(out, axis=2, keepdims=True), dtype=np.float64)
     b = z.shape[1]
-    np.subtract(z, np.maximum.reduce(z, axis=2, keepdims=True), out=z)
-    picked = z[:, np.arange(len(y)), y]
+    picked = z[:, _arange(len(y)), y]
     lse = np.add.reduce(np.exp(z, out=z), axis=2)
     np.log(lse, out=lse)
     np.subtract(lse, picked, out=lse)
-    return np.add.reduce(lse, axis=1) / b
+    return [s / b for s in np.add.reduce(lse, axis=1).tolist()]
 
 
-def mse_rows(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n), read-only, kept per n (a batch's row indices, asked every step)."""
+    a = np.arange(n)
+    a.setflags(write=False)
+    return a
+
+
+def mse_rows(out: np.ndarray, y: np.ndarray) -> list[float]:
     """`mse` of every candidate at once (out [K, batch, ...], y broadcastable to out[0])."""
     d = out.astype(np.float64, copy=False) - np.asarray(y, dtype=np.float64).reshape(
         out.shape[1:])
-    return np.mean((d * d).reshape(len(out), -1), axis=1)
+    return np.mean((d * d).reshape(len(out), -1), axis=1).tolist()
 
 
-#: loss -> its row-wise form over K candidates' outputs (same values as the loss of each row)
+#: loss -> its row-wise form over K candidates' outputs: the K losses as Python floats (the
+#: same values as the loss of each row)
 ROW_LOSSES: dict[Callable[[np.ndarray, np.ndarray], float],
-                 Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+                 Callable[[np.ndarray, np.ndarray], list[float]]] = {
     cross_entropy: cross_entropy_rows, mse: mse_rows}
 
 
@@ -131,7 +144,7 @@ def row_losses(loss_fn: Callable[[np.ndarray, np.ndarray], float], out: np.ndarr
     rows = ROW_LOSSES.get(loss_fn)
     if rows is None or len(out) == 0:
         return [loss_fn(o, y) for o in out]
-    return rows(out, y).tolist()  # float64 -> the same Python floats
+    return rows(out, y)
 
 
 LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {

@@ -79,16 +79,21 @@ class Model:
             data: the examples. objective: the loss they train / score (None: the default).
         """
         self.bundle.check_inputs(feeds(self.bundle.inputs, next(data.batches(1))[0]))
+        self.check_labels(data.y, objective=objective)
+
+    def check_labels(self, y: np.ndarray, *, objective: str | None = None) -> None:
+        """Raise InputError if labels `y` [n] are out of the model's class range (classifiers;
+        the label half of `check_data`)."""
         if self.bundle.task != "classification":
             return
         objective = objective or default_loss(self.bundle.task, self.bundle.outputs)
-        if data.y.dtype.kind in "iu" and data.y.size and int(data.y.min()) < 0:
+        if y.dtype.kind in "iu" and y.size and int(y.min()) < 0:
             # numpy would wrap a negative class index around to the last classes
-            raise InputError(f"labels must be >= 0, got {int(data.y.min())}")
+            raise InputError(f"labels must be >= 0, got {int(y.min())}")
         n_cls = 2 if objective == "bce" else self.bundle.outputs[0].shape[-1]
-        if isinstance(n_cls, int) and int(data.y.max()) >= n_cls:
+        if isinstance(n_cls, int) and int(y.max()) >= n_cls:
             raise InputError(
-                f"labels go up to {int(data.y.max())} but the model has {n_cls} classes"
+                f"labels go up to {int(y.max())} but the model has {n_cls} classes"
                 + (" (bce: labels 0 / 1)" if objective == "bce" else ""))
 
     def evaluate(

@@ -15,6 +15,9 @@ element ``i`` reads only the words at a fixed position computed from ``i`` (word
 bit ``i % 64`` for Rademacher, words ``2i, 2i+1`` for Gaussian). Since Philox is counter
 based, any word can be reached in O(1) by setting the counter, so a chunk ``[a, b)`` reads
 exactly the words the whole vector would read at those positions, whatever the chunking.
+Short vectors (at most BLOCK_DRAW_MAX_WORDS words: a head, a few norms) are drawn for a block
+of KEY_BLOCK steps in one pass of a vectorized Philox4x64-10 (`philox4x64`, bit-equal to
+numpy's; tests compare them), so a small model's step does not pay numpy's re-keying.
 
 Kinds:
 
@@ -179,6 +182,91 @@ def _one_key(run_seed: int, step: int, probe: int) -> tuple[int, int]:
     """`SeedSequence([run_seed, step, probe]).generate_state(2, uint64)` as two ints."""
     state = np.random.SeedSequence([run_seed, step, probe]).generate_state(2, np.uint64)
     return int(state[0]), int(state[1])
+
+
+# Philox4x64-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; Random123,
+# numpy's Philox): round multipliers and key increments
+_PHILOX_M = (0xD2E7470EE14C6C93, 0xCA5A826395121157)
+_PHILOX_W = (0x9E3779B97F4A7C15, 0xBB67AE8584CAA73B)
+_PHILOX_ROUNDS = 10
+_LO32, _SHIFT32 = np.uint64(_MASK32), np.uint64(32)
+#: streams of at most this many words are drawn for KEY_BLOCK steps in one vectorized pass
+#: (a step then reads its row; one by one, re-keying numpy's Philox costs more than the draw)
+BLOCK_DRAW_MAX_WORDS = 32
+#: bytes of sign blocks kept (the oldest go first)
+_MAX_SIGN_BLOCK_BYTES = 2 << 20
+_sign_blocks: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+
+def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(high, low) 64-bit halves of the 128-bit products a * b[i], from 32-bit limbs."""
+    a_lo, a_hi = np.uint64(a & _MASK32), np.uint64(a >> 32)
+    b_lo, b_hi = b & _LO32, b >> _SHIFT32
+    ll, lh, hl = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo
+    mid = (ll >> _SHIFT32) + (lh & _LO32) + (hl & _LO32)
+    hi = a_hi * b_hi + (lh >> _SHIFT32) + (hl >> _SHIFT32) + (mid >> _SHIFT32)
+    return hi, b * np.uint64(a)  # uint64 arrays wrap modulo 2**64: the low half
+
+
+def philox4x64(keys: np.ndarray, counters: np.ndarray) -> np.ndarray:
+    """Philox4x64-10 of many (key, counter) lanes in one vectorized pass, bit for bit numpy's.
+
+    Args:
+        keys: uint64 [L, 2], one Philox key per lane.
+        counters: uint64 [L], the counter of each lane (its higher words 0).
+    Returns: uint64 [L, 4]: the words `np.random.Philox(key=keys[i])` emits for block
+        counters[i] (its first block is counter 1: numpy increments before it generates).
+    """
+    k0, k1 = keys[:, 0].copy(), keys[:, 1].copy()
+    zero = np.zeros_like(counters)
+    c0, c1, c2, c3 = counters.copy(), zero, zero, zero
+    for r in range(_PHILOX_ROUNDS):
+        if r:
+            k0 += np.uint64(_PHILOX_W[0])
+            k1 += np.uint64(_PHILOX_W[1])
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return np.stack([c0, c1, c2, c3], axis=1)
+
+
+def _sign_block(keys: np.ndarray, words: int) -> np.ndarray:
+    """Packed signs (`rademacher_bytes`) of the streams under each of `keys` (uint64 [B, 2]):
+    words [0, words) of each as little-endian bytes, uint8 [B, 8 * words], read-only."""
+    blocks = -(-words // _WORDS_PER_BLOCK)
+    lanes = np.repeat(keys, blocks, axis=0)
+    counters = np.tile(np.arange(1, blocks + 1, dtype=np.uint64), len(keys))
+    out = np.ascontiguousarray(philox4x64(lanes, counters).reshape(len(keys), -1)[:, :words],
+                               "<u8")
+    out.setflags(write=False)  # rows are handed out and shared: nobody may change them
+    return out.view(np.uint8)
+
+
+def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int
+                           ) -> np.ndarray | None:
+    """`rademacher_bytes` of a vector of `words` Philox words (64 elements each), read from a
+    block drawn for KEY_BLOCK steps at once; None when the stream is not drawn that way
+    (longer than BLOCK_DRAW_MAX_WORDS, or its keys not derived in a block yet: see
+    `_key_tuple`, which derives them from the second step asked in a block).
+
+    Returns: read-only uint8 [8 * words].
+    """
+    if words > BLOCK_DRAW_MAX_WORDS or not type(run_seed) is type(step) is type(probe) is int:
+        return None  # (a bool or a numpy int: drawn one by one, after the usual checks)
+    base = step - step % KEY_BLOCK
+    where = (run_seed, base, probe, words)
+    block = _sign_blocks.get(where)
+    if block is None:
+        keys = _key_blocks.get((run_seed, base, probe))  # only for checked non-negative ints
+        if keys is None:
+            return None
+        block = _sign_block(keys, words)
+        with _key_lock:
+            held = sum(b.nbytes for b in _sign_blocks.values())
+            while _sign_blocks and held + block.nbytes > _MAX_SIGN_BLOCK_BYTES:
+                held -= _sign_blocks.pop(next(iter(_sign_blocks))).nbytes  # the oldest go
+            _sign_blocks[where] = block
+    return block[step - base]
 
 
 def philox_key(run_seed: int, step: int, probe: int) -> np.ndarray:

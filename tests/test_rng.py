@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 
 from edgelearn.rng import (
+    BLOCK_DRAW_MAX_WORDS,
     DEFAULT_CHUNK,
     KEY_BLOCK,
     NOISE_KINDS,
     Noise,
+    block_rademacher_bytes,
     noise_chunks,
+    philox4x64,
     philox_key,
     philox_key_ints,
+    rademacher_bytes,
     seed_sequence_keys,
 )
 
@@ -219,3 +223,41 @@ def test_seed_sequence_keys_match_numpy_on_long_entropy() -> None:
     for row, key in zip(ent, keys, strict=True):
         want = np.random.SeedSequence(row).generate_state(2, np.uint64)
         assert key.tolist() == want.tolist()
+
+
+def test_vectorized_philox_equals_numpy() -> None:
+    """philox4x64 over many lanes == numpy's Philox(key=k) with its counter at c - 1 (it
+    increments before it generates): random keys, all-ones keys, large counters."""
+    rng = np.random.default_rng(8)
+    keys = rng.integers(0, 2**64 - 1, size=(40, 2), dtype=np.uint64, endpoint=True)
+    keys[0] = [0, 0]
+    keys[1] = [2**64 - 1, 2**64 - 1]
+    counters = rng.integers(1, 2**64 - 1, size=40, dtype=np.uint64)
+    counters[:4] = [1, 2, 7, 2**64 - 1]
+    got = philox4x64(keys, counters)
+    for key, ctr, row in zip(keys, counters, got, strict=True):
+        gen = np.random.Philox(key=key)
+        gen.state = {**gen.state, "state": {"counter": [int(ctr) - 1, 0, 0, 0],
+                                             "key": [int(k) for k in key]}}
+        assert gen.random_raw(4).tolist() == row.tolist()
+
+
+def test_signs_drawn_in_blocks_equal_one_by_one() -> None:
+    """Short Rademacher vectors read from KEY_BLOCK-step blocks (from the third step of a
+    block on) are the very bytes drawn one by one, across block boundaries and sizes."""
+    from edgelearn.optim.kernels import draw_signs
+
+    for n in (1, 650, 64 * BLOCK_DRAW_MAX_WORDS, 64 * BLOCK_DRAW_MAX_WORDS + 1):
+        for step in [*range(KEY_BLOCK - 3, KEY_BLOCK + 40), 2**32 + 5, 2**32 + 6, 2**32 + 7]:
+            got = draw_signs(13, step, 2, n)
+            assert got.tobytes() == rademacher_bytes(13, step, 2, n).tobytes()
+    row = block_rademacher_bytes(13, KEY_BLOCK + 7, 2, 11)
+    assert row is not None
+    assert not row.flags.writeable  # shared by every ask: read-only
+    assert block_rademacher_bytes(13, KEY_BLOCK + 7, 2, BLOCK_DRAW_MAX_WORDS + 1) is None
+    for step in range(KEY_BLOCK, KEY_BLOCK + 3):  # the blocks of run seed 1 exist ...
+        draw_signs(1, step, 2, 650)
+    assert block_rademacher_bytes(1, KEY_BLOCK + 7, 2, 11) is not None
+    assert block_rademacher_bytes(True, KEY_BLOCK + 7, 2, 11) is None  # ... not for True
+    with pytest.raises(ValueError, match="run_seed"):  # which the draw refuses
+        draw_signs(True, KEY_BLOCK + 7, 2, 650)

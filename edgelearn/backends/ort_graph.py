@@ -101,22 +101,30 @@ class KeptOutputs:
 
 @contextmanager
 def run_errors(what: str = "the model") -> Iterator[None]:
-    """Turn an onnxruntime failure inside the block into one InputError line.
-
-    A run fails on input values the graph cannot take (a token id beyond the vocabulary, a
-    length the model cannot reshape); onnxruntime raises its own types, or a bare
-    RuntimeError from an io-binding run, with a multi-line status text.
-    """
+    """Turn an onnxruntime failure inside the block into one InputError line (`run_error`)."""
     try:
         yield
     except EdgelearnError:
         raise
     except Exception as e:  # onnxruntime's exception types do not share a base class
-        text = str(e)
-        if "Status Message:" in text:
-            text = text.split("Status Message:", 1)[1]
-        line = (text.strip().splitlines() or [type(e).__name__])[0][:300]
-        raise InputError(f"onnxruntime failed running {what} on this input: {line}") from None
+        raise run_error(e, what) from None
+
+
+def run_error(e: Exception, what: str = "the model") -> EdgelearnError:
+    """The one-line error for an onnxruntime failure `e` running `what` (hot paths catch it
+    themselves: a `with run_errors()` block costs ~2 us a call).
+
+    A run fails on input values the graph cannot take (a token id beyond the vocabulary, a
+    length the model cannot reshape); onnxruntime raises its own types, or a bare
+    RuntimeError from an io-binding run, with a multi-line status text.
+    """
+    if isinstance(e, EdgelearnError):
+        return e
+    text = str(e)
+    if "Status Message:" in text:
+        text = text.split("Status Message:", 1)[1]
+    line = (text.strip().splitlines() or [type(e).__name__])[0][:300]
+    return InputError(f"onnxruntime failed running {what} on this input: {line}")
 
 
 def _external_tensors(model: Any) -> Iterator[tuple[str, Any]]:

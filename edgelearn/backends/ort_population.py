@@ -19,7 +19,7 @@ from edgelearn.backends.ort_graph import (
     configure,
     import_ort,
     load_checked_model,
-    run_errors,
+    run_error,
 )
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 
@@ -76,7 +76,8 @@ class OrtPopulation(PopulationScorer):
         self.max_population = max_population
         self._output_names = [self.output_name]
         self._rows: np.ndarray | None = None
-        self._feeds: dict[int, dict[str, np.ndarray]] = {}
+        self._out: dict[str, np.ndarray] = {}  # {"float32": rows}, what `fill` writes into
+        self._feeds: dict[int, dict[str, Any]] = {}
 
     def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
         """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
@@ -87,15 +88,27 @@ class OrtPopulation(PopulationScorer):
         if self._rows is None:
             self._rows = np.empty((self.max_population, self.store.n_trainable("float32")),
                                   np.float32)
-        out = {"float32": self._rows}
+            self._out = {"float32": self._rows}
+        if pop.size <= self.max_population:  # the common case: one call, no concatenate
+            pop.fill(self._out, 0, pop.size)
+            return self._run(x, pop.size)
         outs = []
         for a in range(0, pop.size, self.max_population):
             b = min(a + self.max_population, pop.size)
-            pop.fill(out, a, b)
-            feeds = {self.input_name: x, **self._param_feeds(b - a)}
-            with run_errors("the population graph"):
-                outs.append(self.session.run(self._output_names, feeds)[0])
-        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+            pop.fill(self._out, a, b)
+            outs.append(self._run(x, b - a))
+        return np.concatenate(outs)
+
+    def _run(self, x: np.ndarray, k: int) -> np.ndarray:
+        """The first output of the k candidates in the rows buffer on batch x (one call)."""
+        feeds = self._param_feeds(k)
+        feeds[self.input_name] = x
+        try:
+            return self.session.run(self._output_names, feeds)[0]
+        except Exception as e:  # onnxruntime's exception types do not share a base class
+            raise run_error(e, "the population graph") from None
+        finally:
+            feeds[self.input_name] = None  # the batch is not kept alive by the scorer
 
     def _param_feeds(self, k: int) -> dict[str, np.ndarray]:
         """Parameter name -> its [k, *shape] block of the rows buffer (views, kept per k:
@@ -118,4 +131,4 @@ class OrtPopulation(PopulationScorer):
         """Drop the session and the candidate rows."""
         self.session = None
         self._rows = None
-        self._feeds = {}
+        self._out, self._feeds = {}, {}

@@ -29,7 +29,8 @@ Determinism: every element goes through the same float32 operations in the same 
 and the thread count, so results are bit-identical for any `threads` and `chunk`, and to
 `ZOSGD._combine` on the same terms. `draw_signs` returns the very bytes of
 `rademacher_bytes`, drawn in parallel blocks (Philox is counter based: a block starts at its
-own counter).
+own counter); a short vector's bytes come from a block drawn for 256 steps at once
+(`edgelearn.rng.block_rademacher_bytes`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from edgelearn.rng import DEFAULT_CHUNK, philox_key_ints, sign_table
+from edgelearn.rng import (
+    DEFAULT_CHUNK,
+    block_rademacher_bytes,
+    philox_key_ints,
+    sign_table,
+)
 
 #: below this many elements a pass or a draw runs on the calling thread (pool overhead wins)
 PARALLEL_MIN = 1 << 20
@@ -120,21 +126,19 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     come in pairs +eps z_k, -eps z_k over the same signs)."""
     k, n = len(coefs), src.size
     nb = -(-n // 8)
-    slot: dict[int, int] = {}  # id of a sign array -> its row of z (arrays alive: ids unique)
-    which, firsts = [], []
-    for packed in signs:
-        j = slot.get(id(packed))
-        if j is None:
-            j = slot[id(packed)] = len(firsts)
-            firsts.append(packed)
-        which.append(j)
-    z = np.empty((len(firsts), nb), "V32")
-    for j, packed in enumerate(firsts):
-        _expand(packed, nb, z[j])
-    # one sign array (a single probe's +-eps rows) broadcasts over the rows
-    zk = z if len(firsts) in (1, k) else z.take(which, axis=0)
+    first = signs[0]
+    if all(packed is first for packed in signs):  # one probe's rows: broadcast its signs
+        z = _ONES.take(first[:nb], mode="wrap")
+    else:
+        slot: dict[int, int] = {}  # id of a sign array -> its row of z (arrays alive)
+        which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
+        z = np.empty((len(slot), nb), "V32")
+        for j, packed in {j: packed for packed, j in zip(signs, which, strict=True)}.items():
+            _expand(packed, nb, z[j])
+        if len(slot) < k:
+            z = z.take(which, axis=0)
     out = rows[:k, :n]
-    np.multiply(zk.view(np.float32)[:, :n], np.array(coefs, np.float32)[:, None], out=out)
+    np.multiply(z.view(np.float32)[..., :n], np.array(coefs, np.float32)[:, None], out=out)
     np.add(out, src, out=out)
 
 
@@ -238,14 +242,15 @@ def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     multiplied by each coef (exactly the table entries), summed in the same order."""
     n = dst.size
     nb = -(-n // 8)
-    z = np.empty(nb, "V32")
-    zf = z.view(np.float32)[:n]
-    _expand(signs[0], nb, z)
-    acc = np.multiply(zf, np.float32(coefs[0]), out=zf if len(coefs) == 1 else None)
-    for c, packed in zip(coefs[1:], signs[1:], strict=True):
-        _expand(packed, nb, z)
-        np.multiply(zf, np.float32(c), out=zf)
-        np.add(acc, zf, out=acc)
+    acc = _ONES.take(signs[0][:nb], mode="wrap").view(np.float32)[:n]
+    np.multiply(acc, np.float32(coefs[0]), out=acc)
+    if len(coefs) > 1:
+        z = np.empty(nb, "V32")
+        zf = z.view(np.float32)[:n]
+        for c, packed in zip(coefs[1:], signs[1:], strict=True):
+            _expand(packed, nb, z)
+            np.multiply(zf, np.float32(c), out=zf)
+            np.add(acc, zf, out=acc)
     np.add(src, acc, out=dst)
 
 
@@ -257,10 +262,14 @@ def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
         run_seed, step, probe: the noise key (non-negative ints).
         n: vector length (elements).
         threads: parallel blocks for n >= PARALLEL_MIN (None: `default_threads()`).
-    Returns: uint8 array of ceil(n / 64) * 8 bytes.
+    Returns: uint8 array of ceil(n / 64) * 8 bytes (read-only when drawn in a block: short
+        vectors, `edgelearn.rng.block_rademacher_bytes`).
     """
     words = -(-n // 64)
-    key = philox_key_ints(run_seed, step, probe)
+    signs = block_rademacher_bytes(run_seed, step, probe, words)  # short: drawn in blocks
+    if signs is not None:
+        return signs
+    key = philox_key_ints(run_seed, step, probe)  # checks the ints; derives keys in blocks
     if n >= PARALLEL_MIN:
         threads = default_threads() if threads is None else max(1, int(threads))
     if n < PARALLEL_MIN or threads == 1:

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Population
-from edgelearn.optim.kernels import SignPass, draw_signs
+from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
 from edgelearn.params import ParamStore
 from edgelearn.rng import Noise, noise_chunks
 
@@ -97,10 +97,13 @@ class ProbeArena:
     def population(self, theta: np.ndarray, candidates: Sequence[Sequence[Term]]) -> Population:
         """A `Population` whose candidate j is copy + sum of `candidates[j]` (no terms: the copy).
 
-        `place(j)` writes candidate j into theta; `fill` writes the very same values into rows.
+        `place(j)` writes candidate j into theta; `fill` writes the very same values into rows
+        (runs of one-term Rademacher candidates in one `signed_rows` call: the same float
+        operations as `combine`).
         """
         copy = self.copy
         assert copy is not None
+        by_signs = self.noise.kind == "rademacher"
 
         def write(dst: np.ndarray, j: int) -> None:
             if candidates[j]:
@@ -110,8 +113,19 @@ class ProbeArena:
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
             rows = out["float32"]
-            for j in range(lo, hi):
-                write(rows[j - lo], j)
+            j = lo
+            while j < hi:
+                end = j  # a run of one-term Rademacher candidates: one `signed_rows` call
+                while end < hi and by_signs and len(candidates[end]) == 1:
+                    end += 1
+                if end == j:
+                    write(rows[j - lo], j)
+                    j += 1
+                    continue
+                terms = [candidates[i][0] for i in range(j, end)]
+                signed_rows(rows[j - lo:end - lo], copy, [c for c, _ in terms],
+                            [self.signs(key, copy.size) for _, key in terms])
+                j = end
 
         return Population(len(candidates), lambda j: write(theta, j), fill)
 

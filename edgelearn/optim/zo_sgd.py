@@ -292,18 +292,21 @@ class ZOSGD(Optimizer):
         """The 2q probe points src +- eps z_k as one Population (order +1, -1 per probe):
         `place` writes one into theta, `fill` writes rows with the same float operations."""
         cands: list[Term] = [(sign, key) for key in seeds for sign in (e32, -e32)]
+        coefs = [c for c, _ in cands]
+        by_signs = self._rows_by_signs()
 
         def place(j: int) -> None:
             self._combine(theta, src, [cands[j]], "eps")
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
-            rows = out["float32"][: hi - lo, : src.size]
-            if self._rows_by_signs():
-                signed_rows(rows, src, [c for c, _ in cands[lo:hi]],
-                            [self._packed(key, src.size) for _, key in cands[lo:hi]])
+            rows = out["float32"]
+            if by_signs:
+                n = src.size
+                signed_rows(rows, src, coefs[lo:hi], [self._packed(key, n)
+                                                      for _, key in cands[lo:hi]])
                 return
             for j in range(lo, hi):
-                self._combine(rows[j - lo], src, [cands[j]], "eps")
+                self._combine(rows[j - lo, : src.size], src, [cands[j]], "eps")
 
         return Population(len(cands), place, fill)
 
@@ -326,16 +329,43 @@ class ZOSGD(Optimizer):
             if self._copy is None:
                 self._copy = np.empty_like(theta)
             copy = self._copy
-            np.copyto(copy, theta)
+            copy[...] = theta
         seeds = [(self.seed, t, k) for k in range(self.rule.probes)]
-        losses: list[tuple[float, float]] = []
+        losses = yield from self._probe_losses(theta, copy, seeds, eps)
+        record, gs = self._record(losses, seeds, self.lr_at(t), eps)
+        if not record["accepted"]:  # reject: weights back to the pre-step values, no update
+            if copy is not None:
+                np.copyto(theta, copy)
+            elif not self.groups:  # with groups the last restore already ran
+                self._combine(theta, theta, [(e32, seeds[-1])])
+            return record
+        lr, q = record["lr"], len(seeds)
+        terms: list[Term] = [(np.float32(-(lr * g / q)), key) for g, key in zip(gs, seeds,
+                                                                               strict=True)]
+        if copy is None and not self.groups:  # theta = theta_last_minus + eps z_last - sum_k
+            terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])  # c_k z_k, one pass
+        self._combine(theta, theta if copy is None else copy, terms, "lr")
+        self._decay(theta, lr)
+        if self.rule.conservative:
+            l_new = yield
+            l_ref = sum(a + b for a, b in losses) / (2 * q)
+            if not (math.isfinite(l_new) and l_new <= l_ref):
+                record["undone"] = True
+                self._undo(theta, copy, gs, seeds, lr)
+        return record
+
+    def _probe_losses(self, theta: np.ndarray, copy: np.ndarray | None,
+                      seeds: list[tuple[int, int, int]], eps: float
+                      ) -> Generator[Any, Any, list[tuple[float, float]]]:
+        """(L+, L-) of every probe: one Population under "copy" (while its rows fit), else
+        probe by probe (under "drift" theta is left at the last probe's minus point, or
+        restored when it is not the last, or when groups are set)."""
+        e32 = np.float32(eps)
         if copy is not None and 2 * len(seeds) * theta.nbytes <= POPULATION_MAX_BYTES:
             flat = yield self._probes(theta, copy, seeds, e32)  # one runtime call if possible
-            losses = list(zip(flat[0::2], flat[1::2], strict=True))
-            seeds_left: list[tuple[int, int, int]] = []
-        else:
-            seeds_left = seeds
-        for k, key in enumerate(seeds_left):
+            return list(zip(flat[0::2], flat[1::2], strict=True))
+        losses = []
+        for k, key in enumerate(seeds):
             if copy is not None:
                 self._combine(theta, copy, [(e32, key)], "eps")
                 lp = yield
@@ -351,45 +381,37 @@ class ZOSGD(Optimizer):
                 if k < len(seeds) - 1 or self.groups:
                     self._combine(theta, theta, [(e32, key)], "eps")
             losses.append((lp, lm))
+        return losses
+
+    def _record(self, losses: list[tuple[float, float]], seeds: list[tuple[int, int, int]],
+                lr: float, eps: float) -> tuple[dict[str, Any], list[float]]:
+        """The step's journal record and projected gradients g_k (0 when a loss is not
+        finite); "accepted" is False when the step is rejected (non-finite, reject_above)."""
+        rule = self.rule
         finite = all(math.isfinite(v) for pair in losses for v in pair)
-        over = finite and self.rule.reject_above is not None and any(
-            abs(lp - lm) > self.rule.reject_above for lp, lm in losses)
+        over = finite and rule.reject_above is not None and any(
+            abs(lp - lm) > rule.reject_above for lp, lm in losses)
         gs: list[float] = []
         for lp, lm in losses:
             d = lp - lm if finite else 0.0
-            if self.rule.clip is not None:
-                d = min(max(d, -self.rule.clip), self.rule.clip)
+            if rule.clip is not None:
+                d = min(max(d, -rule.clip), rule.clip)
             g = d / (2.0 * eps)
-            gs.append(float(np.sign(g)) if self.rule.sign else g)
-        lr = self.lr_at(t)
+            gs.append(float(np.sign(g)) if rule.sign else g)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "g": gs, "lr": lr,
                                   "eps": eps, "accepted": finite, "undone": False}
         if over:
             record["accepted"] = False
             record["rejected"] = "reject_above"
-        if not finite or over:  # reject: weights back to the pre-step values, no update
-            if copy is not None:
-                np.copyto(theta, copy)
-            elif not self.groups:  # with groups the last restore already ran
-                self._combine(theta, theta, [(e32, seeds[-1])])
-            return record
-        q = len(seeds)
-        terms: list[Term] = [(np.float32(-(lr * g / q)), key) for g, key in zip(gs, seeds,
-                                                                               strict=True)]
-        if copy is None and not self.groups:  # theta = theta_last_minus + eps z_last - sum_k
-            terms[-1] = (np.float32(eps - lr * gs[-1] / q), seeds[-1])  # c_k z_k, one pass
-        self._combine(theta, theta if copy is None else copy, terms, "lr")
-        self._decay(theta, lr)
-        if self.rule.conservative:
-            l_new = yield
-            l_ref = sum(a + b for a, b in losses) / (2 * q)
-            if not (math.isfinite(l_new) and l_new <= l_ref):
-                record["undone"] = True
-                if copy is not None:
-                    np.copyto(theta, copy)
-                else:  # approximate in float32; replay repeats the same operations
-                    self._decay(theta, lr, undo=True)
-                    self._combine(theta, theta, [(np.float32(lr * g / q), key)
-                                                 for g, key in zip(gs, seeds, strict=True)],
-                                  "lr")
-        return record
+        return record, gs
+
+    def _undo(self, theta: np.ndarray, copy: np.ndarray | None, gs: list[float],
+              seeds: list[tuple[int, int, int]], lr: float) -> None:
+        """Take back an update (conservative check): the copy, or the update reversed."""
+        if copy is not None:
+            np.copyto(theta, copy)
+            return
+        q = len(seeds)  # approximate in float32; replay repeats the same operations
+        self._decay(theta, lr, undo=True)
+        self._combine(theta, theta, [(np.float32(lr * g / q), key)
+                                     for g, key in zip(gs, seeds, strict=True)], "lr")

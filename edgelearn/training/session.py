@@ -46,6 +46,7 @@ from edgelearn.training.feeds import (
 )
 from edgelearn.training.header import make_header
 from edgelearn.training.interrupt import deferred_sigint
+from edgelearn.training.interrupt import release as release_sigint
 from edgelearn.training.lock import RunLock
 from edgelearn.training.loop import RunLoop
 from edgelearn.training.results import EvalResult, RunResult, StepResult
@@ -117,6 +118,7 @@ class Session:
         self._loop: RunLoop | None = None
         self._stop_reason: str | None = None
         self._live_fit = 0  # largest live batch checked against the memory budget
+        self._live_layout: Any = None  # input layout of the live batches checked so far
         self._feed_keys: dict[str, Any] = {}
         self._deferred = False  # an existing run that resumes only once run() gives its data
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,11 +168,11 @@ class Session:
             the weights are written.
         """
         x, y = as_batch(self.bundle, *batch)
-        self.model.check_data(Dataset(x, y), objective=self.objective)
-        self.evaluator.check_targets(y)
+        self._check_live_data(x, y)
         self._check_live_batch(len(x))
         loop = self._open(live_header(), None, steps=None)
-        with deferred_sigint() as interrupted:
+        # the handler stays installed between steps (acting as the default one) until close
+        with deferred_sigint(keep=True) as interrupted:
             result = loop.step(x, y)
             if interrupted():
                 loop.interrupt()
@@ -294,6 +296,7 @@ class Session:
         """Save unsaved steps, close the journal and release the run lock (idempotent)."""
         if not self._lock.held:
             return
+        release_sigint()  # the handler `step` left installed
         self.evaluator.close()
         try:
             if self._loop is not None:
@@ -451,6 +454,18 @@ class Session:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{budget:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
         return plan
+
+    def _check_live_data(self, x: Any, y: Any) -> None:
+        """`Model.check_data` and the evaluator's target check on a live batch: the inputs
+        once per layout (names, dtypes, shapes), the labels of every batch."""
+        layout = tuple((k, v.dtype.str, v.shape) for k, v in sorted(x.items())) \
+            if isinstance(x, dict) else (x.dtype.str, x.shape)
+        if layout == self._live_layout:
+            self.model.check_labels(y, objective=self.objective)
+        else:
+            self.model.check_data(Dataset(x, y), objective=self.objective)
+        self.evaluator.check_targets(y)
+        self._live_layout = layout
 
     def _check_live_batch(self, n: int) -> None:
         """Refuse a live batch larger than the memory budget allows (checked once per size)."""
