@@ -417,7 +417,8 @@ class CachedEvaluator(StepEvaluator):
 
 
 def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
-                    threads: int | None, capacity: int | None) -> StepEvaluator:
+                    threads: int | None, capacity: int | None,
+                    population: bool = True) -> StepEvaluator:
     """A CachedEvaluator over `plain` where the bundle splits bit-identically, else `plain`
     with the reason in its `cache_report()`.
 
@@ -429,6 +430,9 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
         bundle: the run's bundle. plain: its plain loss evaluator (bound model).
         backend: the run's backend name. threads: runtime threads.
         capacity: bytes of features kept in memory (None: DEFAULT_CAPACITY).
+        population: score populations in one call of a K-candidate suffix graph where it
+            builds (onnxruntime; False: one suffix forward per candidate, as asked for runs
+            without the population graph).
     """
     why = _why_not(bundle, plain, backend)
     refused: list[dict[str, Any]] = []
@@ -437,6 +441,8 @@ def cached_or_plain(bundle: Any, plain: LossEvaluator, *, backend: str,
         try:
             found = search(bundle, plain, threads=threads, capacity=capacity,
                            refused=refused)
+            if population and backend == "onnxruntime" and not isinstance(found, str):
+                found.enable_population(plain.model.store)
         except Exception as e:  # onnx and onnxruntime raise their own types; a run that
             # cannot split trains uncached, with the same results
             found = f"prefix caching could not be set up ({type(e).__name__}: {e})"
@@ -492,8 +498,6 @@ def _search(bundle: Any, plain: LossEvaluator, *, threads: int | None, capacity:
         plain, split, store, threads=threads, providers=providers,
         capacity=DEFAULT_CAPACITY if capacity is None else capacity),
         probe_batch(bundle), refused)
-    if not isinstance(found, str):
-        found.enable_population(store)
     return found
 
 

@@ -235,7 +235,7 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         from edgelearn.training.cached_evaluator import cached_or_plain
 
         found = cached_or_plain(bundle, plain, backend=backend, threads=threads,
-                                capacity=cache_bytes)
+                                capacity=cache_bytes, population=population)
     if opt.probe_graph == "lowrank" and found is plain:  # lozo: probes inside the graph
         from edgelearn.training.lowrank_evaluator import lowrank_or_plain
 
