@@ -9,9 +9,9 @@ norms, convolution kernels) along a dense z, as in MeZO. For step t (one probe):
     L+ = L(theta + eps Z),  L- = L(theta - eps Z),  g = (L+ - L-) / (2 eps)
     W <- W - lr g U V^T (2-D weights),   p <- p - lr g z (the rest)
 
-U has N(0, 1/r) entries (Z's entries have unit variance for any rank, so lr and eps mean
-what they mean for zo-sgd), V N(0, 1); noise "rademacher" draws +-1/sqrt(r) and +-1 instead
-(bit-portable across CPUs). U comes from the stream (seed, t, 0), V from (seed, t_v, 1) with
+With noise "rademacher" (the default: the same bits on every CPU) U has entries +-1/sqrt(r)
+and V +-1, so Z's entries have unit variance for any rank and lr and eps mean what they mean
+for zo-sgd; "gaussian" (the paper's) draws N(0, 1/r) and N(0, 1) instead. U comes from the stream (seed, t, 0), V from (seed, t_v, 1) with
 t_v = nu * floor(t / nu), z from (seed, t, 2) (`edgelearn.rng.Noise`, tensors laid end to end).
 
 Why it is cheap: X @ (W + s U V^T) = X @ W + s (X @ U) V^T, so an evaluator with the rewritten
@@ -66,16 +66,19 @@ class LOZOOptions(OptimizerOptions):
         "lozo: rank r of each 2-D weight's perturbation U V^T", cli="--rank"))
     nu: int = field(default=50, metadata=meta(
         "lozo: steps between fresh draws of V (the lazy factor)", cli="--nu"))
-    noise: str = field(default="gaussian", metadata=meta(
-        "gaussian (as in LOZO) or rademacher (bit-portable)", cli="--noise",
+    # rademacher by default, as every ZO optimizer here: its draws are the same bits on
+    # every CPU (gaussian goes through libm / SIMD transcendental functions)
+    noise: str = field(default="rademacher", metadata=meta(
+        "rademacher (bit-portable; the default) or gaussian (as in LOZO)", cli="--noise",
         choices=LOZO_NOISE))
     restore: str = field(default="auto", metadata=meta(
         "accepted for the shared CLI: lozo restores the dense part from a copy and never "
         "perturbs the 2-D weights in its graph probes, so every value behaves the same",
         cli="--restore", choices=("auto", "copy", "drift")))
     update: str = field(default="numpy", metadata=meta(
-        "engine of the W += c U V^T pass: numpy (row blocks; no runtime needed) or onnxruntime "
-        "(its Gemm, in place: ~3x faster on large weights; replay then needs onnxruntime)",
+        "engine of the W += c U V^T pass: numpy (row blocks; no runtime needed; the same bits "
+        "on every CPU) or onnxruntime (its Gemm, in place: ~3x faster on large weights; replay "
+        "then needs onnxruntime and the same kind of CPU)",
         cli="--update-engine", choices=LOZO_UPDATES))
     threads: int | None = field(default=None, metadata=meta(
         "threads of the update pass over large weights (null: the usable cores, at most 4; "
