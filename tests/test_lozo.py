@@ -220,3 +220,27 @@ def test_in_place_update_check_restores_and_names_the_way_out() -> None:
     with pytest.raises(EdgelearnError, match="update=numpy"):
         check_in_place(w, before, c, vt)
     assert np.array_equal(w, before)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_blas_products_equal_elementwise_for_rademacher_factors(rank: int) -> None:
+    """Rademacher factors of rank <= 2: BLAS row blocks give the elementwise bits, in place
+    and from a source copy (the update and the dense-probe fallback)."""
+    from edgelearn.optim.lozo import exact_factors, rank_update
+
+    assert exact_factors("rademacher", rank)
+    assert not exact_factors("rademacher", 3)
+    assert not exact_factors("gaussian", rank)
+    rng = np.random.default_rng(rank)
+    w = rng.standard_normal((700, 300)).astype(np.float32)
+    u = (rng.integers(0, 2, (700, rank)) * 2 - 1).astype(np.float32)
+    u *= np.float32(1.0 / np.sqrt(rank))
+    vt = (rng.integers(0, 2, (rank, 300)) * 2 - 1).astype(np.float32)
+    for c in (np.float32(-3.7e-4), np.float32(0.123456)):
+        ref, got = w.copy(), w.copy()
+        rank_update(ref, c * u, vt)
+        rank_update(got, c * u, vt, exact=True)
+        assert np.array_equal(ref, got)
+        out = np.empty_like(w)
+        rank_update(out, c * u, vt, src=w, threads=2, exact=True)
+        assert np.array_equal(out, ref)
