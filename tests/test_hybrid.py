@@ -142,7 +142,8 @@ def test_one_step_equals_the_torch_reference(net: LnNet, groups: str | None) -> 
 
 
 @pytest.mark.parametrize("kw", [{}, {"exact": "head.*", "probes": 2, "noise": "gaussian"},
-                                {"groups": "ln.*:lr=0.01,eps=rms*0.01;fc1.*:lr=0.2"}])
+                                {"groups": "ln.*:lr=0.01,eps=rms*0.01;fc1.*:lr=0.2"},
+                                {"exact": "head.*", "exact_each": True, "probes": 2}])
 def test_replay_is_bit_exact_and_checks_the_record(net: LnNet, kw: dict[str, Any]) -> None:
     import hashlib
 
@@ -205,3 +206,51 @@ def test_cli_train_and_replay_on_the_demo_bundle(tmp_path: Path,
     replayed = json.loads(capsys.readouterr().out)
     assert replayed["sha256"] == trained["sha256"]
     assert replayed["steps"] == 12
+
+
+@pytest.mark.torch
+def test_exact_each_equals_the_torch_reference(net: LnNet) -> None:
+    """exact_each: two exact head updates per probe pair, the ZO losses at the starting head."""
+    import torch
+    from torch import nn
+    from torch_reference import hybrid_step
+
+    from edgelearn.rng import Noise
+
+    class Twin(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.ln, self.head = nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.ln(torch.relu(self.fc1(x))))
+
+    store = net.store()
+    opt = hybrid(net, store, exact="head.*", exact_each=True)
+    info = opt.step(store, taps=net.taps(store, 0))
+    assert info.evaluations == 2
+    assert len(info.record["exact"]) == 2
+    z = Noise("rademacher").fill(np.empty(45, np.float32), run_seed=3, step=0, probe=0, start=0)
+    zo = {"fc1.weight": (0, 30), "fc1.bias": (30, 35), "ln.weight": (35, 40),
+          "ln.bias": (40, 45)}
+    zs = {n: torch.from_numpy(z[a:b].copy()).reshape(net.values[n].shape)
+          for n, (a, b) in zo.items()}
+    x, y = net.batch(0)
+    params = {k: torch.from_numpy(v.copy()) for k, v in net.values.items() if k != "frozen"}
+    new, (lp, lm) = hybrid_step(
+        Twin().eval(), params, LAYERS, {}, zs, torch.from_numpy(x), torch.from_numpy(y),
+        lr=0.1, zo_lr=0.05, eps=1e-2, exact={"head.weight", "head.bias"}, each=True)
+    assert compare({"L": info.record["zo"][0]}, {"L": [lp, lm]}, atol=1e-6, rtol=1e-6).ok
+    res = compare({n: store[n] for n in new}, {n: t.numpy() for n, t in new.items()},
+                  atol=1e-6, rtol=1e-6)
+    assert res.ok, res.describe()
+    assert sorted(new) == sorted(s.name for s in SPECS if s.trainable)
+    # the head moved twice: once is the plain hybrid's update, a different point
+    plain = net.store()
+    hybrid(net, plain, exact="head.*").step(plain, taps=net.taps(plain, 0))
+    assert not np.array_equal(plain["head.weight"], store["head.weight"])
+
+
+def test_exact_each_needs_the_head_alone(net: LnNet) -> None:
+    with pytest.raises(InputError, match="exact_each"):
+        hybrid(net, net.store(), exact_each=True)  # exact: every layer, fc1 too

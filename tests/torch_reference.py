@@ -345,6 +345,7 @@ def hybrid_step(
     exact: set[str],
     eps_scale: Mapping[str, float] | None = None,
     lr_scale: Mapping[str, float] | None = None,
+    each: bool = False,
 ) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
     """One hybrid step (ElasticZO-style, Sugiura & Matsutani 2025): SPSA on the tensors in `z`,
     tpSGD's exact rule on the tensors in `exact`, one probe.
@@ -356,6 +357,9 @@ def hybrid_step(
     Args:
         z: name -> float32 noise of each ZO tensor. exact: the tpSGD-updated names.
         eps_scale / lr_scale: per-tensor group multipliers (default 1).
+        each: (option exact_each) an exact update after each of the two forwards, at that
+            forward's ZO weights and the exact tensors as updated so far; L+- are the losses
+            at the step's starting exact tensors.
         other args: as `tpsgd_step` and `zo_sgd_step`.
     Returns: (new params of the ZO and exact names, (L+, L-)).
     """
@@ -368,8 +372,14 @@ def hybrid_step(
     with torch.no_grad():
         lp = float(cross_entropy(functional_call(model, at(1.0), (inputs,)), labels))
         lm = float(cross_entropy(functional_call(model, at(-1.0), (inputs,)), labels))
-    new = tpsgd_step(model, at(-1.0), layers, projections, inputs, labels, lr=lr,
-                     trainable=exact)
+    if each:
+        first = tpsgd_step(model, at(1.0), layers, projections, inputs, labels, lr=lr,
+                           trainable=exact)
+        new = tpsgd_step(model, {**at(-1.0), **first}, layers, projections, inputs, labels,
+                         lr=lr, trainable=exact)
+    else:
+        new = tpsgd_step(model, at(-1.0), layers, projections, inputs, labels, lr=lr,
+                         trainable=exact)
     g = (lp - lm) / (2.0 * eps)
     for n, zn in z.items():
         new[n] = params[n] - zo_lr * lr_scale.get(n, 1.0) * g * zn

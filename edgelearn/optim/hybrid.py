@@ -22,6 +22,13 @@ tensor. m_eps / m_lr are per-tensor multipliers of parameter groups (option `gro
 edgelearn/optim/groups.py). Without ZO tensors a step is tpSGD's (one forward); without exact
 tensors it is ZO-SGD on taps forwards. The copy restore keeps the ZO tensors exact.
 
+Option `exact_each` (the exact tensors must be the head's): step 3 runs after EVERY taps
+forward, not only the last, so the head takes 2q exact steps per step, as many as tpSGD on the
+head alone gets from the same forwards. A head update between the probes would leak into
+L-_k, so every L+-_k is rescored from the forward's head-input tap h with the step's starting
+head: L = loss(h W0^T + b0) (the head is linear; h does not depend on the head's weights).
+The record's "exact" is then the list of the 2q tpSGD records.
+
 Journal: one record per step holds the ZO seeds, projected gradients and losses and, under
 "exact", tpSGD's record (head loss and every local loss, exact floats). As for tpSGD the
 update depends on the data, so replay re-runs the step's forwards on its batch
@@ -72,6 +79,9 @@ class HybridOptions(TPSGDOptions):
         "lr / eps per group of ZO tensors, 'PATTERN:lr=X,eps=Y;...' (optim/groups.py)",
         cli="--group"))
     pool_size: int = field(default=1 << 22, metadata=meta("shared-table size for noise=pool"))
+    exact_each: bool = field(default=False, metadata=meta(
+        "apply the exact update after every taps forward (2 x probes per step), not only "
+        "after the last; the exact tensors must be the (linear) head's", cli="--exact-each"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,6 +161,7 @@ class Hybrid(Optimizer):
         self.segments: list[Segment] = []
         self._view: _ExactView | None = None
         self._copy = np.empty(0, np.float32)
+        self._head0: dict[str, np.ndarray] = {}  # exact_each: the step's starting head
         self._z = np.empty(DEFAULT_CHUNK, np.float32)
         self._w = np.empty(DEFAULT_CHUNK, np.float32)
 
@@ -174,6 +185,12 @@ class Hybrid(Optimizer):
         self._view = _ExactView(store, self.exact_names)
         if self.exact_names:
             self.exact.setup(self._view, layers=layers)  # type: ignore[arg-type]
+        head = self.layers[-1]
+        if self.options.exact_each and (head.kind != "linear" or not self.exact_names
+                                        or not self.exact_names <= set(head.param_names())):
+            raise InputError("hybrid exact_each needs the exact tensors to be the linear "
+                             f"head's ({', '.join(head.param_names())}); got "
+                             f"{', '.join(sorted(self.exact_names)) or 'none'}")
         if targets is not None and out_shape is not None:
             self.check_targets(targets, tuple(out_shape))
         where = {n: (a, b) for n, a, b in store.segments("float32")}
@@ -238,10 +255,24 @@ class Hybrid(Optimizer):
                     for k, g in enumerate(gs)] for n, _, _, _ in self.segments}
 
     def _loss(self, arrays: Mapping[str, np.ndarray], y: np.ndarray) -> float:
-        """The head loss of one taps forward (its logits)."""
+        """The head loss of one taps forward (its logits; exact_each: the logits of the step's
+        starting head on the forward's head input)."""
+        head = self.layers[-1]
+        logits = arrays[head.preact]
+        if self._head0:
+            h = arrays[head.input]
+            w = self._head0["weight"]
+            logits = h @ (w if head.weight_layout == "in_out" else w.T)
+            if "bias" in self._head0:
+                logits = logits + self._head0["bias"]
         with np.errstate(all="ignore"):
-            return head_grad(arrays[self.layers[-1].preact], np.asarray(y),
-                             self.options.head_loss)[0]
+            return head_grad(logits, np.asarray(y), self.options.head_loss)[0]
+
+    def _exact_step(self, arrays: Any, y: np.ndarray) -> dict[str, Any]:
+        """tpSGD's update of the exact tensors from one forward's taps; its record."""
+        self.exact.t = self.t
+        info = self.exact.step(self._view, taps=lambda: (arrays, y))  # type: ignore[arg-type]
+        return {k: v for k, v in info.record.items() if k != "step"}
 
     # -- the step ---------------------------------------------------------------------------
     def _step(self, store: ParamStore, *, taps: TapsEvaluate | None = None,
@@ -257,7 +288,11 @@ class Hybrid(Optimizer):
         for _, a, b, c in self.segments:
             self._copy[c:c + b - a] = theta[a:b]
         q = self.options.probes if self.segments else 0
+        each = self.options.exact_each and q > 0
+        head = self.layers[-1]
+        self._head0 = {r: store[n].copy() for r, n in head.params.items()} if each else {}
         losses: list[list[float | None]] = []
+        exact: list[dict[str, Any]] = []
         arrays: Any = None
         for k in range(q):
             pair = []
@@ -265,21 +300,26 @@ class Hybrid(Optimizer):
                 self._place(theta, self._probe_coefs(k, sign))
                 arrays, y = yield Forward(taps)
                 pair.append(self._loss(arrays, y))
+                if each:
+                    exact.append(self._exact_step(arrays, y))
             losses.append(pair)
         if arrays is None:  # no ZO tensors: tpSGD's single forward
             arrays, y = yield Forward(taps)
         record: dict[str, Any] = {}
-        if self.exact_names:
-            self.exact.t = self.t
-            info = self.exact.step(self._view, taps=lambda: (arrays, y))  # type: ignore[arg-type]
-            record["exact"] = {k: v for k, v in info.record.items() if k != "step"}
-        record.update(self._zo_update(theta, losses))
+        if each:
+            record["exact"] = exact
+        elif self.exact_names:
+            record["exact"] = self._exact_step(arrays, y)
+        record.update(self._zo_update(theta, losses,
+                                      all(r["accepted"] for r in exact) if each else None))
         return record
 
-    def _zo_update(self, theta: np.ndarray, losses: list[list[float]]) -> dict[str, Any]:
-        """Apply the ZO update (or restore on a non-finite loss); the record's ZO part."""
+    def _zo_update(self, theta: np.ndarray, losses: list[list[float]],
+                   each_ok: bool | None = None) -> dict[str, Any]:
+        """Apply the ZO update (or restore on a non-finite loss); the record's ZO part.
+        each_ok: (exact_each) whether every exact update of the step was accepted."""
         exact = self.exact.last_info if self.exact_names else None
-        exact_ok = exact is None or exact.accepted
+        exact_ok = (exact is None or exact.accepted) if each_ok is None else each_ok
         if not self.segments:
             return {"loss": None if exact is None else exact.record["loss"],
                     "accepted": exact_ok}
