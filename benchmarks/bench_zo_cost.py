@@ -24,9 +24,10 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 cores the passes need right after each forward).
   big_full_lozo the same model and batch, lozo (rank 2, edgelearn/optim/lozo.py): both probes
                 scored by the low-rank graph in one stacked run (the weights untouched), the
-                update one in-place pass (update engine onnxruntime; big_full_lozo_numpy: the
-                numpy row-block engine, lozo's default); `opt.step` with the evaluator a run
-                builds vs `predict`, interleaved.
+                update one in-place pass (update engine auto, lozo's default: onnxruntime's
+                Gemm, checked to give numpy's bits; big_full_lozo_numpy: the numpy row-block
+                engine); `opt.step` with the evaluator a run builds vs `predict`,
+                interleaved.
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
@@ -400,7 +401,7 @@ def summarize_big(params: int, variants: dict[str, Any], times: dict[str, list[n
 
 
 def section_big_lozo(bundle_dir: Path, data: Path, rounds: int, steps: int,
-                     rank: int = 2, update: str = "onnxruntime") -> dict[str, Any]:
+                     rank: int = 2, update: str = "auto") -> dict[str, Any]:
     """Full-weight lozo step vs forward on the big MLP: the probes scored by the low-rank
     graph through the evaluator a run uses (`make_evaluator`), the update one threaded
     rank-r pass; interleaved with `predict` as in `section_big`."""

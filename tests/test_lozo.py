@@ -244,3 +244,41 @@ def test_blas_products_equal_elementwise_for_rademacher_factors(rank: int) -> No
         out = np.empty_like(w)
         rank_update(out, c * u, vt, src=w, threads=2, exact=True)
         assert np.array_equal(out, ref)
+
+
+def test_auto_engine_gives_numpy_bits_and_falls_back_when_it_cannot() -> None:
+    """update "auto" (the default): onnxruntime's Gemm with Rademacher factors of rank 2 ends
+    on the numpy engine's weights (==); an engine whose first update differs is dropped for
+    numpy, the weight given numpy's bits; gaussian factors take numpy directly."""
+    from edgelearn.backends.ort_rank_update import OrtRankUpdate
+
+    bundle, data, _ = demo()
+    digests, engines = [], []
+    for update in ("auto", "numpy"):
+        model = Model(bundle, trainable="*")
+        opt = make_optimizer("lozo", lr=0.003, seed=4, update=update)
+        for t in range(3):
+            x, y = data.batch_at(t, 32, 4)
+            opt.step(model.store, lambda x=x, y=y, m=model: cross_entropy(m.predict(x), y))
+        digests.append(model.store.digest())
+        engines.append(opt.update_engine())
+    assert digests[0] == digests[1]
+    assert isinstance(engines[0], OrtRankUpdate)
+    assert engines[0].unequal is None
+    assert engines[1] is None
+    assert make_optimizer("lozo", noise="gaussian").update_engine() is None
+
+    def off_by_one_ulp(w: np.ndarray, c: np.ndarray, vt: np.ndarray) -> None:
+        w += c @ vt
+        w[0, 0] = np.nextafter(w[0, 0], np.float32(np.inf))
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 40)).astype(np.float32)
+    c = np.full((50, 1), 0.5, np.float32)
+    vt = np.ones((1, 40), np.float32)
+    want = w.copy()
+    off_by_one_ulp(want, c, vt)
+    engine = OrtRankUpdate(same_as=off_by_one_ulp)
+    engine(w, c, vt)
+    assert engine.unequal is not None
+    assert np.array_equal(w, want)

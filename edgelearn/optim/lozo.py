@@ -29,13 +29,18 @@ W += (c U) V^T with a cache-sized temporary, split over a few threads (each elem
 operations are fixed, so results do not depend on the thread count; with Rademacher factors
 of rank <= 2 every product and partial sum is exact, so BLAS computes the block's products
 and only the add rounds: the same bits, ~3x faster); "onnxruntime", its Gemm in place
-(edgelearn/backends/ort_rank_update.py; memory-bound; its floats may differ from numpy's and
-between CPUs, so a run's engine is recorded and replay uses it).
+(edgelearn/backends/ort_rank_update.py; memory-bound; with other factors its floats may
+differ from numpy's and between CPUs, so a run's engine is recorded and replay uses it);
+"auto" (the default), onnxruntime's Gemm where the products are exact, since it then adds
+C once to the exact product, as numpy does: each weight's first update is compared with
+numpy's bits (==), and any difference sends the run to numpy; so "auto" gives numpy's
+weights on every CPU, faster where onnxruntime is installed.
 Record: (seeds [seed, t, t_v], g, lr, eps, accepted, losses).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +57,7 @@ from edgelearn.params import ParamStore
 from edgelearn.rng import Noise
 
 LOZO_NOISE = ("gaussian", "rademacher")
-LOZO_UPDATES = ("numpy", "onnxruntime")
+LOZO_UPDATES = ("auto", "numpy", "onnxruntime")
 #: elements of the update's per-thread temporary (a row block of U V^T; stays in cache)
 BLOCK = 1 << 15
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -78,10 +83,11 @@ class LOZOOptions(OptimizerOptions):
         "accepted for the shared CLI: lozo restores the dense part from a copy and never "
         "perturbs the 2-D weights in its graph probes, so every value behaves the same",
         cli="--restore", choices=("auto", "copy", "drift")))
-    update: str = field(default="numpy", metadata=meta(
-        "engine of the W += c U V^T pass: numpy (row blocks; no runtime needed; the same bits "
-        "on every CPU) or onnxruntime (its Gemm, in place: ~3x faster on large weights; replay "
-        "then needs onnxruntime and the same kind of CPU)",
+    update: str = field(default="auto", metadata=meta(
+        "engine of the W += c U V^T pass: auto (onnxruntime's Gemm where it gives numpy's bits, "
+        "checked on each weight's first update: Rademacher factors of rank <= 2; else numpy), "
+        "numpy (row blocks; no runtime needed; the same bits on every CPU) or onnxruntime (its "
+        "Gemm, in place, whatever the factors: replay then needs the same kind of CPU)",
         cli="--update-engine", choices=LOZO_UPDATES))
     threads: int | None = field(default=None, metadata=meta(
         "threads of the update pass over large weights (null: the usable cores, at most 4; "
@@ -190,7 +196,7 @@ class LOZO(Optimizer):
         self._wcopy: dict[str, np.ndarray] = {}  # dense-probe fallback only
         self._placed = False
         self._v: tuple[int, np.ndarray] | None = None  # (t_v, every V) of the current period
-        self._engine: Any = None  # OrtRankUpdate, for update "onnxruntime"
+        self._engine: Any = None  # OrtRankUpdate; False: onnxruntime is not installed
         self._exact = exact_factors(self.options.noise, self.options.rank)
 
     def _prepare(self, store: ParamStore) -> np.ndarray:
@@ -249,15 +255,34 @@ class LOZO(Optimizer):
 
     def _update(self, w: np.ndarray, cu: np.ndarray, v: np.ndarray) -> None:
         """w += cu V^T in place with the configured engine."""
-        if self.options.update == "numpy":
-            rank_update(w, cu, np.ascontiguousarray(v.T), threads=self.threads,
-                        exact=self._exact)
-            return
+        vt = np.ascontiguousarray(v.T)
+        engine = self.update_engine()
+        if engine is None:
+            rank_update(w, cu, vt, threads=self.threads, exact=self._exact)
+        else:
+            engine(w, cu, vt)
+
+    def update_engine(self) -> Any:
+        """The onnxruntime engine the `update` option asks for, or None for numpy's.
+
+        "auto" takes it only where its bits are numpy's (exact factors; each weight's first
+        update is compared with ==, and a difference sends every later update to numpy)."""
+        mode = self.options.update
+        if mode == "numpy" or (mode == "auto" and not self._exact):
+            return None
         if self._engine is None:
             from edgelearn.backends.ort_rank_update import OrtRankUpdate
 
-            self._engine = OrtRankUpdate(self.options.threads)
-        self._engine(w, cu, np.ascontiguousarray(v.T))
+            installed = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+            self._engine = OrtRankUpdate(self.options.threads, same_as=(
+                self._numpy_update if mode == "auto" else None)) if (
+                installed or mode == "onnxruntime") else False  # auto on LiteRT-only devices
+        if self._engine is False or self._engine.unequal:
+            return None
+        return self._engine
+
+    def _numpy_update(self, w: np.ndarray, cu: np.ndarray, vt: np.ndarray) -> None:
+        rank_update(w, cu, vt, threads=self.threads, exact=self._exact)
 
     def _write_dense(self, theta: np.ndarray, z: np.ndarray, coef: np.float32) -> None:
         """The dense part of theta = its pre-step copy + coef z."""
