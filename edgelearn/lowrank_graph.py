@@ -21,6 +21,9 @@ is perturbed in the graph too, + beta * s_n * z_c with `<c>.lozo_z` [out] an inp
 of 2N rows costs less than two runs of N (the weights are read once: ~1.7x one forward
 instead of 2x on the 12.6M MLP at N = 32). Only for graphs whose perturbed tensors are all
 Gemm operands (`why_not_stacked`) and whose rows are independent (a batch-symbolic model).
+Where the data inputs are read only as the A operand of perturbed Gemms (`shares_input`: an
+MLP whose first layer trains), the batch is fed once: those Gemms compute X @ W (+ C) and
+X @ U on N rows and stack them (Concat), since both probes' first layer sees the same X.
 onnx is imported lazily (device code imports only stdlib + numpy at module level).
 """
 
@@ -121,6 +124,25 @@ def why_not_stacked(model: Any, weights: Sequence[str], dense: Sequence[str]) ->
     return None
 
 
+def shares_input(model: Any, weights: Sequence[str], inputs: Sequence[str]) -> bool:
+    """Whether the stacked graph may take the batch once (`rewrite(..., shared=inputs)`): every
+    node reading a data input is a Gemm (transA = 0) reading it as A, with a weight of
+    `weights` as B, so only those Gemms see unstacked rows.
+
+    Args:
+        model: the onnx ModelProto. weights: the perturbed 2-D weights. inputs: data inputs.
+    """
+    data = set(inputs)
+    if data & {o.name for o in model.graph.output} or any(
+            data & set(n.input) for n in _subgraph_nodes(model.graph)):
+        return False
+    readers = [n for n in model.graph.node if data & set(n.input)]
+    return bool(readers) and all(
+        n.op_type == "Gemm" and n.input[0] in data and _attr(n, "transA", 0) == 0
+        and len(n.input) > 1 and n.input[1] in weights
+        and not data & set(n.input[1:]) for n in readers)
+
+
 def _const(g: Any, name: str, value: float) -> str:
     from onnx import TensorProto, helper
 
@@ -128,8 +150,10 @@ def _const(g: Any, name: str, value: float) -> str:
     return name
 
 
-def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str) -> list[Any]:
-    """The nodes adding node i's perturbation terms to its output (renamed `.base`)."""
+def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str,
+           tile: bool = False) -> list[Any]:
+    """The nodes adding node i's perturbation terms to its output (renamed `.base`); `tile`:
+    node reads the unstacked batch, its product and X @ U are computed once and stacked."""
     from onnx import helper
 
     w = node.input[1] if len(node.input) > 1 else None
@@ -139,8 +163,10 @@ def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str) -> l
     if not (low or bias):
         return []
     p = f"{_P}{i}."
-    out, node.output[0] = node.output[0], p + "base"
+    out, node.output[0] = node.output[0], p + ("once" if tile else "base")
     nodes, acc = [], p + "base"
+    if tile:  # both probes share X @ W (+ C): one product on the batch, stacked
+        nodes.append(helper.make_node("Concat", [p + "once"] * 2, [acc], axis=0))
     if low:
         left, right = u_name(w), v_name(w)
         if node.op_type == "Gemm" and _attr(node, "transB", 0):  # W^T: (X @ V) @ U^T
@@ -150,8 +176,12 @@ def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str) -> l
         if alpha != 1.0:
             s = p + "scale"
             nodes.append(helper.make_node("Mul", [scale, _const(g, p + "alpha", alpha)], [s]))
-        nodes += [helper.make_node("MatMul", [node.input[0], left], [p + "xl"]),
-                  helper.make_node("Mul", [p + "xl", s], [p + "xls"]),
+        if tile:
+            nodes += [helper.make_node("MatMul", [node.input[0], left], [p + "xl1"]),
+                      helper.make_node("Concat", [p + "xl1"] * 2, [p + "xl"], axis=0)]
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], left], [p + "xl"]))
+        nodes += [helper.make_node("Mul", [p + "xl", s], [p + "xls"]),
                   helper.make_node("Transpose", [right], [p + "rt"], perm=[1, 0]),
                   helper.make_node("MatMul", [p + "xls", p + "rt"], [p + "delta"]),
                   helper.make_node("Add", [acc, p + "delta"], [p + "low"])]
@@ -170,7 +200,7 @@ def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str) -> l
 
 
 def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
-            dense: dict[str, int] | None = None) -> Any:
+            dense: dict[str, int] | None = None, shared: Sequence[str] = ()) -> Any:
     """Add the perturbation terms of `weights` (and `dense`) to `model` in place.
 
     Args:
@@ -179,6 +209,8 @@ def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
         rank: r, the columns of U and V.
         dense: None: scalar SCALE, the caller perturbs the other tensors itself; a dict
             (1-D tensor name -> size, possibly empty): stacked probes (module docstring).
+        shared: stacked probes only: the data inputs, fed once (not stacked) where
+            `shares_input` holds; the Gemms reading them stack their products.
     Returns: `model`, with new inputs `u_name(w)`, `v_name(w)`, `z_name(c)`, `SCALE`.
     Raises: ValueError naming the reason (`why_not` / `why_not_stacked`).
     """
@@ -194,8 +226,10 @@ def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
         scale = _P + "rows"
         g.initializer.append(helper.make_tensor(_P + "axes", TensorProto.INT64, [1], [1]))
         new_nodes.append(helper.make_node("Unsqueeze", [SCALE, _P + "axes"], [scale]))
+    once = set(shared)
     for i, node in enumerate(list(g.node)):
-        new_nodes += [node, *_terms(g, node, i, weights, dense, scale)]
+        tile = bool(once) and node.op_type == "Gemm" and node.input[0] in once
+        new_nodes += [node, *_terms(g, node, i, weights, dense, scale, tile)]
     del g.node[:]
     g.node.extend(new_nodes)
     f = TensorProto.FLOAT

@@ -282,3 +282,27 @@ def test_auto_engine_gives_numpy_bits_and_falls_back_when_it_cannot() -> None:
     engine(w, c, vt)
     assert engine.unequal is not None
     assert np.array_equal(w, want)
+
+
+def test_shared_first_layer_scores_the_same_probes(monkeypatch) -> None:
+    """The demo's first Gemm reads x: the stacked graph takes the batch once and stacks that
+    layer's products; its losses equal the fully stacked graph's within rounding."""
+    model, _, shared, _ = demo_step(True)
+    monkeypatch.setattr(lowrank_graph, "shares_input", lambda *a: False)
+    _, _, full, _ = demo_step(True)
+    assert_close(shared.record["evals"], full.record["evals"])
+    assert model.store.digest() != Model(demo()[0], trainable="*").store.digest()
+
+
+def test_shares_input_only_where_first_gemms_read_the_data() -> None:
+    import onnx
+
+    from edgelearn.backends.ort_lowrank import lowrank_weights
+
+    bundle = demo()[0]
+    model = onnx.load(str(bundle.path / bundle.files["onnx"]))
+    store = Model(bundle, trainable="*").store
+    weights = list(lowrank_weights(store))
+    assert lowrank_graph.shares_input(model, weights, ["x"])
+    head_only = [w for w in weights if w.startswith("head")]
+    assert not lowrank_graph.shares_input(model, head_only, ["x"])  # x feeds a frozen Gemm

@@ -75,8 +75,12 @@ class OrtLowRank:
         weights, dense = lowrank_weights(store), dense_tensors(store)
         #: True: both probes in one run on the batch stacked twice (lowrank_graph docstring)
         self.stacked = lowrank_graph.why_not_stacked(model, list(weights), list(dense)) is None
+        names = [t.name for t in bundle.inputs]
+        #: True: the stacked graph takes the batch once (lowrank_graph.shares_input)
+        self.shared = self.stacked and lowrank_graph.shares_input(model, list(weights), names)
         try:
-            lowrank_graph.rewrite(model, weights, rank, dense if self.stacked else None)
+            lowrank_graph.rewrite(model, weights, rank, dense if self.stacked else None,
+                                  shared=names if self.shared else ())
         except ValueError as e:
             raise BundleError(f"no low-rank graph: {e}") from None
         self.session = self._session(model.SerializeToString(), store, threads)

@@ -75,7 +75,9 @@ class LowRankEvaluator(StepEvaluator):
 
         def stacked(pop: LowRankPopulation) -> list[float]:
             n = len(y)
-            rows = {k: np.concatenate([v] * pop.size) for k, v in feed.items()}
+            assert not runner.shared or pop.size == 2  # the shared graph stacks two copies
+            rows = feed if runner.shared else {
+                k: np.concatenate([v] * pop.size) for k, v in feed.items()}
             scale = np.repeat(np.asarray(pop.scales, np.float32), n)
             t0 = time.perf_counter()
             out = runner.forward(rows, pop.factors, scale, pop.dense)
