@@ -29,6 +29,7 @@ from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
+    check_lr_eps,
     chunk_field,
     copy_restore_field,
     pool_size_field,
@@ -67,10 +68,7 @@ class AdaMeZOOptions(OptimizerOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.lr >= 0 and math.isfinite(self.lr),
-              f"lr must be a finite number >= 0, got {self.lr}")
-        check(self.eps > 0 and math.isfinite(self.eps),
-              f"eps must be a finite number > 0, got {self.eps}")
+        check_lr_eps(self.lr, self.eps)
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
         check(0 <= self.beta1 < 1, f"beta1 must lie in [0, 1), got {self.beta1}")
         check(0 <= self.beta2 < 1, f"beta2 must lie in [0, 1), got {self.beta2}")

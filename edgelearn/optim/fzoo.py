@@ -29,6 +29,7 @@ import numpy as np
 from edgelearn.optim.base import Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
+    check_lr_eps,
     chunk_field,
     copy_restore_field,
     pool_size_field,
@@ -64,10 +65,7 @@ class FZOOOptions(OptimizerOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.lr >= 0 and math.isfinite(self.lr),
-              f"lr must be a finite number >= 0, got {self.lr}")
-        check(self.eps > 0 and math.isfinite(self.eps),
-              f"eps must be a finite number > 0, got {self.eps}")
+        check_lr_eps(self.lr, self.eps)
         check(self.probes >= 2, f"probes must be an integer >= 2 (sigma needs two losses), "
               f"got {self.probes!r}")
         check(self.schedule == "constant" or (self.total_steps or 0) > 0,

@@ -53,6 +53,7 @@ from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.kernels import PARALLEL_MIN, default_threads
 from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_fields import check_lr_eps
 from edgelearn.params import ParamStore
 from edgelearn.rng import Noise
 
@@ -95,10 +96,7 @@ class LOZOOptions(OptimizerOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.lr >= 0 and math.isfinite(self.lr),
-              f"lr must be a finite number >= 0, got {self.lr}")
-        check(self.eps > 0 and math.isfinite(self.eps),
-              f"eps must be a finite number > 0, got {self.eps}")
+        check_lr_eps(self.lr, self.eps)
         check(self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
         check(self.nu >= 1, f"nu must be an integer >= 1, got {self.nu!r}")
         check(self.threads is None or self.threads >= 1,

@@ -12,7 +12,7 @@ import math
 from dataclasses import field
 from typing import Any
 
-from edgelearn.optim.options import meta
+from edgelearn.optim.options import check, meta
 from edgelearn.rng import DEFAULT_CHUNK
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -69,3 +69,13 @@ def copy_restore_field(name: str) -> Any:
         f"accepted for the shared CLI: {name} always writes probes and the update from a "
         "copy of the trainable slice, so every value behaves the same", cli="--restore",
         choices=("auto", "copy", "drift")))
+
+
+def check_lr_eps(lr: float, eps: float) -> None:
+    """The ZO family's checks of its step and perturbation scales (InputError naming them).
+
+    Args:
+        lr: learning rate (finite, >= 0). eps: perturbation scale (finite, > 0).
+    """
+    check(lr >= 0 and math.isfinite(lr), f"lr must be a finite number >= 0, got {lr}")
+    check(eps > 0 and math.isfinite(eps), f"eps must be a finite number > 0, got {eps}")

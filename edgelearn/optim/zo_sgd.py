@@ -53,6 +53,7 @@ from edgelearn.optim.groups import GroupScales, parse_groups
 from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
+    check_lr_eps,
     chunk_field,
     pool_size_field,
     schedule_field,
@@ -117,10 +118,7 @@ class ZOSGDOptions(OptimizerOptions):
         super().__post_init__()
         check(self.threads is None or self.threads >= 1,
               f"threads must be an integer >= 1, got {self.threads!r}")
-        check(self.lr >= 0 and math.isfinite(self.lr),
-              f"lr must be a finite number >= 0, got {self.lr}")
-        check(self.eps > 0 and math.isfinite(self.eps),
-              f"eps must be a finite number > 0, got {self.eps}")
+        check_lr_eps(self.lr, self.eps)
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
         check(self.schedule == "constant" or (self.total_steps or 0) > 0,
               f"schedule {self.schedule!r} needs total_steps > 0")
