@@ -406,12 +406,6 @@ def lozo_step(
         others as in `zo_sgd_step`.
     Returns: (new params for the names in factors and z, g, (L+, L-)).
     """
-    with torch.no_grad():
-        dirs = {n: u @ v.T for n, (u, v) in factors.items()} | dict(z)
-        lp = _loss_with(model, params, {n: eps * d for n, d in dirs.items()}, inputs, targets,
-                        loss_fn)
-        lm = _loss_with(model, params, {n: -eps * d for n, d in dirs.items()}, inputs,
-                        targets, loss_fn)
-        g = (lp - lm) / (2.0 * eps)
-        new = {n: params[n] - (lr * g) * d for n, d in dirs.items()}
-    return new, g, (lp, lm)
+    # MeZO's step along the dense direction U V^T: only the direction differs
+    dirs = {n: u @ v.T for n, (u, v) in factors.items()} | dict(z)
+    return zo_sgd_step(model, params, dirs, inputs, targets, lr=lr, eps=eps, loss_fn=loss_fn)

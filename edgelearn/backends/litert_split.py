@@ -115,34 +115,35 @@ class LiteRTSplitPlanner:
                        forced=forced)
         if isinstance(cut, str):
             return cut
-        param_of = {i: n for n, i in self.params.items()}
-        data_of = {i: n for n, i in self.data.items()}
-        pre_in, suf_in = g.free_inputs(cut.prefix_ops), g.free_inputs(cut.suffix_ops)
-        why = self._stray_inputs(cut, pre_in, suf_in, param_of, data_of)
-        if why:
-            return why
+        ins = self._halves_inputs(cut)
+        if isinstance(ins, str):
+            return ins
+        pre_in, suf_in = ins
         prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
         suffix, suf = g.extract(cut.suffix_ops, suf_in, [self.out])
-        return self._split(cut, prefix, pre, suffix, suf, param_of, data_of)
+        return self._split(cut, prefix, pre, suffix, suf)
 
-    def _stray_inputs(self, cut: Any, pre_in: Iterable[int], suf_in: Iterable[int],
-                      param_of: dict[int, str], data_of: dict[int, str]) -> str | None:
-        """Why the halves cannot run (an input neither data, a frozen weight in the prefix,
-        a weight or a cut tensor in the suffix), or None."""
-        stray = [t for t in pre_in if t not in data_of and (
+    def _halves_inputs(self, cut: Any) -> tuple[list[int], list[int]] | str:
+        """The tensors the prefix and the suffix of `cut` read from outside, or why the
+        halves cannot run (an input neither data, a frozen weight in the prefix, a weight or
+        a cut tensor in the suffix)."""
+        pre_in, suf_in = self.g.free_inputs(cut.prefix_ops), self.g.free_inputs(cut.suffix_ops)
+        param_of, data = {i: n for n, i in self.params.items()}, set(self.data.values())
+        stray = [t for t in pre_in if t not in data and (
             t not in param_of or self.store.specs[param_of[t]].trainable)]
-        stray += [t for t in suf_in if t not in data_of and t not in param_of
+        stray += [t for t in suf_in if t not in data and t not in param_of
                   and t not in cut.tensors]
         if stray:
             odd = [self.names[t] for t in stray][:3]
             return f"the TFLite halves would read unknown inputs {odd}"
-        return None
+        return pre_in, suf_in
 
     def _split(self, cut: Any, prefix: bytes, pre: dict[int, int], suffix: bytes,
-               suf: dict[int, int], param_of: dict[int, str], data_of: dict[int, str]
-               ) -> LiteRTSplit:
+               suf: dict[int, int]) -> LiteRTSplit:
         """The LiteRTSplit of extracted halves (`pre` / `suf`: old -> new tensor index)."""
         names, store = self.names, self.store
+        param_of = {i: n for n, i in self.params.items()}
+        data_of = {i: n for n, i in self.data.items()}
         live = {param_of[t] for t in suf if t in param_of and store.specs[param_of[t]].trainable}
         const: dict[str, tuple[int, int]] = {}
         if self.strategy == "rebuild":
@@ -307,18 +308,16 @@ class LiteRTTapsSplitPlanner(LiteRTSplitPlanner):
                             batch=self.batch, forced=forced)
         if isinstance(cut, str):
             return cut
-        param_of = {i: n for n, i in self.params.items()}
-        data_of = {i: n for n, i in self.data.items()}
-        pre_in, suf_in = g.free_inputs(cut.prefix_ops), g.free_inputs(cut.suffix_ops)
-        why = self._stray_inputs(cut, pre_in, suf_in, param_of, data_of)
-        if why:
-            return why
+        ins = self._halves_inputs(cut)
+        if isinstance(ins, str):
+            return ins
+        pre_in, suf_in = ins
         live = [t for t in dict.fromkeys(self.taps.values()) if t not in cut.tensors]
         prefix, pre = g.extract(cut.prefix_ops, pre_in, cut.tensors)
         # every cut tensor is a suffix input (a tap the suffix does not read is fed unused),
         # so the cached features feed the suffix as they are
         suffix, suf = g.extract(cut.suffix_ops, sorted(set(suf_in) | set(cut.tensors)), live)
-        base = self._split(cut, prefix, pre, suffix, suf, param_of, data_of)
+        base = self._split(cut, prefix, pre, suffix, suf)
         return LiteRTTapsSplit(**{f.name: getattr(base, f.name) for f in fields(base)},
                                outputs={tap: suf[t] for tap, t in self.taps.items()
                                         if t in live})
