@@ -96,7 +96,8 @@ ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
 #: opt-in ZO estimators (`--zo fzoo,adamezo`): methods "<optimizer>-head" and "<optimizer>-full"
 #: with these lr grids (first: head, second: all weights); other options are their defaults
 EXTRA_ZO = {"fzoo": ((0.03, 0.1, 0.3), (0.01, 0.03, 0.1)),
-            "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2))}
+            "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
+            "lozo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2))}
 EXTRA_PARTS = {"head": "head.*", "full": "*"}
 
 

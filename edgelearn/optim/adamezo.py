@@ -109,7 +109,7 @@ class AdaMeZO(Optimizer):
         o = self.options
         signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
         pool = 4 * o.pool_size if o.noise == "pool" else 0
-        return 16 * n + signs + pool + 8 * o.chunk
+        return 16 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""

@@ -104,12 +104,12 @@ class FZOO(Optimizer):
                                 o.chunk, self.name)
 
     def memory_bytes(self, store: ParamStore) -> int:
-        """The pre-step copy + packed signs of every probe + two chunk buffers."""
+        """The pre-step copy + packed signs of every probe + chunk buffers."""
         n = store.n_trainable("float32")
         o = self.options
         signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
         pool = 4 * o.pool_size if o.noise == "pool" else 0
-        return 4 * n + signs + pool + 8 * o.chunk
+        return 4 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""

@@ -16,6 +16,13 @@ This module does those passes, and the draws, as fast as numpy allows:
     whose construction costs more than the pass: the signs are expanded to +-1.0 once per
     sign array and multiplied by each coef, c * (+-1.0) being exactly the table entry +-c.
 
+A pass works in chunks of PASS_CHUNK elements (256 Ki; the buffers take 9 bytes an element
+per thread, at most the slice's size): per chunk it makes a few numpy calls, and with 64 Ki
+chunks their fixed cost (and the GIL handed between the workers at each) was a third of a
+pass: 12.6M elements on 2 threads, median of 12 interleaved passes, 9.7 ms at 64 Ki, 6.8 ms
+at 256 Ki, 6.3 ms at 512 Ki (today's 2-core box, where a second thread gains little: the add
+streams at memory speed).
+
 Measured (12.6M elements, one thread, the project's 2-core box): a pass takes ~6.7 ms CPU,
 about half of it the add (streamed at memory speed), 40% the gather, 10% widening the
 indices (uint8 indices straight into `take` cost the same: numpy widens them itself; a
@@ -44,7 +51,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from edgelearn.rng import (
-    DEFAULT_CHUNK,
     block_rademacher_bytes,
     philox_key_ints,
     sign_table,
@@ -55,6 +61,9 @@ PARALLEL_MIN = 1 << 20
 #: up to this many elements a pass expands the signs to +-1.0 and multiplies (no per-coef
 #: table: building one costs more than the pass itself on a small slice; same values)
 SMALL_MAX = 1 << 14
+#: elements per chunk of a large pass (module docstring: fewer, larger chunks cut the fixed
+#: per-call cost; 9 bytes an element of buffers per thread)
+PASS_CHUNK = 1 << 18
 #: default worker threads (None in the options): the cores this process may use, at most 4
 MAX_DEFAULT_THREADS = 4
 #: Philox4x64 emits 4 words per counter block; `advance` moves by blocks
@@ -177,24 +186,35 @@ class SignPass:
     """Runs `dst = src + sum_k coef_k z_k` passes; keeps per-thread chunk buffers.
 
     Args:
-        chunk: elements per chunk (a multiple of 8; results do not depend on it).
+        chunk: elements per chunk (a multiple of 8; results do not depend on it; buffers are
+            sized to the smaller of chunk and the largest slice passed).
         threads: worker threads for slices of at least PARALLEL_MIN elements (None:
             `default_threads()`; results do not depend on it).
     """
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> None:
+    def __init__(self, chunk: int = PASS_CHUNK, threads: int | None = None) -> None:
         if chunk < 8 or chunk % 8:
             raise ValueError(f"chunk must be a positive multiple of 8, got {chunk}")
         self.chunk = chunk
         self.threads = default_threads() if threads is None else max(1, int(threads))
         self._bufs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def _buffers(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Worker i's (acc, tmp) 32-byte item buffers and intp index buffer, one chunk each."""
-        while len(self._bufs) <= i:
-            k = self.chunk // 8
-            self._bufs.append((np.empty(k, "V32"), np.empty(k, "V32"), np.empty(k, np.intp)))
-        return self._bufs[i]
+    def buffer_bytes(self, n: int) -> int:
+        """Bytes of chunk buffers a pass over n elements allocates (all threads)."""
+        return 9 * min(self.chunk, -(-n // 8) * 8) * self.threads
+
+    def _buffers(self, i: int, elements: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Worker i's (acc, tmp) 32-byte item buffers and intp index buffer, of at least
+        `elements` (<= chunk) elements each."""
+        k = elements // 8
+        if i < len(self._bufs) and len(self._bufs[i][2]) >= k:
+            return self._bufs[i]
+        bufs = (np.empty(k, "V32"), np.empty(k, "V32"), np.empty(k, np.intp))
+        if i < len(self._bufs):
+            self._bufs[i] = bufs
+        else:
+            self._bufs.append(bufs)
+        return bufs
 
     def run(self, dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
             signs: Sequence[np.ndarray]) -> None:
@@ -213,7 +233,7 @@ class SignPass:
         if n < PARALLEL_MIN or self.threads == 1:
             self._range(dst, src, items, signs, 0, n, 0)
             return
-        parts = _blocks(n, self.threads, self.chunk)
+        parts = _blocks(n, self.threads, 64)  # any multiple of 8 gives the same bits
         futures = [_pool(self.threads).submit(self._range, dst, src, items, signs, a, b, i)
                    for i, (a, b) in enumerate(parts)]
         for f in futures:
@@ -222,7 +242,7 @@ class SignPass:
     def _range(self, dst: np.ndarray, src: np.ndarray, items: list[np.ndarray],
                signs: Sequence[np.ndarray], lo: int, hi: int, worker: int) -> None:
         """The pass over elements [lo, hi) (lo a multiple of 8), with worker's buffers."""
-        acc, tmp, idx = self._buffers(worker)
+        acc, tmp, idx = self._buffers(worker, min(self.chunk, -(-(hi - lo) // 8) * 8))
         accf = acc.view(np.float32)
         for a in range(lo, hi, self.chunk):
             b = min(a + self.chunk, hi)

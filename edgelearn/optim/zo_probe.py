@@ -42,7 +42,11 @@ class ProbeArena:
         self._zbuf = np.empty(chunk, np.float32)
         self._abuf = np.empty(chunk, np.float32)
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
-        self._pass = SignPass(chunk)
+        self._pass = SignPass()
+
+    def pass_bytes(self, n: int) -> int:
+        """Bytes of the sign kernel's chunk buffers for a slice of n elements."""
+        return self._pass.buffer_bytes(n) if self.noise.kind == "rademacher" else 0
 
     def begin(self, store: ParamStore) -> np.ndarray:
         """Start a step: the trainable fp32 slice (theta), copied into `self.copy`."""

@@ -156,7 +156,7 @@ class ZOSGD(Optimizer):
         self._abuf = np.empty(rule.chunk, np.float32)
         # Packed Rademacher signs of this step's probes (n/8 bytes each), drawn once per step.
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
-        self._pass = SignPass(rule.chunk, rule.threads)
+        self._pass = SignPass(threads=rule.threads)
         self._decay_segments: list[tuple[int, int]] = []
         # per-tensor lr / eps multipliers (optim/groups.py); empty: one lr and eps for all
         self.groups = GroupScales(parse_groups(getattr(rule, "groups", None)))
@@ -198,7 +198,7 @@ class ZOSGD(Optimizer):
             policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
         signs = self.rule.probes * (-(-n // 64) * 8) if self.rule.noise == "rademacher" else 0
         pool = 4 * self.rule.pool_size if self.rule.noise == "pool" else 0
-        passes = 9 * self.rule.chunk * self._pass.threads  # per thread: 2 item + 1 index buffer
+        passes = self._pass.buffer_bytes(n) if self.rule.noise == "rademacher" else 0
         return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.rule.chunk + passes
 
     @property
