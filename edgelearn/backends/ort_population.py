@@ -9,6 +9,7 @@ with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +22,9 @@ from edgelearn.backends.ort_graph import (
     load_checked_model,
     run_error,
 )
+from edgelearn.backends.ort_pop_loss import LOSS_OUTPUT, LabelFeeds, add_ce_tail
 from edgelearn.errors import BundleError, EdgelearnError, InputError
+from edgelearn.losses import cross_entropy
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -29,6 +32,16 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 POP_ROLE = "onnx_population"
+
+
+def _with_ce_tail(src: bytes) -> tuple[bytes, int | None]:
+    """The population model bytes with the cross-entropy tail when it fits, and its class
+    count (None: the model unchanged)."""
+    import onnx
+
+    model = onnx.load_from_string(src)
+    classes = add_ce_tail(model)
+    return (model.SerializeToString(), classes) if classes else (src, None)
 
 
 def supports_population(bundle: Bundle, store: ParamStore) -> bool:
@@ -65,6 +78,7 @@ class OrtPopulation(PopulationScorer):
         # bytes that passed load_checked_model, as in OrtBackend: ORT never opens a path
         src = baked_model_bytes(path, frozen) if frozen else \
             load_checked_model(path).SerializeToString()
+        src, classes = _with_ce_tail(src)
         try:
             self.session: Any = ort.InferenceSession(src, sess_options=so,
                                                      providers=["CPUExecutionProvider"])
@@ -78,9 +92,31 @@ class OrtPopulation(PopulationScorer):
         self._rows: np.ndarray | None = None
         self._out: dict[str, np.ndarray] = {}  # {"float32": rows}, what `fill` writes into
         self._feeds: dict[int, dict[str, Any]] = {}
+        # the cross-entropy tail's label inputs (None: the graph has no tail)
+        self._labels = LabelFeeds(classes) if classes else None
+
+    @property
+    def loss_in_graph(self) -> bool:
+        """Whether cross-entropy on class labels is computed by the graph's tail."""
+        return self._labels is not None
 
     def forward(self, pop: Population, x: np.ndarray) -> np.ndarray:
         """First output of every candidate: [K, batch, ...] (chunks of max_population)."""
+        return self._scored(pop, x, self._output_names, None)
+
+    def losses(self, pop: Population, x: np.ndarray, y: np.ndarray,
+               loss_fn: Callable[[np.ndarray, np.ndarray], float]) -> list[float]:
+        """loss_fn(output, y) of every candidate; cross-entropy on class labels comes from
+        the graph's tail in the same call (edgelearn/backends/ort_pop_loss.py)."""
+        extra = self._labels.feeds(y, len(x)) if self._labels is not None and \
+            loss_fn is cross_entropy else None
+        if extra is None:
+            return super().losses(pop, x, y, loss_fn)
+        return self._scored(pop, x, [LOSS_OUTPUT], extra).tolist()
+
+    def _scored(self, pop: Population, x: np.ndarray, outputs: list[str],
+                extra: dict[str, np.ndarray] | None) -> np.ndarray:
+        """The first of `outputs` for every candidate of `pop` (chunks of max_population)."""
         if self.session is None:
             raise EdgelearnError("the population scorer is closed")
         if pop.fill is None:
@@ -91,20 +127,24 @@ class OrtPopulation(PopulationScorer):
             self._out = {"float32": self._rows}
         if pop.size <= self.max_population:  # the common case: one call, no concatenate
             pop.fill(self._out, 0, pop.size)
-            return self._run(x, pop.size)
+            return self._run(x, pop.size, outputs, extra)
         outs = []
         for a in range(0, pop.size, self.max_population):
             b = min(a + self.max_population, pop.size)
             pop.fill(self._out, a, b)
-            outs.append(self._run(x, b - a))
+            outs.append(self._run(x, b - a, outputs, extra))
         return np.concatenate(outs)
 
-    def _run(self, x: np.ndarray, k: int) -> np.ndarray:
-        """The first output of the k candidates in the rows buffer on batch x (one call)."""
+    def _run(self, x: np.ndarray, k: int, outputs: list[str],
+             extra: dict[str, np.ndarray] | None) -> np.ndarray:
+        """The first of `outputs` for the k candidates in the rows buffer on batch x (one
+        call); `extra`: further feeds (the loss tail's labels)."""
         feeds = self._param_feeds(k)
         feeds[self.input_name] = x
+        if extra:
+            feeds = {**feeds, **extra}
         try:
-            return self.session.run(self._output_names, feeds)[0]
+            return self.session.run(outputs, feeds)[0]
         except Exception as e:  # onnxruntime's exception types do not share a base class
             raise run_error(e, "the population graph") from None
         finally:

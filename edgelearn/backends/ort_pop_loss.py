@@ -1,0 +1,106 @@
+"""Cross-entropy inside the population graph: K candidates' losses from one runtime call.
+
+On a small head the numpy loss after a population call cost more than the call itself: the
+demo's 2 x 32 x 10 logits took ~25 us of numpy calls, and ~20 us more because they ran on
+caches the runtime had just filled with its own code and data (`benchmarks/bench_zo_cost.py`,
+section overhead). So the population graph gets a float64 tail that computes
+`edgelearn.losses.cross_entropy` of every candidate in the same call:
+
+    loss_k = -(1 / B) * sum_{b, c} onehot[b, c] * LogSoftmax(float64(logits[k, b, :]))[c]
+
+the batch mean of log-sum-exp minus the label's logit, in float64 like the numpy loss. The
+runtime's float64 kernels round differently from numpy's (about 1e-15 relative on the demo),
+so a run scored this way is close to, not bit-equal with, one scored by single forwards; each
+run journals the losses it used, and replay reads them from the journal.
+
+The two extra inputs carry defaults (initializers of the same name, ONNX's optional inputs),
+so a call that asks only for the logits feeds nothing new.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+#: names the tail adds to the graph (a graph already using one gets no tail)
+LOSS_OUTPUT = "edgelearn.ce_loss"
+ONEHOT_INPUT = "edgelearn.ce_onehot"
+SCALE_INPUT = "edgelearn.ce_neg_inv_batch"
+_PREFIX = "edgelearn.ce_"
+
+
+def add_ce_tail(model: Any) -> int | None:
+    """Append the cross-entropy tail to a population ModelProto (in place).
+
+    Args:
+        model: onnx ModelProto whose first output is float32 logits [K, batch, classes].
+    Returns: the number of classes when the tail was added; None when the first output is
+        not rank-3 float32 with a fixed class count, or the graph already uses the names.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    out = g.output[0]
+    dims = out.type.tensor_type.shape.dim
+    if out.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 3 \
+            or not dims[2].HasField("dim_value") or dims[2].dim_value < 1:
+        return None
+    names = {*(v.name for v in (*g.input, *g.output, *g.initializer)),
+             *(o for n in g.node for o in n.output)}
+    if any(n.startswith(_PREFIX) for n in names):
+        return None
+    classes = int(dims[2].dim_value)
+    t = _PREFIX
+    g.node.extend([
+        helper.make_node("Cast", [out.name], [t + "z"], to=TensorProto.DOUBLE),
+        helper.make_node("LogSoftmax", [t + "z"], [t + "logp"], axis=-1),
+        helper.make_node("Mul", [t + "logp", ONEHOT_INPUT], [t + "picked"]),
+        helper.make_node("ReduceSum", [t + "picked", t + "axes"], [t + "sum"], keepdims=0),
+        helper.make_node("Mul", [t + "sum", SCALE_INPUT], [LOSS_OUTPUT]),
+    ])
+    g.initializer.extend([
+        numpy_helper.from_array(np.array([1, 2], np.int64), t + "axes"),
+        numpy_helper.from_array(np.zeros((1, classes)), ONEHOT_INPUT),  # defaults: unused
+        numpy_helper.from_array(np.array(0.0), SCALE_INPUT),
+    ])
+    g.input.extend([
+        helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.DOUBLE, ["batch", classes]),
+        helper.make_tensor_value_info(SCALE_INPUT, TensorProto.DOUBLE, []),
+    ])
+    g.output.append(helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.DOUBLE, ["K"]))
+    return classes
+
+
+class LabelFeeds:
+    """The tail's two inputs for a batch's labels, kept while the labels stay the same.
+
+    Args:
+        classes: the logits' class count.
+    """
+
+    def __init__(self, classes: int) -> None:
+        self.classes = classes
+        self._key: bytes | None = None
+        self._feeds: dict[str, np.ndarray] | None = None
+
+    def feeds(self, y: Any, batch: int) -> dict[str, np.ndarray] | None:
+        """{onehot, -1/batch} for labels y, or None when y is not `batch` integer labels in
+        [0, classes) (the caller then takes the numpy loss, which reports what is wrong).
+
+        Args:
+            y: the batch's targets (int [batch] for cross-entropy).
+            batch: rows of the data batch.
+        """
+        y = np.asarray(y)
+        key = y.tobytes() + y.dtype.str.encode() + batch.to_bytes(8, "little")
+        if key == self._key:
+            return self._feeds
+        self._key, self._feeds = key, None
+        if y.shape != (batch,) or y.dtype.kind not in "iu" or batch == 0 \
+                or int(y.min()) < 0 or int(y.max()) >= self.classes:
+            return None
+        onehot = np.zeros((batch, self.classes))
+        onehot[np.arange(batch), y] = 1.0
+        self._feeds = {ONEHOT_INPUT: onehot, SCALE_INPUT: np.array(-1.0 / batch)}
+        return self._feeds
