@@ -121,9 +121,38 @@ def _sign_items(bits: int) -> np.ndarray:
 _ONES = sign_items(np.float32(1.0))
 
 
-def _expand(packed: np.ndarray, nb: int, out: np.ndarray) -> None:
-    """out (nb 32-byte items) = the +-1.0 float32 signs of packed[:nb] (8 per byte)."""
-    _ONES.take(packed[:nb], out=out, mode="wrap")
+def _signs_f32(packed: np.ndarray, n: int) -> np.ndarray:
+    """The +-1.0 float32 signs of packed's first n elements, [n].
+
+    Read-only sign arrays (the short vectors' blocks, `edgelearn.rng.block_rademacher_bytes`,
+    which nobody may change) are expanded once: a small step's probe rows and its update read
+    the same signs, so the expansion is kept (the last EXPANDED_KEEP of them, each holding its
+    sign array so that its id is not reused)."""
+    key = (id(packed), n)
+    hit = _expanded.get(key)
+    if hit is not None and hit[0] is packed:
+        return hit[1]
+    z = _ONES.take(packed[: -(-n // 8)], mode="wrap").view(np.float32)[:n]
+    if not packed.flags.writeable:
+        z.flags.writeable = False
+        if len(_expanded) >= EXPANDED_KEEP:
+            _expanded.pop(next(iter(_expanded)), None)  # the oldest goes
+        _expanded[key] = (packed, z)
+    return z
+
+
+#: expansions kept by `_signs_f32` (a step's probes; at most SMALL_MAX elements each)
+EXPANDED_KEEP = 16
+_expanded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _signs_matrix(signs: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """[len(signs), n] float32: row j the +-1.0 signs of signs[j] (a broadcast view when
+    every row reads the same array)."""
+    first = signs[0]
+    if all(packed is first for packed in signs):
+        return np.broadcast_to(_signs_f32(first, n), (len(signs), n))
+    return np.stack([_signs_f32(packed, n) for packed in signs])
 
 
 def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -134,21 +163,25 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     the rows equal the gathered ones. Each distinct sign array is expanded once (probe rows
     come in pairs +eps z_k, -eps z_k over the same signs)."""
     k, n = len(coefs), src.size
-    nb = -(-n // 8)
-    first = signs[0]
-    if all(packed is first for packed in signs):  # one probe's rows: broadcast its signs
-        z = _ONES.take(first[:nb], mode="wrap")
-    else:
-        slot: dict[int, int] = {}  # id of a sign array -> its row of z (arrays alive)
-        which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
-        z = np.empty((len(slot), nb), "V32")
-        for j, packed in {j: packed for packed, j in zip(signs, which, strict=True)}.items():
-            _expand(packed, nb, z[j])
-        if len(slot) < k:
-            z = z.take(which, axis=0)
     out = rows[:k, :n]
-    np.multiply(z.view(np.float32)[..., :n], np.array(coefs, np.float32)[:, None], out=out)
+    np.multiply(_signs_matrix(signs, n), _column(coefs), out=out)
     np.add(out, src, out=out)
+
+
+def _column(coefs: Sequence[np.float32]) -> np.ndarray:
+    """coefs as a float32 [len, 1] column (the probes' +-eps recur every step: kept)."""
+    key = b"".join(np.float32(c).tobytes() for c in coefs)
+    col = _columns.get(key)
+    if col is None:
+        col = np.array(coefs, np.float32)[:, None]
+        col.flags.writeable = False
+        if len(_columns) >= EXPANDED_KEEP:
+            _columns.pop(next(iter(_columns)), None)
+        _columns[key] = col
+    return col
+
+
+_columns: dict[bytes, np.ndarray] = {}
 
 
 def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -259,18 +292,15 @@ class SignPass:
 def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
     """`SignPass.run` on at most SMALL_MAX elements: the signs expanded to +-1.0 and
-    multiplied by each coef (exactly the table entries), summed in the same order."""
+    multiplied by each coef (exactly the table entries), summed in the same order: numpy
+    reduces a [terms, n] array over its first axis row after row (acc = t_0; acc = acc + t_k),
+    the pairwise summation being only along a contiguous reduced axis."""
     n = dst.size
-    nb = -(-n // 8)
-    acc = _ONES.take(signs[0][:nb], mode="wrap").view(np.float32)[:n]
-    np.multiply(acc, np.float32(coefs[0]), out=acc)
-    if len(coefs) > 1:
-        z = np.empty(nb, "V32")
-        zf = z.view(np.float32)[:n]
-        for c, packed in zip(coefs[1:], signs[1:], strict=True):
-            _expand(packed, nb, z)
-            np.multiply(zf, np.float32(c), out=zf)
-            np.add(acc, zf, out=acc)
+    if len(coefs) == 1:
+        acc = np.multiply(_signs_f32(signs[0], n), np.float32(coefs[0]))
+    else:
+        terms = np.multiply(_signs_matrix(signs, n), _column(coefs))
+        acc = np.add.reduce(terms, axis=0)
     np.add(src, acc, out=dst)
 
 
