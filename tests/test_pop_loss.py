@@ -96,7 +96,9 @@ def test_label_feeds_are_kept_while_the_labels_stay_the_same() -> None:
     assert float(a["edgelearn.ce_neg_inv_batch"]) == -1 / 3
     assert lf.feeds(np.array([0, 3, 1]), 3) is a  # equal labels in a new array
     assert lf.feeds(np.array([0, 3, 2]), 3) is not a
-    assert lf.feeds(np.array([0, 4, 1]), 3) is None  # class out of range
+    with pytest.raises(IndexError):  # no class 4: numpy's loss raises the same
+        lf.feeds(np.array([0, 4, 1]), 3)
+    assert lf.feeds(np.array([0.0, 1.0, 1.0]), 3) is None  # not integer labels
     assert lf.feeds(np.array([0, 1]), 3) is None  # not one label per row
     assert lf.feeds(np.array([[0], [1], [2]]), 3) is None
 

@@ -81,26 +81,26 @@ class LabelFeeds:
 
     def __init__(self, classes: int) -> None:
         self.classes = classes
-        self._key: bytes | None = None
+        self._eye = np.eye(classes)
+        self._key: tuple[str, bytes] | None = None
         self._feeds: dict[str, np.ndarray] | None = None
 
     def feeds(self, y: Any, batch: int) -> dict[str, np.ndarray] | None:
-        """{onehot, -1/batch} for labels y, or None when y is not `batch` integer labels in
-        [0, classes) (the caller then takes the numpy loss, which reports what is wrong).
+        """{onehot, -1/batch} for labels y, or None when y is not `batch` integer labels.
+
+        The one-hot rows are indexed by y as numpy's loss indexes the logits (a label of
+        `classes` or more raises IndexError there and here).
 
         Args:
             y: the batch's targets (int [batch] for cross-entropy).
             batch: rows of the data batch.
         """
         y = np.asarray(y)
-        key = y.tobytes() + y.dtype.str.encode() + batch.to_bytes(8, "little")
-        if key == self._key:
-            return self._feeds
-        self._key, self._feeds = key, None
-        if y.shape != (batch,) or y.dtype.kind not in "iu" or batch == 0 \
-                or int(y.min()) < 0 or int(y.max()) >= self.classes:
+        if y.shape != (batch,) or y.dtype.kind not in "iu" or batch == 0:
             return None
-        onehot = np.zeros((batch, self.classes))
-        onehot[np.arange(batch), y] = 1.0
-        self._feeds = {ONEHOT_INPUT: onehot, SCALE_INPUT: np.array(-1.0 / batch)}
+        key = (y.dtype.str, y.tobytes())
+        if key != self._key:
+            self._key, self._feeds = None, None
+            self._feeds = {ONEHOT_INPUT: self._eye[y], SCALE_INPUT: np.array(-1.0 / batch)}
+            self._key = key
         return self._feeds

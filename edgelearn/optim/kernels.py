@@ -147,12 +147,15 @@ _expanded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _signs_matrix(signs: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """[len(signs), n] float32: row j the +-1.0 signs of signs[j] (a broadcast view when
-    every row reads the same array)."""
-    first = signs[0]
-    if all(packed is first for packed in signs):
-        return np.broadcast_to(_signs_f32(first, n), (len(signs), n))
-    return np.stack([_signs_f32(packed, n) for packed in signs])
+    """[len(signs), n] float32: row j the +-1.0 signs of signs[j] (each distinct array
+    expanded once; [1, n] when every row reads the same array: ufuncs broadcast it)."""
+    slot: dict[int, int] = {}  # id of a sign array -> its row among the distinct ones
+    which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
+    if len(slot) == 1:
+        return _signs_f32(signs[0], n)[None]
+    first = {j: packed for packed, j in zip(signs, which, strict=True)}  # row -> its array
+    z = np.stack([_signs_f32(first[j], n) for j in range(len(slot))])
+    return z if len(slot) == len(signs) else z.take(which, axis=0)
 
 
 def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -169,19 +172,8 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
 
 
 def _column(coefs: Sequence[np.float32]) -> np.ndarray:
-    """coefs as a float32 [len, 1] column (the probes' +-eps recur every step: kept)."""
-    key = b"".join(np.float32(c).tobytes() for c in coefs)
-    col = _columns.get(key)
-    if col is None:
-        col = np.array(coefs, np.float32)[:, None]
-        col.flags.writeable = False
-        if len(_columns) >= EXPANDED_KEEP:
-            _columns.pop(next(iter(_columns)), None)
-        _columns[key] = col
-    return col
-
-
-_columns: dict[bytes, np.ndarray] = {}
+    """coefs as a float32 [len, 1] column."""
+    return np.array(coefs, np.float32).reshape(-1, 1)
 
 
 def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
