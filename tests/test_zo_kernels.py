@@ -249,3 +249,30 @@ def test_population_scorer_rows_are_read_at_each_call() -> None:
             want = scorer.session.run([bundle.outputs[0].name], feeds)[0][0]
             assert np.array_equal(got[j], want)
     scorer.close()
+
+
+def test_small_rows_in_any_order_and_writable_signs_never_served_stale() -> None:
+    """Rows over repeated, reordered sign arrays (and rows narrower than the buffer) equal
+    single passes; a writable sign array changed between calls is expanded afresh."""
+    rng = np.random.default_rng(4)
+    n = 650
+    src = rng.standard_normal(n, dtype=np.float32)
+    s = [draw_signs(0, 4, k, n) for k in range(3)]
+    coefs = [np.float32(v) for v in (1e-3, 2e-3, -1e-3, 5e-4, 7e-4)]
+    order = [s[0], s[2], s[1], s[0], s[2]]
+    rows = np.zeros((5, n + 50), np.float32)  # rows[:, :n] is not contiguous
+    signed_rows(rows, src, coefs, order)
+    for j in range(5):
+        one = np.empty_like(src)
+        SignPass().run(one, src, [coefs[j]], [order[j]])
+        assert bits(rows[j, :n]) == bits(one)
+    packed = np.array(s[0])  # writable
+    first = np.empty_like(src)
+    SignPass().run(first, src, [coefs[0]], [packed])
+    packed ^= 0xFF  # every sign flips
+    again = np.empty_like(src)
+    SignPass().run(again, src, [coefs[0]], [packed])
+    fresh = np.empty_like(src)
+    SignPass().run(fresh, src, [coefs[0]], [packed.copy()])
+    assert bits(again) == bits(fresh)
+    assert bits(again) != bits(first)

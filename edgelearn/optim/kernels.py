@@ -121,41 +121,40 @@ def _sign_items(bits: int) -> np.ndarray:
 _ONES = sign_items(np.float32(1.0))
 
 
-def _signs_f32(packed: np.ndarray, n: int) -> np.ndarray:
-    """The +-1.0 float32 signs of packed's first n elements, [n].
+def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, list[int]]:
+    """The +-1.0 float32 signs of each distinct array among `signs` (by identity), [d, n],
+    and which row each of `signs` reads.
 
-    Read-only sign arrays (the short vectors' blocks, `edgelearn.rng.block_rademacher_bytes`,
-    which nobody may change) are expanded once: a small step's probe rows and its update read
-    the same signs, so the expansion is kept (the last EXPANDED_KEEP of them, each holding its
-    sign array so that its id is not reused)."""
-    key = (id(packed), n)
-    hit = _expanded.get(key)
-    if hit is not None and hit[0] is packed:
-        return hit[1]
-    z = _ONES.take(packed[: -(-n // 8)], mode="wrap").view(np.float32)[:n]
-    if not packed.flags.writeable:
-        z.flags.writeable = False
-        if len(_expanded) >= EXPANDED_KEEP:
-            _expanded.pop(next(iter(_expanded)), None)  # the oldest goes
-        _expanded[key] = (packed, z)
-    return z
-
-
-#: expansions kept by `_signs_f32` (a step's probes; at most SMALL_MAX elements each)
-EXPANDED_KEEP = 16
-_expanded: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _signs_matrix(signs: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """[len(signs), n] float32: row j the +-1.0 signs of signs[j] (each distinct array
-    expanded once; [1, n] when every row reads the same array: ufuncs broadcast it)."""
+    When every array is read-only (the short vectors' blocks,
+    `edgelearn.rng.block_rademacher_bytes`, which nobody may change) the expansion is kept
+    for the next call: a small step's probe rows and its update read the same signs."""
     slot: dict[int, int] = {}  # id of a sign array -> its row among the distinct ones
     which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
-    if len(slot) == 1:
-        return _signs_f32(signs[0], n)[None]
-    first = {j: packed for packed, j in zip(signs, which, strict=True)}  # row -> its array
-    z = np.stack([_signs_f32(first[j], n) for j in range(len(slot))])
-    return z if len(slot) == len(signs) else z.take(which, axis=0)
+    distinct = list({id(p): p for p in signs}.values())
+    last = _last_expanded[0]  # one tuple, replaced whole: consistent across threads
+    if last is not None and last[1] == n and len(last[0]) == len(distinct) and all(
+            a is b for a, b in zip(last[0], distinct, strict=True)):
+        return last[2], which
+    nb = -(-n // 8)
+    z = np.empty((len(distinct), nb), "V32")
+    for j, packed in enumerate(distinct):
+        _ONES.take(packed[:nb], out=z[j], mode="wrap")
+    zf = z.view(np.float32)[:, :n]
+    if not any(p.flags.writeable for p in distinct):
+        zf.flags.writeable = False
+        _last_expanded[0] = (distinct, n, zf)  # holding the arrays: their ids stay theirs
+    return zf, which
+
+
+#: the last read-only expansion of `_distinct_signs`: (sign arrays, n, signs [d, n])
+_last_expanded: list[tuple[list[np.ndarray], int, np.ndarray] | None] = [None]
+
+
+def _repeats(which: list[int], d: int) -> int:
+    """r when `which` is [0]*r + [1]*r + ... + [d-1]*r (probe rows: +eps z_k, -eps z_k),
+    else 0."""
+    r = len(which) // d
+    return r if r * d == len(which) and all(w == i // r for i, w in enumerate(which)) else 0
 
 
 def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -167,13 +166,15 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     come in pairs +eps z_k, -eps z_k over the same signs)."""
     k, n = len(coefs), src.size
     out = rows[:k, :n]
-    np.multiply(_signs_matrix(signs, n), _column(coefs), out=out)
+    z, which = _distinct_signs(signs, n)
+    d = len(z)
+    col = np.array(coefs, np.float32)
+    r = _repeats(which, d)
+    if r and out.flags.c_contiguous:  # rows of the same signs: broadcast, no row copies
+        np.multiply(z[:, None, :], col.reshape(d, r, 1), out=out.reshape(d, r, n))
+    else:
+        np.multiply(z.take(which, axis=0), col[:, None], out=out)
     np.add(out, src, out=out)
-
-
-def _column(coefs: Sequence[np.float32]) -> np.ndarray:
-    """coefs as a float32 [len, 1] column."""
-    return np.array(coefs, np.float32).reshape(-1, 1)
 
 
 def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
@@ -288,11 +289,13 @@ def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     reduces a [terms, n] array over its first axis row after row (acc = t_0; acc = acc + t_k),
     the pairwise summation being only along a contiguous reduced axis."""
     n = dst.size
+    z, which = _distinct_signs(signs, n)
     if len(coefs) == 1:
-        acc = np.multiply(_signs_f32(signs[0], n), np.float32(coefs[0]))
+        acc = np.multiply(z[0], np.float32(coefs[0]))
     else:
-        terms = np.multiply(_signs_matrix(signs, n), _column(coefs))
-        acc = np.add.reduce(terms, axis=0)
+        rows = z if len(z) == len(which) and which == list(range(len(z))) else \
+            z.take(which, axis=0)
+        acc = np.add.reduce(np.multiply(rows, np.array(coefs, np.float32)[:, None]), axis=0)
     np.add(src, acc, out=dst)
 
 
