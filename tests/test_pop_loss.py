@@ -92,8 +92,8 @@ def test_label_feeds_are_kept_while_the_labels_stay_the_same() -> None:
     lf = LabelFeeds(4)
     a = lf.feeds(np.array([0, 3, 1]), 3)
     assert a is not None
-    assert a["edgelearn.ce_onehot"].tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 1, 0, 0]]
-    assert float(a["edgelearn.ce_neg_inv_batch"]) == -1 / 3
+    w = -1 / 3
+    assert a["edgelearn.ce_weights"].tolist() == [[w, 0, 0, 0], [0, 0, 0, w], [0, w, 0, 0]]
     assert lf.feeds(np.array([0, 3, 1]), 3) is a  # equal labels in a new array
     assert lf.feeds(np.array([0, 3, 2]), 3) is not a
     with pytest.raises(IndexError):  # no class 4: numpy's loss raises the same

@@ -6,15 +6,17 @@ caches the runtime had just filled with its own code and data (`benchmarks/bench
 section overhead). So the population graph gets a float64 tail that computes
 `edgelearn.losses.cross_entropy` of every candidate in the same call:
 
-    loss_k = -(1 / B) * sum_{b, c} onehot[b, c] * LogSoftmax(float64(logits[k, b, :]))[c]
+    loss_k = sum_{b, c} w[b, c] * LogSoftmax(float64(logits[k, b, :]))[c],
+    w[b, c] = -1 / B at the label of example b, 0 elsewhere
 
-the batch mean of log-sum-exp minus the label's logit, in float64 like the numpy loss. The
+the batch mean of log-sum-exp minus the label's logit, in float64 like the numpy loss (four
+nodes: each node is a kernel call, and on the demo head they run on cold caches too). The
 runtime's float64 kernels round differently from numpy's (about 1e-15 relative on the demo),
 so a run scored this way is close to, not bit-equal with, one scored by single forwards; each
 run journals the losses it used, and replay reads them from the journal.
 
-The two extra inputs carry defaults (initializers of the same name, ONNX's optional inputs),
-so a call that asks only for the logits feeds nothing new.
+The weights input carries a default (an initializer of the same name, ONNX's optional
+inputs), so a call that asks only for the logits feeds nothing new.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import numpy as np
 
 #: names the tail adds to the graph (a graph already using one gets no tail)
 LOSS_OUTPUT = "edgelearn.ce_loss"
-ONEHOT_INPUT = "edgelearn.ce_onehot"
-SCALE_INPUT = "edgelearn.ce_neg_inv_batch"
+WEIGHTS_INPUT = "edgelearn.ce_weights"
 _PREFIX = "edgelearn.ce_"
 
 
@@ -55,25 +56,21 @@ def add_ce_tail(model: Any) -> int | None:
     g.node.extend([
         helper.make_node("Cast", [out.name], [t + "z"], to=TensorProto.DOUBLE),
         helper.make_node("LogSoftmax", [t + "z"], [t + "logp"], axis=-1),
-        helper.make_node("Mul", [t + "logp", ONEHOT_INPUT], [t + "picked"]),
-        helper.make_node("ReduceSum", [t + "picked", t + "axes"], [t + "sum"], keepdims=0),
-        helper.make_node("Mul", [t + "sum", SCALE_INPUT], [LOSS_OUTPUT]),
+        helper.make_node("Mul", [t + "logp", WEIGHTS_INPUT], [t + "picked"]),
+        helper.make_node("ReduceSum", [t + "picked", t + "axes"], [LOSS_OUTPUT], keepdims=0),
     ])
     g.initializer.extend([
         numpy_helper.from_array(np.array([1, 2], np.int64), t + "axes"),
-        numpy_helper.from_array(np.zeros((1, classes)), ONEHOT_INPUT),  # defaults: unused
-        numpy_helper.from_array(np.array(0.0), SCALE_INPUT),
+        numpy_helper.from_array(np.zeros((1, classes)), WEIGHTS_INPUT),  # default: unused
     ])
-    g.input.extend([
-        helper.make_tensor_value_info(ONEHOT_INPUT, TensorProto.DOUBLE, ["batch", classes]),
-        helper.make_tensor_value_info(SCALE_INPUT, TensorProto.DOUBLE, []),
-    ])
+    g.input.append(
+        helper.make_tensor_value_info(WEIGHTS_INPUT, TensorProto.DOUBLE, ["batch", classes]))
     g.output.append(helper.make_tensor_value_info(LOSS_OUTPUT, TensorProto.DOUBLE, ["K"]))
     return classes
 
 
 class LabelFeeds:
-    """The tail's two inputs for a batch's labels, kept while the labels stay the same.
+    """The tail's weights input for a batch's labels, kept while the labels stay the same.
 
     Args:
         classes: the logits' class count.
@@ -86,7 +83,8 @@ class LabelFeeds:
         self._feeds: dict[str, np.ndarray] | None = None
 
     def feeds(self, y: Any, batch: int) -> dict[str, np.ndarray] | None:
-        """{onehot, -1/batch} for labels y, or None when y is not `batch` integer labels.
+        """{weights: one-hot of y times -1/batch} for labels y, or None when y is not
+        `batch` integer labels.
 
         The one-hot rows are indexed by y as numpy's loss indexes the logits (a label of
         `classes` or more raises IndexError there and here).
@@ -101,6 +99,6 @@ class LabelFeeds:
         key = (y.dtype.str, y.tobytes())
         if key != self._key:
             self._key, self._feeds = None, None
-            self._feeds = {ONEHOT_INPUT: self._eye[y], SCALE_INPUT: np.array(-1.0 / batch)}
+            self._feeds = {WEIGHTS_INPUT: self._eye[y] * (-1.0 / batch)}
             self._key = key
         return self._feeds
