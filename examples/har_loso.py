@@ -35,7 +35,7 @@ Split of a subject's data (`--split`):
       on the other.
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--quick] [--out runs/har]
-                                [--zo fzoo,adamezo] [--methods tpsgd-head,hybrid]
+                                [--zo fzoo,adamezo,lozo] [--methods tpsgd-head,hybrid]
                                 [--pseudo-targets 2] [--select loss] [--outer-sweep]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
 accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
@@ -93,8 +93,9 @@ QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-
                "tpsgd": (1e-2,), "tpsgd-head": (1e-2,), "hybrid": (1e-2,),
                "hybrid-each": (1e-2,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
-#: opt-in ZO estimators (`--zo fzoo,adamezo`): methods "<optimizer>-head" and "<optimizer>-full"
-#: with these lr grids (first: head, second: all weights); other options are their defaults
+#: opt-in ZO estimators (`--zo fzoo,adamezo,lozo`): methods "<optimizer>-head" and
+#: "<optimizer>-full" with these lr grids (first: head, second: all weights); other options
+#: are their defaults
 EXTRA_ZO = {"fzoo": ((0.03, 0.1, 0.3), (0.01, 0.03, 0.1)),
             "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
             "lozo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2))}
