@@ -33,15 +33,18 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 and after the big_full rounds (pooled: median of the runs' medians).
   overhead      per-step Python overhead on the demo head, this tree ("after") and, with
                 --before REF, the tree of git ref REF ("before", extracted with git archive),
-                each in its own child process, rounds interleaved A, B, B, A, ...: `opt.step` of
-                zo-sgd with its default options (probes 1, as `edgelearn bench` steps it), one
+                each in 4 child processes (2 with --quick), rounds interleaved A, B, B, A, ...:
+                `opt.step` of zo-sgd with its default options (probes 1, as `edgelearn bench`
+                steps it; keys step_*) and with the demo's (probes 4; keys 4step_*), one
                 forward (`predict`), their ratio, the time inside the runtime's run calls and
                 the overhead (step - runtime). The steps are timed bare, and the runtime in
                 separate steps through timing proxies around the session objects (the proxies
-                cost ~25 us a step themselves, reported as step_timed_ms, so they would count
-                as overhead if both came from the same steps). The same for a step of the
-                run loop (`Session.run`, probes 4, journal append, batch digest; timed with
-                the proxies in place).
+                cost a step some microseconds themselves, reported as *step_timed_ms, so they
+                would count as overhead if both came from the same steps). The same for a
+                step of the run loop (`Session.run`, probes 4, journal append, batch digest;
+                timed with the proxies in place).
+The summary's python_overhead_ms_per_step is the overhead section's (probes 1; the goal's
+0.1 ms), with probes 4 and the run loop's beside it.
 Torch runs only in child processes (the export and the MeZO baseline).
 """
 
