@@ -131,3 +131,12 @@ def test_the_tail_is_added_only_to_rank3_logits_with_a_class_count() -> None:
     assert got.shape == (1,)
     assert got[0] == pytest.approx(cross_entropy(z[0], np.array([2, 0])), rel=1e-12)
     assert np.array_equal(s.run(["y"], {"x": z})[0], z)  # logits alone: nothing new fed
+
+
+def test_label_feeds_of_a_vocabulary_sized_output_stay_batch_sized() -> None:
+    lf = LabelFeeds(200_000)  # a [classes, classes] table would take 320 GB
+    w = lf.feeds(np.array([5, 199_999]), 2)
+    assert w is not None
+    weights = w["edgelearn.ce_weights"]
+    assert weights.shape == (2, 200_000)
+    assert np.flatnonzero(weights).tolist() == [5, 200_000 + 199_999]

@@ -78,7 +78,6 @@ class LabelFeeds:
 
     def __init__(self, classes: int) -> None:
         self.classes = classes
-        self._eye = np.eye(classes)
         self._key: tuple[str, bytes] | None = None
         self._feeds: dict[str, np.ndarray] | None = None
 
@@ -87,7 +86,8 @@ class LabelFeeds:
         `batch` integer labels.
 
         The one-hot rows are indexed by y as numpy's loss indexes the logits (a label of
-        `classes` or more raises IndexError there and here).
+        `classes` or more raises IndexError there and here). No [classes, classes] table: a
+        vocabulary-sized output would make one of gigabytes.
 
         Args:
             y: the batch's targets (int [batch] for cross-entropy).
@@ -99,6 +99,7 @@ class LabelFeeds:
         key = (y.dtype.str, y.tobytes())
         if key != self._key:
             self._key, self._feeds = None, None
-            self._feeds = {WEIGHTS_INPUT: self._eye[y] * (-1.0 / batch)}
-            self._key = key
+            w = np.zeros((batch, self.classes))  # [batch, classes], as the logits are
+            w[np.arange(batch), y] = -1.0 / batch  # numpy's indexing: as the numpy loss
+            self._feeds, self._key = {WEIGHTS_INPUT: w}, key
         return self._feeds
