@@ -120,6 +120,7 @@ def test_the_tail_is_added_only_to_rank3_logits_with_a_class_count() -> None:
     assert add_ce_tail(_graph(["K", "B"])) is None
     assert add_ce_tail(_graph(["K", "B", "C"])) is None  # class count unknown
     assert add_ce_tail(_graph(["K", "B", 3], out_name="edgelearn.ce_z")) is None  # name taken
+    assert add_ce_tail(_graph(["K", "B", 10**12])) is None  # not trusted with the memory
     m = _graph(["K", "B", 3])
     assert add_ce_tail(m) == 3
     onnx.checker.check_model(m)

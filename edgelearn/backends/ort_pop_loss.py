@@ -29,6 +29,9 @@ import numpy as np
 LOSS_OUTPUT = "edgelearn.ce_loss"
 WEIGHTS_INPUT = "edgelearn.ce_weights"
 _PREFIX = "edgelearn.ce_"
+#: class counts above this get no tail (the label weights are [batch, classes] float64; a
+#: graph declaring more is refused the shortcut, not trusted with the memory)
+MAX_TAIL_CLASSES = 1 << 20
 
 
 def add_ce_tail(model: Any) -> int | None:
@@ -37,7 +40,8 @@ def add_ce_tail(model: Any) -> int | None:
     Args:
         model: onnx ModelProto whose first output is float32 logits [K, batch, classes].
     Returns: the number of classes when the tail was added; None when the first output is
-        not rank-3 float32 with a fixed class count, or the graph already uses the names.
+        not rank-3 float32 with a fixed class count of at most MAX_TAIL_CLASSES, or the graph
+        already uses the names.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -45,7 +49,8 @@ def add_ce_tail(model: Any) -> int | None:
     out = g.output[0]
     dims = out.type.tensor_type.shape.dim
     if out.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 3 \
-            or not dims[2].HasField("dim_value") or dims[2].dim_value < 1:
+            or not dims[2].HasField("dim_value") \
+            or not 1 <= dims[2].dim_value <= MAX_TAIL_CLASSES:
         return None
     names = {*(v.name for v in (*g.input, *g.output, *g.initializer)),
              *(o for n in g.node for o in n.output)}
