@@ -141,3 +141,16 @@ def test_label_feeds_of_a_vocabulary_sized_output_stay_batch_sized() -> None:
     weights = w["edgelearn.ce_weights"]
     assert weights.shape == (2, 200_000)
     assert np.flatnonzero(weights).tolist() == [5, 200_000 + 199_999]
+
+
+def test_the_scorer_keeps_no_batch_alive() -> None:
+    import gc
+    import weakref
+
+    pe, theta = scorer()
+    x, y = batch()
+    ref = weakref.ref(x)
+    pe.losses(population(theta, 2), x, y, cross_entropy)
+    del x
+    gc.collect()
+    assert ref() is None
