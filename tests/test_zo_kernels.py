@@ -276,3 +276,11 @@ def test_small_rows_in_any_order_and_writable_signs_never_served_stale() -> None
     SignPass().run(fresh, src, [coefs[0]], [packed.copy()])
     assert bits(again) == bits(fresh)
     assert bits(again) != bits(first)
+    view = packed.view()  # read-only, but the memory it views is not
+    view.flags.writeable = False
+    SignPass().run(first, src, [coefs[0]], [view])
+    packed ^= 0xFF
+    SignPass().run(again, src, [coefs[0]], [view])
+    SignPass().run(fresh, src, [coefs[0]], [packed.copy()])
+    assert bits(again) == bits(fresh)
+    assert bits(again) != bits(first)

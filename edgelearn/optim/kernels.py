@@ -125,7 +125,7 @@ def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, li
     """The +-1.0 float32 signs of each distinct array among `signs` (by identity), [d, n],
     and which row each of `signs` reads.
 
-    When every array is read-only (the short vectors' blocks,
+    When every array is read-only down to the memory it views (the short vectors' blocks,
     `edgelearn.rng.block_rademacher_bytes`, which nobody may change) the expansion is kept
     for the next call: a small step's probe rows and its update read the same signs."""
     slot: dict[int, int] = {}  # id of a sign array -> its row among the distinct ones
@@ -140,10 +140,19 @@ def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, li
     for j, packed in enumerate(distinct):
         _ONES.take(packed[:nb], out=z[j], mode="wrap")
     zf = z.view(np.float32)[:, :n]
-    if not any(p.flags.writeable for p in distinct):
+    if all(_frozen(p) for p in distinct):
         zf.flags.writeable = False
         _last_expanded[0] = (distinct, n, zf)  # holding the arrays: their ids stay theirs
     return zf, which
+
+
+def _frozen(a: np.ndarray) -> bool:
+    """True when neither `a` nor any array it views can be written (so its values stay)."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return True
 
 
 #: the last read-only expansion of `_distinct_signs`: (sign arrays, n, signs [d, n])
@@ -285,9 +294,8 @@ class SignPass:
 def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
     """`SignPass.run` on at most SMALL_MAX elements: the signs expanded to +-1.0 and
-    multiplied by each coef (exactly the table entries), summed in the same order: numpy
-    reduces a [terms, n] array over its first axis row after row (acc = t_0; acc = acc + t_k),
-    the pairwise summation being only along a contiguous reduced axis."""
+    multiplied by each coef (exactly the table entries), summed in the same order
+    (acc = t_0; acc = acc + t_k, one add per term: `np.add.reduce` may sum pairwise)."""
     n = dst.size
     z, which = _distinct_signs(signs, n)
     if len(coefs) == 1:
@@ -295,7 +303,10 @@ def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     else:
         rows = z if len(z) == len(which) and which == list(range(len(z))) else \
             z.take(which, axis=0)
-        acc = np.add.reduce(np.multiply(rows, np.array(coefs, np.float32)[:, None]), axis=0)
+        terms = np.multiply(rows, np.array(coefs, np.float32)[:, None])
+        acc = terms[0]
+        for term in terms[1:]:
+            np.add(acc, term, out=acc)
     np.add(src, acc, out=dst)
 
 
