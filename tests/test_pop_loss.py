@@ -103,7 +103,7 @@ def test_label_feeds_are_kept_while_the_labels_stay_the_same() -> None:
     assert lf.feeds(np.array([[0], [1], [2]]), 3) is None
 
 
-def _graph(out_shape: list[int | str], out_name: str = "y") -> object:
+def _graph(out_shape: list[int | str], out_name: str = "y", opset: int = 17) -> object:
     from onnx import TensorProto, helper
 
     node = helper.make_node("Identity", ["x"], [out_name])
@@ -111,7 +111,7 @@ def _graph(out_shape: list[int | str], out_name: str = "y") -> object:
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, out_shape)],
                           [helper.make_tensor_value_info(out_name, TensorProto.FLOAT,
                                                          out_shape)])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def test_the_tail_is_added_only_to_rank3_logits_with_a_class_count() -> None:
@@ -121,6 +121,7 @@ def test_the_tail_is_added_only_to_rank3_logits_with_a_class_count() -> None:
     assert add_ce_tail(_graph(["K", "B", "C"])) is None  # class count unknown
     assert add_ce_tail(_graph(["K", "B", 3], out_name="edgelearn.ce_z")) is None  # name taken
     assert add_ce_tail(_graph(["K", "B", 10**12])) is None  # not trusted with the memory
+    assert add_ce_tail(_graph(["K", "B", 3], opset=12)) is None  # ReduceSum's axes attribute
     m = _graph(["K", "B", 3])
     assert add_ce_tail(m) == 3
     onnx.checker.check_model(m)

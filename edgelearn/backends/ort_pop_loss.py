@@ -40,11 +40,15 @@ def add_ce_tail(model: Any) -> int | None:
     Args:
         model: onnx ModelProto whose first output is float32 logits [K, batch, classes].
     Returns: the number of classes when the tail was added; None when the first output is
-        not rank-3 float32 with a fixed class count of at most MAX_TAIL_CLASSES, or the graph
-        already uses the names.
+        not rank-3 float32 with a fixed class count of at most MAX_TAIL_CLASSES, the graph's
+        opset is below 13, or the graph already uses the names.
     """
     from onnx import TensorProto, helper, numpy_helper
 
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+                default=0)
+    if opset < 13:  # ReduceSum takes its axes as an input from opset 13 on
+        return None
     g = model.graph
     out = g.output[0]
     dims = out.type.tensor_type.shape.dim
