@@ -133,6 +133,23 @@ def test_har_loso_example(tmp_path: Path) -> None:
     assert (tmp_path / "watch.npz").is_file()
 
 
+def test_har_loso_oracle_share_takes_each_subjects_best_grid_lr(monkeypatch) -> None:
+    """--outer-sweep's upper bound: per subject the best outer-sweep accuracy, then the
+    share of backprop's mean gain; methods without a sweep on every subject are left out."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("har_loso_t", ROOT / "examples" / "har_loso.py")
+    har = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(har)
+    rows = [{"a": {"outer_sweep": {"0.1": {"accuracy": 0.7}, "0.3": {"accuracy": 0.9}}},
+             "b": {"accuracy": 0.8}},
+            {"a": {"outer_sweep": {"0.1": {"accuracy": 0.8}, "0.3": {"accuracy": 0.6}}},
+             "b": {"accuracy": 0.8, "outer_sweep": {"0.1": {"accuracy": 1.0}}}}]
+    got = har.oracle_shares(rows, ["a", "b"], before=0.6, backprop=1.0)
+    assert list(got) == ["a"]
+    assert got["a"] == pytest.approx((0.85 - 0.6) / 0.4)
+    assert har.oracle_shares(rows, ["a"], before=1.0, backprop=1.0) == {"a": None}
+
+
 APP = ROOT / "examples" / "app_loop.py"
 
 
