@@ -209,8 +209,12 @@ def test_small_slice_path_equals_table_path(n: int, monkeypatch: pytest.MonkeyPa
             passes.append(bits(dst))
         inplace = src.copy()
         SignPass().run(inplace, inplace, coefs[:2], rows_signs[2:4])
+        one_term = src.copy()  # one term in place (the product cannot land in dst first)
+        SignPass().run(one_term, one_term, coefs[4:5], signs[2:3])
+        distinct_pair = np.full((2, n), np.nan, np.float32)  # two rows over two arrays
+        signed_rows(distinct_pair, src, coefs[4:6], signs[1:3])
         got.append(bits(rows[:6, :n]) + bits(pair) + bits(distinct) + b"".join(passes)
-                   + bits(inplace))
+                   + bits(inplace) + bits(one_term) + bits(distinct_pair))
     assert got[0] == got[1]
 
 

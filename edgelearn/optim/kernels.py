@@ -128,12 +128,16 @@ def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, li
     When every array is read-only down to the memory it views (the short vectors' blocks,
     `edgelearn.rng.block_rademacher_bytes`, which nobody may change) the expansion is kept
     for the next call: a small step's probe rows and its update read the same signs."""
-    slot: dict[int, int] = {}  # id of a sign array -> its row among the distinct ones
-    which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
-    distinct = list({id(p): p for p in signs}.values())
+    first = signs[0]
+    if len(signs) <= 2 and signs[-1] is first:  # one probe's pair of rows, a 1-term pass
+        which, distinct = [0] * len(signs), [first]
+    else:
+        slot: dict[int, int] = {}  # id of a sign array -> its row among the distinct ones
+        which = [slot.setdefault(id(packed), len(slot)) for packed in signs]
+        distinct = list({id(p): p for p in signs}.values())
+    key = (n, *map(id, distinct))
     last = _last_expanded[0]  # one tuple, replaced whole: consistent across threads
-    if last is not None and last[1] == n and len(last[0]) == len(distinct) and all(
-            a is b for a, b in zip(last[0], distinct, strict=True)):
+    if last is not None and last[0] == key:  # ids of arrays it holds: still those arrays
         return last[2], which
     nb = -(-n // 8)
     z = np.empty((len(distinct), nb), "V32")
@@ -142,7 +146,7 @@ def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, li
     zf = z.view(np.float32)[:, :n]
     if all(_frozen(p) for p in distinct):
         zf.flags.writeable = False
-        _last_expanded[0] = (distinct, n, zf)  # holding the arrays: their ids stay theirs
+        _last_expanded[0] = (key, distinct, zf)  # holding the arrays: their ids stay theirs
     return zf, which
 
 
@@ -155,8 +159,9 @@ def _frozen(a: np.ndarray) -> bool:
     return True
 
 
-#: the last read-only expansion of `_distinct_signs`: (sign arrays, n, signs [d, n])
-_last_expanded: list[tuple[list[np.ndarray], int, np.ndarray] | None] = [None]
+#: the last read-only expansion of `_distinct_signs`: ((n, *ids of the sign arrays), the
+#: arrays, signs [d, n])
+_last_expanded: list[tuple[tuple[int, ...], list[np.ndarray], np.ndarray] | None] = [None]
 
 
 def _repeats(which: list[int], d: int) -> int:
@@ -177,6 +182,11 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     out = rows[:k, :n]
     z, which = _distinct_signs(signs, n)
     d = len(z)
+    if k <= 2:  # one probe's pair: a multiply per row costs less than a broadcast's setup
+        for j in range(k):
+            np.multiply(z[which[j]], coefs[j], out=out[j])
+        np.add(out, src, out=out)
+        return
     col = np.array(coefs, np.float32)
     r = _repeats(which, d)
     if r and out.flags.c_contiguous:  # rows of the same signs: broadcast, no row copies
@@ -298,6 +308,10 @@ def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     (acc = t_0; acc = acc + t_k, one add per term: `np.add.reduce` may sum pairwise)."""
     n = dst.size
     z, which = _distinct_signs(signs, n)
+    if len(coefs) == 1 and not np.may_share_memory(dst, src):  # the product lands in dst
+        np.multiply(z[0], np.float32(coefs[0]), out=dst)
+        np.add(src, dst, out=dst)
+        return
     if len(coefs) == 1:
         acc = np.multiply(z[0], np.float32(coefs[0]))
     else:
