@@ -355,7 +355,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.diverge_factor is not None:
         divergence = el.DivergencePolicy(factor=args.diverge_factor,
                                          patience=args.diverge_patience,
-                                         lr_scale=args.diverge_lr_scale)
+                                         lr_scale=args.diverge_lr_scale,
+                                         smoothing=args.diverge_smoothing)
     config = el.TrainConfig(optimizer=args.optimizer, options=options, trainable=args.trainable,
                             objective=args.objective, batch_size=args.batch_size,
                             seed=args.seed, checkpoint_every=args.checkpoint_every,
@@ -625,7 +626,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 #: train flags of no optimizer stored as None when not given (so one given without
 #: --diverge-factor can be refused) -> the value used when it is not given. Optimizer flags
 #: need no entry: left None, they keep their Options defaults (`_flag_options`).
-TRAIN_DEFAULTS: dict[str, Any] = {"diverge_patience": 20, "diverge_lr_scale": 0.5}
+TRAIN_DEFAULTS: dict[str, Any] = {"diverge_patience": 20, "diverge_lr_scale": 0.5,
+                                  "diverge_smoothing": 0.9}
 
 def flag_users() -> dict[str, tuple[str, ...]]:
     """train flag (argparse dest) -> the optimizers that read it: those whose Options field
@@ -803,14 +805,18 @@ def _add_train_reliability(sp: argparse.ArgumentParser) -> None:
                    help="also fsync the journal at a step this many seconds after the last "
                    "fsync (default: %(default)s)")
     g.add_argument("--diverge-factor", type=float, default=None,
-                   help="roll back to the last good checkpoint when the loss stays above "
-                   "this many times its running minimum (off by default)")
+                   help="roll back to the last good checkpoint when the loss level (a moving "
+                   "average of step losses) stays above this many times its running minimum "
+                   "(off by default)")
     g.add_argument("--diverge-patience", type=_positive, default=None,
                    help=_dflt("diverge_patience", "with --diverge-factor: steps above the "
                              "threshold before a rollback"))
     g.add_argument("--diverge-lr-scale", type=float, default=None,
                    help=_dflt("diverge_lr_scale", "with --diverge-factor: learning-rate "
                              "multiplier at each rollback"))
+    g.add_argument("--diverge-smoothing", type=float, default=None,
+                   help=_dflt("diverge_smoothing", "with --diverge-factor: weight of the "
+                             "previous loss level in its moving average (0: raw step losses)"))
 
 
 def _add_export(sub: Any) -> None:
@@ -976,7 +982,9 @@ def check_train_flags(args: argparse.Namespace) -> None:
         check_optimizer_flags(args, args.optimizer)
     if args.diverge_factor is None:
         lone = [f for f, v in (("--diverge-patience", args.diverge_patience),
-                               ("--diverge-lr-scale", args.diverge_lr_scale)) if v is not None]
+                               ("--diverge-lr-scale", args.diverge_lr_scale),
+                               ("--diverge-smoothing", args.diverge_smoothing))
+                if v is not None]
         if lone:
             raise el.InputError(f"{', '.join(lone)} {'applies' if len(lone) == 1 else 'apply'} "
                              "only with --diverge-factor")

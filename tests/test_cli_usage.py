@@ -234,6 +234,9 @@ def test_diverge_options_need_the_factor(work: Path, capsys: pytest.CaptureFixtu
     _, line = refused(capsys, ["train", "B", "--data", "user.npz", "--steps", "2", "--out",
                                "run", "--diverge-patience", "3"])
     assert "--diverge-patience applies only with --diverge-factor" in line
+    _, line = refused(capsys, ["train", "B", "--data", "user.npz", "--steps", "2", "--out",
+                               "run", "--diverge-smoothing", "0.5"])
+    assert "--diverge-smoothing applies only with --diverge-factor" in line
 
 
 @pytest.mark.parametrize(("optimizer", "key"), [("zo-sgd", "radius"), ("polystep", "lr"),

@@ -24,6 +24,7 @@ from edgelearn.journal import Journal, read_journal
 from edgelearn.optim import make_optimizer
 from edgelearn.params import ParamSpec, ParamStore
 from edgelearn.training import DivergencePolicy
+from edgelearn.training.divergence import GuardRule
 from edgelearn.training.lock import run_lock
 from edgelearn.training.rundir import JOURNAL
 
@@ -235,11 +236,76 @@ def test_divergence_resume_equals_uninterrupted(tiny, tmp_path, cut) -> None:
     assert read_journal(run / JOURNAL)[0] == recs
 
 
+def _rollbacks(policy: dict, losses) -> list[int]:
+    """Steps at which a rule fed these step losses rolls back (each rollback then done)."""
+    rule = GuardRule({"factor": 3.0, "patience": 20, "lr_scale": 0.5, "every": 1 << 30,
+                      **policy})
+    out = []
+    for t, loss in enumerate(losses):
+        if rule.feed_step({"step": t, "evals": [float(loss)], "accepted": True}) == "rollback":
+            out.append(t)
+            rule.rolled_back()
+    return out
+
+
+NOISY = np.random.default_rng(3).lognormal(np.log(0.2), 1.0, 3000)  # batch losses, no trend
+
+
+def test_divergence_level_ignores_noise_and_catches_a_blow_up() -> None:
+    """Noisy batch losses without a trend (their minimum an outlier far below the rest) trip
+    the raw-loss rule of older runs again and again; the smoothed level never; a real blow-up
+    is caught within a few steps of the patience; after a rollback the level starts over."""
+    legacy = {}  # a header without smoothing: the former rule
+    assert len(_rollbacks(legacy, NOISY)) > 10
+    assert _rollbacks({"smoothing": 0.9}, NOISY) == []
+    blow_up = np.concatenate([NOISY[:500], 0.2 * 1.5 ** np.arange(1, 40)])
+    (at,) = _rollbacks({"smoothing": 0.9}, blow_up)
+    assert 500 + 20 <= at < 500 + 30
+    # after the rollback the restored weights give losses at their former (higher) level:
+    # judged by their own losses, not by the minimum reached before the rollback
+    after = np.concatenate([NOISY[:500], 0.2 * 1.5 ** np.arange(1, 30), 2.0 * NOISY[:1000]])
+    assert len(_rollbacks({"smoothing": 0.9}, after)) == 1
+    assert len(_rollbacks(legacy, after)) > 10
+
+
+def test_run_journaled_with_the_former_rule_resumes_and_replays(tiny, tmp_path,
+                                                               monkeypatch) -> None:
+    """A run whose header has no smoothing (journaled before it existed) resumes under the
+    same policy and replays, following the former rule (bit-identical to its uninterrupted
+    run)."""
+    bundle_dir, data = tiny
+    bundle, ds = load_bundle(bundle_dir), _data(data)
+    pol = DivergencePolicy(factor=2.0, patience=3, lr_scale=0.25, every=5)
+    to_json = DivergencePolicy.to_json
+
+    def former(self, opt, every):  # the header an older edgelearn wrote
+        return {k: v for k, v in to_json(self, opt, every).items() if k != "smoothing"}
+
+    with monkeypatch.context() as m:
+        m.setattr(DivergencePolicy, "to_json", former)
+        ref = train(bundle, ds, tmp_path / "ref", steps=60, seed=6, options=DIVERGE,
+                    divergence=pol)
+    recs = read_journal(Path(ref["journal"]))[0]
+    assert "smoothing" not in recs[0]["divergence"]
+    assert any(r.get("kind") == "rollback" for r in recs)
+    run = tmp_path / "run"
+    run.mkdir()
+    with Journal(run / JOURNAL) as j:
+        for r in recs[:25]:
+            j.append(r)
+    res = train(bundle, ds, run, steps=60, seed=6, options=DIVERGE, divergence=pol)
+    assert read_journal(run / JOURNAL)[0] == recs
+    assert res["sha256"] == ref["sha256"]
+    store, _ = replay_journal(bundle, ref["journal"])
+    assert store.digest() == ref["sha256"]
+
+
 def test_divergence_policy_validation(tiny, tmp_path) -> None:
     bundle_dir, data = tiny
     bundle, ds = load_bundle(bundle_dir), _data(data)
     for bad, match in [({"factor": 1.0}, "factor"), ({"patience": 0}, "patience"),
-                       ({"lr_scale": 0.0}, "lr_scale"), ({"every": 0}, "period")]:
+                       ({"lr_scale": 0.0}, "lr_scale"), ({"every": 0}, "period"),
+                       ({"smoothing": 1.0}, "smoothing"), ({"smoothing": -0.1}, "smoothing")]:
         with pytest.raises(InputError, match=match):
             train(bundle, ds, tmp_path / "x", steps=1, divergence=DivergencePolicy(**bad))
 

@@ -2,9 +2,20 @@
 
 With a policy (`TrainConfig(divergence=DivergencePolicy(...))`, off by default), after each
 step the step's loss (mean of its finite recorded losses, recomputed from the journal record
-so training, resume and replay decide alike) is compared with `factor` x the running minimum;
-after `patience` consecutive such steps the weights go back to the last good snapshot and the
-learning rate is scaled by `lr_scale` (cumulative). Snapshots ("good" points) are taken every
+so training, resume and replay decide alike) updates a level, its exponential moving average
+(`smoothing`), which is compared with `factor` x the level's running minimum; after
+`patience` consecutive steps above it the weights go back to the last good snapshot, the
+learning rate is scaled by `lr_scale` (cumulative), and the level and its minimum start
+over: the restored weights are judged by the losses they give from then on.
+
+Why a level and not the raw losses: one batch's loss is noisy, so the minimum of thousands of
+them is an outlier (HAR, ZO-SGD: a minimum of 0.016 where batches run at 0.1-0.5). Raw losses
+then sat above 3x that minimum for 20 steps without any divergence, and, the minimum being
+kept across the rollback, the restored weights could never get under it again: the run rolled
+back every 20 steps, halving the lr each time (61 rollbacks in 1500 steps, ending at the
+initial weights). A journal header without
+`smoothing` (runs journaled before it existed) keeps that former rule, so those runs still
+replay and resume. Snapshots ("good" points) are taken every
 `every` steps while no streak is running; they are also the run's checkpoints. The journal gets
 {"kind": "rollback", "step", "to_step", "lr_scale", "sha256"}; replay rebuilds the snapshot on
 its way (it passes every good point), so the journal alone still rebuilds the weights. The step
@@ -45,12 +56,15 @@ class DivergencePolicy:
         patience: consecutive steps above the threshold that trigger a rollback (>= 1).
         lr_scale: learning-rate multiplier applied at each rollback (0 < lr_scale <= 1).
         every: steps between good snapshots / checkpoints (None = the run's checkpoint_every).
+        smoothing: weight of the previous level in the loss level's moving average
+            (0 <= smoothing < 1; 0: the raw step losses; 0.9: about the last 10 steps).
     """
 
     factor: float = 3.0
     patience: int = 20
     lr_scale: float = 0.5
     every: int | None = None
+    smoothing: float = 0.9
 
     def to_json(self, opt: Optimizer, checkpoint_every: int) -> dict[str, Any]:
         """Validated header form (with `every` filled in); InputError naming a bad value."""
@@ -65,8 +79,11 @@ class DivergencePolicy:
             raise InputError(f"divergence lr_scale must be in (0, 1], got {self.lr_scale}")
         if not (isinstance(every, int) and every >= 1):
             raise InputError(f"snapshot period must be an integer >= 1, got {every}")
+        if not 0 <= self.smoothing < 1:
+            raise InputError(f"divergence smoothing must be in [0, 1), got {self.smoothing}")
         return {**asdict(self), "factor": float(self.factor),
-                "lr_scale": float(self.lr_scale), "every": every}
+                "lr_scale": float(self.lr_scale), "every": every,
+                "smoothing": float(self.smoothing)}
 
 
 def record_loss(record: dict[str, Any]) -> float:
@@ -111,10 +128,15 @@ class GuardRule:
     def __init__(self, policy: dict[str, Any]) -> None:
         self.factor, self.patience = policy["factor"], policy["patience"]
         self.lr_scale, self.every = policy["lr_scale"], policy["every"]
-        self.best = math.inf
-        self.streak = 0
-        self.pending = False
+        #: None: a header from before smoothing (raw losses; the minimum kept on rollback)
+        self.smoothing: float | None = policy.get("smoothing")
         self.snap = Snapshot()
+        self.reset()
+
+    def journaled_as(self, policy: dict[str, Any]) -> None:
+        """Follow the policy of the journal being resumed (the same but for a missing
+        smoothing: a run journaled before it keeps the former rule)."""
+        self.smoothing = policy.get("smoothing")
 
     def feed_step(self, record: dict[str, Any]) -> str | None:
         """Update on a step record; "rollback" when one is due now, "snapshot" at good points."""
@@ -123,8 +145,9 @@ class GuardRule:
                              "(journal written with other settings?)")
         loss = record_loss(record)
         if record.get("accepted", True) and math.isfinite(loss):  # rejected steps: no vote
-            self.streak = self.streak + 1 if loss > self.factor * self.best else 0
-            self.best = min(self.best, loss)
+            level = self._level(loss)
+            self.streak = self.streak + 1 if level > self.factor * self.best else 0
+            self.best = min(self.best, level)
         if self.streak >= self.patience:
             self.pending = True
             return "rollback"
@@ -132,15 +155,31 @@ class GuardRule:
             return "snapshot"
         return None
 
+    def _level(self, loss: float) -> float:
+        """The loss level after a step of loss `loss` (its moving average; legacy: loss)."""
+        if self.smoothing is None:
+            return loss
+        s = self.smoothing
+        self.level = loss if self.level is None else s * self.level + (1.0 - s) * loss
+        return self.level
+
     def reset(self) -> None:
         """Forget the losses seen (replay starts over from the base weights)."""
         self.best, self.streak, self.pending = math.inf, 0, False
+        self.level: float | None = None
+
+    def rolled_back(self) -> None:
+        """A rollback happened: no streak, and (unless legacy) the level and its minimum start
+        over, so the restored weights are judged by their own losses."""
+        self.pending, self.streak = False, 0
+        if self.smoothing is not None:
+            self.best, self.level = math.inf, None
 
     def restore_scaled(self, store: ParamStore, opt: Optimizer) -> float:
         """Roll back to the snapshot with the next lr scale; returns that scale."""
         scale = opt.lr_scale * self.lr_scale
         self.snap.restore(store, opt, scale)
-        self.pending, self.streak = False, 0
+        self.rolled_back()
         return scale
 
 
@@ -195,7 +234,7 @@ def resume_point(rule: GuardRule, body: Iterable[dict[str, Any]], start: int,
     event = None
     for rec in body:
         if rec.get("kind") == "rollback":
-            rule.pending, rule.streak = False, 0
+            rule.rolled_back()
             event = None
         else:
             event = rule.feed_step(rec)

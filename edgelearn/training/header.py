@@ -82,12 +82,14 @@ def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         new: the header the current command would write.
     """
     out: list[str] = []
+    # a run journaled before the divergence level's smoothing existed goes on with its rule
     for key, prefix in (("config", ""), ("divergence", "divergence ")):
         a, b = old.get(key), new.get(key)
         same_optimizer = key != "config" or old.get("optimizer") == new.get("optimizer")
         if isinstance(a, dict) and isinstance(b, dict) and same_optimizer:
             out += [f"{prefix}{k} {_show(a.get(k), k in a)} -> {_show(b.get(k), k in b)}"
-                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+                    and not (key == "divergence" and k == "smoothing" and k not in a)]
         elif a != b and key == "divergence":
             out.append(f"divergence {_show_policy(a)} -> {_show_policy(b)}")
     for key in sorted((set(old) | set(new)) - {"config", "divergence"}):

@@ -47,8 +47,9 @@ def fewer_steps_error(run_dir: Path, n_steps: int, steps: int) -> InputError:
                       f"fewer (pass --steps {n_steps} or more to continue it, or --restart)")
 
 
-def check_header(journal: Journal, header: dict[str, Any], run_dir: Path) -> None:
-    """Refuse a journal whose header differs from `header`, naming every change."""
+def check_header(journal: Journal, header: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Refuse a journal whose header differs from `header`, naming every change; returns the
+    journal's header."""
     old = next(iter_journal(journal.path, max_records=1))
     if old.get("kind") != "header":
         raise InputError(f"{run_dir}: journal does not start with a header")
@@ -62,6 +63,7 @@ def check_header(journal: Journal, header: dict[str, Any], run_dir: Path) -> Non
         raise InputError(f"run dir {run_dir} holds a run with different settings: "
                          f"{', '.join(changes)}; use --restart (Session(restart=True)) to start "
                          "it over, or another run directory (--out)")
+    return old
 
 
 def resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Optimizer,
@@ -81,7 +83,9 @@ def resume(journal: Journal, header: dict[str, Any], store: ParamStore, opt: Opt
         if rule is not None:
             rule.snap.take(store, opt)
         return Resumed(0, 0, fresh=True)
-    check_header(journal, header, run_dir)
+    old = check_header(journal, header, run_dir)
+    if rule is not None:  # the rule the run was journaled with (an older one lacks smoothing)
+        rule.journaled_as(old["divergence"])
     ckpt = checkpoint_meta(run_dir)
     n_steps, rollbacks, at_ckpt = survey(journal, ckpt[1] if ckpt else 0)
     if steps is not None and steps < n_steps:
