@@ -300,6 +300,20 @@ def test_run_journaled_with_the_former_rule_resumes_and_replays(tiny, tmp_path,
     assert store.digest() == ref["sha256"]
 
 
+def test_endless_rollbacks_stop_with_one_clear_error(tiny, tmp_path) -> None:
+    """A policy that rolls back at any lr stops once the lr would fall below MIN_LR_SCALE x
+    its setting (it used to run on until the scale underflowed to 0, then failed on "bad
+    lr_scale in optimizer state")."""
+    bundle_dir, data = tiny
+    bundle, ds = load_bundle(bundle_dir), _data(data)
+    pol = DivergencePolicy(factor=1.001, patience=1, lr_scale=1e-5, every=1 << 20)
+    with pytest.raises(InputError, match="kept diverging: rollbacks took the learning rate"):
+        train(bundle, ds, tmp_path / "run", steps=2000, seed=6, options=DIVERGE,
+              divergence=pol)
+    recs = read_journal(tmp_path / "run" / JOURNAL)[0]
+    assert [r["lr_scale"] for r in recs if r.get("kind") == "rollback"] == [1e-5, 1e-5 * 1e-5]
+
+
 def test_divergence_policy_validation(tiny, tmp_path) -> None:
     bundle_dir, data = tiny
     bundle, ds = load_bundle(bundle_dir), _data(data)

@@ -122,6 +122,11 @@ class Snapshot:
             opt.t, opt.lr_scale = t, lr_scale  # the step counter is never rewound
 
 
+#: a rollback that would scale the lr below this stops the run instead: the loss diverges at
+#: any lr, a setting to change (older rules, which had no floor, replay as they ran)
+MIN_LR_SCALE = 1e-12
+
+
 class GuardRule:
     """Divergence rule state; fed the same journal records in training, resume and replay."""
 
@@ -178,6 +183,10 @@ class GuardRule:
     def restore_scaled(self, store: ParamStore, opt: Optimizer) -> float:
         """Roll back to the snapshot with the next lr scale; returns that scale."""
         scale = opt.lr_scale * self.lr_scale
+        if self.smoothing is not None and scale < MIN_LR_SCALE:
+            raise InputError(f"the loss kept diverging: rollbacks took the learning rate to "
+                             f"{scale:.3g} x its setting at step {opt.t}; lower the lr or relax "
+                             "the divergence policy (factor, patience)")
         self.snap.restore(store, opt, scale)
         self.rolled_back()
         return scale
