@@ -24,7 +24,7 @@ from edgelearn.journal import Journal, read_journal
 from edgelearn.optim import make_optimizer
 from edgelearn.params import ParamSpec, ParamStore
 from edgelearn.training import DivergencePolicy
-from edgelearn.training.divergence import GuardRule
+from edgelearn.training.divergence import MIN_LR_SCALE, GuardRule
 from edgelearn.training.lock import run_lock
 from edgelearn.training.rundir import JOURNAL
 
@@ -298,20 +298,36 @@ def test_run_journaled_with_the_former_rule_resumes_and_replays(tiny, tmp_path,
     assert res["sha256"] == ref["sha256"]
     store, _ = replay_journal(bundle, ref["journal"])
     assert store.digest() == ref["sha256"]
+    # another smoothing than the default is a change of settings, not the former rule
+    with pytest.raises(InputError, match=r"divergence smoothing unset -> 0\.5"):
+        train(bundle, ds, run, steps=70, seed=6, options=DIVERGE,
+              divergence=DivergencePolicy(factor=2.0, patience=3, lr_scale=0.25, every=5,
+                                          smoothing=0.5))
+    # a header's smoothing that is no number in [0, 1) is refused in one line
+    for bad in ("0.9", 1.0, True, -0.5):
+        hostile = tmp_path / f"hostile{bad}.bin"
+        with Journal(hostile) as j:
+            j.append({**recs[0], "divergence": {**recs[0]["divergence"], "smoothing": bad}})
+            for r in recs[1:10]:
+                j.append(r)
+        with pytest.raises(InputError, match="malformed divergence smoothing"):
+            replay_journal(bundle, hostile)
 
 
 def test_endless_rollbacks_stop_with_one_clear_error(tiny, tmp_path) -> None:
-    """A policy that rolls back at any lr stops once the lr would fall below MIN_LR_SCALE x
-    its setting (it used to run on until the scale underflowed to 0, then failed on "bad
-    lr_scale in optimizer state")."""
+    """Rollbacks that would take the lr scale below MIN_LR_SCALE (next: an underflow to 0)
+    stop the run with one clear error (it used to fail later on "bad lr_scale in optimizer
+    state: 0.0")."""
     bundle_dir, data = tiny
     bundle, ds = load_bundle(bundle_dir), _data(data)
-    pol = DivergencePolicy(factor=1.001, patience=1, lr_scale=1e-5, every=1 << 20)
+    pol = DivergencePolicy(factor=1.001, patience=1, lr_scale=1e-120, every=1 << 20)
     with pytest.raises(InputError, match="kept diverging: rollbacks took the learning rate"):
         train(bundle, ds, tmp_path / "run", steps=2000, seed=6, options=DIVERGE,
               divergence=pol)
     recs = read_journal(tmp_path / "run" / JOURNAL)[0]
-    assert [r["lr_scale"] for r in recs if r.get("kind") == "rollback"] == [1e-5, 1e-5 * 1e-5]
+    scales = [r["lr_scale"] for r in recs if r.get("kind") == "rollback"]
+    assert scales == [1e-120, 1e-120 * 1e-120]
+    assert 1e-120 * scales[-1] < MIN_LR_SCALE
 
 
 def test_divergence_policy_validation(tiny, tmp_path) -> None:

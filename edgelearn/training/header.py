@@ -21,6 +21,7 @@ from edgelearn.bundle import Bundle
 from edgelearn.errors import InputError
 from edgelearn.optim import Optimizer, optimizer_from_config
 from edgelearn.params import ParamStore
+from edgelearn.training.divergence import DEFAULT_SMOOTHING
 
 #: keys the loop adds to an optimizer's step record (the optimizer never sees them)
 LOOP_KEYS = ("kind", "batch_sha256", "batch_digest")
@@ -82,14 +83,13 @@ def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         new: the header the current command would write.
     """
     out: list[str] = []
-    # a run journaled before the divergence level's smoothing existed goes on with its rule
     for key, prefix in (("config", ""), ("divergence", "divergence ")):
         a, b = old.get(key), new.get(key)
         same_optimizer = key != "config" or old.get("optimizer") == new.get("optimizer")
         if isinstance(a, dict) and isinstance(b, dict) and same_optimizer:
             out += [f"{prefix}{k} {_show(a.get(k), k in a)} -> {_show(b.get(k), k in b)}"
                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-                    and not (key == "divergence" and k == "smoothing" and k not in a)]
+                    and not (key == "divergence" and _former_rule(a, b, k))]
         elif a != b and key == "divergence":
             out.append(f"divergence {_show_policy(a)} -> {_show_policy(b)}")
     for key in sorted((set(old) | set(new)) - {"config", "divergence"}):
@@ -99,6 +99,13 @@ def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             out.append(f"{_SETTING_NAMES.get(key, key)} {_show(old.get(key), key in old)} -> "
                        f"{_show(new.get(key), key in new)}")
     return list(dict.fromkeys(out))  # config seed and data_seed say the same thing once
+
+
+def _former_rule(old: dict[str, Any], new: dict[str, Any], key: str) -> bool:
+    """A divergence policy key that differs only because the run was journaled before the
+    loss level's smoothing existed (and the new policy asks for the default): it goes on with
+    the rule it was journaled with."""
+    return key == "smoothing" and key not in old and new.get(key) == DEFAULT_SMOOTHING
 
 
 def _show(value: Any, present: bool = True) -> str:
