@@ -6,6 +6,8 @@ Fixtures that need torch call `pytest.importorskip("torch")` so a device-only en
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     stress = load_stress_module()
     root = tmp_path_factory.mktemp("tiny")
     return stress.make_bundle(root / "bundle"), stress.make_data(root / "data.npz")
+
+
+@pytest.fixture
+def terminal_sigint() -> Iterator[None]:
+    """Processes the test starts get Ctrl-C's default action, as from a terminal, even when
+    the test run itself was started with SIGINT ignored (a background job of a
+    non-interactive shell): an ignored signal is inherited across exec, a Python handler is
+    not."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -76,8 +76,8 @@ def test_personalize_digits_rerun_with_other_settings_says_why(digits_run, tmp_p
 
 
 @pytest.mark.torch
-def test_personalize_digits_ctrl_c_is_one_line_and_stops_the_device_half(digits_run,
-                                                                         tmp_path) -> None:
+def test_personalize_digits_ctrl_c_is_one_line_and_stops_the_device_half(
+        digits_run, tmp_path, terminal_sigint) -> None:
     out = _copy_host_half(digits_run[0], tmp_path / "d")
     proc = subprocess.Popen([sys.executable, str(DIGITS), "--out", str(out), "--steps",
                              "1000000", "--restart"], stdout=subprocess.PIPE,

@@ -164,7 +164,8 @@ def _interrupt(cmd: list[str], journal: Path, records: int) -> subprocess.Comple
 @pytest.mark.parametrize("flags", [[], ["--diverge-factor", "1.5", "--diverge-patience", "3",
                                         "--checkpoint-every", "9", "--json"]],
                          ids=["plain", "divergence-json"])
-def test_ctrl_c_saves_weights_and_resumes_bit_identical(tiny, tmp_path, flags) -> None:
+def test_ctrl_c_saves_weights_and_resumes_bit_identical(tiny, tmp_path, flags,
+                                                       terminal_sigint) -> None:
     bundle_dir, data = tiny
     steps = ["--steps", "6000", "--lr", "0.05", "--eps", "0.01", "--fsync-every", "50"]
     ref = _run(_cli(bundle_dir, data, tmp_path / "ref", *steps, *flags))
