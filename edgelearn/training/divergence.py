@@ -16,10 +16,11 @@ them is an outlier (HAR, ZO-SGD: a minimum of 0.016 where batches run at 0.1-0.5
 then sat above 3x that minimum for 20 steps without any divergence, and, the minimum being
 kept across the rollback, the restored weights could never get under it again: the run rolled
 back every 20 steps, halving the lr each time (61 rollbacks in 1500 steps, ending at the
-initial weights). A journal header without
-`smoothing` (runs journaled before it existed) keeps that former rule, so those runs still
-replay and resume. Snapshots ("good" points) are taken every
-`every` steps while no streak is running; they are also the run's checkpoints. The journal gets
+initial weights). A journal header without `smoothing` (runs journaled before it existed)
+keeps that former rule, so those runs still replay and resume.
+
+Snapshots ("good" points) are taken every `every` steps while no streak is running; they are
+also the run's checkpoints. The journal gets
 {"kind": "rollback", "step", "to_step", "lr_scale", "sha256"}; replay rebuilds the snapshot on
 its way (it passes every good point), so the journal alone still rebuilds the weights. The step
 counter is not rewound: a rolled-back run still stops after `steps` optimizer steps, and later
@@ -56,7 +57,7 @@ DEFAULT_SMOOTHING = 0.9
 
 @dataclass(frozen=True)
 class DivergencePolicy:
-    """When to roll back: loss above `factor` x running minimum for `patience` steps.
+    """When to roll back: loss level above `factor` x its running minimum for `patience` steps.
 
     Args:
         factor: threshold multiplier (> 1) on the running minimum of step losses.
