@@ -16,7 +16,9 @@ Data nobody here wrote: the 10-subject shoulder-exercise watch dataset that ship
 Every method gets the same forward-pass budget (`--budget`, forwards of one batch): a ZO-SGD
 step with q probes costs 2q forwards (counted from the journal's "evals" of a 1-step run, so any
 optimizer is budgeted by what it really evaluates); a backprop step costs 3 forward-equivalents
-(forward + backward ~ 2 forwards). Learning rates are chosen by a nested sweep that never sees
+(forward + backward ~ 2 forwards). `--device-budget N` gives the device half's methods N
+forwards instead while backprop keeps `--budget` (how many forwards a method needs to catch
+up with backprop's share at its budget). Learning rates are chosen by a nested sweep that never sees
 subject s: in each fold a pseudo-target subject s' (the next subject id) is held out of a second
 pretraining on the remaining 8; each method's lr is the grid value with the best accuracy on
 s' held-out part after personalizing on s' personalization part. With `--pseudo-targets N`
@@ -34,7 +36,8 @@ Split of a subject's data (`--split`):
       exercise are the left and the right arm, so this split personalizes on one arm and tests
       on the other.
 
-    python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--quick] [--out runs/har]
+    python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--device-budget N]
+                                [--quick] [--out runs/har]
                                 [--zo fzoo,adamezo,lozo] [--methods tpsgd-head,hybrid]
                                 [--pseudo-targets 2] [--select loss] [--outer-sweep]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
@@ -493,11 +496,11 @@ def device(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             sweep = {}
             for lr in grids[method]:
-                runs = [_personalize(i, "inner", method, lr, args.budget, args.seed)
+                runs = [_personalize(i, "inner", method, lr, args.device_budget, args.seed)
                         for i in inner]
                 sweep[lr] = {k: [r[k] for r in runs] for k in ("accuracy", "loss")}
             lr = select_lr(sweep, args.select)
-            outs = {x: _personalize(outer, "outer", method, x, args.budget, args.seed)
+            outs = {x: _personalize(outer, "outer", method, x, args.device_budget, args.seed)
                     for x in (grids[method] if args.outer_sweep else (lr,))}
             fold[method] = outs[lr]
             fold[method]["inner_sweep"] = {str(k): v for k, v in sweep.items()}
@@ -543,6 +546,7 @@ def summarize(h: dict[str, Any], dv: dict[str, Any], args: argparse.Namespace) -
     oracle = oracle_shares(per_subject, dv["methods"], mean["before"], mean["backprop"])
     return {
         "subjects": args.subjects, "split": args.split, "budget_forwards": args.budget,
+        "device_budget_forwards": args.device_budget,
         "batch_size": BATCH, "window": {"samples": WIN, "stride": STRIDE, "hz": 50},
         "model": "edgelearn.export.zoo.Conv1dClassifier(in_features=6, width=16, classes=7)",
         "accounting": "ZO step = forwards counted in its journal (2 per probe); backprop step "
@@ -583,8 +587,11 @@ def table(res: dict[str, Any]) -> str:
     """Held-out accuracy per subject and method, means, and the share of backprop's gain."""
     methods = ["before", "backprop", *res["recovered_fraction_of_mean_gain"]]
     width = max(10, *(len(m) + 2 for m in methods))
-    lines = [f"held-out accuracy, {res['budget_forwards']} forwards of {res['batch_size']} per "
-             f"method ({res['split']} split)",
+    budget = res["budget_forwards"]
+    device = res.get("device_budget_forwards", budget)
+    forwards = f"{budget}" if device == budget else f"{device} (backprop {budget})"
+    lines = [f"held-out accuracy, {forwards} forwards of {res['batch_size']} per method "
+             f"({res['split']} split)",
              "subject" + "".join(f"{m:>{width}s}" for m in methods)]
     for row in res["per_subject"]:
         cells = [row["before"]] + [row[m]["accuracy"] for m in methods[1:]]
@@ -609,6 +616,9 @@ def main() -> None:
                    help="comma-separated test subjects (1..10)")
     p.add_argument("--budget", type=int, default=3000,
                    help="forward passes (batches of 32) per personalization run")
+    p.add_argument("--device-budget", type=int, default=None,
+                   help="forward passes per device-half run (default: --budget; backprop "
+                   "keeps --budget)")
     p.add_argument("--quick", action="store_true",
                    help="short settings for tests: few pretraining epochs, one lr per method")
     p.add_argument("--split", choices=("time", "series"), default="time")
@@ -636,6 +646,10 @@ def main() -> None:
     args.subjects = [int(s) for s in args.subjects.split(",") if s.strip()]
     if not args.subjects or not set(args.subjects) <= set(SUBJECTS):
         p.error(f"--subjects must name subjects among {SUBJECTS}")
+    if args.device_budget is None:
+        args.device_budget = args.budget
+    if args.budget < 1 or args.device_budget < 1:
+        p.error("--budget and --device-budget must be positive")
     if args.epochs is None:
         args.epochs = 3 if args.quick else 10
     if args.pseudo_targets is None:
@@ -647,7 +661,9 @@ def main() -> None:
         print(json.dumps(device(args, out)))
         return
     out.mkdir(parents=True, exist_ok=True)
-    progress(f"{PROG}: {len(args.subjects)} subject(s), {args.budget} forwards per method; "
+    per = f"{args.budget}" if args.device_budget == args.budget else \
+        f"{args.device_budget} (backprop {args.budget})"
+    progress(f"{PROG}: {len(args.subjects)} subject(s), {per} forwards per method; "
              "host half (torch) first, then the device half")
     t0 = time.perf_counter()
     h = host(args, out)
@@ -655,7 +671,8 @@ def main() -> None:
     # The device half in a fresh interpreter: only numpy + onnxruntime are imported there.
     dv = run_device_half([
         sys.executable, __file__, "--device-only", "--out", str(out), "--subjects",
-        ",".join(map(str, args.subjects)), "--budget", str(args.budget), "--split",
+        ",".join(map(str, args.subjects)), "--budget", str(args.budget),
+        "--device-budget", str(args.device_budget), "--split",
         args.split, "--seed", str(args.seed), "--zo", ",".join(args.zo),
         "--pseudo-targets", str(args.pseudo_targets), "--select", args.select,
         *(["--outer-sweep"] if args.outer_sweep else []),

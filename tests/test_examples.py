@@ -108,7 +108,7 @@ def test_har_loso_example(tmp_path: Path) -> None:
         pytest.skip("seglearn (the watch dataset) is not installed")
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "har_loso.py"), "--quick", "--subjects", "1",
-         "--budget", "1500", "--out", str(tmp_path), "--json"],
+         "--budget", "1800", "--device-budget", "1500", "--out", str(tmp_path), "--json"],
         check=True, capture_output=True, text=True, timeout=600,
     )
     res = json.loads(out.stdout)
@@ -128,7 +128,10 @@ def test_har_loso_example(tmp_path: Path) -> None:
     assert row["backprop"]["accuracy"] > row["before"] + 0.03
     best_zo = max(row[m]["accuracy"] for m in ("zo-head", "zo-last", "zo-full"))
     assert best_zo > row["before"] + 0.03
-    assert all(row[m]["forwards"] <= 1500 for m in ("backprop", "zo-head", "zo-last", "zo-full"))
+    # the device half's methods get --device-budget, backprop keeps --budget
+    assert (res["budget_forwards"], res["device_budget_forwards"]) == (1800, 1500)
+    assert 1500 < row["backprop"]["forwards"] <= 1800
+    assert all(row[m]["forwards"] <= 1500 for m in ("zo-head", "zo-last", "zo-full"))
     # the watch data was converted once into a pickle-free .npz
     assert (tmp_path / "watch.npz").is_file()
 
@@ -149,6 +152,24 @@ def test_har_loso_oracle_share_takes_each_subjects_best_grid_lr(monkeypatch) -> 
     assert got["a"] == pytest.approx((0.85 - 0.6) / 0.4)
     assert har.oracle_shares(rows, ["a"], before=1.0, backprop=1.0) == {"a": None}
 
+
+
+def test_har_loso_table_names_the_device_budget(monkeypatch) -> None:
+    """With --device-budget the table's first line gives both budgets; without, one."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location("har_loso_t", ROOT / "examples" / "har_loso.py")
+    har = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(har)
+    res = {"budget_forwards": 3000, "device_budget_forwards": 6000, "batch_size": 32,
+           "split": "time", "recovered_fraction_of_mean_gain": {"fzoo-full": 0.83},
+           "per_subject": [{"subject": 2, "before": 0.6, "backprop": {"accuracy": 0.97},
+                            "fzoo-full": {"accuracy": 0.88}}],
+           "mean_accuracy": {"before": 0.6, "backprop": 0.97, "fzoo-full": 0.88},
+           "tpsgd_available": True}
+    first = har.table(res).splitlines()[0]
+    assert first.startswith("held-out accuracy, 6000 (backprop 3000) forwards of 32 per method")
+    res["device_budget_forwards"] = 3000
+    assert har.table(res).splitlines()[0].startswith("held-out accuracy, 3000 forwards of 32")
 
 APP = ROOT / "examples" / "app_loop.py"
 
