@@ -18,7 +18,7 @@ step with q probes costs 2q forwards (counted from the journal's "evals" of a 1-
 optimizer is budgeted by what it really evaluates); a backprop step costs 3 forward-equivalents
 (forward + backward ~ 2 forwards). `--device-budget N` gives the device half's methods N
 forwards instead while backprop keeps `--budget` (how many forwards a method needs to catch
-up with backprop's share at its budget). Learning rates are chosen by a nested sweep that never sees
+up with backprop at its budget). Learning rates are chosen by a nested sweep that never sees
 subject s: in each fold a pseudo-target subject s' (the next subject id) is held out of a second
 pretraining on the remaining 8; each method's lr is the grid value with the best accuracy on
 s' held-out part after personalizing on s' personalization part. With `--pseudo-targets N`
@@ -583,13 +583,17 @@ def oracle_shares(per_subject: list[dict[str, Any]], methods: list[str], before:
     return out
 
 
+def budget_label(budget: int, device_budget: int) -> str:
+    """Forwards per method as the table states them: "3000", or "6000 (backprop 3000)"."""
+    return f"{budget}" if device_budget == budget else f"{device_budget} (backprop {budget})"
+
+
 def table(res: dict[str, Any]) -> str:
     """Held-out accuracy per subject and method, means, and the share of backprop's gain."""
     methods = ["before", "backprop", *res["recovered_fraction_of_mean_gain"]]
     width = max(10, *(len(m) + 2 for m in methods))
-    budget = res["budget_forwards"]
-    device = res.get("device_budget_forwards", budget)
-    forwards = f"{budget}" if device == budget else f"{device} (backprop {budget})"
+    forwards = budget_label(res["budget_forwards"],
+                            res.get("device_budget_forwards", res["budget_forwards"]))
     lines = [f"held-out accuracy, {forwards} forwards of {res['batch_size']} per method "
              f"({res['split']} split)",
              "subject" + "".join(f"{m:>{width}s}" for m in methods)]
@@ -661,8 +665,7 @@ def main() -> None:
         print(json.dumps(device(args, out)))
         return
     out.mkdir(parents=True, exist_ok=True)
-    per = f"{args.budget}" if args.device_budget == args.budget else \
-        f"{args.device_budget} (backprop {args.budget})"
+    per = budget_label(args.budget, args.device_budget)
     progress(f"{PROG}: {len(args.subjects)} subject(s), {per} forwards per method; "
              "host half (torch) first, then the device half")
     t0 = time.perf_counter()
