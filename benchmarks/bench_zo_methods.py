@@ -1,4 +1,4 @@
-"""ZO estimators side by side on the demo at one forward budget: zo-sgd vs fzoo vs adamezo.
+"""ZO estimators side by side on the demo at one forward budget: zo-sgd, fzoo, adamezo, zo-gn.
 
 Usage:
     python benchmarks/bench_zo_methods.py             # 3000 forwards, seeds 0 1 2 (~1 min)
@@ -39,6 +39,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], int]] = {
     "fzoo": ("fzoo", {}, 0),          # its defaults
     "fzoo cosine": ("fzoo", {"schedule": "cosine"}, 0),
     "adamezo": ("adamezo", {}, 0),    # its defaults
+    "zo-gn": ("zo-gn", {}, 0),        # its defaults
 }
 
 
@@ -52,7 +53,7 @@ def resolved(name: str, options: dict[str, Any]) -> Any:
 def per_step(name: str, options: dict[str, Any]) -> int:
     """Forwards one step of optimizer `name` with `options` costs."""
     k = resolved(name, options).probes
-    return k + 1 if name == "fzoo" else 2 * k
+    return {"fzoo": k + 1, "zo-gn": k + 2}.get(name, 2 * k)
 
 
 def history(name: str, options: dict[str, Any], budget: int, seed: int, out: Path,

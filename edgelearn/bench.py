@@ -126,7 +126,8 @@ def _step_timer(bundle: Bundle, live: Model, name: str, x: Inputs, y: np.ndarray
                                loss_fn=get_loss(default_loss(bundle.task, bundle.outputs)))
     evaluator.check_targets(y)
     fw = evaluator.forwards(x, y)
-    return lambda: opt.step(live.store, fw.evaluate, fw.population, taps=fw.taps)
+    return lambda: opt.step(live.store, fw.evaluate, fw.population, taps=fw.taps,
+                            outputs=fw.outputs)
 
 
 def run_bench(bundle: Bundle, *, batch_size: int = 32, trainable: str | None = None,

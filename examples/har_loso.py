@@ -101,7 +101,8 @@ ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
 #: are their defaults
 EXTRA_ZO = {"fzoo": ((0.03, 0.1, 0.3), (0.01, 0.03, 0.1)),
             "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
-            "lozo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2))}
+            "lozo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
+            "zo-gn": ((0.5, 1.0, 1.5), (0.5, 1.0, 1.5))}
 EXTRA_PARTS = {"head": "head.*", "full": "*"}
 
 

@@ -1,11 +1,12 @@
 """Contract every registered optimizer must keep (optax-style shared suite).
 
 Two pure-numpy problems (no runtime, no torch), so the suite is fast:
-  * `Mlp`: a 2-layer classifier whose step inputs are BOTH a loss (`evaluate`) and one taps
-    forward (`taps=`, as the taps graph gives it); every optimizer gets the same call and
-    reads what it needs. The table `CASES` names every registered optimizer (tpSGD included)
-    and `test_every_registered_optimizer_is_in_the_table` keeps it that way; the tests over
-    `ALL` check options, state, resume, replay and dtype on it.
+  * `Mlp`: a 2-layer classifier whose step inputs are a loss (`evaluate`), one taps forward
+    (`taps=`, as the taps graph gives it) and the logits of K candidates (`outputs=`); every
+    optimizer gets the same call and reads what it needs. The table `CASES` names every
+    registered optimizer (tpSGD included) and `test_every_registered_optimizer_is_in_the_table`
+    keeps it that way; the tests over `ALL` check options, state, resume, replay and dtype on
+    it.
   * `problem()`: a least-squares fit for the loss-only optimizers (learning, restore policies,
     ask/tell, rejected steps, populations).
 """
@@ -24,7 +25,8 @@ import pytest
 
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.layers import parse_layers
-from edgelearn.optim import REGISTRY, Optimizer, make_optimizer, optimizer_from_config
+from edgelearn.losses import cross_entropy
+from edgelearn.optim import REGISTRY, Optimizer, Population, make_optimizer, optimizer_from_config
 from edgelearn.params import ParamSpec, ParamStore
 
 ALL = sorted(REGISTRY)
@@ -57,6 +59,10 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
     "lozo": ({"lr": 0.02, "eps": 1e-3, "rank": 2, "nu": 3},
              [({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"rank": 0}, "rank"),
               ({"nu": 0}, "nu"), ({"noise": "pool"}, "noise")]),
+    "zo-gn": ({"lr": 1.0, "eps": 1e-3, "probes": 3, "damping": 0.1},
+              [({"lr": -1.0}, "lr"), ({"eps": 0}, "eps"), ({"probes": 0}, "probes"),
+               ({"damping": 0.0}, "damping"), ({"schedule": "cosine"}, "total_steps"),
+               ({"chunk": 12}, "chunk")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),
@@ -116,7 +122,16 @@ class Mlp:
             z -= z.max(axis=1, keepdims=True)
             return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
 
-        return {"evaluate": evaluate, "taps": lambda: self.forward(store, t)}
+        def outputs(pop: Population) -> tuple[np.ndarray, np.ndarray, Any]:
+            rows = []
+            for j in range(pop.size):
+                pop.place(j)
+                taps, y = self.forward(store, t)
+                rows.append(taps["logits"].copy())
+            return np.stack(rows), y, cross_entropy
+
+        return {"evaluate": evaluate, "taps": lambda: self.forward(store, t),
+                "outputs": outputs}
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +300,7 @@ def test_dtype_and_frozen_tensors_preserved(name: str, mlp: Mlp) -> None:
 def test_a_step_without_the_input_it_needs_is_refused(name: str, mlp: Mlp) -> None:
     store = mlp.store()
     opt = fresh(name, mlp, store)
-    needed = {"loss": "evaluate", "taps": "taps"}[opt.needs]
+    needed = {"loss": "evaluate", "taps": "taps", "outputs": "outputs"}[opt.needs]
     inputs = {k: v for k, v in mlp.inputs(store, 0).items() if k != needed}
     with pytest.raises(EdgelearnError, match=needed):
         opt.step(store, **inputs)
@@ -477,8 +492,6 @@ def test_zo_copy_policy_step_is_exactly_the_update_rule(noise: str) -> None:
 def test_population_batched_equals_expanded(dtype: str) -> None:
     """A population scored in one go (fill -> K rows) == the same request expanded into single
     ask/tell candidates (place): same rows, same losses, same weights."""
-    from edgelearn.optim import Population
-
     rng = np.random.default_rng(0)
     specs = [ParamSpec("w", (6, 5), dtype, True), ParamSpec("b", (3,), "float32", False)]
     w0 = (rng.integers(-120, 120, (6, 5)) if dtype == "int8"

@@ -24,9 +24,11 @@ Requests a step generator may yield:
     evaluate_population=...)` hands it to a caller that can score many weight sets in one
     runtime call; without one (and through ask/tell) the base class expands it into K single
     candidates. Either way the K losses are recorded under "evals" in order.
-  * `Forward`: a forward whose output is not a loss (tpSGD's layer taps); receives its output.
-    Replay runs it again (the update depends on the data), so only optimizers whose `needs`
-    is not "loss" yield it, and they have no ask/tell dialogue.
+  * `Forward`: a forward whose output is not a loss (tpSGD's layer taps; zo-gn's model
+    outputs of K candidates, `forwards` K); receives its output. Replay runs it again (the
+    update depends on the data) unless the optimizer replays from its record alone (zo-gn),
+    so only optimizers whose `needs` is not "loss" yield it, and they have no ask/tell
+    dialogue.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from edgelearn.params import ParamStore
 
 REGISTRY: dict[str, type[Optimizer]] = {}
 #: what an optimizer's step consumes (class flag `needs`)
-NEEDS = ("loss", "taps")
+NEEDS = ("loss", "taps", "outputs")
 
 _IDLE, _PENDING = object(), object()
 
@@ -93,9 +95,12 @@ class Forward:
 
     Args:
         run: () -> the output (tpSGD: (taps: name -> array, targets y) of one taps forward).
+        forwards: the forwards it costs (counted in `StepInfo.evaluations`; zo-gn: the K
+            candidates whose outputs one request asks).
     """
 
     run: Callable[[], Any] = field(repr=False)
+    forwards: int = 1
 
 
 def register(cls: type[Optimizer]) -> type[Optimizer]:
@@ -158,9 +163,11 @@ class Optimizer:
     name: ClassVar[str] = ""
     #: the frozen dataclass of this optimizer's options (validation, config, CLI flags)
     Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions
-    #: what a step consumes: "loss" (evaluate() -> a float, as candidates are placed) or
-    #: "taps" (one taps-graph forward, `taps=` () -> (taps, y); see optim/tpsgd.py). The train
-    #: loop builds the evaluator it names; replay of a "taps" journal needs the run's data.
+    #: what a step consumes: "loss" (evaluate() -> a float, as candidates are placed),
+    #: "taps" (one taps-graph forward, `taps=` () -> (taps, y); see optim/tpsgd.py) or
+    #: "outputs" (model outputs of a Population, `outputs=` pop -> (outputs, y, loss_fn),
+    #: and losses; see optim/zo_gn.py). The train loop builds the evaluator it names; replay
+    #: of a "taps" journal needs the run's data.
     needs: ClassVar[str] = "loss"
     #: why a replayed step may not reproduce its record (the replay error names it)
     replay_hint: ClassVar[str] = "corrupt, or written with other settings, weights or data"
@@ -241,7 +248,7 @@ class Optimizer:
                 evaluate_population: Callable[[Population], Sequence[float]] | None) -> Any:
         """Serve one request of a training step (and count the forwards)."""
         if isinstance(req, Forward):
-            self._evals += 1
+            self._evals += req.forwards
             return req.run()
         if isinstance(req, Population) and evaluate_population is not None:
             losses = [float(v) for v in evaluate_population(req)]

@@ -10,7 +10,9 @@ evaluator built here hands it the right callables for a batch:
     frozen prefix is cached (a cached suffix scores them as dense candidates);
   - taps (optimizers with `needs == "taps"`: tpSGD, and the hybrid, whose losses come from
     the taps forwards' logits): evaluate() is ONE forward of the taps graph (model_taps.onnx,
-    or model_taps.tflite on LiteRT) returning (taps, targets).
+    or model_taps.tflite on LiteRT) returning (taps, targets);
+  - outputs (optimizers with `needs == "outputs"`: zo-gn): plain, and outputs(pop) gives the
+    model outputs of K candidates (one population-graph call where there is one).
 The same evaluator replays journal records: a plain optimizer's replay needs no forwards and
 no data; a taps optimizer re-runs the step's taps forward on its batch (`replay_needs_data`).
 """
@@ -46,11 +48,14 @@ class Forwards:
         population: pop -> K losses in one call, or None (populations then expand into K
             evaluate() calls).
         taps: () -> (taps, y) of one taps-graph forward (optimizers that read `taps=`), or None.
+        outputs: pop -> (first model output of every candidate [K, batch, ...], y, the loss
+            function) (optimizers that read `outputs=`), or None.
     """
 
     evaluate: Callable[[], Any]
     population: Callable[[Population], list[float]] | None
     taps: Callable[[], Any] | None = None
+    outputs: Callable[[Population], tuple[np.ndarray, Any, LossFn]] | None = None
 
 
 class StepEvaluator:
@@ -134,10 +139,26 @@ class LossEvaluator(StepEvaluator):
             timers.population.append(time.perf_counter() - t0)
             return losses
 
-        return Forwards(evaluate, evaluate_population if self.pop_eval is not None else None)
+        def outputs(pop: Population) -> tuple[np.ndarray, Any, LossFn]:
+            t0 = time.perf_counter()
+            if self.pop_eval is not None:
+                out = self.pop_eval.forward(pop, x)
+            else:  # candidate by candidate; predict may reuse its output buffer: copies
+                out = np.stack([_placed_output(model, pop, j, x) for j in range(pop.size)])
+            timers.population.append(time.perf_counter() - t0)
+            return out, y, loss_fn
+
+        return Forwards(evaluate, evaluate_population if self.pop_eval is not None else None,
+                        outputs=outputs)
 
     def memory_bytes(self) -> int:
         return self.pop_eval.memory_bytes() if self.pop_eval is not None else 0
+
+
+def _placed_output(model: Model, pop: Population, j: int, x: np.ndarray) -> np.ndarray:
+    """A copy of the first model output with candidate j of `pop` placed in the store."""
+    pop.place(j)
+    return np.array(model.predict(x))
 
 
 class TapsEvaluator(StepEvaluator):
@@ -231,6 +252,8 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
     plain = LossEvaluator(model, loss_fn, pop_eval, timers)
     found: StepEvaluator = plain
+    if opt.needs == "outputs":  # model outputs: the plain forwards (no cached suffix)
+        return plain
     if prefix_cache:
         from edgelearn.training.cached_evaluator import cached_or_plain
 

@@ -104,7 +104,8 @@ class RunLoop:
         t, fw = self.opt.t, self.evaluator.forwards(x, y)
         try:
             t0 = time.perf_counter()
-            info = self.opt.step(self.store, fw.evaluate, fw.population, taps=fw.taps)
+            info = self.opt.step(self.store, fw.evaluate, fw.population, taps=fw.taps,
+                                 outputs=fw.outputs)
             seconds = time.perf_counter() - t0
             if self.samples is not None:
                 self.samples.append(t, x, y)

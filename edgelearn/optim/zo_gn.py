@@ -1,0 +1,267 @@
+"""zo-gn: forward-only Gauss-Newton steps in a random subspace, from finite differences of the
+model's outputs.
+
+Cartis & Roberts 2023, "Scalable subspace methods for derivative-free nonlinear least-squares
+optimization" (Math. Programming; DFBGN: Gauss-Newton in random subspaces from a
+derivative-free Jacobian model); Schraudolph 2002, "Fast curvature matrix-vector products for
+second-order gradient descent" (the generalized Gauss-Newton matrix of a loss over outputs);
+Gower et al. 2019, "RSN: Randomized Subspace Newton" (NeurIPS; Newton steps in sketched
+subspaces). A ZO-SGD probe keeps one number of each forward (the loss); this keeps the
+model's outputs (logits [batch, classes]), which carry batch x classes numbers per forward:
+enough to build the curvature of the loss in the probed subspace as well as its gradient.
+
+Per step t, with K probes z_k = z(seed, t, k) (Rademacher +-1 by default, `edgelearn.rng`)
+and outputs f(theta) on the step's batch (loss l(f), cross-entropy or mse):
+    J_k = (f(theta + eps z_k) - f(theta)) / eps        the Jacobian along z_k (forward diff.)
+    g_k = <J_k, dl/df>,  G_kj = <J_k, H J_j>  (H = d2l/df2: softmax covariance for
+                                                cross-entropy, 2/m I for mse)
+    a = solve(G + lambda_t n I, g)                     (n trainable weights: |z_k|^2 = n)
+    theta' = theta - lr_t sum_k a_k z_k
+then one forward more, l(f(theta')) on the same batch: the step is kept when it is not worse
+than l(f(theta)), else undone (weights restored exactly). lambda_t is the Levenberg-Marquardt
+damping (per unit-norm direction): `damping` at first, x4 after an undone step, halved back
+towards `damping` after a kept one (never below it: on minibatches a smaller damping fits
+the batch instead of the task). A step costs K + 2 forwards; the K + 1 candidates theta and
+theta + eps z_k are one `Population` request, so a backend with a population graph computes
+their outputs in ONE runtime call.
+
+In float64 numpy from the float32 outputs. The journal record holds (seeds, a, lr, eps,
+damping, loss, accepted) and the check's loss under "evals"; replay applies the recorded a
+with the same float32 operations as training (no data, no forwards: the solve is not
+repeated), bit-exact, and re-derives lambda_t from the records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgelearn.errors import InputError
+from edgelearn.losses import cross_entropy, mse
+from edgelearn.optim.base import Forward, Optimizer, register
+from edgelearn.optim.options import OptimizerOptions, check, meta
+from edgelearn.optim.zo_fields import (
+    check_lr_eps,
+    chunk_field,
+    copy_restore_field,
+    pool_size_field,
+    schedule_field,
+    scheduled,
+    total_steps_field,
+)
+from edgelearn.optim.zo_probe import ProbeArena, Term
+from edgelearn.params import ParamStore
+from edgelearn.rng import NOISE_KINDS, Noise
+
+#: damping factor after an undone step (Levenberg-Marquardt's usual increase)
+DAMPING_UP = 4.0
+
+
+@dataclass(frozen=True)
+class ZOGNOptions(OptimizerOptions):
+    """Options of zo-gn (the update rule is in the module docstring)."""
+
+    lr: float = field(default=1.0, metadata=meta(
+        "fraction of the damped Gauss-Newton step taken", cli="--lr"))
+    eps: float = field(default=1e-3, metadata=meta(
+        "finite-difference step along each probe (units of the weights)", cli="--eps"))
+    probes: int = field(default=16, metadata=meta(
+        "directions K of the subspace per step; a step costs K + 2 forwards",
+        cli="--probes"))
+    damping: float = field(default=0.1, metadata=meta(
+        "Levenberg-Marquardt damping per unit-norm direction (its floor: raised x4 after "
+        "an undone step)", cli="--damping"))
+    noise: str = field(default="rademacher", metadata=meta(
+        "rademacher, gaussian or pool", cli="--noise", choices=NOISE_KINDS))
+    schedule: str = schedule_field()
+    total_steps: int | None = total_steps_field()
+    restore: str = copy_restore_field("zo-gn")
+    chunk: int = chunk_field()
+    pool_size: int = pool_size_field()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lr_eps(self.lr, self.eps)
+        check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
+        check(math.isfinite(self.damping) and self.damping > 0,
+              f"damping must be a finite number > 0, got {self.damping!r}")
+        check(self.schedule == "constant" or (self.total_steps or 0) > 0,
+              f"schedule {self.schedule!r} needs total_steps > 0")
+        check(self.chunk >= 8 and self.chunk % 8 == 0,
+              f"chunk must be a positive multiple of 8, got {self.chunk!r}")
+        check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+
+
+def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], eps: float
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(G [K, K], g [K], loss at the unperturbed point) of one step, float64.
+
+    Args:
+        out: outputs of theta and its K probes, [K + 1, batch, ...] (float).
+        y: the batch's targets: int labels [batch] (cross-entropy on logits [batch, classes])
+            or targets of the output's shape (mse).
+        loss_fn: `edgelearn.losses.cross_entropy` or `edgelearn.losses.mse`.
+        eps: the probes' finite-difference step.
+    """
+    o = np.asarray(out, np.float64)
+    f0 = o[0]
+    jac = (o[1:] - f0) / eps  # [K, batch, ...]
+    if loss_fn is cross_entropy:
+        b = len(f0)
+        p = np.exp(f0 - f0.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        resid = p.copy()
+        resid[np.arange(b), np.asarray(y)] -= 1.0
+        resid /= b
+        pj = p * jac
+        hj = (pj - p * pj.sum(axis=-1, keepdims=True)) / b  # softmax covariance times J_k
+    elif loss_fn is mse:
+        m = f0.size
+        resid = 2.0 * (f0 - np.asarray(y, np.float64).reshape(f0.shape)) / m
+        hj = 2.0 * jac / m
+    else:
+        raise InputError("zo-gn supports the cross_entropy and mse losses")
+    k = len(jac)
+    flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
+    return flat @ hflat.T, flat @ resid.reshape(-1), loss_fn(out[0], y)
+
+
+def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:
+    """a = solve(G + damping I, g) (float64 [K]); zeros when the system is singular."""
+    try:
+        return np.linalg.solve(G + damping * np.eye(len(g)), g)
+    except np.linalg.LinAlgError:
+        return np.zeros(len(g))
+
+
+def _kept(record: dict[str, Any]) -> bool:
+    """Whether a step with this record's losses keeps its update (the check's loss under
+    "evals" not above the record's "loss"; a step without a finite loss keeps nothing)."""
+    l0, evals = record.get("loss"), record.get("evals")
+    if not isinstance(l0, int | float) or not isinstance(evals, list) or len(evals) != 1:
+        return False
+    return isinstance(evals[0], int | float) and math.isfinite(evals[0]) and evals[0] <= l0
+
+
+@register
+class ZOGN(Optimizer):
+    """Forward-only Gauss-Newton in random subspaces over the trainable float32 slice.
+
+    Args:
+        **options: `ZOGNOptions` fields (lr, eps, probes, damping, noise, ..., seed).
+    """
+
+    name = "zo-gn"
+    Options = ZOGNOptions
+    needs = "outputs"
+    supports_lr_scale = True
+    replay_hint = "corrupt, or written with other settings"
+    options: ZOGNOptions
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        o = self.options
+        self.arena = ProbeArena(Noise(o.noise, pool_size=o.pool_size, pool_seed=o.seed),
+                                o.chunk, self.name)
+        #: the damping of the next step (lambda_t)
+        self.damping_now = o.damping
+
+    def memory_bytes(self, store: ParamStore) -> int:
+        """The pre-step copy + packed signs of every probe + chunk buffers."""
+        n = store.n_trainable("float32")
+        o = self.options
+        signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
+        pool = 4 * o.pool_size if o.noise == "pool" else 0
+        return 4 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
+
+    def lr_at(self, t: int) -> float:
+        """The step fraction of step t under the schedule, times `lr_scale` (divergence
+        rollback)."""
+        o = self.options
+        lr = scheduled(o.lr, o.schedule, o.total_steps, t)
+        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and the damping of the next step."""
+        return {**super().state_dict(), "damping_now": self.damping_now}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output."""
+        super().load_state_dict(state)
+        lam = state.get("damping_now")
+        if not (isinstance(lam, int | float) and math.isfinite(lam)
+                and lam >= self.options.damping):
+            raise InputError(f"bad damping_now in optimizer state: {lam!r}")
+        self.damping_now = float(lam)
+
+    def _advance(self, accepted: bool) -> None:
+        """lambda_{t+1} from lambda_t and whether step t was kept."""
+        lam = self.damping_now
+        self.damping_now = max(self.options.damping, lam / 2) if accepted else lam * DAMPING_UP
+
+    def _terms(self, a: list[float], seeds: list[tuple[int, int, int]], lr: float
+               ) -> list[Term]:
+        return [(np.float32(-(lr * ak)), key) for ak, key in zip(a, seeds, strict=True)]
+
+    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
+        outputs = extra.get("outputs")
+        if outputs is None:
+            raise InputError("zo-gn needs the model outputs of its probes: train it with a "
+                             "Session (or step(..., outputs=Forwards.outputs))")
+        theta = self.arena.begin(store)
+        copy = self.arena.copy
+        assert copy is not None
+        t, o = self.t, self.options
+        seeds = [(self.seed, t, k) for k in range(o.probes)]
+        pop = self.arena.population(theta, [[], *([(np.float32(o.eps), key)]
+                                                   for key in seeds)])
+        out, y, loss_fn = yield Forward(lambda: outputs(pop), forwards=pop.size)
+        lam, lr = self.damping_now, self.lr_at(t)
+        record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr,
+                                  "eps": o.eps, "damping": lam}
+        G, g, l0 = gauss_newton_system(out, y, loss_fn, o.eps)
+        a = gauss_newton_step(G, g, lam * copy.size)
+        if not (math.isfinite(l0) and np.isfinite(a).all()):  # reject: weights back exactly
+            np.copyto(theta, copy)
+            self._advance(False)
+            return {**record, "a": [0.0] * len(seeds), "loss": None, "accepted": False}
+        a_list = [float(v) for v in a]
+        self.arena.combine(theta, copy, self._terms(a_list, seeds, lr))
+        l_new = yield  # the step's check: the loss after it, on the same batch
+        kept = math.isfinite(l_new) and l_new <= l0
+        if not kept:
+            np.copyto(theta, copy)
+        self._advance(kept)
+        return {**record, "a": a_list, "loss": l0, "accepted": kept}
+
+    def replay(self, store: ParamStore, record: dict[str, Any], **extra: Any) -> None:
+        """Apply a journal record: its a with the float32 operations of training (no data, no
+        forwards); InputError when the record does not fit this run's settings and steps."""
+        step, a = record.get("step"), record.get("a")
+        o = self.options
+        if self._gen is not None:
+            raise InputError("cannot replay in the middle of a step")
+        ok = (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+              and isinstance(a, list) and len(a) == o.probes
+              and all(isinstance(v, int | float) and math.isfinite(v) for v in a)
+              and isinstance(record.get("accepted"), bool))
+        if not ok:
+            raise InputError(f"malformed {self.name} journal record (step {step!r})")
+        seeds = [(self.seed, step, k) for k in range(o.probes)]
+        lr = self.lr_at(step)
+        if record.get("seeds") != [list(s) for s in seeds] or record.get("lr") != lr \
+                or record.get("eps") != o.eps or record.get("damping") != self.damping_now \
+                or record["accepted"] != _kept(record):
+            raise InputError(f"journal record of step {step} does not reproduce: "
+                             f"{self.replay_hint}")
+        self.t = step
+        theta = self.arena.begin(store)
+        if record["accepted"]:
+            assert self.arena.copy is not None
+            self.arena.combine(theta, self.arena.copy, self._terms(a, seeds, lr))
+        self._advance(record["accepted"])
+        self.t = step + 1
