@@ -9,7 +9,7 @@ half to personalize, half held out), batch 32, onnxruntime, one thread, three bu
   - "demo": the shipped bundle (taps for every layer; the manifest's trainable set, the
     head). The default is tpsgd.
   - "no taps": the same bundle with its taps graphs left out (as an exporter writes it when
-    it cannot trace the model into layers). The default is fzoo.
+    it cannot trace the model into layers). The default is zo-gn.
   - "prepared": the demo model as plain inference ONNX (`bake`) through `prepare` (head taps
     found in the ONNX graph,
     every weight trainable, so ZO must train the hidden layer). The default is hybrid.
@@ -63,7 +63,7 @@ def per_step(config: el.TrainConfig) -> int:
     """Forwards one step of the (resolved) config costs."""
     name = config.optimizer
     probes = config.options.get("probes", getattr(el.optimizers()[name], "probes", 1))
-    return {"tpsgd": 1, "fzoo": probes + 1}.get(name, 2 * probes)
+    return {"tpsgd": 1, "fzoo": probes + 1, "zo-gn": probes + 2}.get(name, 2 * probes)
 
 
 def run(bundle: el.Bundle, config: el.TrainConfig, budget: int, out: Path

@@ -73,13 +73,16 @@ def test_head_taps_only_choose_hybrid_for_the_whole_model(prepared) -> None:
     assert choose_optimizer(prepared, trainable=",".join(head.values())).name == "tpsgd"
 
 
-def test_no_taps_choose_fzoo_and_zo_sgd_above_the_copy_limit(tmp_path, monkeypatch) -> None:
+def test_no_taps_choose_zo_gn_fzoo_and_zo_sgd_above_the_copy_limit(tmp_path,
+                                                                   monkeypatch) -> None:
     bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
     choice = choose_optimizer(bare)
-    assert (choice.name, choice.options) == ("fzoo", {})
+    assert (choice.name, choice.options) == ("zo-gn", {})
     assert "no taps graph" in choice.why
-    # fzoo keeps a copy of the trainable slice; above the limit zo-sgd's drift restore keeps
-    # none (the head's 2600 bytes stand in for a large model)
+    assert choose_optimizer(bare, objective="mse").name == "zo-gn"
+    assert choose_optimizer(bare, objective="error-rate").name == "fzoo"  # not zo-gn's loss
+    # zo-gn and fzoo keep a copy of the trainable slice; above the limit zo-sgd's drift
+    # restore keeps none (the head's 2600 bytes stand in for a large model)
     monkeypatch.setattr(defaults, "AUTO_COPY_MAX_BYTES", 2000)
     assert choose_optimizer(bare).name == "zo-sgd"
 
@@ -88,7 +91,7 @@ def test_taps_the_backend_cannot_run_or_losses_they_cannot_give_mean_zo(demo, tm
     no_tflite_taps = el.load_bundle(demo_bundle_without(tmp_path / "b", ("tflite_taps",)))
     assert choose_optimizer(no_tflite_taps, backend="onnxruntime").name == "tpsgd"
     litert = choose_optimizer(no_tflite_taps, backend="litert")
-    assert litert.name == "fzoo"
+    assert litert.name == "zo-gn"
     assert "litert" in litert.why
     assert choose_optimizer(demo, objective="error-rate").name == "fzoo"
     assert choose_optimizer(demo, objective="mse").options == {"lr": 0.1, "head_loss": "mse"}

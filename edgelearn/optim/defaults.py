@@ -10,15 +10,16 @@ imported), in this order:
      or mse), and
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
-  4. otherwise (no taps, or a loss only ZO can use)   -> fzoo (batched one-sided probes),
-     or zo-sgd when the trainable float32 slice exceeds 16 MiB (fzoo keeps a copy of it;
-     zo-sgd's drift restore keeps none)
+  4. otherwise (no taps, or a loss only ZO can use)   -> zo-gn (Gauss-Newton steps from the
+     outputs of 16 probes) for cross-entropy and mse, fzoo (batched one-sided probes) for
+     the other losses; zo-sgd when the trainable float32 slice exceeds 16 MiB (zo-gn and
+     fzoo keep a copy of it; zo-sgd's drift restore keeps none)
 
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
-forwards what ZO-SGD does not reach in thousands; without taps, FZOO reaches ZO-SGD's final
-accuracy in about half its forwards. int8 weights and scales have one optimizer each.
-Explicit choices always win: this rule runs only for optimizer "auto".
+forwards what ZO-SGD does not reach in thousands; without taps, zo-gn reaches ZO-SGD's final
+accuracy in 0.39 of its forwards and ends higher (FZOO: 0.58). int8 weights and scales have
+one optimizer each. Explicit choices always win: this rule runs only for optimizer "auto".
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ TAPS_OBJECTIVES = {"cross-entropy": "cross-entropy", "mse": "mse"}
 RECIPES: dict[str, dict[str, Any]] = {
     "tpsgd": {"lr": 0.1},
     "hybrid": {"lr": 0.1, "zo_lr": 0.01},
+    "zo-gn": {},
     "fzoo": {},
     "zo-sgd": {},  # chosen for large trainable sets: its lr 1e-3, not the demo head's 0.01
     "zo-scale": {},
@@ -132,7 +134,8 @@ def _taps_missing(bundle: Bundle, backend: str) -> str | None:
 
 
 def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: str) -> Choice:
-    """fzoo, or zo-sgd for a trainable slice too large to keep a copy of."""
+    """zo-gn (cross-entropy, mse) or fzoo, or zo-sgd for a trainable slice too large to keep
+    a copy of."""
     why = _taps_missing(bundle, backend) or (
         f"the {objective} loss is not one tpSGD's head computes" if objective not in
         TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
@@ -140,6 +143,9 @@ def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: st
     if nbytes > AUTO_COPY_MAX_BYTES:
         return _pick("zo-sgd", f"{why}; {nbytes / (1 << 20):.0f} MiB of trainable weights: "
                      "MeZO's in-place probes need no copy of them")
+    if objective in TAPS_OBJECTIVES:  # the losses zo-gn's curvature is written for
+        return _pick("zo-gn", f"{why}: Gauss-Newton steps from the outputs of its probes, "
+                     "fewer forwards than fzoo")
     return _pick("fzoo", f"{why}: batched one-sided probes, fewer forwards than zo-sgd")
 
 

@@ -286,7 +286,20 @@ class CachedEvaluator(StepEvaluator):
             timers.population.append(time.perf_counter() - t0)
             return losses
 
-        return Forwards(evaluate, evaluate_population if self.population_off is None else None)
+        def outputs(pop: Any) -> tuple[np.ndarray, Any, Any]:
+            cut = feeds()
+            if self.disabled is not None:
+                return self.plain.forwards(x, y).outputs(pop)
+            t0 = time.perf_counter()
+            rows = []  # one suffix run per candidate; its output buffer is reused: copies
+            for j in range(pop.size):
+                pop.place(j)
+                rows.append(np.array(self.suffix.run(cut)))
+            timers.population.append(time.perf_counter() - t0)
+            return np.stack(rows), y, loss_fn
+
+        return Forwards(evaluate, evaluate_population if self.population_off is None else None,
+                        outputs=outputs)
 
     def enable_population(self, store: Any) -> None:
         """Score populations (zo-sgd's probe points) in one runtime call from now on, where

@@ -11,8 +11,8 @@ evaluator built here hands it the right callables for a batch:
   - taps (optimizers with `needs == "taps"`: tpSGD, and the hybrid, whose losses come from
     the taps forwards' logits): evaluate() is ONE forward of the taps graph (model_taps.onnx,
     or model_taps.tflite on LiteRT) returning (taps, targets);
-  - outputs (optimizers with `needs == "outputs"`: zo-gn): plain, and outputs(pop) gives the
-    model outputs of K candidates (one population-graph call where there is one).
+  - outputs (optimizers with `needs == "outputs"`: zo-gn): plain or cached, and outputs(pop)
+    gives the model outputs of K candidates (one population-graph call where there is one).
 The same evaluator replays journal records: a plain optimizer's replay needs no forwards and
 no data; a taps optimizer re-runs the step's taps forward on its batch (`replay_needs_data`).
 """
@@ -252,8 +252,6 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
     plain = LossEvaluator(model, loss_fn, pop_eval, timers)
     found: StepEvaluator = plain
-    if opt.needs == "outputs":  # model outputs: the plain forwards (no cached suffix)
-        return plain
     if prefix_cache:
         from edgelearn.training.cached_evaluator import cached_or_plain
 
