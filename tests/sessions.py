@@ -15,7 +15,8 @@ from typing import Any
 
 import edgelearn as el
 
-RUNTIME_KEYS = ("backend", "threads", "providers", "memory_budget_mb", "backend_options")
+RUNTIME_KEYS = ("backend", "threads", "providers", "memory_budget_mb", "backend_options",
+                "prefix_cache")
 
 
 class OnStep(el.Callback):
