@@ -74,6 +74,34 @@ def _zo_scale(bundle: Bundle) -> dict[str, Any]:
     return {"supported": True, "how": f"trains the {len(scales)} quantization scale tensors"}
 
 
+def _hybrid(bundle: Bundle) -> dict[str, Any]:
+    taps = _tpsgd(bundle)
+    if not taps["supported"]:
+        return taps
+    return {**taps, "how": "exact updates where the taps reach, ZO on the other weights, two "
+                           "taps-graph forwards per step"}
+
+
+def _float_zo(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    """The loss-only ZO optimizers over float32 weights (any graph)."""
+    if not any(p.dtype == "float32" for p in bundle.params):
+        return {n: {"supported": False, "why": "no float32 parameters"}
+                for n in ("zo-sgd", "adamezo", "fzoo", "lozo", "zo-gn")}
+    params = (bundle.manifest.get("population") or {}).get("params") or []
+    pop = f"one model_pop.onnx call when exactly {', '.join(params)} train" \
+        if "onnx_population" in bundle.files else "no model_pop.onnx: one forward each"
+    return {
+        "zo-sgd": {"supported": True, "how": "two forwards per probe, any graph"},
+        "adamezo": {"supported": True, "how": "two forwards per probe, any graph"},
+        "fzoo": {"supported": True, "how": f"K + 1 forwards per step ({pop})"},
+        "lozo": {"supported": True, "how": "two forwards per step: one stacked run of a "
+                 "low-rank graph on onnxruntime where the perturbed weights feed MatMul/Gemm, "
+                 "dense probes elsewhere"},
+        "zo-gn": {"supported": True, "how": f"K + 2 forwards per step (K + 1 outputs in {pop}"
+                  "); losses cross-entropy and mse"},
+    }
+
+
 def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """optimizer -> {"supported", "how" | "why", ...} for every registered optimizer.
 
@@ -82,11 +110,10 @@ def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """
     from edgelearn.optim import REGISTRY
 
-    floats = any(p.dtype == "float32" for p in bundle.params)
     known = {
-        "zo-sgd": {"supported": True, "how": "two forwards per probe, any graph"} if floats else
-        {"supported": False, "why": "no float32 parameters"},
+        **_float_zo(bundle),
         "tpsgd": _tpsgd(bundle),
+        "hybrid": _hybrid(bundle),
         "polystep": _polystep(bundle),
         "zo-scale": _zo_scale(bundle),
     }

@@ -20,6 +20,10 @@ def test_demo_bundle_supports_every_float_optimizer_on_both_backends(capsys) -> 
     opt, be = info["support"]["optimizers"], info["support"]["backends"]
     assert opt["zo-sgd"]["supported"] is True
     assert opt["tpsgd"]["supported"] is True
+    # every registered optimizer is described (none "not described")
+    assert all(o["supported"] is not None for o in opt.values())
+    assert "model_pop.onnx" in opt["zo-gn"]["how"]
+    assert opt["hybrid"]["supported"] is True
     assert opt["tpsgd"]["backends"] == ["onnxruntime", "litert"]
     assert opt["polystep"]["fast_path"] is True
     assert opt["polystep"]["population_params"] == ["head.weight", "head.bias"]
