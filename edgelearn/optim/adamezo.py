@@ -30,6 +30,7 @@ from edgelearn.optim.base import Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
+    check_noise_fields,
     chunk_field,
     copy_restore_field,
     pool_size_field,
@@ -74,11 +75,7 @@ class AdaMeZOOptions(OptimizerOptions):
         check(0 <= self.beta2 < 1, f"beta2 must lie in [0, 1), got {self.beta2}")
         check(self.adam_eps > 0 and math.isfinite(self.adam_eps),
               f"adam_eps must be a finite number > 0, got {self.adam_eps}")
-        check(self.schedule == "constant" or (self.total_steps or 0) > 0,
-              f"schedule {self.schedule!r} needs total_steps > 0")
-        check(self.chunk >= 8 and self.chunk % 8 == 0,
-              f"chunk must be a positive multiple of 8, got {self.chunk!r}")
-        check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+        check_noise_fields(self.schedule, self.total_steps, self.chunk, self.pool_size)
 
 
 @register
@@ -105,11 +102,8 @@ class AdaMeZO(Optimizer):
 
     def memory_bytes(self, store: ParamStore) -> int:
         """Copy, two moments and the gradient buffer (4 x n float32) + signs + chunks."""
-        n = store.n_trainable("float32")
-        o = self.options
-        signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
-        pool = 4 * o.pool_size if o.noise == "pool" else 0
-        return 16 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
+        n, o = store.n_trainable("float32"), self.options
+        return self.arena.step_bytes(n, o.probes, o.pool_size) + 12 * n
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""

@@ -30,6 +30,7 @@ from edgelearn.optim.base import Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
+    check_noise_fields,
     chunk_field,
     copy_restore_field,
     pool_size_field,
@@ -68,11 +69,7 @@ class FZOOOptions(OptimizerOptions):
         check_lr_eps(self.lr, self.eps)
         check(self.probes >= 2, f"probes must be an integer >= 2 (sigma needs two losses), "
               f"got {self.probes!r}")
-        check(self.schedule == "constant" or (self.total_steps or 0) > 0,
-              f"schedule {self.schedule!r} needs total_steps > 0")
-        check(self.chunk >= 8 and self.chunk % 8 == 0,
-              f"chunk must be a positive multiple of 8, got {self.chunk!r}")
-        check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+        check_noise_fields(self.schedule, self.total_steps, self.chunk, self.pool_size)
 
 
 def fzoo_coefficients(l0: float, losses: list[float]) -> tuple[list[float], float]:
@@ -105,11 +102,8 @@ class FZOO(Optimizer):
 
     def memory_bytes(self, store: ParamStore) -> int:
         """The pre-step copy + packed signs of every probe + chunk buffers."""
-        n = store.n_trainable("float32")
-        o = self.options
-        signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
-        pool = 4 * o.pool_size if o.noise == "pool" else 0
-        return 4 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
+        n, o = store.n_trainable("float32"), self.options
+        return self.arena.step_bytes(n, o.probes, o.pool_size)
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""

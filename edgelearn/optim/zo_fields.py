@@ -79,3 +79,17 @@ def check_lr_eps(lr: float, eps: float) -> None:
     """
     check(lr >= 0 and math.isfinite(lr), f"lr must be a finite number >= 0, got {lr}")
     check(eps > 0 and math.isfinite(eps), f"eps must be a finite number > 0, got {eps}")
+
+
+def check_noise_fields(schedule: str, total_steps: int | None, chunk: int,
+                       pool_size: int) -> None:
+    """The checks of the schedule / chunk / pool fields the batched ZO optimizers share.
+
+    Args:
+        schedule, total_steps: `schedule_field()` and `total_steps_field()` values.
+        chunk: `chunk_field()` value. pool_size: `pool_size_field()` value.
+    """
+    check(schedule == "constant" or (total_steps or 0) > 0,
+          f"schedule {schedule!r} needs total_steps > 0")
+    check(chunk >= 8 and chunk % 8 == 0, f"chunk must be a positive multiple of 8, got {chunk!r}")
+    check(pool_size >= 1, f"pool_size must be an integer >= 1, got {pool_size}")

@@ -46,6 +46,7 @@ from edgelearn.optim.base import Forward, Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
+    check_noise_fields,
     chunk_field,
     copy_restore_field,
     pool_size_field,
@@ -89,11 +90,7 @@ class ZOGNOptions(OptimizerOptions):
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
         check(math.isfinite(self.damping) and self.damping > 0,
               f"damping must be a finite number > 0, got {self.damping!r}")
-        check(self.schedule == "constant" or (self.total_steps or 0) > 0,
-              f"schedule {self.schedule!r} needs total_steps > 0")
-        check(self.chunk >= 8 and self.chunk % 8 == 0,
-              f"chunk must be a positive multiple of 8, got {self.chunk!r}")
-        check(self.pool_size >= 1, f"pool_size must be an integer >= 1, got {self.pool_size}")
+        check_noise_fields(self.schedule, self.total_steps, self.chunk, self.pool_size)
 
 
 def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], eps: float
@@ -172,11 +169,8 @@ class ZOGN(Optimizer):
 
     def memory_bytes(self, store: ParamStore) -> int:
         """The pre-step copy + packed signs of every probe + chunk buffers."""
-        n = store.n_trainable("float32")
-        o = self.options
-        signs = o.probes * (-(-n // 64) * 8) if o.noise == "rademacher" else 0
-        pool = 4 * o.pool_size if o.noise == "pool" else 0
-        return 4 * n + signs + pool + 8 * o.chunk + self.arena.pass_bytes(n)
+        n, o = store.n_trainable("float32"), self.options
+        return self.arena.step_bytes(n, o.probes, o.pool_size)
 
     def lr_at(self, t: int) -> float:
         """The step fraction of step t under the schedule, times `lr_scale` (divergence

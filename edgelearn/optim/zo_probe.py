@@ -48,6 +48,14 @@ class ProbeArena:
         """Bytes of the sign kernel's chunk buffers for a slice of n elements."""
         return self._pass.buffer_bytes(n) if self.noise.kind == "rademacher" else 0
 
+    def step_bytes(self, n: int, probes: int, pool_size: int) -> int:
+        """Bytes a step keeps besides the optimizer's own buffers: the pre-step copy, the
+        packed signs of `probes` probes, the noise pool, the chunk and kernel buffers."""
+        kind = self.noise.kind
+        signs = probes * (-(-n // 64) * 8) if kind == "rademacher" else 0
+        pool = 4 * pool_size if kind == "pool" else 0
+        return 4 * n + signs + pool + 8 * self.chunk + self.pass_bytes(n)
+
     def begin(self, store: ParamStore) -> np.ndarray:
         """Start a step: the trainable fp32 slice (theta), copied into `self.copy`."""
         theta = store.flat("float32")
