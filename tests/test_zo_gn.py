@@ -108,7 +108,7 @@ def test_a_step_that_makes_the_batch_loss_worse_is_undone_exactly() -> None:
 def test_other_losses_and_a_bare_step_are_refused() -> None:
     bundle, data, _ = demo()
     model = Model(bundle, trainable="head.*")
-    x, y = data.x[:8], data.y[:8]
+    y = data.y[:8]
     opt = make_optimizer("zo-gn", probes=2)
     with pytest.raises(InputError, match="outputs"):
         opt.step(model.store, lambda: 0.0)
@@ -120,7 +120,6 @@ def test_other_losses_and_a_bare_step_are_refused() -> None:
         make_optimizer("zo-gn", probes=2).step(model.store, lambda: 0.0, outputs=outputs)
     with pytest.raises(InputError, match="damping"):
         make_optimizer("zo-gn", damping=0.0)
-    assert x.shape[0] == 8
 
 
 @pytest.mark.parametrize("population", [True, False])

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from edgelearn.errors import InputError
+from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.losses import cross_entropy, mse
 from edgelearn.optim.base import Forward, Optimizer, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
@@ -199,6 +199,7 @@ class ZOGN(Optimizer):
 
     def _terms(self, a: list[float], seeds: list[tuple[int, int, int]], lr: float
                ) -> list[Term]:
+        """The update's terms -lr a_k z_k, coefficients rounded to float32 as in training."""
         return [(np.float32(-(lr * ak)), key) for ak, key in zip(a, seeds, strict=True)]
 
     def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
@@ -238,10 +239,11 @@ class ZOGN(Optimizer):
         step, a = record.get("step"), record.get("a")
         o = self.options
         if self._gen is not None:
-            raise InputError("cannot replay in the middle of a step")
+            raise EdgelearnError("cannot replay in the middle of a step")
         ok = (isinstance(step, int) and not isinstance(step, bool) and step >= 0
               and isinstance(a, list) and len(a) == o.probes
-              and all(isinstance(v, int | float) and math.isfinite(v) for v in a)
+              and all(isinstance(v, int | float) and not isinstance(v, bool)
+                      and math.isfinite(v) for v in a)
               and isinstance(record.get("accepted"), bool))
         if not ok:
             raise InputError(f"malformed {self.name} journal record (step {step!r})")
