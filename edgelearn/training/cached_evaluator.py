@@ -44,7 +44,12 @@ from edgelearn.prefix_cache import (
     SplitPlanner,
     example_keys,
 )
-from edgelearn.training.evaluators import Forwards, LossEvaluator, StepEvaluator
+from edgelearn.training.evaluators import (
+    Forwards,
+    LossEvaluator,
+    StepEvaluator,
+    placed_outputs,
+)
 
 Batch = tuple[np.ndarray, np.ndarray]
 #: cuts tried before caching gives up (each refused one moves the cut up)
@@ -291,12 +296,9 @@ class CachedEvaluator(StepEvaluator):
             if self.disabled is not None:
                 return self.plain.forwards(x, y).outputs(pop)
             t0 = time.perf_counter()
-            rows = []  # one suffix run per candidate; its output buffer is reused: copies
-            for j in range(pop.size):
-                pop.place(j)
-                rows.append(np.array(self.suffix.run(cut)))
+            out = placed_outputs(pop, lambda: self.suffix.run(cut))  # a suffix run each
             timers.population.append(time.perf_counter() - t0)
-            return np.stack(rows), y, loss_fn
+            return out, y, loss_fn
 
         return Forwards(evaluate, evaluate_population if self.population_off is None else None,
                         outputs=outputs)

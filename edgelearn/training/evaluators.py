@@ -143,8 +143,8 @@ class LossEvaluator(StepEvaluator):
             t0 = time.perf_counter()
             if self.pop_eval is not None:
                 out = self.pop_eval.forward(pop, x)
-            else:  # candidate by candidate; predict may reuse its output buffer: copies
-                out = np.stack([_placed_output(model, pop, j, x) for j in range(pop.size)])
+            else:
+                out = placed_outputs(pop, lambda: model.predict(x))
             timers.population.append(time.perf_counter() - t0)
             return out, y, loss_fn
 
@@ -155,10 +155,14 @@ class LossEvaluator(StepEvaluator):
         return self.pop_eval.memory_bytes() if self.pop_eval is not None else 0
 
 
-def _placed_output(model: Model, pop: Population, j: int, x: np.ndarray) -> np.ndarray:
-    """A copy of the first model output with candidate j of `pop` placed in the store."""
-    pop.place(j)
-    return np.array(model.predict(x))
+def placed_outputs(pop: Population, run: Callable[[], np.ndarray]) -> np.ndarray:
+    """[K, ...]: the output of run() with each candidate of `pop` placed in turn (copied: a
+    runtime may write its next output into the same buffer)."""
+    rows = []
+    for j in range(pop.size):
+        pop.place(j)
+        rows.append(np.array(run()))
+    return np.stack(rows)
 
 
 class TapsEvaluator(StepEvaluator):
