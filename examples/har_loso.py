@@ -38,7 +38,7 @@ Split of a subject's data (`--split`):
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--device-budget N]
                                 [--quick] [--out runs/har]
-                                [--zo fzoo,adamezo,lozo] [--methods tpsgd-head,hybrid]
+                                [--zo fzoo,adamezo,lozo,zo-gn] [--methods tpsgd-head,hybrid]
                                 [--pseudo-targets 2] [--select loss] [--outer-sweep]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
 accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
