@@ -54,3 +54,18 @@ def assert_close(got: Any, ref: Any, *, atol: float = 1e-6, rtol: float = 1e-6) 
     bound = tolerance(ref, atol=atol, rtol=rtol)
     err = float(np.max(np.abs(got - ref)))
     assert err <= bound, f"max |diff| {err:.3g} > {bound:.3g}"
+
+
+def assert_step_applied(store: ParamStore, params: dict[str, Any], new: dict[str, Any],
+                        zs: list[dict[str, Any]], coefs: list[float], lr: float) -> None:
+    """After one batched-ZO step: the weights are the torch reference's `new` (rtol 1e-4: the
+    coefficients carry forward noise), exactly params - lr sum_k coefs_k z_k from the device's
+    own coefficients (1e-6), and every tensor not in `new` is untouched."""
+    for name, ref in new.items():
+        assert_close(store[name], ref.numpy(), rtol=1e-4)
+    for name in zs[0]:
+        rule = params[name] - lr * sum(c * z[name] for c, z in zip(coefs, zs, strict=True))
+        assert_close(store[name], rule.numpy())
+    for name in store.names:  # frozen tensors untouched
+        if name not in new:
+            np.testing.assert_array_equal(store[name], params[name].numpy())
