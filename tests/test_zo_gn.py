@@ -23,14 +23,18 @@ from edgelearn.optim import Population, make_optimizer
 from edgelearn.optim.zo_gn import gauss_newton_step, gauss_newton_system
 
 
-def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int]):
-    """outputs= for a bare `opt.step`: each candidate placed and run (one call per request)."""
+def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int],
+               seen: list[np.ndarray] | None = None):
+    """outputs= for a bare `opt.step`: each candidate placed and run (one call per request);
+    the outputs of each request are appended to `seen` when given."""
     def outputs(pop: Population):
         calls.append(pop.size)
         rows = []
         for j in range(pop.size):
             pop.place(j)
             rows.append(np.array(model.predict(x)))
+        if seen is not None:
+            seen.append(np.stack(rows))
         return np.stack(rows), y, cross_entropy
     return outputs
 
@@ -38,7 +42,7 @@ def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int]):
 @pytest.mark.torch
 def test_one_step_matches_torch_reference() -> None:
     import torch
-    from torch_reference import zo_gn_step
+    from torch_reference import zo_gn_coefficients, zo_gn_step
 
     bundle, data, _ = demo()
     model = Model(bundle, trainable="head.*")
@@ -50,8 +54,9 @@ def test_one_step_matches_torch_reference() -> None:
     lr, eps, k, damping = 0.5, 1e-3, 6, 0.1
     opt = make_optimizer("zo-gn", lr=lr, eps=eps, probes=k, damping=damping, seed=5)
     calls: list[int] = []
+    seen: list[np.ndarray] = []
     info = opt.step(store, lambda: cross_entropy(model.predict(x), y),
-                    outputs=outputs_of(model, x, y, calls))
+                    outputs=outputs_of(model, x, y, calls, seen))
     assert calls == [k + 1]
     assert info.evaluations == k + 2  # the K + 1 candidates and the check
     assert info.accepted
@@ -62,6 +67,14 @@ def test_one_step_matches_torch_reference() -> None:
     # to ~1e-4 relative (measured); the update rule is checked at 1e-6 from the device's a
     assert_close(info.record["a"], a, atol=0, rtol=1e-3)
     assert_step_applied(store, params, new, zs, info.record["a"], lr)
+    # the step's algebra (Gauss-Newton system, damped solve, update) against torch on the
+    # device's own candidate outputs: the same a to float64 rounding, the weights to 1e-6
+    a_ref = zo_gn_coefficients(torch.from_numpy(seen[0]), torch.from_numpy(y), eps=eps,
+                               damping=damping, n=store.n_trainable("float32")).tolist()
+    assert_close(info.record["a"], a_ref, atol=0, rtol=1e-9)
+    for name in zs[0]:
+        ref = params[name] - lr * sum(c * z[name] for c, z in zip(a_ref, zs, strict=True))
+        assert_close(store[name], ref.numpy())
 
 
 def test_gauss_newton_solves_linear_least_squares_in_one_step() -> None:

@@ -411,6 +411,31 @@ def lozo_step(
     return zo_sgd_step(model, params, dirs, inputs, targets, lr=lr, eps=eps, loss_fn=loss_fn)
 
 
+def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
+                       damping: float, n: int) -> torch.Tensor:
+    """The coefficients a of a zo-gn step on cross-entropy from its candidates' logits, float64
+    [K]: Jacobian by forward differences, gradient and softmax-covariance products, damped
+    solve.
+
+    Args:
+        out: logits of theta and of theta + eps z_k, [K + 1, batch, classes] (any float).
+        targets: int labels [batch].
+        damping: lambda per unit-norm direction (times n, the trainable count, in the solve).
+    """
+    o = out.double()
+    f0 = o[0]
+    jac = (o[1:] - f0) / eps  # [K, batch, classes]
+    b = f0.shape[0]
+    p = torch.softmax(f0, dim=1)
+    onehot = torch.nn.functional.one_hot(targets, f0.shape[1]).double()
+    grad_f = (p - onehot) / b
+    cov = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b  # [batch, c, c]
+    g = torch.einsum("kbc,bc->k", jac, grad_f)
+    G = torch.einsum("kbc,bcd,jbd->kj", jac, cov, jac)
+    k = len(jac)
+    return torch.linalg.solve(G + damping * n * torch.eye(k, dtype=torch.float64), g)
+
+
 def zo_gn_step(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -434,20 +459,12 @@ def zo_gn_step(
     with torch.no_grad():
         def logits(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
             cand = {**params, **{n: params[n] + d for n, d in delta.items()}}
-            return functional_call(model, cand, (inputs,)).double()
+            return functional_call(model, cand, (inputs,))
 
-        f0 = logits({})
-        jac = torch.stack([(logits({n: eps * zn for n, zn in z.items()}) - f0) / eps
-                           for z in zs])  # [K, batch, classes]
-        b = f0.shape[0]
-        p = torch.softmax(f0, dim=1)
-        onehot = torch.nn.functional.one_hot(targets, f0.shape[1]).double()
-        grad_f = (p - onehot) / b
-        cov = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b  # [batch, c, c]
-        g = torch.einsum("kbc,bc->k", jac, grad_f)
-        G = torch.einsum("kbc,bcd,jbd->kj", jac, cov, jac)
+        out = torch.stack([logits({}), *(logits({n: eps * zn for n, zn in z.items()})
+                                         for z in zs)])
         n = sum(z.numel() for z in zs[0].values())
-        a = torch.linalg.solve(G + damping * n * torch.eye(len(zs), dtype=torch.float64), g)
+        a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n)
         new = {name: params[name] - lr * sum(float(ak) * z[name] for ak, z in
                                              zip(a, zs, strict=True)) for name in zs[0]}
     return new, [float(v) for v in a]
