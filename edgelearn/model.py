@@ -82,11 +82,14 @@ class Model:
         self.check_labels(data.y, objective=objective)
 
     def check_labels(self, y: np.ndarray, *, objective: str | None = None) -> None:
-        """Raise InputError if labels `y` [n] are out of the model's class range (classifiers;
-        the label half of `check_data`)."""
+        """Raise InputError if labels `y` [n] are out of the model's class range (classifiers),
+        or mse targets do not match the output's size (the label half of `check_data`)."""
+        objective = objective or default_loss(self.bundle.task, self.bundle.outputs)
+        if objective == "mse":
+            self._check_mse_targets(y)
+            return
         if self.bundle.task != "classification":
             return
-        objective = objective or default_loss(self.bundle.task, self.bundle.outputs)
         if y.dtype.kind in "iu" and y.size and int(y.min()) < 0:
             # numpy would wrap a negative class index around to the last classes
             raise InputError(f"labels must be >= 0, got {int(y.min())}")
@@ -95,6 +98,18 @@ class Model:
             raise InputError(
                 f"labels go up to {int(y.max())} but the model has {n_cls} classes"
                 + (" (bce: labels 0 / 1)" if objective == "bce" else ""))
+
+    def _check_mse_targets(self, y: np.ndarray) -> None:
+        """Raise InputError unless targets `y` [n, ...] hold as many numbers per example as
+        the output (mse compares the two elementwise; a classifier's labels are one each)."""
+        shape = list(self.bundle.outputs[0].shape[1:])
+        if not all(isinstance(d, int) for d in shape):
+            return
+        if int(np.prod(y.shape[1:])) != int(np.prod(shape)):
+            raise InputError(
+                f"mse needs targets shaped like the output {shape} per example, got "
+                f"{list(y.shape[1:])}" + ("; a classifier's labels are one number each: "
+                                          "use cross-entropy" if y.ndim == 1 else ""))
 
     def evaluate(
         self, data: Dataset, *, batch_size: int = 256, objective: str | None = None

@@ -196,6 +196,19 @@ def test_bad_data_file(capsys: pytest.CaptureFixture[str], bundles: dict[str, Ex
                                           str(path)]), match)
 
 
+def test_mse_on_class_labels_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                              bundles: dict[str, Exported], digits_npz: Path,
+                                              tmp_path: Path) -> None:
+    """mse compares the output [10] with y itself: a classifier's labels cannot be its
+    targets (a loss-only optimizer used to end in numpy's reshape traceback)."""
+    for opt in ("zo-gn", "zo-sgd"):
+        assert_usage_error(*run_main(capsys, [
+            "train", str(bundles["mlp"].path), "--data", str(digits_npz), "--objective", "mse",
+            "--optimizer", opt, "--steps", "2", "--out", str(tmp_path / opt)]),
+            "mse needs targets shaped like the output [10] per example, got []")
+        assert not (tmp_path / opt / "journal.bin").exists()
+
+
 def test_nonexistent_and_unreadable_data(capsys: pytest.CaptureFixture[str],
                                          bundles: dict[str, Exported], tmp_path: Path) -> None:
     b = str(bundles["mlp"].path)

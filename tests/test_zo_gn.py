@@ -148,6 +148,25 @@ def test_run_replays_bit_exactly(tmp_path, population: bool) -> None:
     assert store.digest() == res["sha256"]
 
 
+def test_mse_on_target_vectors_trains_and_labels_are_refused(tmp_path) -> None:
+    """objective mse on a classifier: one-hot target vectors train (the mse Gauss-Newton
+    system) and replay; its integer labels, one number per example, are refused before
+    anything is journaled."""
+    import edgelearn as el
+
+    bundle, data, _ = demo()
+    onehot = el.Dataset(data.x, np.eye(10, dtype=np.float32)[data.y])
+    res = train(bundle, onehot, tmp_path / "run", steps=20, seed=3, optimizer="zo-gn",
+                trainable="head.*", batch_size=32, objective="mse", options={"probes": 4})
+    assert res["loss_last"] < res["loss_first"]
+    store, _ = replay_journal(bundle, res["journal"])
+    assert store.digest() == res["sha256"]
+    with pytest.raises(InputError, match=r"mse needs targets shaped like the output \[10\]"):
+        train(bundle, data, tmp_path / "labels", steps=1, optimizer="zo-gn",
+              trainable="head.*", objective="mse")
+    assert not (tmp_path / "labels" / "journal.bin").exists()
+
+
 def test_a_tampered_record_is_refused_on_replay(tmp_path) -> None:
     from edgelearn.journal import Journal
 
