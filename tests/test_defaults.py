@@ -81,9 +81,12 @@ def test_no_taps_choose_zo_gn_fzoo_and_zo_sgd_above_the_copy_limit(tmp_path,
     assert "no taps graph" in choice.why
     assert choose_optimizer(bare, objective="mse").name == "zo-gn"
     assert choose_optimizer(bare, objective="error-rate").name == "fzoo"  # not zo-gn's loss
-    # zo-gn and fzoo keep a copy of the trainable slice; above the limit zo-sgd's drift
+    # zo-gn and fzoo keep a copy of the trainable slice; above their limits zo-sgd's drift
     # restore keeps none (the head's 2600 bytes stand in for a large model)
     monkeypatch.setattr(defaults, "AUTO_COPY_MAX_BYTES", 2000)
+    assert choose_optimizer(bare, objective="error-rate").name == "zo-sgd"
+    assert choose_optimizer(bare).name == "zo-gn"  # its limit is larger (scale-free damping)
+    monkeypatch.setattr(defaults, "ZO_GN_MAX_BYTES", 2000)
     assert choose_optimizer(bare).name == "zo-sgd"
 
 

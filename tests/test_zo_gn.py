@@ -40,7 +40,8 @@ def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int],
 
 
 @pytest.mark.torch
-def test_one_step_matches_torch_reference() -> None:
+@pytest.mark.parametrize(("damping_scale", "damping"), [("curvature", 3.0), ("weights", 0.1)])
+def test_one_step_matches_torch_reference(damping_scale: str, damping: float) -> None:
     import torch
     from torch_reference import zo_gn_coefficients, zo_gn_step
 
@@ -51,8 +52,9 @@ def test_one_step_matches_torch_reference() -> None:
     params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
     module = torch_demo_module()
     module.load_state_dict(params)
-    lr, eps, k, damping = 0.5, 1e-3, 6, 0.1
-    opt = make_optimizer("zo-gn", lr=lr, eps=eps, probes=k, damping=damping, seed=5)
+    lr, eps, k = 0.5, 1e-3, 6
+    opt = make_optimizer("zo-gn", lr=lr, eps=eps, probes=k, damping=damping,
+                         damping_scale=damping_scale, seed=5)
     calls: list[int] = []
     seen: list[np.ndarray] = []
     info = opt.step(store, lambda: cross_entropy(model.predict(x), y),
@@ -62,7 +64,7 @@ def test_one_step_matches_torch_reference() -> None:
     assert info.accepted
     zs = [named_noise(store, (5, 0, j)) for j in range(k)]
     new, a = zo_gn_step(module, params, zs, torch.from_numpy(x), torch.from_numpy(y),
-                        lr=lr, eps=eps, damping=damping)
+                        lr=lr, eps=eps, damping=damping, damping_scale=damping_scale)
     # forward differences of float32 logits (ORT vs torch ~1e-7) over eps = 1e-3: a agrees
     # to ~1e-4 relative (measured); the update rule is checked at 1e-6 from the device's a
     assert_close(info.record["a"], a, atol=0, rtol=1e-3)
@@ -70,11 +72,35 @@ def test_one_step_matches_torch_reference() -> None:
     # the step's algebra (Gauss-Newton system, damped solve, update) against torch on the
     # device's own candidate outputs: the same a to float64 rounding, the weights to 1e-6
     a_ref = zo_gn_coefficients(torch.from_numpy(seen[0]), torch.from_numpy(y), eps=eps,
-                               damping=damping, n=store.n_trainable("float32")).tolist()
+                               damping=damping, n=store.n_trainable("float32"),
+                               damping_scale=damping_scale).tolist()
     assert_close(info.record["a"], a_ref, atol=0, rtol=1e-9)
     for name in zs[0]:
         ref = params[name] - lr * sum(c * z[name] for c, z in zip(a_ref, zs, strict=True))
         assert_close(store[name], ref.numpy())
+
+
+def test_marquardt_damping_is_scale_free_and_old_headers_keep_theirs() -> None:
+    """Outputs scaled by c (G by c^2, g by c): with Marquardt's scaling the coefficients are
+    the unscaled ones over c (the outputs move the same), as a Gauss-Newton step's should;
+    a damping per unit-norm direction shrinks them instead. A journal header written before
+    the option existed resumes with the scale its run used."""
+    from edgelearn.optim.zo_gn import ZOGNOptions, marquardt_scale
+
+    rng = np.random.default_rng(0)
+    J = rng.standard_normal((6, 40))
+    G, g = J @ J.T, J @ rng.standard_normal(40)
+    a = gauss_newton_step(G, g, 3.0 * marquardt_scale(G))
+    for c in (1e-3, 10.0):
+        Gc, gc = c * c * G, c * g
+        np.testing.assert_allclose(c * gauss_newton_step(Gc, gc, 3.0 * marquardt_scale(Gc)),
+                                   a, rtol=1e-10)
+        per_unit = gauss_newton_step(Gc, gc, 0.1 * 40)
+        assert not np.allclose(c * per_unit, gauss_newton_step(G, g, 0.1 * 40), rtol=1e-3)
+    old = {k: v for k, v in ZOGNOptions().config().items() if k != "damping_scale"}
+    assert ZOGNOptions.from_config("zo-gn", old).damping_scale == "weights"
+    with pytest.raises(InputError, match="damping_scale"):
+        make_optimizer("zo-gn", damping_scale="diagonal")
 
 
 def test_gauss_newton_solves_linear_least_squares_in_one_step() -> None:

@@ -412,7 +412,8 @@ def lozo_step(
 
 
 def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
-                       damping: float, n: int) -> torch.Tensor:
+                       damping: float, n: int, damping_scale: str = "curvature"
+                       ) -> torch.Tensor:
     """The coefficients a of a zo-gn step on cross-entropy from its candidates' logits, float64
     [K]: Jacobian by forward differences, gradient and softmax-covariance products, damped
     solve.
@@ -420,7 +421,9 @@ def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
     Args:
         out: logits of theta and of theta + eps z_k, [K + 1, batch, classes] (any float).
         targets: int labels [batch].
-        damping: lambda per unit-norm direction (times n, the trainable count, in the solve).
+        damping: Levenberg-Marquardt lambda: times Marquardt's scale (G's diagonal, floored at
+            1e-3 of its mean; damping_scale "curvature") or times n, the trainable count
+            ("weights": per unit-norm direction).
     """
     o = out.double()
     f0 = o[0]
@@ -432,8 +435,12 @@ def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
     cov = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b  # [batch, c, c]
     g = torch.einsum("kbc,bc->k", jac, grad_f)
     G = torch.einsum("kbc,bcd,jbd->kj", jac, cov, jac)
-    k = len(jac)
-    return torch.linalg.solve(G + damping * n * torch.eye(k, dtype=torch.float64), g)
+    if damping_scale == "curvature":
+        diag = torch.diagonal(G)
+        scale = torch.diag(torch.clamp(diag, min=1e-3 * float(diag.mean())))
+    else:
+        scale = n * torch.eye(len(jac), dtype=torch.float64)
+    return torch.linalg.solve(G + damping * scale, g)
 
 
 def zo_gn_step(
@@ -446,6 +453,7 @@ def zo_gn_step(
     lr: float,
     eps: float,
     damping: float,
+    damping_scale: str = "curvature",
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One zo-gn step (Cartis & Roberts 2023; generalized Gauss-Newton, Schraudolph 2002) on
     cross-entropy: Jacobian of the logits along each z_k by forward differences, damped GN
@@ -453,7 +461,7 @@ def zo_gn_step(
 
     Args:
         zs: K noise dicts (name -> float32 tensor) for the trainable parameters.
-        damping: lambda per unit-norm direction (times n, the trainable count, in the solve).
+        damping, damping_scale: as in `zo_gn_coefficients`.
     Returns: (new params for the names in zs[0], a_k).
     """
     with torch.no_grad():
@@ -464,7 +472,8 @@ def zo_gn_step(
         out = torch.stack([logits({}), *(logits({n: eps * zn for n, zn in z.items()})
                                          for z in zs)])
         n = sum(z.numel() for z in zs[0].values())
-        a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n)
+        a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n,
+                               damping_scale=damping_scale)
         new = {name: params[name] - lr * sum(float(ak) * z[name] for ak, z in
                                              zip(a, zs, strict=True)) for name in zs[0]}
     return new, [float(v) for v in a]

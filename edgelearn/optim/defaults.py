@@ -11,14 +11,17 @@ imported), in this order:
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
   4. otherwise (no taps, or a loss only ZO can use)   -> zo-gn (Gauss-Newton steps from the
-     outputs of 16 probes) for cross-entropy and mse, fzoo (batched one-sided probes) for
-     the other losses; zo-sgd when the trainable float32 slice exceeds 16 MiB (zo-gn and
-     fzoo keep a copy of it; zo-sgd's drift restore keeps none)
+     outputs of 16 probes) for cross-entropy and mse up to 64 MiB of trainable float32
+     weights, fzoo (batched one-sided probes) for the other losses up to 16 MiB; zo-sgd
+     above (zo-gn and fzoo keep a copy of the slice; zo-sgd's drift restore keeps none)
 
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
 forwards what ZO-SGD does not reach in thousands; without taps, zo-gn reaches ZO-SGD's final
-accuracy in 0.39 of its forwards and ends higher (FZOO: 0.58). int8 weights and scales have
+accuracy in 0.39 of its forwards and ends higher (FZOO: 0.58). Its damping is scale-free, so it
+also leads on a 4.35M-weight MLP (17 MB; `benchmarks/bench_zo_gn_scale.py`), where zo-sgd's
+default lr diverges: hence its larger limit, the memory of a copy (1.5x the slice with the
+signs of 16 probes) being what stops it. int8 weights and scales have
 one optimizer each. Explicit choices always win: this rule runs only for optimizer "auto".
 """
 
@@ -29,6 +32,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgelearn.optim.zo_sgd import AUTO_COPY_MAX_BYTES
+
+#: the largest trainable float32 slice zo-gn is the default for (module docstring, rule 4)
+ZO_GN_MAX_BYTES = 64 << 20
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -135,15 +141,16 @@ def _taps_missing(bundle: Bundle, backend: str) -> str | None:
 
 def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: str) -> Choice:
     """zo-gn (cross-entropy, mse) or fzoo, or zo-sgd for a trainable slice too large to keep
-    a copy of."""
+    a copy of (64 MiB for zo-gn, 16 MiB for fzoo)."""
     why = _taps_missing(bundle, backend) or (
         f"the {objective} loss is not one tpSGD's head computes" if objective not in
         TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
     nbytes = sum(s.nbytes for s in train if s.dtype == "float32")
-    if nbytes > AUTO_COPY_MAX_BYTES:
+    gn = objective in TAPS_OBJECTIVES  # the losses zo-gn's curvature is written for
+    if nbytes > (ZO_GN_MAX_BYTES if gn else AUTO_COPY_MAX_BYTES):
         return _pick("zo-sgd", f"{why}; {nbytes / (1 << 20):.0f} MiB of trainable weights: "
                      "MeZO's in-place probes need no copy of them")
-    if objective in TAPS_OBJECTIVES:  # the losses zo-gn's curvature is written for
+    if gn:
         return _pick("zo-gn", f"{why}: Gauss-Newton steps from the outputs of its probes, "
                      "fewer forwards than fzoo")
     return _pick("fzoo", f"{why}: batched one-sided probes, fewer forwards than zo-sgd")

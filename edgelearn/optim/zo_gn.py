@@ -6,22 +6,29 @@ optimization" (Math. Programming; DFBGN: Gauss-Newton in random subspaces from a
 derivative-free Jacobian model); Schraudolph 2002, "Fast curvature matrix-vector products for
 second-order gradient descent" (the generalized Gauss-Newton matrix of a loss over outputs);
 Gower et al. 2019, "RSN: Randomized Subspace Newton" (NeurIPS; Newton steps in sketched
-subspaces). A ZO-SGD probe keeps one number of each forward (the loss); this keeps the
-model's outputs (logits [batch, classes]), which carry batch x classes numbers per forward:
-enough to build the curvature of the loss in the probed subspace as well as its gradient.
+subspaces); Marquardt 1963, "An algorithm for least-squares estimation of nonlinear
+parameters" (SIAM J. Appl. Math.; the damping scaled by the curvature's diagonal). A ZO-SGD
+probe keeps one number of each forward (the loss); this keeps the model's outputs (logits
+[batch, classes]), which carry batch x classes numbers per forward: enough to build the
+curvature of the loss in the probed subspace as well as its gradient.
 
 Per step t, with K probes z_k = z(seed, t, k) (Rademacher +-1 by default, `edgelearn.rng`)
 and outputs f(theta) on the step's batch (loss l(f), cross-entropy or mse):
     J_k = (f(theta + eps z_k) - f(theta)) / eps        the Jacobian along z_k (forward diff.)
     g_k = <J_k, dl/df>,  G_kj = <J_k, H J_j>  (H = d2l/df2: softmax covariance for
                                                 cross-entropy, 2/m I for mse)
-    a = solve(G + lambda_t n I, g)                     (n trainable weights: |z_k|^2 = n)
+    a = solve(G + lambda_t D, g),  D = diag(max(G_kk, c tr(G) / K))   (c = 1e-3)
     theta' = theta - lr_t sum_k a_k z_k
 then one forward more, l(f(theta')) on the same batch: the step is kept when it is not worse
 than l(f(theta)), else undone (weights restored exactly). lambda_t is the Levenberg-Marquardt
-damping (per unit-norm direction): `damping` at first, x4 after an undone step, halved back
-towards `damping` after a kept one (never below it: on minibatches a smaller damping fits
-the batch instead of the task). A step costs K + 2 forwards; the K + 1 candidates theta and
+damping: `damping` at first, x4 after an undone step, halved back towards `damping` after a
+kept one (never below it: on minibatches a smaller damping fits the batch instead of the
+task). D is Marquardt's scaling: each direction is damped in proportion to its own curvature
+(floored at c times the mean, so a direction the outputs barely see is not divided by ~0), so
+lambda is scale-free: the same value suits a 650-weight head (curvature ~0.06 per weight) and
+a 4.35M-weight MLP (~1e-4), where a damping per unit-norm direction (D = n I, n trainable
+weights: |z_k|^2 = n; `damping_scale` "weights", the first version's) wants values 100x
+apart (benchmarks/bench_zo_gn_scale.py). A step costs K + 2 forwards; the K + 1 candidates theta and
 theta + eps z_k are one `Population` request, so a backend with a population graph computes
 their outputs in ONE runtime call.
 
@@ -60,6 +67,10 @@ from edgelearn.rng import NOISE_KINDS, Noise
 
 #: damping factor after an undone step (Levenberg-Marquardt's usual increase)
 DAMPING_UP = 4.0
+#: what the damping multiplies (module docstring)
+DAMPING_SCALES = ("curvature", "weights")
+#: a direction's curvature counts as at least this fraction of the mean (Marquardt's scaling)
+CURVATURE_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -73,9 +84,13 @@ class ZOGNOptions(OptimizerOptions):
     probes: int = field(default=16, metadata=meta(
         "directions K of the subspace per step; a step costs K + 2 forwards",
         cli="--probes"))
-    damping: float = field(default=0.1, metadata=meta(
-        "Levenberg-Marquardt damping per unit-norm direction (its floor: raised x4 after "
-        "an undone step)", cli="--damping"))
+    damping: float = field(default=3.0, metadata=meta(
+        "Levenberg-Marquardt damping relative to each direction's curvature (its floor: "
+        "raised x4 after an undone step)", cli="--damping"))
+    damping_scale: str = field(default="curvature", metadata=meta(
+        "what the damping multiplies: curvature (Marquardt: each direction's own) or "
+        "weights (the trainable count: per unit-norm direction)", choices=DAMPING_SCALES,
+        legacy="weights"))
     noise: str = field(default="rademacher", metadata=meta(
         "rademacher, gaussian or pool", cli="--noise", choices=NOISE_KINDS))
     schedule: str = schedule_field()
@@ -127,10 +142,18 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
     return flat @ hflat.T, flat @ resid.reshape(-1), loss_fn(out[0], y)
 
 
-def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float) -> np.ndarray:
-    """a = solve(G + damping I, g) (float64 [K]); zeros when the system is singular."""
+def marquardt_scale(G: np.ndarray) -> np.ndarray:
+    """Marquardt's damping scale of a Gauss-Newton system [K, K]: its diagonal, each entry
+    floored at CURVATURE_FLOOR times their mean (float64 [K])."""
+    d = np.diag(G)
+    return np.maximum(d, CURVATURE_FLOOR * float(np.mean(d)))
+
+
+def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float | np.ndarray) -> np.ndarray:
+    """a = solve(G + diag(damping), g) (float64 [K]; a scalar damping: times I); zeros when
+    the system is singular."""
     try:
-        return np.linalg.solve(G + damping * np.eye(len(g)), g)
+        return np.linalg.solve(G + np.diag(np.broadcast_to(damping, g.shape)), g)
     except np.linalg.LinAlgError:
         return np.zeros(len(g))
 
@@ -219,7 +242,8 @@ class ZOGN(Optimizer):
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr,
                                   "eps": o.eps, "damping": lam}
         G, g, l0 = gauss_newton_system(out, y, loss_fn, o.eps)
-        a = gauss_newton_step(G, g, lam * copy.size)
+        scale = marquardt_scale(G) if o.damping_scale == "curvature" else copy.size
+        a = gauss_newton_step(G, g, lam * scale)
         if not (math.isfinite(l0) and np.isfinite(a).all()):  # reject: weights back exactly
             np.copyto(theta, copy)
             self._advance(False)
