@@ -5,6 +5,7 @@ resuming and replaying an auto run. Shipped demo bundle and generated ONNX model
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,42 @@ def test_auto_resumes_the_recorded_optimizer(capsys, tmp_path, user_npz) -> None
     assert _train(capsys, auto, user_npz, steps=4)["optimizer"] == "tpsgd"
     restarted = _train(capsys, run, user_npz, "--restart", steps=2)
     assert restarted["optimizer"] == "tpsgd"
+
+
+def test_auto_resumes_as_journaled_when_a_default_changed(tmp_path) -> None:
+    """An auto zo-gn run journaled before zo-gn's damping became relative to the curvature
+    (its header: damping 0.1, no damping_scale) resumes with those settings, bit-identical to
+    a run that kept them; naming zo-gn with today's defaults is refused, naming the changes."""
+    from edgelearn.journal import Journal, read_journal
+    from edgelearn.training.rundir import SESSION
+
+    bare = demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps"))
+    train, _, _ = demo_data(0)
+    rt = el.RuntimeConfig(backend="onnxruntime", device=None)
+    old = {"damping": 0.1, "damping_scale": "weights"}
+
+    def run(d: Path, steps: int, config: el.TrainConfig) -> el.RunResult:
+        with el.Session(bare, d, config, rt) as s:
+            return s.run(train, steps)
+
+    run(tmp_path / "auto", 2, el.TrainConfig(optimizer="zo-gn", options=old))
+    journal = tmp_path / "auto" / "journal.bin"  # as the first zo-gn wrote it
+    records, _ = read_journal(journal)
+    del records[0]["config"]["damping_scale"]
+    journal.unlink()
+    with Journal(journal, fsync_every=1) as j:
+        for r in records:
+            j.append(r)
+    session = json.loads((tmp_path / "auto" / SESSION).read_text())
+    session["train"].update(optimizer="zo-gn", options={}, chosen_by="auto: zo-gn (test)")
+    (tmp_path / "auto" / SESSION).write_text(json.dumps(session))
+
+    resumed = run(tmp_path / "auto", 4, el.TrainConfig())
+    straight = run(tmp_path / "ref", 4, el.TrainConfig(optimizer="zo-gn", options=old))
+    assert resumed.sha256 == straight.sha256
+    with pytest.raises(el.InputError, match=re.escape(
+            "damping 0.1 -> 3.0, damping_scale weights -> curvature")):
+        run(tmp_path / "auto", 6, el.TrainConfig(optimizer="zo-gn"))
 
 
 def test_session_without_an_optimizer_uses_the_rule(tmp_path, demo) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from edgelearn.bundle import Bundle
 from edgelearn.errors import InputError
 from edgelearn.optim import Optimizer, make_optimizer, optimizer_class
-from edgelearn.optim.defaults import AUTO, choose_optimizer, recorded_choice
+from edgelearn.optim.defaults import AUTO, Choice, choose_optimizer, recorded_choice
 from edgelearn.training.divergence import DivergencePolicy
 
 
@@ -112,6 +112,8 @@ class TrainConfig:
 
         recorded = recorded_train(run_dir) if run_dir is not None else None
         choice = recorded_choice(recorded) if recorded else None
+        if choice is not None and run_dir is not None:
+            choice = _as_journaled(choice, run_dir)
         if choice is None:
             choice = choose_optimizer(bundle, trainable=self.trainable, backend=backend,
                                       objective=self.objective)
@@ -249,3 +251,22 @@ def usable_providers(wanted: Sequence[str]) -> list[str] | None:
         return None
     have = set(ort.get_available_providers())
     return [p for p in wanted if p in have] or None
+
+
+def _as_journaled(choice: Choice, run_dir: str | os.PathLike) -> Choice:
+    """`choice` with the options its run's journal header holds (the values that run used for
+    options newer than it, its defaults for options whose default changed since), so an "auto"
+    run resumes as it was journaled; `choice` itself when the header does not say."""
+    from edgelearn.training.header import header_options
+    from edgelearn.training.rundir import recorded_header
+
+    header = recorded_header(run_dir)
+    if header is None or header.get("optimizer") != choice.name:
+        return choice
+    options = header_options(header)
+    if options is None:
+        return choice
+    defaults = optimizer_class(choice.name).Options().config()
+    pinned = {k: v for k, v in options.items()  # the run's seed stays TrainConfig.seed
+              if k != "seed" and (k not in defaults or defaults[k] != v)}
+    return dataclasses.replace(choice, options={**choice.options, **pinned})

@@ -62,6 +62,16 @@ def optimizer_from_header(header: dict[str, Any]) -> Optimizer:
         raise InputError(f"journal header does not describe an optimizer ({e})") from None
 
 
+def header_options(header: dict[str, Any]) -> dict[str, Any] | None:
+    """The options a journal header's optimizer ran with, keys an older header lacks filled
+    with the values its run used (`OptimizerOptions.from_config`); None when the header does
+    not describe an optimizer this version knows."""
+    try:
+        return optimizer_from_header(header).config()
+    except (InputError, KeyError, TypeError, ValueError, OverflowError):  # a hostile config
+        return None
+
+
 def optimizer_record(record: dict[str, Any]) -> dict[str, Any]:
     """A journaled step record as the optimizer wrote it (the loop's own keys removed)."""
     return {k: v for k, v in record.items() if k not in LOOP_KEYS}
@@ -86,6 +96,8 @@ def header_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key, prefix in (("config", ""), ("divergence", "divergence ")):
         a, b = old.get(key), new.get(key)
         same_optimizer = key != "config" or old.get("optimizer") == new.get("optimizer")
+        if key == "config" and same_optimizer:  # an option newer than a run: its old value
+            a, b = header_options(old) or a, header_options(new) or b
         if isinstance(a, dict) and isinstance(b, dict) and same_optimizer:
             out += [f"{prefix}{k} {_show(a.get(k), k in a)} -> {_show(b.get(k), k in b)}"
                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)

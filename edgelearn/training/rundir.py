@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelearn.errors import InputError
-from edgelearn.journal import MAGIC
+from edgelearn.journal import MAGIC, JournalError, iter_journal
 from edgelearn.osutil import atomic_write_json, fsync_dir, temp_prefix
 
 JOURNAL = "journal.bin"
@@ -114,3 +114,16 @@ def recorded_train(run_dir: str | Path) -> dict[str, Any] | None:
     except InputError:
         return None
     return train if isinstance(train, dict) else None
+
+
+def recorded_header(run_dir: str | Path) -> dict[str, Any] | None:
+    """The journal header of the run a directory holds (None: no journal, a symlinked one, or
+    no readable header first)."""
+    journal = Path(run_dir) / JOURNAL
+    if not journal.is_file() or journal.is_symlink():
+        return None
+    try:
+        first = next(iter_journal(journal, max_records=1), None)
+    except (OSError, JournalError):
+        return None
+    return first if isinstance(first, dict) and first.get("kind") == "header" else None
