@@ -40,8 +40,10 @@ def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int],
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize(("damping_scale", "damping"), [("curvature", 3.0), ("weights", 0.1)])
-def test_one_step_matches_torch_reference(damping_scale: str, damping: float) -> None:
+@pytest.mark.parametrize(("damping_scale", "damping", "trust"), [
+    ("curvature", 3.0, 1.0), ("weights", 0.1, None), ("curvature", 0.3, 0.05)])
+def test_one_step_matches_torch_reference(damping_scale: str, damping: float,
+                                          trust: float | None) -> None:
     import torch
     from torch_reference import zo_gn_coefficients, zo_gn_step
 
@@ -54,7 +56,7 @@ def test_one_step_matches_torch_reference(damping_scale: str, damping: float) ->
     module.load_state_dict(params)
     lr, eps, k = 0.5, 1e-3, 6
     opt = make_optimizer("zo-gn", lr=lr, eps=eps, probes=k, damping=damping,
-                         damping_scale=damping_scale, seed=5)
+                         damping_scale=damping_scale, trust=trust, seed=5)
     calls: list[int] = []
     seen: list[np.ndarray] = []
     info = opt.step(store, lambda: cross_entropy(model.predict(x), y),
@@ -64,7 +66,8 @@ def test_one_step_matches_torch_reference(damping_scale: str, damping: float) ->
     assert info.accepted
     zs = [named_noise(store, (5, 0, j)) for j in range(k)]
     new, a = zo_gn_step(module, params, zs, torch.from_numpy(x), torch.from_numpy(y),
-                        lr=lr, eps=eps, damping=damping, damping_scale=damping_scale)
+                        lr=lr, eps=eps, damping=damping, damping_scale=damping_scale,
+                        trust=trust)
     # forward differences of float32 logits (ORT vs torch ~1e-7) over eps = 1e-3: a agrees
     # to ~1e-4 relative (measured); the update rule is checked at 1e-6 from the device's a
     assert_close(info.record["a"], a, atol=0, rtol=1e-3)
@@ -73,8 +76,13 @@ def test_one_step_matches_torch_reference(damping_scale: str, damping: float) ->
     # device's own candidate outputs: the same a to float64 rounding, the weights to 1e-6
     a_ref = zo_gn_coefficients(torch.from_numpy(seen[0]), torch.from_numpy(y), eps=eps,
                                damping=damping, n=store.n_trainable("float32"),
-                               damping_scale=damping_scale).tolist()
+                               damping_scale=damping_scale, trust=trust).tolist()
     assert_close(info.record["a"], a_ref, atol=0, rtol=1e-9)
+    *_, Q = gauss_newton_system(seen[0], y, cross_entropy, eps)
+    rms = float(np.sqrt(np.asarray(a_ref) @ Q @ np.asarray(a_ref)))
+    assert rms <= (trust or np.inf) * (1 + 1e-9)
+    if trust == 0.05:  # the case whose damped step exceeds the region: scaled onto its edge
+        assert rms == pytest.approx(trust, rel=1e-9)
     for name in zs[0]:
         ref = params[name] - lr * sum(c * z[name] for c, z in zip(a_ref, zs, strict=True))
         assert_close(store[name], ref.numpy())
@@ -113,7 +121,7 @@ def test_gauss_newton_solves_linear_least_squares_in_one_step() -> None:
     dirs = rng.standard_normal((5, 5))  # 5 independent directions
     eps = 1e-3
     out = np.stack([X @ (theta + eps * d) for d in [np.zeros(5), *dirs]])[..., None]
-    G, g, l0 = gauss_newton_system(out, y, mse, eps)
+    G, g, l0, _ = gauss_newton_system(out, y, mse, eps)
     assert l0 == pytest.approx(mse(out[0], y))
     a = gauss_newton_step(G, g, 1e-12)
     got = theta - a @ dirs
@@ -191,6 +199,28 @@ def test_mse_on_target_vectors_trains_and_labels_are_refused(tmp_path) -> None:
         train(bundle, data, tmp_path / "labels", steps=1, optimizer="zo-gn",
               trainable="head.*", objective="mse")
     assert not (tmp_path / "labels" / "journal.bin").exists()
+
+
+def test_samples_one_at_a_time_stay_inside_the_trust_region(tmp_path) -> None:
+    """Fed one sample at a time (Session.step, batch 1), the demo's first sample is one the
+    model gets confidently wrong: its softmax covariance, hence G and the damping, vanish
+    while the gradient does not. Without the trust region the damped step fits that sample
+    and wrecks the model; with it the held-out accuracy stays where it was (0.43)."""
+    import edgelearn as el
+    from edgelearn.demo import demo_data
+
+    bundle, _, _ = demo()
+    train_set, test_set, _ = demo_data(0)
+    acc = {}
+    for trust in (1.0, None):
+        cfg = el.TrainConfig(optimizer="zo-gn", trainable="head.*", batch_size=1,
+                             options={"trust": trust})
+        with el.Session(bundle, tmp_path / str(trust), cfg) as s:
+            for i in range(20):
+                s.step((train_set.x[i], train_set.y[i]))
+            acc[trust] = s.model.evaluate(test_set)["accuracy"]
+    assert acc[1.0] > 0.35
+    assert acc[None] < 0.15
 
 
 def test_a_tampered_record_is_refused_on_replay(tmp_path) -> None:

@@ -412,8 +412,8 @@ def lozo_step(
 
 
 def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
-                       damping: float, n: int, damping_scale: str = "curvature"
-                       ) -> torch.Tensor:
+                       damping: float, n: int, damping_scale: str = "curvature",
+                       trust: float | None = 1.0) -> torch.Tensor:
     """The coefficients a of a zo-gn step on cross-entropy from its candidates' logits, float64
     [K]: Jacobian by forward differences, gradient and softmax-covariance products, damped
     solve.
@@ -424,6 +424,7 @@ def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
         damping: Levenberg-Marquardt lambda: times Marquardt's scale (G's diagonal, floored at
             1e-3 of its mean; damping_scale "curvature") or times n, the trainable count
             ("weights": per unit-norm direction).
+        trust: the largest RMS of the logits' predicted change sum_k a_k J_k (None: any).
     """
     o = out.double()
     f0 = o[0]
@@ -440,7 +441,9 @@ def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
         scale = torch.diag(torch.clamp(diag, min=1e-3 * float(diag.mean())))
     else:
         scale = n * torch.eye(len(jac), dtype=torch.float64)
-    return torch.linalg.solve(G + damping * scale, g)
+    a = torch.linalg.solve(G + damping * scale, g)
+    rms = float(torch.einsum("k,kbc->bc", a, jac).pow(2).mean().sqrt())
+    return a if trust is None or rms <= trust else a * (trust / rms)
 
 
 def zo_gn_step(
@@ -454,6 +457,7 @@ def zo_gn_step(
     eps: float,
     damping: float,
     damping_scale: str = "curvature",
+    trust: float | None = 1.0,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One zo-gn step (Cartis & Roberts 2023; generalized Gauss-Newton, Schraudolph 2002) on
     cross-entropy: Jacobian of the logits along each z_k by forward differences, damped GN
@@ -461,7 +465,7 @@ def zo_gn_step(
 
     Args:
         zs: K noise dicts (name -> float32 tensor) for the trainable parameters.
-        damping, damping_scale: as in `zo_gn_coefficients`.
+        damping, damping_scale, trust: as in `zo_gn_coefficients`.
     Returns: (new params for the names in zs[0], a_k).
     """
     with torch.no_grad():
@@ -473,7 +477,7 @@ def zo_gn_step(
                                          for z in zs)])
         n = sum(z.numel() for z in zs[0].values())
         a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n,
-                               damping_scale=damping_scale)
+                               damping_scale=damping_scale, trust=trust)
         new = {name: params[name] - lr * sum(float(ak) * z[name] for ak, z in
                                              zip(a, zs, strict=True)) for name in zs[0]}
     return new, [float(v) for v in a]

@@ -18,6 +18,7 @@ and outputs f(theta) on the step's batch (loss l(f), cross-entropy or mse):
     g_k = <J_k, dl/df>,  G_kj = <J_k, H J_j>  (H = d2l/df2: softmax covariance for
                                                 cross-entropy, 2/m I for mse)
     a = solve(G + lambda_t D, g),  D = diag(max(G_kk, c tr(G) / K))   (c = 1e-3)
+    a <- a min(1, trust / r),  r = RMS over the batch's outputs of sum_k a_k J_k
     theta' = theta - lr_t sum_k a_k z_k
 then one forward more, l(f(theta')) on the same batch: the step is kept when it is not worse
 than l(f(theta)), else undone (weights restored exactly). lambda_t is the Levenberg-Marquardt
@@ -28,9 +29,15 @@ task). D is Marquardt's scaling: each direction is damped in proportion to its o
 lambda is scale-free: the same value suits a 650-weight head (curvature ~0.06 per weight) and
 a 4.35M-weight MLP (~1e-4), where a damping per unit-norm direction (D = n I, n trainable
 weights: |z_k|^2 = n; `damping_scale` "weights", the first version's) wants values 100x
-apart (benchmarks/bench_zo_gn_scale.py). A step costs K + 2 forwards; the K + 1 candidates theta and
-theta + eps z_k are one `Population` request, so a backend with a population graph computes
-their outputs in ONE runtime call.
+apart (benchmarks/bench_zo_gn_scale.py). The trust region bounds the step's predicted change
+of the outputs (Conn, Gould & Toint 2000, "Trust-Region Methods"; here in output space, as
+TRPO bounds a policy's change, Schulman et al. 2015): the softmax covariance vanishes on an
+example the model gets confidently wrong, so G and D vanish while g does not, and the damped
+step alone would move the logits without limit: fed one sample at a time (batch 1) such a
+step fitted the sample and wrecked the model (held-out accuracy 0.43 -> 0.09 on the demo).
+A step costs K + 2 forwards; the K + 1 candidates theta and theta + eps z_k are one
+`Population` request, so a backend with a population graph computes their outputs in ONE
+runtime call.
 
 In float64 numpy from the float32 outputs. The journal record holds (seeds, a, lr, eps,
 damping, loss, accepted) and the check's loss under "evals"; replay applies the recorded a
@@ -87,6 +94,10 @@ class ZOGNOptions(OptimizerOptions):
     damping: float = field(default=3.0, metadata=meta(
         "Levenberg-Marquardt damping relative to each direction's curvature (its floor: "
         "raised x4 after an undone step)", cli="--damping"))
+    trust: float | None = field(default=1.0, metadata=meta(
+        "trust region: the largest RMS change of the batch's outputs (logits, or the mse "
+        "output's units) the step's linear model predicts; larger steps are scaled down "
+        "(null: none)", cli="--trust", legacy=None))
     damping_scale: str = field(default="curvature", metadata=meta(
         "what the damping multiplies: curvature (Marquardt: each direction's own) or "
         "weights (the trainable count: per unit-norm direction)", choices=DAMPING_SCALES,
@@ -105,12 +116,16 @@ class ZOGNOptions(OptimizerOptions):
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
         check(math.isfinite(self.damping) and self.damping > 0,
               f"damping must be a finite number > 0, got {self.damping!r}")
+        check(self.trust is None or (math.isfinite(self.trust) and self.trust > 0),
+              f"trust must be a finite number > 0 or null, got {self.trust!r}")
         check_noise_fields(self.schedule, self.total_steps, self.chunk, self.pool_size)
 
 
 def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], eps: float
-                        ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(G [K, K], g [K], loss at the unperturbed point) of one step, float64.
+                        ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """(G [K, K], g [K], loss at the unperturbed point, Q [K, K]) of one step, float64; Q is
+    the outputs' Gram matrix J J^T / m (m outputs): a^T Q a is the mean square of the
+    outputs' change sum_k a_k J_k.
 
     Args:
         out: outputs of theta and its K probes, [K + 1, batch, ...] (float).
@@ -139,7 +154,8 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
         raise InputError("zo-gn supports the cross_entropy and mse losses")
     k = len(jac)
     flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
-    return flat @ hflat.T, flat @ resid.reshape(-1), loss_fn(out[0], y)
+    return (flat @ hflat.T, flat @ resid.reshape(-1), loss_fn(out[0], y),
+            flat @ flat.T / flat.shape[1])
 
 
 def marquardt_scale(G: np.ndarray) -> np.ndarray:
@@ -156,6 +172,13 @@ def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float | np.ndarray)
         return np.linalg.solve(G + np.diag(np.broadcast_to(damping, g.shape)), g)
     except np.linalg.LinAlgError:
         return np.zeros(len(g))
+
+
+def trust_scaled(a: np.ndarray, Q: np.ndarray, trust: float | None) -> np.ndarray:
+    """`a` scaled down so that the RMS of the outputs' predicted change, sqrt(a^T Q a), is at
+    most `trust` (a itself when it is, or when trust is None)."""
+    r = math.sqrt(max(float(a @ Q @ a), 0.0))
+    return a if trust is None or r <= trust else a * (trust / r)
 
 
 def _kept(record: dict[str, Any]) -> bool:
@@ -241,9 +264,9 @@ class ZOGN(Optimizer):
         lam, lr = self.damping_now, self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr,
                                   "eps": o.eps, "damping": lam}
-        G, g, l0 = gauss_newton_system(out, y, loss_fn, o.eps)
+        G, g, l0, Q = gauss_newton_system(out, y, loss_fn, o.eps)
         scale = marquardt_scale(G) if o.damping_scale == "curvature" else copy.size
-        a = gauss_newton_step(G, g, lam * scale)
+        a = trust_scaled(gauss_newton_step(G, g, lam * scale), Q, o.trust)
         if not (math.isfinite(l0) and np.isfinite(a).all()):  # reject: weights back exactly
             np.copyto(theta, copy)
             self._advance(False)
