@@ -177,8 +177,10 @@ def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float | np.ndarray)
 def trust_scaled(a: np.ndarray, Q: np.ndarray, trust: float | None) -> np.ndarray:
     """`a` scaled down so that the RMS of the outputs' predicted change, sqrt(a^T Q a), is at
     most `trust` (a itself when it is, or when trust is None)."""
+    if trust is None:
+        return a
     r = math.sqrt(max(float(a @ Q @ a), 0.0))
-    return a if trust is None or r <= trust else a * (trust / r)
+    return a if r <= trust else a * (trust / r)
 
 
 def _kept(record: dict[str, Any]) -> bool:
