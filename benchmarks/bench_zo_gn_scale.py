@@ -10,9 +10,10 @@ half held out), on a wider model: an MLP 64-2048-2048-10 (4.35M weights, 17 MB: 
 16 MiB where `train` picks zo-sgd by default) pretrained in a torch child process on the
 digits the demo's pretraining used (30 epochs of Adam), exported as a bundle. Every weight is
 trainable; batch 32; onnxruntime. Each run gets `budget` forwards (zo-gn: K + 2 a step):
-  - zo-gn at its defaults (damping 3 times each direction's curvature, Marquardt 1963);
-  - zo-gn with damping_scale "weights" at 0.1 (its first version's default, per unit-norm
-    direction: lambda n with n the trainable count) and at 0.001;
+  - zo-gn at its defaults (damping 3 times each direction's curvature, Marquardt 1963, and
+    the trust region on the outputs);
+  - zo-gn's first version: damping_scale "weights" at 0.1 (its default then, per unit-norm
+    direction: lambda n with n the trainable count), and at 0.001, without a trust region;
   - zo-sgd (probes 1, eps 1e-3) at lr 1e-4, 3e-4 and 1e-3 (its default).
 Prints each run's held-out accuracy (and the accuracy before) on stderr and ONE JSON object on
 stdout; never asserts. The curvature per weight (the mean of G's diagonal over n) is reported
@@ -39,8 +40,10 @@ from edgelearn.demo import demo_data  # noqa: E402
 #: label -> (optimizer, options)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "zo-gn": ("zo-gn", {}),
-    "zo-gn weights 0.1": ("zo-gn", {"damping_scale": "weights", "damping": 0.1}),
-    "zo-gn weights 0.001": ("zo-gn", {"damping_scale": "weights", "damping": 0.001}),
+    "zo-gn first version": ("zo-gn", {"damping_scale": "weights", "damping": 0.1,
+                                      "trust": None}),
+    "first version, 0.001": ("zo-gn", {"damping_scale": "weights", "damping": 0.001,
+                                       "trust": None}),
     "zo-sgd lr 1e-4": ("zo-sgd", {"lr": 1e-4}),
     "zo-sgd lr 3e-4": ("zo-sgd", {"lr": 3e-4}),
     "zo-sgd lr 1e-3": ("zo-sgd", {}),

@@ -18,11 +18,12 @@ imported), in this order:
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
 forwards what ZO-SGD does not reach in thousands; without taps, zo-gn reaches ZO-SGD's final
-accuracy in 0.39 of its forwards and ends higher (FZOO: 0.58). Its damping is scale-free, so it
-also leads on a 4.35M-weight MLP (17 MB; `benchmarks/bench_zo_gn_scale.py`), where zo-sgd's
-default lr diverges: hence its larger limit, the memory of a copy (1.5x the slice with the
-signs of 16 probes) being what stops it. int8 weights and scales have
-one optimizer each. Explicit choices always win: this rule runs only for optimizer "auto".
+accuracy in 0.40 of its forwards and ends higher (0.824 against 0.738; FZOO: 0.58). Its
+damping is scale-free, so it also leads on a 4.35M-weight MLP (17 MB;
+`benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr diverges: hence its larger
+limit, the memory of a copy (1.5x the slice with the signs of 16 probes) being what stops it.
+int8 weights and scales have one optimizer each. Explicit choices always win: this rule runs
+only for optimizer "auto".
 """
 
 from __future__ import annotations
