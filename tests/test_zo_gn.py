@@ -111,22 +111,31 @@ def test_marquardt_damping_is_scale_free_and_old_headers_keep_theirs() -> None:
         make_optimizer("zo-gn", damping_scale="diagonal")
 
 
-def test_gauss_newton_solves_linear_least_squares_in_one_step() -> None:
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_gauss_newton_solves_linear_least_squares_in_one_step(scale: float) -> None:
     """A linear model, mse, K = n independent directions and a tiny damping: one step lands
-    on the least-squares solution (the system is exact for a linear model)."""
+    on the least-squares solution (the system is exact for a linear model), inside the trust
+    region at any scale of the targets (mse measures it in RMS errors); a region smaller
+    than the step scales it onto its edge."""
+    from edgelearn.optim.zo_gn import trust_scaled
+
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 5))
-    y = rng.standard_normal((40, 1))
-    theta = rng.standard_normal(5)
+    y = scale * rng.standard_normal((40, 1))
+    theta = scale * rng.standard_normal(5)
     dirs = rng.standard_normal((5, 5))  # 5 independent directions
-    eps = 1e-3
+    eps = 1e-3 * scale
     out = np.stack([X @ (theta + eps * d) for d in [np.zeros(5), *dirs]])[..., None]
-    G, g, l0, _ = gauss_newton_system(out, y, mse, eps)
+    G, g, l0, Q = gauss_newton_system(out, y, mse, eps)
     assert l0 == pytest.approx(mse(out[0], y))
-    a = gauss_newton_step(G, g, 1e-12)
+    a = gauss_newton_step(G, g, 1e-12 * scale ** 2)
+    assert trust_scaled(a, Q, 1.0) is a  # the step moves the outputs by less than the error
     got = theta - a @ dirs
     want = np.linalg.lstsq(X, y[:, 0], rcond=None)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
+    edge = trust_scaled(a, Q, 0.1)
+    assert float(np.sqrt(edge @ Q @ edge)) == pytest.approx(0.1, rel=1e-9)
+    np.testing.assert_allclose(edge, a * (0.1 / float(np.sqrt(a @ Q @ a))), rtol=1e-12)
 
 
 def test_a_step_that_makes_the_batch_loss_worse_is_undone_exactly() -> None:

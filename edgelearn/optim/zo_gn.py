@@ -19,6 +19,7 @@ and outputs f(theta) on the step's batch (loss l(f), cross-entropy or mse):
                                                 cross-entropy, 2/m I for mse)
     a = solve(G + lambda_t D, g),  D = diag(max(G_kk, c tr(G) / K))   (c = 1e-3)
     a <- a min(1, trust / r),  r = RMS over the batch's outputs of sum_k a_k J_k
+                                   (mse: over the RMS of the outputs' error)
     theta' = theta - lr_t sum_k a_k z_k
 then one forward more, l(f(theta')) on the same batch: the step is kept when it is not worse
 than l(f(theta)), else undone (weights restored exactly). lambda_t is the Levenberg-Marquardt
@@ -95,9 +96,9 @@ class ZOGNOptions(OptimizerOptions):
         "Levenberg-Marquardt damping relative to each direction's curvature (its floor: "
         "raised x4 after an undone step)", cli="--damping"))
     trust: float | None = field(default=1.0, metadata=meta(
-        "trust region: the largest RMS change of the batch's outputs (logits, or the mse "
-        "output's units) the step's linear model predicts; larger steps are scaled down "
-        "(null: none)", cli="--trust", legacy=None))
+        "trust region: the largest RMS change of the batch's outputs the step's linear model "
+        "predicts, in logits (cross-entropy) or in RMS errors (mse); larger steps are scaled "
+        "down (null: none)", cli="--trust", legacy=None))
     damping_scale: str = field(default="curvature", metadata=meta(
         "what the damping multiplies: curvature (Marquardt: each direction's own) or "
         "weights (the trainable count: per unit-norm direction)", choices=DAMPING_SCALES,
@@ -125,7 +126,8 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
                         ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(G [K, K], g [K], loss at the unperturbed point, Q [K, K]) of one step, float64; Q is
     the outputs' Gram matrix J J^T / m (m outputs): a^T Q a is the mean square of the
-    outputs' change sum_k a_k J_k.
+    outputs' change sum_k a_k J_k, in logits (cross-entropy) or in units of the outputs' RMS
+    error (mse: J J^T / (m loss), so the trust region does not depend on the targets' scale).
 
     Args:
         out: outputs of theta and its K probes, [K + 1, batch, ...] (float).
@@ -154,8 +156,10 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
         raise InputError("zo-gn supports the cross_entropy and mse losses")
     k = len(jac)
     flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
-    return (flat @ hflat.T, flat @ resid.reshape(-1), loss_fn(out[0], y),
-            flat @ flat.T / flat.shape[1])
+    loss = loss_fn(out[0], y)
+    unit = 1.0 if loss_fn is cross_entropy else max(loss, 1e-30)  # mse: the mean square error
+    return (flat @ hflat.T, flat @ resid.reshape(-1), loss,
+            flat @ flat.T / (flat.shape[1] * unit))
 
 
 def marquardt_scale(G: np.ndarray) -> np.ndarray:
@@ -177,9 +181,11 @@ def gauss_newton_step(G: np.ndarray, g: np.ndarray, damping: float | np.ndarray)
 def trust_scaled(a: np.ndarray, Q: np.ndarray, trust: float | None) -> np.ndarray:
     """`a` scaled down so that the RMS of the outputs' predicted change, sqrt(a^T Q a), is at
     most `trust` (a itself when it is, or when trust is None)."""
-    if trust is None:
+    big = float(np.max(np.abs(a))) if a.size else 0.0
+    if trust is None or not 0.0 < big < math.inf:
         return a
-    r = math.sqrt(max(float(a @ Q @ a), 0.0))
+    u = a / big  # a^T Q a of a huge a would overflow to inf (and zero the step)
+    r = big * math.sqrt(max(float(u @ Q @ u), 0.0))
     return a if r <= trust else a * (trust / r)
 
 
