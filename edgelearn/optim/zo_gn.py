@@ -98,7 +98,7 @@ class ZOGNOptions(OptimizerOptions):
     trust: float | None = field(default=1.0, metadata=meta(
         "trust region: the largest RMS change of the batch's outputs the step's linear model "
         "predicts, in logits (cross-entropy) or in RMS errors (mse); larger steps are scaled "
-        "down (null: none)", cli="--trust", legacy=None))
+        "down (--opt trust=null: none)", cli="--trust", legacy=None))
     damping_scale: str = field(default="curvature", metadata=meta(
         "what the damping multiplies: curvature (Marquardt: each direction's own) or "
         "weights (the trainable count: per unit-norm direction)", choices=DAMPING_SCALES,
