@@ -63,7 +63,10 @@ class Dataset:
         Args:
             step: 0-based step. batch_size: examples per batch. seed: the run seed.
         """
-        idx = batch_indices(len(self), batch_size, step, seed)
+        return self.rows_at(batch_indices(len(self), batch_size, step, seed))
+
+    def rows_at(self, idx: np.ndarray) -> tuple[Inputs, np.ndarray]:
+        """The (x, y) of examples `idx` (int [b], batch order)."""
         return self._rows(idx), self.y[idx]
 
     def batches(self, batch_size: int) -> Iterator[tuple[Inputs, np.ndarray]]:

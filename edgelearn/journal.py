@@ -305,19 +305,23 @@ class Journal:
             the record as a reader will see it (decoded from the written payload: tuples ->
             lists, int keys -> str), a new object the caller's later mutation cannot change.
         """
+        return json.loads(self.append_text(record))
+
+    def append_text(self, record: dict[str, Any]) -> str:
+        """`append`, returning the payload's JSON text (decoded only by a caller that reads
+        it: decoding costs a small model's step more than the write)."""
         self._require_open()
         data, text = _encode_text(record)
         self._write_all(data)
         self._require_open().flush()
         self._n += 1
         self._unsynced += 1
-        written = json.loads(text)  # the payload's text: what a reader decodes
         if self._unsynced >= self.fsync_every or (
             self.fsync_seconds is not None
             and time.monotonic() - self._synced_at >= self.fsync_seconds
         ):
             self.sync()
-        return written
+        return text
 
     def sync(self) -> None:
         """Flush and fsync any appended records to stable storage."""

@@ -46,18 +46,27 @@ class DatasetFeed:
     def __init__(self, data: Dataset, batch_size: int, seed: int) -> None:
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self._digests: ExampleDigests | None = None  # made on first use
+        self._last: tuple[int, np.ndarray] | None = None  # (step, its indices)
+
+    def indices(self, step: int) -> np.ndarray:
+        """The example indices of `step` (`batch_indices`; a step's batch and digest share
+        them)."""
+        last = self._last
+        if last is None or last[0] != step:
+            last = self._last = (step, batch_indices(len(self.data), self.batch_size, step,
+                                                     self.seed))
+        return last[1]
 
     def batch(self, step: int) -> Batch:
-        """The (x, y) of `step`."""
-        return self.data.batch_at(step, self.batch_size, self.seed)
+        """The (x, y) of `step` (`Dataset.batch_at`)."""
+        return self.data.rows_at(self.indices(step))
 
     def digest(self, step: int) -> str:
         """`batch_digest` of the batch of `step`, from per-example digests kept for the run
         (each example is hashed once; the batch's rows are not taken)."""
         if self._digests is None:
             self._digests = ExampleDigests(self.data)
-        idx = batch_indices(len(self.data), self.batch_size, step, self.seed)
-        return self._digests.batch_digest(idx)
+        return self._digests.batch_digest(self.indices(step))
 
     def header(self, *, pin_data: bool) -> dict[str, Any]:
         """Journal header keys of this feed (`pin_data`: the data's sha256 too)."""

@@ -109,7 +109,7 @@ class RunLoop:
             seconds = time.perf_counter() - t0
             if self.samples is not None:
                 self.samples.append(t, x, y)
-            written = self.journal.append({"kind": "step", **info.record,
+            written = self.journal.append_text({"kind": "step", **info.record,
                                            **self._identity(x, y, digest)})
         except BaseException as e:  # weights may be perturbed or ahead of the journal
             self.broken = f"step {t} failed ({type(e).__name__}: {e}); reopen the run to resume"
@@ -117,7 +117,7 @@ class RunLoop:
         self.timers.step.append(seconds)
         self.dirty = True
         result = StepResult(step=t, loss=info.loss, accepted=info.accepted,
-                            evaluations=info.evaluations, seconds=seconds, record=written)
+                            evaluations=info.evaluations, seconds=seconds, record_text=written)
         self.loss_last = info.loss
         if self.loss_first is None:
             self.loss_first = info.loss

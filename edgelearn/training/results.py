@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,7 @@ class StepResult:
         accepted: False when the update was rejected (non-finite loss, conservative check).
         evaluations: forwards (loss evaluations) the step used.
         seconds: wall time of the optimizer step (forwards included, journaling excluded).
-        record: the journal record as written (JSON data).
+        record_text: the journal record as written (its JSON text); `record` decodes it.
     """
 
     step: int
@@ -31,7 +33,13 @@ class StepResult:
     accepted: bool
     evaluations: int
     seconds: float
-    record: dict[str, Any] = field(repr=False)
+    record_text: str = field(repr=False)
+
+    @functools.cached_property
+    def record(self) -> dict[str, Any]:
+        """The journal record as written (JSON data), decoded on first use (a step that
+        nobody reads the record of does not pay for it)."""
+        return json.loads(self.record_text)
 
     def to_json(self) -> dict[str, Any]:
         """{"step", "loss", "accepted", "evaluations", "seconds"}."""
