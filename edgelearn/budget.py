@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edgelearn.backends.ort_population import POP_ROLE
 from edgelearn.data import EXAMPLE_DIGEST_BYTES, PERMUTATIONS_CACHED
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.osutil import current_rss_mb
@@ -51,6 +52,43 @@ def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
     return total
 
 
+def population_activation_bytes(model_path: str | os.PathLike) -> tuple[int, int]:
+    """(shared, per candidate): upper bounds of the activation bytes one example adds to a
+    population graph's call, apart from its candidates and for each of them.
+
+    The graph's trainable inputs carry the population dimension K first and its data inputs
+    the batch dimension; after shape inference a tensor with both symbols is computed per
+    candidate (vmap batches only what depends on the candidates: a frozen body runs once).
+    (0, 0) when onnx is not installed.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return 0, 0
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
+                                                    load_external_data=False)).graph
+    inits = {t.name for t in g.initializer}
+    firsts = [vi.type.tensor_type.shape.dim[0].dim_param for vi in g.input
+              if vi.name not in inits and vi.type.tensor_type.shape.dim]
+    # the batch symbol leads the data input(s), K the trainable parameters that follow them
+    batch, k = (firsts[0], next((s for s in firsts if s and s != firsts[0]), None)) \
+        if firsts else (None, None)
+    shared = per_candidate = 0
+    for vi in [*g.input, *g.value_info, *g.output]:
+        tt = vi.type.tensor_type
+        syms = [d.dim_param for d in tt.shape.dim]
+        if not batch or batch not in syms:
+            continue  # not batch dependent (weights, shapes)
+        n = _ONNX_ITEMSIZE.get(tt.elem_type, 4)
+        for d in tt.shape.dim:
+            n *= d.dim_value if not d.dim_param and d.dim_value > 0 else 1
+        if k is not None and k in syms:
+            per_candidate += n
+        else:
+            shared += n
+    return shared, per_candidate
+
+
 def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,
                      timing_samples: int, timers: int) -> int:
     """Bytes a training run keeps besides the model, optimizer and activations.
@@ -80,6 +118,7 @@ def plan_batch(
     budget_mb: float,
     extra_bytes: int = 0,
     base_mb: float | None = None,
+    candidates: int = 1,
 ) -> dict[str, Any]:
     """Largest batch <= batch_size whose predicted training peak fits the budget.
 
@@ -90,9 +129,12 @@ def plan_batch(
         extra_bytes: optimizer buffers (e.g. the restore copy of the trainable slice) and
             what the run keeps (`run_memory_bytes`).
         base_mb: resident memory with the model loaded (default: measured now).
+        candidates: forwards one runtime call runs at once (a population graph scores an
+            optimizer's candidates together): the activations the graph computes per
+            candidate (`population_activation_bytes`) count this many times.
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
-              "activation_kb_per_example", "extra_bytes"}. Raises InputError if even batch 1
-              does not fit.
+              "activation_kb_per_example", "candidates_per_call", "extra_bytes"}. Raises
+              InputError if even batch 1 does not fit.
     """
     base = current_rss_mb() if base_mb is None else base_mb
     per_ex = 0
@@ -101,6 +143,13 @@ def plan_batch(
     if per_ex == 0:
         io = sum(_numel(t.shape) * 4 for t in [*bundle.inputs, *bundle.outputs])
         per_ex = 16 * io
+    if candidates > 1:  # one call runs the candidates together
+        shared, each = population_activation_bytes(bundle.files[POP_ROLE]) \
+            if POP_ROLE in bundle.files else (0, per_ex)
+        if shared + each:
+            per_ex = max(per_ex, shared + candidates * each)
+        else:  # onnx not installed: every activation counted per candidate
+            per_ex *= candidates
 
     def peak(b: int) -> float:
         return MARGIN * (base + (extra_bytes + per_ex * b) / (1 << 20))
@@ -120,7 +169,8 @@ def plan_batch(
     fit = lo
     return {"batch_size": fit, "requested_batch_size": batch_size,
             "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
-            "activation_kb_per_example": round(per_ex / 1024, 1), "extra_bytes": extra_bytes}
+            "activation_kb_per_example": round(per_ex / 1024, 1),
+            "candidates_per_call": candidates, "extra_bytes": extra_bytes}
 
 
 def _numel(shape: tuple[int | str, ...]) -> int:
@@ -179,16 +229,25 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
     from edgelearn.optim import make_optimizer
 
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
+    # the population graph's session, as a run loads it (its memory is in the base)
+    scorer = model.backend.population_scorer() if model.backend.can_score_population() else None
     fits: dict[str, dict[str, Any]] = {}
     for name, support in optimizer_support(bundle).items():
         if support["supported"] is False:
             fits[name] = {"error": f"not for this bundle: {support['why']}"}
             continue
         try:
-            extra = make_optimizer(name).memory_bytes(model.store)
+            opt = make_optimizer(name)
+            cands = opt.population_size(model.store)
+            extra, rows = opt.memory_bytes(model.store), 1
+            if scorer is not None:  # a run scores its populations with it (candidate rows)
+                extra += scorer.memory_bytes(cands)
+                rows = max(1, min(cands, scorer.max_population))
             fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
-                                    extra_bytes=extra)
+                                    extra_bytes=extra, candidates=rows)
         except EdgelearnError as e:
             fits[name] = {"error": str(e)}
+    if scorer is not None:
+        scorer.close()
     return DevicePlan(path=str(bundle.path), backend=backend, budget_mb=budget_mb,
                       trainable_params=model.store.n_trainable("float32"), plans=fits)

@@ -269,3 +269,32 @@ def test_device_human_output_is_rounded_and_json_is_not(capsys) -> None:
     assert peaks
     assert any(p != round(p, 1) for p in peaks)  # full values, not the printed ones
     assert "not for this bundle" in res["bundle"]["plans"]["zo-scale"]["error"]
+
+
+def test_a_population_graphs_candidates_count_in_the_memory_plan(tmp_path) -> None:
+    """One population-graph call runs an optimizer's candidates together: the plan counts
+    the activations that depend on them once per candidate (the frozen body's once), and the
+    candidate rows a run writes (not the scorer's 64)."""
+    import edgelearn as el
+    from edgelearn.budget import activation_bytes_per_example, population_activation_bytes
+    from edgelearn.demo import DATA, demo_data
+
+    demo = DATA / "demo"
+    # x and the frozen layer's Gemm and Relu [batch, 64] once; the head's MatMul and the
+    # logits [K, batch, 10] per candidate
+    assert population_activation_bytes(demo / "model_pop.onnx") == (3 * 64 * 4, 2 * 10 * 4)
+    single = activation_bytes_per_example(demo / "model.onnx")
+    train = demo_data()[0]
+    for name, options, cands in (("zo-gn", {}, 17), ("fzoo", {"probes": 4}, 5),
+                                 ("zo-sgd", {"restore": "drift"}, 1)):
+        cfg = el.TrainConfig(optimizer=name, options=options, trainable="head.*",
+                             batch_size=32)
+        with el.Session(demo, tmp_path / name, cfg,
+                        el.RuntimeConfig(memory_budget_mb=1 << 20)) as s:
+            plan = s.run(train, 1).memory_plan
+        assert plan["candidates_per_call"] == cands
+        per_ex = single if cands == 1 else max(single, 3 * 64 * 4 + cands * 2 * 10 * 4)
+        assert plan["activation_kb_per_example"] == round(per_ex / 1024, 1)
+        rows = 0 if cands == 1 else 2 * 4 * cands * 650  # the rows written, fed as inputs
+        assert plan["extra_bytes"] >= rows
+        assert plan["extra_bytes"] < rows + (1 << 20) + 2 * 4 * 650 * 4  # not 64 rows

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 #: the class flags every backend declares (checked when a subclass is defined)
+#: candidates a population scorer runs per runtime call (larger populations are split)
+MAX_POPULATION = 64
 FLAGS = ("name", "model_role", "taps_role", "strategies", "taps_strategies", "reuses_outputs",
          "live_int8", "supports_population")
 
@@ -45,8 +47,10 @@ class PopulationScorer(abc.ABC):
         """First model output of every candidate of `pop` on batch `x`: [K, batch, ...]."""
 
     @abc.abstractmethod
-    def memory_bytes(self) -> int:
-        """Bytes the scorer keeps for candidate rows (what a memory budget must count)."""
+    def memory_bytes(self, candidates: int | None = None) -> int:
+        """Bytes the scorer keeps for candidate rows (what a memory budget must count) when
+        the populations it scores have `candidates` candidates (None: as many as a call
+        takes; 1: no populations, no rows)."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -155,7 +159,7 @@ class Backend(abc.ABC):
         bundle has a population graph batching exactly the bound store's trainables."""
         return self.supports_population and self._population_ready(self._bound())
 
-    def population_scorer(self, *, max_population: int = 64) -> PopulationScorer:
+    def population_scorer(self, *, max_population: int = MAX_POPULATION) -> PopulationScorer:
         """A scorer of candidate weight sets of the bound store (see `can_score_population`).
 
         Args:

@@ -162,9 +162,12 @@ class OrtPopulation(PopulationScorer):
                 self._feeds[k] = feeds
         return feeds
 
-    def memory_bytes(self) -> int:
-        """Bytes of the candidate rows buffer (+ one copy of them as per-parameter inputs)."""
-        return 2 * 4 * self.max_population * self.store.n_trainable("float32")
+    def memory_bytes(self, candidates: int | None = None) -> int:
+        """Bytes of the candidate rows written (+ one copy of them as per-parameter inputs;
+        the buffer's unwritten rows take no memory)."""
+        rows = self.max_population if candidates is None else \
+            (min(candidates, self.max_population) if candidates > 1 else 0)
+        return 2 * 4 * rows * self.store.n_trainable("float32")
 
     def close(self) -> None:
         """Drop the session and the candidate rows."""

@@ -105,6 +105,10 @@ class AdaMeZO(Optimizer):
         n, o = store.n_trainable("float32"), self.options
         return self.arena.step_bytes(n, o.probes, o.pool_size) + 12 * n
 
+    def population_size(self, store: ParamStore) -> int:
+        """The 2K probe points theta +- eps z_k."""
+        return 2 * self.options.probes
+
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
         o = self.options

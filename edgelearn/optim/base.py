@@ -211,6 +211,13 @@ class Optimizer:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0
 
+    def population_size(self, store: ParamStore) -> int:
+        """Candidates of the largest `Population` one step asks for on `store` (1: none).
+
+        A population graph runs up to that many forwards in one runtime call, so their
+        activations are live together (memory plans multiply a forward's by it)."""
+        return 1
+
     def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         """Yield one request per candidate or forward (module docstring); return the record."""
         raise NotImplementedError

@@ -225,6 +225,10 @@ class LOZO(Optimizer):
         return 8 * dense + 2 * factors + 4 * BLOCK * self.threads + 4 * sum(w.size
                                                                             for w in two_d)
 
+    def population_size(self, store: ParamStore) -> int:
+        """Its two probes (the low-rank graph stacks them in one call)."""
+        return 2
+
     def lr_at(self, t: int) -> float:
         """Learning rate of step t, times `lr_scale` (divergence rollback)."""
         return self.options.lr * self.lr_scale

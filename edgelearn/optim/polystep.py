@@ -272,6 +272,10 @@ class PolyStep(Optimizer):
             idx[i], idx[j] = idx[j], idx[i]
         return sorted(idx[:k])
 
+    def population_size(self, store: ParamStore) -> int:
+        """Every vertex of every moving particle: one `Population` per step."""
+        return self.probes_per_step(store)
+
     def probes_per_step(self, store: ParamStore) -> int:
         """Loss evaluations per step (16 per moving particle)."""
         n = len(self.particles(store))

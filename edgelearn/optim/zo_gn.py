@@ -226,6 +226,10 @@ class ZOGN(Optimizer):
         n, o = store.n_trainable("float32"), self.options
         return self.arena.step_bytes(n, o.probes, o.pool_size)
 
+    def population_size(self, store: ParamStore) -> int:
+        """theta and its K probes."""
+        return self.options.probes + 1
+
     def lr_at(self, t: int) -> float:
         """The step fraction of step t under the schedule, times `lr_scale` (divergence
         rollback)."""

@@ -201,6 +201,15 @@ class ZOSGD(Optimizer):
         passes = self._pass.buffer_bytes(n) if self.rule.noise == "rademacher" else 0
         return (4 * n if policy == "copy" else 0) + signs + pool + 8 * self.rule.chunk + passes
 
+    def population_size(self, store: ParamStore) -> int:
+        """2q probe points under the copy policy while their rows fit, else 1 (`_probe_losses`)."""
+        n = store.n_trainable("float32")
+        policy = self.rule.restore
+        if policy == "auto":
+            policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
+        q = self.rule.probes
+        return 2 * q if policy == "copy" and 2 * q * 4 * n <= POPULATION_MAX_BYTES else 1
+
     @property
     def policy(self) -> str:
         """The restore policy in effect ("copy" or "drift"; "" before the first step)."""

@@ -405,7 +405,7 @@ class CachedEvaluator(StepEvaluator):
         return None
 
     # -- reports ---------------------------------------------------------------------------
-    def memory_bytes(self) -> int:
+    def memory_bytes(self, candidates: int | None = None) -> int:
         # 0: the cache takes only what the memory plan leaves (`fit_cache`), so the plan and
         # its batch size are the uncached run's, and so are the results
         return 0

@@ -86,9 +86,15 @@ class StepEvaluator:
         """What the journal header must pin for replays to run these forwards again."""
         return {}
 
-    def memory_bytes(self) -> int:
-        """Bytes of buffers this evaluator allocates besides the model's (for memory plans)."""
+    def memory_bytes(self, candidates: int | None = None) -> int:
+        """Bytes of buffers this evaluator allocates besides the model's (for memory plans),
+        for an optimizer whose populations have `candidates` candidates (None: the most)."""
         return 0
+
+    def rows_per_call(self, candidates: int) -> int:
+        """Forwards one runtime call runs for a population of `candidates` (their activations
+        are live together; 1: candidates run one at a time)."""
+        return 1
 
     def cache_report(self) -> dict[str, Any] | None:
         """The frozen-prefix cache's `cache` report (None: caching was not asked for)."""
@@ -151,8 +157,13 @@ class LossEvaluator(StepEvaluator):
         return Forwards(evaluate, evaluate_population if self.pop_eval is not None else None,
                         outputs=outputs)
 
-    def memory_bytes(self) -> int:
-        return self.pop_eval.memory_bytes() if self.pop_eval is not None else 0
+    def memory_bytes(self, candidates: int | None = None) -> int:
+        return self.pop_eval.memory_bytes(candidates) if self.pop_eval is not None else 0
+
+    def rows_per_call(self, candidates: int) -> int:
+        if self.pop_eval is None:
+            return 1
+        return max(1, min(candidates, self.pop_eval.max_population))
 
 
 def placed_outputs(pop: Population, run: Callable[[], np.ndarray]) -> np.ndarray:

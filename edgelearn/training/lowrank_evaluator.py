@@ -86,8 +86,13 @@ class LowRankEvaluator(StepEvaluator):
 
         return Forwards(base.evaluate, population)
 
-    def memory_bytes(self) -> int:
-        return self.plain.memory_bytes()
+    def memory_bytes(self, candidates: int | None = None) -> int:
+        return self.plain.memory_bytes(candidates)
+
+    def rows_per_call(self, candidates: int) -> int:
+        if self.runner is not None and self.runner.stacked:
+            return candidates  # the low-rank probes, stacked in one call
+        return self.plain.rows_per_call(candidates)
 
     def close(self) -> None:
         if self.runner is not None:

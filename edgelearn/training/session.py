@@ -447,9 +447,11 @@ class Session:
         keeps = run_memory_bytes(n_examples=n_examples, trainable_bytes=trainable,
                                  snapshots=self._divergence is not None,
                                  timing_samples=TIMING_SAMPLES, timers=Timers.count())
+        cands = self.optimizer.population_size(store)
         plan = plan_batch(self.bundle, batch_size=batch_size, budget_mb=budget,
                           extra_bytes=self.optimizer.memory_bytes(store)
-                          + self.evaluator.memory_bytes() + keeps)
+                          + self.evaluator.memory_bytes(cands) + keeps,
+                          candidates=self.evaluator.rows_per_call(cands))
         if plan["batch_size"] < batch_size and n_examples:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{budget:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
