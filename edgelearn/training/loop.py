@@ -117,7 +117,8 @@ class RunLoop:
         self.timers.step.append(seconds)
         self.dirty = True
         result = StepResult(step=t, loss=info.loss, accepted=info.accepted,
-                            evaluations=info.evaluations, seconds=seconds, record_text=written)
+                            evaluations=info.evaluations, seconds=seconds, record_text=written,
+                            lr=info.record.get("lr"))
         self.loss_last = info.loss
         if self.loss_first is None:
             self.loss_first = info.loss

@@ -113,7 +113,7 @@ class RunMetrics(Callback):
         c = self._counts
         c["forwards"] += result.evaluations
         c["accepted" if result.accepted else "rejected"] += 1
-        lr = result.record.get("lr")
+        lr = result.lr
         # formatted by hand: json.dumps of the dict costs several times more per step
         text = (f'{{"step": {done}, "loss": {_json_num(result.loss)}, '
                 f'"lr": {_json_num(lr)}, "seconds": {result.seconds:.7f}, '

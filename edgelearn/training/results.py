@@ -26,6 +26,7 @@ class StepResult:
         evaluations: forwards (loss evaluations) the step used.
         seconds: wall time of the optimizer step (forwards included, journaling excluded).
         record_text: the journal record as written (its JSON text); `record` decodes it.
+        lr: the record's learning rate (None where it holds none).
     """
 
     step: int
@@ -34,6 +35,7 @@ class StepResult:
     evaluations: int
     seconds: float
     record_text: str = field(repr=False)
+    lr: float | None = None
 
     @functools.cached_property
     def record(self) -> dict[str, Any]:
