@@ -298,3 +298,27 @@ def test_a_population_graphs_candidates_count_in_the_memory_plan(tmp_path) -> No
         rows = 0 if cands == 1 else 2 * 4 * cands * 650  # the rows written, fed as inputs
         assert plan["extra_bytes"] >= rows
         assert plan["extra_bytes"] < rows + (1 << 20) + 2 * 4 * 650 * 4  # not 64 rows
+
+
+def test_a_large_slice_is_scored_a_few_candidates_per_call(tmp_path, monkeypatch) -> None:
+    """Candidate rows per population call stay under ROWS_MAX_BYTES (at least one candidate),
+    and the memory plan counts the candidates a call then runs, not the population's."""
+    import edgelearn as el
+    from edgelearn.backends import ort_population
+    from edgelearn.demo import DATA, demo_data
+
+    n = 650  # the demo head's weights
+    monkeypatch.setattr(ort_population, "ROWS_MAX_BYTES", 3 * 4 * n + 7)
+    train = demo_data()[0]
+    cfg = el.TrainConfig(optimizer="zo-gn", trainable="head.*", batch_size=32)
+    with el.Session(DATA / "demo", tmp_path / "run", cfg,
+                    el.RuntimeConfig(memory_budget_mb=1 << 20)) as s:
+        assert s.evaluator.pop_eval.max_population == 3
+        res = s.run(train, 4)
+    assert res.memory_plan["candidates_per_call"] == 3
+    assert res.loss_last < res.loss_first
+    monkeypatch.setattr(ort_population, "ROWS_MAX_BYTES", 1)
+    from edgelearn.model import Model
+
+    model = Model(el.load_bundle(DATA / "demo"), trainable="head.*")
+    assert model.backend.population_scorer().max_population == 1

@@ -5,6 +5,9 @@ parameters are inputs [K, *shape], frozen ones are baked as initializers (as in 
 An optimizer's `Population.fill` writes a chunk of candidates' trainable slices into a
 [max_population, n] buffer; each parameter's [chunk, *shape] block is cut from it and fed
 with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population x n bytes).
+A chunk holds at most ROWS_MAX_BYTES of candidate rows: a large trainable slice is scored a
+few candidates per call (17 candidates of a 64 MiB slice would take 2.2 GB with the runtime's
+copy), where one call's batching gains little (its forwards cost more than the call).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from edgelearn.params import ParamStore
 
 POP_ROLE = "onnx_population"
+#: candidate rows one runtime call takes at most (bytes; at least one candidate)
+ROWS_MAX_BYTES = 64 << 20
 
 
 def _with_ce_tail(src: bytes) -> tuple[bytes, int | None]:
@@ -58,7 +63,8 @@ class OrtPopulation(PopulationScorer):
         bundle: bundle with files.onnx_population.
         store: the ParamStore the optimizer works on (frozen values are baked once).
         threads: intra-op threads (None = ORT default).
-        max_population: candidates per runtime call (larger populations are split).
+        max_population: candidates per runtime call (larger populations are split); fewer
+            when their rows would take more than ROWS_MAX_BYTES.
     """
 
     def __init__(self, bundle: Bundle, store: ParamStore, *, threads: int | None = None,
@@ -87,7 +93,8 @@ class OrtPopulation(PopulationScorer):
         self.store = store
         self.input_name = bundle.inputs[0].name
         self.output_name = bundle.outputs[0].name
-        self.max_population = max_population
+        self.max_population = max(1, min(max_population,
+                                         ROWS_MAX_BYTES // (4 * max(1, store.n_trainable()))))
         self._output_names = [self.output_name]
         self._rows: np.ndarray | None = None
         self._out: dict[str, np.ndarray] = {}  # {"float32": rows}, what `fill` writes into
