@@ -322,3 +322,20 @@ def test_a_large_slice_is_scored_a_few_candidates_per_call(tmp_path, monkeypatch
 
     model = Model(el.load_bundle(DATA / "demo"), trainable="head.*")
     assert model.backend.population_scorer().max_population == 1
+
+
+def test_later_plans_of_a_session_do_not_count_its_buffers_twice(tmp_path) -> None:
+    """A session plans from the resident memory before its run allocated anything: a second
+    `run` (or a larger live batch) does not add the optimizer's buffers, the candidate rows
+    and the runtime's arenas, already resident by then, on top of themselves."""
+    import edgelearn as el
+    from edgelearn.demo import DATA, demo_data
+
+    train = demo_data()[0]
+    cfg = el.TrainConfig(optimizer="zo-gn", trainable="head.*", batch_size=32)
+    with el.Session(DATA / "demo", tmp_path / "run", cfg,
+                    el.RuntimeConfig(memory_budget_mb=1 << 20)) as s:
+        first = s.run(train, 2).memory_plan
+        _ = np.ones(4 << 20)  # 32 MB more resident in this process
+        second = s.run(train, 4).memory_plan
+    assert second == first

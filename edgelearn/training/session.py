@@ -118,6 +118,9 @@ class Session:
         self._loop: RunLoop | None = None
         self._stop_reason: str | None = None
         self._live_fit = 0  # largest live batch checked against the memory budget
+        #: resident MB when the first memory plan was made, before the run allocated the
+        #: buffers a plan adds (a later measurement would count them twice)
+        self._plan_base: float | None = None
         self._live_layout: Any = None  # input layout of the live batches checked so far
         self._feed_keys: dict[str, Any] = {}
         self._deferred = False  # an existing run that resumes only once run() gives its data
@@ -448,7 +451,12 @@ class Session:
                                  snapshots=self._divergence is not None,
                                  timing_samples=TIMING_SAMPLES, timers=Timers.count())
         cands = self.optimizer.population_size(store)
+        if self._plan_base is None:
+            from edgelearn.osutil import current_rss_mb
+
+            self._plan_base = current_rss_mb()
         plan = plan_batch(self.bundle, batch_size=batch_size, budget_mb=budget,
+                          base_mb=self._plan_base,
                           extra_bytes=self.optimizer.memory_bytes(store)
                           + self.evaluator.memory_bytes(cands) + keeps,
                           candidates=self.evaluator.rows_per_call(cands))
