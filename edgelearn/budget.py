@@ -231,6 +231,7 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
     # the population graph's session, as a run loads it (its memory is in the base)
     scorer = model.backend.population_scorer() if model.backend.can_score_population() else None
+    base = current_rss_mb()  # once: every optimizer's plan from the same loaded model
     fits: dict[str, dict[str, Any]] = {}
     for name, support in optimizer_support(bundle).items():
         if support["supported"] is False:
@@ -244,7 +245,7 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
                 extra += scorer.memory_bytes(cands)
                 rows = max(1, min(cands, scorer.max_population))
             fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
-                                    extra_bytes=extra, candidates=rows)
+                                    extra_bytes=extra, base_mb=base, candidates=rows)
         except EdgelearnError as e:
             fits[name] = {"error": str(e)}
     if scorer is not None:
