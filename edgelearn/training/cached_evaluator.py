@@ -14,7 +14,12 @@ Bit-identity with the uncached run is checked, not assumed: on the first batch t
 output must equal the whole graph's output exactly, and the prefix's rows computed alone must
 equal the rows computed in the batch (a runtime whose kernels fuse across the cut, or whose
 results depend on the batch composition, fails this). On failure the evaluator falls back to
-the plain forwards for the rest of the session and says why in its report. Journals do not
+the plain forwards for the rest of the session and says why in its report, except where only
+the rows fail (a transformer's, whose kernels sum other batch sizes in another order): the
+split of a whole batch still gives the whole graph's floats, so the prefix runs once a step
+on the step's batch, features kept for that step only (`per_step`; onnxruntime), and every
+forward of the step is a suffix forward (a ZO step of K + 2 forwards on a frozen body: one
+body forward, not K + 2). Journals do not
 record whether a run was cached: replay and resume do not care.
 
 Each runtime splits its own graph, so cached features are the run's own floats: onnxruntime
@@ -142,6 +147,9 @@ class CachedEvaluator(StepEvaluator):
         self.prefix, self.suffix = self._runners(split, store, threads, providers)
         self.cache = FeatureCache(split.cut, capacity)
         self.disabled: str | None = None
+        #: why features are not cached across steps, the prefix running once a step instead
+        #: (None: they are cached)
+        self.per_step: str | None = None
         self.checked = False
         self.prefix_seconds = 0.0
         #: cuts tried before this one and why the check refused them
@@ -195,7 +203,8 @@ class CachedEvaluator(StepEvaluator):
             idx = batch_indices(len(data), batch_size, step, seed)  # = Dataset.batch_at
             keys = [(token, i) for i in idx.tolist()]
             # a step whose keys all hit reads no row of x (FeatureCache.features)
-            skip = lean and self.checked and self.disabled is None and all(
+            skip = lean and self.checked and self.disabled is None and \
+                self.per_step is None and all(
                 k in cache.slots or k in cache.spilled for k in keys)
             x = None if skip else take(data.x, idx)
             self._indexed = (x, keys, slot_of, idx)
@@ -232,6 +241,11 @@ class CachedEvaluator(StepEvaluator):
         """The suffix feeds of batch `x`: its cut tensors (written into arrays kept per batch
         size: valid until the next lookup, and bound to the suffix once) and passthrough
         inputs."""
+        if self.per_step is not None:  # this step's batch through the prefix, kept for it
+            feeds = self.run_prefix(x)
+            for name in self.split.cut.passthrough:
+                feeds[name] = x[name] if isinstance(x, dict) else x
+            return feeds
         keys = self._keys(x)
         out = self._rows.get(len(keys))
         if out is None:
@@ -361,24 +375,41 @@ class CachedEvaluator(StepEvaluator):
         return self.population_off is None
 
     def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
-        """First real batch: the same checks as at setup (`mismatch`); fall back on failure."""
+        """First real batch: the same checks as at setup (`mismatch`); on failure the prefix
+        runs once a step where only the rows failed (`per_step_prefix`), else fall back."""
         self.checked = True
         bad = self.mismatch(x, feeds)
-        if bad is not None:
+        if bad is None:
+            return
+        if self.per_step_prefix and self.batch_mismatch(x, feeds) is None:
+            self.per_step = bad[0]
+        else:
             self.disabled = bad[0]
+
+    #: whether a split whose prefix rows depend on the batch runs its prefix once a step
+    #: (the module docstring) rather than falling back to the plain forwards
+    per_step_prefix = True
 
     def mismatch(self, x: np.ndarray, feeds: dict[str, np.ndarray] | None = None
                  ) -> tuple[str, set[str]] | None:
         """Why the split would change the floats on batch `x` (and the cut tensors at fault),
-        or None: the suffix must reproduce the whole graph's output exactly, and the prefix
-        rows of an example computed alone or in a pair must equal those of the batch.
+        or None: the suffix must reproduce the whole graph's output exactly
+        (`batch_mismatch`), and the prefix rows of an example computed alone or in a pair
+        must equal those of the batch (`rows_mismatch`).
 
         Args:
             x: a batch of >= 3 examples. feeds: its prefix outputs (computed when None).
         """
+        feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
+        return self.batch_mismatch(x, feeds) or self.rows_mismatch(x, feeds)
+
+    def batch_mismatch(self, x: np.ndarray, feeds: dict[str, np.ndarray]
+                       ) -> tuple[str, set[str]] | None:
+        """Why the suffix on batch `x`'s prefix outputs `feeds` would not give the whole
+        graph's output exactly, or None."""
         model = self.plain.model
         assert model is not None
-        feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
+        feeds = dict(feeds)
         for name in self.split.cut.passthrough:
             feeds[name] = x[name] if isinstance(x, dict) else x
         whole, split = model.predict(x), self.suffix.run(feeds)
@@ -387,7 +418,7 @@ class CachedEvaluator(StepEvaluator):
             return (f"the split graphs' output differs from the whole graph's (max |diff| "
                     f"{diff:.3g}): the runtime fuses nodes across the cut",
                     set(self.split.cut.tensors))
-        return self.rows_mismatch(x, feeds)
+        return None
 
     def rows_mismatch(self, x: Inputs, feeds: dict[str, np.ndarray]
                       ) -> tuple[str, set[str]] | None:
@@ -425,6 +456,9 @@ class CachedEvaluator(StepEvaluator):
                                  {"one_call": False, "reason": self.population_off})
         if self.disabled is not None:
             rep["reason"] = self.disabled
+        if self.per_step is not None:  # not cached, yet split: the prefix once a step
+            rep["enabled"], rep["prefix"] = False, "per step"
+            rep["reason"] = f"{self.per_step}; the prefix runs once a step on its batch"
         return rep
 
     def close(self) -> None:

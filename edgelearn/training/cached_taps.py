@@ -63,6 +63,7 @@ class CachedTapsEvaluator(CachedEvaluator):
     """
 
     replay_needs_data = True
+    per_step_prefix = False  # its checks are the taps graph's own (`mismatch`)
 
     def __init__(self, plain: TapsEvaluator, split: Split, store: Any, *, input_name: str,
                  taps: Sequence[str], threads: int | None, providers: Sequence[str],

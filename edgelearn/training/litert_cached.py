@@ -28,6 +28,8 @@ from edgelearn.training.evaluators import LossEvaluator
 class LiteRTCachedEvaluator(CachedEvaluator):
     """`CachedEvaluator` whose prefix and suffix are LiteRT interpreters over a LiteRTSplit."""
 
+    per_step_prefix = False  # the per-step prefix is onnxruntime's only (not checked here)
+
     def _runners(self, split: Any, store: Any, threads: int | None,
                  providers: Sequence[str]) -> tuple[Any, Any]:
         from edgelearn.backends.litert_split import PrefixRunner, SuffixRunner
