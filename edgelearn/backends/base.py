@@ -29,9 +29,9 @@ if TYPE_CHECKING:
     from edgelearn.optim.base import Population
     from edgelearn.params import ParamStore
 
-#: the class flags every backend declares (checked when a subclass is defined)
 #: candidates a population scorer runs per runtime call (larger populations are split)
 MAX_POPULATION = 64
+#: the class flags every backend declares (checked when a subclass is defined)
 FLAGS = ("name", "model_role", "taps_role", "strategies", "taps_strategies", "reuses_outputs",
          "live_int8", "supports_population")
 

@@ -19,8 +19,8 @@ the rows fail (a transformer's, whose kernels sum other batch sizes in another o
 split of a whole batch still gives the whole graph's floats, so the prefix runs once a step
 on the step's batch, features kept for that step only (`per_step`; onnxruntime), and every
 forward of the step is a suffix forward (a ZO step of K + 2 forwards on a frozen body: one
-body forward, not K + 2). Journals do not
-record whether a run was cached: replay and resume do not care.
+body forward, not K + 2). Journals do not record whether a run was cached: replay and resume
+do not care.
 
 Each runtime splits its own graph, so cached features are the run's own floats: onnxruntime
 splits the ONNX graph here; a LiteRT run splits the bundle's TFLite flatbuffer on the device

@@ -110,7 +110,7 @@ class RunLoop:
             if self.samples is not None:
                 self.samples.append(t, x, y)
             written = self.journal.append_text({"kind": "step", **info.record,
-                                           **self._identity(x, y, digest)})
+                                                **self._identity(x, y, digest)})
         except BaseException as e:  # weights may be perturbed or ahead of the journal
             self.broken = f"step {t} failed ({type(e).__name__}: {e}); reopen the run to resume"
             raise
