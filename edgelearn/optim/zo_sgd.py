@@ -174,9 +174,7 @@ class ZOSGD(Optimizer):
             raise InputError("zo-sgd needs trainable float32 parameters; none are selected")
         if self._n is None:
             self._n = theta.size
-            self._policy = self.rule.restore
-            if self._policy == "auto":
-                self._policy = "copy" if theta.nbytes <= AUTO_COPY_MAX_BYTES else "drift"
+            self._policy = self._policy_for(theta.size)
             self._decay_segments = [
                 (a, b) for name, a, b in store.segments("float32") if store[name].ndim >= 2
             ]
@@ -193,9 +191,7 @@ class ZOSGD(Optimizer):
         """Restore copy (copy policy) + packed signs of every probe + chunk buffers (two, and
         the sign kernel's per thread)."""
         n = store.n_trainable("float32")
-        policy = self.rule.restore
-        if policy == "auto":
-            policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
+        policy = self._policy_for(n)
         signs = self.rule.probes * (-(-n // 64) * 8) if self.rule.noise == "rademacher" else 0
         pool = 4 * self.rule.pool_size if self.rule.noise == "pool" else 0
         passes = self._pass.buffer_bytes(n) if self.rule.noise == "rademacher" else 0
@@ -203,12 +199,15 @@ class ZOSGD(Optimizer):
 
     def population_size(self, store: ParamStore) -> int:
         """2q probe points under the copy policy while their rows fit, else 1 (`_probe_losses`)."""
-        n = store.n_trainable("float32")
-        policy = self.rule.restore
-        if policy == "auto":
-            policy = "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
-        q = self.rule.probes
-        return 2 * q if policy == "copy" and 2 * q * 4 * n <= POPULATION_MAX_BYTES else 1
+        n, q = store.n_trainable("float32"), self.rule.probes
+        copy = self._policy_for(n) == "copy"
+        return 2 * q if copy and 2 * q * 4 * n <= POPULATION_MAX_BYTES else 1
+
+    def _policy_for(self, n: int) -> str:
+        """The restore policy on a trainable slice of n float32 ("auto" resolved)."""
+        if self.rule.restore != "auto":
+            return self.rule.restore
+        return "copy" if 4 * n <= AUTO_COPY_MAX_BYTES else "drift"
 
     @property
     def policy(self) -> str:

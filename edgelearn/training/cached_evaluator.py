@@ -378,13 +378,16 @@ class CachedEvaluator(StepEvaluator):
         """First real batch: the same checks as at setup (`mismatch`); on failure the prefix
         runs once a step where only the rows failed (`per_step_prefix`), else fall back."""
         self.checked = True
-        bad = self.mismatch(x, feeds)
-        if bad is None:
+        if not self.per_step_prefix:  # the subclass's own checks: pass or fall back
+            bad = self.mismatch(x, feeds)
+            if bad is not None:
+                self.disabled = bad[0]
             return
-        if self.per_step_prefix and self.batch_mismatch(x, feeds) is None:
-            self.per_step = bad[0]
-        else:
+        bad = self.batch_mismatch(x, feeds)
+        if bad is not None:
             self.disabled = bad[0]
+        elif (rows := self.rows_mismatch(x, feeds)) is not None:
+            self.per_step = rows[0]
 
     #: whether a split whose prefix rows depend on the batch runs its prefix once a step
     #: (the module docstring) rather than falling back to the plain forwards
