@@ -77,7 +77,10 @@ def start(argv: list[str], home: Path, log: Path) -> subprocess.Popen:
         home: its FLWR_HOME (Flower's config, installed apps).
         log: file its stdout and stderr are appended to.
     """
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    # Flower's processes start their own console scripts (the superlink its flower-superexec)
+    # by PATH: this Python's scripts first, so a venv's edgelearn works without activating it
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
     with open(log, "ab") as f:
         proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
