@@ -42,26 +42,38 @@ def activation_profile(model_path: str | os.PathLike) -> tuple[int, int]:
     (an int8 model's weights dequantized as it runs: Cast, then Mul by the scale; each freed
     after its last reader). (0, 0) when onnx is not installed.
     """
-    try:
-        import onnx
-    except ImportError:
+    g = _inferred_graph(model_path)
+    if g is None:
         return 0, 0
-    g = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
-                                                    load_external_data=False)).graph
     per_example, static = 0, {}
     for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        dims = tt.shape.dim
-        size = _ONNX_ITEMSIZE.get(tt.elem_type, 4)
-        for d in dims[1:] if dims and dims[0].dim_param else dims:
-            size *= d.dim_value if d.dim_value > 0 else 1
+        dims = vi.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
-            per_example += size
+            per_example += _known_bytes(vi)
         elif dims and all(d.dim_value > 0 and not d.dim_param for d in dims):
-            static[vi.name] = size
+            static[vi.name] = _known_bytes(vi)
     for t in [*g.initializer, *g.input]:
         static.pop(t.name, None)  # weights and inputs: in the base, not made by a forward
     return per_example, _live_peak(g, static)
+
+
+def _inferred_graph(model_path: str | os.PathLike) -> Any:
+    """The ONNX graph at `model_path` after shape inference (None: onnx not installed)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
+                                                       load_external_data=False)).graph
+
+
+def _known_bytes(vi: Any) -> int:
+    """Bytes of a tensor (ValueInfo) counting each symbolic or unknown dim as 1."""
+    tt = vi.type.tensor_type
+    n = _ONNX_ITEMSIZE.get(tt.elem_type, 4)
+    for d in tt.shape.dim:
+        n *= d.dim_value if not d.dim_param and d.dim_value > 0 else 1
+    return n
 
 
 def _live_peak(g: Any, sizes: dict[str, int]) -> int:
@@ -88,12 +100,9 @@ def population_activation_bytes(model_path: str | os.PathLike) -> tuple[int, int
     candidate (vmap batches only what depends on the candidates: a frozen body runs once).
     (0, 0) when onnx is not installed.
     """
-    try:
-        import onnx
-    except ImportError:
+    g = _inferred_graph(model_path)
+    if g is None:
         return 0, 0
-    g = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
-                                                    load_external_data=False)).graph
     inits = {t.name for t in g.initializer}
     firsts = [vi.type.tensor_type.shape.dim[0].dim_param for vi in g.input
               if vi.name not in inits and vi.type.tensor_type.shape.dim]
@@ -102,17 +111,13 @@ def population_activation_bytes(model_path: str | os.PathLike) -> tuple[int, int
         if firsts else (None, None)
     shared = per_candidate = 0
     for vi in [*g.input, *g.value_info, *g.output]:
-        tt = vi.type.tensor_type
-        syms = [d.dim_param for d in tt.shape.dim]
+        syms = [d.dim_param for d in vi.type.tensor_type.shape.dim]
         if not batch or batch not in syms:
             continue  # not batch dependent (weights, shapes)
-        n = _ONNX_ITEMSIZE.get(tt.elem_type, 4)
-        for d in tt.shape.dim:
-            n *= d.dim_value if not d.dim_param and d.dim_value > 0 else 1
         if k is not None and k in syms:
-            per_candidate += n
+            per_candidate += _known_bytes(vi)
         else:
-            shared += n
+            shared += _known_bytes(vi)
     return shared, per_candidate
 
 
