@@ -5,6 +5,7 @@ Usage:
     python benchmarks/bench_memory_plan.py            # 4.7M-weight MLP, batch 256 (~1 min)
     python benchmarks/bench_memory_plan.py --quick    # 1.2M weights, batch 64
     python benchmarks/bench_memory_plan.py --before REF   # also the tree of git ref REF
+    python benchmarks/bench_memory_plan.py --only "zo-gn,zo-gn drift"   # some MLP runs only
 
 A torch child exports an MLP 256-2048-2048-10 (`--quick`: 256-1024-1024-10) with a population
 graph (export/population.py: every weight carries the population dimension). Each optimizer
@@ -36,9 +37,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: optimizer -> options (zo-sgd: its default restore, drift at this size: no population)
-OPTIMIZERS: dict[str, dict[str, Any]] = {"zo-gn": {}, "fzoo": {}, "adamezo": {},
-                                         "zo-sgd": {}}
+#: label -> (optimizer, options) (zo-sgd: its default restore, drift at this size: no
+#: population; zo-gn drift: its probes in place, what `train` picks above 64 MiB)
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "zo-gn": ("zo-gn", {}), "zo-gn drift": ("zo-gn", {"restore": "drift"}),
+    "fzoo": ("fzoo", {}), "adamezo": ("adamezo", {}), "zo-sgd": ("zo-sgd", {})}
 
 EXPORT = r"""
 import sys, torch
@@ -120,7 +123,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a 1024-wide MLP, batch 64")
     ap.add_argument("--before", metavar="REF", help="also run the tree of git ref REF")
+    ap.add_argument("--only", metavar="LABELS", help="comma-separated labels of the MLP runs "
+                    f"({', '.join(OPTIMIZERS)}; all by default, and the MiniLM runs)")
     args = ap.parse_args()
+    only = args.only.split(",") if args.only else None
+    if only and set(only) - set(OPTIMIZERS):
+        ap.error(f"unknown labels {sorted(set(only) - set(OPTIMIZERS))}")
     width, batch = (1024, 64) if args.quick else (2048, 256)
     res: dict[str, Any] = {"model": f"256-{width}-{width}-10", "batch_size": batch,
                            "ref_before": args.before, "runs": {}}
@@ -136,15 +144,17 @@ def main() -> None:
             arch = subprocess.run(["git", "-C", str(ROOT), "archive", args.before,
                                    "edgelearn"], capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(trees["before"])], input=arch, check=True)
-        minilm = prepared_minilm(Path(tmp) / "minilm")
+        minilm = None if only else prepared_minilm(Path(tmp) / "minilm")
         for tag, tree in trees.items():
-            runs = [(name, options, bundle, batch, "mlp") for name, options in OPTIMIZERS.items()]
+            runs = [(label, name, options, bundle, batch, "mlp")
+                    for label, (name, options) in OPTIMIZERS.items()
+                    if only is None or label in only]
             if minilm is not None:
-                runs += [(f"minilm {name}", {}, minilm, 32, "tokens") for name in ("zo-gn",
-                                                                                  "tpsgd")]
-            for label, options, path, b, data in runs:
-                r = res["runs"].setdefault(tag, {})[label] = run(
-                    tree, path, label.split()[-1], options, b, data)
+                runs += [(f"minilm {name}", name, {}, minilm, 32, "tokens")
+                         for name in ("zo-gn", "tpsgd")]
+            for label, name, options, path, b, data in runs:
+                r = res["runs"].setdefault(tag, {})[label] = run(tree, path, name, options, b,
+                                                                 data)
                 log(f"{tag:6s} {label:14s} candidates per call "
                     f"{r['candidates_per_call'] or '-':>2}  predicted "
                     f"{r['predicted_peak_mb']:7.1f} MB  measured {r['measured_peak_mb']:7.1f} MB  "

@@ -4,17 +4,23 @@ direction, on a 4.35M-weight MLP where the demo head has 650 weights, one forwar
 Usage:
     python benchmarks/bench_zo_gn_scale.py            # 3000 forwards, seed 0 (~4 min)
     python benchmarks/bench_zo_gn_scale.py --quick    # 600 forwards, a 1.1M-weight MLP
+    python benchmarks/bench_zo_gn_scale.py --width 4096 --no-taps --runs auto,zo-gn
+        # 17.1M weights (68 MB, above zo-gn's 64 MiB copy limit), exported without taps:
+        # what `train` picks by default ("auto") against named runs (~7 min)
 
 The task is the demo's (`edgelearn demo`: the new user's shifted digits, half to personalize,
-half held out), on a wider model: an MLP 64-2048-2048-10 (4.35M weights, 17 MB: above the
-16 MiB where `train` picks zo-sgd by default) pretrained in a torch child process on the
-digits the demo's pretraining used (30 epochs of Adam), exported as a bundle. Every weight is
+half held out), on a wider model: an MLP 64-2048-2048-10 (4.35M weights, 17 MB; --width
+sets the hidden width) pretrained in a torch child process on the digits the demo's
+pretraining used (30 epochs of Adam), exported as a bundle. Every weight is
 trainable; batch 32; onnxruntime. Each run gets `budget` forwards (zo-gn: K + 2 a step):
   - zo-gn at its defaults (damping 3 times each direction's curvature, Marquardt 1963, and
     the trust region on the outputs);
   - zo-gn's first version: damping_scale "weights" at 0.1 (its default then, per unit-norm
     direction: lambda n with n the trainable count), and at 0.001, without a trust region;
-  - zo-sgd (probes 1, eps 1e-3) at lr 1e-4, 3e-4 and 1e-3 (its default).
+  - zo-sgd (probes 1, eps 1e-3) at lr 1e-4, 3e-4 and 1e-3 (its default);
+  - with --runs, "auto" as well: the optimizer and options `train` picks without
+    --optimizer (`edgelearn.optim.defaults`; with --no-taps a ZO method), its reason recorded
+    under "chosen_by".
 Prints each run's held-out accuracy (and the accuracy before) on stderr and ONE JSON object on
 stdout; never asserts. The curvature per weight (the mean of G's diagonal over n) is reported
 from zo-gn's first step: how far apart the damping per unit-norm direction must be set.
@@ -69,7 +75,7 @@ for _ in range(30):
         opt.zero_grad()
         loss.backward()
         opt.step()
-export_bundle(m.eval(), torch.zeros(1, 64), sys.argv[1])
+export_bundle(m.eval(), torch.zeros(1, 64), sys.argv[1], taps=sys.argv[4] == "taps")
 """
 
 
@@ -79,10 +85,12 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def export(out: Path, width: int) -> Path:
-    """Pretrain and export the wide MLP in a torch child process (never imported here)."""
+def export(out: Path, width: int, taps: bool = True) -> Path:
+    """Pretrain and export the wide MLP in a torch child process (never imported here); no
+    taps graphs with taps=False (what `train` then picks by default is a ZO method)."""
     subprocess.run([sys.executable, "-c", EXPORT, str(out), str(ROOT / "edgelearn" / "data" /
-                                                              "digits.npz"), str(width)],
+                                                              "digits.npz"), str(width),
+                    "taps" if taps else "none"],
                    check=True, capture_output=True, cwd=ROOT)
     return out
 
@@ -90,17 +98,18 @@ def export(out: Path, width: int) -> Path:
 def personalize(bundle: Path, name: str, options: dict[str, Any], budget: int, seed: int,
                 out: Path) -> dict[str, Any]:
     """Held-out accuracy after `budget` forwards of optimizer `name` on every weight."""
-    probes = el.optimizers()[name](**options).probes
-    per_step = probes + 2 if name == "zo-gn" else 2 * probes
     config = el.TrainConfig(optimizer=name, options=options, trainable="*", batch_size=32,
                             seed=seed, fsync_every=10_000)
     train, test, _ = demo_data(0)
     t0 = time.perf_counter()
     with el.Session(el.load_bundle(bundle), out, config, el.RuntimeConfig(device=None)) as s:
+        opt = s.optimizer
+        per_step = opt.options.probes + 2 if opt.name == "zo-gn" else 2 * opt.options.probes
         r = s.run(train, budget // per_step)
         acc = s.model.evaluate(test)["accuracy"]
-    return {"optimizer": name, "options": options, "steps": r.steps,
-            "accuracy": acc, "loss_last": r.loss_last,
+    return {"optimizer": opt.name, "options": options, "chosen_by": r.chosen_by,
+            "steps": r.steps, "accuracy": acc, "loss_last": r.loss_last,
+            "peak_rss_mb": r.peak_rss_mb, "step_ms_median": r.step_ms_median,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -133,12 +142,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 forwards, a 1024-wide MLP")
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seed", type=int, default=0, help="run seed")
+    ap.add_argument("--width", type=int, default=None,
+                    help="hidden width (2048; 4096: 17.1M weights, above zo-gn's copy limit)")
+    ap.add_argument("--no-taps", action="store_true",
+                    help="export without taps graphs (the 'auto' run then picks a ZO method)")
+    ap.add_argument("--runs", default=None,
+                    help="comma-separated labels of RUNS and 'auto' to run (all of RUNS)")
     args = ap.parse_args()
     budget = args.budget or (600 if args.quick else 3000)
-    width = 1024 if args.quick else 2048
+    width = args.width or (1024 if args.quick else 2048)
+    runs = {**RUNS, "auto": ("auto", {})}
+    labels = args.runs.split(",") if args.runs else list(RUNS)
+    unknown = [x for x in labels if x not in runs]
+    if unknown:
+        ap.error(f"unknown runs {unknown}; choose from {list(runs)}")
     with tempfile.TemporaryDirectory() as tmp:
         log(f"pretraining and exporting the 64-{width}-{width}-10 MLP (torch child)")
-        bundle = export(Path(tmp) / "mlp", width)
+        bundle = export(Path(tmp) / "mlp", width, taps=not args.no_taps)
         from edgelearn.model import Model
         model = Model(el.load_bundle(bundle))
         before = model.evaluate(demo_data(0)[1])["accuracy"]
@@ -149,7 +169,8 @@ def main() -> None:
                                "runs": {}}
         log(f"{res['weights']} weights, held-out accuracy before {before:.3f}, curvature "
             f"per weight {res['curvature_per_weight']:.3g}")
-        for label, (name, options) in RUNS.items():
+        for label in labels:
+            name, options = runs[label]
             r = personalize(bundle, name, options, budget, args.seed, Path(tmp) / label)
             res["runs"][label] = r
             log(f"{label:22s} {r['steps']:5d} steps  accuracy {r['accuracy']:.3f}  "

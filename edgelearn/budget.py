@@ -151,6 +151,7 @@ def plan_batch(
     extra_bytes: int = 0,
     base_mb: float | None = None,
     candidates: int = 1,
+    example_bytes: int = 0,
 ) -> dict[str, Any]:
     """Largest batch <= batch_size whose predicted training peak fits the budget.
 
@@ -164,9 +165,12 @@ def plan_batch(
         candidates: forwards one runtime call runs at once (a population graph scores an
             optimizer's candidates together): the activations the graph computes per
             candidate (`population_activation_bytes`) count this many times.
+        example_bytes: what the optimizer keeps per example besides the runtime's
+            (`Optimizer.example_bytes`: zo-gn's candidate outputs).
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
               "activation_kb_per_example", "unbatched_intermediates_kb" (`activation_profile`'s
-              fixed part), "candidates_per_call", "extra_bytes"}. Raises
+              fixed part), "optimizer_kb_per_example", "candidates_per_call", "extra_bytes"}.
+              Raises
               InputError if even batch 1 does not fit.
     """
     base = current_rss_mb() if base_mb is None else base_mb
@@ -185,7 +189,7 @@ def plan_batch(
             per_ex *= candidates
 
     def peak(b: int) -> float:
-        return MARGIN * (base + (extra_bytes + fixed + per_ex * b) / (1 << 20))
+        return MARGIN * (base + (extra_bytes + fixed + (per_ex + example_bytes) * b) / (1 << 20))
 
     if peak(1) > budget_mb:
         raise InputError(
@@ -204,7 +208,13 @@ def plan_batch(
             "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
             "activation_kb_per_example": round(per_ex / 1024, 1),
             "unbatched_intermediates_kb": round(fixed / 1024, 1),
+            "optimizer_kb_per_example": round(example_bytes / 1024, 1),
             "candidates_per_call": candidates, "extra_bytes": extra_bytes}
+
+
+def output_numel(bundle: Any) -> int:
+    """Elements of the bundle's first output per example (symbolic dims count 1)."""
+    return _numel(bundle.outputs[0].shape) if bundle.outputs else 1
 
 
 def _numel(shape: tuple[int | str, ...]) -> int:
@@ -279,7 +289,8 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
                 extra += scorer.memory_bytes(cands)
                 rows = max(1, min(cands, scorer.max_population))
             fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
-                                    extra_bytes=extra, base_mb=base, candidates=rows)
+                                    extra_bytes=extra, base_mb=base, candidates=rows,
+                                    example_bytes=opt.example_bytes(output_numel(bundle)))
         except EdgelearnError as e:
             fits[name] = {"error": str(e)}
     if scorer is not None:

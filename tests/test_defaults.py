@@ -74,21 +74,31 @@ def test_head_taps_only_choose_hybrid_for_the_whole_model(prepared) -> None:
     assert choose_optimizer(prepared, trainable=",".join(head.values())).name == "tpsgd"
 
 
-def test_no_taps_choose_zo_gn_fzoo_and_zo_sgd_above_the_copy_limit(tmp_path,
-                                                                   monkeypatch) -> None:
+def test_no_taps_choose_zo_gn_fzoo_and_in_place_probes_above_the_copy_limit(
+        tmp_path, monkeypatch) -> None:
     bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
     choice = choose_optimizer(bare)
     assert (choice.name, choice.options) == ("zo-gn", {})
     assert "no taps graph" in choice.why
     assert choose_optimizer(bare, objective="mse").name == "zo-gn"
     assert choose_optimizer(bare, objective="error-rate").name == "fzoo"  # not zo-gn's loss
-    # zo-gn and fzoo keep a copy of the trainable slice; above their limits zo-sgd's drift
-    # restore keeps none (the head's 2600 bytes stand in for a large model)
+    # zo-gn and fzoo keep a copy of the trainable slice; above their limits zo-gn probes in
+    # place and fzoo hands over to zo-sgd's drift restore (the head's 2600 bytes stand in
+    # for a large model)
     monkeypatch.setattr(defaults, "AUTO_COPY_MAX_BYTES", 2000)
     assert choose_optimizer(bare, objective="error-rate").name == "zo-sgd"
-    assert choose_optimizer(bare).name == "zo-gn"  # its limit is larger (scale-free damping)
-    monkeypatch.setattr(defaults, "ZO_GN_MAX_BYTES", 2000)
-    assert choose_optimizer(bare).name == "zo-sgd"
+    assert choose_optimizer(bare).options == {}  # its copy limit is larger
+    monkeypatch.setattr(defaults, "ZO_GN_COPY_MAX_BYTES", 2000)
+    big = choose_optimizer(bare)
+    assert (big.name, big.options) == ("zo-gn", {"restore": "drift"})
+    assert "written in place" in big.why
+    cfg = el.TrainConfig(trainable="head.*", batch_size=16, seed=1)
+    with el.Session(bare, tmp_path / "run", cfg) as s:
+        res = s.run(demo_data()[0], 6)
+        assert s.optimizer.drift
+        assert s.optimizer.arena.copy is None
+    assert res.chosen_by == big.why
+    assert el.replay(bare, res.journal).store.digest() == res.sha256
 
 
 def test_taps_the_backend_cannot_run_or_losses_they_cannot_give_mean_zo(demo, tmp_path) -> None:

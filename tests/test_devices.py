@@ -295,6 +295,10 @@ def test_a_population_graphs_candidates_count_in_the_memory_plan(tmp_path) -> No
         assert plan["candidates_per_call"] == cands
         per_ex = single if cands == 1 else max(single, 3 * 64 * 4 + cands * 2 * 10 * 4)
         assert plan["activation_kb_per_example"] == round(per_ex / 1024, 1)
+        # zo-gn keeps its candidates' logits (10 per example) and its float64 system
+        assert plan["optimizer_kb_per_example"] == round(
+            s.optimizer.example_bytes(10) / 1024, 1)
+        assert (plan["optimizer_kb_per_example"] > 0) is (name == "zo-gn")
         rows = 0 if cands == 1 else 2 * 4 * cands * 650  # the rows written, fed as inputs
         assert plan["extra_bytes"] >= rows
         assert plan["extra_bytes"] < rows + (1 << 20) + 2 * 4 * 650 * 4  # not 64 rows

@@ -282,3 +282,81 @@ def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path) -> None:
     for res in (cached, plain):
         store, _ = replay_journal(bundle, res["journal"])
         assert store.digest() == res["sha256"]
+
+
+def test_drift_writes_probes_in_place_without_a_copy() -> None:
+    """restore drift: no copy of the slice, one forward per candidate (K + 1 requests of one),
+    the weights after a step the copy policy's to float32 drift (same a to ~1e-6: the
+    candidates' outputs differ by ulps), an undone step back to within that drift."""
+    bundle, data, _ = demo()
+    x, y = data.x[:32], data.y[:32]
+    after = {}
+    for restore in ("copy", "drift"):
+        model = Model(bundle, trainable="head.*")
+        before = model.store.flat().copy()
+        opt = make_optimizer("zo-gn", probes=6, seed=5, restore=restore)
+        calls: list[int] = []
+        info = opt.step(model.store, lambda m=model: cross_entropy(m.predict(x), y),
+                        outputs=outputs_of(model, x, y, calls))
+        assert info.accepted
+        assert info.evaluations == 6 + 2
+        assert calls == ([1] * 7 if restore == "drift" else [7])
+        assert (opt.arena.copy is None) is (restore == "drift")
+        assert opt.population_size(model.store) == (1 if restore == "drift" else 7)
+        n = before.size  # drift: no copy; its passes draw one probe's signs more
+        assert (opt.memory_bytes(model.store) + 4 * n - (-(-n // 64) * 8)
+                == make_optimizer("zo-gn", probes=6).memory_bytes(model.store)) is (
+                    restore == "drift")
+        after[restore] = (model.store.flat().copy(), info.record["a"], before)
+    (w_copy, a_copy, before), (w_drift, a_drift, _) = after["copy"], after["drift"]
+    assert_close(a_drift, a_copy, atol=0, rtol=1e-4)
+    scale = float(np.max(np.abs(before)))
+    assert np.max(np.abs(w_drift - w_copy)) <= 1e-5 * scale
+    assert not np.array_equal(w_drift, before)
+
+    model = Model(bundle, trainable="head.*")
+    opt = make_optimizer("zo-gn", lr=50.0, damping=0.1, seed=1, restore="drift")
+    info = opt.step(model.store, lambda: cross_entropy(model.predict(x), y),
+                    outputs=outputs_of(model, x, y, []))
+    assert not info.accepted
+    assert info.record["loss"] is not None
+    assert np.max(np.abs(model.store.flat() - before)) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("population", [True, False])
+def test_drift_run_replays_bit_exactly(tmp_path, population: bool) -> None:
+    """A drift run (kept and undone steps) replays to the trained sha256, with or without a
+    population graph (drift scores candidates one by one either way)."""
+    bundle, data, _ = demo()
+    res = train(bundle, data, tmp_path / "run", steps=25, seed=3, optimizer="zo-gn",
+                trainable="head.*", batch_size=32, population=population,
+                options={"probes": 4, "restore": "drift", "lr": 3.0, "damping": 0.3})
+    steps = [r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
+    assert {r["accepted"] for r in steps} == {True, False}  # lr 3: some steps undone
+    assert res["loss_last"] < res["loss_first"]
+    store, n = replay_journal(bundle, res["journal"])
+    assert n == 25
+    assert store.digest() == res["sha256"]
+
+
+def test_a_drift_step_without_a_finite_loss_is_taken_back_and_replays() -> None:
+    """Non-finite outputs: no update, the last probe taken back (to float32 drift), and the
+    record replayed on a fresh store gives the very same weights."""
+    bundle, data, _ = demo()
+    y = data.y[:32]
+    model = Model(bundle, trainable="head.*")
+    before = model.store.flat().copy()
+    opt = make_optimizer("zo-gn", probes=3, seed=2, restore="drift")
+
+    def outputs(pop: Population):
+        pop.place(0)
+        return np.full((1, 32, 10), np.nan, np.float32), y, cross_entropy
+
+    info = opt.step(model.store, lambda: 0.0, outputs=outputs)
+    assert not info.accepted
+    assert info.record["loss"] is None
+    assert np.max(np.abs(model.store.flat() - before)) <= 1e-6 * float(np.max(np.abs(before)))
+    fresh = Model(bundle, trainable="head.*")
+    again = make_optimizer("zo-gn", probes=3, seed=2, restore="drift")
+    again.replay(fresh.store, {**info.record, "step": 0})
+    np.testing.assert_array_equal(fresh.store.flat(), model.store.flat())

@@ -211,6 +211,14 @@ class Optimizer:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0
 
+    def example_bytes(self, output_numel: int) -> int:
+        """Bytes this optimizer keeps per example of a step's batch (for memory budgets;
+        default: none).
+
+        Args:
+            output_numel: elements of the model's first output per example."""
+        return 0
+
     def population_size(self, store: ParamStore) -> int:
         """Candidates of the largest `Population` one step asks for on `store` (1: none).
 

@@ -11,17 +11,19 @@ imported), in this order:
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
   4. otherwise (no taps, or a loss only ZO can use)   -> zo-gn (Gauss-Newton steps from the
-     outputs of 16 probes) for cross-entropy and mse up to 64 MiB of trainable float32
-     weights, fzoo (batched one-sided probes) for the other losses up to 16 MiB; zo-sgd
-     above (zo-gn and fzoo keep a copy of the slice; zo-sgd's drift restore keeps none)
+     outputs of 16 probes) for cross-entropy and mse: from a copy of the slice up to 64 MiB
+     of trainable float32 weights, in place above (restore "drift": no copy, the candidates
+     one forward each); fzoo (batched one-sided probes) for the other losses up to 16 MiB,
+     zo-sgd above (fzoo keeps a copy; zo-sgd's drift restore keeps none)
 
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
 forwards what ZO-SGD does not reach in thousands; without taps, zo-gn reaches ZO-SGD's final
 accuracy in 0.40 of its forwards and ends higher (0.824 against 0.738; FZOO: 0.58). Its
 damping is scale-free, so it also leads on a 4.35M-weight MLP (17 MB;
-`benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr diverges: hence its larger
-limit, the memory of a copy (1.5x the slice with the signs of 16 probes) being what stops it.
+`benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr diverges, and on a 17.1M-weight
+one (68 MB, above the copy limit), where zo-sgd at its default lr took the held-out accuracy
+from 0.514 to 0.078: above 64 MiB zo-gn probes in place rather than hand the run to zo-sgd.
 int8 weights and scales have one optimizer each. Explicit choices always win: this rule runs
 only for optimizer "auto".
 """
@@ -34,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 from edgelearn.optim.zo_sgd import AUTO_COPY_MAX_BYTES
 
-#: the largest trainable float32 slice zo-gn is the default for (module docstring, rule 4)
-ZO_GN_MAX_BYTES = 64 << 20
+#: the largest trainable float32 slice zo-gn probes from a copy of by default (in place
+#: above; module docstring, rule 4)
+ZO_GN_COPY_MAX_BYTES = 64 << 20
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -141,19 +144,21 @@ def _taps_missing(bundle: Bundle, backend: str) -> str | None:
 
 
 def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: str) -> Choice:
-    """zo-gn (cross-entropy, mse) or fzoo, or zo-sgd for a trainable slice too large to keep
-    a copy of (64 MiB for zo-gn, 16 MiB for fzoo)."""
+    """zo-gn (cross-entropy, mse; in place above 64 MiB of trainable weights) or fzoo, or
+    zo-sgd for a slice too large for fzoo's copy (16 MiB)."""
     why = _taps_missing(bundle, backend) or (
         f"the {objective} loss is not one tpSGD's head computes" if objective not in
         TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
     nbytes = sum(s.nbytes for s in train if s.dtype == "float32")
-    gn = objective in TAPS_OBJECTIVES  # the losses zo-gn's curvature is written for
-    if nbytes > (ZO_GN_MAX_BYTES if gn else AUTO_COPY_MAX_BYTES):
-        return _pick("zo-sgd", f"{why}; {nbytes / (1 << 20):.0f} MiB of trainable weights: "
-                     "MeZO's in-place probes need no copy of them")
-    if gn:
+    size = f"{nbytes / (1 << 20):.0f} MiB of trainable weights"
+    if objective in TAPS_OBJECTIVES:  # the losses zo-gn's curvature is written for
+        if nbytes > ZO_GN_COPY_MAX_BYTES:
+            return _pick("zo-gn", f"{why}; {size}: Gauss-Newton steps from its probes' "
+                         "outputs, written in place (no copy of them)", restore="drift")
         return _pick("zo-gn", f"{why}: Gauss-Newton steps from the outputs of its probes, "
                      "fewer forwards than fzoo")
+    if nbytes > AUTO_COPY_MAX_BYTES:
+        return _pick("zo-sgd", f"{why}; {size}: MeZO's in-place probes need no copy of them")
     return _pick("fzoo", f"{why}: batched one-sided probes, fewer forwards than zo-sgd")
 
 

@@ -335,18 +335,35 @@ def draw_signs(run_seed: int, step: int, probe: int, n: int, *,
     Returns: uint8 array of ceil(n / 64) * 8 bytes (read-only when drawn in a block: short
         vectors, `edgelearn.rng.block_rademacher_bytes`).
     """
-    words = -(-n // 64)
-    signs = block_rademacher_bytes(run_seed, step, probe, words)  # short: drawn in blocks
+    signs = block_rademacher_bytes(run_seed, step, probe, -(-n // 64))  # short: in blocks
     if signs is not None:
         return signs
+    return draw_sign_range(run_seed, step, probe, 0, n, threads=threads)
+
+
+def draw_sign_range(run_seed: int, step: int, probe: int, start: int, stop: int, *,
+                    threads: int | None = None) -> np.ndarray:
+    """Packed signs of elements [start, stop) of z(run_seed, step, probe): bytes start // 8
+    on of `rademacher_bytes` (Philox is counter based: a range is drawn on its own).
+
+    Args:
+        run_seed, step, probe: the noise key (non-negative ints).
+        start, stop: element range; start a multiple of 256 (one Philox block of 4 words).
+        threads: parallel blocks for ranges of >= PARALLEL_MIN elements (None:
+            `default_threads()`).
+    Returns: uint8 array of ceil((stop - start) / 64) * 8 bytes.
+    """
+    if start % (64 * _WORDS_PER_BLOCK) or stop < start:
+        raise ValueError(f"bad sign range [{start}, {stop}): start a multiple of 256")
     key = philox_key_ints(run_seed, step, probe)  # checks the ints; derives keys in blocks
-    if n >= PARALLEL_MIN:
+    w0, w1 = start // 64, -(-stop // 64)
+    if stop - start >= PARALLEL_MIN:
         threads = default_threads() if threads is None else max(1, int(threads))
-    if n < PARALLEL_MIN or threads == 1:
-        return _words(key, 0, words).astype("<u8", copy=False).view(np.uint8)
-    out = np.empty(words, "<u8")
-    futures = [_pool(threads).submit(_draw, key, out, a, b)
-               for a, b in _blocks(words, threads, _WORDS_PER_BLOCK)]
+    if stop - start < PARALLEL_MIN or threads == 1:
+        return _words(key, w0, w1).astype("<u8", copy=False).view(np.uint8)
+    out = np.empty(w1 - w0, "<u8")
+    futures = [_pool(threads).submit(_draw, key, out, a, b, w0)
+               for a, b in _blocks(w1 - w0, threads, _WORDS_PER_BLOCK)]
     for f in futures:
         f.result()
     return out.view(np.uint8)
@@ -371,6 +388,7 @@ def _words(key: tuple[int, int], a: int, b: int) -> np.ndarray:
     return gen.random_raw(b - a)
 
 
-def _draw(key: tuple[int, int], out: np.ndarray, a: int, b: int) -> None:
-    """`_words(key, a, b)` into out[a:b] (a parallel block of `draw_signs`)."""
-    out[a:b] = _words(key, a, b)
+def _draw(key: tuple[int, int], out: np.ndarray, a: int, b: int, first: int = 0) -> None:
+    """Words [first + a, first + b) of the stream into out[a:b] (a parallel block of
+    `draw_sign_range`; first on a block boundary)."""
+    out[a:b] = _words(key, first + a, first + b)

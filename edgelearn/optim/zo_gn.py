@@ -40,6 +40,17 @@ A step costs K + 2 forwards; the K + 1 candidates theta and theta + eps z_k are 
 `Population` request, so a backend with a population graph computes their outputs in ONE
 runtime call.
 
+Restore (`restore`): "copy" ("auto") keeps the unperturbed slice in a copy and writes the
+candidates and the update from it, so the weights after a step are exactly the update applied
+in float32. "drift" keeps no copy, for slices too large to hold twice (memory about the
+inference's; `train` picks it above 64 MiB): as MeZO (Malladi et al. 2023) it moves the
+weights in place, theta + eps z_0, then from each probe to the next (-eps z_k + eps z_{k+1},
+one pass), and after the solve back by -eps z_{K-1} fused with the update in one pass (an
+undone step: its terms negated, one pass more). float32 does not give theta back exactly
+after +eps z - eps z; replay repeats the same passes, so the drift is reproduced bit-exactly.
+Each candidate is then one forward of the model (no population graph: its rows would be a
+copy).
+
 In float64 numpy from the float32 outputs. The journal record holds (seeds, a, lr, eps,
 damping, loss, accepted) and the check's loss under "evals"; replay applies the recorded a
 with the same float32 operations as training (no data, no forwards: the solve is not
@@ -57,13 +68,12 @@ import numpy as np
 
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.losses import cross_entropy, mse
-from edgelearn.optim.base import Forward, Optimizer, register
+from edgelearn.optim.base import Forward, Optimizer, Population, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
     check_noise_fields,
     chunk_field,
-    copy_restore_field,
     pool_size_field,
     schedule_field,
     scheduled,
@@ -79,6 +89,8 @@ DAMPING_UP = 4.0
 DAMPING_SCALES = ("curvature", "weights")
 #: a direction's curvature counts as at least this fraction of the mean (Marquardt's scaling)
 CURVATURE_FLOOR = 1e-3
+#: restore policies (module docstring); "auto" is "copy"
+RESTORES = ("auto", "copy", "drift")
 
 
 @dataclass(frozen=True)
@@ -107,7 +119,10 @@ class ZOGNOptions(OptimizerOptions):
         "rademacher, gaussian or pool", cli="--noise", choices=NOISE_KINDS))
     schedule: str = schedule_field()
     total_steps: int | None = total_steps_field()
-    restore: str = copy_restore_field("zo-gn")
+    restore: str = field(default="auto", metadata=meta(
+        "copy (auto): candidates and update written from a copy of the trainable slice; "
+        "drift: in place, no copy (memory of the inference; the float32 drift of "
+        "+eps z - eps z is replayed bit-exactly)", cli="--restore", choices=RESTORES))
     chunk: int = chunk_field()
     pool_size: int = pool_size_field()
 
@@ -217,18 +232,31 @@ class ZOGN(Optimizer):
         super().__init__(**options)
         o = self.options
         self.arena = ProbeArena(Noise(o.noise, pool_size=o.pool_size, pool_seed=o.seed),
-                                o.chunk, self.name)
+                                o.chunk, self.name, lean=o.restore == "drift")
         #: the damping of the next step (lambda_t)
         self.damping_now = o.damping
 
+    @property
+    def drift(self) -> bool:
+        """True when candidates and update are written in place (restore "drift")."""
+        return self.options.restore == "drift"
+
     def memory_bytes(self, store: ParamStore) -> int:
-        """The pre-step copy + packed signs of every probe + chunk buffers."""
+        """The pre-step copy (not under drift) + packed signs of every probe + chunk
+        buffers."""
         n, o = store.n_trainable("float32"), self.options
-        return self.arena.step_bytes(n, o.probes, o.pool_size)
+        return self.arena.step_bytes(n, o.probes, o.pool_size, copy=not self.drift)
+
+    def example_bytes(self, output_numel: int) -> int:
+        """The K + 1 candidates' float32 outputs (each copied once as they are stacked) and
+        the float64 system built from them (the outputs, the Jacobian, the curvature
+        products and the residual)."""
+        k = self.options.probes
+        return output_numel * (2 * 4 * (k + 1) + 8 * (4 * k + 2))
 
     def population_size(self, store: ParamStore) -> int:
-        """theta and its K probes."""
-        return self.options.probes + 1
+        """theta and its K probes (one at a time under drift)."""
+        return 1 if self.drift else self.options.probes + 1
 
     def lr_at(self, t: int) -> float:
         """The step fraction of step t under the schedule, times `lr_scale` (divergence
@@ -265,32 +293,71 @@ class ZOGN(Optimizer):
         if outputs is None:
             raise InputError("zo-gn needs the model outputs of its probes: train it with a "
                              "Session (or step(..., outputs=Forwards.outputs))")
-        theta = self.arena.begin(store)
-        copy = self.arena.copy
-        assert copy is not None
+        theta = self.arena.begin(store, copy=not self.drift)
         t, o = self.t, self.options
         seeds = [(self.seed, t, k) for k in range(o.probes)]
-        pop = self.arena.population(theta, [[], *([(np.float32(o.eps), key)]
-                                                   for key in seeds)])
-        out, y, loss_fn = yield Forward(lambda: outputs(pop), forwards=pop.size)
+        if self.drift:
+            out, y, loss_fn = yield from self._drift_outputs(theta, seeds, outputs)
+        else:
+            pop = self.arena.population(theta, [[], *([(np.float32(o.eps), key)]
+                                                       for key in seeds)])
+            out, y, loss_fn = yield Forward(lambda: outputs(pop), forwards=pop.size)
         lam, lr = self.damping_now, self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr,
                                   "eps": o.eps, "damping": lam}
         G, g, l0, Q = gauss_newton_system(out, y, loss_fn, o.eps)
-        scale = marquardt_scale(G) if o.damping_scale == "curvature" else copy.size
+        scale = marquardt_scale(G) if o.damping_scale == "curvature" else theta.size
         a = trust_scaled(gauss_newton_step(G, g, lam * scale), Q, o.trust)
-        if not (math.isfinite(l0) and np.isfinite(a).all()):  # reject: weights back exactly
-            np.copyto(theta, copy)
+        if not (math.isfinite(l0) and np.isfinite(a).all()):  # reject: weights back
+            self._move(theta, seeds, None, lr)
             self._advance(False)
             return {**record, "a": [0.0] * len(seeds), "loss": None, "accepted": False}
         a_list = [float(v) for v in a]
-        self.arena.combine(theta, copy, self._terms(a_list, seeds, lr))
+        self._move(theta, seeds, a_list, lr)
         l_new = yield  # the step's check: the loss after it, on the same batch
         kept = math.isfinite(l_new) and l_new <= l0
         if not kept:
-            np.copyto(theta, copy)
+            self._undo(theta, seeds, a_list, lr)
         self._advance(kept)
         return {**record, "a": a_list, "loss": l0, "accepted": kept}
+
+    def _drift_outputs(self, theta: np.ndarray, seeds: list[tuple[int, int, int]],
+                       outputs: Callable[[Population], Any]) -> Generator[Any, Any, Any]:
+        """(outputs [K + 1, ...], y, loss_fn) of theta and its K probes written in place one
+        after the other (theta is left at the last probe: `_move` takes it back)."""
+        e32 = np.float32(self.options.eps)
+        rows: list[np.ndarray] = []
+        for k in range(len(seeds) + 1):
+            if k:  # from the previous probe (or theta) to this one in one pass
+                prev = [(-e32, seeds[k - 2])] if k > 1 else []
+                self.arena.combine(theta, theta, [*prev, (e32, seeds[k - 1])])
+            out, y, loss_fn = yield Forward(lambda: outputs(Population(1, _in_place)))
+            rows.append(np.asarray(out)[0])
+        return np.stack(rows), y, loss_fn
+
+    def _move(self, theta: np.ndarray, seeds: list[tuple[int, int, int]],
+              a: list[float] | None, lr: float) -> None:
+        """The step's update (a None: none): from the copy, or under drift from the last
+        probe, whose -eps z_{K-1} is fused with the update's terms in one pass."""
+        terms = self._terms(a, seeds, lr) if a is not None else []
+        if not self.drift:
+            assert self.arena.copy is not None
+            if terms:
+                self.arena.combine(theta, self.arena.copy, terms)
+            else:
+                np.copyto(theta, self.arena.copy)
+            return
+        self.arena.combine(theta, theta, [(-np.float32(self.options.eps), seeds[-1]), *terms])
+
+    def _undo(self, theta: np.ndarray, seeds: list[tuple[int, int, int]], a: list[float],
+              lr: float) -> None:
+        """Take back an update the check refused: the copy, or under drift its terms
+        negated (one pass; replay repeats it)."""
+        if not self.drift:
+            assert self.arena.copy is not None
+            np.copyto(theta, self.arena.copy)
+            return
+        self.arena.combine(theta, theta, [(-c, key) for c, key in self._terms(a, seeds, lr)])
 
     def replay(self, store: ParamStore, record: dict[str, Any], **extra: Any) -> None:
         """Apply a journal record: its a with the float32 operations of training (no data, no
@@ -314,9 +381,20 @@ class ZOGN(Optimizer):
             raise InputError(f"journal record of step {step} does not reproduce: "
                              f"{self.replay_hint}")
         self.t = step
-        theta = self.arena.begin(store)
-        if record["accepted"]:
-            assert self.arena.copy is not None
-            self.arena.combine(theta, self.arena.copy, self._terms(a, seeds, lr))
+        theta = self.arena.begin(store, copy=not self.drift)
+        if self.drift:  # the probes' passes, as training wrote them
+            e32 = np.float32(o.eps)
+            for k in range(len(seeds)):
+                prev = [(-e32, seeds[k - 1])] if k else []
+                self.arena.combine(theta, theta, [*prev, (e32, seeds[k])])
+        solved = record.get("loss") is not None  # else rejected before any update
+        if self.drift or record["accepted"]:
+            self._move(theta, seeds, a if solved else None, lr)
+        if self.drift and solved and not record["accepted"]:
+            self._undo(theta, seeds, a, lr)
         self._advance(record["accepted"])
         self.t = step + 1
+
+
+def _in_place(j: int) -> None:
+    """`Population.place` of a candidate that is already in the weights (drift probes)."""

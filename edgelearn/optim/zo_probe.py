@@ -18,12 +18,14 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Population
-from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
+from edgelearn.optim.kernels import SignPass, draw_sign_range, draw_signs, signed_rows
 from edgelearn.params import ParamStore
 from edgelearn.rng import Noise, noise_chunks
 
 #: one term of a combination: (coefficient, noise key (run_seed, step, probe))
 Term = tuple[np.float32, tuple[int, int, int]]
+#: elements per segment of a lean arena's passes (a multiple of 256: a Philox block)
+SEGMENT = 1 << 22
 
 
 class ProbeArena:
@@ -33,10 +35,13 @@ class ProbeArena:
         noise: a `Noise` generator (rademacher, gaussian or pool).
         chunk: elements per noise chunk (results do not depend on it).
         owner: optimizer name for error messages.
+        lean: keep no packed signs: each pass over more than SEGMENT elements draws its
+            terms' signs segment by segment (the same bits; K probes' signs would take K/32
+            of the slice's bytes, which in-place probing exists to avoid).
     """
 
-    def __init__(self, noise: Noise, chunk: int, owner: str) -> None:
-        self.noise, self.chunk, self.owner = noise, chunk, owner
+    def __init__(self, noise: Noise, chunk: int, owner: str, lean: bool = False) -> None:
+        self.noise, self.chunk, self.owner, self.lean = noise, chunk, owner, lean
         self.n: int | None = None
         self.copy: np.ndarray | None = None
         self._zbuf = np.empty(chunk, np.float32)
@@ -48,28 +53,33 @@ class ProbeArena:
         """Bytes of the sign kernel's chunk buffers for a slice of n elements."""
         return self._pass.buffer_bytes(n) if self.noise.kind == "rademacher" else 0
 
-    def step_bytes(self, n: int, probes: int, pool_size: int) -> int:
-        """Bytes a step keeps besides the optimizer's own buffers: the pre-step copy, the
-        packed signs of `probes` probes, the noise pool, the chunk and kernel buffers."""
+    def step_bytes(self, n: int, probes: int, pool_size: int, copy: bool = True) -> int:
+        """Bytes a step keeps besides the optimizer's own buffers: the pre-step copy (unless
+        copy=False), the packed signs of `probes` probes, the noise pool, the chunk and kernel
+        buffers."""
         kind = self.noise.kind
-        signs = probes * (-(-n // 64) * 8) if kind == "rademacher" else 0
+        # a lean pass draws one segment per term (the update's K and a probe's -eps)
+        rows, kept = (probes + 1, min(n, SEGMENT)) if self.lean else (probes, n)
+        signs = rows * (-(-kept // 64) * 8) if kind == "rademacher" else 0
         pool = 4 * pool_size if kind == "pool" else 0
-        return 4 * n + signs + pool + 8 * self.chunk + self.pass_bytes(n)
+        return 4 * n * copy + signs + pool + 8 * self.chunk + self.pass_bytes(n)
 
-    def begin(self, store: ParamStore) -> np.ndarray:
-        """Start a step: the trainable fp32 slice (theta), copied into `self.copy`."""
+    def begin(self, store: ParamStore, copy: bool = True) -> np.ndarray:
+        """Start a step: the trainable fp32 slice (theta), copied into `self.copy` (left
+        None with copy=False: candidates written in place)."""
         theta = store.flat("float32")
         if theta.size == 0:
             raise InputError(f"{self.owner} needs trainable float32 parameters; none are "
                              "selected")
         if self.n is None:
             self.n = theta.size
-            self.copy = np.empty_like(theta)
         elif theta.size != self.n:
             raise InputError(f"store has {theta.size} trainable elements, this optimizer "
                              f"was set up for {self.n}")
-        assert self.copy is not None
-        np.copyto(self.copy, theta)
+        if copy:
+            if self.copy is None:
+                self.copy = np.empty_like(theta)
+            np.copyto(self.copy, theta)
         self._signs.clear()
         return theta
 
@@ -97,8 +107,19 @@ class ProbeArena:
     def _combine_signs(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term]) -> None:
         """Rademacher `combine`: zo-sgd's sign kernels (`optim.kernels`; exactly +-coef, one
         pass for all terms, threaded over large slices; same bits for any thread count)."""
-        self._pass.run(dst, src, [coef for coef, _ in terms],
-                       [self.signs(key, dst.size) for _, key in terms])
+        coefs, n = [coef for coef, _ in terms], dst.size
+        if not self.lean or n <= SEGMENT:
+            self._pass.run(dst, src, coefs, [self.signs(key, n) for _, key in terms])
+            return
+        for a in range(0, n, SEGMENT):  # each element's float operations are the same
+            b = min(a + SEGMENT, n)
+            self._pass.run(dst[a:b], src[a:b], coefs, [
+                draw_sign_range(*key, a, b, threads=self._pass.threads) for _, key in terms])
+
+    @property
+    def kept_sign_bytes(self) -> int:
+        """Bytes of the packed signs this step keeps (0 in a lean arena's large passes)."""
+        return sum(a.nbytes for a in self._signs.values())
 
     def signs(self, key: tuple[int, int, int], n: int) -> np.ndarray:
         """Packed Rademacher signs of probe `key` (drawn once per step)."""

@@ -147,7 +147,7 @@ class LossEvaluator(StepEvaluator):
 
         def outputs(pop: Population) -> tuple[np.ndarray, Any, LossFn]:
             t0 = time.perf_counter()
-            if self.pop_eval is not None:
+            if self.pop_eval is not None and pop.fill is not None:
                 out = self.pop_eval.forward(pop, x)
             else:
                 out = placed_outputs(pop, lambda: model.predict(x))

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgelearn.budget import MARGIN, plan_batch, run_memory_bytes
+from edgelearn.budget import MARGIN, output_numel, plan_batch, run_memory_bytes
 from edgelearn.bundle import Bundle, load_bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import EdgelearnError, InputError
@@ -459,7 +459,8 @@ class Session:
                           base_mb=self._plan_base,
                           extra_bytes=self.optimizer.memory_bytes(store)
                           + self.evaluator.memory_bytes(cands) + keeps,
-                          candidates=self.evaluator.rows_per_call(cands))
+                          candidates=self.evaluator.rows_per_call(cands),
+                          example_bytes=self.optimizer.example_bytes(output_numel(self.bundle)))
         if plan["batch_size"] < batch_size and n_examples:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{budget:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
