@@ -54,6 +54,8 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("--opt", "radius=2", "--opt", 'rounding="stochastic"')),
     ("polystep/float-population", "polystep", "demo", ()),
     ("tpsgd", "tpsgd", "demo", ()),
+    *((f"zo-gn/{r}", "zo-gn", "demo", ("--restore", r, "--probes", "4", "--trainable", "*"))
+      for r in ("copy", "drift")),
 )
 
 

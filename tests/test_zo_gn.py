@@ -249,13 +249,14 @@ def test_a_tampered_record_is_refused_on_replay(tmp_path) -> None:
         replay_journal(bundle, bad)
 
 
-def test_litert_runs_it_and_its_journal_replays(tmp_path) -> None:
+@pytest.mark.parametrize("restore", ["copy", "drift"])
+def test_litert_runs_it_and_its_journal_replays(tmp_path, restore: str) -> None:
     """On LiteRT (no population graph: K + 1 forwards a step) the same records replay to the
     trained weights; the losses agree with onnxruntime's run to float rounding."""
     pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT (ai-edge-litert) absent")
     bundle, data, _ = demo()
     kw = {"steps": 6, "seed": 2, "optimizer": "zo-gn", "trainable": "head.*",
-          "batch_size": 32, "options": {"probes": 3}, "threads": 1}
+          "batch_size": 32, "options": {"probes": 3, "restore": restore}, "threads": 1}
     lite = train(bundle, data, tmp_path / "lite", backend="litert", **kw)
     ort = train(bundle, data, tmp_path / "ort", **kw)
     assert not lite["population_graph"]
@@ -265,12 +266,14 @@ def test_litert_runs_it_and_its_journal_replays(tmp_path) -> None:
     assert_close(lite["loss_first"], ort["loss_first"], rtol=1e-5)
 
 
-def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path) -> None:
+@pytest.mark.parametrize("restore", ["copy", "drift"])
+def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path, restore: str) -> None:
     """Head-only: the outputs come from the cached frozen prefix's suffix or from the whole
     model; the same steps (losses to float rounding), each journal replaying exactly."""
     bundle, data, _ = demo()
     kw = {"steps": 8, "seed": 4, "optimizer": "zo-gn", "trainable": "head.*",
-          "batch_size": 32, "options": {"probes": 4}, "population": False}
+          "batch_size": 32, "options": {"probes": 4, "restore": restore},
+          "population": False}
     cached = train(bundle, data, tmp_path / "cached", **kw)
     plain = train(bundle, data, tmp_path / "plain", prefix_cache=False, **kw)
     assert cached["cache"]["enabled"]
