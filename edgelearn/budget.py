@@ -161,7 +161,8 @@ def plan_batch(
         budget_mb: memory budget for the whole process (MiB).
         extra_bytes: optimizer buffers (e.g. the restore copy of the trainable slice) and
             what the run keeps (`run_memory_bytes`).
-        base_mb: resident memory with the model loaded (default: measured now).
+        base_mb: resident memory with the model loaded (default: measured after the graph
+            analyses, returned as "base_mb" for later plans of the same process).
         candidates: forwards one runtime call runs at once (a population graph scores an
             optimizer's candidates together): the activations the graph computes per
             candidate (`population_activation_bytes`) count this many times.
@@ -169,11 +170,11 @@ def plan_batch(
             (`Optimizer.example_bytes`: zo-gn's candidate outputs).
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
               "activation_kb_per_example", "unbatched_intermediates_kb" (`activation_profile`'s
-              fixed part), "optimizer_kb_per_example", "candidates_per_call", "extra_bytes"}.
+              fixed part), "optimizer_kb_per_example", "candidates_per_call", "extra_bytes",
+              "base_mb"}.
               Raises
               InputError if even batch 1 does not fit.
     """
-    base = current_rss_mb() if base_mb is None else base_mb
     per_ex = fixed = 0
     if "onnx" in bundle.files:
         per_ex, fixed = activation_profile(bundle.files["onnx"])
@@ -187,6 +188,8 @@ def plan_batch(
             per_ex = max(per_ex, shared + candidates * each)
         else:  # onnx not installed: every activation counted per candidate
             per_ex *= candidates
+    # measured after the graph analyses: their onnx import and protos stay resident
+    base = current_rss_mb() if base_mb is None else base_mb
 
     def peak(b: int) -> float:
         return MARGIN * (base + (extra_bytes + fixed + (per_ex + example_bytes) * b) / (1 << 20))
@@ -208,7 +211,7 @@ def plan_batch(
             "predicted_peak_mb": peak(fit), "budget_mb": budget_mb,
             "activation_kb_per_example": round(per_ex / 1024, 1),
             "unbatched_intermediates_kb": round(fixed / 1024, 1),
-            "optimizer_kb_per_example": round(example_bytes / 1024, 1),
+            "optimizer_kb_per_example": round(example_bytes / 1024, 1), "base_mb": base,
             "candidates_per_call": candidates, "extra_bytes": extra_bytes}
 
 
@@ -275,7 +278,7 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
     model = Model(bundle, backend=backend, trainable=trainable, threads=threads)
     # the population graph's session, as a run loads it (its memory is in the base)
     scorer = model.backend.population_scorer() if model.backend.can_score_population() else None
-    base = current_rss_mb()  # once: every optimizer's plan from the same loaded model
+    base = None  # measured by the first plan, after its graph analyses; then the same for all
     fits: dict[str, dict[str, Any]] = {}
     for name, support in optimizer_support(bundle).items():
         if support["supported"] is False:
@@ -291,6 +294,7 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
             fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
                                     extra_bytes=extra, base_mb=base, candidates=rows,
                                     example_bytes=opt.example_bytes(output_numel(bundle)))
+            base = fits[name]["base_mb"]
         except EdgelearnError as e:
             fits[name] = {"error": str(e)}
     if scorer is not None:

@@ -451,16 +451,13 @@ class Session:
                                  snapshots=self._divergence is not None,
                                  timing_samples=TIMING_SAMPLES, timers=Timers.count())
         cands = self.optimizer.population_size(store)
-        if self._plan_base is None:
-            from edgelearn.osutil import current_rss_mb
-
-            self._plan_base = current_rss_mb()
         plan = plan_batch(self.bundle, batch_size=batch_size, budget_mb=budget,
                           base_mb=self._plan_base,
                           extra_bytes=self.optimizer.memory_bytes(store)
                           + self.evaluator.memory_bytes(cands) + keeps,
                           candidates=self.evaluator.rows_per_call(cands),
                           example_bytes=self.optimizer.example_bytes(output_numel(self.bundle)))
+        self._plan_base = plan["base_mb"]  # measured once (later plans would count our own)
         if plan["batch_size"] < batch_size and n_examples:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
                   f"{budget:.0f} MB; using {plan['batch_size']}", file=sys.stderr)
