@@ -115,24 +115,31 @@ def _nan_data(ds: Dataset, step: int, seed: int, batch_size: int = 32) -> Datase
     return Dataset(x, ds.y)
 
 
-@pytest.mark.parametrize("restore", ["copy", "drift"])
-def test_nan_batch_rejected_weights_exact_training_continues(tiny, tmp_path, restore) -> None:
+@pytest.mark.parametrize(("optimizer", "restore"), [("zo-sgd", "copy"), ("zo-sgd", "drift"),
+                                                   ("zo-gn", "drift")])
+def test_nan_batch_rejected_weights_exact_training_continues(tiny, tmp_path, optimizer,
+                                                             restore) -> None:
     bundle_dir, data = tiny
     bundle = load_bundle(bundle_dir)
     bad_step, seed = 12, 5
     ds = _nan_data(_data(data), bad_step, seed)
-    opts = {"lr": 0.05, "restore": restore}
+    opts = {"lr": 0.05, "restore": restore, **({"probes": 4} if optimizer == "zo-gn" else {})}
     run = tmp_path / "run"
-    before = train(bundle, ds, run, steps=bad_step, seed=seed, options=opts)
-    after = train(bundle, ds, run, steps=bad_step + 1, seed=seed, options=opts)
+    before = train(bundle, ds, run, steps=bad_step, seed=seed, options=opts,
+                   optimizer=optimizer)
+    after = train(bundle, ds, run, steps=bad_step + 1, seed=seed, options=opts,
+                  optimizer=optimizer)
     rec = read_journal(run / JOURNAL)[0][-1]
     assert rec["step"] == bad_step
     assert rec["accepted"] is False
-    assert any(v is None for v in rec["evals"])  # NaN/inf journaled as null
+    if optimizer == "zo-gn":  # non-finite outputs: no solve, no check forward
+        assert rec["loss"] is None
+    else:
+        assert any(v is None for v in rec["evals"])  # NaN/inf journaled as null
     if restore == "copy":  # exact restore: the weights are the pre-step weights, bit for bit
         assert after["sha256"] == before["sha256"]
     # Steps 13..15 are the rest of epoch 0 (16 batches of 32): batches without the bad rows.
-    final = train(bundle, ds, run, steps=16, seed=seed, options=opts)
+    final = train(bundle, ds, run, steps=16, seed=seed, options=opts, optimizer=optimizer)
     recs = read_journal(run / JOURNAL)[0][bad_step + 2 :]
     assert len(recs) == 3
     assert all(r["accepted"] for r in recs)  # training continues
