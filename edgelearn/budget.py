@@ -171,9 +171,7 @@ def plan_batch(
     Returns: {"batch_size", "requested_batch_size", "predicted_peak_mb", "budget_mb",
               "activation_kb_per_example", "unbatched_intermediates_kb" (`activation_profile`'s
               fixed part), "optimizer_kb_per_example", "candidates_per_call", "extra_bytes",
-              "base_mb"}.
-              Raises
-              InputError if even batch 1 does not fit.
+              "base_mb"}. Raises InputError if even batch 1 does not fit.
     """
     per_ex = fixed = 0
     if "onnx" in bundle.files:

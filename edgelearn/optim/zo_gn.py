@@ -325,15 +325,19 @@ class ZOGN(Optimizer):
                        outputs: Callable[[Population], Any]) -> Generator[Any, Any, Any]:
         """(outputs [K + 1, ...], y, loss_fn) of theta and its K probes written in place one
         after the other (theta is left at the last probe: `_move` takes it back)."""
-        e32 = np.float32(self.options.eps)
         rows: list[np.ndarray] = []
         for k in range(len(seeds) + 1):
-            if k:  # from the previous probe (or theta) to this one in one pass
-                prev = [(-e32, seeds[k - 2])] if k > 1 else []
-                self.arena.combine(theta, theta, [*prev, (e32, seeds[k - 1])])
+            if k:
+                self._to_probe(theta, seeds, k - 1)
             out, y, loss_fn = yield Forward(lambda: outputs(Population(1, _in_place)))
             rows.append(np.asarray(out)[0])
         return np.stack(rows), y, loss_fn
+
+    def _to_probe(self, theta: np.ndarray, seeds: list[tuple[int, int, int]], k: int) -> None:
+        """Under drift: theta from probe k - 1 (theta itself for k = 0) to probe k, one pass."""
+        e32 = np.float32(self.options.eps)
+        self.arena.combine(theta, theta, [*([(-e32, seeds[k - 1])] if k else []),
+                                          (e32, seeds[k])])
 
     def _move(self, theta: np.ndarray, seeds: list[tuple[int, int, int]],
               a: list[float] | None, lr: float) -> None:
@@ -382,11 +386,8 @@ class ZOGN(Optimizer):
                              f"{self.replay_hint}")
         self.t = step
         theta = self.arena.begin(store, copy=not self.drift)
-        if self.drift:  # the probes' passes, as training wrote them
-            e32 = np.float32(o.eps)
-            for k in range(len(seeds)):
-                prev = [(-e32, seeds[k - 1])] if k else []
-                self.arena.combine(theta, theta, [*prev, (e32, seeds[k])])
+        for k in range(len(seeds) if self.drift else 0):  # the probes' passes, as trained
+            self._to_probe(theta, seeds, k)
         solved = record.get("loss") is not None  # else rejected before any update
         if self.drift or record["accepted"]:
             self._move(theta, seeds, a if solved else None, lr)

@@ -1,4 +1,4 @@
-"""Probe arithmetic shared by the batched zeroth-order optimizers (fzoo, adamezo).
+"""Probe arithmetic shared by the batched zeroth-order optimizers (fzoo, adamezo, zo-gn).
 
 A step of these optimizers keeps the unperturbed trainable slice in a copy, scores candidates
 theta + sum_k c_k z_k written from that copy (as one `Population` request), and writes the
@@ -6,7 +6,9 @@ update from the copy again, so the weights after a step are exactly the update r
 float32 and replay repeats the same float operations. The noise z(seed, step, probe) is
 `edgelearn.rng`'s, as in zo-sgd (Malladi et al. 2023, MeZO: regenerated from its seed, never
 stored); Rademacher signs are drawn once per probe and step and expanded by zo-sgd's
-kernels (`edgelearn.optim.kernels`).
+kernels (`edgelearn.optim.kernels`). An optimizer that writes its candidates in place (zo-gn
+under restore "drift") begins its steps without the copy and uses a lean arena, whose large
+passes draw their signs segment by segment instead of keeping them.
 """
 
 from __future__ import annotations
