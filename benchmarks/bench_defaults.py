@@ -13,6 +13,11 @@ half to personalize, half held out), batch 32, onnxruntime, one thread, three bu
   - "prepared": the demo model as plain inference ONNX (`bake`) through `prepare` (head taps
     found in the ONNX graph,
     every weight trainable, so ZO must train the hidden layer). The default is hybrid.
+  - "binary" (not run unless named in --kinds): a wake-word-like head, one sigmoid
+    probability, on the same features: the demo's frozen hidden layer and a new 64 -> 1
+    head fitted (numpy logistic regression) on the pretraining digits to "is the digit odd",
+    built as plain ONNX and prepared; the head trains on the user's shifted digits with the
+    bce loss, which tpSGD's head does not compute, so the default is a ZO method.
 On each: the default (`TrainConfig()`, optimizer "auto") and zo-sgd (one probe, eps 1e-3)
 at each lr of a small grid, every run `budget` forwards (a population of K counts K, a taps
 forward counts one), held-out accuracy every ~50 forwards. zo-sgd's target is the final
@@ -66,10 +71,13 @@ def per_step(config: el.TrainConfig) -> int:
     return {"tpsgd": 1, "fzoo": probes + 1, "zo-gn": probes + 2}.get(name, 2 * probes)
 
 
-def run(bundle: el.Bundle, config: el.TrainConfig, budget: int, out: Path
-        ) -> dict[str, Any]:
-    """One run of `budget` forwards: (forwards, held-out accuracy) points and its choice."""
+def run(bundle: el.Bundle, config: el.TrainConfig, budget: int, out: Path,
+        binary: bool = False) -> dict[str, Any]:
+    """One run of `budget` forwards: (forwards, held-out accuracy) points and its choice
+    (binary: the labels "is the digit odd")."""
     tr, te, _ = demo_data(0)
+    if binary:
+        tr, te = (el.Dataset(d.x, d.y % 2) for d in (tr, te))
     runtime = el.RuntimeConfig(backend="onnxruntime", threads=1, device=None)
     resolved = config.resolve(bundle, "onnxruntime")
     fwd = per_step(resolved)
@@ -100,8 +108,8 @@ def summarize(runs: list[dict[str, Any]], target: float, budget: int) -> dict[st
 
 
 def bench_kind(bundle: el.Bundle, trainable: str | None, args: argparse.Namespace,
-               tmp: Path) -> dict[str, Any]:
-    """The default and zo-sgd's lr grid on one bundle kind."""
+               tmp: Path, binary: bool = False) -> dict[str, Any]:
+    """The default and zo-sgd's lr grid on one bundle kind (binary: its labels 0/1)."""
     labels: dict[str, el.TrainConfig] = {"default": el.TrainConfig(
         trainable=trainable, fsync_every=10_000)}
     grid = ZO_LRS["all" if trainable == "*" else "head"]
@@ -109,12 +117,14 @@ def bench_kind(bundle: el.Bundle, trainable: str | None, args: argparse.Namespac
         labels[f"zo-sgd lr {lr}"] = el.TrainConfig(
             optimizer="zo-sgd", options={"lr": lr, "eps": 1e-3, "probes": 1},
             trainable=trainable, fsync_every=10_000)
+    labels.update({name: el.TrainConfig(optimizer=name, trainable=trainable, fsync_every=10_000)
+                   for name in args.also})
     runs = {label: [run(bundle, el.TrainConfig(**{**cfg.__dict__, "seed": seed}),
-                        args.budget, tmp / f"{label}-{seed}".replace(" ", "_"))
+                        args.budget, tmp / f"{label}-{seed}".replace(" ", "_"), binary)
                     for seed in args.seeds]
             for label, cfg in labels.items()}
     finals = {label: statistics.mean(r["points"][-1][1] for r in rs)
-              for label, rs in runs.items() if label != "default"}
+              for label, rs in runs.items() if label.startswith("zo-sgd lr")}
     best = max(finals, key=lambda k: finals[k])
     target = finals[best]
     return {"trainable": trainable, "zo_sgd_best": best, "target_accuracy": target,
@@ -126,7 +136,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 forwards, one seed, 2 lrs")
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (0 1 2)")
-    ap.add_argument("--kinds", nargs="+", default=["demo", "no-taps", "prepared"])
+    ap.add_argument("--kinds", nargs="+", default=["demo", "no-taps", "prepared"],
+                    choices=["demo", "no-taps", "prepared", "binary"])
+    ap.add_argument("--also", nargs="+", default=[], metavar="OPTIMIZER",
+                    help="further optimizers at their own defaults on every kind (zo-gn fzoo)")
     args = ap.parse_args()
     args.budget = args.budget or (600 if args.quick else 3000)
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -136,10 +149,12 @@ def main() -> None:
         tmp = Path(tmp_s)
         bundles = {"demo": (lambda: el.load_bundle(DATA / "demo"), None),
                    "no-taps": (lambda: el.load_bundle(no_taps_bundle(tmp / "nt")), None),
-                   "prepared": (lambda: _prepared(tmp), "*")}
+                   "prepared": (lambda: _prepared(tmp), "*"),
+                   "binary": (lambda: _binary(tmp), "head.*")}
         for kind in args.kinds:
             make, trainable = bundles[kind]
-            res["kinds"][kind] = bench_kind(make(), trainable, args, tmp / kind)
+            res["kinds"][kind] = bench_kind(make(), trainable, args, tmp / kind,
+                                            binary=kind == "binary")
     _table(res)
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
@@ -151,6 +166,42 @@ def _prepared(tmp: Path) -> el.Bundle:
     baked = el.tools.bake(DATA / "demo", DATA / "demo" / "weights.safetensors", tmp / "baked")
     el.tools.prepare(baked["inference"]["onnx"], tmp / "prep")
     return el.load_bundle(tmp / "prep")
+
+
+def _binary(tmp: Path) -> el.Bundle:
+    """The binary kind's bundle (module docstring): the demo's hidden layer, a 64 -> 1
+    sigmoid head fitted to "odd" on the pretraining digits, as plain ONNX through prepare."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelearn.model import Model
+
+    store = Model(el.load_bundle(DATA / "demo")).store
+    w0, b0 = np.array(store["layers.0.weight"]), np.array(store["layers.0.bias"])
+    with np.load(DATA / "digits.npz", allow_pickle=False) as f:
+        pre = f["pretrain"]
+        x, t = f["x"][pre].astype(np.float64) / 16.0, (f["y"][pre] % 2).astype(np.float64)
+    h = np.maximum(x @ w0.T + b0, 0.0)
+    w, c = np.zeros(h.shape[1]), 0.0
+    for _ in range(2000):  # logistic regression by gradient descent (convex: any start)
+        g = 1.0 / (1.0 + np.exp(-(h @ w + c))) - t
+        w, c = w - 0.5 * h.T @ g / len(t), c - 0.5 * float(g.mean())
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("layers.0.weight", w0), ("layers.0.bias", b0), ("head.weight", w[None]),
+        ("head.bias", np.array([c])))]
+    nodes = [helper.make_node("Gemm", ["x", "layers.0.weight", "layers.0.bias"], ["a"],
+                              transB=1),
+             helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("Gemm", ["h", "head.weight", "head.bias"], ["z"], transB=1),
+             helper.make_node("Sigmoid", ["z"], ["prob"])]
+    graph = helper.make_graph(
+        nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp / "odd.onnx")
+    el.tools.prepare(tmp / "odd.onnx", tmp / "odd")
+    return el.load_bundle(tmp / "odd")
 
 
 def _table(res: dict[str, Any]) -> None:

@@ -82,6 +82,7 @@ def test_no_taps_choose_zo_gn_fzoo_and_in_place_probes_above_the_copy_limit(
     assert "no taps graph" in choice.why
     assert choose_optimizer(bare, objective="mse").name == "zo-gn"
     assert choose_optimizer(bare, objective="error-rate").name == "fzoo"  # not zo-gn's loss
+    assert choose_optimizer(bare, objective="bce").name == "zo-gn"  # in logits
     # zo-gn and fzoo keep a copy of the trainable slice; above their limits zo-gn probes in
     # place and fzoo hands over to zo-sgd's drift restore (the head's 2600 bytes stand in
     # for a large model)

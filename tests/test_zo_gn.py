@@ -169,7 +169,7 @@ def test_other_losses_and_a_bare_step_are_refused() -> None:
     def outputs(pop: Population):
         return np.zeros((pop.size, 8, 10), np.float32), y, lambda o, t: 0.0
 
-    with pytest.raises(InputError, match="cross_entropy and mse"):
+    with pytest.raises(InputError, match="cross_entropy, binary_cross_entropy and mse"):
         make_optimizer("zo-gn", probes=2).step(model.store, lambda: 0.0, outputs=outputs)
     with pytest.raises(InputError, match="damping"):
         make_optimizer("zo-gn", damping=0.0)
@@ -363,3 +363,62 @@ def test_a_drift_step_without_a_finite_loss_is_taken_back_and_replays() -> None:
     again = make_optimizer("zo-gn", probes=3, seed=2, restore="drift")
     again.replay(fresh.store, {**info.record, "step": 0})
     np.testing.assert_array_equal(fresh.store.flat(), model.store.flat())
+
+
+@pytest.mark.torch
+def test_a_bce_step_on_a_sigmoid_head_matches_torch_reference(tmp_path) -> None:
+    """bce (one sigmoid probability, a wake-word head prepared from plain ONNX): the step in
+    logits against torch's two-class cross-entropy Gauss-Newton, from torch's own forwards (a
+    to 1e-3: forward differences of float32 outputs) and from the device's outputs (1e-9),
+    the weights the update rule's to 1e-6."""
+    import torch
+    from onnx_models import sigmoid_head_onnx
+    from torch import nn
+    from torch_reference import zo_gn_coefficients, zo_gn_step
+
+    import edgelearn as el
+    from edgelearn.losses import binary_cross_entropy
+
+    el.tools.prepare(sigmoid_head_onnx(tmp_path / "ww.onnx"), tmp_path / "ww")
+    model = Model(el.load_bundle(tmp_path / "ww"))
+    store = model.store
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((24, 16, 8)).astype(np.float32)
+    y = rng.integers(0, 2, 24)
+    params = {n: torch.from_numpy(np.array(store[n])) for n in store.names}
+
+    class WakeWord(nn.Module):  # the ONNX graph in torch, tensors named and laid out alike
+        def __init__(self) -> None:
+            super().__init__()
+            self.dense, self.out = nn.Module(), nn.Module()
+            for mod, (k, m) in ((self.dense, (128, 8)), (self.out, (8, 1))):
+                mod.weight, mod.bias = nn.Parameter(torch.zeros(k, m)), nn.Parameter(
+                    torch.zeros(m))
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(inp.flatten(1) @ self.dense.weight + self.dense.bias)
+            return torch.sigmoid(h @ self.out.weight + self.out.bias)
+
+    lr, eps, k = 0.5, 1e-3, 5
+    opt = make_optimizer("zo-gn", lr=lr, eps=eps, probes=k, seed=2)
+    seen: list[np.ndarray] = []
+
+    def outputs(pop: Population):
+        rows = []
+        for j in range(pop.size):
+            pop.place(j)
+            rows.append(np.array(model.predict(x)))
+        seen.append(np.stack(rows))
+        return seen[-1], y, binary_cross_entropy
+
+    info = opt.step(store, lambda: binary_cross_entropy(model.predict(x), y), outputs=outputs)
+    assert info.accepted
+    zs = [named_noise(store, (2, 0, j)) for j in range(k)]
+    new, a = zo_gn_step(WakeWord(), params, zs, torch.from_numpy(x), torch.from_numpy(y),
+                        lr=lr, eps=eps, damping=3.0, loss="bce")
+    assert_close(info.record["a"], a, atol=0, rtol=1e-3)
+    a_ref = zo_gn_coefficients(torch.from_numpy(seen[0]), torch.from_numpy(y), eps=eps,
+                               damping=3.0, n=store.n_trainable("float32"),
+                               loss="bce").tolist()
+    assert_close(info.record["a"], a_ref, atol=0, rtol=1e-9)
+    assert_step_applied(store, params, new, zs, info.record["a"], lr)

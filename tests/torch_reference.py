@@ -413,20 +413,26 @@ def lozo_step(
 
 def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
                        damping: float, n: int, damping_scale: str = "curvature",
-                       trust: float | None = 1.0) -> torch.Tensor:
-    """The coefficients a of a zo-gn step on cross-entropy from its candidates' logits, float64
-    [K]: Jacobian by forward differences, gradient and softmax-covariance products, damped
-    solve.
+                       trust: float | None = 1.0, loss: str = "cross-entropy") -> torch.Tensor:
+    """The coefficients a of a zo-gn step on cross-entropy from its candidates' logits (or on
+    bce from their sigmoid probabilities, taken to logits), float64 [K]: Jacobian by forward
+    differences, gradient and softmax-covariance products, damped solve.
 
     Args:
-        out: logits of theta and of theta + eps z_k, [K + 1, batch, classes] (any float).
-        targets: int labels [batch].
+        out: logits of theta and of theta + eps z_k, [K + 1, batch, classes] (any float);
+            bce: probabilities [K + 1, batch(, 1)].
+        targets: int labels [batch] (bce: 0/1).
         damping: Levenberg-Marquardt lambda: times Marquardt's scale (G's diagonal, floored at
             1e-3 of its mean; damping_scale "curvature") or times n, the trainable count
             ("weights": per unit-norm direction).
         trust: the largest RMS of the logits' predicted change sum_k a_k J_k (None: any).
+        loss: "cross-entropy" or "bce" (two-class cross-entropy in logits: the probability
+            of class 1 is sigmoid(logit), of class 0 its complement).
     """
     o = out.double()
+    if loss == "bce":  # logits of the clipped probabilities, as two-class logits [0, logit]
+        z = torch.logit(o.reshape(o.shape[0], -1), eps=1e-7)
+        o, targets = torch.stack([torch.zeros_like(z), z], dim=-1), targets.long()
     f0 = o[0]
     jac = (o[1:] - f0) / eps  # [K, batch, classes]
     b = f0.shape[0]
@@ -436,6 +442,8 @@ def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
     cov = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / b  # [batch, c, c]
     g = torch.einsum("kbc,bc->k", jac, grad_f)
     G = torch.einsum("kbc,bcd,jbd->kj", jac, cov, jac)
+    if loss == "bce":  # the outputs' change is the logit's: one column of the two moves
+        jac = jac[..., 1:]
     if damping_scale == "curvature":
         diag = torch.diagonal(G)
         scale = torch.diag(torch.clamp(diag, min=1e-3 * float(diag.mean())))
@@ -458,6 +466,7 @@ def zo_gn_step(
     damping: float,
     damping_scale: str = "curvature",
     trust: float | None = 1.0,
+    loss: str = "cross-entropy",
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One zo-gn step (Cartis & Roberts 2023; generalized Gauss-Newton, Schraudolph 2002) on
     cross-entropy: Jacobian of the logits along each z_k by forward differences, damped GN
@@ -465,7 +474,8 @@ def zo_gn_step(
 
     Args:
         zs: K noise dicts (name -> float32 tensor) for the trainable parameters.
-        damping, damping_scale, trust: as in `zo_gn_coefficients`.
+        damping, damping_scale, trust, loss: as in `zo_gn_coefficients` (bce: the model
+            outputs sigmoid probabilities).
     Returns: (new params for the names in zs[0], a_k).
     """
     with torch.no_grad():
@@ -477,7 +487,7 @@ def zo_gn_step(
                                          for z in zs)])
         n = sum(z.numel() for z in zs[0].values())
         a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n,
-                               damping_scale=damping_scale, trust=trust)
+                               damping_scale=damping_scale, trust=trust, loss=loss)
         new = {name: params[name] - lr * sum(float(ak) * z[name] for ak, z in
                                              zip(a, zs, strict=True)) for name in zs[0]}
     return new, [float(v) for v in a]

@@ -11,10 +11,10 @@ imported), in this order:
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
   4. otherwise (no taps, or a loss only ZO can use)   -> zo-gn (Gauss-Newton steps from the
-     outputs of 16 probes) for cross-entropy and mse: from a copy of the slice up to 64 MiB
-     of trainable float32 weights, in place above (restore "drift": no copy, the candidates
-     one forward each); fzoo (batched one-sided probes) for the other losses up to 16 MiB,
-     zo-sgd above (fzoo keeps a copy; zo-sgd's drift restore keeps none)
+     outputs of 16 probes) for cross-entropy, mse and bce: from a copy of the slice up to
+     64 MiB of trainable float32 weights, in place above (restore "drift": no copy, the
+     candidates one forward each); fzoo (batched one-sided probes) for error-rate up to
+     16 MiB, zo-sgd above (fzoo keeps a copy; zo-sgd's drift restore keeps none)
 
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
@@ -24,6 +24,8 @@ damping is scale-free, so it also leads on a 4.35M-weight MLP (17 MB;
 `benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr diverges, and on a 17.1M-weight
 one (68 MB, above the copy limit), where zo-sgd at its default lr took the held-out accuracy
 from 0.514 to 0.078: above 64 MiB zo-gn probes in place rather than hand the run to zo-sgd.
+On a wake-word-like head (one sigmoid probability, bce; bench_defaults.py's "binary" kind)
+zo-gn ends at 0.886 where fzoo ends at 0.863 and zo-sgd's best lr at 0.867.
 int8 weights and scales have one optimizer each. Explicit choices always win: this rule runs
 only for optimizer "auto".
 """
@@ -48,6 +50,8 @@ AUTO = "auto"
 
 #: objectives tpSGD's head computes exactly -> its `head_loss` option
 TAPS_OBJECTIVES = {"cross-entropy": "cross-entropy", "mse": "mse"}
+#: objectives zo-gn builds its Gauss-Newton system for (`optim.zo_gn`)
+ZO_GN_OBJECTIVES = ("cross-entropy", "mse", "bce")
 
 #: each default's options that differ from its Options defaults (measured; see the README)
 RECIPES: dict[str, dict[str, Any]] = {
@@ -144,19 +148,19 @@ def _taps_missing(bundle: Bundle, backend: str) -> str | None:
 
 
 def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: str) -> Choice:
-    """zo-gn (cross-entropy, mse; in place above 64 MiB of trainable weights) or fzoo, or
-    zo-sgd for a slice too large for fzoo's copy (16 MiB)."""
+    """zo-gn (cross-entropy, mse, bce; in place above 64 MiB of trainable weights) or fzoo,
+    or zo-sgd for a slice too large for fzoo's copy (16 MiB)."""
     why = _taps_missing(bundle, backend) or (
         f"the {objective} loss is not one tpSGD's head computes" if objective not in
         TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
     nbytes = sum(s.nbytes for s in train if s.dtype == "float32")
     size = f"{nbytes / (1 << 20):.0f} MiB of trainable weights"
-    if objective in TAPS_OBJECTIVES:  # the losses zo-gn's curvature is written for
+    if objective in ZO_GN_OBJECTIVES:
         if nbytes > ZO_GN_COPY_MAX_BYTES:
             return _pick("zo-gn", f"{why}; {size}: Gauss-Newton steps from its probes' "
                          "outputs, written in place (no copy of them)", restore="drift")
         return _pick("zo-gn", f"{why}: Gauss-Newton steps from the outputs of its probes, "
-                     "fewer forwards than fzoo")
+                     "ends above fzoo and zo-sgd")
     if nbytes > AUTO_COPY_MAX_BYTES:
         return _pick("zo-sgd", f"{why}; {size}: MeZO's in-place probes need no copy of them")
     return _pick("fzoo", f"{why}: batched one-sided probes, fewer forwards than zo-sgd")

@@ -13,10 +13,13 @@ probe keeps one number of each forward (the loss); this keeps the model's output
 curvature of the loss in the probed subspace as well as its gradient.
 
 Per step t, with K probes z_k = z(seed, t, k) (Rademacher +-1 by default, `edgelearn.rng`)
-and outputs f(theta) on the step's batch (loss l(f), cross-entropy or mse):
+and outputs f(theta) on the step's batch (loss l(f), cross-entropy, mse or bce; for bce the
+outputs are sigmoid probabilities, taken to logits log(p / (1 - p)) after bce's clipping,
+where bce is two-class cross-entropy):
     J_k = (f(theta + eps z_k) - f(theta)) / eps        the Jacobian along z_k (forward diff.)
     g_k = <J_k, dl/df>,  G_kj = <J_k, H J_j>  (H = d2l/df2: softmax covariance for
-                                                cross-entropy, 2/m I for mse)
+                                                cross-entropy, p (1 - p) for bce, 2/m I
+                                                for mse)
     a = solve(G + lambda_t D, g),  D = diag(max(G_kk, c tr(G) / K))   (c = 1e-3)
     a <- a min(1, trust / r),  r = RMS over the batch's outputs of sum_k a_k J_k
                                    (mse: over the RMS of the outputs' error)
@@ -67,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from edgelearn.errors import EdgelearnError, InputError
-from edgelearn.losses import cross_entropy, mse
+from edgelearn.losses import BCE_EPS, binary_cross_entropy, cross_entropy, mse
 from edgelearn.optim.base import Forward, Optimizer, Population, register
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
@@ -141,40 +144,53 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
                         ) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """(G [K, K], g [K], loss at the unperturbed point, Q [K, K]) of one step, float64; Q is
     the outputs' Gram matrix J J^T / m (m outputs): a^T Q a is the mean square of the
-    outputs' change sum_k a_k J_k, in logits (cross-entropy) or in units of the outputs' RMS
-    error (mse: J J^T / (m loss), so the trust region does not depend on the targets' scale).
+    outputs' change sum_k a_k J_k, in logits (cross-entropy, bce) or in units of the
+    outputs' RMS error (mse: J J^T / (m loss), so the trust region does not depend on the
+    targets' scale).
 
     Args:
         out: outputs of theta and its K probes, [K + 1, batch, ...] (float).
-        y: the batch's targets: int labels [batch] (cross-entropy on logits [batch, classes])
-            or targets of the output's shape (mse).
-        loss_fn: `edgelearn.losses.cross_entropy` or `edgelearn.losses.mse`.
+        y: the batch's targets: int labels [batch] (cross-entropy on logits [batch, classes]),
+            0/1 labels or target probabilities [batch] (bce on one sigmoid probability per
+            example, [batch] or [batch, 1]) or targets of the output's shape (mse).
+        loss_fn: `edgelearn.losses.cross_entropy`, `binary_cross_entropy` or `mse`.
         eps: the probes' finite-difference step.
     """
     o = np.asarray(out, np.float64)
+    if loss_fn is binary_cross_entropy:  # in logits, where bce is two-class cross-entropy
+        p = np.clip(o.reshape(len(o), -1), BCE_EPS, 1.0 - BCE_EPS)
+        o = np.log(p) - np.log1p(-p)
     f0 = o[0]
     jac = (o[1:] - f0) / eps  # [K, batch, ...]
+    resid, hj = _loss_derivatives(f0, jac, y, loss_fn)
+    k = len(jac)
+    flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
+    loss = loss_fn(out[0], y)
+    unit = max(loss, 1e-30) if loss_fn is mse else 1.0  # mse: the mean square error
+    return (flat @ hflat.T, flat @ resid.reshape(-1), loss,
+            flat @ flat.T / (flat.shape[1] * unit))
+
+
+def _loss_derivatives(f0: np.ndarray, jac: np.ndarray, y: Any, loss_fn: Callable[..., float]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(dl/df at f0, H J_k for every k) of the batch's mean loss over outputs f0 (float64;
+    logits for cross-entropy and bce); H = d2l/df2 (Schraudolph 2002's GGN)."""
+    b = len(f0)
     if loss_fn is cross_entropy:
-        b = len(f0)
         p = np.exp(f0 - f0.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         resid = p.copy()
         resid[np.arange(b), np.asarray(y)] -= 1.0
-        resid /= b
         pj = p * jac
-        hj = (pj - p * pj.sum(axis=-1, keepdims=True)) / b  # softmax covariance times J_k
-    elif loss_fn is mse:
+        return resid / b, (pj - p * pj.sum(axis=-1, keepdims=True)) / b  # softmax covariance
+    if loss_fn is binary_cross_entropy:
+        s = 1.0 / (1.0 + np.exp(-f0))  # the clipped probabilities back
+        t = np.asarray(y, np.float64).reshape(b)
+        return (s - t) / b, s * (1.0 - s) * jac / b
+    if loss_fn is mse:
         m = f0.size
-        resid = 2.0 * (f0 - np.asarray(y, np.float64).reshape(f0.shape)) / m
-        hj = 2.0 * jac / m
-    else:
-        raise InputError("zo-gn supports the cross_entropy and mse losses")
-    k = len(jac)
-    flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
-    loss = loss_fn(out[0], y)
-    unit = 1.0 if loss_fn is cross_entropy else max(loss, 1e-30)  # mse: the mean square error
-    return (flat @ hflat.T, flat @ resid.reshape(-1), loss,
-            flat @ flat.T / (flat.shape[1] * unit))
+        return 2.0 * (f0 - np.asarray(y, np.float64).reshape(f0.shape)) / m, 2.0 * jac / m
+    raise InputError("zo-gn supports the cross_entropy, binary_cross_entropy and mse losses")
 
 
 def marquardt_scale(G: np.ndarray) -> np.ndarray:
