@@ -229,9 +229,8 @@ class ParamStore:
                     f.seek(8 + n + begin)
                     if f.readinto(memoryview(view).cast("B")) != end - begin:
                         raise BundleError(f"{path}: cannot read weights: {name!r} is cut short")
-                    if view.dtype.byteorder == ">" or (view.dtype.byteorder == "=" and
-                                                       sys.byteorder == "big"):
-                        view.byteswap(inplace=True)  # safetensors holds little-endian bytes
+                    if sys.byteorder == "big":  # safetensors holds little-endian bytes
+                        view.byteswap(inplace=True)
         except OSError as e:
             raise BundleError(f"{path}: cannot read weights: {e.strerror or e}") from None
 

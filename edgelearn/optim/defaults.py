@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from edgelearn.optim.zo_gn import OBJECTIVES as ZO_GN_OBJECTIVES
 from edgelearn.optim.zo_sgd import AUTO_COPY_MAX_BYTES
 
 #: the largest trainable float32 slice zo-gn probes from a copy of by default (in place
@@ -50,8 +51,6 @@ AUTO = "auto"
 
 #: objectives tpSGD's head computes exactly -> its `head_loss` option
 TAPS_OBJECTIVES = {"cross-entropy": "cross-entropy", "mse": "mse"}
-#: objectives zo-gn builds its Gauss-Newton system for (`optim.zo_gn`)
-ZO_GN_OBJECTIVES = ("cross-entropy", "mse", "bce")
 
 #: each default's options that differ from its Options defaults (measured; see the README)
 RECIPES: dict[str, dict[str, Any]] = {

@@ -92,6 +92,8 @@ DAMPING_UP = 4.0
 DAMPING_SCALES = ("curvature", "weights")
 #: a direction's curvature counts as at least this fraction of the mean (Marquardt's scaling)
 CURVATURE_FLOOR = 1e-3
+#: the objectives (loss names) whose Gauss-Newton system `_loss_derivatives` builds
+OBJECTIVES = ("cross-entropy", "mse", "bce")
 #: restore policies (module docstring); "auto" is "copy"
 RESTORES = ("auto", "copy", "drift")
 
