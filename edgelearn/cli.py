@@ -23,6 +23,8 @@ from typing import Any
 
 import edgelearn as el
 from edgelearn.argtypes import positive_int as _positive
+from edgelearn.optim.defaults import RECIPES as AUTO_RECIPES
+from edgelearn.optim.defaults import rule_summary
 
 
 class UsageError(SystemExit):
@@ -350,7 +352,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     bundle = el.load_bundle(args.bundle)
     auto = _auto_optimizer(args, bundle) if args.optimizer == "auto" else None
     data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
-    options = {**(auto.options if auto else {}), **_flag_options(args), **_opt_pairs(args)}
+    given = {**_flag_options(args), **_opt_pairs(args)}
+    if auto:
+        _note_auto_lr(args.optimizer, given)
+    options = {**(auto.options if auto else {}), **given}
     divergence = None
     if args.diverge_factor is not None:
         divergence = el.DivergencePolicy(factor=args.diverge_factor,
@@ -696,16 +701,11 @@ def _add_train(sub: Any) -> None:
                    "else) and start it over; never done silently")
     g = sp.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="auto", choices=["auto", *el.optimizers()],
-                   help="forward-only optimizer; auto picks by bundle and trainable set: "
-                   "polystep (radius 2) for int8 weights, zo-scale for int8 scales only, "
-                   "tpsgd (lr 0.1) when taps cover every trainable tensor, hybrid (lr 0.1, "
-                   "zo-lr 0.01) when they cover some, else fzoo (zo-sgd above 16 MiB of "
-                   "trainable weights); given flags override these; a resumed run keeps its "
-                   "optimizer; the choice and why: --json 'chosen_by', session.json")
+                   help="forward-only optimizer; auto picks by bundle, trainable set and "
+                   f"loss: {rule_summary()}; given flags override these; a resumed run keeps "
+                   "its optimizer; the choice and why: --json 'chosen_by', session.json")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
-    g.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: zo-sgd 1e-3, zo-scale 0.02 of each scale, "
-                   "tpsgd 0.05, fzoo 0.1, adamezo 0.01)")
+    g.add_argument("--lr", type=float, default=None, help=_lr_help())
     g.add_argument("--trainable", default=None,
                    help="glob(s) of parameters to train, e.g. 'head.*' (default: the "
                    "manifest's; zo-scale: '@scale', the quantization scales by role; "
@@ -727,6 +727,39 @@ def _add_train(sub: Any) -> None:
                    help="run the whole graph every forward instead of caching the frozen "
                    "prefix's features (same results; see 'cache' in --json)")
     _add_json(sp)
+
+
+def _lr_fields() -> dict[str, Any]:
+    """optimizer -> the dataclass field behind its --lr (optimizers that take one)."""
+    return {name: f for name, options in el.optimizers().items()
+            for f in dataclasses.fields(options) if f.metadata.get("cli") == "--lr"}
+
+
+def _lr_help() -> str:
+    """--lr's help: each optimizer's default, its value under auto where that differs, and
+    what the value means where it is not a plain learning rate (zo-gn: a step fraction)."""
+    parts = []
+    for name, f in sorted(_lr_fields().items()):
+        text = f"{name} {f.default:g}"
+        auto = AUTO_RECIPES.get(name, {}).get("lr")
+        if auto is not None and auto != f.default:
+            text += f" ({auto:g} under auto)"
+        if not f.metadata["help"].startswith("learning rate"):
+            text += f" = the {f.metadata['help']}"
+        parts.append(text)
+    return f"learning rate, on each optimizer's own scale (default: {', '.join(parts)})"
+
+
+def _note_auto_lr(optimizer: str, options: dict[str, Any]) -> None:
+    """One stderr line when --lr (or --opt lr=) was given and auto picked the optimizer: the
+    value is read on that optimizer's own scale, which the user did not choose."""
+    f = _lr_fields().get(optimizer)
+    if f is None or "lr" not in options:
+        return
+    meaning = f.metadata["help"].split(" (")[0]
+    print(f"edgelearn: the default optimizer {optimizer} takes --lr {options['lr']:g} as its "
+          f"{meaning} (its default {AUTO_RECIPES.get(optimizer, {}).get('lr', f.default):g}); "
+          "--optimizer NAME picks another", file=sys.stderr)
 
 
 def _option_flag_specs() -> dict[str, dict[str, Any]]:

@@ -168,6 +168,42 @@ def test_explicit_optimizer_and_flags_win(capsys, tmp_path, user_npz) -> None:
     assert "--eps" in err
 
 
+def test_an_lr_given_to_auto_is_named_on_the_chosen_optimizers_scale(capsys, tmp_path,
+                                                                    user_npz) -> None:
+    # zo-gn's lr is a fraction of its Gauss-Newton step: an SGD-sized --lr given without
+    # --optimizer is taken, and the user is told on which scale
+    bundle = demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps"))
+    code = main(["train", str(bundle), "--data", str(user_npz), "--steps", "1", "--out",
+                 str(tmp_path / "gn"), "--lr", "0.003", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["optimizer"] == "zo-gn"
+    assert _header(tmp_path / "gn")[0]["config"]["lr"] == 0.003
+    note = [line for line in captured.err.splitlines() if "--lr" in line]
+    assert note == ["edgelearn: the default optimizer zo-gn takes --lr 0.003 as its fraction "
+                    "of the damped Gauss-Newton step taken (its default 1); --optimizer NAME "
+                    "picks another"]
+    for extra in (["--optimizer", "zo-gn", "--lr", "0.003"], []):  # named, or no --lr: silent
+        code = main(["train", str(bundle), "--data", str(user_npz), "--steps", "1", "--out",
+                     str(tmp_path / f"quiet{len(extra)}"), *extra])
+        assert code == 0
+        assert "--lr" not in capsys.readouterr().err
+
+
+def test_train_help_states_the_rule_and_each_lr_scale(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert defaults.rule_summary() in text.replace("- ", "-")
+    for name, recipe in defaults.RECIPES.items():  # every method the rule can pick
+        assert name in defaults.rule_summary()
+        if "lr" in recipe and name != "hybrid":
+            assert f"{name} (lr {recipe['lr']:g})" in defaults.rule_summary()
+    assert f"{defaults.ZO_GN_COPY_MAX_BYTES >> 20} MiB" in defaults.rule_summary()
+    assert "zo-gn 1 = the fraction of the damped Gauss-Newton step taken" in text
+    assert "tpsgd 0.05 (0.1 under auto)" in text
+
+
 def test_auto_resumes_the_recorded_optimizer(capsys, tmp_path, user_npz) -> None:
     # a run started when zo-sgd was the default resumes as zo-sgd, bit-identical to one run
     run, ref = tmp_path / "old", tmp_path / "ref"

@@ -64,6 +64,18 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def rule_summary() -> str:
+    """The rule of the module docstring in one sentence (`train --optimizer`'s help), its
+    sizes and options read from the constants the rule uses."""
+    tp, hy = RECIPES["tpsgd"], RECIPES["hybrid"]
+    return (f"polystep (radius {RECIPES['polystep']['radius']:g}) for int8 weights, zo-scale "
+            f"for int8 scales only, tpsgd (lr {tp['lr']:g}) when taps cover every trainable "
+            f"tensor, hybrid (lr {hy['lr']:g}, zo-lr {hy['zo_lr']:g}) when they cover some, "
+            f"else zo-gn for {', '.join(ZO_GN_OBJECTIVES)} (probes written in place above "
+            f"{ZO_GN_COPY_MAX_BYTES >> 20} MiB of trainable weights) and fzoo for other losses "
+            f"(zo-sgd above {AUTO_COPY_MAX_BYTES >> 20} MiB)")
+
+
 @dataclass(frozen=True)
 class Choice:
     """The optimizer the rule picked.
