@@ -103,8 +103,8 @@ class ZOSGDOptions(OptimizerOptions):
         "how weights come back after the probes: copy (probes and update written from a "
         "copy of the trainable weights), drift (moved in place, +eps z then -eps z, no copy; "
         "the float32 drift is replayed bit-exactly) or auto (zo-sgd: copy up to "
-        f"{AUTO_COPY_MAX_BYTES >> 20} MiB of trainable weights, drift above; zo-gn: copy; the "
-        "others always work from a copy)",
+        f"{AUTO_COPY_MAX_BYTES >> 20} MiB of trainable weights, drift above, as zo-scale; zo-gn: "
+        "copy; the others always work from a copy)",
         cli="--restore", choices=RESTORE_POLICIES))
     schedule: str = schedule_field()
     total_steps: int | None = total_steps_field()
