@@ -353,8 +353,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     auto = _auto_optimizer(args, bundle) if args.optimizer == "auto" else None
     data = el.load_data(args.data, task=bundle.task, inputs=bundle.inputs)
     given = {**_flag_options(args), **_opt_pairs(args)}
-    if auto:
-        _note_auto_lr(args.optimizer, given)
     options = {**(auto.options if auto else {}), **given}
     divergence = None
     if args.diverge_factor is not None:
@@ -368,6 +366,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                             fsync_every=args.fsync_every, fsync_seconds=args.fsync_seconds,
                             divergence=divergence, chosen_by=auto.chosen_by if auto else None)
     callbacks = _train_callbacks(args, bundle)
+    if auto and "lr" in given:
+        callbacks.append(AutoLrNote(args.optimizer, given["lr"]))
     try:
         with el.Session(bundle, args.out, config, _runtime_config(args),
                         restart=args.restart) as session:
@@ -750,16 +750,23 @@ def _lr_help() -> str:
     return f"learning rate, on each optimizer's own scale (default: {', '.join(parts)})"
 
 
-def _note_auto_lr(optimizer: str, options: dict[str, Any]) -> None:
-    """One stderr line when --lr (or --opt lr=) was given and auto picked the optimizer: the
-    value is read on that optimizer's own scale, which the user did not choose."""
-    f = _lr_fields().get(optimizer)
-    if f is None or "lr" not in options:
-        return
-    meaning = f.metadata["help"].split(" (")[0]
-    print(f"edgelearn: the default optimizer {optimizer} takes --lr {options['lr']:g} as its "
-          f"{meaning} (its default {AUTO_RECIPES.get(optimizer, {}).get('lr', f.default):g}); "
-          "--optimizer NAME picks another", file=sys.stderr)
+class AutoLrNote(el.Callback):
+    """One stderr line at the first step of a new run whose optimizer auto picked while --lr
+    (or --opt lr=) was given: the value is read on that optimizer's own scale, which the user
+    did not choose (after every check of the run, so a refused run still says one line)."""
+
+    def __init__(self, optimizer: str, lr: float) -> None:
+        self.optimizer, self.lr = optimizer, lr
+
+    def on_step(self, session: Any, result: Any) -> None:
+        f = _lr_fields().get(self.optimizer)
+        if result.step != 0 or f is None:
+            return
+        meaning = f.metadata["help"].split(" (")[0]
+        default = AUTO_RECIPES.get(self.optimizer, {}).get("lr", f.default)
+        print(f"edgelearn: the default optimizer {self.optimizer} takes --lr {self.lr:g} as "
+              f"its {meaning} (its default {default:g}); --optimizer NAME picks another",
+              file=sys.stderr)
 
 
 def _option_flag_specs() -> dict[str, dict[str, Any]]:
