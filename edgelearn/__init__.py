@@ -10,10 +10,11 @@ The public surface for apps (`import edgelearn as el`):
     el.replay(bundle, "runs/u1/journal.bin").sha256   # the same weights, from the journal
 
 What is available and what fits here: `el.optimizers()` (name -> its Options),
-`el.objectives()`, `el.backend_names()`, `el.device_profiles()`, `el.device(bundle)` (this
-machine, its profile and the largest batch per optimizer under its memory budget),
-`el.describe(bundle)` (what a bundle can train with). `el.tools` holds the tool-level entry
-points of `edgelearn prepare|bake|bench`.
+`el.auto_rule()` (what optimizer "auto", the default, picks), `el.objectives()`,
+`el.backend_names()`, `el.device_profiles()`, `el.device(bundle)` (this machine, its profile
+and the largest batch per optimizer under its memory budget), `el.describe(bundle)` (what a
+bundle can train with). `el.tools` holds the tool-level entry points of `edgelearn
+prepare|bake|bench`.
 
 Unstable: `el.tools` and everything outside `__all__` (`edgelearn.optim`, `edgelearn.backends`,
 `edgelearn.training.*`, ...): importable, but its names may change between versions.
@@ -31,7 +32,7 @@ from edgelearn.devices import device, device_profiles
 from edgelearn.errors import BundleError, EdgelearnError, InputError
 from edgelearn.optim import make_optimizer
 from edgelearn.params import ParamStore
-from edgelearn.registries import backend_names, objectives, optimizers
+from edgelearn.registries import auto_rule, backend_names, objectives, optimizers
 from edgelearn.training import (
     Callback,
     DivergencePolicy,
@@ -75,6 +76,7 @@ __all__ = [
     "TrainConfig",
     "TrainingInterrupted",
     "__version__",
+    "auto_rule",
     "backend_names",
     "describe",
     "device",

@@ -23,8 +23,6 @@ from typing import Any
 
 import edgelearn as el
 from edgelearn.argtypes import positive_int as _positive
-from edgelearn.optim.defaults import RECIPES as AUTO_RECIPES
-from edgelearn.optim.defaults import rule_summary
 
 
 class UsageError(SystemExit):
@@ -460,6 +458,11 @@ def _device_text(res: dict[str, Any]) -> str:
             lines.append(f"  {k}: " + (v["error"] if "error" in v else
                          f"max batch {v['batch_size']} (of {v['requested_batch_size']}), "
                          f"predicted peak {mb(v['predicted_peak_mb'])}"))
+        unsized = next((v["unsized_dims"] for v in b["plans"].values() if "unsized_dims" in v),
+                       [])
+        if unsized:  # a transformer's sequence: train sizes it from its data
+            lines.append(f"  (each of {', '.join(unsized)} counted as 1: `train` sizes them "
+                         "from its data; activations grow with them)")
     return "\n".join(lines)
 
 
@@ -702,7 +705,7 @@ def _add_train(sub: Any) -> None:
     g = sp.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="auto", choices=["auto", *el.optimizers()],
                    help="forward-only optimizer; auto picks by bundle, trainable set and "
-                   f"loss: {rule_summary()}; given flags override these; a resumed run keeps "
+                   f"loss: {el.auto_rule()[0]}; given flags override these; a resumed run keeps "
                    "its optimizer; the choice and why: --json 'chosen_by', session.json")
     g.add_argument("--steps", type=int, required=True, help="total steps of the run")
     g.add_argument("--lr", type=float, default=None, help=_lr_help())
@@ -741,7 +744,7 @@ def _lr_help() -> str:
     parts = []
     for name, f in sorted(_lr_fields().items()):
         text = f"{name} {f.default:g}"
-        auto = AUTO_RECIPES.get(name, {}).get("lr")
+        auto = el.auto_rule()[1].get(name, {}).get("lr")
         if auto is not None and auto != f.default:
             text += f" ({auto:g} under auto)"
         if not f.metadata["help"].startswith("learning rate"):
@@ -763,7 +766,7 @@ class AutoLrNote(el.Callback):
         if result.step != 0 or f is None:
             return
         meaning = f.metadata["help"].split(" (")[0]
-        default = AUTO_RECIPES.get(self.optimizer, {}).get("lr", f.default)
+        default = el.auto_rule()[1].get(self.optimizer, {}).get("lr", f.default)
         print(f"edgelearn: the default optimizer {self.optimizer} takes --lr {self.lr:g} as "
               f"its {meaning} (its default {default:g}); --optimizer NAME picks another",
               file=sys.stderr)

@@ -4,12 +4,13 @@
 attribute of that name on `edgelearn` would hide it.)
 
 For pickers and argument checking (`edgelearn train --optimizer ...`); every name listed here
-is accepted by `TrainConfig` / `RuntimeConfig`. Imports no runtime.
+is accepted by `TrainConfig` / `RuntimeConfig`; `auto_rule` says what optimizer "auto" picks.
+Imports no runtime.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from edgelearn.optim import OptimizerOptions
@@ -36,3 +37,11 @@ def backend_names() -> tuple[str, ...]:
     from edgelearn.backends import BACKENDS
 
     return tuple(BACKENDS)
+
+
+def auto_rule() -> tuple[str, dict[str, dict[str, Any]]]:
+    """How `TrainConfig(optimizer="auto")` picks (`edgelearn.optim.defaults`): the rule in one
+    sentence, and optimizer name -> the options it sets for each method it may pick."""
+    from edgelearn.optim.defaults import RECIPES, rule_summary
+
+    return rule_summary(), {name: dict(options) for name, options in RECIPES.items()}

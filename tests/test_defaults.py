@@ -271,3 +271,11 @@ def test_session_without_an_optimizer_uses_the_rule(tmp_path, demo) -> None:
     again.close()
     with pytest.raises(el.InputError, match="auto"):
         el.TrainConfig().make_optimizer()
+
+
+def test_auto_rule_is_the_rule_and_its_options() -> None:
+    text, options = el.auto_rule()
+    assert text == defaults.rule_summary()
+    assert options == defaults.RECIPES
+    options["tpsgd"]["lr"] = 1.0  # a copy: the rule's own options stay
+    assert defaults.RECIPES["tpsgd"]["lr"] == 0.1

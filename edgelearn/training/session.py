@@ -21,10 +21,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from edgelearn.budget import MARGIN, output_numel, plan_batch, run_memory_bytes
+from edgelearn.budget import (
+    MARGIN,
+    data_dims,
+    output_numel,
+    plan_batch,
+    run_memory_bytes,
+)
 from edgelearn.bundle import Bundle, load_bundle
 from edgelearn.data import Dataset
 from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.inputs import Inputs, n_rows
 from edgelearn.journal import Journal, iter_journal
 from edgelearn.losses import default_loss, get_loss
 from edgelearn.model import Model
@@ -117,7 +124,8 @@ class Session:
         self._callbacks = list(callbacks)
         self._loop: RunLoop | None = None
         self._stop_reason: str | None = None
-        self._live_fit = 0  # largest live batch checked against the memory budget
+        #: the largest live batch (rows, symbolic dims) checked against the memory budget
+        self._live_fit: tuple[int, dict[str, int]] = (0, {})
         #: resident MB when the first memory plan was made, before the run allocated the
         #: buffers a plan adds (a later measurement would count them twice)
         self._plan_base: float | None = None
@@ -172,7 +180,7 @@ class Session:
         """
         x, y = as_batch(self.bundle, *batch)
         self._check_live_data(x, y)
-        self._check_live_batch(len(x))
+        self._check_live_batch(x)
         loop = self._open(live_header(), None, steps=None)
         # the handler stays installed between steps (acting as the default one) until close
         with deferred_sigint(keep=True) as interrupted:
@@ -197,7 +205,8 @@ class Session:
             raise InputError(f"steps must be an integer >= 0, got {steps!r}")
         self.model.check_data(data, objective=self.objective)
         self.evaluator.check_targets(data.y)
-        plan = self._memory_plan(len(data), self.config.batch_size)
+        plan = self._memory_plan(len(data), self.config.batch_size,
+                                 data_dims(self.bundle.inputs, data.x))
         batch_size = self.config.batch_size if plan is None else plan["batch_size"]
         feed = DatasetFeed(data, batch_size, self.config.seed)
         cached = isinstance(self.evaluator, CachedEvaluator)
@@ -440,8 +449,13 @@ class Session:
             raise InputError(f"the bundle's weights ({weights_mb:.0f} MB) cannot be trained "
                              f"within a memory budget of {budget:.0f} MB")
 
-    def _memory_plan(self, n_examples: int, batch_size: int) -> dict[str, Any] | None:
-        """The memory plan of a run (None without a budget); says so when it shrinks."""
+    def _memory_plan(self, n_examples: int, batch_size: int, dims: dict[str, int]
+                     ) -> dict[str, Any] | None:
+        """The memory plan of a run (None without a budget); says so when it shrinks.
+
+        Args:
+            dims: sizes of the inputs' symbolic non-batch dimensions in the data
+                (`budget.data_dims`)."""
         budget = self.runtime.memory_budget_mb
         if budget is None:
             return None
@@ -455,8 +469,9 @@ class Session:
                           base_mb=self._plan_base,
                           extra_bytes=self.optimizer.memory_bytes(store)
                           + self.evaluator.memory_bytes(cands) + keeps,
-                          candidates=self.evaluator.rows_per_call(cands),
-                          example_bytes=self.optimizer.example_bytes(output_numel(self.bundle)))
+                          candidates=self.evaluator.rows_per_call(cands), dims=dims,
+                          example_bytes=self.optimizer.example_bytes(
+                              output_numel(self.bundle, dims)))
         self._plan_base = plan["base_mb"]  # measured once (later plans would count our own)
         if plan["batch_size"] < batch_size and n_examples:
             print(f"edgelearn: batch size {batch_size} would exceed the memory budget of "
@@ -475,15 +490,21 @@ class Session:
         self.evaluator.check_targets(y)
         self._live_layout = layout
 
-    def _check_live_batch(self, n: int) -> None:
-        """Refuse a live batch larger than the memory budget allows (checked once per size)."""
-        if self.runtime.memory_budget_mb is None or n <= self._live_fit:
-            return
-        plan = self._memory_plan(0, n)
+    def _check_live_batch(self, x: Inputs) -> None:
+        """Refuse a live batch larger than the memory budget allows (checked once per size:
+        its rows and its symbolic dimensions, e.g. a sequence length)."""
+        n, dims = n_rows(x), data_dims(self.bundle.inputs, x)
+        fit_n, fit_dims = self._live_fit
+        within = all(v <= fit_dims.get(k, 0) for k, v in dims.items())
+        if self.runtime.memory_budget_mb is None or (n <= fit_n and within):
+            return  # no larger than a batch that fits (its memory grows with each size)
+        plan = self._memory_plan(0, n, dims)
         if plan is not None and plan["batch_size"] < n:
-            raise InputError(f"a batch of {n} exceeds the memory budget of "
+            shaped = f" ({', '.join(f'{k} {v}' for k, v in dims.items())})" if dims else ""
+            raise InputError(f"a batch of {n}{shaped} exceeds the memory budget of "
                              f"{plan['budget_mb']:.0f} MB; at most {plan['batch_size']} fit")
-        self._live_fit = n
+        if n >= fit_n and all(dims.get(k, 0) >= v for k, v in fit_dims.items()):
+            self._live_fit = (n, dims)
 
     def _run_result(self, loop: RunLoop, *, done: int,
                     plan: dict[str, Any] | None, batch_size: int, stopped: bool) -> RunResult:
