@@ -456,3 +456,28 @@ def test_a_long_sequences_plan_covers_its_peak(tmp_path: Path) -> None:
     assert plan["predicted_peak_mb"] >= res["peak_rss_mb"]
     assert plan["activation_kb_per_example"] * 32 / 1024 > 0.5 * (res["peak_rss_mb"]
                                                                    - plan["base_mb"])
+
+
+def test_a_live_batchs_rows_and_sequence_are_checked_against_the_budget(tmp_path: Path) -> None:
+    """Session.step under a budget checks a dict batch by its rows (it read the number of
+    inputs) and its sequence length."""
+    import edgelearn as el
+
+    bundle = load_bundle(_text_bundle(tmp_path, dim=256))
+    per_ex = plan_batch(bundle, batch_size=1, budget_mb=1e9, base_mb=0.0,
+                        dims={"sequence": 512})["activation_kb_per_example"] / 1024
+    cfg = el.TrainConfig(optimizer="zo-sgd", batch_size=2)
+    few = _tokens(2, 512)
+    y = few.pop("y")
+    with el.Session(bundle, tmp_path / "probe", cfg,
+                    el.RuntimeConfig(memory_budget_mb=1e9)) as s:  # what plans start from here
+        base = s.run(el.Dataset(few, y), 1).memory_plan["base_mb"]
+    budget = 1.1 * (base + 8 + 20 * per_ex)  # ~20 rows of 512 tokens fit, not 40
+    rt = el.RuntimeConfig(memory_budget_mb=budget)
+    with el.Session(bundle, tmp_path / "live", cfg, rt) as s:
+        batch = _tokens(40, 512)
+        y = batch.pop("y")
+        with pytest.raises(InputError, match=r"a batch of 40 \(sequence 512\) exceeds"):
+            s.step((batch, y))
+        short = {k: v[:, :16] for k, v in batch.items()}  # 40 rows of 16 tokens fit
+        s.step((short, y))
