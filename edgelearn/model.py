@@ -54,7 +54,7 @@ class Model:
         self.backend = make_backend(backend, bundle, **opts)
         self.backend.bind(self.store)
 
-    def predict(self, x: Inputs) -> np.ndarray:
+    def predict(self, x: Inputs, *, release: bool = False) -> np.ndarray:
         """First model output for input batch `x`.
 
         Args:
@@ -62,14 +62,16 @@ class Model:
                 (`edgelearn.inputs`: integer inputs stay integers, floats become the declared
                 float type). A model whose batch is fixed at 1 runs a batch one example at a
                 time (outputs concatenated).
+            release: a one-off forward: the runtime gives its working memory back after it
+                (`Backend.forward`).
         """
         feed = feeds(self.bundle.inputs, x)
         n = next((len(feed[k]) for k in self._batch1), 1)
         if n <= 1:
-            return self.backend.forward(feed)[self.output_name]
+            return self.backend.forward(feed, release=release)[self.output_name]
         outs = [self.backend.forward({k: v[i : i + 1] if k in self._batch1 else v
-                                      for k, v in feed.items()})[self.output_name]
-                for i in range(n)]
+                                      for k, v in feed.items()}, release=release)
+                [self.output_name] for i in range(n)]
         return np.concatenate(outs)
 
     def check_data(self, data: Dataset, *, objective: str | None = None) -> None:

@@ -126,8 +126,8 @@ class Backend(abc.ABC):
         self._bind(store)
         self.store = store
 
-    def forward(self, inputs: Mapping[str, np.ndarray], *, reuse_outputs: bool = False
-                ) -> dict[str, np.ndarray]:
+    def forward(self, inputs: Mapping[str, np.ndarray], *, reuse_outputs: bool = False,
+                release: bool = False) -> dict[str, np.ndarray]:
         """Run the graph on `inputs` with the store's current weights (no rebuild from disk).
 
         Args:
@@ -136,12 +136,17 @@ class Backend(abc.ABC):
                 the next call with the same input shapes (no allocation per call: tpSGD's taps
                 graph returns every activation). Only backends with `reuses_outputs` do;
                 others return fresh arrays either way.
+            release: give the runtime's working memory of this call back when it returns (a
+                one-off forward whose activations should not stay allocated beside another
+                session's; onnxruntime shrinks its arena, a backend that keeps none ignores
+                it).
         Returns: output name -> array, in `output_names` order.
         """
         self._bound()
         feeds = dict(inputs)
         self.bundle.check_inputs(feeds)
-        return self._forward(feeds, reuse_outputs=reuse_outputs and self.reuses_outputs)
+        return self._forward(feeds, reuse_outputs=reuse_outputs and self.reuses_outputs,
+                             release=release)
 
     @property
     def output_names(self) -> list[str]:
@@ -194,9 +199,10 @@ class Backend(abc.ABC):
         """Build the runtime over `store` and set `self._output_names`."""
 
     @abc.abstractmethod
-    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
+    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool, release: bool
                  ) -> dict[str, np.ndarray]:
-        """Run on checked `inputs`; reuse_outputs is already False unless `reuses_outputs`."""
+        """Run on checked `inputs`; reuse_outputs is already False unless `reuses_outputs`
+        (`forward` says what release asks)."""
 
     @abc.abstractmethod
     def _close(self) -> None:

@@ -196,9 +196,10 @@ class LiteRTBackend(Backend):
             self.rebuilds += 1
 
     # -- run -----------------------------------------------------------------------------------
-    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
+    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool, release: bool
                  ) -> dict[str, np.ndarray]:
-        """Run on `inputs` (any batch size: padded / chunked to the graph's fixed batch)."""
+        """Run on `inputs` (any batch size: padded / chunked to the graph's fixed batch; the
+        interpreter's tensors are allocated once for that batch, so release changes nothing)."""
         self._sync()
         feeds = {self._data_idx[name]: arr for name, arr in inputs.items()}
         return run_padded(self.interpreter, self.batch, feeds, self._out_idx)

@@ -140,16 +140,17 @@ class OrtBackend(Backend):
         self._io = io
         self._outputs = KeptOutputs(self.session, io, self._output_names, "the model")
 
-    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool
+    def _forward(self, inputs: dict[str, np.ndarray], *, reuse_outputs: bool, release: bool
                  ) -> dict[str, np.ndarray]:
         """Bind the inputs and run; with reuse_outputs the outputs are written straight into
-        arrays kept from the previous call with the same input shapes."""
+        arrays kept from the previous call with the same input shapes; with release the
+        session's arena is shrunk after the run (`KeptOutputs.run`)."""
         io = self._io
         for name, arr in inputs.items():
             io.bind_cpu_input(name, np.asarray(arr, order="C"))  # keeps 0-d inputs 0-d
         assert self._outputs is not None  # bound with the session
         return self._outputs.run(tuple((n, np.shape(a)) for n, a in inputs.items()),
-                                 keep=reuse_outputs)
+                                 keep=reuse_outputs, release=release)
 
     def _close(self) -> None:
         self._io = self.session = self._outputs = None

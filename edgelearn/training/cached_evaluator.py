@@ -277,9 +277,13 @@ class CachedEvaluator(StepEvaluator):
 
         def feeds() -> dict[str, np.ndarray]:
             if not held:  # the step's lookup is timed as part of the step
+                # the first batch's whole-graph output for the check, before the prefix runs:
+                # its activations are given back, not held beside the prefix session's
+                whole = self.plain_output(x) if not self.checked and self.per_step_prefix \
+                    else None
                 held.append(self._feeds(x))
                 if not self.checked:
-                    self._check(x, held[0])
+                    self._check(x, held[0], whole)
             return held[0]
 
         def evaluate() -> float:
@@ -374,16 +378,18 @@ class CachedEvaluator(StepEvaluator):
                                            f"({type(e).__name__}: {e})")
         return self.population_off is None
 
-    def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray]) -> None:
+    def _check(self, x: np.ndarray, feeds: dict[str, np.ndarray],
+               whole: np.ndarray | None = None) -> None:
         """First real batch: the same checks as at setup (`mismatch`); on failure the prefix
-        runs once a step where only the rows failed (`per_step_prefix`), else fall back."""
+        runs once a step where only the rows failed (`per_step_prefix`), else fall back.
+        `whole`: the whole graph's output on x (`plain_output`; None: computed here)."""
         self.checked = True
         if not self.per_step_prefix:  # the subclass's own checks: pass or fall back
             bad = self.mismatch(x, feeds)
             if bad is not None:
                 self.disabled = bad[0]
             return
-        bad = self.batch_mismatch(x, feeds)
+        bad = self.batch_mismatch(x, feeds, whole)
         if bad is not None:
             self.disabled = bad[0]
         elif (rows := self.rows_mismatch(x, feeds)) is not None:
@@ -406,16 +412,23 @@ class CachedEvaluator(StepEvaluator):
         feeds = dict(feeds) if feeds is not None else self.run_prefix(x)
         return self.batch_mismatch(x, feeds) or self.rows_mismatch(x, feeds)
 
-    def batch_mismatch(self, x: np.ndarray, feeds: dict[str, np.ndarray]
-                       ) -> tuple[str, set[str]] | None:
-        """Why the suffix on batch `x`'s prefix outputs `feeds` would not give the whole
-        graph's output exactly, or None."""
+    def plain_output(self, x: Inputs) -> np.ndarray:
+        """The whole graph's output on batch `x`, its runtime memory given back after (a
+        one-off forward: the run's own forwards are the split graphs')."""
         model = self.plain.model
         assert model is not None
+        return model.predict(x, release=True)
+
+    def batch_mismatch(self, x: np.ndarray, feeds: dict[str, np.ndarray],
+                       whole: np.ndarray | None = None) -> tuple[str, set[str]] | None:
+        """Why the suffix on batch `x`'s prefix outputs `feeds` would not give the whole
+        graph's output (`whole`: computed when None) exactly, or None."""
         feeds = dict(feeds)
         for name in self.split.cut.passthrough:
             feeds[name] = x[name] if isinstance(x, dict) else x
-        whole, split = model.predict(x), self.suffix.run(feeds)
+        if whole is None:
+            whole = self.plain_output(x)
+        split = self.suffix.run(feeds)
         if not np.array_equal(whole, split):
             diff = float(np.max(np.abs(whole.astype(np.float64) - split)))
             return (f"the split graphs' output differs from the whole graph's (max |diff| "
