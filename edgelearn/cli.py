@@ -461,8 +461,8 @@ def _device_text(res: dict[str, Any]) -> str:
         unsized = next((v["unsized_dims"] for v in b["plans"].values() if "unsized_dims" in v),
                        [])
         if unsized:  # a transformer's sequence: train sizes it from its data
-            lines.append(f"  (each of {', '.join(unsized)} counted as 1: `train` sizes them "
-                         "from its data; activations grow with them)")
+            lines.append(f"  (symbolic dims counted as 1 here: {', '.join(unsized)}; `train` "
+                         "sizes them from its data, and activations grow with them)")
     return "\n".join(lines)
 
 

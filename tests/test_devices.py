@@ -439,6 +439,10 @@ def test_the_plan_sizes_a_sequence_from_the_data(tmp_path: Path) -> None:
     plan = plan_batch(b, batch_size=32, budget_mb=1e9, base_mb=0.0)
     assert (plan["dims"], plan["unsized_dims"]) == ({}, ["sequence"])
     assert plan["activation_kb_per_example"] < kb[8]
+    text = subprocess.run([str(Path(sys.executable).parent / "edgelearn"), "device",
+                           str(b.path), "--device", "raspberry-pi-4"], capture_output=True,
+                          text=True, timeout=300, check=True).stdout
+    assert "symbolic dims counted as 1 here: sequence; `train` sizes them" in text
 
 
 def test_a_long_sequences_plan_covers_its_peak(tmp_path: Path) -> None:
