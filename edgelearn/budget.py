@@ -43,7 +43,7 @@ def data_dims(inputs: Sequence[Any], x: Inputs) -> dict[str, int]:
         x: one array (a single-input model) or input name -> array.
     """
     arrays = x if isinstance(x, Mapping) else {inputs[0].name: x} if inputs else {}
-    batch = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], str)}
+    batch = _batch_symbols(inputs)
     dims: dict[str, int] = {}
     for spec in inputs:
         shape = np.shape(arrays[spec.name]) if spec.name in arrays else ()
@@ -55,9 +55,14 @@ def data_dims(inputs: Sequence[Any], x: Inputs) -> dict[str, int]:
 
 def unsized_dims(inputs: Sequence[Any], dims: Mapping[str, int]) -> list[str]:
     """The inputs' symbolic non-batch dimensions `dims` does not size (the plan counts 1)."""
-    batch = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], str)}
+    batch = _batch_symbols(inputs)
     return sorted({d for spec in inputs for d in spec.shape[1:]
                    if isinstance(d, str) and d not in batch and d not in dims})
+
+
+def _batch_symbols(inputs: Sequence[Any]) -> set[str]:
+    """The symbols that name the inputs' first (batch) dimension."""
+    return {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], str)}
 
 
 def activation_bytes_per_example(model_path: str | os.PathLike) -> int:

@@ -741,10 +741,10 @@ def _lr_fields() -> dict[str, Any]:
 def _lr_help() -> str:
     """--lr's help: each optimizer's default, its value under auto where that differs, and
     what the value means where it is not a plain learning rate (zo-gn: a step fraction)."""
-    parts = []
+    parts, recipes = [], el.auto_rule()[1]
     for name, f in sorted(_lr_fields().items()):
         text = f"{name} {f.default:g}"
-        auto = el.auto_rule()[1].get(name, {}).get("lr")
+        auto = recipes.get(name, {}).get("lr")
         if auto is not None and auto != f.default:
             text += f" ({auto:g} under auto)"
         if not f.metadata["help"].startswith("learning rate"):
@@ -759,17 +759,15 @@ class AutoLrNote(el.Callback):
     did not choose (after every check of the run, so a refused run still says one line)."""
 
     def __init__(self, optimizer: str, lr: float) -> None:
-        self.optimizer, self.lr = optimizer, lr
+        f = _lr_fields()[optimizer]  # train's flag checks refused --lr for one without
+        default = el.auto_rule()[1].get(optimizer, {}).get("lr", f.default)
+        self.line = (f"edgelearn: the default optimizer {optimizer} takes --lr {lr:g} as its "
+                     f"{f.metadata['help'].split(' (')[0]} (its default {default:g}); "
+                     "--optimizer NAME picks another")
 
     def on_step(self, session: Any, result: Any) -> None:
-        f = _lr_fields().get(self.optimizer)
-        if result.step != 0 or f is None:
-            return
-        meaning = f.metadata["help"].split(" (")[0]
-        default = el.auto_rule()[1].get(self.optimizer, {}).get("lr", f.default)
-        print(f"edgelearn: the default optimizer {self.optimizer} takes --lr {self.lr:g} as "
-              f"its {meaning} (its default {default:g}); --optimizer NAME picks another",
-              file=sys.stderr)
+        if result.step == 0:
+            print(self.line, file=sys.stderr)
 
 
 def _option_flag_specs() -> dict[str, dict[str, Any]]:

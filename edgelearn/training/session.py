@@ -493,10 +493,11 @@ class Session:
     def _check_live_batch(self, x: Inputs) -> None:
         """Refuse a live batch larger than the memory budget allows (checked once per size:
         its rows and its symbolic dimensions, e.g. a sequence length)."""
+        if self.runtime.memory_budget_mb is None:
+            return
         n, dims = n_rows(x), data_dims(self.bundle.inputs, x)
         fit_n, fit_dims = self._live_fit
-        within = all(v <= fit_dims.get(k, 0) for k, v in dims.items())
-        if self.runtime.memory_budget_mb is None or (n <= fit_n and within):
+        if n <= fit_n and all(v <= fit_dims.get(k, 0) for k, v in dims.items()):
             return  # no larger than a batch that fits (its memory grows with each size)
         plan = self._memory_plan(0, n, dims)
         if plan is not None and plan["batch_size"] < n:
