@@ -311,7 +311,8 @@ class DevicePlan:
 
 
 def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: int = 32,
-                trainable: str | None = None, threads: int | None = None) -> DevicePlan:
+                trainable: str | None = None, threads: int | None = None,
+                dims: Mapping[str, int] | None = None) -> DevicePlan:
     """The largest batch <= batch_size each registered optimizer can train `bundle` with here
     (`plan_batch` with the optimizer's own buffers), measured with the model loaded.
 
@@ -322,6 +323,7 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
         batch_size: the batch wanted.
         trainable: glob(s) of parameters to train (None = the manifest's).
         threads: runtime intra-op threads (None = the runtime's choice).
+        dims: sizes of the inputs' symbolic non-batch dimensions (`plan_batch`'s).
     """
     from edgelearn.capabilities import optimizer_support
     from edgelearn.model import Model
@@ -344,8 +346,8 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
                 extra += scorer.memory_bytes(cands)
                 rows = max(1, min(cands, scorer.max_population))
             fits[name] = plan_batch(bundle, batch_size=batch_size, budget_mb=budget_mb,
-                                    extra_bytes=extra, base_mb=base, candidates=rows,
-                                    example_bytes=opt.example_bytes(output_numel(bundle)))
+                                    extra_bytes=extra, base_mb=base, candidates=rows, dims=dims,
+                                    example_bytes=opt.example_bytes(output_numel(bundle, dims)))
             base = fits[name]["base_mb"]
         except EdgelearnError as e:
             fits[name] = {"error": str(e)}

@@ -428,7 +428,7 @@ def cmd_device(args: argparse.Namespace) -> None:
         return
     res = el.device(args.bundle, profile=args.device, backend=args.backend,
                     trainable=args.trainable, batch_size=args.batch_size,
-                    memory_budget_mb=args.memory_budget_mb).to_json()
+                    memory_budget_mb=args.memory_budget_mb, dims=_dims(args.dim)).to_json()
     _emit(args, res, lambda: _device_text(res))
 
 
@@ -461,9 +461,22 @@ def _device_text(res: dict[str, Any]) -> str:
         unsized = next((v["unsized_dims"] for v in b["plans"].values() if "unsized_dims" in v),
                        [])
         if unsized:  # a transformer's sequence: train sizes it from its data
-            lines.append(f"  (symbolic dims counted as 1 here: {', '.join(unsized)}; `train` "
-                         "sizes them from its data, and activations grow with them)")
+            lines.append(f"  (symbolic dims counted as 1 here: {', '.join(unsized)}; "
+                         "activations grow with them: --dim NAME=SIZE sizes them, as `train` "
+                         "does from its data)")
     return "\n".join(lines)
+
+
+def _dims(items: list[str] | None) -> dict[str, int]:
+    """`--dim NAME=SIZE` flags as {name: size} (InputError on a malformed one)."""
+    dims: dict[str, int] = {}
+    for item in items or []:
+        name, sep, size = item.partition("=")
+        if not (sep and name and size.isdigit() and int(size) > 0):
+            raise el.InputError(f"--dim expects NAME=SIZE with a positive integer size, got "
+                                f"{item!r}")
+        dims[name] = int(size)
+    return dims
 
 
 def _mb_or_unknown(value: float | None) -> str:
@@ -971,6 +984,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
     sp.add_argument("--memory-budget-mb", type=float, default=None,
                     help="memory budget (default: the profile's, else the free memory)")
+    sp.add_argument("--dim", action="append", default=None, metavar="NAME=SIZE",
+                    help="size of a symbolic input dimension besides the batch, e.g. "
+                    "--dim sequence=128 (repeatable; an unsized one counts 1; train sizes "
+                    "them from its data)")
     _add_json(sp)
 
     sp = sub.add_parser("demo", help="the main job end to end on shipped data")

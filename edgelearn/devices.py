@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -263,7 +264,8 @@ class DeviceReport:
 
 def device(bundle: Bundle | str | os.PathLike | None = None, *, profile: str | None = None,
            backend: str | None = None, trainable: str | None = None, batch_size: int = 32,
-           memory_budget_mb: float | None = None) -> DeviceReport:
+           memory_budget_mb: float | None = None,
+           dims: Mapping[str, int] | None = None) -> DeviceReport:
     """Detect this machine and, given a bundle, the largest batch each optimizer fits in.
 
     Args:
@@ -273,6 +275,8 @@ def device(bundle: Bundle | str | os.PathLike | None = None, *, profile: str | N
         trainable: glob(s) of parameters to train (None = the manifest's).
         batch_size: the batch wanted.
         memory_budget_mb: budget (MiB; default: the profile's, else the free memory).
+        dims: sizes of the bundle inputs' symbolic dimensions besides the batch, e.g.
+            {"sequence": 128} (the plan counts an unsized one 1 and names it).
     """
     from edgelearn.budget import plan_device
     from edgelearn.bundle import Bundle, load_bundle
@@ -287,5 +291,5 @@ def device(bundle: Bundle | str | os.PathLike | None = None, *, profile: str | N
         machine["memory_available_mb"]
     plan = plan_device(b, backend=resolve_backend(prof, backend, b), budget_mb=budget,
                        batch_size=batch_size, trainable=trainable,
-                       threads=prof.threads if prof else None)
+                       threads=prof.threads if prof else None, dims=dims)
     return DeviceReport(machine, prof, plan)

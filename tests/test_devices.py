@@ -442,7 +442,18 @@ def test_the_plan_sizes_a_sequence_from_the_data(tmp_path: Path) -> None:
     text = subprocess.run([str(Path(sys.executable).parent / "edgelearn"), "device",
                            str(b.path), "--device", "raspberry-pi-4"], capture_output=True,
                           text=True, timeout=300, check=True).stdout
-    assert "symbolic dims counted as 1 here: sequence; `train` sizes them" in text
+    assert "symbolic dims counted as 1 here: sequence; activations grow with them" in text
+    sized = _fresh_process_json(["device", str(b.path), "--device", "raspberry-pi-4", "--dim",
+                                 "sequence=64"])["bundle"]["plans"]["zo-sgd"]
+    assert (sized["dims"], sized["unsized_dims"]) == ({"sequence": 64}, [])
+    assert sized["activation_kb_per_example"] == kb[64]
+    bad = subprocess.run([str(Path(sys.executable).parent / "edgelearn"), "device",
+                          str(b.path), "--dim", "sequence=long"], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "edgelearn: error: --dim expects NAME=SIZE with a positive integer size, got "
+        "'sequence=long'"]
 
 
 def test_a_long_sequences_plan_covers_its_peak(tmp_path: Path) -> None:
