@@ -700,6 +700,25 @@ def _add_json(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _add_device(sub: Any) -> None:
+    """The `device` subcommand's arguments."""
+    sp = sub.add_parser("device", help="detect this machine; what fits its memory budget")
+    sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
+    sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
+    sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
+    sp.add_argument("--backend", default=None, choices=el.backend_names(),
+                    help="runtime (default: the profile's first installed backend)")
+    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
+    sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
+    sp.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="memory budget (default: the profile's, else the free memory)")
+    sp.add_argument("--dim", action="append", default=None, metavar="NAME=SIZE",
+                    help="size of a symbolic input dimension besides the batch, e.g. "
+                    "--dim sequence=128 (repeatable; an unsized one counts 1; train sizes "
+                    "them from its data)")
+    _add_json(sp)
+
+
 def _add_train(sub: Any) -> None:
     """`train` and its flag groups; optimizer-specific flags default to None (see
     TRAIN_DEFAULTS) so that a flag the chosen optimizer does not use can be refused."""
@@ -974,21 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train(sub)
 
-    sp = sub.add_parser("device", help="detect this machine; what fits its memory budget")
-    sp.add_argument("bundle", nargs="?", default=None, help="bundle to size a training run for")
-    sp.add_argument("--device", default=None, help="profile to use instead of the detected one")
-    sp.add_argument("--list", action="store_true", help="list the shipped device profiles")
-    sp.add_argument("--backend", default=None, choices=el.backend_names(),
-                    help="runtime (default: the profile's first installed backend)")
-    sp.add_argument("--trainable", default=None, help="glob(s) of parameters to train")
-    sp.add_argument("--batch-size", type=_positive, default=32, help="batch you want to train")
-    sp.add_argument("--memory-budget-mb", type=float, default=None,
-                    help="memory budget (default: the profile's, else the free memory)")
-    sp.add_argument("--dim", action="append", default=None, metavar="NAME=SIZE",
-                    help="size of a symbolic input dimension besides the batch, e.g. "
-                    "--dim sequence=128 (repeatable; an unsized one counts 1; train sizes "
-                    "them from its data)")
-    _add_json(sp)
+    _add_device(sub)
 
     sp = sub.add_parser("demo", help="the main job end to end on shipped data")
     sp.add_argument("--out", default="edgelearn-demo",
