@@ -323,9 +323,16 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
         batch_size: the batch wanted.
         trainable: glob(s) of parameters to train (None = the manifest's).
         threads: runtime intra-op threads (None = the runtime's choice).
-        dims: sizes of the inputs' symbolic non-batch dimensions (`plan_batch`'s).
+        dims: sizes of the inputs' symbolic non-batch dimensions (`plan_batch`'s); a name
+            that is not one is an InputError.
     """
     from edgelearn.capabilities import optimizer_support
+
+    unknown = sorted(set(dims or {}) - set(unsized_dims(bundle.inputs, {})))
+    if unknown:
+        named = ", ".join(unsized_dims(bundle.inputs, {})) or "none"
+        raise InputError(f"no input dimension named {', '.join(unknown)} (the bundle's "
+                         f"symbolic dimensions besides the batch: {named})")
     from edgelearn.model import Model
     from edgelearn.optim import make_optimizer
 

@@ -454,6 +454,13 @@ def test_the_plan_sizes_a_sequence_from_the_data(tmp_path: Path) -> None:
     assert bad.stderr.strip().splitlines() == [
         "edgelearn: error: --dim expects NAME=SIZE with a positive integer size, got "
         "'sequence=long'"]
+    typo = subprocess.run([str(Path(sys.executable).parent / "edgelearn"), "device",
+                           str(b.path), "--dim", "seq=128"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines() == [
+        "edgelearn: error: no input dimension named seq (the bundle's symbolic dimensions "
+        "besides the batch: sequence)"]
 
 
 def test_a_long_sequences_plan_covers_its_peak(tmp_path: Path) -> None:
