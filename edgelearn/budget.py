@@ -328,9 +328,10 @@ def plan_device(bundle: Bundle, *, backend: str, budget_mb: float, batch_size: i
     """
     from edgelearn.capabilities import optimizer_support
 
-    unknown = sorted(set(dims or {}) - set(unsized_dims(bundle.inputs, {})))
+    symbols = unsized_dims(bundle.inputs, {})
+    unknown = sorted(set(dims or {}) - set(symbols))
     if unknown:
-        named = ", ".join(unsized_dims(bundle.inputs, {})) or "none"
+        named = ", ".join(symbols) or "none"
         raise InputError(f"no input dimension named {', '.join(unknown)} (the bundle's "
                          f"symbolic dimensions besides the batch: {named})")
     from edgelearn.model import Model
