@@ -1,0 +1,133 @@
+"""How far forward-only estimators can take the demo head without taps, in exact arithmetic.
+
+Usage:
+    python benchmarks/bench_head_zo_bound.py            # ~1 min, seeds 0 1 2
+    python benchmarks/bench_head_zo_bound.py --quick    # one seed
+
+A numpy simulation of issue 16's demo target (no taps: the new ZO default >= 0.87 held-out
+accuracy, and plain zo-sgd's final accuracy in <= 1/3 of its 3000 forwards). The demo
+model's frozen hidden layer gives each example's 64 head inputs h; the head (10 x 64 + 10,
+cross-entropy, batch 32) trains from the shipped weights on the user's shifted digits
+(`edgelearn.demo.demo_data`), held-out accuracy at 1000 and 3000 forwards, for:
+  - exact: the head's exact gradient from one forward a step (what tpSGD's head rule gets
+    from the taps), lr 0.1 as the demo's tpsgd recipe;
+  - zo-sgd: two-sided Rademacher probes on all 650 weights, the losses exact (Malladi et
+    al. 2023, "Fine-Tuning Language Models with Just Forward Passes");
+  - readout: an upper bound for probes that read the head's outputs, not one loss: rank-1
+    probes u v^T (Chen et al. 2024, LOZO, low-rank ZO perturbations) on a linear last
+    layer move example b's logits by u (v . h_b), so K probes and the base forward give
+    S = H V exactly and with it G V, all 10 x K of the gradient's coordinates in the
+    probed input directions (zo-gn reads the outputs too, but of K dense directions):
+    the most a forward-only probe of this head can learn, ten times a loss's.
+Forwards: a step of K probes costs K + 1 (readout) or 2K (zo-sgd). The zo-sgd rows are this
+simulation's (fixed lr, no schedule), not `bench_defaults.py`'s runs of the real one; readout
+bounds what one step can read, not what an estimator pooling steps could. Prints a table on
+stderr and ONE JSON object on stdout; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import edgelearn as el  # noqa: E402
+from edgelearn.demo import DATA, demo_data  # noqa: E402
+
+MARKS = (1000, 3000)
+BATCH = 32
+
+
+def features() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, np.ndarray]]:
+    """((train h, train y, test h, test y), (head W, head b)), float64."""
+    store = el.load_bundle(DATA / "demo").load_store()
+    w0, b0 = (store[n].astype(np.float64) for n in ("layers.0.weight", "layers.0.bias"))
+    tr, te, _ = demo_data(0)
+    h = [np.maximum(d.x.astype(np.float64) @ w0.T + b0, 0.0) for d in (tr, te)]
+    head = tuple(store[n].astype(np.float64) for n in ("head.weight", "head.bias"))
+    return (h[0], tr.y, h[1], te.y), head
+
+
+def ce_grad(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mean cross-entropy, its gradient over the logits [B, C])."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    loss = float(-np.log(p[np.arange(len(y)), y]).mean())
+    p[np.arange(len(y)), y] -= 1.0
+    return loss, p / len(y)
+
+
+def step(method: str, w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray,
+         probes: int, lr: float, rng: np.random.Generator, eps: float = 1e-3) -> int:
+    """One step of `method` on batch (h, y), w and b updated in place; its forwards."""
+    if method == "exact":
+        _, g = ce_grad(h @ w.T + b, y)
+        w -= lr * g.T @ h
+        b -= lr * g.sum(0)
+        return 1
+    if method == "readout":  # orthonormal input directions: G V V^T, the projected gradient
+        _, g = ce_grad(h @ w.T + b, y)
+        v = np.linalg.qr(rng.choice([-1.0, 1.0], size=(h.shape[1], probes)))[0]
+        w -= lr * (g.T @ (h @ v)) @ v.T
+        b -= lr * g.sum(0)
+        return probes + 1
+    zs = [(rng.choice([-1.0, 1.0], size=w.shape), rng.choice([-1.0, 1.0], size=b.shape))
+          for _ in range(probes)]
+    for zw, zb in zs:
+        lp = ce_grad(h @ (w + eps * zw).T + b + eps * zb, y)[0]
+        lm = ce_grad(h @ (w - eps * zw).T + b - eps * zb, y)[0]
+        c = lr * (lp - lm) / (2 * eps * probes)
+        w -= c * zw
+        b -= c * zb
+    return 2 * probes
+
+
+def run(data: tuple[np.ndarray, ...], head: tuple[np.ndarray, ...], method: str,
+        probes: int, lr: float, seed: int) -> dict[int, float]:
+    """Held-out accuracy at each of MARKS forwards of one run."""
+    htr, ytr, hte, yte = data
+    w, b = (a.copy() for a in head)
+    rng = np.random.default_rng([seed, 0x5EED])
+    done, acc = 0, {}
+    while done < MARKS[-1]:
+        idx = rng.integers(0, len(htr), BATCH)
+        done += step(method, w, b, htr[idx], ytr[idx], probes, lr, rng)
+        for m in MARKS:
+            if done >= m and m not in acc:
+                acc[m] = float(((hte @ w.T + b).argmax(1) == yte).mean())
+    return acc
+
+
+#: (method, probes, lr) grid: zo-sgd's lrs as bench_defaults' head grid
+GRID = [("exact", 0, 0.1)] + [("zo-sgd", 1, lr) for lr in (0.003, 0.01, 0.03, 0.1)] + [
+    ("zo-sgd", 4, 0.01)] + [("readout", k, lr) for k in (8, 16, 32) for lr in (0.3, 1.0)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one seed")
+    args = ap.parse_args(argv)
+    seeds = (0,) if args.quick else (0, 1, 2)
+    data, head = features()
+    start = float(((data[2] @ head[0].T + head[1]).argmax(1) == data[3]).mean())
+    rows = []
+    for method, probes, lr in GRID:
+        runs = [run(data, head, method, probes, lr, s) for s in seeds]
+        mean = {m: float(np.mean([r[m] for r in runs])) for m in MARKS}
+        rows.append({"method": method, "probes": probes, "lr": lr,
+                     **{f"acc_{m}": round(v, 4) for m, v in mean.items()}})
+        print(f"{method:8s} K {probes:2d} lr {lr:<6g} " + "  ".join(
+            f"{m} fwd {v:.3f}" for m, v in mean.items()), file=sys.stderr)
+    print(json.dumps({"start_accuracy": round(start, 4), "seeds": list(seeds), "runs": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
