@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import edgelearn as el  # noqa: E402
 from edgelearn.demo import DATA, demo_data  # noqa: E402
+from edgelearn.losses import accuracy, cross_entropy  # noqa: E402
 
 MARKS = (1000, 3000)
 BATCH = 32
@@ -54,26 +55,24 @@ def features() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, np.ndarray]]:
     return (h[0], tr.y, h[1], te.y), head
 
 
-def ce_grad(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mean cross-entropy, its gradient over the logits [B, C])."""
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z)
+def ce_grad(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The gradient of the mean cross-entropy over the logits [B, C] (softmax - one-hot) / B."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    loss = float(-np.log(p[np.arange(len(y)), y]).mean())
     p[np.arange(len(y)), y] -= 1.0
-    return loss, p / len(y)
+    return p / len(y)
 
 
 def step(method: str, w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray,
          probes: int, lr: float, rng: np.random.Generator, eps: float = 1e-3) -> int:
     """One step of `method` on batch (h, y), w and b updated in place; its forwards."""
     if method == "exact":
-        _, g = ce_grad(h @ w.T + b, y)
+        g = ce_grad(h @ w.T + b, y)
         w -= lr * g.T @ h
         b -= lr * g.sum(0)
         return 1
     if method == "readout":  # orthonormal input directions: G V V^T, the projected gradient
-        _, g = ce_grad(h @ w.T + b, y)
+        g = ce_grad(h @ w.T + b, y)
         v = np.linalg.qr(rng.choice([-1.0, 1.0], size=(h.shape[1], probes)))[0]
         w -= lr * (g.T @ (h @ v)) @ v.T
         b -= lr * g.sum(0)
@@ -81,8 +80,8 @@ def step(method: str, w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray
     zs = [(rng.choice([-1.0, 1.0], size=w.shape), rng.choice([-1.0, 1.0], size=b.shape))
           for _ in range(probes)]
     for zw, zb in zs:
-        lp = ce_grad(h @ (w + eps * zw).T + b + eps * zb, y)[0]
-        lm = ce_grad(h @ (w - eps * zw).T + b - eps * zb, y)[0]
+        lp = cross_entropy(h @ (w + eps * zw).T + b + eps * zb, y)
+        lm = cross_entropy(h @ (w - eps * zw).T + b - eps * zb, y)
         c = lr * (lp - lm) / (2 * eps * probes)
         w -= c * zw
         b -= c * zb
@@ -101,7 +100,7 @@ def run(data: tuple[np.ndarray, ...], head: tuple[np.ndarray, ...], method: str,
         done += step(method, w, b, htr[idx], ytr[idx], probes, lr, rng)
         for m in MARKS:
             if done >= m and m not in acc:
-                acc[m] = float(((hte @ w.T + b).argmax(1) == yte).mean())
+                acc[m] = accuracy(hte @ w.T + b, yte)
     return acc
 
 
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     seeds = (0,) if args.quick else (0, 1, 2)
     data, head = features()
-    start = float(((data[2] @ head[0].T + head[1]).argmax(1) == data[3]).mean())
+    start = accuracy(data[2] @ head[0].T + head[1], data[3])
     rows = []
     for method, probes, lr in GRID:
         runs = [run(data, head, method, probes, lr, s) for s in seeds]
