@@ -242,6 +242,22 @@ def test_vectorized_philox_equals_numpy() -> None:
         assert gen.random_raw(4).tolist() == row.tolist()
 
 
+def test_sign_blocks_of_a_steps_probes_drawn_together_equal_one_by_one() -> None:
+    """A step of q probes asks q sign blocks; the first ask draws the blocks of the probes
+    whose keys are derived in one pass: every probe's bytes are still its own stream's."""
+    from edgelearn.optim.kernels import draw_signs
+
+    seed, probes, n = 29, range(5), 650
+    for step in range(3 * KEY_BLOCK - 2, 3 * KEY_BLOCK + 6):  # a block boundary inside
+        for k in probes:
+            got = draw_signs(seed, step, k, n)
+            assert got.tobytes() == rademacher_bytes(seed, step, k, n).tobytes(), (step, k)
+    rows = [block_rademacher_bytes(seed, 3 * KEY_BLOCK + 5, k, 11) for k in probes]
+    assert all(r is not None for r in rows)
+    bases = {id(r.base) for r in rows if r is not None}  # one pass drew them all
+    assert len(bases) == 1
+
+
 def test_signs_drawn_in_blocks_equal_one_by_one() -> None:
     """Short Rademacher vectors read from KEY_BLOCK-step blocks (from the third step of a
     block on) are the very bytes drawn one by one, across block boundaries and sizes."""

@@ -139,11 +139,7 @@ def _distinct_signs(signs: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, li
     last = _last_expanded[0]  # one tuple, replaced whole: consistent across threads
     if last is not None and last[0] == key:  # ids of arrays it holds: still those arrays
         return last[2], which
-    nb = -(-n // 8)
-    z = np.empty((len(distinct), nb), "V32")
-    for j, packed in enumerate(distinct):
-        _ONES.take(packed[:nb], out=z[j], mode="wrap")
-    zf = z.view(np.float32)[:, :n]
+    zf = expand_signs(distinct, n)
     if all(_frozen(p) for p in distinct):
         zf.flags.writeable = False
         _last_expanded[0] = (key, distinct, zf)  # holding the arrays: their ids stay theirs
@@ -173,14 +169,40 @@ def _repeats(which: list[int], d: int) -> int:
 
 def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
-    """`signed_rows` for slices of at most SMALL_MAX elements: rows = (c_j * z_j) + src.
+    """`signed_rows` for slices of at most SMALL_MAX elements: each distinct sign array is
+    expanded once (probe rows come in pairs +eps z_k, -eps z_k over the same signs)."""
+    z, which = _distinct_signs(signs, src.size)
+    expanded_rows(rows, src, coefs, z, which)
+
+
+def expand_signs(signs: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Packed signs expanded to +-1.0 float32, one row per sign array, in one gather.
+
+    Args:
+        signs: d packed sign arrays (uint8, >= ceil(n / 8) bytes each).
+        n: elements.
+    Returns: float32 [d, n] (a view of a [d, ceil(n / 8) * 8] array).
+    """
+    nb = -(-n // 8)
+    packed = np.concatenate([p[:nb] for p in signs])  # (np.stack costs twice as much)
+    return _ONES.take(packed, mode="wrap").view(np.float32).reshape(len(signs), -1)[:, :n]
+
+
+def expanded_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+                  z: np.ndarray, which: Sequence[int]) -> None:
+    """rows[j] = (coefs[j] * z[which[j]]) + src, from signs already expanded to +-1.0.
 
     c * (+-1.0) is exactly the table entry +-c, and float addition commutes bit for bit, so
-    the rows equal the gathered ones. Each distinct sign array is expanded once (probe rows
-    come in pairs +eps z_k, -eps z_k over the same signs)."""
+    the rows equal `signed_rows`' gathered ones.
+
+    Args:
+        rows: float32 [>= K, >= n], overwritten in [:K, :n].
+        src: float32 [n].
+        coefs: K float32 scalars.
+        z: float32 [d, n] signs (`expand_signs`); which: K rows of z, one per coef.
+    """
     k, n = len(coefs), src.size
     out = rows[:k, :n]
-    z, which = _distinct_signs(signs, n)
     d = len(z)
     if k <= 2:  # one probe's pair: a multiply per row costs less than a broadcast's setup
         for j in range(k):
@@ -188,7 +210,7 @@ def _small_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
         np.add(out, src, out=out)
         return
     col = np.array(coefs, np.float32)
-    r = _repeats(which, d)
+    r = _repeats(list(which), d)
     if r and out.flags.c_contiguous:  # rows of the same signs: broadcast, no row copies
         np.multiply(z[:, None, :], col.reshape(d, r, 1), out=out.reshape(d, r, n))
     else:
@@ -303,19 +325,30 @@ class SignPass:
 
 def _small_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
-    """`SignPass.run` on at most SMALL_MAX elements: the signs expanded to +-1.0 and
-    multiplied by each coef (exactly the table entries), summed in the same order
-    (acc = t_0; acc = acc + t_k, one add per term: `np.add.reduce` may sum pairwise)."""
-    n = dst.size
-    z, which = _distinct_signs(signs, n)
+    """`SignPass.run` on at most SMALL_MAX elements (`expanded_pass` of the distinct signs)."""
+    z, which = _distinct_signs(signs, dst.size)
+    expanded_pass(dst, src, coefs, z, which)
+
+
+def expanded_pass(dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
+                  z: np.ndarray, which: Sequence[int]) -> None:
+    """dst = src + sum_k coefs[k] * z[which[k]], from signs already expanded to +-1.0: the
+    values of `SignPass.run` (c * (+-1.0) is exactly the table entry +-c), summed in the same
+    order (acc = t_0; acc = acc + t_k, one add per term: `np.add.reduce` may sum pairwise).
+
+    Args:
+        dst, src: float32 [n] (dst may be src).
+        coefs: float32 scalars, one per term (at least one).
+        z: float32 [d, n] signs (`expand_signs`); which: the row of z of each term.
+    """
     if len(coefs) == 1 and not np.may_share_memory(dst, src):  # the product lands in dst
-        np.multiply(z[0], np.float32(coefs[0]), out=dst)
+        np.multiply(z[which[0]], np.float32(coefs[0]), out=dst)
         np.add(src, dst, out=dst)
         return
     if len(coefs) == 1:
-        acc = np.multiply(z[0], np.float32(coefs[0]))
+        acc = np.multiply(z[which[0]], np.float32(coefs[0]))
     else:
-        rows = z if len(z) == len(which) and which == list(range(len(z))) else \
+        rows = z if len(z) == len(which) and list(which) == list(range(len(z))) else \
             z.take(which, axis=0)
         terms = np.multiply(rows, np.array(coefs, np.float32)[:, None])
         acc = terms[0]

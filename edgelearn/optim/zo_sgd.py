@@ -50,7 +50,15 @@ import numpy as np
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.groups import GroupScales, parse_groups
-from edgelearn.optim.kernels import SignPass, draw_signs, signed_rows
+from edgelearn.optim.kernels import (
+    SMALL_MAX,
+    SignPass,
+    draw_signs,
+    expand_signs,
+    expanded_pass,
+    expanded_rows,
+    signed_rows,
+)
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
@@ -160,6 +168,9 @@ class ZOSGD(Optimizer):
         self._abuf = np.empty(rule.chunk, np.float32)
         # Packed Rademacher signs of this step's probes (n/8 bytes each), drawn once per step.
         self._signs: dict[tuple[int, int, int], np.ndarray] = {}
+        # small slices: this step's distinct keys and their signs as +-1.0 [d, n], expanded
+        # once (the probe rows and the update read the same signs)
+        self._expanded: tuple[tuple[tuple[int, int, int], ...], np.ndarray] | None = None
         self._pass = SignPass(threads=rule.threads)
         self._decay_segments: list[tuple[int, int]] = []
         # per-tensor lr / eps multipliers (optim/groups.py); empty: one lr and eps for all
@@ -264,6 +275,10 @@ class ZOSGD(Optimizer):
         if group and self.groups:
             self._combine_signs_grouped(dst, src, terms, group)
             return
+        if dst.size <= SMALL_MAX:
+            z, which = self._expanded_signs([key for _, key in terms], dst.size)
+            expanded_pass(dst, src, [coef for coef, _ in terms], z, which)
+            return
         self._pass.run(dst, src, [coef for coef, _ in terms], [self._packed(key, dst.size)
                                                                for _, key in terms])
 
@@ -297,6 +312,16 @@ class ZOSGD(Optimizer):
             signs = self._signs[key] = draw_signs(*key, n, threads=self._pass.threads)
         return signs
 
+    def _expanded_signs(self, keys: Sequence[tuple[int, int, int]], n: int
+                        ) -> tuple[np.ndarray, list[int]]:
+        """Signs of `keys` as +-1.0 float32 [d, n] (one row per distinct key; kept for the
+        step) and the row of each key: small slices expand their signs once a step."""
+        rows = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        distinct = tuple(rows)
+        if self._expanded is None or self._expanded[0] != distinct:
+            self._expanded = (distinct, expand_signs([self._packed(k, n) for k in distinct], n))
+        return self._expanded[1], [rows[key] for key in keys]
+
     def _probes(self, theta: np.ndarray, src: np.ndarray, seeds: Sequence[tuple[int, int, int]],
                 e32: np.float32) -> Population:
         """The 2q probe points src +- eps z_k as one Population (order +1, -1 per probe):
@@ -310,6 +335,10 @@ class ZOSGD(Optimizer):
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
             rows = out["float32"]
+            if by_signs and src.size <= SMALL_MAX:
+                z, which = self._expanded_signs([key for _, key in cands[lo:hi]], src.size)
+                expanded_rows(rows, src, coefs[lo:hi], z, which)
+                return
             if by_signs:
                 n = src.size
                 signed_rows(rows, src, coefs[lo:hi], [self._packed(key, n)
@@ -334,6 +363,7 @@ class ZOSGD(Optimizer):
         t, eps = self.t, self.rule.eps
         e32 = np.float32(eps)
         self._signs.clear()
+        self._expanded = None
         copy = None
         if self._policy == "copy":
             if self._copy is None:
