@@ -74,6 +74,8 @@ KEY_BLOCK = 256
 _MAX_KEY_BLOCKS = 256
 _key_blocks: dict[tuple[int, int, int], np.ndarray] = {}
 _key_seen: set[tuple[int, int, int]] = set()  # blocks asked for one key so far
+#: other probes' key blocks derived with one probe's (a step's probes), at most
+_MAX_SIBLINGS = 63
 _key_lock = threading.Lock()
 
 
@@ -136,18 +138,21 @@ def seed_sequence_keys(entropy: np.ndarray) -> np.ndarray:
     return state.view(np.uint64)  # native order, as generate_state's view
 
 
-def _step_block(run_seed: int, base: int, probe: int) -> np.ndarray:
-    """Keys of steps [base, base + KEY_BLOCK) (base a multiple of KEY_BLOCK < 2**64), one pass.
+def _step_blocks(run_seed: int, base: int, probes: list[int]) -> np.ndarray:
+    """Keys of steps [base, base + KEY_BLOCK) (base a multiple of KEY_BLOCK < 2**64) of each
+    probe (all with as many entropy words), one pass.
 
     KEY_BLOCK divides 2**32, so every step of the block has as many entropy words as base.
-    Returns: uint64 [KEY_BLOCK, 2]."""
+    Returns: uint64 [len(probes), KEY_BLOCK, 2]."""
     nw = len(_u32_words(base + KEY_BLOCK - 1))
-    steps = np.arange(base, base + KEY_BLOCK, dtype=np.uint64)
-    cols = [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(run_seed)]
+    rows = KEY_BLOCK * len(probes)
+    steps = np.tile(np.arange(base, base + KEY_BLOCK, dtype=np.uint64), len(probes))
+    cols = [np.full(rows, w, np.uint32) for w in _u32_words(run_seed)]
     cols += [((steps >> np.uint64(32 * i)) & np.uint64(_MASK32)).astype(np.uint32)
              for i in range(nw)]
-    cols += [np.full(KEY_BLOCK, w, np.uint32) for w in _u32_words(probe)]
-    return seed_sequence_keys(np.stack(cols, axis=1))
+    words = np.array([_u32_words(p) for p in probes], np.uint32)  # [P, probe words]
+    cols += [np.repeat(words[:, i], KEY_BLOCK) for i in range(words.shape[1])]
+    return seed_sequence_keys(np.stack(cols, axis=1)).reshape(len(probes), KEY_BLOCK, 2)
 
 
 def _key_tuple(run_seed: int, step: int, probe: int) -> tuple[int, int]:
@@ -170,10 +175,19 @@ def _key_tuple(run_seed: int, step: int, probe: int) -> tuple[int, int]:
                     _key_seen.clear()
                 _key_seen.add(where)
                 return _one_key(run_seed, step, probe)
-            block = _step_block(run_seed, base, probe)
-            if len(_key_blocks) >= _MAX_KEY_BLOCKS:  # bounded: the oldest block goes
-                del _key_blocks[next(iter(_key_blocks))]
-            _key_blocks[where] = block
+            # with the blocks of the other probes asked in this block (a step's q probes:
+            # one pass; probes of as many entropy words, so their rows stack)
+            nw = len(_u32_words(probe))
+            siblings = [p for s, b, p in _key_seen if s == run_seed and b == base
+                        and p != probe and (s, b, p) not in _key_blocks
+                        and len(_u32_words(p)) == nw]
+            probes = [probe, *siblings[:_MAX_SIBLINGS]]
+            blocks = _step_blocks(run_seed, base, probes)
+            for p, keys in zip(probes, blocks, strict=True):
+                if len(_key_blocks) >= _MAX_KEY_BLOCKS:  # bounded: the oldest block goes
+                    del _key_blocks[next(iter(_key_blocks))]
+                _key_blocks[(run_seed, base, p)] = keys
+            block = blocks[0]
     i = step - base
     return block.item(i, 0), block.item(i, 1)
 
@@ -270,8 +284,8 @@ def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> None:
     (a step of q probes asks q blocks: one pass instead of q; philox4x64 works lane by lane,
     so the bytes are those of separate draws)."""
     with _key_lock:
-        probes = [probe] + [p for (s, b, p) in _key_blocks if s == run_seed and b == base
-                            and p != probe and (s, b, p, words) not in _sign_blocks]
+        probes = [probe, *(p for (s, b, p) in _key_blocks if s == run_seed and b == base
+                           and p != probe and (s, b, p, words) not in _sign_blocks)]
         keys = np.concatenate([_key_blocks[(run_seed, base, p)] for p in probes])
     blocks = _sign_block(keys, words).reshape(len(probes), KEY_BLOCK, -1)
     with _key_lock:

@@ -242,6 +242,20 @@ def test_vectorized_philox_equals_numpy() -> None:
         assert gen.random_raw(4).tolist() == row.tolist()
 
 
+def test_key_blocks_of_a_steps_probes_derived_together_equal_seed_sequence() -> None:
+    """The second step of a block derives the key blocks of every probe asked in the block
+    in one pass (probes of one and of two entropy words: separate passes): each key is
+    still SeedSequence's."""
+    seed, probes = 41, [0, 1, 2, 7, 2**33, 2**33 + 1]
+    for base in (0, 2**32 - KEY_BLOCK, 2**32):
+        for step in range(base + 1, base + 5):  # the first ask one key, the next blocks
+            for k in probes:
+                assert philox_key_ints(seed, step, k) == _seed_sequence_key(seed, step, k)
+        later = range(base + 5, base + KEY_BLOCK, 31)
+        assert [philox_key_ints(seed, s, k) for s in later for k in probes] == \
+            [_seed_sequence_key(seed, s, k) for s in later for k in probes]
+
+
 def test_sign_blocks_of_a_steps_probes_drawn_together_equal_one_by_one() -> None:
     """A step of q probes asks q sign blocks; the first ask draws the blocks of the probes
     whose keys are derived in one pass: every probe's bytes are still its own stream's."""

@@ -146,15 +146,17 @@ class OrtPopulation(PopulationScorer):
              extra: dict[str, np.ndarray] | None) -> np.ndarray:
         """The first of `outputs` for the k candidates in the rows buffer on batch x (one
         call); `extra`: further feeds (the loss tail's labels)."""
-        kept = self._param_feeds(k)
-        kept[self.input_name] = x
-        feeds = {**kept, **extra} if extra else kept
+        feeds = self._param_feeds(k)
+        feeds[self.input_name] = x
+        if extra:
+            feeds.update(extra)
         try:
             return self.session.run(outputs, feeds)[0]
         except Exception as e:  # onnxruntime's exception types do not share a base class
             raise run_error(e, "the population graph") from None
         finally:
-            kept[self.input_name] = None  # the batch is not kept alive by the scorer
+            for name in (self.input_name, *(extra or ())):  # no batch is kept alive
+                feeds.pop(name, None)
 
     def _param_feeds(self, k: int) -> dict[str, np.ndarray]:
         """Parameter name -> its [k, *shape] block of the rows buffer (views, kept per k:

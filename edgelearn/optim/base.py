@@ -288,12 +288,13 @@ class Optimizer:
 
     def _finish(self, record: dict[str, Any]) -> StepInfo:
         record["step"] = self.t
-        if self._losses:  # steps that were told losses record them: replay feeds them back
-            record["evals"] = [v if math.isfinite(v) else None for v in self._losses]
+        evals = [v if math.isfinite(v) else None for v in self._losses]
+        if evals:  # steps that were told losses record them: replay feeds them back
+            record["evals"] = evals
         if "loss" in record:
             loss = math.nan if record["loss"] is None else float(record["loss"])
         else:
-            finite = [v for v in self._losses if math.isfinite(v)]
+            finite = [v for v in evals if v is not None]
             loss = sum(finite) / len(finite) if finite else math.nan
         info = StepInfo(self.t, loss, record, bool(record.get("accepted", True)), self._evals)
         self.last_info = info

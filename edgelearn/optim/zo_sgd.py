@@ -316,11 +316,10 @@ class ZOSGD(Optimizer):
                         ) -> tuple[np.ndarray, list[int]]:
         """Signs of `keys` as +-1.0 float32 [d, n] (one row per distinct key; kept for the
         step) and the row of each key: small slices expand their signs once a step."""
-        rows = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-        distinct = tuple(rows)
+        distinct = tuple(dict.fromkeys(keys))
         if self._expanded is None or self._expanded[0] != distinct:
             self._expanded = (distinct, expand_signs([self._packed(k, n) for k in distinct], n))
-        return self._expanded[1], [rows[key] for key in keys]
+        return self._expanded[1], [distinct.index(key) for key in keys]
 
     def _probes(self, theta: np.ndarray, src: np.ndarray, seeds: Sequence[tuple[int, int, int]],
                 e32: np.float32) -> Population:
