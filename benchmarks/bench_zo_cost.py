@@ -13,6 +13,7 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 (probes 4, batch 32) through `Session.run`, against one forward of the model
                 (`predict`) on the same batch. Two ways of scoring the 8 probe points: one
                 population-graph call ("population") and one runtime call each ("per_probe").
+                "probes1": the same with probes 1 (a step of two forwards, zo-sgd's default).
                 Python overhead per step = a step of the run loop (optimizer, evaluator,
                 journal append without fsync, batch sha256, result) minus the time spent inside
                 the runtime's run calls (timed around the session object).
@@ -117,18 +118,20 @@ class TimedSession:
 
 
 # -- demo head ---------------------------------------------------------------------------------
-def demo_session(work: Path, population: bool) -> Any:
-    """A Session on the shipped demo bundle as `edgelearn demo` trains zo-sgd (no fsync)."""
+def demo_session(work: Path, population: bool, options: dict[str, Any] | None = None) -> Any:
+    """A Session on the shipped demo bundle as `edgelearn demo` trains zo-sgd (no fsync);
+    `options`: zo-sgd's (None: the demo's)."""
     import edgelearn as el
 
     bundle = Path(el.__file__).resolve().parent / "data" / "demo"
-    cfg = el.TrainConfig(optimizer="zo-sgd", options=DEMO_OPTIONS, trainable="head.*",
+    opts = DEMO_OPTIONS if options is None else options
+    cfg = el.TrainConfig(optimizer="zo-sgd", options=opts, trainable="head.*",
                          batch_size=BATCH, population=population, fsync_every=1 << 30,
                          checkpoint_every=1 << 30)
     # one runtime thread: a 4.8k-parameter model gains nothing from more, and on shared cores
     # a second ORT thread makes every call wait for a free core
-    return el.Session(bundle, work / ("pop" if population else "single"), cfg,
-                      el.RuntimeConfig(threads=1))
+    name = ("pop" if population else "single") + ("" if options is None else "_own")
+    return el.Session(bundle, work / name, cfg, el.RuntimeConfig(threads=1))
 
 
 def demo_round(s: Any, data: Any, xb: np.ndarray, steps: int, acc: dict[str, list[float]]
@@ -178,7 +181,8 @@ def section_demo(rounds: int, steps: int) -> dict[str, Any]:
                            "rounds": rounds}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {"population": demo_session(Path(tmp), True),
-                    "per_probe": demo_session(Path(tmp), False)}
+                    "per_probe": demo_session(Path(tmp), False),
+                    "probes1": demo_session(Path(tmp), True, {"lr": 0.01, "eps": 1e-3})}
         fields = [f"{c}{f}" for c in ("", "cpu_")
                   for f in ("loop_step", "runtime", "overhead", "forward")] + ["opt_step"]
         accs = {k: {f: [] for f in fields} for k in sessions}
@@ -379,7 +383,10 @@ def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
     and on one thread, and threaded on a session whose onnxruntime workers spin after each
     run ("spinning", onnxruntime's default, edgelearn's before it turned spinning off), each
     against forwards of its own session; `between()` runs before the first, the middle and
-    after the last round (the MeZO child)."""
+    after the last round (the MeZO child). Each variant's turn in a round starts with an
+    untimed step: right after a switch the previous variant's weights fill the caches, and
+    after "spinning" its onnxruntime workers still hold the cores (that first step measured
+    21 ms against 16 ms once settled, threaded, on the 2-core box)."""
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
@@ -403,12 +410,12 @@ def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
             between()
         for name, opt in variants.items():
             m = models[name]
-            for _ in range(steps):
+            for i in range(steps + 1):
                 t0 = clock()
                 m.predict(xb)
                 t1 = clock()
                 opt.step(m.store, lambda m=m: cross_entropy(m.predict(xb), yb))
-                if r:
+                if r and i:  # (step 0 settles the switch: caches, the spinning workers)
                     times["forward_spinning" if name == "spinning" else "forward"].append(
                         t1 - t0)
                     times[name].append(clock() - t1)
@@ -549,6 +556,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     return {
         "demo_head_step_over_forward": demo["population"]["step_over_forward"],
         "demo_head_step_over_forward_per_probe": demo["per_probe"]["step_over_forward"],
+        "demo_head_step_over_forward_probes1": demo["probes1"]["step_over_forward"],
         "goal_demo_head_step_over_forward_max": 5.0,
         "big_full_step_over_forward": get("step_over_forward_threaded"),
         "big_full_step_over_forward_one_thread": get("step_over_forward_one_thread"),
