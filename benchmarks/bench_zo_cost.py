@@ -73,6 +73,8 @@ BIG = {"in_features": 2048, "hidden": [2048, 2048, 2048], "classes": 10}
 QUICK_BIG = {"in_features": 1024, "hidden": [1024, 1024, 1024], "classes": 10}
 BATCH = 32
 DEMO_OPTIONS = {"lr": 0.01, "eps": 1e-3, "probes": 4}
+#: untimed steps at the start of each big-MLP variant's turn (`section_big`)
+SETTLE_STEPS = 2
 
 
 def log(msg: str) -> None:
@@ -383,10 +385,11 @@ def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
     and on one thread, and threaded on a session whose onnxruntime workers spin after each
     run ("spinning", onnxruntime's default, edgelearn's before it turned spinning off), each
     against forwards of its own session; `between()` runs before the first, the middle and
-    after the last round (the MeZO child). Each variant's turn in a round starts with an
-    untimed step: right after a switch the previous variant's weights fill the caches, and
-    after "spinning" its onnxruntime workers still hold the cores (that first step measured
-    21 ms against 16 ms once settled, threaded, on the 2-core box)."""
+    after the last round (the MeZO child). Each variant's turn in a round starts with
+    SETTLE_STEPS untimed steps: a run steps one optimizer on one model, and right after a
+    switch the steps are slower (the 2-core box, threaded, 8 rounds of 4 steps: the first two
+    of a turn 20-22 ms, the next two 15.5-18.5 ms, with or without a 0.3 s pause before the
+    turn; one thread 17.5-18.2 ms at every position)."""
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
@@ -410,12 +413,12 @@ def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
             between()
         for name, opt in variants.items():
             m = models[name]
-            for i in range(steps + 1):
+            for i in range(SETTLE_STEPS + steps):
                 t0 = clock()
                 m.predict(xb)
                 t1 = clock()
                 opt.step(m.store, lambda m=m: cross_entropy(m.predict(xb), yb))
-                if r and i:  # (step 0 settles the switch: caches, the spinning workers)
+                if r and i >= SETTLE_STEPS:
                     times["forward_spinning" if name == "spinning" else "forward"].append(
                         t1 - t0)
                     times[name].append(clock() - t1)
