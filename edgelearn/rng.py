@@ -273,27 +273,31 @@ def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int
     if block is None:
         if (run_seed, base, probe) not in _key_blocks:  # only for checked non-negative ints
             return None
-        _draw_sign_blocks(run_seed, base, probe, words)
-        block = _sign_blocks[where]
+        block = _draw_sign_blocks(run_seed, base, probe, words)
     return block[step - base]
 
 
-def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> None:
-    """Draw the sign block of `probe` in the key block (run_seed, base), and in the same
-    vectorized pass those of the other probes whose keys are derived and blocks not drawn
-    (a step of q probes asks q blocks: one pass instead of q; philox4x64 works lane by lane,
-    so the bytes are those of separate draws)."""
+def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> np.ndarray:
+    """The sign block of `probe` in the key block (run_seed, base), drawn in one vectorized
+    pass with those of other probes whose keys are derived and blocks not drawn (a step of q
+    probes asks q blocks: one pass instead of q; philox4x64 works lane by lane, so the bytes
+    are those of separate draws); at most half the kept bytes are drawn at once.
+
+    Returns: read-only uint8 [KEY_BLOCK, 8 * words]."""
+    room = max(1, _MAX_SIGN_BLOCK_BYTES // (2 * KEY_BLOCK * 8 * words))
     with _key_lock:
-        probes = [probe, *(p for (s, b, p) in _key_blocks if s == run_seed and b == base
-                           and p != probe and (s, b, p, words) not in _sign_blocks)]
+        others = [p for (s, b, p) in _key_blocks if s == run_seed and b == base
+                  and p != probe and (s, b, p, words) not in _sign_blocks]
+        probes = [probe, *others[: room - 1]]
         keys = np.concatenate([_key_blocks[(run_seed, base, p)] for p in probes])
     blocks = _sign_block(keys, words).reshape(len(probes), KEY_BLOCK, -1)
     with _key_lock:
-        for p, block in zip(probes, blocks, strict=True):
+        for p, block in reversed(list(zip(probes, blocks, strict=True))):  # probe's newest
             held = sum(b.nbytes for b in _sign_blocks.values())
             while _sign_blocks and held + block.nbytes > _MAX_SIGN_BLOCK_BYTES:
                 held -= _sign_blocks.pop(next(iter(_sign_blocks))).nbytes  # the oldest go
             _sign_blocks[(run_seed, base, p, words)] = block
+    return blocks[0]
 
 
 def philox_key(run_seed: int, step: int, probe: int) -> np.ndarray:

@@ -272,6 +272,19 @@ def test_sign_blocks_of_a_steps_probes_drawn_together_equal_one_by_one() -> None
     assert len(bases) == 1
 
 
+def test_more_probes_than_the_kept_sign_blocks_hold() -> None:
+    """A step of more probes than _MAX_SIGN_BLOCK_BYTES holds blocks of: every probe still
+    gets its own stream's bytes (the blocks drawn together are capped; the asked one kept)."""
+    from edgelearn.optim.kernels import draw_signs
+
+    seed, n = 43, 64 * 17  # 17 words: 34 KiB a block, ~60 blocks kept
+    probes = range(150)
+    for step in (2 * KEY_BLOCK, 2 * KEY_BLOCK + 1, 2 * KEY_BLOCK + 2, 2 * KEY_BLOCK + 3):
+        for k in probes:
+            got = draw_signs(seed, step, k, n)
+            assert got.tobytes() == rademacher_bytes(seed, step, k, n).tobytes(), (step, k)
+
+
 def test_signs_drawn_in_blocks_equal_one_by_one() -> None:
     """Short Rademacher vectors read from KEY_BLOCK-step blocks (from the third step of a
     block on) are the very bytes drawn one by one, across block boundaries and sizes."""

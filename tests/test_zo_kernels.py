@@ -70,6 +70,25 @@ def test_signed_rows_equal_single_passes() -> None:
         assert bits(rows[j]) == bits(one)
 
 
+@pytest.mark.parametrize("block_bytes", [1 << 12, 4 << 20])
+def test_signed_rows_of_a_large_slice_equal_single_passes(
+        monkeypatch: pytest.MonkeyPatch, block_bytes: int) -> None:
+    """Above SMALL_MAX the rows are gathered a block of columns at a time (many blocks, a
+    slice that is not a multiple of 8): the same bits as one pass per row."""
+    monkeypatch.setattr(kernels, "ROWS_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal(kernels.SMALL_MAX + 1003, dtype=np.float32)
+    coefs = [np.float32(1e-3), np.float32(-1e-3), np.float32(0.25), np.float32(1e-3)]
+    signs = [draw_signs(0, 11, k, src.size) for k in range(4)]
+    rows = np.full((5, src.size), np.nan, np.float32)
+    signed_rows(rows, src, coefs, signs)
+    for j in range(4):
+        one = np.empty_like(src)
+        SignPass().run(one, src, [coefs[j]], [signs[j]])
+        assert bits(rows[j]) == bits(one)
+    assert np.isnan(rows[4]).all()  # rows past K untouched
+
+
 def test_row_losses_equal_per_row_losses() -> None:
     rng = np.random.default_rng(2)
     out = (5 * rng.standard_normal((8, 33, 10))).astype(np.float32)

@@ -61,6 +61,8 @@ PARALLEL_MIN = 1 << 20
 #: up to this many elements a pass expands the signs to +-1.0 and multiplies (no per-coef
 #: table: building one costs more than the pass itself on a small slice; same values)
 SMALL_MAX = 1 << 14
+#: bytes of gathered values `signed_rows` holds at once (a block of columns of all rows)
+ROWS_BLOCK_BYTES = 4 << 20
 #: elements per chunk of a large pass (module docstring: fewer, larger chunks cut the fixed
 #: per-call cost; 9 bytes an element of buffers per thread)
 PASS_CHUNK = 1 << 18
@@ -220,9 +222,12 @@ def expanded_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32]
 
 def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
                 signs: Sequence[np.ndarray]) -> None:
-    """rows[j] = src + coefs[j] * z_j for every j, in one gather and one add (small slices).
+    """rows[j] = src + coefs[j] * z_j for every j: per block of columns one gather for all
+    rows and one add (small slices: `expanded_rows`).
 
     The same float32 operations as `SignPass.run(rows[j], src, [coefs[j]], [signs[j]])`.
+    The gathered values go through a buffer of at most ROWS_BLOCK_BYTES (a [K, n] one would
+    add K candidates' worth of memory to a step's peak).
 
     Args:
         rows: float32 [K, n] (rows C-contiguous), overwritten.
@@ -235,18 +240,22 @@ def signed_rows(rows: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
     if n <= SMALL_MAX:
         _small_rows(rows, src, coefs, signs)
         return
-    nb = -(-n // 8)
-    idx = np.empty((k, nb), np.intp)
     slots: dict[bytes, int] = {}  # one table per distinct coef (probes: +eps and -eps)
-    for j, (c, packed) in enumerate(zip(coefs, signs, strict=True)):
-        slot = slots.setdefault(np.float32(c).tobytes(), len(slots))
-        # row j reads its coef's table: byte indices offset into the stacked tables
-        np.copyto(idx[j], packed[:nb], casting="unsafe")
-        if slot:
-            idx[j] += 256 * slot
+    offsets = [256 * slots.setdefault(np.float32(c).tobytes(), len(slots)) for c in coefs]
     tables = np.concatenate([sign_items(np.frombuffer(b, np.float32)[0]) for b in slots])
-    vals = np.take(tables, idx).view(np.float32)[:, :n]
-    np.add(src, vals, out=rows[:k, :n])
+    cols = min(max(8, ROWS_BLOCK_BYTES // (4 * k) // 8 * 8), -(-n // 8) * 8)
+    idx = np.empty((k, cols // 8), np.intp)
+    vals = np.empty((k, cols // 8), "V32")
+    for a in range(0, n, cols):
+        b = min(a + cols, n)
+        ia, ib = a // 8, -(-b // 8)
+        for j, (packed, off) in enumerate(zip(signs, offsets, strict=True)):
+            # row j reads its coef's table: byte indices offset into the stacked tables
+            np.copyto(idx[j, : ib - ia], packed[ia:ib], casting="unsafe")
+            if off:
+                idx[j, : ib - ia] += off
+        np.take(tables, idx[:, : ib - ia], out=vals[:, : ib - ia], mode="wrap")
+        np.add(src[a:b], vals[:, : ib - ia].view(np.float32)[:, : b - a], out=rows[:k, a:b])
 
 
 class SignPass:
