@@ -29,6 +29,7 @@ import numpy as np
 
 from edgelearn.bundle import Bundle
 from edgelearn.errors import EdgelearnError, InputError
+from edgelearn.inputs import Inputs
 from edgelearn.model import Model
 from edgelearn.optim import Optimizer, Population
 from edgelearn.params import ParamStore
@@ -191,12 +192,25 @@ class TapsEvaluator(StepEvaluator):
 
     replay_needs_data = True
 
-    def __init__(self, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    def __init__(self, run: Callable[..., dict[str, np.ndarray]],
                  input_name: str, check: Callable[[np.ndarray], None], graph: str,
                  timers: Timers) -> None:
         super().__init__(timers)
         self._run, self._input_name, self._check = run, input_name, check
         self.graph = graph
+
+    def one_off_taps(self, x: Inputs) -> dict[str, np.ndarray]:
+        """The taps of one forward on batch `x` in arrays of their own, the runtime's working
+        memory given back after it (a check beside another session, not a step: nothing of
+        the whole graph's activations stays allocated).
+
+        Args:
+            x: the model input (a dict of them for a multi-input model).
+        """
+        feed = x if isinstance(x, dict) else {self._input_name: x}
+        out = self._run(feed, reuse_outputs=False, release=True)
+        out.update(feed)
+        return out
 
     def forwards(self, x: np.ndarray, y: np.ndarray) -> Forwards:
         def taps() -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -320,8 +334,9 @@ def _taps_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backen
 
 def _taps_runner(bundle: Bundle, store: ParamStore, graph: str, need: set[str], *,
                  backend: str, threads: int | None
-                 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """inputs -> the taps a step reads, from the taps graph bound to `store`."""
+                 ) -> Callable[..., dict[str, np.ndarray]]:
+    """inputs -> the taps a step reads, from the taps graph bound to `store` (in the
+    backend's reused output buffers; `reuse_outputs=False, release=True` for a one-off)."""
     from edgelearn.backends import make_backend
 
     # only the taps a step reads: a frozen layer's taps are dropped from the graph, so
