@@ -19,8 +19,9 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 the runtime's run calls (timed around the session object).
   big_full      a 12.6M-parameter MLP (2048-2048-2048-2048-10), every weight trainable,
                 zo-sgd probes 1, restore auto (drift), batch 32: `opt.step` vs `predict`, with
-                the elementwise passes threaded (default) and on one thread, and threaded on
-                a session whose onnxruntime workers busy-wait after each run ("spinning":
+                the elementwise passes threaded (default) and on one thread, interleaved;
+                then, in rounds of their own (interleaved, they slowed the others), threaded
+                on a session whose onnxruntime workers busy-wait after each run ("spinning":
                 onnxruntime's default; edgelearn turns it off, as its workers then hold the
                 cores the passes need right after each forward).
   big_full_lozo the same model and batch, lozo (rank 2, edgelearn/optim/lozo.py): both probes
@@ -382,48 +383,60 @@ def export_big(work: Path, cfg: dict[str, Any]) -> Path:
 def section_big(bundle_dir: Path, data: Path, rounds: int, steps: int,
                 between: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Full-weight zo-sgd step vs forward on the big MLP: the elementwise passes threaded
-    and on one thread, and threaded on a session whose onnxruntime workers spin after each
-    run ("spinning", onnxruntime's default, edgelearn's before it turned spinning off), each
-    against forwards of its own session; `between()` runs before the first, the middle and
-    after the last round (the MeZO child). Each variant's turn in a round starts with
-    SETTLE_STEPS untimed steps: a run steps one optimizer on one model, and right after a
-    switch the steps are slower (the 2-core box, threaded, 8 rounds of 4 steps: the first two
-    of a turn 20-22 ms, the next two 15.5-18.5 ms, with or without a 0.3 s pause before the
-    turn; one thread 17.5-18.2 ms at every position)."""
+    and on one thread, interleaved in rounds, each against forwards of the same session;
+    `between()` runs before the first, the middle and after the last round (the MeZO child).
+    Then, in rounds of its own, threaded on a session whose onnxruntime workers spin after
+    each run ("spinning", onnxruntime's default, edgelearn's before it turned spinning off):
+    interleaved, its workers slowed the threaded steps after it (the 2-core box, 8 rounds
+    of 4 steps: 17.6-22.4 ms at each position of a turn, against 18.3-18.7 ms from the
+    second step on without the spinning session). Each turn starts with SETTLE_STEPS untimed
+    steps: a run steps one optimizer on one model, and right after a switch the steps are
+    slower (the first threaded step of a turn 21.9 ms, then 18.3-18.7)."""
     from edgelearn.bundle import load_bundle
-    from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
     from edgelearn.optim import make_optimizer
 
     bundle = load_bundle(bundle_dir)
     model = Model(bundle)
-    models = {"threaded": model, "one_thread": model}
-    with contextlib.suppress(Exception):  # a tree without the option: no variant
-        models["spinning"] = Model(bundle, backend_options={"spinning": True})
     with np.load(data) as f:
         xb, yb = f["x"], f["y"]
     opts = {"lr": 1e-4, "eps": 1e-3, "seed": 0}
-    variants = {name: make_optimizer("zo-sgd", **opts, **({"threads": 1} if name ==
-                                                           "one_thread" else {}))
-                for name in models}
-    times: dict[str, list[np.ndarray]] = {k: [] for k in (*variants, "forward",
-                                                          "forward_spinning")}
+    variants = {"threaded": (model, make_optimizer("zo-sgd", **opts)),
+                "one_thread": (model, make_optimizer("zo-sgd", **opts, threads=1))}
+    times: dict[str, list[np.ndarray]] = {k: [] for k in ("threaded", "one_thread", "spinning",
+                                                          "forward", "forward_spinning")}
     for r in range(rounds + 1):  # round 0 warms up
         if r in (1, rounds // 2 + 1):
             between()
-        for name, opt in variants.items():
-            m = models[name]
-            for i in range(SETTLE_STEPS + steps):
-                t0 = clock()
-                m.predict(xb)
-                t1 = clock()
-                opt.step(m.store, lambda m=m: cross_entropy(m.predict(xb), yb))
-                if r and i >= SETTLE_STEPS:
-                    times["forward_spinning" if name == "spinning" else "forward"].append(
-                        t1 - t0)
-                    times[name].append(clock() - t1)
+        big_round(variants, xb, yb, steps, times if r else None)
     between()
-    return summarize_big(model.store.n_trainable("float32"), variants, times)
+    spin_model = None
+    with contextlib.suppress(Exception):  # a tree without the option: no variant
+        spin_model = Model(bundle, backend_options={"spinning": True})
+    if spin_model is not None:
+        spinning = {"spinning": (spin_model, make_optimizer("zo-sgd", **opts))}
+        for r in range(rounds + 1):
+            big_round(spinning, xb, yb, steps, times if r else None)
+        variants.update(spinning)
+    return summarize_big(model.store.n_trainable("float32"),
+                         {k: opt for k, (_, opt) in variants.items()}, times)
+
+
+def big_round(variants: dict[str, tuple[Any, Any]], xb: np.ndarray, yb: np.ndarray,
+              steps: int, times: dict[str, list[np.ndarray]] | None) -> None:
+    """One turn of each variant: SETTLE_STEPS untimed steps, then `steps` timed steps each
+    after a timed forward (into `times` unless None: a warm-up round)."""
+    from edgelearn.losses import cross_entropy
+
+    for name, (m, opt) in variants.items():
+        for i in range(SETTLE_STEPS + steps):
+            t0 = clock()
+            m.predict(xb)
+            t1 = clock()
+            opt.step(m.store, lambda m=m: cross_entropy(m.predict(xb), yb))
+            if times is not None and i >= SETTLE_STEPS:
+                times["forward_spinning" if name == "spinning" else "forward"].append(t1 - t0)
+                times[name].append(clock() - t1)
 
 
 def summarize_big(params: int, variants: dict[str, Any], times: dict[str, list[np.ndarray]]
