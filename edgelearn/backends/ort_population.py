@@ -3,11 +3,8 @@
 Uses the bundle's population graph (`model_pop.onnx`, see export/population.py): trainable
 parameters are inputs [K, *shape], frozen ones are baked as initializers (as in `OrtBackend`).
 An optimizer's `Population.fill` writes a chunk of candidates' trainable slices into a
-[max_population, n] buffer; each parameter's [chunk, *shape] block is copied from it into a
-contiguous buffer of its own, kept across calls, and fed with the data batch, one runtime
-call per chunk (memory: 2 x 4 x max_population x n bytes). Strided views of the rows would
-cost the same copy inside onnxruntime's Python binding, but as fresh allocations each call,
-which glibc then keeps in the heap (a zo-gn run's peak RSS exceeded its memory plan).
+[max_population, n] buffer; each parameter's [chunk, *shape] block is cut from it and fed
+with the data batch, one runtime call per chunk (memory: 2 x 4 x max_population x n bytes).
 A chunk holds at most ROWS_MAX_BYTES of candidate rows: a large trainable slice is scored a
 few candidates per call (17 candidates of a 64 MiB slice would take 2.2 GB with the runtime's
 copy), where one call's batching gains little (its forwards cost more than the call).
@@ -101,10 +98,6 @@ class OrtPopulation(PopulationScorer):
         self._output_names = [self.output_name]
         self._rows: np.ndarray | None = None
         self._out: dict[str, np.ndarray] = {}  # {"float32": rows}, what `fill` writes into
-        # parameter name -> its contiguous [max_population, *shape] block (fed to the
-        # runtime), and the (name, start, stop) of those copied from the rows before a call
-        self._blocks: dict[str, np.ndarray] = {}
-        self._copied: list[tuple[str, int, int]] = []
         self._feeds: dict[int, dict[str, Any]] = {}
         # the cross-entropy tail's label inputs (None: the graph has no tail)
         self._labels = LabelFeeds(classes) if classes else None
@@ -139,9 +132,6 @@ class OrtPopulation(PopulationScorer):
             self._rows = np.empty((self.max_population, self.store.n_trainable("float32")),
                                   np.float32)
             self._out = {"float32": self._rows}
-            self._blocks = self._param_blocks(self._rows)
-            self._copied = [seg for seg in self.store.segments("float32")
-                            if not np.shares_memory(self._blocks[seg[0]], self._rows)]
         if pop.size <= self.max_population:  # the common case: one call, no concatenate
             pop.fill(self._out, 0, pop.size)
             return self._run(x, pop.size, outputs, extra)
@@ -157,10 +147,6 @@ class OrtPopulation(PopulationScorer):
         """The first of `outputs` for the k candidates in the rows buffer on batch x (one
         call); `extra`: further feeds (the loss tail's labels)."""
         feeds = self._param_feeds(k)
-        rows = self._rows
-        assert rows is not None
-        for name, s, e in self._copied:
-            np.copyto(feeds[name].reshape(k, e - s), rows[:k, s:e])
         feeds[self.input_name] = x
         if extra:
             feeds.update(extra)
@@ -172,22 +158,17 @@ class OrtPopulation(PopulationScorer):
             for name in (self.input_name, *(extra or ())):  # no batch is kept alive
                 feeds.pop(name, None)
 
-    def _param_blocks(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Parameter name -> a contiguous [max_population, *shape] buffer; the rows buffer
-        itself (reshaped) when one parameter spans the whole row."""
-        segs = self.store.segments("float32")
-        if len(segs) == 1:
-            name = segs[0][0]
-            return {name: rows.reshape(len(rows), *self.store[name].shape)}
-        return {name: np.empty((len(rows), *self.store[name].shape), np.float32)
-                for name, _, _ in segs}
-
     def _param_feeds(self, k: int) -> dict[str, np.ndarray]:
-        """Parameter name -> the first k candidates of its block (contiguous views, kept
-        per k; `_run` copies the rows into them)."""
+        """Parameter name -> its [k, *shape] block of the rows buffer (views, kept per k:
+        onnxruntime reads strided arrays, so no per-call copy or reshape on our side)."""
         feeds = self._feeds.get(k)
         if feeds is None:
-            feeds = self._feeds[k] = {name: b[:k] for name, b in self._blocks.items()}
+            rows = self._rows
+            assert rows is not None
+            feeds = {name: rows[:k, s:e].reshape(k, *self.store[name].shape)
+                     for name, s, e in self.store.segments("float32")}
+            if all(np.shares_memory(v, rows) for v in feeds.values()):  # views: reusable
+                self._feeds[k] = feeds
         return feeds
 
     def memory_bytes(self, candidates: int | None = None) -> int:
@@ -201,4 +182,4 @@ class OrtPopulation(PopulationScorer):
         """Drop the session and the candidate rows."""
         self.session = None
         self._rows = None
-        self._out, self._feeds, self._blocks = {}, {}, {}
+        self._out, self._feeds = {}, {}
