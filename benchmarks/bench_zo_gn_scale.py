@@ -7,6 +7,8 @@ Usage:
     python benchmarks/bench_zo_gn_scale.py --width 4096 --no-taps --runs auto,zo-gn
         # 17.1M weights (68 MB, above zo-gn's 64 MiB copy limit), exported without taps:
         # what `train` picks by default ("auto") against named runs (~7 min)
+    python benchmarks/bench_zo_gn_scale.py --width 1024 --objective error-rate \
+        --runs "auto,zo-sgd lr 1e-3,fzoo,zo-sgd relative 0.003"   # a loss in steps (~1 min)
 
 The task is the demo's (`edgelearn demo`: the new user's shifted digits, half to personalize,
 half held out), on a wider model: an MLP 64-2048-2048-10 (4.35M weights, 17 MB; --width
@@ -18,6 +20,7 @@ trainable; batch 32; onnxruntime. Each run gets `budget` forwards (zo-gn: K + 2 
   - zo-gn's first version: damping_scale "weights" at 0.1 (its default then, per unit-norm
     direction: lambda n with n the trainable count), and at 0.001, without a trust region;
   - zo-sgd (probes 1, eps 1e-3) at lr 1e-4, 3e-4 and 1e-3 (its default);
+  - zo-sgd with lr 0.003 of each tensor's RMS (`relative_lr`), and fzoo at its defaults;
   - with --runs, "auto" as well: the optimizer and options `train` picks without
     --optimizer (`edgelearn.optim.defaults`; with --no-taps a ZO method), its reason recorded
     under "chosen_by".
@@ -53,6 +56,8 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "zo-sgd lr 1e-4": ("zo-sgd", {"lr": 1e-4}),
     "zo-sgd lr 3e-4": ("zo-sgd", {"lr": 3e-4}),
     "zo-sgd lr 1e-3": ("zo-sgd", {}),
+    "zo-sgd relative 0.003": ("zo-sgd", {"relative_lr": True, "lr": 0.003}),
+    "fzoo": ("fzoo", {}),
 }
 
 EXPORT = """
@@ -96,15 +101,16 @@ def export(out: Path, width: int, taps: bool = True) -> Path:
 
 
 def personalize(bundle: Path, name: str, options: dict[str, Any], budget: int, seed: int,
-                out: Path) -> dict[str, Any]:
+                out: Path, objective: str | None = None) -> dict[str, Any]:
     """Held-out accuracy after `budget` forwards of optimizer `name` on every weight."""
     config = el.TrainConfig(optimizer=name, options=options, trainable="*", batch_size=32,
-                            seed=seed, fsync_every=10_000)
+                            seed=seed, fsync_every=10_000, objective=objective)
     train, test, _ = demo_data(0)
     t0 = time.perf_counter()
     with el.Session(el.load_bundle(bundle), out, config, el.RuntimeConfig(device=None)) as s:
         opt = s.optimizer
-        per_step = opt.options.probes + 2 if opt.name == "zo-gn" else 2 * opt.options.probes
+        per_step = {"zo-gn": opt.options.probes + 2, "fzoo": opt.options.probes + 1}.get(
+            opt.name, 2 * opt.options.probes)
         r = s.run(train, budget // per_step)
         acc = s.model.evaluate(test)["accuracy"]
     return {"optimizer": opt.name, "options": options, "chosen_by": r.chosen_by,
@@ -146,6 +152,9 @@ def main() -> None:
                     help="hidden width (2048; 4096: 17.1M weights, above zo-gn's copy limit)")
     ap.add_argument("--no-taps", action="store_true",
                     help="export without taps graphs (the 'auto' run then picks a ZO method)")
+    ap.add_argument("--objective", default=None,
+                    help="the training loss (cross-entropy; error-rate: the runs "
+                    "'auto,zo-sgd lr 1e-3,fzoo,zo-sgd relative 0.003' compare its defaults)")
     ap.add_argument("--runs", default=None,
                     help="comma-separated labels of RUNS and 'auto' to run (all of RUNS)")
     args = ap.parse_args()
@@ -163,6 +172,7 @@ def main() -> None:
         model = Model(el.load_bundle(bundle))
         before = model.evaluate(demo_data(0)[1])["accuracy"]
         res: dict[str, Any] = {"budget_forwards": budget, "seed": args.seed,
+                               "objective": args.objective or "cross-entropy",
                                "weights": model.store.n_trainable("float32"),
                                "accuracy_before": before,
                                "curvature_per_weight": curvature_per_weight(bundle),
@@ -171,7 +181,8 @@ def main() -> None:
             f"per weight {res['curvature_per_weight']:.3g}")
         for label in labels:
             name, options = runs[label]
-            r = personalize(bundle, name, options, budget, args.seed, Path(tmp) / label)
+            r = personalize(bundle, name, options, budget, args.seed, Path(tmp) / label,
+                            args.objective)
             res["runs"][label] = r
             log(f"{label:22s} {r['steps']:5d} steps  accuracy {r['accuracy']:.3f}  "
                 f"({r['seconds']} s)")

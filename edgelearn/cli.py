@@ -792,10 +792,13 @@ class AutoLrNote(el.Callback):
 
     def __init__(self, optimizer: str, lr: float) -> None:
         f = _lr_fields()[optimizer]  # train's flag checks refused --lr for one without
-        default = el.auto_rule()[1].get(optimizer, {}).get("lr", f.default)
+        recipe = el.auto_rule()[1].get(optimizer, {})
+        default = recipe.get("lr", f.default)
+        what = f.metadata["help"].split(" (")[0]
+        if recipe.get("relative_lr"):
+            what += " relative to each tensor's RMS"
         self.line = (f"edgelearn: the default optimizer {optimizer} takes --lr {lr:g} as its "
-                     f"{f.metadata['help'].split(' (')[0]} (its default {default:g}); "
-                     "--optimizer NAME picks another")
+                     f"{what} (its default {default:g}); --optimizer NAME picks another")
 
     def on_step(self, session: Any, result: Any) -> None:
         if result.step == 0:

@@ -16,6 +16,7 @@ from onnx_models import mlp_onnx, quantize_qdq
 import edgelearn as el
 from edgelearn.cli import main
 from edgelearn.demo import DATA, demo_data
+from edgelearn.journal import iter_journal
 from edgelearn.optim import defaults
 from edgelearn.optim.defaults import choose_optimizer
 
@@ -74,21 +75,19 @@ def test_head_taps_only_choose_hybrid_for_the_whole_model(prepared) -> None:
     assert choose_optimizer(prepared, trainable=",".join(head.values())).name == "tpsgd"
 
 
-def test_no_taps_choose_zo_gn_fzoo_and_in_place_probes_above_the_copy_limit(
+def test_no_taps_choose_zo_gn_or_relative_zo_sgd_and_in_place_probes_above_the_copy_limit(
         tmp_path, monkeypatch) -> None:
     bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
     choice = choose_optimizer(bare)
     assert (choice.name, choice.options) == ("zo-gn", {})
     assert "no taps graph" in choice.why
     assert choose_optimizer(bare, objective="mse").name == "zo-gn"
-    assert choose_optimizer(bare, objective="error-rate").name == "fzoo"  # not zo-gn's loss
+    steps = choose_optimizer(bare, objective="error-rate")  # not zo-gn's loss
+    assert (steps.name, steps.options) == ("zo-sgd", {"relative_lr": True, "lr": 0.003})
+    assert "steps of one example" in steps.why
     assert choose_optimizer(bare, objective="bce").name == "zo-gn"  # in logits
-    # zo-gn and fzoo keep a copy of the trainable slice; above their limits zo-gn probes in
-    # place and fzoo hands over to zo-sgd's drift restore (the head's 2600 bytes stand in
-    # for a large model)
-    monkeypatch.setattr(defaults, "AUTO_COPY_MAX_BYTES", 2000)
-    assert choose_optimizer(bare, objective="error-rate").name == "zo-sgd"
-    assert choose_optimizer(bare).options == {}  # its copy limit is larger
+    # zo-gn keeps a copy of the trainable slice; above its limit it probes in place (the
+    # head's 2600 bytes stand in for a large model)
     monkeypatch.setattr(defaults, "ZO_GN_COPY_MAX_BYTES", 2000)
     big = choose_optimizer(bare)
     assert (big.name, big.options) == ("zo-gn", {"restore": "drift"})
@@ -108,7 +107,7 @@ def test_taps_the_backend_cannot_run_or_losses_they_cannot_give_mean_zo(demo, tm
     litert = choose_optimizer(no_tflite_taps, backend="litert")
     assert litert.name == "zo-gn"
     assert "litert" in litert.why
-    assert choose_optimizer(demo, objective="error-rate").name == "fzoo"
+    assert choose_optimizer(demo, objective="error-rate").name == "zo-sgd"
     assert choose_optimizer(demo, objective="mse").options == {"lr": 0.1, "head_loss": "mse"}
 
 
@@ -279,3 +278,20 @@ def test_auto_rule_is_the_rule_and_its_options() -> None:
     assert options == defaults.RECIPES
     options["tpsgd"]["lr"] = 1.0  # a copy: the rule's own options stay
     assert defaults.RECIPES["tpsgd"]["lr"] == 0.1
+
+
+def test_error_rate_runs_zo_sgd_relative_to_each_tensors_rms(tmp_path) -> None:
+    bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
+    cfg = el.TrainConfig(trainable="*", batch_size=16, seed=1, objective="error-rate")
+    with el.Session(bare, tmp_path / "run", cfg) as s:
+        res = s.run(demo_data()[0], 4)
+        assert s.optimizer.name == "zo-sgd"
+        store = s.store
+        assert s.optimizer.groups.multiplier("head.weight", "lr") == pytest.approx(
+            float(np.sqrt(np.mean(np.square(bare.load_store()["head.weight"],
+                                            dtype=np.float64)))), rel=1e-6)
+    assert "steps of one example" in res.chosen_by
+    header = next(iter_journal(res.journal))
+    assert header["config"]["relative_lr"] is True
+    assert header["config"]["lr"] == 0.003
+    assert el.replay(bare, res.journal).store.digest() == res.sha256 == store.digest()

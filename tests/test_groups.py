@@ -178,3 +178,34 @@ def test_cli_group_flags_reach_the_journal_header_and_replay(
                  "zo-sgd", "--steps", "1", "--group", "head.*:lr=oops", "--out",
                  str(tmp_path / "bad")]) == 2
     assert "groups must be" in capsys.readouterr().err
+
+
+def test_relative_lr_is_lr_times_each_tensors_rms_and_replays() -> None:
+    """relative_lr: the multiplier of every tensor is its RMS at step 0 (lr * rms / lr), an
+    all-zero tensor keeps lr itself, a --group rule that sets lr wins; the update is that of
+    the equivalent group rule, bit for bit, and the journal replays."""
+    model = NormHead()
+    model.values["norm.weight"] = np.full(D, 0.5, np.float32)
+    model.values["head.weight"] = np.random.default_rng(3).normal(0, 0.2, (C, D)).astype(
+        np.float32)
+    rel, opt, records = train(model, 6, restore="copy", relative_lr=True)
+    rms = float(np.sqrt(np.mean(np.square(model.values["head.weight"], dtype=np.float64))))
+    assert opt.groups.multiplier("norm.weight", "lr") == (0.1 * 0.5) / 0.1
+    assert opt.groups.multiplier("head.weight", "lr") == (0.1 * rms) / 0.1
+    assert opt.groups.multiplier("head.bias", "lr") == 1.0  # zeros: lr itself
+    assert opt.config()["relative_lr"] is True
+    plain, _, _ = train(model, 6, restore="copy")
+    same, _, _ = train(model, 6, restore="copy", groups="*:lr=rms*0.1")
+    assert rel.digest() == same.digest() != plain.digest()
+    base = model.store()
+    again = make_optimizer("zo-sgd", lr=0.1, eps=1e-3, probes=4, seed=1, restore="copy",
+                           relative_lr=True)
+    for rec in json.loads(json.dumps(records)):
+        again.replay(base, rec)
+    assert base.digest() == rel.digest()
+    _, mixed, _ = train(model, 1, restore="copy", relative_lr=True,
+                        groups="norm.weight:lr=0.005")
+    assert mixed.groups.multiplier("norm.weight", "lr") == pytest.approx(0.05)
+    assert mixed.groups.multiplier("head.weight", "lr") == (0.1 * rms) / 0.1
+    _, other, _ = train(model, 1, restore="copy")
+    assert "relative_lr" not in other.config()  # headers of other runs unchanged

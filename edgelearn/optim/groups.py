@@ -137,6 +137,10 @@ class GroupScales:
     def __bool__(self) -> bool:
         return bool(self.rules)
 
+    def sets(self, key: str) -> bool:
+        """Whether some rule sets `key` ("lr" / "eps"): else its multipliers are all 1."""
+        return any(key in r.values for r in self.rules)
+
     def setup(self, segments: Sequence[tuple[str, int, int]],
               views: Mapping[str, np.ndarray], base: Mapping[str, float]) -> None:
         """Resolve the rules for the tensors at `segments` of the flat slice (once: a table

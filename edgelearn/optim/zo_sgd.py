@@ -31,6 +31,11 @@ float operations, and the update reads only the copy and the losses, so the weig
 step are bit-identical either way for the same losses (the journal and replay are unchanged).
 Rademacher passes run in `edgelearn.optim.kernels` (one pass for all terms, threaded over
 large slices; results do not depend on the thread count).
+Option `relative_lr` reads lr as a fraction of each tensor's RMS at the first step (LARS-like,
+You et al. 2017): a group rule "*:lr=rms*lr" after the user's. A loss that moves in steps of
+one example (error-rate) gives differences |L+ - L-| of 1/batch however small eps is, so a
+fixed lr takes the same absolute step on every tensor; on a 1.1M-weight MLP lr 1e-3 took the
+held-out accuracy from 0.50 to 0.20, 0.003 x RMS to 0.54 (README "Which optimizer by default").
 Parameter groups (option `groups`, edgelearn/optim/groups.py) multiply eps and lr per tensor
 where they are applied: the probes are theta +- eps m_eps z, the update
 theta - lr m_lr / q sum_k g_k z_k (then the drift restore is not fused with the update).
@@ -49,7 +54,7 @@ import numpy as np
 
 from edgelearn.errors import InputError
 from edgelearn.optim.base import Optimizer, Population, register
-from edgelearn.optim.groups import GroupScales, parse_groups
+from edgelearn.optim.groups import GroupRule, GroupScales, parse_groups
 from edgelearn.optim.kernels import (
     SMALL_MAX,
     SignPass,
@@ -125,6 +130,10 @@ class ZOSGDOptions(OptimizerOptions):
         "lr / eps per group of tensors, 'PATTERN:lr=X,eps=Y;...' (Y may be rms*C: C times the "
         "tensor's RMS; optim/groups.py); weight decay keeps the base lr", cli="--group",
         record="when-set"))
+    relative_lr: bool = field(default=False, metadata=meta(
+        "read lr as a fraction of each tensor's RMS at the first step (tensors whose RMS is "
+        "0 take lr itself; --group rules that set lr win)", cli="--relative-lr",
+        record="when-set"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,7 +183,10 @@ class ZOSGD(Optimizer):
         self._pass = SignPass(threads=rule.threads)
         self._decay_segments: list[tuple[int, int]] = []
         # per-tensor lr / eps multipliers (optim/groups.py); empty: one lr and eps for all
-        self.groups = GroupScales(parse_groups(getattr(rule, "groups", None)))
+        rules = parse_groups(getattr(rule, "groups", None))
+        if getattr(rule, "relative_lr", False):  # after the user's: first rule setting lr wins
+            rules = (*rules, GroupRule("*", {"lr": ("rms", rule.lr)}))
+        self.groups = GroupScales(rules)
 
     def _rule(self) -> ZOSGDOptions:
         """The ZO-SGD settings the steps run: zo-sgd's own options (zo-scale maps its own)."""
@@ -272,7 +284,7 @@ class ZOSGD(Optimizer):
         coef * z is gathered from a table indexed by the packed sign bytes (exactly +-coef),
         in one pass for all terms, on a thread pool for large slices (`optim.kernels`).
         """
-        if group and self.groups:
+        if group and self.groups.sets(group):
             self._combine_signs_grouped(dst, src, terms, group)
             return
         if dst.size <= SMALL_MAX:
@@ -303,7 +315,7 @@ class ZOSGD(Optimizer):
     def _rows_by_signs(self) -> bool:
         """Whether probe rows may be written straight from packed signs (no per-element
         multipliers between the noise and the weights)."""
-        return self.rule.noise == "rademacher" and not self.groups
+        return self.rule.noise == "rademacher" and not self.groups.sets("eps")
 
     def _packed(self, key: tuple[int, int, int], n: int) -> np.ndarray:
         """Packed signs of z(key) over n elements, drawn once per step."""
