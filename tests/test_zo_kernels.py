@@ -307,3 +307,27 @@ def test_small_rows_in_any_order_and_writable_signs_never_served_stale() -> None
     SignPass().run(fresh, src, [coefs[0]], [packed.copy()])
     assert bits(again) == bits(fresh)
     assert bits(again) != bits(first)
+
+
+def test_sign_pass_post_changes_the_sum_before_src_on_any_thread_count() -> None:
+    """`post` scales each range's sum of terms before src is added (zo-sgd's group
+    multipliers): the same bits on one and two threads, and as numpy's sum-then-scale."""
+    n = PARALLEL_MIN + 1000
+    rng = np.random.default_rng(4)
+    src = rng.standard_normal(n, dtype=np.float32)
+    coefs = [np.float32(0.01), np.float32(-0.003)]
+    signs = [draw_signs(2, 5, k, n) for k in range(2)]
+    m = np.where(np.arange(n) < n // 3, np.float32(0.5), np.float32(3.0)).astype(np.float32)
+
+    def post(acc: np.ndarray, a: int, b: int) -> None:
+        np.multiply(acc, m[a:b], out=acc)
+
+    outs = []
+    for threads in (1, 2):
+        dst = np.empty_like(src)
+        SignPass(threads=threads).run(dst, src, coefs, signs, post=post)
+        outs.append(dst)
+    z = [np.where(np.unpackbits(s[: -(-n // 8)], bitorder="little")[:n], 1.0, -1.0)
+         .astype(np.float32) for s in signs]
+    want = src + (coefs[0] * z[0] + coefs[1] * z[1]) * m
+    assert bits(outs[0]) == bits(outs[1]) == bits(want)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -71,6 +71,9 @@ MAX_DEFAULT_THREADS = 4
 #: Philox4x64 emits 4 words per counter block; `advance` moves by blocks
 _WORDS_PER_BLOCK = 4
 _ZERO_BUFFER = (0, 0, 0, 0)
+
+#: post(acc, a, b): in-place change of a pass's sum of terms over elements [a, b)
+Post = Callable[[np.ndarray, int, int], None]
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()  # per-thread Philox, re-keyed for each draw
@@ -293,30 +296,35 @@ class SignPass:
         return bufs
 
     def run(self, dst: np.ndarray, src: np.ndarray, coefs: Sequence[np.float32],
-            signs: Sequence[np.ndarray]) -> None:
+            signs: Sequence[np.ndarray], post: Post | None = None) -> None:
         """dst = src + sum_k coefs[k] * z_k, z_k the packed signs `signs[k]`.
 
         Args:
             dst, src: float32 [n], C-contiguous (dst may be src: the pass is in place).
             coefs: float32 scalars, one per term (at least one).
             signs: uint8 [>= ceil(n / 8)] packed signs per term (bit i % 8 of byte i // 8).
+            post: post(acc, a, b) changes the sum of the terms over elements [a, b) in place
+                before src is added (zo-sgd's per-tensor group multipliers); called on
+                disjoint ranges, from worker threads on large slices.
         """
         n = dst.size
-        if n <= SMALL_MAX:
+        if n <= SMALL_MAX and post is None:
             _small_pass(dst, src, coefs, signs)
             return
         items = [sign_items(c) for c in coefs]  # cached
         if n < PARALLEL_MIN or self.threads == 1:
-            self._range(dst, src, items, signs, 0, n, 0)
+            self._range(dst, src, items, signs, 0, n, 0, post)
             return
         parts = _blocks(n, self.threads, 64)  # any multiple of 8 gives the same bits
-        futures = [_pool(self.threads).submit(self._range, dst, src, items, signs, a, b, i)
+        futures = [_pool(self.threads).submit(self._range, dst, src, items, signs, a, b, i,
+                                              post)
                    for i, (a, b) in enumerate(parts)]
         for f in futures:
             f.result()
 
     def _range(self, dst: np.ndarray, src: np.ndarray, items: list[np.ndarray],
-               signs: Sequence[np.ndarray], lo: int, hi: int, worker: int) -> None:
+               signs: Sequence[np.ndarray], lo: int, hi: int, worker: int,
+               post: Post | None = None) -> None:
         """The pass over elements [lo, hi) (lo a multiple of 8), with worker's buffers."""
         acc, tmp, idx = self._buffers(worker, min(self.chunk, -(-(hi - lo) // 8) * 8))
         accf = acc.view(np.float32)
@@ -329,6 +337,8 @@ class SignPass:
                 np.take(table, idx[:k], out=acc[:k] if t == 0 else tmp[:k], mode="wrap")
                 if t:
                     np.add(accf[: 8 * k], tmp[:k].view(np.float32), out=accf[: 8 * k])
+            if post is not None:
+                post(accf[: b - a], a, b)
             np.add(src[a:b], accf[: b - a], out=dst[a:b])
 
 

@@ -45,6 +45,7 @@ replay re-runs the step with the recorded losses: no data and no forwards.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ from edgelearn.optim.zo_fields import (
     total_steps_field,
 )
 from edgelearn.params import ParamStore
-from edgelearn.rng import NOISE_KINDS, Noise, noise_chunks, sign_table
+from edgelearn.rng import NOISE_KINDS, Noise, noise_chunks
 
 RESTORE_POLICIES = ("auto", "copy", "drift")
 AUTO_COPY_MAX_BYTES = 16 << 20
@@ -296,21 +297,12 @@ class ZOSGD(Optimizer):
 
     def _combine_signs_grouped(self, dst: np.ndarray, src: np.ndarray, terms: Sequence[Term],
                                group: str) -> None:
-        """`_combine_signs` with per-tensor group multipliers: chunk by chunk, single-threaded
-        (the multipliers apply to each chunk's sum of terms before it is added to src)."""
-        tables = [sign_table(coef) for coef, _ in terms]
-        packed = [self._packed(key, dst.size) for _, key in terms]
-        acc = self._abuf.reshape(-1, 8)
-        tmp = self._zbuf.reshape(-1, 8)
-        for a, b in noise_chunks(dst.size, self.rule.chunk):
-            ia, ib = a // 8, -(-b // 8)
-            k = ib - ia
-            np.take(tables[0], packed[0][ia:ib], axis=0, out=acc[:k])
-            for table, signs in zip(tables[1:], packed[1:], strict=True):
-                np.take(table, signs[ia:ib], axis=0, out=tmp[:k])
-                np.add(acc[:k], tmp[:k], out=acc[:k])
-            self.groups.apply(group, self._abuf[: b - a], a, b)
-            np.add(src[a:b], self._abuf[: b - a], out=dst[a:b])
+        """`_combine_signs` with per-tensor group multipliers, applied to each chunk's sum of
+        terms before it is added to src (the sign kernel's `post`; threaded on large
+        slices, the same bits for any thread count)."""
+        self._pass.run(dst, src, [coef for coef, _ in terms],
+                       [self._packed(key, dst.size) for _, key in terms],
+                       post=functools.partial(self.groups.apply, group))
 
     def _rows_by_signs(self) -> bool:
         """Whether probe rows may be written straight from packed signs (no per-element
