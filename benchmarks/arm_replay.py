@@ -47,6 +47,9 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
       for r in ("copy", "drift") for n in ("rademacher", "gaussian", "pool")),
     ("zo-sgd/copy/rademacher/cosine", "zo-sgd", "demo",
      ("--restore", "copy", "--schedule", "cosine", "--lr", "0.01")),
+    # multipliers from each tensor's RMS, computed again by replay on the device
+    ("zo-sgd/relative-lr/groups", "zo-sgd", "demo",
+     ("--relative-lr", "--lr", "0.01", "--group", "head.*:eps=rms*0.01", "--trainable", "*")),
     ("zo-scale/int8", "zo-scale", "int8", ()),
     # radius in quantization steps: at the default 0.05 deterministic rounding never moves
     ("polystep/int8", "polystep", "int8", ("--opt", "radius=2")),
