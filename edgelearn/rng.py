@@ -271,21 +271,24 @@ def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int
     where = (run_seed, base, probe, words)
     block = _sign_blocks.get(where)
     if block is None:
-        if (run_seed, base, probe) not in _key_blocks:  # only for checked non-negative ints
-            return None
         block = _draw_sign_blocks(run_seed, base, probe, words)
+        if block is None:
+            return None
     return block[step - base]
 
 
-def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> np.ndarray:
+def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> np.ndarray | None:
     """The sign block of `probe` in the key block (run_seed, base), drawn in one vectorized
     pass with those of other probes whose keys are derived and blocks not drawn (a step of q
     probes asks q blocks: one pass instead of q; philox4x64 works lane by lane, so the bytes
     are those of separate draws); at most half the kept bytes are drawn at once.
 
-    Returns: read-only uint8 [KEY_BLOCK, 8 * words]."""
+    Returns: read-only uint8 [KEY_BLOCK, 8 * words]; None when the probe's keys are not
+    derived in a block (only checked non-negative ints have them)."""
     room = max(1, _MAX_SIGN_BLOCK_BYTES // (2 * KEY_BLOCK * 8 * words))
     with _key_lock:
+        if (run_seed, base, probe) not in _key_blocks:
+            return None
         others = [p for (s, b, p) in _key_blocks if s == run_seed and b == base
                   and p != probe and (s, b, p, words) not in _sign_blocks]
         probes = [probe, *others[: room - 1]]
