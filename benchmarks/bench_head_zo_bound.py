@@ -3,6 +3,8 @@
 Usage:
     python benchmarks/bench_head_zo_bound.py            # ~1 min, seeds 0 1 2
     python benchmarks/bench_head_zo_bound.py --quick    # one seed
+    python benchmarks/bench_head_zo_bound.py --marks 1000,3000,4000,12000   # the demo's
+        # zo-sgd budget (probes 4 x 1500 steps = 12000 forwards)
 
 A numpy simulation of issue 16's demo target (no taps: the new ZO default >= 0.87 held-out
 accuracy, and plain zo-sgd's final accuracy in <= 1/3 of its 3000 forwards). The demo
@@ -41,7 +43,7 @@ import edgelearn as el  # noqa: E402
 from edgelearn.demo import DATA, demo_data  # noqa: E402
 from edgelearn.losses import accuracy, cross_entropy  # noqa: E402
 
-MARKS = (1000, 3000)
+MARKS = (1000, 3000)  # forwards at which accuracy is read (--marks)
 BATCH = 32
 
 
@@ -89,16 +91,16 @@ def step(method: str, w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray
 
 
 def run(data: tuple[np.ndarray, ...], head: tuple[np.ndarray, ...], method: str,
-        probes: int, lr: float, seed: int) -> dict[int, float]:
-    """Held-out accuracy at each of MARKS forwards of one run."""
+        probes: int, lr: float, seed: int, marks: tuple[int, ...] = MARKS) -> dict[int, float]:
+    """Held-out accuracy at each of `marks` forwards of one run."""
     htr, ytr, hte, yte = data
     w, b = (a.copy() for a in head)
     rng = np.random.default_rng([seed, 0x5EED])
     done, acc = 0, {}
-    while done < MARKS[-1]:
+    while done < marks[-1]:
         idx = rng.integers(0, len(htr), BATCH)
         done += step(method, w, b, htr[idx], ytr[idx], probes, lr, rng)
-        for m in MARKS:
+        for m in marks:
             if done >= m and m not in acc:
                 acc[m] = accuracy(hte @ w.T + b, yte)
     return acc
@@ -106,20 +108,23 @@ def run(data: tuple[np.ndarray, ...], head: tuple[np.ndarray, ...], method: str,
 
 #: (method, probes, lr) grid: zo-sgd's lrs as bench_defaults' head grid
 GRID = [("exact", 0, 0.1)] + [("zo-sgd", 1, lr) for lr in (0.003, 0.01, 0.03, 0.1)] + [
-    ("zo-sgd", 4, 0.01)] + [("readout", k, lr) for k in (8, 16, 32) for lr in (0.3, 1.0)]
+    ("zo-sgd", 4, 0.01)] + [("readout", k, lr) for k in (4, 8, 16, 32) for lr in (0.3, 1.0)]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one seed")
+    ap.add_argument("--marks", default=",".join(map(str, MARKS)),
+                    help="comma-separated forward counts to read the accuracy at")
     args = ap.parse_args(argv)
+    marks = tuple(sorted(int(m) for m in args.marks.split(",")))
     seeds = (0,) if args.quick else (0, 1, 2)
     data, head = features()
     start = accuracy(data[2] @ head[0].T + head[1], data[3])
     rows = []
     for method, probes, lr in GRID:
-        runs = [run(data, head, method, probes, lr, s) for s in seeds]
-        mean = {m: float(np.mean([r[m] for r in runs])) for m in MARKS}
+        runs = [run(data, head, method, probes, lr, s, marks) for s in seeds]
+        mean = {m: float(np.mean([r[m] for r in runs])) for m in marks}
         rows.append({"method": method, "probes": probes, "lr": lr,
                      **{f"acc_{m}": round(v, 4) for m, v in mean.items()}})
         print(f"{method:8s} K {probes:2d} lr {lr:<6g} " + "  ".join(
