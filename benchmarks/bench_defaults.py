@@ -18,6 +18,9 @@ half to personalize, half held out), batch 32, onnxruntime, one thread, three bu
     head fitted (numpy logistic regression) on the pretraining digits to "is the digit odd",
     built as plain ONNX and prepared; the head trains on the user's shifted digits with the
     bce loss, which tpSGD's head does not compute, so the default is a ZO method.
+  - "error-rate" (not run unless named): the shipped bundle's head trained on the error
+    rate, a loss in steps of one example that tpSGD does not compute (the default is zo-sgd
+    with its lr relative to each tensor's RMS; `--also fzoo` for the default before).
 On each: the default (`TrainConfig()`, optimizer "auto") and zo-sgd (one probe, eps 1e-3)
 at each lr of a small grid, every run `budget` forwards (a population of K counts K, a taps
 forward counts one), held-out accuracy every ~50 forwards. zo-sgd's target is the final
@@ -108,17 +111,17 @@ def summarize(runs: list[dict[str, Any]], target: float, budget: int) -> dict[st
 
 
 def bench_kind(bundle: el.Bundle, trainable: str | None, args: argparse.Namespace,
-               tmp: Path, binary: bool = False) -> dict[str, Any]:
-    """The default and zo-sgd's lr grid on one bundle kind (binary: its labels 0/1)."""
-    labels: dict[str, el.TrainConfig] = {"default": el.TrainConfig(
-        trainable=trainable, fsync_every=10_000)}
+               tmp: Path, binary: bool = False, objective: str | None = None
+               ) -> dict[str, Any]:
+    """The default and zo-sgd's lr grid on one bundle kind (binary: its labels 0/1;
+    objective: the training loss, None for the bundle's)."""
+    common = {"trainable": trainable, "fsync_every": 10_000, "objective": objective}
+    labels: dict[str, el.TrainConfig] = {"default": el.TrainConfig(**common)}
     grid = ZO_LRS["all" if trainable == "*" else "head"]
     for lr in grid[1:3] if args.quick else grid:
         labels[f"zo-sgd lr {lr}"] = el.TrainConfig(
-            optimizer="zo-sgd", options={"lr": lr, "eps": 1e-3, "probes": 1},
-            trainable=trainable, fsync_every=10_000)
-    labels.update({name: el.TrainConfig(optimizer=name, trainable=trainable, fsync_every=10_000)
-                   for name in args.also})
+            optimizer="zo-sgd", options={"lr": lr, "eps": 1e-3, "probes": 1}, **common)
+    labels.update({name: el.TrainConfig(optimizer=name, **common) for name in args.also})
     runs = {label: [run(bundle, el.TrainConfig(**{**cfg.__dict__, "seed": seed}),
                         args.budget, tmp / f"{label}-{seed}".replace(" ", "_"), binary)
                     for seed in args.seeds]
@@ -137,7 +140,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (0 1 2)")
     ap.add_argument("--kinds", nargs="+", default=["demo", "no-taps", "prepared"],
-                    choices=["demo", "no-taps", "prepared", "binary"])
+                    choices=["demo", "no-taps", "prepared", "binary", "error-rate"])
     ap.add_argument("--also", nargs="+", default=[], metavar="OPTIMIZER",
                     help="further optimizers at their own defaults on every kind (zo-gn fzoo)")
     args = ap.parse_args()
@@ -150,11 +153,13 @@ def main() -> None:
         bundles = {"demo": (lambda: el.load_bundle(DATA / "demo"), None),
                    "no-taps": (lambda: el.load_bundle(no_taps_bundle(tmp / "nt")), None),
                    "prepared": (lambda: _prepared(tmp), "*"),
-                   "binary": (lambda: _binary(tmp), "head.*")}
+                   "binary": (lambda: _binary(tmp), "head.*"),
+                   "error-rate": (lambda: el.load_bundle(DATA / "demo"), None)}
         for kind in args.kinds:
             make, trainable = bundles[kind]
-            res["kinds"][kind] = bench_kind(make(), trainable, args, tmp / kind,
-                                            binary=kind == "binary")
+            res["kinds"][kind] = bench_kind(
+                make(), trainable, args, tmp / kind, binary=kind == "binary",
+                objective="error-rate" if kind == "error-rate" else None)
     _table(res)
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
