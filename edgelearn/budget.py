@@ -25,6 +25,7 @@ from edgelearn.data import EXAMPLE_DIGEST_BYTES, PERMUTATIONS_CACHED
 from edgelearn.errors import EdgelearnError, InputError
 from edgelearn.inputs import Inputs
 from edgelearn.osutil import current_rss_mb
+from edgelearn.rng import cache_bytes as rng_cache_bytes
 
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
@@ -174,7 +175,8 @@ def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,
 
     The run keeps nothing that grows with its length: journal records are streamed to disk
     (never listed in memory), timings live in fixed rings and only the first and last loss
-    are kept. What it does keep is bounded and counted here.
+    are kept. What it does keep is bounded and counted here, with the noise generator's key
+    and sign-block caches (`edgelearn.rng.cache_bytes`, filled by a run's first steps).
 
     Args:
         n_examples: training examples (the cached epoch permutations are int64 of this size;
@@ -187,7 +189,7 @@ def run_memory_bytes(*, n_examples: int, trainable_bytes: int, snapshots: bool,
     """
     permutations = (PERMUTATIONS_CACHED * 8 + EXAMPLE_DIGEST_BYTES) * n_examples
     copies = 2 * trainable_bytes if snapshots else 0
-    return permutations + copies + 8 * timing_samples * timers
+    return permutations + copies + 8 * timing_samples * timers + rng_cache_bytes()
 
 
 def plan_batch(

@@ -209,6 +209,8 @@ _LO32, _SHIFT32 = np.uint64(_MASK32), np.uint64(32)
 BLOCK_DRAW_MAX_WORDS = 32
 #: bytes of sign blocks kept (the oldest go first)
 _MAX_SIGN_BLOCK_BYTES = 2 << 20
+#: Philox lanes (4 words each) one vectorized pass of `_draw_sign_blocks` computes at most
+SIGN_PASS_MAX_LANES = 4096
 _sign_blocks: dict[tuple[int, int, int, int], np.ndarray] = {}
 
 
@@ -256,6 +258,12 @@ def _sign_block(keys: np.ndarray, words: int) -> np.ndarray:
     return out.view(np.uint8)
 
 
+def cache_bytes() -> int:
+    """The most bytes the process-wide caches of derived keys and drawn sign blocks hold
+    (both bounded: the oldest blocks go first)."""
+    return _MAX_KEY_BLOCKS * KEY_BLOCK * 2 * 8 + _MAX_SIGN_BLOCK_BYTES
+
+
 def block_rademacher_bytes(run_seed: int, step: int, probe: int, words: int
                            ) -> np.ndarray | None:
     """`rademacher_bytes` of a vector of `words` Philox words (64 elements each), read from a
@@ -281,11 +289,15 @@ def _draw_sign_blocks(run_seed: int, base: int, probe: int, words: int) -> np.nd
     """The sign block of `probe` in the key block (run_seed, base), drawn in one vectorized
     pass with those of other probes whose keys are derived and blocks not drawn (a step of q
     probes asks q blocks: one pass instead of q; philox4x64 works lane by lane, so the bytes
-    are those of separate draws); at most half the kept bytes are drawn at once.
+    are those of separate draws); at most half the kept bytes, and SIGN_PASS_MAX_LANES
+    Philox lanes (their temporaries stay small: 16 probes in one pass raised a run's peak
+    resident memory 1.5 MB), are drawn at once.
 
     Returns: read-only uint8 [KEY_BLOCK, 8 * words]; None when the probe's keys are not
     derived in a block (only checked non-negative ints have them)."""
-    room = max(1, _MAX_SIGN_BLOCK_BYTES // (2 * KEY_BLOCK * 8 * words))
+    per_probe = KEY_BLOCK * -(-words // _WORDS_PER_BLOCK)  # Philox lanes of one probe
+    room = max(1, min(_MAX_SIGN_BLOCK_BYTES // (2 * KEY_BLOCK * 8 * words),
+                      SIGN_PASS_MAX_LANES // per_probe))
     with _key_lock:
         if (run_seed, base, probe) not in _key_blocks:
             return None

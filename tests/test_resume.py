@@ -259,8 +259,9 @@ def test_memory_plan_counts_what_the_run_keeps(tiny, tmp_path) -> None:
     trainable = 4 * sum(p.numel for p in bundle.params if p.trainable)
     kept = run_memory_bytes(n_examples=len(ds), trainable_bytes=trainable, snapshots=True,
                             timing_samples=4096, timers=3)
-    # per example: 4 cached int64 permutations and the batch digests (sha256 + a flag)
-    assert kept == (4 * 8 + 33) * len(ds) + 2 * trainable + 8 * 4096 * 3
+    # per example: 4 cached int64 permutations and the batch digests (sha256 + a flag); the
+    # noise generator's bounded key and sign-block caches
+    assert kept == (4 * 8 + 33) * len(ds) + 2 * trainable + 8 * 4096 * 3 + (3 << 20)
     plain = train(bundle, ds, tmp_path / "a", steps=2, memory_budget_mb=1e5)["memory_plan"]
     guarded = train(bundle, ds, tmp_path / "b", steps=2, memory_budget_mb=1e5,
                     divergence=DivergencePolicy())["memory_plan"]
