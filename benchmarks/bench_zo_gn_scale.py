@@ -43,6 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_defaults import per_step  # noqa: E402  (this script's folder is on sys.path)
+
 import edgelearn as el  # noqa: E402
 from edgelearn.demo import demo_data  # noqa: E402
 
@@ -109,9 +111,7 @@ def personalize(bundle: Path, name: str, options: dict[str, Any], budget: int, s
     t0 = time.perf_counter()
     with el.Session(el.load_bundle(bundle), out, config, el.RuntimeConfig(device=None)) as s:
         opt = s.optimizer
-        per_step = {"zo-gn": opt.options.probes + 2, "fzoo": opt.options.probes + 1}.get(
-            opt.name, 2 * opt.options.probes)
-        r = s.run(train, budget // per_step)
+        r = s.run(train, budget // per_step(s.config))
         acc = s.model.evaluate(test)["accuracy"]
     return {"optimizer": opt.name, "options": options, "chosen_by": r.chosen_by,
             "steps": r.steps, "accuracy": acc, "loss_last": r.loss_last,
