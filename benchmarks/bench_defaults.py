@@ -71,7 +71,8 @@ def per_step(config: el.TrainConfig) -> int:
     """Forwards one step of the (resolved) config costs."""
     name = config.optimizer
     probes = config.options.get("probes", getattr(el.optimizers()[name], "probes", 1))
-    return {"tpsgd": 1, "fzoo": probes + 1, "zo-gn": probes + 2}.get(name, 2 * probes)
+    return {"tpsgd": 1, "fzoo": probes + 1, "zo-gn": probes + 2,
+            "zo-readout": probes + 1}.get(name, 2 * probes)
 
 
 def run(bundle: el.Bundle, config: el.TrainConfig, budget: int, out: Path,

@@ -25,13 +25,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgelearn import bundle_writer as writer
 from edgelearn.errors import EdgelearnError
 from edgelearn.parity import ATOL, RTOL, compare, worst
+
+if TYPE_CHECKING:
+    from edgelearn.bundle import Bundle
+    from edgelearn.layers import Layer
 
 TAPS_FILE = "model_taps.onnx"
 
@@ -91,6 +95,29 @@ def find_head(model: Any, params: Mapping[str, tuple[int, ...]]) -> dict[str, An
     return {"name": name, "head": True, "kind": "linear", "activation": "none",
             "params": {"weight": w, **({"bias": b} if b is not None else {})},
             "input": h, "preact": out, "output": None, "weight_layout": layout}
+
+
+def head_layers(bundle: Bundle) -> list[Layer]:
+    """The bundle's layer records; without a head record among them, the linear head
+    `find_head` finds in its model.onnx (none when it finds none, or onnx is not installed).
+
+    Args:
+        bundle: a loaded bundle (manifest, parameters and files).
+    """
+    from edgelearn.layers import parse_layers
+
+    names = {p.name for p in bundle.params}
+    layers = parse_layers(bundle.manifest, names)
+    if any(lr.head for lr in layers) or "onnx" not in bundle.files:
+        return layers
+    try:
+        import onnx
+    except ImportError:  # device installs may carry onnxruntime alone
+        return layers
+    model = onnx.load(str(bundle.files["onnx"]), load_external_data=False)
+    record = find_head(model, {p.name: tuple(p.shape) for p in bundle.params
+                               if p.dtype == "float32"})
+    return layers if isinstance(record, str) else parse_layers({"layers": [record]}, names)
 
 
 def _taps_model(model: Any, record: Mapping[str, Any]) -> Any:

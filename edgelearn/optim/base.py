@@ -178,6 +178,9 @@ class Optimizer:
     #: "lowrank": the step's probes are `LowRankPopulation`s (optim/lozo.py) that an evaluator
     #: may score with a low-rank graph (`make_evaluator` reads it); None: plain candidates
     probe_graph: ClassVar[str | None] = None
+    #: True when `setup` needs the bundle's linear head (zo-readout): `make_evaluator` passes
+    #: layers= (the manifest's records, else the head found in the ONNX graph) and output=
+    reads_head: ClassVar[bool] = False
     #: what `edgelearn train` trains when --trainable is not given (None: the manifest's flags)
     default_trainable: ClassVar[str | None] = None
 

@@ -92,7 +92,7 @@ DAMPING_UP = 4.0
 DAMPING_SCALES = ("curvature", "weights")
 #: a direction's curvature counts as at least this fraction of the mean (Marquardt's scaling)
 CURVATURE_FLOOR = 1e-3
-#: the objectives (loss names) whose Gauss-Newton system `_loss_derivatives` builds
+#: the objectives (loss names) whose Gauss-Newton system `loss_derivatives` builds
 OBJECTIVES = ("cross-entropy", "mse", "bce")
 #: restore policies (module docstring); "auto" is "copy"
 RESTORES = ("auto", "copy", "drift")
@@ -164,7 +164,7 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
         o = np.log(p) - np.log1p(-p)
     f0 = o[0]
     jac = (o[1:] - f0) / eps  # [K, batch, ...]
-    resid, hj = _loss_derivatives(f0, jac, y, loss_fn)
+    resid, hj = loss_derivatives(f0, jac, y, loss_fn)
     k = len(jac)
     flat, hflat = jac.reshape(k, -1), hj.reshape(k, -1)
     loss = loss_fn(out[0], y)
@@ -173,7 +173,7 @@ def gauss_newton_system(out: np.ndarray, y: Any, loss_fn: Callable[..., float], 
             flat @ flat.T / (flat.shape[1] * unit))
 
 
-def _loss_derivatives(f0: np.ndarray, jac: np.ndarray, y: Any, loss_fn: Callable[..., float]
+def loss_derivatives(f0: np.ndarray, jac: np.ndarray, y: Any, loss_fn: Callable[..., float]
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(dl/df at f0, H J_k for every k) of the batch's mean loss over outputs f0 (float64;
     logits for cross-entropy and bce); H = d2l/df2 (Schraudolph 2002's GGN)."""

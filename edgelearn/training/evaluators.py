@@ -276,6 +276,10 @@ def make_evaluator(bundle: Bundle, store: ParamStore, opt: Optimizer, *, backend
 
         return cached_taps_or_plain(bundle, taps, store, opt, backend=backend, threads=threads,
                                     capacity=cache_bytes)
+    if opt.reads_head:  # zo-readout: the head's geometry (a record, else the ONNX graph)
+        from edgelearn.graph_taps import head_layers
+
+        opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
     pop_eval = None
     if model is not None and population and model.backend.can_score_population():
         pop_eval = model.backend.population_scorer()  # K candidates per runtime call
