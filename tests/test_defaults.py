@@ -75,24 +75,27 @@ def test_head_taps_only_choose_hybrid_for_the_whole_model(prepared) -> None:
     assert choose_optimizer(prepared, trainable=",".join(head.values())).name == "tpsgd"
 
 
-def test_no_taps_choose_zo_gn_or_relative_zo_sgd_and_in_place_probes_above_the_copy_limit(
+def test_no_taps_choose_zo_readout_for_the_head_zo_gn_or_relative_zo_sgd_and_in_place_probes(
         tmp_path, monkeypatch) -> None:
     bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
-    choice = choose_optimizer(bare)
-    assert (choice.name, choice.options) == ("zo-gn", {})
-    assert "no taps graph" in choice.why
-    assert choose_optimizer(bare, objective="mse").name == "zo-gn"
-    steps = choose_optimizer(bare, objective="error-rate")  # not zo-gn's loss
+    choice = choose_optimizer(bare)  # the manifest's trainable set: the linear head
+    assert (choice.name, choice.options) == ("zo-readout", {})
+    assert "no taps graph" in choice.why and "linear head" in choice.why
+    assert choose_optimizer(bare, objective="mse").name == "zo-readout"
+    assert choose_optimizer(bare, trainable="head.weight").name == "zo-readout"
+    assert choose_optimizer(bare, trainable="*").name == "zo-gn"  # the hidden layer too
+    assert choose_optimizer(bare, trainable="*", objective="mse").name == "zo-gn"
+    steps = choose_optimizer(bare, objective="error-rate")  # neither's loss
     assert (steps.name, steps.options) == ("zo-sgd", {"relative_lr": True, "lr": 0.003})
     assert "steps of one example" in steps.why
     assert choose_optimizer(bare, objective="bce").name == "zo-gn"  # in logits
     # zo-gn keeps a copy of the trainable slice; above its limit it probes in place (the
-    # head's 2600 bytes stand in for a large model)
+    # model's 19 KB stand in for a large model)
     monkeypatch.setattr(defaults, "ZO_GN_COPY_MAX_BYTES", 2000)
-    big = choose_optimizer(bare)
+    big = choose_optimizer(bare, trainable="*")
     assert (big.name, big.options) == ("zo-gn", {"restore": "drift"})
     assert "written in place" in big.why
-    cfg = el.TrainConfig(trainable="head.*", batch_size=16, seed=1)
+    cfg = el.TrainConfig(trainable="*", batch_size=16, seed=1)
     with el.Session(bare, tmp_path / "run", cfg) as s:
         res = s.run(demo_data()[0], 6)
         assert s.optimizer.drift
@@ -105,7 +108,7 @@ def test_taps_the_backend_cannot_run_or_losses_they_cannot_give_mean_zo(demo, tm
     no_tflite_taps = el.load_bundle(demo_bundle_without(tmp_path / "b", ("tflite_taps",)))
     assert choose_optimizer(no_tflite_taps, backend="onnxruntime").name == "tpsgd"
     litert = choose_optimizer(no_tflite_taps, backend="litert")
-    assert litert.name == "zo-gn"
+    assert litert.name == "zo-readout"  # the manifest's trainable set: the head
     assert "litert" in litert.why
     assert choose_optimizer(demo, objective="error-rate").name == "zo-sgd"
     assert choose_optimizer(demo, objective="mse").options == {"lr": 0.1, "head_loss": "mse"}
@@ -170,10 +173,11 @@ def test_explicit_optimizer_and_flags_win(capsys, tmp_path, user_npz) -> None:
 def test_an_lr_given_to_auto_is_named_on_the_chosen_optimizers_scale(capsys, tmp_path,
                                                                     user_npz) -> None:
     # zo-gn's lr is a fraction of its Gauss-Newton step: an SGD-sized --lr given without
-    # --optimizer is taken, and the user is told on which scale
+    # --optimizer is taken, and the user is told on which scale (every weight: not the
+    # head alone, which zo-readout trains)
     bundle = demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps"))
     code = main(["train", str(bundle), "--data", str(user_npz), "--steps", "1", "--out",
-                 str(tmp_path / "gn"), "--lr", "0.003", "--json"])
+                 str(tmp_path / "gn"), "--lr", "0.003", "--trainable", "*", "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert json.loads(captured.out)["optimizer"] == "zo-gn"
@@ -184,7 +188,7 @@ def test_an_lr_given_to_auto_is_named_on_the_chosen_optimizers_scale(capsys, tmp
                     "picks another"]
     for extra in (["--optimizer", "zo-gn", "--lr", "0.003"], []):  # named, or no --lr: silent
         code = main(["train", str(bundle), "--data", str(user_npz), "--steps", "1", "--out",
-                     str(tmp_path / f"quiet{len(extra)}"), *extra])
+                     str(tmp_path / f"quiet{len(extra)}"), "--trainable", "*", *extra])
         assert code == 0
         assert "--lr" not in capsys.readouterr().err
 

@@ -63,10 +63,16 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
               [({"lr": -1.0}, "lr"), ({"eps": 0}, "eps"), ({"probes": 0}, "probes"),
                ({"damping": 0.0}, "damping"), ({"schedule": "cosine"}, "total_steps"),
                ({"chunk": 12}, "chunk")]),
+    # the head alone (`TRAINS`): what the outputs read exactly
+    "zo-readout": ({"lr": 0.3, "eps": 1e-2, "probes": 1},
+                   [({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"probes": 0}, "probes"),
+                    ({"schedule": "cosine"}, "total_steps")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),
 }
+#: optimizer -> the Mlp tensors it trains where not all (zo-readout: a linear head alone)
+TRAINS = {"zo-readout": ("head.weight", "head.bias")}
 LOSS_ONLY = sorted(n for n, cls in REGISTRY.items() if cls.needs == "loss")
 OPTIONS = {"zo-sgd": {"lr": 0.01, "eps": 1e-3, "probes": 2},
            "polystep": {"radius": 0.1, "rank": 16},
@@ -104,8 +110,14 @@ class Mlp:
                        for s in self.SPECS}
         self.layers = parse_layers({"layers": list(self.LAYERS)}, {s.name for s in self.SPECS})
 
-    def store(self) -> ParamStore:
-        return ParamStore(list(self.SPECS), values=self.values)
+    def specs(self, name: str | None = None) -> list[ParamSpec]:
+        """SPECS with `name`'s trainable set (`TRAINS`; the frozen tensor stays frozen)."""
+        keep = TRAINS.get(name or "")
+        return [s if keep is None or s.name in keep else dataclasses.replace(s, trainable=False)
+                for s in self.SPECS]
+
+    def store(self, name: str | None = None) -> ParamStore:
+        return ParamStore(self.specs(name), values=self.values)
 
     def forward(self, store: ParamStore, t: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         idx = np.random.default_rng([5, t]).choice(len(self.x), 16, replace=False)
@@ -231,7 +243,7 @@ def test_wrongly_typed_options_are_refused_naming_the_option(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_state_dict_round_trip(name: str, mlp: Mlp) -> None:
-    store = mlp.store()
+    store = mlp.store(name)
     opt = fresh(name, mlp, store)
     run(opt, mlp, store, 3)
     state = json.loads(json.dumps(opt.state_dict()))
@@ -248,17 +260,17 @@ def test_state_dict_round_trip(name: str, mlp: Mlp) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_n_plus_n_steps_with_save_and_load_equal_2n(name: str, mlp: Mlp,
                                                     tmp_path: Path) -> None:
-    whole = mlp.store()
+    whole = mlp.store(name)
     a = fresh(name, mlp, whole)
     run(a, mlp, whole, 8)
 
-    first = mlp.store()
+    first = mlp.store(name)
     b = fresh(name, mlp, first)
     run(b, mlp, first, 4)
     first.save(tmp_path / "w.safetensors")
     state = json.loads(json.dumps(b.state_dict()))
     del b, first  # a new process: only the files are left
-    second = ParamStore.from_file(tmp_path / "w.safetensors", list(Mlp.SPECS))
+    second = ParamStore.from_file(tmp_path / "w.safetensors", mlp.specs(name))
     c = fresh(name, mlp, second)
     c.load_state_dict(state)
     run(c, mlp, second, 4)
@@ -268,10 +280,10 @@ def test_n_plus_n_steps_with_save_and_load_equal_2n(name: str, mlp: Mlp,
 
 @pytest.mark.parametrize("name", ALL)
 def test_replay_gives_the_trained_weights_bit_exactly(name: str, mlp: Mlp) -> None:
-    store = mlp.store()
+    store = mlp.store(name)
     records = run(fresh(name, mlp, store), mlp, store, 6)
-    assert store.digest() != mlp.store().digest()  # the weights moved
-    base = mlp.store()
+    assert store.digest() != mlp.store(name).digest()  # the weights moved
+    base = mlp.store(name)
     again = fresh(name, mlp, base)
     for rec in records:  # the same inputs as training; replay reads what it needs
         inputs = mlp.inputs(base, rec["step"])
@@ -279,14 +291,14 @@ def test_replay_gives_the_trained_weights_bit_exactly(name: str, mlp: Mlp) -> No
     assert base.digest() == store.digest()
     assert again.t == 6
     tampered = {**records[0], "accepted": not records[0]["accepted"]}
-    base = mlp.store()
+    base = mlp.store(name)
     with pytest.raises(InputError, match="does not reproduce"):
         fresh(name, mlp, base).replay(base, tampered, taps=mlp.inputs(base, 0)["taps"])
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_dtype_and_frozen_tensors_preserved(name: str, mlp: Mlp) -> None:
-    store = mlp.store()
+    store = mlp.store(name)
     infos = [fresh(name, mlp, store).step(store, **mlp.inputs(store, 0), unused_input=1)]
     for spec in Mlp.SPECS:
         assert store[spec.name].dtype == np.dtype(spec.dtype)
@@ -298,7 +310,7 @@ def test_dtype_and_frozen_tensors_preserved(name: str, mlp: Mlp) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_a_step_without_the_input_it_needs_is_refused(name: str, mlp: Mlp) -> None:
-    store = mlp.store()
+    store = mlp.store(name)
     opt = fresh(name, mlp, store)
     needed = {"loss": "evaluate", "taps": "taps", "outputs": "outputs"}[opt.needs]
     inputs = {k: v for k, v in mlp.inputs(store, 0).items() if k != needed}

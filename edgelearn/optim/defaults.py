@@ -1,7 +1,8 @@
 """The default optimizer: which method `train` (and a Session) uses when none is named.
 
 One rule, read from the bundle's manifest and the run's trainable set alone (no runtime is
-imported), in this order:
+imported; a bundle without layer records has its model.onnx parsed for its head where onnx is
+installed), in this order:
 
   1. trainable int8 weights          -> polystep on their int8 grid (radius 2 quantization
                                         steps; the only optimizer that steps int8 weights)
@@ -10,7 +11,12 @@ imported), in this order:
      or mse), and
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
-  4. otherwise (no taps, or a loss only ZO can use)   -> zo-gn (Gauss-Newton steps from the
+  4. otherwise (no taps, or a loss only ZO can use):
+       the trainable set is the linear head (weight, and bias or not), cross-entropy or mse
+                                                      -> zo-readout (the head's gradient read
+                                                         from the logits of 2 probes, 3
+                                                         forwards a step)
+       else -> zo-gn (Gauss-Newton steps from the
      outputs of 16 probes) for cross-entropy, mse and bce: from a copy of the slice up to
      64 MiB of trainable float32 weights, in place above (restore "drift": no copy, the
      candidates one forward each); for error-rate zo-sgd with lr 0.003 of each tensor's RMS
@@ -62,6 +68,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tpsgd": {"lr": 0.1},
     "hybrid": {"lr": 0.1, "zo_lr": 0.01},
     "zo-gn": {},
+    "zo-readout": {},
     # error-rate (module docstring): lr as a fraction of each tensor's RMS
     "zo-sgd": {"relative_lr": True, "lr": 0.003},
     "zo-scale": {},
@@ -76,7 +83,8 @@ def rule_summary() -> str:
     return (f"polystep (radius {RECIPES['polystep']['radius']:g}) for int8 weights, zo-scale "
             f"for int8 scales only, tpsgd (lr {tp['lr']:g}) when taps cover every trainable "
             f"tensor, hybrid (lr {hy['lr']:g}, zo-lr {hy['zo_lr']:g}) when they cover some, "
-            f"else zo-gn for {', '.join(ZO_GN_OBJECTIVES)} (probes written in place above "
+            f"else zo-readout when the linear head alone trains on cross-entropy or mse, "
+            f"zo-gn for {', '.join(ZO_GN_OBJECTIVES)} (probes written in place above "
             f"{ZO_GN_COPY_MAX_BYTES >> 20} MiB of trainable weights) and zo-sgd (lr "
             f"{RECIPES['zo-sgd']['lr']:g}) relative to each tensor's RMS for other losses")
 
@@ -171,6 +179,9 @@ def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: st
         TAPS_OBJECTIVES else "no layer record owns a trainable tensor")
     nbytes = sum(s.nbytes for s in train if s.dtype == "float32")
     size = f"{nbytes / (1 << 20):.0f} MiB of trainable weights"
+    readout = _readout_choice(bundle, train, objective, why)
+    if readout is not None:
+        return readout
     if objective in ZO_GN_OBJECTIVES:
         if nbytes > ZO_GN_COPY_MAX_BYTES:
             return _pick("zo-gn", f"{why}; {size}: Gauss-Newton steps from its probes' "
@@ -179,6 +190,24 @@ def _zo_choice(bundle: Bundle, train: Sequence[Any], backend: str, objective: st
                      "ends above fzoo and zo-sgd")
     return _pick("zo-sgd", f"{why}: the loss moves in steps of one example, so each "
                  "tensor's step is a fraction of its RMS")
+
+
+def _readout_choice(bundle: Bundle, train: Sequence[Any], objective: str, why: str
+                    ) -> Choice | None:
+    """zo-readout where the trainable set is the bundle's linear head (its weight, and its
+    bias or not) and the loss one it reads, else None."""
+    from edgelearn.graph_taps import head_layers
+    from edgelearn.optim.zo_readout import OBJECTIVES, readable_head
+
+    if objective not in OBJECTIVES:
+        return None
+    head = readable_head(head_layers(bundle), bundle.outputs[0].name)
+    names = {s.name for s in train}
+    if isinstance(head, str) or head.params.get("weight") not in names \
+            or not names <= set(head.params.values()):
+        return None
+    return _pick("zo-readout", f"{why}; the trainable set is the linear head: its gradient "
+                 "read from the outputs of its probes, classes-many directions a forward")
 
 
 def recorded_choice(train: Mapping[str, Any]) -> Choice | None:

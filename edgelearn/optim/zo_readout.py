@@ -111,6 +111,25 @@ class HeadSlice:
     bias: tuple[int, int] | None
 
 
+def readable_head(layers: Sequence[Layer], output: str | None = None) -> Layer | str:
+    """The linear head whose logits zo-readout reads, or why there is none.
+
+    Args:
+        layers: the bundle's layer records. output: the model's output name (checked against
+            the head's preact when given).
+    """
+    heads = [lr for lr in layers if lr.head and lr.kind == "linear"]
+    if not heads:
+        return "needs the bundle's linear head (a 'layers' record with head true, or one " \
+               "found in model.onnx); this bundle has none"
+    head = heads[0]
+    if head.activation != "none" or head.bn or head.ln or head.post or (
+            output is not None and head.preact != output):
+        return (f"reads logits made by the head {head.name!r} alone; its output goes "
+                "through an activation, norm or other op")
+    return head
+
+
 def readout_head(store: ParamStore, layers: Sequence[Layer], output: str | None = None
                  ) -> HeadSlice:
     """The head's place in `store`'s trainable float32 slice; InputError saying why not.
@@ -119,15 +138,9 @@ def readout_head(store: ParamStore, layers: Sequence[Layer], output: str | None 
         layers: the bundle's layer records. output: the model's output name (checked against
             the head's preact when given).
     """
-    heads = [lr for lr in layers if lr.head and lr.kind == "linear"]
-    if not heads:
-        raise InputError("zo-readout needs the bundle's linear head (a 'layers' record with "
-                         "head true); this bundle has none: use zo-gn")
-    head = heads[0]
-    if head.activation != "none" or head.bn or head.ln or head.post or (
-            output is not None and head.preact != output):
-        raise InputError(f"zo-readout reads logits made by the head {head.name!r} alone; "
-                         "its output goes through an activation, norm or other op: use zo-gn")
+    head = readable_head(layers, output)
+    if isinstance(head, str):
+        raise InputError(f"zo-readout {head}: use zo-gn")
     w, b = head.params.get("weight"), head.params.get("bias")
     segs = {name: (lo, hi) for name, lo, hi in store.segments("float32")}
     extra = sorted(set(segs) - {w, b})
