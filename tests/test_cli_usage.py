@@ -152,7 +152,8 @@ def test_train_help_shows_groups_and_defaults(capsys: pytest.CaptureFixture[str]
             assert f" {flag} " in text, flag
     for flag, default in (("--checkpoint-every CHECKPOINT_EVERY", "100"),
                           # fzoo's K probes are one population call: its own default
-                          ("--probes PROBES", "adamezo 1, fzoo 8, zo-gn 16, zo-readout 2, zo-scale 1, zo-sgd 1"),
+                          ("--probes PROBES",
+                           "adamezo 1, fzoo 8, zo-gn 16, zo-readout 2, zo-scale 1, zo-sgd 1"),
                           ("--restore {auto,copy,drift}", "auto"),
                           ("--target-scale TARGET_SCALE", "3.0"),
                           ("--diverge-patience DIVERGE_PATIENCE", "20"),

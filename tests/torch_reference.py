@@ -491,3 +491,39 @@ def zo_gn_step(
         new = {name: params[name] - lr * sum(float(ak) * z[name] for ak, z in
                                              zip(a, zs, strict=True)) for name in zs[0]}
     return new, [float(v) for v in a]
+
+
+def zo_readout_step(
+    model: nn.Module,
+    params: Mapping[str, torch.Tensor],
+    zs: list[Mapping[str, torch.Tensor]],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    head: tuple[str, str] = ("head.weight", "head.bias"),
+) -> dict[str, torch.Tensor]:
+    """One zo-readout step on cross-entropy: each probe's logit change read as U_k h_b +
+    beta_k, the head's gradient in the probed input directions by least squares
+    (torch.linalg.pinv), then plain SGD on the head.
+
+    Args:
+        zs: K noise dicts (name -> float32 tensor) over the head's weight [C, D] and bias [C].
+        head: the names of the head's weight and bias (the trainable set).
+    Returns: the new weight and bias.
+    """
+    w, b = head
+    with torch.no_grad():
+        def logits(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            cand = {**params, **{n: params[n] + d for n, d in delta.items()}}
+            return functional_call(model, cand, (inputs,)).double()
+
+        z0 = logits({})
+        reads = torch.cat([(logits({n: eps * zn for n, zn in z.items()}) - z0) / eps
+                           - z[b].double() for z in zs], dim=1)  # [batch, K C]
+        rows = torch.cat([z[w].double() for z in zs])  # [K C, D]
+        h = reads @ torch.linalg.pinv(rows).T  # the head inputs, read: [batch, D]
+        e = (torch.softmax(z0, 1) - torch.nn.functional.one_hot(targets, z0.shape[1])) \
+            / z0.shape[0]
+        return {w: params[w] - lr * (e.T @ h).float(), b: params[b] - lr * e.sum(0).float()}

@@ -1,0 +1,152 @@
+"""zo-readout on the shipped demo bundle: torch parity of one step, the exact head gradient
+once the probes read every input direction, one population request of K + 1 candidates,
+replay sha256 == trained (with the head found in model.onnx when the manifest has no layer
+records, and on LiteRT), and the trainable sets and losses it refuses."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from bundle_edit import demo_bundle_without
+from sessions import replay_journal, train
+from zo_helpers import assert_close, demo, named_noise, torch_demo_module
+
+import edgelearn as el
+from edgelearn.errors import InputError
+from edgelearn.graph_taps import head_layers
+from edgelearn.journal import read_journal
+from edgelearn.losses import cross_entropy
+from edgelearn.model import Model
+from edgelearn.optim import Population, make_optimizer
+
+
+def stepped(probes: int, *, lr: float = 0.3, eps: float = 1e-2, seed: int = 5):
+    """(store before, store after, the step's info, the device's candidate outputs, x, y) of
+    one zo-readout step on the demo head, each candidate run on its own."""
+    bundle, data, _ = demo()
+    model = Model(bundle, trainable="head.*")
+    store = model.store
+    before = {n: np.array(store[n]) for n in store.names}
+    x, y = data.x[:32], data.y[:32]
+    opt = make_optimizer("zo-readout", lr=lr, eps=eps, probes=probes, seed=seed)
+    opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
+    calls: list[int] = []
+
+    def outputs(pop: Population):
+        calls.append(pop.size)
+        rows = []
+        for j in range(pop.size):
+            pop.place(j)
+            rows.append(np.array(model.predict(x)))
+        return np.stack(rows), y, cross_entropy
+
+    info = opt.step(store, outputs=outputs)
+    assert calls == [probes + 1]  # one request: theta and its K probes
+    assert info.evaluations == probes + 1
+    return before, store, info, x, y
+
+
+@pytest.mark.torch
+def test_one_step_matches_torch_reference() -> None:
+    import torch
+    from torch_reference import zo_readout_step
+
+    lr, eps, k = 0.3, 1e-2, 2
+    before, store, _, x, y = stepped(k, lr=lr, eps=eps)
+    params = {n: torch.from_numpy(v) for n, v in before.items()}
+    module = torch_demo_module()
+    module.load_state_dict(params)
+    zs = [named_noise(store, (5, 0, j)) for j in range(k)]
+    new = zo_readout_step(module, params, zs, torch.from_numpy(x), torch.from_numpy(y),
+                          lr=lr, eps=eps)
+    for name, ref in new.items():
+        assert_close(store[name], ref.numpy())  # the weights, to 1e-6 of their magnitude
+        # the update itself: ORT's and torch's float32 logits differ by ~1e-7 of their size
+        assert_close(store[name] - before[name], (ref - params[name]).numpy(), rtol=1e-3)
+    np.testing.assert_array_equal(store["layers.0.weight"], before["layers.0.weight"])
+
+
+def test_seven_probes_read_the_head_input_and_step_its_exact_gradient() -> None:
+    """10 classes x 7 probes >= 64 inputs: the read is h itself, the step exact SGD."""
+    lr = 0.3
+    before, store, info, x, y = stepped(7, lr=lr)
+    h = np.maximum(x.astype(np.float64) @ before["layers.0.weight"].T.astype(np.float64)
+                   + before["layers.0.bias"], 0.0)
+    z = h @ before["head.weight"].T.astype(np.float64) + before["head.bias"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    e = p / len(y)
+    assert_close(store["head.weight"] - before["head.weight"], -lr * e.T @ h, rtol=1e-4)
+    assert_close(store["head.bias"] - before["head.bias"], -lr * e.sum(0), rtol=1e-5)
+    assert info.loss == pytest.approx(cross_entropy(z, y), rel=1e-6)
+
+
+@pytest.mark.parametrize("population", [True, False])
+def test_run_replays_bit_exactly(tmp_path, population: bool) -> None:
+    bundle, data, _ = demo()
+    res = train(bundle, data, tmp_path / "run", steps=30, seed=3, optimizer="zo-readout",
+                trainable="head.*", batch_size=32, population=population)
+    assert res["population_graph"] is population
+    steps = [r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
+    assert len(steps) == 30
+    assert all(r["accepted"] for r in steps)
+    assert res["loss_last"] < res["loss_first"]
+    store, n = replay_journal(bundle, res["journal"])
+    assert n == 30
+    assert store.digest() == res["sha256"]
+
+
+def test_a_bundle_without_layer_records_has_its_head_found_in_the_graph(tmp_path) -> None:
+    """No taps graph, no layer records (an exporter that could not trace layers): the head
+    comes from model.onnx, `train` picks zo-readout, and the journal replays."""
+    bare = el.load_bundle(demo_bundle_without(tmp_path / "b", ("onnx_taps", "tflite_taps")))
+    assert "layers" not in bare.manifest
+    [head] = head_layers(bare)
+    assert head.params == {"weight": "head.weight", "bias": "head.bias"}
+    _, data, test = demo()
+    cfg = el.TrainConfig(seed=1, batch_size=32, fsync_every=1000)
+    with el.Session(bare, tmp_path / "run", cfg) as s:
+        before = s.evaluate(test).accuracy
+        res = s.run(data, 300)
+        after = s.evaluate(test).accuracy
+    assert res.optimizer == "zo-readout"
+    assert res.chosen_by.startswith("auto: zo-readout")
+    assert after > before + 0.2  # 0.43 -> ~0.86 in 900 forwards
+    assert el.replay(bare, res.journal).store.digest() == res.sha256
+
+
+def test_litert_runs_it_and_its_journal_replays(tmp_path) -> None:
+    pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT (ai-edge-litert) absent")
+    bundle, data, _ = demo()
+    kw = {"steps": 6, "seed": 2, "optimizer": "zo-readout", "trainable": "head.*",
+          "batch_size": 32, "threads": 1}
+    lite = train(bundle, data, tmp_path / "lite", backend="litert", **kw)
+    ort = train(bundle, data, tmp_path / "ort", **kw)
+    store, n = replay_journal(bundle, lite["journal"])
+    assert n == 6
+    assert store.digest() == lite["sha256"]
+    assert_close(lite["loss_last"], ort["loss_last"], rtol=1e-4)
+
+
+def test_what_it_cannot_read_is_refused_in_one_line(tmp_path) -> None:
+    bundle, data, _ = demo()
+    for trainable in ("*", "layers.0.weight"):  # not the head alone
+        with pytest.raises(InputError, match="head's weight") as e:
+            train(bundle, data, tmp_path / f"t{len(trainable)}", steps=1,
+                  optimizer="zo-readout", trainable=trainable)
+        assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="cross-entropy and mse"):
+        train(bundle, data, tmp_path / "er", steps=1, optimizer="zo-readout",
+              trainable="head.*", objective="error-rate")
+    opt = make_optimizer("zo-readout")
+    store = Model(bundle, trainable="head.*").store
+    with pytest.raises(InputError, match="head"):  # no setup: a bare step has no geometry
+        opt.step(store, outputs=lambda pop: None)
+    sig = [dataclasses.replace(layer, activation="sigmoid") for layer in head_layers(bundle)]
+    with pytest.raises(InputError, match="activation"):
+        opt.setup(store, layers=sig)
+    with pytest.raises(InputError, match="linear head"):
+        opt.setup(store, layers=[])
