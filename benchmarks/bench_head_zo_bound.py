@@ -15,16 +15,18 @@ cross-entropy, batch 32) trains from the shipped weights on the user's shifted d
     from the taps), lr 0.1 as the demo's tpsgd recipe;
   - zo-sgd: two-sided Rademacher probes on all 650 weights, the losses exact (Malladi et
     al. 2023, "Fine-Tuning Language Models with Just Forward Passes");
-  - readout: an upper bound for probes that read the head's outputs, not one loss: rank-1
-    probes u v^T (Chen et al. 2024, LOZO, low-rank ZO perturbations) on a linear last
-    layer move example b's logits by u (v . h_b), so K probes and the base forward give
-    S = H V exactly and with it G V, all 10 x K of the gradient's coordinates in the
-    probed input directions (zo-gn reads the outputs too, but of K dense directions):
-    the most a forward-only probe of this head can learn, ten times a loss's.
-Forwards: a step of K probes costs K + 1 (readout) or 2K (zo-sgd). The zo-sgd rows are this
-simulation's (fixed lr, no schedule), not `bench_defaults.py`'s runs of the real one; readout
-bounds what one step can read, not what an estimator pooling steps could. Prints a table on
-stderr and ONE JSON object on stdout; never asserts.
+  - rank1: probes that read the head's outputs, not one loss, through rank-1 probes u v^T
+    (Chen et al. 2024, LOZO, low-rank ZO perturbations): on a linear last layer they move
+    example b's logits by u (v . h_b), so K probes and the base forward give S = H V and
+    with it G V, the gradient in K probed input directions.
+  - dense: what `zo-readout` does (edgelearn/optim/zo_readout.py): dense probes U_k move
+    example b's logits by U_k h_b, ten numbers about h_b per probe where a rank-1 probe
+    gives one, so K probes read 10 K input directions (all 64 from K = 7: the exact
+    gradient). Sessions 15-16 took rank1 for the most a forward-only probe could read; it
+    is not: dense probes read ten times more per forward.
+Forwards: a step of K probes costs K + 1 (rank1, dense) or 2K (zo-sgd). The zo-sgd rows are
+this simulation's (fixed lr, no schedule), not `bench_defaults.py`'s runs of the real one.
+Prints a table on stderr and ONE JSON object on stdout; never asserts.
 """
 
 from __future__ import annotations
@@ -73,10 +75,16 @@ def step(method: str, w: np.ndarray, b: np.ndarray, h: np.ndarray, y: np.ndarray
         w -= lr * g.T @ h
         b -= lr * g.sum(0)
         return 1
-    if method == "readout":  # orthonormal input directions: G V V^T, the projected gradient
+    if method == "rank1":  # orthonormal input directions: G V V^T, the projected gradient
         g = ce_grad(h @ w.T + b, y)
         v = np.linalg.qr(rng.choice([-1.0, 1.0], size=(h.shape[1], probes)))[0]
         w -= lr * (g.T @ (h @ v)) @ v.T
+        b -= lr * g.sum(0)
+        return probes + 1
+    if method == "dense":  # the K probes' rows R [10 K, 64]: h read as R^+ R h
+        g = ce_grad(h @ w.T + b, y)
+        rows = rng.choice([-1.0, 1.0], size=(probes * w.shape[0], h.shape[1]))
+        w -= lr * g.T @ ((h @ rows.T) @ np.linalg.pinv(rows).T)
         b -= lr * g.sum(0)
         return probes + 1
     zs = [(rng.choice([-1.0, 1.0], size=w.shape), rng.choice([-1.0, 1.0], size=b.shape))
@@ -108,7 +116,8 @@ def run(data: tuple[np.ndarray, ...], head: tuple[np.ndarray, ...], method: str,
 
 #: (method, probes, lr) grid: zo-sgd's lrs as bench_defaults' head grid
 GRID = [("exact", 0, 0.1)] + [("zo-sgd", 1, lr) for lr in (0.003, 0.01, 0.03, 0.1)] + [
-    ("zo-sgd", 4, 0.01)] + [("readout", k, lr) for k in (4, 8, 16, 32) for lr in (0.3, 1.0)]
+    ("zo-sgd", 4, 0.01)] + [("rank1", k, lr) for k in (4, 8, 16, 32) for lr in (0.3, 1.0)] + [
+    ("dense", k, lr) for k in (1, 2, 4, 7) for lr in (0.1, 0.3)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """What a bundle can be trained with: optimizers and backends it supports, and why not.
 
-Read from the manifest alone (no runtime is imported): which graphs the exporter wrote and, for
-those it left out, the reason it recorded (`taps_unsupported`, `tflite_skipped`, ...).
+Read from the manifest alone (no runtime is imported; a bundle without layer records has its
+model.onnx parsed for its linear head where onnx is installed): which graphs the exporter
+wrote and, for those it left out, the reason it recorded (`taps_unsupported`, ...).
 """
 
 from __future__ import annotations
@@ -102,6 +103,18 @@ def _float_zo(bundle: Bundle) -> dict[str, dict[str, Any]]:
     }
 
 
+def _zo_readout(bundle: Bundle) -> dict[str, Any]:
+    from edgelearn.graph_taps import head_layers
+    from edgelearn.optim.zo_readout import readable_head
+
+    head = readable_head(head_layers(bundle), bundle.outputs[0].name)
+    if isinstance(head, str):
+        return {"supported": False, "why": head}
+    return {"supported": True, "how": "K + 1 forwards per step (one population request); "
+            f"trains the linear head alone ({', '.join(head.params.values())}); losses "
+            "cross-entropy and mse"}
+
+
 def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
     """optimizer -> {"supported", "how" | "why", ...} for every registered optimizer.
 
@@ -116,6 +129,7 @@ def optimizer_support(bundle: Bundle) -> dict[str, dict[str, Any]]:
         "hybrid": _hybrid(bundle),
         "polystep": _polystep(bundle),
         "zo-scale": _zo_scale(bundle),
+        "zo-readout": _zo_readout(bundle),
     }
     return {name: known.get(name, {"supported": None, "why": "not described"})
             for name in sorted(REGISTRY)}
