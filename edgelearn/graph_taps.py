@@ -116,8 +116,8 @@ def head_layers(bundle: Bundle) -> list[Layer]:
         return layers
     try:
         model = onnx.load(str(bundle.files["onnx"]), load_external_data=False)
-    except Exception:  # noqa: BLE001 (protobuf's DecodeError and kin: no head read; the
-        return layers  # runtime reports a graph it cannot load when the run loads it)
+    except Exception:  # protobuf's DecodeError and kin: no head is read here; the runtime
+        return layers  # reports a graph it cannot load when the run loads it
     record = find_head(model, {p.name: tuple(p.shape) for p in bundle.params
                                if p.dtype == "float32"})
     return layers if isinstance(record, str) else parse_layers({"layers": [record]}, names)
