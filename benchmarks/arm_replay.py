@@ -59,6 +59,8 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("tpsgd", "tpsgd", "demo", ()),
     *((f"zo-gn/{r}", "zo-gn", "demo", ("--restore", r, "--probes", "4", "--trainable", "*"))
       for r in ("copy", "drift")),
+    # M R summed elementwise in a fixed order: the same float64 sums on every CPU
+    ("zo-readout", "zo-readout", "demo", ("--trainable", "head.*")),
 )
 
 
