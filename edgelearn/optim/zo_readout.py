@@ -36,10 +36,13 @@ true, activation none, no norm and no ops after it, whose preact is the model ou
 and optionally bias; cross-entropy on logits or mse. Other trainable tensors are refused
 (zo-gn and hybrid train them).
 
-The journal record holds the seeds, lr, eps, the loss and M as float32 (base64); replay
+The journal record holds the seeds, lr, eps, the loss and M (base64 float32); replay
 regenerates R from the seeds and applies M with the same float operations as training (no
-data, no forwards), bit-exact: W' = W - float32(lr_t G), G accumulated as sum_j M[:, j] R[j]
-in float64 in a fixed order (elementwise, no BLAS reduction whose order differs by CPU).
+data, no forwards), bit-exact: W' = W - float32(lr_t G), G = M R in float64. M is rounded to
+multiples of 2^-22 of its largest power of two (24 significant bits, so float32 holds it
+exactly; what it drops is below 2^-23 of the largest entry's share of the step), which makes
+every partial sum of M R exact in float64: a BLAS product gives the same G in any summation
+order, on any CPU.
 """
 
 from __future__ import annotations
@@ -188,8 +191,32 @@ def read_coefficients(out: np.ndarray, y: Any, loss_fn: Any, rows: np.ndarray,
     s = (o[1:] - o[0]) / eps - beta[:, None, :]  # [K, batch, C]: R h_b, probe by probe
     s = s.transpose(1, 0, 2).reshape(len(o[0]), k * c)
     e, _ = loss_derivatives(o[0], o[:0], y, loss_fn)  # dl/dz over the batch [batch, C]
-    m = (e.T @ s) @ np.linalg.pinv(rows @ rows.T, hermitian=True)
-    return m, e.sum(axis=0), float(loss_fn(out[0], y))
+    return on_grid(_right_solve(e.T @ s, rows @ rows.T)), e.sum(axis=0), \
+        float(loss_fn(out[0], y))
+
+
+def _right_solve(rhs: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """rhs (gram)^+ for a symmetric PSD gram [n, n]: a plain solve where gram is regular
+    (checked by its residual), the pseudo-inverse where it is not (more probe rows than
+    inputs, or repeated rows of a tiny head)."""
+    try:
+        x = np.linalg.solve(gram, rhs.T).T
+        if np.abs(x @ gram - rhs).max() <= 1e-9 * max(np.abs(rhs).max(), 1e-300):
+            return x
+    except np.linalg.LinAlgError:
+        pass
+    return rhs @ np.linalg.pinv(gram, hermitian=True)
+
+
+def on_grid(m: np.ndarray) -> np.ndarray:
+    """m rounded to multiples of 2^-22 of its largest power of two, as float32 (exactly): at
+    most 24 significant bits, so sums of its entries times +-1 are exact in float64 and M R
+    is the same in any summation order (any BLAS, any CPU; module docstring)."""
+    big = float(np.abs(m).max()) if m.size else 0.0
+    if not 0.0 < big < math.inf:
+        return m.astype(np.float32)
+    q = math.ldexp(1.0, math.frexp(big)[1] - 23)  # big < 2^e: |m / q| <= 2^23
+    return (np.round(m / q) * q).astype(np.float32)
 
 
 def apply_read(theta: np.ndarray, head: HeadSlice, m: np.ndarray, gb: np.ndarray,
@@ -197,13 +224,11 @@ def apply_read(theta: np.ndarray, head: HeadSlice, m: np.ndarray, gb: np.ndarray
     """theta's head minus lr (M R, the bias gradient), in float32 (training and replay).
 
     Args:
-        m: float32 [C, K C] (as journaled); gb: float32 [C]; rows: float64 [K C, D] (+-1).
+        m: float32 [C, K C] on `on_grid`'s grid (as journaled); gb: float32 [C];
+        rows: float64 [K C, D] (+-1).
     """
     (lo, hi), (c, d) = head.weight, head.shape
-    g = np.zeros((c, d))
-    m64 = m.astype(np.float64)
-    for j in range(len(rows)):  # fixed order: the same sums on every CPU
-        g += m64[:, j:j + 1] * rows[j]
+    g = m.astype(np.float64) @ rows  # exact: on_grid's entries times +-1 (any order)
     w = theta[lo:hi].reshape(d, c).T if head.transposed else theta[lo:hi].reshape(c, d)
     np.subtract(w, (lr * g).astype(np.float32), out=w)
     if head.bias:
@@ -284,7 +309,7 @@ class ZOReadout(Optimizer):
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr, "eps": o.eps}
         rows, beta = self._rows(theta, seeds)
         m, gb, loss = read_coefficients(out, y, loss_fn, rows, beta, o.eps)
-        m32, gb32 = m.astype(np.float32), gb.astype(np.float32)
+        m32, gb32 = m, gb.astype(np.float32)
         if not (math.isfinite(loss) and np.isfinite(m32).all() and np.isfinite(gb32).all()):
             return {**record, "m": None, "gb": None, "loss": None, "accepted": False}
         apply_read(theta, self.head, m32, gb32, rows, lr)
