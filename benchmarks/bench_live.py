@@ -10,8 +10,8 @@ trainable; onnxruntime). Each run feeds the user's personalization digits in ord
 `Session.step` (an app's samples as they come: no batches, no epochs), and scores the
 held-out digits every 50 samples. Methods: zo-gn at its defaults, zo-gn without its trust
 region (`trust` null) and with its first version's damping (0.1 per unit-norm direction, no
-trust region), fzoo and zo-sgd (lr 0.01, the demo's) at their defaults, and tpsgd (exact head
-updates; its run records the samples, which its replay needs). Prints a table on stderr and
+trust region), fzoo and zo-sgd (lr 0.01, the demo's) at their defaults, tpsgd (exact head
+updates; its run records the samples, which its replay needs) and zo-readout at its defaults. Prints a table on stderr and
 ONE JSON object on stdout; never asserts.
 """
 
@@ -39,6 +39,7 @@ RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "fzoo": ("fzoo", {}, {}),
     "zo-sgd lr 0.01": ("zo-sgd", {"lr": 0.01}, {}),
     "tpsgd": ("tpsgd", {"lr": 0.1}, {"record_samples": True}),
+    "zo-readout": ("zo-readout", {}, {}),
 }
 
 
