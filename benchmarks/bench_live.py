@@ -11,8 +11,8 @@ trainable; onnxruntime). Each run feeds the user's personalization digits in ord
 held-out digits every 50 samples. Methods: zo-gn at its defaults, zo-gn without its trust
 region (`trust` null) and with its first version's damping (0.1 per unit-norm direction, no
 trust region), fzoo and zo-sgd (lr 0.01, the demo's) at their defaults, tpsgd (exact head
-updates; its run records the samples, which its replay needs) and zo-readout at its defaults. Prints a table on stderr and
-ONE JSON object on stdout; never asserts.
+updates; its run records the samples, which its replay needs) and zo-readout at its
+defaults. Prints a table on stderr and ONE JSON object on stdout; never asserts.
 """
 
 from __future__ import annotations

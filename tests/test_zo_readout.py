@@ -150,3 +150,55 @@ def test_what_it_cannot_read_is_refused_in_one_line(tmp_path) -> None:
         opt.setup(store, layers=sig)
     with pytest.raises(InputError, match="linear head"):
         opt.setup(store, layers=[])
+
+
+def test_a_matmul_head_in_the_in_out_layout_steps_its_exact_gradient(tmp_path, digits) -> None:
+    """A prepared third-party graph whose head is MatMul(h, W [in, out]) + b: W is read
+    transposed; 3 probes x 10 classes >= 24 inputs read h exactly."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelearn.prepare import prepare_onnx
+
+    rng = np.random.default_rng(4)
+    w1, w2, b2 = ((rng.standard_normal(s) * 0.3).astype(np.float32)
+                  for s in ((64, 24), (24, 10), (10,)))
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "body.w"), (w2, "cls.w"),
+                                                         (b2, "cls.b"))]
+    nodes = [helper.make_node("MatMul", ["x", "body.w"], ["z"]),
+             helper.make_node("Tanh", ["z"], ["h"]),
+             helper.make_node("MatMul", ["h", "cls.w"], ["m"]),
+             helper.make_node("Add", ["cls.b", "m"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(tmp_path / "mm.onnx"))
+    prepare_onnx(tmp_path / "mm.onnx", tmp_path / "b", trainable="cls.*")
+    bundle = el.load_bundle(tmp_path / "b")
+    model = Model(bundle, trainable="cls.*")
+    store = model.store
+    x, y = digits.x[:32], digits.y[:32]
+    lr = 0.5
+    opt = make_optimizer("zo-readout", lr=lr, probes=3, seed=2)
+    opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
+    assert opt.head is not None
+    assert opt.head.transposed
+
+    def outputs(pop: Population):
+        rows = []
+        for j in range(pop.size):
+            pop.place(j)
+            rows.append(np.array(model.predict(x)))
+        return np.stack(rows), y, cross_entropy
+
+    opt.step(store, outputs=outputs)
+    h = np.tanh(x.astype(np.float64) @ w1.astype(np.float64))
+    z = h @ w2.astype(np.float64) + b2
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    e = p / len(y)
+    assert_close(store["cls.w"] - w2, -lr * (e.T @ h).T, rtol=1e-4)
+    assert_close(store["cls.b"] - b2, -lr * e.sum(0), rtol=1e-5)
+    np.testing.assert_array_equal(store["body.w"], w1)
