@@ -38,7 +38,8 @@ Split of a subject's data (`--split`):
 
     python examples/har_loso.py [--subjects 1,2] [--budget 3000] [--device-budget N]
                                 [--quick] [--out runs/har]
-                                [--zo fzoo,adamezo,lozo,zo-gn] [--methods tpsgd-head,hybrid]
+                                [--zo fzoo,adamezo,lozo,zo-gn,zo-readout]
+                                [--methods tpsgd-head,hybrid]
                                 [--pseudo-targets 2] [--select loss] [--outer-sweep]
 Progress goes to stderr (a line per subject and method as it finishes), a table of held-out
 accuracies to stdout; all figures are written to OUT/results.json (`--json`: printed instead
@@ -96,15 +97,17 @@ QUICK_GRIDS = {"backprop": (1e-3,), "zo-head": (3e-3,), "zo-last": (1e-3,), "zo-
                "tpsgd": (1e-2,), "tpsgd-head": (1e-2,), "hybrid": (1e-2,),
                "hybrid-each": (1e-2,)}
 ZO_OPTIONS = {"eps": 1e-3, "probes": 1}
-#: opt-in ZO estimators (`--zo fzoo,adamezo,lozo,zo-gn`): methods "<optimizer>-head" and
-#: "<optimizer>-full" with these lr grids (first: head, second: all weights); other options
+#: opt-in ZO estimators (`--zo fzoo,adamezo,lozo,zo-gn,zo-readout`): methods "<optimizer>-head"
+#: and "<optimizer>-full" with these lr grids (first: head, second: all weights, None: the
+#: optimizer trains the head alone); other options
 #: are their defaults. zo-gn's lr is the fraction of its damped Gauss-Newton step taken: it
 #: runs at its default 1, unswept (a 0.5 / 1 / 1.5 sweep by the pseudo-targets' loss picked
 #: 1.5 on 3-5 of 10 subjects, the worst value on the test subjects: README, HAR section)
 EXTRA_ZO = {"fzoo": ((0.03, 0.1, 0.3), (0.01, 0.03, 0.1)),
             "adamezo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
             "lozo": ((3e-3, 1e-2, 3e-2), (1e-3, 3e-3, 1e-2)),
-            "zo-gn": ((1.0,), (1.0,))}
+            "zo-gn": ((1.0,), (1.0,)),
+            "zo-readout": ((0.1, 0.3, 1.0), None)}  # a linear head alone: no "-full"
 EXTRA_PARTS = {"head": "head.*", "full": "*"}
 
 
@@ -130,7 +133,7 @@ def select_lr(sweep: dict[float, dict[str, list[float]]], criterion: str) -> flo
 def extra_methods(names: list[str]) -> dict[str, tuple[str, str, tuple[float, ...]]]:
     """method -> (optimizer, trainable globs, lr grid) of the `--zo` estimators."""
     return {f"{n}-{part}": (n, globs, EXTRA_ZO[n][i]) for n in names
-            for i, (part, globs) in enumerate(EXTRA_PARTS.items())}
+            for i, (part, globs) in enumerate(EXTRA_PARTS.items()) if EXTRA_ZO[n][i]}
 
 
 # ---------------------------------------------------------------------------------------------

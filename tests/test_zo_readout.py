@@ -202,3 +202,38 @@ def test_a_matmul_head_in_the_in_out_layout_steps_its_exact_gradient(tmp_path, d
     assert_close(store["cls.w"] - w2, -lr * (e.T @ h).T, rtol=1e-4)
     assert_close(store["cls.b"] - b2, -lr * e.sum(0), rtol=1e-5)
     np.testing.assert_array_equal(store["body.w"], w1)
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "mse"])
+def test_the_read_is_the_exact_gradient_once_the_rows_span_the_inputs(loss: str) -> None:
+    """read_coefficients on a linear head in float64: M R equals dl/dW once K C >= D, and
+    the projected gradient (G R^+ R) below; M lies on on_grid's grid."""
+    from edgelearn.losses import mse
+    from edgelearn.optim.zo_readout import read_coefficients
+
+    rng = np.random.default_rng(0)
+    b, c, d, eps = 16, 4, 10, 0.5
+    h, w, bias = rng.standard_normal((b, d)), rng.standard_normal((c, d)), rng.standard_normal(c)
+    y = rng.integers(0, c, b) if loss == "cross-entropy" else rng.standard_normal((b, c))
+    loss_fn = cross_entropy if loss == "cross-entropy" else mse
+    z = h @ w.T + bias
+    resid = z - y if loss == "mse" else None
+    if loss == "cross-entropy":
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(b), y] -= 1.0
+        e = p / b
+    else:
+        e = 2.0 * resid / resid.size
+    grad = e.T @ h
+    for k in (1, 3):  # 4 rows of 10 inputs: a projection; 12 rows: all of them
+        u = rng.choice([-1.0, 1.0], size=(k, c, d))
+        beta = rng.choice([-1.0, 1.0], size=(k, c))
+        out = np.stack([z, *(z + eps * (h @ u[j].T + beta[j]) for j in range(k))])
+        rows = u.reshape(k * c, d)
+        m, gb, value = read_coefficients(out, y, loss_fn, rows, beta, eps)
+        assert m.dtype == np.float32
+        want = grad if k * c >= d else grad @ np.linalg.pinv(rows) @ rows
+        assert_close(m.astype(np.float64) @ rows, want, rtol=1e-6)
+        assert_close(gb, e.sum(0), rtol=1e-12)
+        assert value == pytest.approx(loss_fn(z, y), rel=1e-12)
