@@ -376,7 +376,7 @@ def test_weights_dequantized_as_the_model_runs_count_once_at_their_peak(tmp_path
     assert fixed == 2 * 4 * 4000
 
 
-@pytest.mark.parametrize("optimizer", ["zo-gn", "zo-sgd", "tpsgd"])
+@pytest.mark.parametrize("optimizer", ["zo-gn", "zo-readout", "zo-sgd", "tpsgd"])
 def test_a_small_models_plan_covers_its_peak(tmp_path, optimizer: str) -> None:
     """The plan's promise where the runtime outweighs the activations (the demo's head, a
     fresh CLI process each): predicted peak >= the run's measured peak. The resident memory
