@@ -55,6 +55,26 @@ def mlp_onnx(path: Path, *, seed: int = 0, hidden: int = 32, classes: int = 10,
     return path
 
 
+def matmul_head_onnx(path: Path) -> Path:
+    """x [N, 64] -> tanh(x W1) -> MatMul(h, W2) + b (the [in, out] layout of real exports):
+    body.w [64, 24], cls.w [24, 10], cls.b [10] (seed 4)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+             for n, s in (("body.w", (64, 24)), ("cls.w", (24, 10)), ("cls.b", (10,)))]
+    nodes = [helper.make_node("MatMul", ["x", "body.w"], ["z"]),
+             helper.make_node("Tanh", ["z"], ["h"]),
+             helper.make_node("MatMul", ["h", "cls.w"], ["m"]),
+             helper.make_node("Add", ["cls.b", "m"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 def embedder_onnx(path: Path, *, seed: int = 0, tokens: int = 4, dim: int = 16,
                   int_inputs: bool = False, vocab: int = 12) -> Path:
     """An "embedding model" [batch, 64] -> token embeddings [batch, tokens, dim] (tanh).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_models import embedder_onnx, mlp_onnx
+from onnx_models import embedder_onnx, matmul_head_onnx, mlp_onnx
 from sessions import taps_evaluate, train
 
 from edgelearn.bundle import Bundle
@@ -238,25 +238,6 @@ def test_modern_nets_train_under_tpsgd(modern, digits, tmp_path: Path) -> None:
 
 
 # -- head-only taps from the ONNX graph ---------------------------------------------------------
-def _matmul_head_onnx(path: Path) -> Path:
-    """x [N, 64] -> tanh(x W1) -> MatMul(h, W2) + b (the [in, out] layout of real exports)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(4)
-    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
-             for n, s in (("body.w", (64, 24)), ("cls.w", (24, 10)), ("cls.b", (10,)))]
-    nodes = [helper.make_node("MatMul", ["x", "body.w"], ["z"]),
-             helper.make_node("Tanh", ["z"], ["h"]),
-             helper.make_node("MatMul", ["h", "cls.w"], ["m"]),
-             helper.make_node("Add", ["cls.b", "m"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return path
-
-
 def _head_step_parity(bundle: Bundle, data: Dataset, w: str, b: str, layout: str) -> None:
     """One tpsgd step on the bundle == SGD on the head's exact cross-entropy gradient."""
     from edgelearn.backends.ort import OrtBackend
@@ -289,7 +270,7 @@ def test_prepared_bundles_get_head_taps_and_train_head_only(tmp_path: Path, digi
     data = Dataset(digits.x[:256], digits.y[:256])
     cases = [(mlp_onnx(tmp_path / "src" / "mlp.onnx"), {"trainable": "fc2.*"},
               "fc2.weight", "fc2.bias", "out_in"),
-             (_matmul_head_onnx(tmp_path / "src" / "mm.onnx"), {"trainable": "cls.*"},
+             (matmul_head_onnx(tmp_path / "src" / "mm.onnx"), {"trainable": "cls.*"},
               "cls.w", "cls.b", "in_out"),
              (embedder_onnx(tmp_path / "src" / "emb.onnx"), {"new_head": "tokens:10"},
               "head.weight", "head.bias", "out_in")]

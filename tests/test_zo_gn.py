@@ -12,6 +12,7 @@ from zo_helpers import (
     assert_step_applied,
     demo,
     named_noise,
+    outputs_of,
     torch_demo_module,
 )
 
@@ -21,22 +22,6 @@ from edgelearn.losses import cross_entropy, mse
 from edgelearn.model import Model
 from edgelearn.optim import Population, make_optimizer
 from edgelearn.optim.zo_gn import gauss_newton_step, gauss_newton_system
-
-
-def outputs_of(model: Model, x: np.ndarray, y: np.ndarray, calls: list[int],
-               seen: list[np.ndarray] | None = None):
-    """outputs= for a bare `opt.step`: each candidate placed and run (one call per request);
-    the outputs of each request are appended to `seen` when given."""
-    def outputs(pop: Population):
-        calls.append(pop.size)
-        rows = []
-        for j in range(pop.size):
-            pop.place(j)
-            rows.append(np.array(model.predict(x)))
-        if seen is not None:
-            seen.append(np.stack(rows))
-        return np.stack(rows), y, cross_entropy
-    return outputs
 
 
 @pytest.mark.torch

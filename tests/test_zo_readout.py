@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from bundle_edit import demo_bundle_without
 from sessions import replay_journal, train
-from zo_helpers import assert_close, demo, named_noise, torch_demo_module
+from zo_helpers import assert_close, demo, named_noise, outputs_of, torch_demo_module
 
 import edgelearn as el
 from edgelearn.errors import InputError
@@ -19,7 +19,7 @@ from edgelearn.graph_taps import head_layers
 from edgelearn.journal import read_journal
 from edgelearn.losses import cross_entropy
 from edgelearn.model import Model
-from edgelearn.optim import Population, make_optimizer
+from edgelearn.optim import make_optimizer
 
 
 def stepped(probes: int, *, lr: float = 0.3, eps: float = 1e-2, seed: int = 5):
@@ -33,16 +33,7 @@ def stepped(probes: int, *, lr: float = 0.3, eps: float = 1e-2, seed: int = 5):
     opt = make_optimizer("zo-readout", lr=lr, eps=eps, probes=probes, seed=seed)
     opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
     calls: list[int] = []
-
-    def outputs(pop: Population):
-        calls.append(pop.size)
-        rows = []
-        for j in range(pop.size):
-            pop.place(j)
-            rows.append(np.array(model.predict(x)))
-        return np.stack(rows), y, cross_entropy
-
-    info = opt.step(store, outputs=outputs)
+    info = opt.step(store, outputs=outputs_of(model, x, y, calls))
     assert calls == [probes + 1]  # one request: theta and its K probes
     assert info.evaluations == probes + 1
     return before, store, info, x, y
@@ -155,53 +146,31 @@ def test_what_it_cannot_read_is_refused_in_one_line(tmp_path) -> None:
 def test_a_matmul_head_in_the_in_out_layout_steps_its_exact_gradient(tmp_path, digits) -> None:
     """A prepared third-party graph whose head is MatMul(h, W [in, out]) + b: W is read
     transposed; 3 probes x 10 classes >= 24 inputs read h exactly."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx_models import matmul_head_onnx
 
     from edgelearn.prepare import prepare_onnx
 
-    rng = np.random.default_rng(4)
-    w1, w2, b2 = ((rng.standard_normal(s) * 0.3).astype(np.float32)
-                  for s in ((64, 24), (24, 10), (10,)))
-    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "body.w"), (w2, "cls.w"),
-                                                         (b2, "cls.b"))]
-    nodes = [helper.make_node("MatMul", ["x", "body.w"], ["z"]),
-             helper.make_node("Tanh", ["z"], ["h"]),
-             helper.make_node("MatMul", ["h", "cls.w"], ["m"]),
-             helper.make_node("Add", ["cls.b", "m"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              str(tmp_path / "mm.onnx"))
-    prepare_onnx(tmp_path / "mm.onnx", tmp_path / "b", trainable="cls.*")
+    prepare_onnx(matmul_head_onnx(tmp_path / "mm.onnx"), tmp_path / "b", trainable="cls.*")
     bundle = el.load_bundle(tmp_path / "b")
     model = Model(bundle, trainable="cls.*")
     store = model.store
+    w1, w2, b2 = (np.array(store[n], np.float64) for n in ("body.w", "cls.w", "cls.b"))
     x, y = digits.x[:32], digits.y[:32]
     lr = 0.5
     opt = make_optimizer("zo-readout", lr=lr, probes=3, seed=2)
     opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
     assert opt.head is not None
     assert opt.head.transposed
-
-    def outputs(pop: Population):
-        rows = []
-        for j in range(pop.size):
-            pop.place(j)
-            rows.append(np.array(model.predict(x)))
-        return np.stack(rows), y, cross_entropy
-
-    opt.step(store, outputs=outputs)
-    h = np.tanh(x.astype(np.float64) @ w1.astype(np.float64))
-    z = h @ w2.astype(np.float64) + b2
+    opt.step(store, outputs=outputs_of(model, x, y, []))
+    h = np.tanh(x.astype(np.float64) @ w1)
+    z = h @ w2 + b2
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     p[np.arange(len(y)), y] -= 1.0
     e = p / len(y)
     assert_close(store["cls.w"] - w2, -lr * (e.T @ h).T, rtol=1e-4)
     assert_close(store["cls.b"] - b2, -lr * e.sum(0), rtol=1e-5)
-    np.testing.assert_array_equal(store["body.w"], w1)
+    np.testing.assert_array_equal(store["body.w"], w1.astype(np.float32))
 
 
 @pytest.mark.parametrize("loss", ["cross-entropy", "mse"])

@@ -69,3 +69,22 @@ def assert_step_applied(store: ParamStore, params: dict[str, Any], new: dict[str
     for name in store.names:  # frozen tensors untouched
         if name not in new:
             np.testing.assert_array_equal(store[name], params[name].numpy())
+
+
+def outputs_of(model: Any, x: np.ndarray, y: np.ndarray, calls: list[int],
+               seen: list[np.ndarray] | None = None):
+    """outputs= for a bare `opt.step` (zo-gn, zo-readout): each candidate placed and run
+    (one call per request; its size appended to `calls`), cross-entropy; the outputs of each
+    request are appended to `seen` when given."""
+    from edgelearn.losses import cross_entropy
+
+    def outputs(pop: Any):
+        calls.append(pop.size)
+        rows = []
+        for j in range(pop.size):
+            pop.place(j)
+            rows.append(np.array(model.predict(x)))
+        if seen is not None:
+            seen.append(np.stack(rows))
+        return np.stack(rows), y, cross_entropy
+    return outputs

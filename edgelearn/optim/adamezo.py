@@ -34,8 +34,8 @@ from edgelearn.optim.zo_fields import (
     chunk_field,
     copy_restore_field,
     pool_size_field,
+    scaled_lr,
     schedule_field,
-    scheduled,
     total_steps_field,
 )
 from edgelearn.optim.zo_probe import ProbeArena, decode_array, encode_array
@@ -111,9 +111,7 @@ class AdaMeZO(Optimizer):
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
-        o = self.options
-        lr = scheduled(o.lr, o.schedule, o.total_steps, t)
-        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+        return scaled_lr(self.options, t, self.lr_scale)
 
     def _moments(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if self.m is None or self.v is None:

@@ -34,8 +34,8 @@ from edgelearn.optim.zo_fields import (
     chunk_field,
     copy_restore_field,
     pool_size_field,
+    scaled_lr,
     schedule_field,
-    scheduled,
     total_steps_field,
 )
 from edgelearn.optim.zo_probe import ProbeArena, Term
@@ -111,9 +111,7 @@ class FZOO(Optimizer):
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
-        o = self.options
-        lr = scheduled(o.lr, o.schedule, o.total_steps, t)
-        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+        return scaled_lr(self.options, t, self.lr_scale)
 
     def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
         theta = self.arena.begin(store)

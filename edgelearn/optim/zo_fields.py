@@ -34,6 +34,17 @@ def scheduled(lr: float, schedule: str, total: int | None, t: int) -> float:
     return lr * (1.0 - frac)
 
 
+def scaled_lr(rule: Any, t: int, lr_scale: float) -> float:
+    """`scheduled` lr of step t of a rule with fields lr, schedule and total_steps (an
+    optimizer's options), times `lr_scale` (the trainer's divergence rollback; 1.0: as is).
+
+    Args:
+        rule: options with lr, schedule, total_steps. t: step index. lr_scale: in (0, 1].
+    """
+    lr = scheduled(rule.lr, rule.schedule, rule.total_steps, t)
+    return lr if lr_scale == 1.0 else lr * lr_scale
+
+
 def schedule_field() -> Any:
     """The `schedule` option (constant, cosine or linear)."""
     return field(default="constant", metadata=meta(

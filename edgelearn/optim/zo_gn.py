@@ -78,8 +78,8 @@ from edgelearn.optim.zo_fields import (
     check_noise_fields,
     chunk_field,
     pool_size_field,
+    scaled_lr,
     schedule_field,
-    scheduled,
     total_steps_field,
 )
 from edgelearn.optim.zo_probe import ProbeArena, Term
@@ -279,9 +279,7 @@ class ZOGN(Optimizer):
     def lr_at(self, t: int) -> float:
         """The step fraction of step t under the schedule, times `lr_scale` (divergence
         rollback)."""
-        o = self.options
-        lr = scheduled(o.lr, o.schedule, o.total_steps, t)
-        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+        return scaled_lr(self.options, t, self.lr_scale)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and the damping of the next step."""

@@ -62,8 +62,8 @@ from edgelearn.optim.kernels import expand_signs
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
+    scaled_lr,
     schedule_field,
-    scheduled,
     total_steps_field,
 )
 from edgelearn.optim.zo_gn import loss_derivatives
@@ -280,9 +280,7 @@ class ZOReadout(Optimizer):
 
     def lr_at(self, t: int) -> float:
         """lr of step t under the schedule, times `lr_scale` (divergence rollback)."""
-        o = self.options
-        lr = scheduled(o.lr, o.schedule, o.total_steps, t)
-        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+        return scaled_lr(self.options, t, self.lr_scale)
 
     def _rows(self, theta: np.ndarray, seeds: list[tuple[int, int, int]]
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -70,8 +70,8 @@ from edgelearn.optim.zo_fields import (
     check_lr_eps,
     chunk_field,
     pool_size_field,
+    scaled_lr,
     schedule_field,
-    scheduled,
     total_steps_field,
 )
 from edgelearn.params import ParamStore
@@ -244,8 +244,7 @@ class ZOSGD(Optimizer):
 
     def lr_at(self, t: int) -> float:
         """Learning rate of step t under the schedule, times `lr_scale` (divergence rollback)."""
-        lr = scheduled(self.rule.lr, self.rule.schedule, self.rule.total_steps, t)
-        return lr if self.lr_scale == 1.0 else lr * self.lr_scale
+        return scaled_lr(self.rule, t, self.lr_scale)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, plus the resolved group multipliers when groups are set."""
