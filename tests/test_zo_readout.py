@@ -206,3 +206,41 @@ def test_the_read_is_the_exact_gradient_once_the_rows_span_the_inputs(loss: str)
         assert_close(m.astype(np.float64) @ rows, want, rtol=1e-6)
         assert_close(gb, e.sum(0), rtol=1e-12)
         assert value == pytest.approx(loss_fn(z, y), rel=1e-12)
+
+
+def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path) -> None:
+    """Head-only: the logits come from the cached frozen prefix's suffix or from the whole
+    model; the same steps (losses to float rounding), each journal replaying exactly."""
+    bundle, data, _ = demo()
+    kw = {"steps": 8, "seed": 4, "optimizer": "zo-readout", "trainable": "head.*",
+          "batch_size": 32, "population": False}
+    cached = train(bundle, data, tmp_path / "cached", **kw)
+    plain = train(bundle, data, tmp_path / "plain", prefix_cache=False, **kw)
+    assert cached["cache"]["enabled"]
+    ra, rb = ([r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
+              for res in (cached, plain))
+    for p, q in zip(ra, rb, strict=True):
+        assert_close(q["loss"], p["loss"], rtol=1e-5)
+    for res in (cached, plain):
+        store, _ = replay_journal(bundle, res["journal"])
+        assert store.digest() == res["sha256"]
+
+
+def test_tampered_records_are_refused_on_replay(tmp_path) -> None:
+    import base64
+    import json
+
+    bundle, data, _ = demo()
+    res = train(bundle, data, tmp_path / "run", steps=2, seed=3, optimizer="zo-readout",
+                trainable="head.*", batch_size=32)
+    rec = next(r for r in read_journal(res["journal"])[0] if r.get("kind") == "step")
+    rec = {k: v for k, v in rec.items() if k != "kind"}
+    nan = base64.b64encode(np.full(200, np.nan, "<f4").tobytes()).decode()
+    short = base64.b64encode(np.zeros(3, "<f4").tobytes()).decode()
+    for bad in ({"m": nan}, {"m": short}, {"gb": short}, {"m": "not base64!"},
+                {"m": None}, {"eps": 0.5}, {"seeds": [[3, 0, 1], [3, 0, 0]]}):
+        store = Model(bundle, trainable="head.*").store
+        opt = make_optimizer("zo-readout", seed=3)
+        opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
+        with pytest.raises(InputError):
+            opt.replay(store, json.loads(json.dumps({**rec, **bad})))

@@ -338,7 +338,8 @@ class ZOReadout(Optimizer):
             c = self.head.shape[0]
             m = decode_array(record["m"], "zo-readout record m")
             gb = decode_array(record.get("gb"), "zo-readout record gb")
-            if m.size != c * c * o.probes or gb.size != c or not np.isfinite(m).all():
+            if m.size != c * c * o.probes or gb.size != c or not (
+                    np.isfinite(m).all() and np.isfinite(gb).all()):
                 raise InputError(f"malformed {self.name} journal record (step {step})")
             rows, _ = self._rows(theta, seeds)
             apply_read(theta, self.head, m.reshape(c, -1), gb, rows, lr)
