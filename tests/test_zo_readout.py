@@ -129,6 +129,9 @@ def test_what_it_cannot_read_is_refused_in_one_line(tmp_path) -> None:
             train(bundle, data, tmp_path / f"t{len(trainable)}", steps=1,
                   optimizer="zo-readout", trainable=trainable)
         assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="not trainable"):
+        train(bundle, data, tmp_path / "b", steps=1, optimizer="zo-readout",
+              trainable="head.bias")
     with pytest.raises(InputError, match="cross-entropy and mse"):
         train(bundle, data, tmp_path / "er", steps=1, optimizer="zo-readout",
               trainable="head.*", objective="error-rate")

@@ -147,10 +147,13 @@ def readout_head(store: ParamStore, layers: Sequence[Layer], output: str | None 
     w, b = head.params.get("weight"), head.params.get("bias")
     segs = {name: (lo, hi) for name, lo, hi in store.segments("float32")}
     extra = sorted(set(segs) - {w, b})
-    if w not in segs or extra:
+    if extra:
         raise InputError(f"zo-readout trains the linear head's weight ({w}) and bias only; "
-                         f"trainable also: {', '.join(extra[:4]) or 'nothing of the head'} "
-                         "(use --trainable for the head, or zo-gn / hybrid)")
+                         f"trainable also: {', '.join(extra[:4])} (use --trainable for the "
+                         "head, or zo-gn / hybrid)")
+    if w not in segs:
+        raise InputError(f"zo-readout reads the head through its weight {w}, which is not "
+                         "trainable in this run (use --trainable for the head)")
     rows, cols = store[w].shape
     transposed = head.weight_layout == "in_out"
     shape = (cols, rows) if transposed else (rows, cols)
