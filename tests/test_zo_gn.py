@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sessions import replay_journal, train
 from zo_helpers import (
+    assert_cached_prefix_run_is_the_plain_one,
     assert_close,
     assert_step_applied,
     demo,
@@ -253,23 +254,8 @@ def test_litert_runs_it_and_its_journal_replays(tmp_path, restore: str) -> None:
 
 @pytest.mark.parametrize("restore", ["copy", "drift"])
 def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path, restore: str) -> None:
-    """Head-only: the outputs come from the cached frozen prefix's suffix or from the whole
-    model; the same steps (losses to float rounding), each journal replaying exactly."""
-    bundle, data, _ = demo()
-    kw = {"steps": 8, "seed": 4, "optimizer": "zo-gn", "trainable": "head.*",
-          "batch_size": 32, "options": {"probes": 4, "restore": restore},
-          "population": False}
-    cached = train(bundle, data, tmp_path / "cached", **kw)
-    plain = train(bundle, data, tmp_path / "plain", prefix_cache=False, **kw)
-    assert cached["cache"]["enabled"]
-    assert plain["cache"] is None or not plain["cache"].get("enabled")
-    ra, rb = ([r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
-              for res in (cached, plain))
-    for p, q in zip(ra, rb, strict=True):
-        assert_close(q["loss"], p["loss"], rtol=1e-5)
-    for res in (cached, plain):
-        store, _ = replay_journal(bundle, res["journal"])
-        assert store.digest() == res["sha256"]
+    assert_cached_prefix_run_is_the_plain_one(tmp_path, "zo-gn",
+                                              {"probes": 4, "restore": restore})
 
 
 def test_drift_writes_probes_in_place_without_a_copy() -> None:

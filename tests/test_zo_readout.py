@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from bundle_edit import demo_bundle_without
 from sessions import replay_journal, train
-from zo_helpers import assert_close, demo, named_noise, outputs_of, torch_demo_module
+from zo_helpers import (
+    assert_cached_prefix_run_is_the_plain_one,
+    assert_close,
+    demo,
+    named_noise,
+    outputs_of,
+    torch_demo_module,
+)
 
 import edgelearn as el
 from edgelearn.errors import InputError
@@ -212,21 +219,7 @@ def test_the_read_is_the_exact_gradient_once_the_rows_span_the_inputs(loss: str)
 
 
 def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path) -> None:
-    """Head-only: the logits come from the cached frozen prefix's suffix or from the whole
-    model; the same steps (losses to float rounding), each journal replaying exactly."""
-    bundle, data, _ = demo()
-    kw = {"steps": 8, "seed": 4, "optimizer": "zo-readout", "trainable": "head.*",
-          "batch_size": 32, "population": False}
-    cached = train(bundle, data, tmp_path / "cached", **kw)
-    plain = train(bundle, data, tmp_path / "plain", prefix_cache=False, **kw)
-    assert cached["cache"]["enabled"]
-    ra, rb = ([r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
-              for res in (cached, plain))
-    for p, q in zip(ra, rb, strict=True):
-        assert_close(q["loss"], p["loss"], rtol=1e-5)
-    for res in (cached, plain):
-        store, _ = replay_journal(bundle, res["journal"])
-        assert store.digest() == res["sha256"]
+    assert_cached_prefix_run_is_the_plain_one(tmp_path, "zo-readout", {})
 
 
 def test_tampered_records_are_refused_on_replay(tmp_path) -> None:

@@ -88,3 +88,28 @@ def outputs_of(model: Any, x: np.ndarray, y: np.ndarray, calls: list[int],
             seen.append(np.stack(rows))
         return np.stack(rows), y, cross_entropy
     return outputs
+
+
+def assert_cached_prefix_run_is_the_plain_one(tmp_path: Any, optimizer: str,
+                                              options: dict[str, Any]) -> None:
+    """Head-only, 8 steps on the demo: the outputs from the cached frozen prefix's suffix or
+    from the whole model give the same steps (losses to float rounding), and each journal
+    replays to its run's weights exactly."""
+    from sessions import replay_journal, train
+
+    from edgelearn.journal import read_journal
+
+    bundle, data, _ = demo()
+    kw = {"steps": 8, "seed": 4, "optimizer": optimizer, "trainable": "head.*",
+          "batch_size": 32, "options": options, "population": False}
+    cached = train(bundle, data, tmp_path / "cached", **kw)
+    plain = train(bundle, data, tmp_path / "plain", prefix_cache=False, **kw)
+    assert cached["cache"]["enabled"]
+    assert plain["cache"] is None or not plain["cache"].get("enabled")
+    ra, rb = ([r for r in read_journal(res["journal"])[0] if r.get("kind") == "step"]
+              for res in (cached, plain))
+    for p, q in zip(ra, rb, strict=True):
+        assert_close(q["loss"], p["loss"], rtol=1e-5)
+    for res in (cached, plain):
+        store, _ = replay_journal(bundle, res["journal"])
+        assert store.digest() == res["sha256"]
