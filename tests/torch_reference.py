@@ -411,6 +411,14 @@ def lozo_step(
     return zo_sgd_step(model, params, dirs, inputs, targets, lr=lr, eps=eps, loss_fn=loss_fn)
 
 
+def candidate_outputs(model: nn.Module, params: Mapping[str, torch.Tensor],
+                      inputs: torch.Tensor, z: Mapping[str, torch.Tensor], eps: float
+                      ) -> torch.Tensor:
+    """The model's outputs at params + eps z (z names a subset of params; {}: params)."""
+    cand = {**params, **{n: params[n] + eps * zn for n, zn in z.items()}}
+    return functional_call(model, cand, (inputs,))
+
+
 def zo_gn_coefficients(out: torch.Tensor, targets: torch.Tensor, *, eps: float,
                        damping: float, n: int, damping_scale: str = "curvature",
                        trust: float | None = 1.0, loss: str = "cross-entropy") -> torch.Tensor:
@@ -479,12 +487,8 @@ def zo_gn_step(
     Returns: (new params for the names in zs[0], a_k).
     """
     with torch.no_grad():
-        def logits(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            cand = {**params, **{n: params[n] + d for n, d in delta.items()}}
-            return functional_call(model, cand, (inputs,))
-
-        out = torch.stack([logits({}), *(logits({n: eps * zn for n, zn in z.items()})
-                                         for z in zs)])
+        out = torch.stack([candidate_outputs(model, params, inputs, z, eps)
+                           for z in [{}, *zs]])
         n = sum(z.numel() for z in zs[0].values())
         a = zo_gn_coefficients(out, targets, eps=eps, damping=damping, n=n,
                                damping_scale=damping_scale, trust=trust, loss=loss)
@@ -515,13 +519,9 @@ def zo_readout_step(
     """
     w, b = head
     with torch.no_grad():
-        def logits(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            cand = {**params, **{n: params[n] + d for n, d in delta.items()}}
-            return functional_call(model, cand, (inputs,)).double()
-
-        z0 = logits({})
-        reads = torch.cat([(logits({n: eps * zn for n, zn in z.items()}) - z0) / eps
-                           - z[b].double() for z in zs], dim=1)  # [batch, K C]
+        z0 = candidate_outputs(model, params, inputs, {}, eps).double()
+        reads = torch.cat([(candidate_outputs(model, params, inputs, z, eps).double() - z0)
+                           / eps - z[b].double() for z in zs], dim=1)  # [batch, K C]
         rows = torch.cat([z[w].double() for z in zs])  # [K C, D]
         h = reads @ torch.linalg.pinv(rows).T  # the head inputs, read: [batch, D]
         e = (torch.softmax(z0, 1) - torch.nn.functional.one_hot(targets, z0.shape[1])) \
