@@ -18,6 +18,9 @@ half to personalize, half held out), batch 32, onnxruntime, one thread, three bu
     head fitted (numpy logistic regression) on the pretraining digits to "is the digit odd",
     built as plain ONNX and prepared; the head trains on the user's shifted digits with the
     bce loss, which tpSGD's head does not compute, so the default is a ZO method.
+  - "two-class" (not run unless named): the binary kind's head as two softmax logits
+    (cross-entropy), prepared the same way with its head taps left out ("no taps": the head
+    alone trains, so the default is zo-readout, which reads two directions a probe here).
   - "error-rate" (not run unless named): the shipped bundle's head trained on the error
     rate, a loss in steps of one example that tpSGD does not compute (the default is zo-sgd
     with its lr relative to each tensor's RMS; `--also fzoo` for the default before).
@@ -53,13 +56,15 @@ from edgelearn.demo import DATA, demo_data  # noqa: E402
 ZO_LRS = {"head": (0.003, 0.01, 0.03, 0.1), "all": (1e-4, 3e-4, 1e-3, 3e-3, 0.01)}
 
 
-def no_taps_bundle(dst: Path) -> Path:
-    """The demo bundle without its taps graphs (an export that left them out)."""
-    shutil.copytree(DATA / "demo", dst)
+def no_taps_bundle(dst: Path, src: Path = DATA / "demo") -> Path:
+    """A copy of bundle `src` (the demo's) without its taps graphs and layer records (an
+    export that left them out)."""
+    shutil.copytree(src, dst)
     path = dst / "manifest.json"
     m = json.loads(path.read_text())
     for role in ("onnx_taps", "tflite_taps"):
-        (dst / m["files"].pop(role)["path"]).unlink()
+        if role in m["files"]:
+            (dst / m["files"].pop(role)["path"]).unlink()
         m.pop(role, None)
     m.pop("layers", None)
     m["taps_unsupported"] = "left out for bench_defaults"
@@ -141,7 +146,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="forwards per run (3000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (0 1 2)")
     ap.add_argument("--kinds", nargs="+", default=["demo", "no-taps", "prepared"],
-                    choices=["demo", "no-taps", "prepared", "binary", "error-rate"])
+                    choices=["demo", "no-taps", "prepared", "binary", "two-class",
+                             "error-rate"])
     ap.add_argument("--also", nargs="+", default=[], metavar="OPTIMIZER",
                     help="further optimizers at their own defaults on every kind (zo-gn fzoo)")
     args = ap.parse_args()
@@ -155,11 +161,12 @@ def main() -> None:
                    "no-taps": (lambda: el.load_bundle(no_taps_bundle(tmp / "nt")), None),
                    "prepared": (lambda: _prepared(tmp), "*"),
                    "binary": (lambda: _binary(tmp), "head.*"),
+                   "two-class": (lambda: _binary(tmp, two_class=True), "head.*"),
                    "error-rate": (lambda: el.load_bundle(DATA / "demo"), None)}
         for kind in args.kinds:
             make, trainable = bundles[kind]
             res["kinds"][kind] = bench_kind(
-                make(), trainable, args, tmp / kind, binary=kind == "binary",
+                make(), trainable, args, tmp / kind, binary=kind in ("binary", "two-class"),
                 objective="error-rate" if kind == "error-rate" else None)
     _table(res)
     json.dump(res, sys.stdout)
@@ -174,9 +181,11 @@ def _prepared(tmp: Path) -> el.Bundle:
     return el.load_bundle(tmp / "prep")
 
 
-def _binary(tmp: Path) -> el.Bundle:
+def _binary(tmp: Path, two_class: bool = False) -> el.Bundle:
     """The binary kind's bundle (module docstring): the demo's hidden layer, a 64 -> 1
-    sigmoid head fitted to "odd" on the pretraining digits, as plain ONNX through prepare."""
+    sigmoid head fitted to "odd" on the pretraining digits, as plain ONNX through prepare
+    (two_class: the same fit as two softmax logits -z/2, z/2, whose class-1 probability is
+    sigmoid(z): the "two-class" kind, cross-entropy on logits [batch, 2])."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -193,21 +202,29 @@ def _binary(tmp: Path) -> el.Bundle:
     for _ in range(2000):  # logistic regression by gradient descent (convex: any start)
         g = 1.0 / (1.0 + np.exp(-(h @ w + c))) - t
         w, c = w - 0.5 * h.T @ g / len(t), c - 0.5 * float(g.mean())
+    hw, hb = (np.stack([-w / 2, w / 2]), np.array([-c / 2, c / 2])) if two_class else (
+        w[None], np.array([c]))
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-        ("layers.0.weight", w0), ("layers.0.bias", b0), ("head.weight", w[None]),
-        ("head.bias", np.array([c])))]
+        ("layers.0.weight", w0), ("layers.0.bias", b0), ("head.weight", hw),
+        ("head.bias", hb))]
     nodes = [helper.make_node("Gemm", ["x", "layers.0.weight", "layers.0.bias"], ["a"],
                               transB=1),
              helper.make_node("Relu", ["a"], ["h"]),
-             helper.make_node("Gemm", ["h", "head.weight", "head.bias"], ["z"], transB=1),
-             helper.make_node("Sigmoid", ["z"], ["prob"])]
+             helper.make_node("Gemm", ["h", "head.weight", "head.bias"], ["z"], transB=1)]
+    out = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 2])
+    if not two_class:
+        nodes.append(helper.make_node("Sigmoid", ["z"], ["prob"]))
+        out = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])
     graph = helper.make_graph(
         nodes, "odd", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["batch", 1])], inits)
+        [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, tmp / "odd.onnx")
-    el.tools.prepare(tmp / "odd.onnx", tmp / "odd")
-    return el.load_bundle(tmp / "odd")
+    name = "odd2" if two_class else "odd"
+    onnx.save(model, tmp / f"{name}.onnx")
+    el.tools.prepare(tmp / f"{name}.onnx", tmp / name)
+    if two_class:
+        return el.load_bundle(no_taps_bundle(tmp / f"{name}-no-taps", tmp / name))
+    return el.load_bundle(tmp / name)
 
 
 def _table(res: dict[str, Any]) -> None:
