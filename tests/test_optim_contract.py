@@ -66,7 +66,7 @@ CASES: dict[str, tuple[dict[str, Any], list[tuple[dict[str, Any], str]]]] = {
     # the head alone (`TRAINS`): what the outputs read exactly
     "zo-readout": ({"lr": 0.3, "eps": 1e-2, "probes": 1},
                    [({"lr": -1.0}, "lr"), ({"eps": 0.0}, "eps"), ({"probes": 0}, "probes"),
-                    ({"schedule": "cosine"}, "total_steps")]),
+                    ({"schedule": "cosine"}, "total_steps"), ({"trust": 0.0}, "trust")]),
     "tpsgd": ({"lr": 0.1, "hidden_lr": 0.05, "target_scale": 2.0},
               [({"lr": math.nan}, "lr"), ({"local_loss": "hinge"}, "local_loss"),
                ({"target_scale": 0.0}, "target_scale"), ({"head_loss": "bce"}, "head_loss")]),

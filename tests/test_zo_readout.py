@@ -29,15 +29,16 @@ from edgelearn.model import Model
 from edgelearn.optim import make_optimizer
 
 
-def stepped(probes: int, *, lr: float = 0.3, eps: float = 1e-2, seed: int = 5):
-    """(store before, store after, the step's info, the device's candidate outputs, x, y) of
-    one zo-readout step on the demo head, each candidate run on its own."""
+def stepped(probes: int, *, lr: float = 0.3, eps: float = 1e-2, seed: int = 5,
+            trust: float | None = 1.0):
+    """(store before, store after, the step's info, x, y) of one zo-readout step on the demo
+    head, each candidate run on its own."""
     bundle, data, _ = demo()
     model = Model(bundle, trainable="head.*")
     store = model.store
     before = {n: np.array(store[n]) for n in store.names}
     x, y = data.x[:32], data.y[:32]
-    opt = make_optimizer("zo-readout", lr=lr, eps=eps, probes=probes, seed=seed)
+    opt = make_optimizer("zo-readout", lr=lr, eps=eps, probes=probes, seed=seed, trust=trust)
     opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
     calls: list[int] = []
     info = opt.step(store, outputs=outputs_of(model, x, y, calls))
@@ -67,9 +68,10 @@ def test_one_step_matches_torch_reference() -> None:
 
 
 def test_seven_probes_read_the_head_input_and_step_its_exact_gradient() -> None:
-    """10 classes x 7 probes >= 64 inputs: the read is h itself, the step exact SGD."""
+    """10 classes x 7 probes >= 64 inputs: the read is h itself, the step exact SGD (no
+    trust region); with one, the same direction scaled to the logits' RMS change `trust`."""
     lr = 0.3
-    before, store, info, x, y = stepped(7, lr=lr)
+    before, store, info, x, y = stepped(7, lr=lr, trust=None)
     h = np.maximum(x.astype(np.float64) @ before["layers.0.weight"].T.astype(np.float64)
                    + before["layers.0.bias"], 0.0)
     z = h @ before["head.weight"].T.astype(np.float64) + before["head.bias"]
@@ -80,6 +82,13 @@ def test_seven_probes_read_the_head_input_and_step_its_exact_gradient() -> None:
     assert_close(store["head.weight"] - before["head.weight"], -lr * e.T @ h, rtol=1e-4)
     assert_close(store["head.bias"] - before["head.bias"], -lr * e.sum(0), rtol=1e-5)
     assert info.loss == pytest.approx(cross_entropy(z, y), rel=1e-6)
+    before, store, _, x, y = stepped(7, lr=lr, trust=0.05)
+    dw, db = store["head.weight"] - before["head.weight"], store["head.bias"] - before["head.bias"]
+    change = h @ dw.T.astype(np.float64) + db  # the logits' change on the batch
+    assert float(np.sqrt(np.mean(change**2))) == pytest.approx(0.05, rel=1e-4)
+    scale = float(np.abs(dw).max() / np.abs(lr * e.T @ h).max())
+    assert scale < 1
+    assert_close(dw, -scale * lr * e.T @ h, rtol=1e-4)
 
 
 @pytest.mark.parametrize("population", [True, False])
@@ -167,7 +176,7 @@ def test_a_matmul_head_in_the_in_out_layout_steps_its_exact_gradient(tmp_path, d
     w1, w2, b2 = (np.array(store[n], np.float64) for n in ("body.w", "cls.w", "cls.b"))
     x, y = digits.x[:32], digits.y[:32]
     lr = 0.5
-    opt = make_optimizer("zo-readout", lr=lr, probes=3, seed=2)
+    opt = make_optimizer("zo-readout", lr=lr, probes=3, seed=2, trust=None)
     opt.setup(store, layers=head_layers(bundle), output=bundle.outputs[0].name)
     assert opt.head is not None
     assert opt.head.transposed

@@ -507,14 +507,17 @@ def zo_readout_step(
     lr: float,
     eps: float,
     head: tuple[str, str] = ("head.weight", "head.bias"),
+    trust: float | None = 1.0,
 ) -> dict[str, torch.Tensor]:
     """One zo-readout step on cross-entropy: each probe's logit change read as U_k h_b +
     beta_k, the head's gradient in the probed input directions by least squares
-    (torch.linalg.pinv), then plain SGD on the head.
+    (torch.linalg.pinv), scaled down so that the RMS change of the batch's logits is at
+    most `trust`, then plain SGD on the head.
 
     Args:
         zs: K noise dicts (name -> float32 tensor) over the head's weight [C, D] and bias [C].
         head: the names of the head's weight and bias (the trainable set).
+        trust: the trust region on the logits' RMS change (None: none).
     Returns: the new weight and bias.
     """
     w, b = head
@@ -526,4 +529,9 @@ def zo_readout_step(
         h = reads @ torch.linalg.pinv(rows).T  # the head inputs, read: [batch, D]
         e = (torch.softmax(z0, 1) - torch.nn.functional.one_hot(targets, z0.shape[1])) \
             / z0.shape[0]
-        return {w: params[w] - lr * (e.T @ h).float(), b: params[b] - lr * e.sum(0).float()}
+        gw, gb = e.T @ h, e.sum(0)
+        # the logits' change: -lr (G h_b + gb), and G h_b = G R^+ (R h_b) = G R^+ reads_b
+        change = lr * (reads @ (gw @ torch.linalg.pinv(rows)).T + gb)
+        rms = float(change.pow(2).mean().sqrt())
+        scale = 1.0 if trust is None or rms <= trust else trust / rms
+        return {w: params[w] - lr * scale * gw.float(), b: params[b] - lr * scale * gb.float()}

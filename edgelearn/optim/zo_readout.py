@@ -87,6 +87,10 @@ class ZOReadoutOptions(OptimizerOptions):
     probes: int = field(default=2, metadata=meta(
         "probes K per step, each reads classes-many input directions; a step costs K + 1 "
         "forwards", cli="--probes"))
+    trust: float | None = field(default=1.0, metadata=meta(
+        "trust region: the largest RMS change of the batch's logits a step makes (exact: "
+        "the read gives R h_b); larger steps are scaled down (null: none)",
+        cli="--trust", legacy=None))
     schedule: str = schedule_field()
     total_steps: int | None = total_steps_field()
 
@@ -94,6 +98,8 @@ class ZOReadoutOptions(OptimizerOptions):
         super().__post_init__()
         check_lr_eps(self.lr, self.eps)
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
+        check(self.trust is None or (math.isfinite(self.trust) and self.trust > 0),
+              f"trust must be a finite number > 0 or null, got {self.trust!r}")
         check(self.schedule == "constant" or (self.total_steps or 0) > 0,
               f"schedule {self.schedule!r} needs total_steps > 0")
 
@@ -175,14 +181,18 @@ def probe_rows(z: np.ndarray, head: HeadSlice) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_coefficients(out: np.ndarray, y: Any, loss_fn: Any, rows: np.ndarray,
-                      beta: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """(M [C, K C], the bias gradient [C], the loss at theta) of one step, float64.
+                      beta: np.ndarray, eps: float, limit: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(M [C, K C] float32 on `on_grid`'s grid, the bias gradient [C] float64, the loss at
+    theta) of one step.
 
     Args:
         out: logits of theta and its K probes, [K + 1, batch, C].
         y: the batch's targets (int labels for cross-entropy, [batch, C] for mse).
         loss_fn: `edgelearn.losses.cross_entropy` or `mse`.
         rows, beta: `probe_rows` of the step's probes. eps: the probes' size.
+        limit: the largest RMS over the batch of the logits' change per unit lr, S M^T + gb
+            (exact: R h_b = S_b); M and gb are scaled down to it (None: no limit).
     """
     o = np.asarray(out, np.float64)
     k, c = beta.shape
@@ -194,8 +204,12 @@ def read_coefficients(out: np.ndarray, y: Any, loss_fn: Any, rows: np.ndarray,
     s = (o[1:] - o[0]) / eps - beta[:, None, :]  # [K, batch, C]: R h_b, probe by probe
     s = s.transpose(1, 0, 2).reshape(len(o[0]), k * c)
     e, _ = loss_derivatives(o[0], o[:0], y, loss_fn)  # dl/dz over the batch [batch, C]
-    return on_grid(_right_solve(e.T @ s, rows @ rows.T)), e.sum(axis=0), \
-        float(loss_fn(out[0], y))
+    m, gb = _right_solve(e.T @ s, rows @ rows.T), e.sum(axis=0)
+    if limit is not None:  # the step's logit change is exactly -lr (S M^T + gb)
+        rms = float(np.sqrt(np.mean(np.square(s @ m.T + gb))))
+        if rms > limit:
+            m, gb = m * (limit / rms), gb * (limit / rms)
+    return on_grid(m), gb, float(loss_fn(out[0], y))
 
 
 def _right_solve(rhs: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -309,7 +323,8 @@ class ZOReadout(Optimizer):
         lr = self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr, "eps": o.eps}
         rows, beta = self._rows(theta, seeds)
-        m, gb, loss = read_coefficients(out, y, loss_fn, rows, beta, o.eps)
+        limit = None if o.trust is None or lr == 0 else o.trust / lr
+        m, gb, loss = read_coefficients(out, y, loss_fn, rows, beta, o.eps, limit)
         m32, gb32 = m, gb.astype(np.float32)
         if not (math.isfinite(loss) and np.isfinite(m32).all() and np.isfinite(gb32).all()):
             return {**record, "m": None, "gb": None, "loss": None, "accepted": False}
