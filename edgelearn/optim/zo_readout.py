@@ -18,6 +18,12 @@ output layer computes it from a tap):
 
     M = E^T S (R R^T)^+   [C, KC]           W' = W - lr_t M R,   b' = b - lr_t sum_b e_b
 
+Since R h_b = S_b is read exactly, the step's change of example b's logits is known before it
+is taken, -lr_t (M S_b + sum e): a trust region (`trust`, as zo-gn's; Conn, Gould & Toint
+2000) scales M and the bias gradient down so that its RMS over the batch is at most `trust`
+logits. Fed one sample a step, the plain step overfits each sample (benchmarks/bench_live.py:
+0.64 held-out accuracy after 400 samples against 0.76 with trust 1).
+
 A step costs K + 1 forwards, one `Population` request (one runtime call with a population
 graph). Per forward it learns C directions of the gradient of W where a loss-reading probe
 learns one (zo-sgd) and zo-gn's K dense directions learn K per step; on the demo head (C 10,
@@ -36,7 +42,8 @@ true, activation none, no norm and no ops after it, whose preact is the model ou
 and optionally bias; cross-entropy on logits or mse. Other trainable tensors are refused
 (zo-gn and hybrid train them).
 
-The journal record holds the seeds, lr, eps, the loss and M (base64 float32); replay
+The journal record holds the seeds, lr, eps, the loss and M (trust scaling included; base64
+float32); replay
 regenerates R from the seeds and applies M with the same float operations as training (no
 data, no forwards), bit-exact: W' = W - float32(lr_t G), G = M R in float64. M is rounded to
 multiples of 2^-22 of its largest power of two (24 significant bits, so float32 holds it
