@@ -61,6 +61,8 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
       for r in ("copy", "drift")),
     # M R summed elementwise in a fixed order: the same float64 sums on every CPU
     ("zo-readout", "zo-readout", "demo", ("--trainable", "head.*")),
+    # a trust region that binds: M scaled before it is rounded and journaled
+    ("zo-readout/trust", "zo-readout", "demo", ("--trainable", "head.*", "--trust", "0.05")),
 )
 
 
