@@ -225,6 +225,11 @@ def test_the_read_is_the_exact_gradient_once_the_rows_span_the_inputs(loss: str)
         assert_close(m.astype(np.float64) @ rows, want, rtol=1e-6)
         assert_close(gb, e.sum(0), rtol=1e-12)
         assert value == pytest.approx(loss_fn(z, y), rel=1e-12)
+        # a binding trust region: the outputs' exact change, in logits or RMS errors (mse)
+        m, gb, _ = read_coefficients(out, y, loss_fn, rows, beta, eps, limit=0.01)
+        unit = np.sqrt(value) if loss == "mse" else 1.0
+        change = h @ rows.T @ m.astype(np.float64).T + gb
+        assert np.sqrt(np.mean(change**2)) / unit == pytest.approx(0.01, rel=1e-5)
 
 
 def test_cached_prefix_and_plain_forwards_give_the_same_run(tmp_path) -> None:

@@ -95,9 +95,9 @@ class ZOReadoutOptions(OptimizerOptions):
         "probes K per step, each reads classes-many input directions; a step costs K + 1 "
         "forwards", cli="--probes"))
     trust: float | None = field(default=1.0, metadata=meta(
-        "trust region: the largest RMS change of the batch's logits a step makes (exact: "
-        "the read gives R h_b); larger steps are scaled down (null: none)",
-        cli="--trust", legacy=None))
+        "trust region: the largest RMS change of the batch's outputs a step makes (exact: "
+        "the read gives R h_b), in logits (cross-entropy) or in RMS errors (mse); larger "
+        "steps are scaled down (--opt trust=null: none)", cli="--trust", legacy=None))
     schedule: str = schedule_field()
     total_steps: int | None = total_steps_field()
 
@@ -198,8 +198,10 @@ def read_coefficients(out: np.ndarray, y: Any, loss_fn: Any, rows: np.ndarray,
         y: the batch's targets (int labels for cross-entropy, [batch, C] for mse).
         loss_fn: `edgelearn.losses.cross_entropy` or `mse`.
         rows, beta: `probe_rows` of the step's probes. eps: the probes' size.
-        limit: the largest RMS over the batch of the logits' change per unit lr, S M^T + gb
-            (exact: R h_b = S_b); M and gb are scaled down to it (None: no limit).
+        limit: the largest RMS over the batch of the outputs' change per unit lr,
+            S M^T + gb (exact: R h_b = S_b), in logits (cross-entropy) or in units of the
+            outputs' RMS error (mse, as zo-gn's); M and gb are scaled down to it (None: no
+            limit).
     """
     o = np.asarray(out, np.float64)
     k, c = beta.shape
@@ -212,11 +214,13 @@ def read_coefficients(out: np.ndarray, y: Any, loss_fn: Any, rows: np.ndarray,
     s = s.transpose(1, 0, 2).reshape(len(o[0]), k * c)
     e, _ = loss_derivatives(o[0], o[:0], y, loss_fn)  # dl/dz over the batch [batch, C]
     m, gb = _right_solve(e.T @ s, rows @ rows.T), e.sum(axis=0)
-    if limit is not None:  # the step's logit change is exactly -lr (S M^T + gb)
-        rms = float(np.sqrt(np.mean(np.square(s @ m.T + gb))))
+    loss = float(loss_fn(out[0], y))
+    if limit is not None:  # the step's output change is exactly -lr (S M^T + gb)
+        unit = math.sqrt(max(loss, 1e-30)) if loss_fn is mse else 1.0
+        rms = float(np.sqrt(np.mean(np.square(s @ m.T + gb)))) / unit
         if rms > limit:
             m, gb = m * (limit / rms), gb * (limit / rms)
-    return on_grid(m), gb, float(loss_fn(out[0], y))
+    return on_grid(m), gb, loss
 
 
 def _right_solve(rhs: np.ndarray, gram: np.ndarray) -> np.ndarray:
