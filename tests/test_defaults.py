@@ -86,6 +86,9 @@ def test_no_taps_choose_zo_readout_for_the_head_zo_gn_or_relative_zo_sgd_and_in_
     assert choose_optimizer(bare, trainable="head.weight").name == "zo-readout"
     assert choose_optimizer(bare, trainable="*").name == "zo-gn"  # the hidden layer too
     assert choose_optimizer(bare, trainable="*", objective="mse").name == "zo-gn"
+    monkeypatch.setattr(defaults, "READOUT_MAX_CLASSES", 9)  # a journal of 10^2 x K a step
+    assert choose_optimizer(bare).name == "zo-gn"
+    monkeypatch.undo()
     steps = choose_optimizer(bare, objective="error-rate")  # neither's loss
     assert (steps.name, steps.options) == ("zo-sgd", {"relative_lr": True, "lr": 0.003})
     assert "steps of one example" in steps.why

@@ -12,8 +12,8 @@ installed), in this order:
        every trainable tensor owned by a layer record -> tpsgd (exact updates, one forward)
        some owned (e.g. a prepared model's head)      -> hybrid (those exact, ZO the rest)
   4. otherwise (no taps, or a loss only ZO can use):
-       the trainable set is the linear head (weight, and bias or not), cross-entropy or mse
-                                                      -> zo-readout (the head's gradient read
+       the trainable set is the linear head (weight, and bias or not) of at most 64
+       classes, cross-entropy or mse                  -> zo-readout (the head's gradient read
                                                          from the logits of 2 probes, 3
                                                          forwards a step)
        else -> zo-gn (Gauss-Newton steps from the
@@ -57,6 +57,11 @@ ZO_GN_COPY_MAX_BYTES = 64 << 20
 if TYPE_CHECKING:
     from edgelearn.bundle import Bundle
 
+#: the most classes a head may have for zo-readout to be the default (its journal record
+#: holds classes^2 x probes float32 a step: 800 bytes for 10 classes, 32 KB for 64; a
+#: 1000-class head would journal 8 MB a step)
+READOUT_MAX_CLASSES = 64
+
 #: the name that asks for this rule (`train --optimizer auto`, the default)
 AUTO = "auto"
 
@@ -83,7 +88,8 @@ def rule_summary() -> str:
     return (f"polystep (radius {RECIPES['polystep']['radius']:g}) for int8 weights, zo-scale "
             f"for int8 scales only, tpsgd (lr {tp['lr']:g}) when taps cover every trainable "
             f"tensor, hybrid (lr {hy['lr']:g}, zo-lr {hy['zo_lr']:g}) when they cover some, "
-            f"else zo-readout when the linear head alone trains on cross-entropy or mse, "
+            f"else zo-readout when the linear head alone (up to {READOUT_MAX_CLASSES} "
+            f"classes) trains on cross-entropy or mse, "
             f"zo-gn for {', '.join(ZO_GN_OBJECTIVES)} (probes written in place above "
             f"{ZO_GN_COPY_MAX_BYTES >> 20} MiB of trainable weights) and zo-sgd (lr "
             f"{RECIPES['zo-sgd']['lr']:g}) relative to each tensor's RMS for other losses")
@@ -206,6 +212,10 @@ def _readout_choice(bundle: Bundle, train: Sequence[Any], objective: str, why: s
     if isinstance(head, str) or head.params.get("weight") not in names \
             or not names <= set(head.params.values()):
         return None
+    shape = next(s.shape for s in train if s.name == head.params["weight"])
+    classes = shape[1] if head.weight_layout == "in_out" else shape[0]
+    if classes > READOUT_MAX_CLASSES:
+        return None  # its journal would hold classes^2 x probes floats a step
     return _pick("zo-readout", f"{why}; the trainable set is the linear head: its gradient "
                  "read from the outputs of its probes, classes-many directions a forward")
 
