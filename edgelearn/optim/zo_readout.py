@@ -329,8 +329,9 @@ class ZOReadout(Optimizer):
         seeds = [(self.seed, t, k) for k in range(o.probes)]
         pop = self.arena.population(theta, [[], *([(np.float32(o.eps), key)] for key in seeds)])
         out, y, loss_fn = yield Forward(lambda: outputs(pop), forwards=pop.size)
-        assert self.arena.copy is not None  # candidates placed one by one leave the last in
-        np.copyto(theta, self.arena.copy)  # theta
+        assert self.arena.copy is not None
+        np.copyto(theta, self.arena.copy)  # a population placed candidate by candidate
+        # (no population graph) leaves its last candidate in theta
         lr = self.lr_at(t)
         record: dict[str, Any] = {"seeds": [list(s) for s in seeds], "lr": lr, "eps": o.eps}
         rows, beta = self._rows(theta, seeds)
