@@ -45,6 +45,21 @@ def scaled_lr(rule: Any, t: int, lr_scale: float) -> float:
     return lr if lr_scale == 1.0 else lr * lr_scale
 
 
+def trust_field() -> Any:
+    """The `trust` option of the optimizers that read the model's outputs (zo-gn,
+    zo-readout): a trust region on the outputs' change a step is predicted to make."""
+    return field(default=1.0, metadata=meta(
+        "trust region: the largest RMS change of the batch's outputs a step is predicted to "
+        "make, in logits (cross-entropy) or in RMS errors (mse); larger steps are scaled down "
+        "(--opt trust=null: none)", cli="--trust", legacy=None))
+
+
+def check_trust(trust: float | None) -> None:
+    """`trust_field`'s check: None or a finite number > 0 (InputError naming it)."""
+    check(trust is None or (math.isfinite(trust) and trust > 0),
+          f"trust must be a finite number > 0 or null, got {trust!r}")
+
+
 def schedule_field() -> Any:
     """The `schedule` option (constant, cosine or linear)."""
     return field(default="constant", metadata=meta(

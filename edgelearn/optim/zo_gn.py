@@ -76,11 +76,13 @@ from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
     check_noise_fields,
+    check_trust,
     chunk_field,
     pool_size_field,
     scaled_lr,
     schedule_field,
     total_steps_field,
+    trust_field,
 )
 from edgelearn.optim.zo_probe import ProbeArena, Term
 from edgelearn.params import ParamStore
@@ -112,10 +114,7 @@ class ZOGNOptions(OptimizerOptions):
     damping: float = field(default=3.0, metadata=meta(
         "Levenberg-Marquardt damping relative to each direction's curvature (its floor: "
         "raised x4 after an undone step)", cli="--damping"))
-    trust: float | None = field(default=1.0, metadata=meta(
-        "trust region: the largest RMS change of the batch's outputs the step's linear model "
-        "predicts, in logits (cross-entropy) or in RMS errors (mse); larger steps are scaled "
-        "down (--opt trust=null: none)", cli="--trust", legacy=None))
+    trust: float | None = trust_field()
     damping_scale: str = field(default="curvature", metadata=meta(
         "what the damping multiplies: curvature (Marquardt: each direction's own) or "
         "weights (the trainable count: per unit-norm direction)", choices=DAMPING_SCALES,
@@ -137,8 +136,7 @@ class ZOGNOptions(OptimizerOptions):
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
         check(math.isfinite(self.damping) and self.damping > 0,
               f"damping must be a finite number > 0, got {self.damping!r}")
-        check(self.trust is None or (math.isfinite(self.trust) and self.trust > 0),
-              f"trust must be a finite number > 0 or null, got {self.trust!r}")
+        check_trust(self.trust)
         check_noise_fields(self.schedule, self.total_steps, self.chunk, self.pool_size)
 
 

@@ -69,9 +69,11 @@ from edgelearn.optim.kernels import expand_signs
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import (
     check_lr_eps,
+    check_trust,
     scaled_lr,
     schedule_field,
     total_steps_field,
+    trust_field,
 )
 from edgelearn.optim.zo_gn import loss_derivatives
 from edgelearn.optim.zo_probe import ProbeArena, decode_array, encode_array
@@ -94,10 +96,7 @@ class ZOReadoutOptions(OptimizerOptions):
     probes: int = field(default=2, metadata=meta(
         "probes K per step, each reads classes-many input directions; a step costs K + 1 "
         "forwards", cli="--probes"))
-    trust: float | None = field(default=1.0, metadata=meta(
-        "trust region: the largest RMS change of the batch's outputs a step makes (exact: "
-        "the read gives R h_b), in logits (cross-entropy) or in RMS errors (mse); larger "
-        "steps are scaled down (--opt trust=null: none)", cli="--trust", legacy=None))
+    trust: float | None = trust_field()
     schedule: str = schedule_field()
     total_steps: int | None = total_steps_field()
 
@@ -105,8 +104,7 @@ class ZOReadoutOptions(OptimizerOptions):
         super().__post_init__()
         check_lr_eps(self.lr, self.eps)
         check(self.probes >= 1, f"probes must be an integer >= 1, got {self.probes!r}")
-        check(self.trust is None or (math.isfinite(self.trust) and self.trust > 0),
-              f"trust must be a finite number > 0 or null, got {self.trust!r}")
+        check_trust(self.trust)
         check(self.schedule == "constant" or (self.total_steps or 0) > 0,
               f"schedule {self.schedule!r} needs total_steps > 0")
 
