@@ -24,12 +24,14 @@ installed), in this order:
 
 Why this order, measured on the demo digits (`benchmarks/bench_defaults.py`, README "Which
 optimizer by default"): where taps exist, tpSGD's exact head update reaches in a few hundred
-forwards what ZO-SGD does not reach in thousands; without taps, zo-gn reaches ZO-SGD's final
-accuracy in 0.40 of its forwards and ends higher (0.824 against 0.738; FZOO: 0.58). Its
-damping is scale-free, so it also leads on a 4.35M-weight MLP (17 MB;
-`benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr diverges, and on a 17.1M-weight
-one (68 MB, above the copy limit), where zo-sgd at its default lr took the held-out accuracy
-from 0.514 to 0.078: above 64 MiB zo-gn probes in place rather than hand the run to zo-sgd.
+forwards what ZO-SGD does not reach in thousands; without taps, on the head alone,
+zo-readout reaches ZO-SGD's final accuracy in 0.06 of its forwards and ends at 0.877 (zo-gn:
+0.40 and 0.824; FZOO: 0.58 and 0.744; on two classes zo-readout 0.33 and 0.871, zo-gn 0.39
+and 0.868). For any other trainable set zo-gn: its damping is scale-free, so it also leads
+on a 4.35M-weight MLP (17 MB; `benchmarks/bench_zo_gn_scale.py`), where zo-sgd's default lr
+diverges, and on a 17.1M-weight one (68 MB, above the copy limit), where zo-sgd at its
+default lr took the held-out accuracy from 0.514 to 0.078: above 64 MiB zo-gn probes in place
+rather than hand the run to zo-sgd.
 On a wake-word-like head (one sigmoid probability, bce; bench_defaults.py's "binary" kind)
 zo-gn ends at 0.886 where fzoo ends at 0.863 and zo-sgd's best lr at 0.867.
 error-rate moves in steps of one example, so a ZO difference is 1/batch whatever eps is and a
