@@ -640,7 +640,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout instead of the table")
     p.add_argument("--zo", default="", help="comma-separated extra ZO optimizers to compare, "
-                   f"each on the head and on all weights: {', '.join(EXTRA_ZO)} (default: none)")
+                   f"each on the head and on all weights (zo-readout: the head alone): "
+                   f"{', '.join(EXTRA_ZO)} (default: none)")
     p.add_argument("--pseudo-targets", type=int, default=None,
                    help="pseudo-target subjects of each fold's lr sweep (default 2; --quick 1)")
     p.add_argument("--select", choices=("loss", "accuracy"), default="loss",

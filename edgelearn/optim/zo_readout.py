@@ -361,7 +361,7 @@ class ZOReadout(Optimizer):
             raise InputError(f"journal record of step {step} does not reproduce: "
                              f"{self.replay_hint}")
         self.t = step
-        theta = self.arena.begin(store)
+        theta = self.arena.begin(store, copy=False)  # replay writes no candidates
         if applied:
             c = self.head.shape[0]
             m = decode_array(record["m"], "zo-readout record m")
