@@ -24,6 +24,10 @@ Gemm operands (`why_not_stacked`) and whose rows are independent (a batch-symbol
 Where the data inputs are read only as the A operand of perturbed Gemms (`shares_input`: an
 MLP whose first layer trains), the batch is fed once: those Gemms compute X @ W (+ C) and
 X @ U on N rows and stack them (Concat), since both probes' first layer sees the same X.
+A pending sum (`rewrite(..., pending=True)`): lozo may defer its update of the 2-D weights
+for as long as V stays the same, W_eff = W + P V^T with P [a, r] the sum of the steps' c U,
+so probes are W + (P + s U) V^T. The graph then takes U as [P | U] and V as [V | V] (2r
+columns) and scales the columns by 1 (P) and s (U), computed in the graph from SCALE.
 onnx is imported lazily (device code imports only stdlib + numpy at module level).
 """
 
@@ -151,9 +155,10 @@ def _const(g: Any, name: str, value: float) -> str:
 
 
 def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str,
-           tile: bool = False) -> list[Any]:
+           tile: bool = False, low_scale: str | None = None) -> list[Any]:
     """The nodes adding node i's perturbation terms to its output (renamed `.base`); `tile`:
-    node reads the unstacked batch, its product and X @ U are computed once and stacked."""
+    node reads the unstacked batch, its product and X @ U are computed once and stacked;
+    `low_scale`: what scales the low-rank term's columns (None: `scale`)."""
     from onnx import helper
 
     w = node.input[1] if len(node.input) > 1 else None
@@ -171,11 +176,12 @@ def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str,
         left, right = u_name(w), v_name(w)
         if node.op_type == "Gemm" and _attr(node, "transB", 0):  # W^T: (X @ V) @ U^T
             left, right = right, left
-        s = scale
+        s = low_scale or scale
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
         if alpha != 1.0:
+            nodes.append(helper.make_node("Mul", [s, _const(g, p + "alpha", alpha)],
+                                          [p + "scale"]))
             s = p + "scale"
-            nodes.append(helper.make_node("Mul", [scale, _const(g, p + "alpha", alpha)], [s]))
         if tile:
             nodes += [helper.make_node("MatMul", [node.input[0], left], [p + "xl1"]),
                       helper.make_node("Concat", [p + "xl1"] * 2, [p + "xl"], axis=0)]
@@ -200,7 +206,8 @@ def _terms(g: Any, node: Any, i: int, weights: Any, dense: Any, scale: str,
 
 
 def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
-            dense: dict[str, int] | None = None, shared: Sequence[str] = ()) -> Any:
+            dense: dict[str, int] | None = None, shared: Sequence[str] = (),
+            pending: bool = False) -> Any:
     """Add the perturbation terms of `weights` (and `dense`) to `model` in place.
 
     Args:
@@ -211,6 +218,9 @@ def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
             (1-D tensor name -> size, possibly empty): stacked probes (module docstring).
         shared: stacked probes only: the data inputs, fed once (not stacked) where
             `shares_input` holds; the Gemms reading them stack their products.
+        pending: U and V get 2 rank columns, [P | U] and [V | V]: the first `rank` are a
+            pending sum P that every probe carries unscaled (W + (P + s U) V^T: lozo's
+            deferred update), the last `rank` are scaled by s as before.
     Returns: `model`, with new inputs `u_name(w)`, `v_name(w)`, `z_name(c)`, `SCALE`.
     Raises: ValueError naming the reason (`why_not` / `why_not_stacked`).
     """
@@ -226,16 +236,24 @@ def rewrite(model: Any, weights: dict[str, tuple[int, int]], rank: int,
         scale = _P + "rows"
         g.initializer.append(helper.make_tensor(_P + "axes", TensorProto.INT64, [1], [1]))
         new_nodes.append(helper.make_node("Unsqueeze", [SCALE, _P + "axes"], [scale]))
+    cols = None
+    if pending:  # the columns' scales: 1 for P, s for U (per row when stacked)
+        cols, f = _P + "cols", TensorProto.FLOAT
+        g.initializer.extend([
+            helper.make_tensor(_P + "pmask", f, [2 * rank], [1.0] * rank + [0.0] * rank),
+            helper.make_tensor(_P + "umask", f, [2 * rank], [0.0] * rank + [1.0] * rank)])
+        new_nodes += [helper.make_node("Mul", [scale, _P + "umask"], [_P + "ucols"]),
+                      helper.make_node("Add", [_P + "pmask", _P + "ucols"], [cols])]
     once = set(shared)
     for i, node in enumerate(list(g.node)):
         tile = bool(once) and node.op_type == "Gemm" and node.input[0] in once
-        new_nodes += [node, *_terms(g, node, i, weights, dense, scale, tile)]
+        new_nodes += [node, *_terms(g, node, i, weights, dense, scale, tile, cols)]
     del g.node[:]
     g.node.extend(new_nodes)
-    f = TensorProto.FLOAT
+    f, cols_in = TensorProto.FLOAT, 2 * rank if pending else rank
     for w, (a, b) in weights.items():
-        g.input.append(helper.make_tensor_value_info(u_name(w), f, [a, rank]))
-        g.input.append(helper.make_tensor_value_info(v_name(w), f, [b, rank]))
+        g.input.append(helper.make_tensor_value_info(u_name(w), f, [a, cols_in]))
+        g.input.append(helper.make_tensor_value_info(v_name(w), f, [b, cols_in]))
     for c, n in (dense or {}).items():
         g.input.append(helper.make_tensor_value_info(z_name(c), f, [n]))
     g.input.append(helper.make_tensor_value_info(SCALE, f, [] if dense is None else ["rows"]))

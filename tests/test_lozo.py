@@ -36,7 +36,9 @@ def raw_graph(rng: np.random.Generator):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_rewritten_graph_equals_the_dense_perturbed_forward() -> None:
+@pytest.mark.parametrize("pending", [False, True])
+def test_rewritten_graph_equals_the_dense_perturbed_forward(pending: bool) -> None:
+    """W + s U V^T; with a pending sum P fed as [P | U] and [V | V], W + (P + s U) V^T."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
@@ -45,17 +47,20 @@ def test_rewritten_graph_equals_the_dense_perturbed_forward() -> None:
          "W2": rng.standard_normal((5, 4)).astype(np.float32)}
     x = rng.standard_normal((2, 3, 6)).astype(np.float32)
     plain = ort.InferenceSession(model.SerializeToString())
-    lowrank_graph.rewrite(model, {n: a.shape for n, a in w.items()}, 3)
+    lowrank_graph.rewrite(model, {n: a.shape for n, a in w.items()}, 3, pending=pending)
     low = ort.InferenceSession(model.SerializeToString())
     uv = {n: (rng.standard_normal((a.shape[0], 3)).astype(np.float32),
               rng.standard_normal((a.shape[1], 3)).astype(np.float32)) for n, a in w.items()}
+    p = {n: (rng.standard_normal(u.shape) if pending else np.zeros(u.shape)).astype(np.float32)
+         for n, (u, _) in uv.items()}
     for s in (0.0, 1e-3, -0.7):
         feed = {"x": x, lowrank_graph.SCALE: np.array(s, np.float32)}
         for n, (u, v) in uv.items():
             feed[n] = w[n]
-            feed[lowrank_graph.u_name(n)], feed[lowrank_graph.v_name(n)] = u, v
+            feed[lowrank_graph.u_name(n)] = np.hstack([p[n], u]) if pending else u
+            feed[lowrank_graph.v_name(n)] = np.hstack([v, v]) if pending else v
         got = low.run(None, feed)[0]
-        dense = {n: w[n] + np.float32(s) * (u @ v.T) for n, (u, v) in uv.items()}
+        dense = {n: w[n] + (p[n] + np.float32(s) * u) @ v.T for n, (u, v) in uv.items()}
         ref = plain.run(None, {"x": x, **dense})[0]
         assert_close(got, ref, atol=1e-5, rtol=1e-5)
 

@@ -65,11 +65,13 @@ class OrtLowRank:
     Args:
         bundle: the loaded bundle (its model.onnx). store: the arena (trainables bound).
         rank: r. threads: intra-op threads (None: ORT default).
+        pending: U and V are fed with 2r columns, [P | U] and [V | V] (`lowrank_graph.rewrite`:
+            a pending sum the probes carry unscaled).
     Raises: BundleError when the graph cannot be rewritten (`why_not`) or loaded.
     """
 
     def __init__(self, bundle: Bundle, store: ParamStore, rank: int, *,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, pending: bool = False) -> None:
         frozen = {n: store[n] for n, s in store.specs.items() if not s.trainable}
         model = _model(bundle, frozen)
         weights, dense = lowrank_weights(store), dense_tensors(store)
@@ -80,7 +82,7 @@ class OrtLowRank:
         self.shared = self.stacked and lowrank_graph.shares_input(model, list(weights), names)
         try:
             lowrank_graph.rewrite(model, weights, rank, dense if self.stacked else None,
-                                  shared=names if self.shared else ())
+                                  shared=names if self.shared else (), pending=pending)
         except ValueError as e:
             raise BundleError(f"no low-rank graph: {e}") from None
         self.session = self._session(model.SerializeToString(), store, threads)

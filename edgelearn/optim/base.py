@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -214,6 +215,17 @@ class Optimizer:
         """Bytes of buffers this optimizer will allocate for `store` (for memory budgets)."""
         return 0
 
+    def settle(self, store: ParamStore) -> None:
+        """Write into `store` any part of an update that steps run with `defer=True` left
+        pending (default: none is ever left; lozo's pending low-rank sum). Whoever steps
+        with defer=True calls it (or reads inside `settled`) before anything else reads the
+        weights; the next step's record notes it, so replay does the same."""
+
+    def settled(self, store: ParamStore) -> AbstractContextManager[None]:
+        """A block in which `store` holds the weights `settle` would give, and after which
+        the run goes on as if nothing had been read (the same bits; default: no-op)."""
+        return nullcontext()
+
     def example_bytes(self, output_numel: int) -> int:
         """Bytes this optimizer keeps per example of a step's batch (for memory budgets;
         default: none).
@@ -249,7 +261,8 @@ class Optimizer:
             evaluate_population: optional; K losses of a `Population` request in one go
                 (without it populations are expanded into K `evaluate()` calls).
             **extra: further inputs by keyword, ignored by optimizers that do not read them
-                (tpsgd: taps=() -> (taps, y), one taps forward on the step's batch).
+                (tpsgd: taps=() -> (taps, y), one taps forward on the step's batch; lozo:
+                defer=True leaves the 2-D weights' update pending until `settle`).
         """
         if self._gen is not None:
             raise EdgelearnError("step() called in the middle of an ask/tell step")

@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ from edgelearn.optim.base import Optimizer, Population, register
 from edgelearn.optim.kernels import PARALLEL_MIN, default_threads
 from edgelearn.optim.options import OptimizerOptions, check, meta
 from edgelearn.optim.zo_fields import check_lr_eps
+from edgelearn.optim.zo_probe import decode_array, encode_array
 from edgelearn.params import ParamStore
 from edgelearn.rng import Noise
 
@@ -108,12 +110,15 @@ class LowRankPopulation(Population):
     """Candidates theta + s_j Z that an evaluator with the low-rank graph scores directly.
 
     Args (besides Population's size, place, fill):
-        factors: 2-D weight name -> (U [a, r], V [b, r]) float32 of this step.
+        factors: 2-D weight name -> ([P | U] [a, 2r], [V | V] [b, 2r]) float32 of this
+            step: P the pending sum of earlier steps' updates (zeros when none is pending),
+            which every candidate carries unscaled (`lowrank_graph.rewrite(pending=True)`).
         dense: every other tensor's name -> its z (float32, flat): candidate j is that
             tensor + s_j z (for a graph that perturbs them itself: stacked probes).
         scales: s_j of each candidate (float32 values): the graph's scale input.
         prepare: prepare(j) writes candidate j's dense part (non-2-D tensors) into the
-            store and leaves the 2-D weights at their values (the graph adds s_j U V^T).
+            store and leaves the 2-D weights at their values (the graph adds
+            (P + s_j U) V^T).
     """
 
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict,
@@ -162,6 +167,24 @@ def rank_update(w: np.ndarray, cu: np.ndarray, vt: np.ndarray, src: np.ndarray |
         f.result()
 
 
+def side_by_side(left: np.ndarray | None, right: np.ndarray, rows: list[int], r: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Blocks [left_i | right_i] [rows_i, 2r] end to end, from flat blocks [rows_i, r].
+
+    Args:
+        left, right: float32, blocks [rows_i, r] end to end (left None: zeros).
+        rows: rows_i of each block. out: float32 [2 * right.size], written (None: new).
+    """
+    out = np.empty(2 * right.size, np.float32) if out is None else out
+    i = 0
+    for n in rows:
+        o = out[2 * i : 2 * (i + n * r)].reshape(n, 2 * r)
+        o[:, :r] = 0.0 if left is None else left[i : i + n * r].reshape(n, r)
+        o[:, r:] = right[i : i + n * r].reshape(n, r)
+        i += n * r
+    return out
+
+
 def exact_factors(noise: str, rank: int) -> bool:
     """Whether c U V^T has exact products and partial sums in float32: Rademacher factors
     make every U entry +-m (m = |c| / sqrt(r) rounded once) and V entries +-1, so a sum of
@@ -196,6 +219,10 @@ class LOZO(Optimizer):
         self._v: tuple[int, np.ndarray] | None = None  # (t_v, every V) of the current period
         self._engine: Any = None  # OrtRankUpdate; False: onnxruntime is not installed
         self._exact = exact_factors(self.options.noise, self.options.rank)
+        self._acc = np.empty(0, np.float32)  # P of every 2-D weight, laid out as U
+        self._from: int | None = None  # the step P began at (None: nothing pending)
+        self._pu = np.empty(0, np.float32)  # [P | U] of every 2-D weight (graph factors)
+        self._vv: tuple[int, np.ndarray] | None = None  # (t_v, [V | V] of every weight)
 
     def _prepare(self, store: ParamStore) -> np.ndarray:
         """The trainable float32 slice; splits it into 2-D weights and the dense rest once."""
@@ -209,6 +236,13 @@ class LOZO(Optimizer):
             self._dense = [(a, b) for n, a, b in segs if n not in shapes]
             self._dense_names = [n for n, _, _ in segs if n not in shapes]
             self._dcopy = np.empty(sum(b - a for a, b in self._dense), np.float32)
+            n_u = sum(a for a, _ in shapes.values()) * self.options.rank
+            self._pu = np.empty(2 * n_u, np.float32)
+            if self._from is None:
+                self._acc = np.empty(n_u, np.float32)
+            elif self._acc.size != n_u:  # a pending sum loaded with the optimizer's state
+                raise InputError(f"lozo state holds a pending sum of {self._acc.size} values; "
+                                 f"the store's 2-D weights need {n_u}")
         elif shapes != self._shapes:
             raise InputError("the store's 2-D trainable weights differ from those this "
                              "optimizer was set up for")
@@ -235,25 +269,89 @@ class LOZO(Optimizer):
 
     def factors(self, t: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Name -> (U [a, r], V [b, r]) float32 of step t (module docstring)."""
+        return self._views(*self._draw(t), self.options.rank)
+
+    def _period(self, t: int) -> int:
+        """t_v: the step whose V step t uses (V is drawn every `nu` steps)."""
+        return self.options.nu * (t // self.options.nu)
+
+    def _draw(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(every U, every V) of step t, flat, the 2-D weights' blocks end to end."""
         assert self._shapes is not None
-        r, nu = self.options.rank, self.options.nu
-        tv = nu * (t // nu)
+        r = self.options.rank
         n_u = sum(a * r for a, _ in self._shapes.values())
         u_all = self.noise.fill(np.empty(n_u, np.float32), run_seed=self.seed, step=t,
                                 probe=0, start=0)
         u_all *= np.float32(1.0 / math.sqrt(r))
-        if self._v is None or self._v[0] != tv:  # V changes every nu steps only
-            n_v = sum(b * r for _, b in self._shapes.values())
+        return u_all, self._v_all(self._period(t))
+
+    def _v_all(self, tv: int) -> np.ndarray:
+        """Every V of period t_v (drawn once per period)."""
+        assert self._shapes is not None
+        if self._v is None or self._v[0] != tv:
+            n_v = sum(b * self.options.rank for _, b in self._shapes.values())
             self._v = (tv, self.noise.fill(np.empty(n_v, np.float32), run_seed=self.seed,
                                            step=tv, probe=1, start=0))
-        v_all = self._v[1]
-        out = {}
-        iu = iv = 0
+        return self._v[1]
+
+    def _views(self, u_all: np.ndarray, v_all: np.ndarray, cols: int
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Name -> (u [a, cols], v [b, cols]) views of flat blocks laid end to end."""
+        assert self._shapes is not None
+        out, iu, iv = {}, 0, 0
         for name, (a, b) in self._shapes.items():
-            out[name] = (u_all[iu : iu + a * r].reshape(a, r),
-                         v_all[iv : iv + b * r].reshape(b, r))
-            iu, iv = iu + a * r, iv + b * r
+            out[name] = (u_all[iu : iu + a * cols].reshape(a, cols),
+                         v_all[iv : iv + b * cols].reshape(b, cols))
+            iu, iv = iu + a * cols, iv + b * cols
         return out
+
+    def _graph_factors(self, u_all: np.ndarray, v_all: np.ndarray, tv: int
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Name -> ([P | U] [a, 2r], [V | V] [b, 2r]) of this step (P: zeros when nothing
+        is pending); [V | V] is built once per period."""
+        assert self._shapes is not None
+        r = self.options.rank
+        if self._vv is None or self._vv[0] != tv:
+            self._vv = (tv, side_by_side(v_all, v_all, [b for _, b in self._shapes.values()],
+                                         r))
+        pending = self._acc if self._from is not None else None
+        side_by_side(pending, u_all, [a for a, _ in self._shapes.values()], r, out=self._pu)
+        return self._views(self._pu, self._vv[1], 2 * r)
+
+    @contextmanager
+    def settled(self, store: ParamStore) -> Iterator[None]:
+        """`Optimizer.settled`: the 2-D weights are copied (the dense fallback's copy), P V^T
+        is added as `settle` adds it, and the copy is put back after the block."""
+        if self._from is None:
+            yield
+            return
+        self._prepare(store)
+        for name in self._shapes or {}:
+            copy = self._wcopy.get(name)
+            if copy is None:
+                copy = self._wcopy[name] = np.empty_like(store[name])
+            np.copyto(copy, store[name])
+        start = self._from
+        try:
+            self.settle(store)
+            yield
+        finally:
+            for name in self._shapes or {}:
+                np.copyto(store[name], self._wcopy[name])
+            self._from = start
+
+    def settle(self, store: ParamStore) -> None:
+        """Add the pending sum into the 2-D weights, W += P V^T (one pass over each).
+
+        The next step's record says where its pending sum began ("from"), so replay adds P
+        at the same points and gives the same bits."""
+        if self._from is None:
+            return
+        self._prepare(store)
+        v_all = self._v_all(self._period(self._from))
+        for name, (p, v) in self._views(self._acc, v_all, self.options.rank).items():
+            self._update(store[name], p, v)
+        self._from = None
 
     def _update(self, w: np.ndarray, cu: np.ndarray, v: np.ndarray) -> None:
         """w += cu V^T in place with the configured engine."""
@@ -296,14 +394,14 @@ class LOZO(Optimizer):
 
     def _population(self, store: ParamStore, theta: np.ndarray, z: np.ndarray,
                     factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> LowRankPopulation:
-        """The two probes theta +- eps Z (order +, -)."""
-        e32 = np.float32(self.options.eps)
+        """The two probes theta +- eps Z (order +, -), on top of the pending sum."""
+        e32, r = np.float32(self.options.eps), self.options.rank
         scales = (e32, -e32)
 
         def prepare(j: int) -> None:
             self._write_dense(theta, z, scales[j])
 
-        def place(j: int) -> None:  # dense fallback: W = copy + s U V^T written in numpy
+        def place(j: int) -> None:  # dense fallback: W = copy + (P + s U) V^T in numpy
             prepare(j)
             if not self._placed:
                 for name in factors:
@@ -312,8 +410,9 @@ class LOZO(Optimizer):
                         copy = self._wcopy[name] = np.empty_like(store[name])
                     np.copyto(copy, store[name])
                 self._placed = True
-            for name, (u, v) in factors.items():
-                rank_update(store[name], scales[j] * u, np.ascontiguousarray(v.T),
+            for name, (pu, vv) in factors.items():
+                u = pu[:, r:] * scales[j] + pu[:, :r]
+                rank_update(store[name], u, np.ascontiguousarray(vv[:, :r].T),
                             self._wcopy[name], self.threads, self._exact)
 
         def fill(out: dict[str, np.ndarray], lo: int, hi: int) -> None:
@@ -327,10 +426,18 @@ class LOZO(Optimizer):
         return LowRankPopulation(2, place, fill, factors=factors, dense=zs,
                                  scales=tuple(float(s) for s in scales), prepare=prepare)
 
-    def _step(self, store: ParamStore, **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
+    def _step(self, store: ParamStore, *, defer: bool = False,
+              **extra: Any) -> Generator[Any, Any, dict[str, Any]]:
+        """One step (module docstring). `defer`: leave W += c U V^T in the pending sum P
+        (the caller calls `settle` before anything else reads the weights)."""
         theta = self._prepare(store)
         t, eps = self.t, self.options.eps
-        factors = self.factors(t)
+        tv = self._period(t)
+        if self._from is not None and self._period(self._from) != tv:
+            self.settle(store)  # V changes: the period's sum goes into the weights first
+        start = t if self._from is None else self._from
+        u_all, v_all = self._draw(t)
+        factors = self._graph_factors(u_all, v_all, tv)
         z = self.noise.fill(np.empty(self._dcopy.size, np.float32), run_seed=self.seed,
                             step=t, probe=2, start=0)
         o = 0
@@ -349,13 +456,50 @@ class LOZO(Optimizer):
         finite = math.isfinite(lp) and math.isfinite(lm)
         g = (lp - lm) / (2.0 * eps) if finite else 0.0
         lr = self.lr_at(t)
-        nu = self.options.nu
-        record: dict[str, Any] = {"seeds": [self.seed, t, nu * (t // nu)], "g": g, "lr": lr,
-                                  "eps": eps, "accepted": finite}
-        if not finite:
-            return record
-        c = np.float32(-(lr * g))
-        self._write_dense(theta, z, c)
-        for name, (u, v) in factors.items():
-            self._update(store[name], c * u, v)
+        record: dict[str, Any] = {"seeds": [self.seed, t, tv], "g": g, "lr": lr, "eps": eps,
+                                  "accepted": finite}
+        if start != t:
+            record["from"] = start
+        if finite:
+            c = np.float32(-(lr * g))
+            self._write_dense(theta, z, c)
+            if self._from is None:  # P = c U: settled at once, the bits of W += (c U) V^T
+                np.multiply(u_all, c, out=self._acc)
+            else:
+                self._acc += c * u_all
+            self._from = start
+        if not defer:
+            self.settle(store)
         return record
+
+    def replay(self, store: ParamStore, record: dict[str, Any], **extra: Any) -> None:
+        """`Optimizer.replay`; the pending sum goes into the weights where training put it
+        (before a record whose "from" differs from it). With defer=True (a journal's
+        replay) the last step's sum may stay pending: call `settle` before reading."""
+        step = record.get("step")
+        if self._from is not None and record.get("from", step) != self._from:
+            self.settle(store)
+        super().replay(store, record, **extra)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, and the pending sum with the step it began at (when one is pending)."""
+        state = super().state_dict()
+        if self._from is not None:
+            state["pending_from"] = self._from
+            state["pending"] = encode_array(self._acc)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (a pending sum is checked against the store at the
+        next step or settle)."""
+        super().load_state_dict(state)
+        start = state.get("pending_from")
+        if start is None:
+            self._from = None
+            return
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < self.t:
+            raise InputError(f"bad pending_from in lozo state: {start!r}")
+        acc = decode_array(state.get("pending"), "lozo pending sum")
+        if not np.isfinite(acc).all():
+            raise InputError("lozo state holds a non-finite pending sum")
+        self._acc, self._from = acc, start

@@ -111,7 +111,7 @@ class StepEvaluator:
         Args:
             batch: the step's (x, y); only used when `replay_needs_data`.
         """
-        opt.replay(store, optimizer_record(record))
+        opt.replay(store, optimizer_record(record), defer=True)  # as the run loop stepped
 
 
 class LossEvaluator(StepEvaluator):

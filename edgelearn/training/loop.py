@@ -104,8 +104,9 @@ class RunLoop:
         t, fw = self.opt.t, self.evaluator.forwards(x, y)
         try:
             t0 = time.perf_counter()
+            # defer: lozo leaves its weight update pending (settled before any other read)
             info = self.opt.step(self.store, fw.evaluate, fw.population, taps=fw.taps,
-                                 outputs=fw.outputs)
+                                 outputs=fw.outputs, defer=True)
             seconds = time.perf_counter() - t0
             if self.samples is not None:
                 self.samples.append(t, x, y)
@@ -182,7 +183,9 @@ class RunLoop:
         """Write `weights.safetensors` (with its sha256 in the metadata)."""
         if self.broken:
             raise EdgelearnError(f"not writing weights: {self.broken}")
-        path = self.store.save(self.run_dir / WEIGHTS, metadata={"sha256": self.store.digest()})
+        with self.opt.settled(self.store):  # the run goes on with the same bits
+            path = self.store.save(self.run_dir / WEIGHTS,
+                                   metadata={"sha256": self.store.digest()})
         self.dirty = False
         return path
 

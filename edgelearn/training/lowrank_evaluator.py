@@ -115,5 +115,6 @@ def lowrank_or_plain(bundle: Bundle, plain: LossEvaluator, store: ParamStore, op
         why = graph_why_not(bundle, store)
         if why is None:
             rank = int(getattr(opt.options, "rank", 1))
-            return LowRankEvaluator(plain, OrtLowRank(bundle, store, rank, threads=threads))
+            return LowRankEvaluator(plain, OrtLowRank(bundle, store, rank, threads=threads,
+                                                      pending=True))
     return LowRankEvaluator(plain, None, why)

@@ -126,6 +126,7 @@ def replay(bundle: Bundle, journal: str | os.PathLike, *, data: Dataset | None =
         rule.snap.take(store, opt)  # step 0: the base weights are the first good point
     try:
         apply_records(records, store, opt, rule, evaluator, batches)
+        opt.settle(store)  # the last steps' pending update (lozo)
     finally:
         evaluator.close()
     written = None

@@ -266,7 +266,9 @@ class Session:
     # -- state ----------------------------------------------------------------------------------
     @property
     def store(self) -> ParamStore:
-        """The parameters being trained (Unstable: read them, never write them)."""
+        """The parameters being trained (Unstable: read them, never write them). Getting it
+        settles an update the optimizer left pending (`Optimizer.settle`)."""
+        self.optimizer.settle(self.model.store)
         return self.model.store
 
     @property
@@ -288,20 +290,23 @@ class Session:
     def digest(self) -> str:
         """sha256 of the current weights (`ParamStore.digest`, as `replay` reports it)."""
         self._ensure_open()
-        return self.store.digest()
+        with self.optimizer.settled(self.model.store):
+            return self.model.store.digest()
 
     def evaluate(self, data: Dataset, *, batch_size: int = 256) -> EvalResult:
         """Loss (and accuracy) of the current weights on `data`; the run is unaffected (no
         journal record, no random draw: training continues bit-identically)."""
         self._ensure_open()
-        return score(self.model, data, batch_size=batch_size, objective=self.objective)
+        with self.optimizer.settled(self.model.store):  # a pending update read, not applied
+            return score(self.model, data, batch_size=batch_size, objective=self.objective)
 
     def save(self) -> Path:
         """Make the steps so far durable (journal, checkpoint) and write the weights; returns
         the weights file. A session with no step yet writes the base weights."""
         self._ensure_open()
         if self._loop is None:
-            return self.store.save(self.weights_path, metadata={"sha256": self.digest()})
+            return self.model.store.save(self.weights_path,
+                                         metadata={"sha256": self.digest()})
         return self._loop.save()
 
     def close(self) -> None:
@@ -387,7 +392,7 @@ class Session:
             run["samples"] = SAMPLES
         if self._divergence is not None:
             run["divergence"] = self._divergence
-        return make_header(self.bundle, self.store, self.optimizer, **run)
+        return make_header(self.bundle, self.model.store, self.optimizer, **run)
 
     def _resume(self, header: dict[str, Any], batches: BatchSource | None,
                 steps: int | None) -> RunLoop:
@@ -403,7 +408,7 @@ class Session:
             if header.get("samples") and len(journal) > 0 and self.evaluator.replay_needs_data:
                 batches = SampleReader(self.run_dir / SAMPLES).batch  # what the steps were fed
             rule = guard_from_header(header)
-            state = resume(journal, header, self.store, self.optimizer, self.run_dir,
+            state = resume(journal, header, self.model.store, self.optimizer, self.run_dir,
                            rule=rule, evaluator=self.evaluator, batches=batches, steps=steps)
             if state.fresh:
                 self._write_session_record()
@@ -413,12 +418,12 @@ class Session:
             journal.close()
             raise
         self.timers.clear()  # replayed forwards are not this session's steps
-        loop = RunLoop(self, self.run_dir, self.store, self.optimizer, self.evaluator, journal,
-                       holder[0] if holder else None, self._callbacks, self.timers,
+        loop = RunLoop(self, self.run_dir, self.model.store, self.optimizer, self.evaluator,
+                       journal, holder[0] if holder else None, self._callbacks, self.timers,
                        self.config.checkpoint_every)
         loop.rollbacks_before = state.rollbacks
         if rule is not None:
-            loop.guard = DivergenceGuard(rule, journal, self.store, self.optimizer,
+            loop.guard = DivergenceGuard(rule, journal, self.model.store, self.optimizer,
                                          loop.checkpoint)
             loop.guard.finish_pending()  # killed between a step and its rollback
         return loop
@@ -459,7 +464,7 @@ class Session:
         budget = self.runtime.memory_budget_mb
         if budget is None:
             return None
-        store = self.store
+        store = self.model.store
         trainable = sum(store.flat(dt).nbytes for dt in store.arenas if store.n_trainable(dt))
         keeps = run_memory_bytes(n_examples=n_examples, trainable_bytes=trainable,
                                  snapshots=self._divergence is not None,
@@ -513,8 +518,8 @@ class Session:
             steps=self.optimizer.t, resumed_from=done, rollbacks=self.rollbacks,
             loss_first=loop.loss_first, loss_last=loop.loss_last,
             weights=str(self.weights_path), journal=str(self.journal_path),
-            sha256=self.store.digest(), optimizer=self.optimizer.name,
-            trainable_params=self.store.n_trainable("float32"),
+            sha256=self.digest(), optimizer=self.optimizer.name,
+            trainable_params=self.model.store.n_trainable("float32"),
             step_ms_median=self.timers.step.median_ms(),
             forward_ms_median=self.timers.forward.median_ms(), peak_rss_mb=peak_rss_mb(),
             batch_size=batch_size, memory_plan=plan,
