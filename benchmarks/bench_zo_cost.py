@@ -24,12 +24,15 @@ so a machine whose speed drifts (shared cores) moves both sides alike.
                 on a session whose onnxruntime workers busy-wait after each run ("spinning":
                 onnxruntime's default; edgelearn turns it off, as its workers then hold the
                 cores the passes need right after each forward).
-  big_full_lozo the same model and batch, lozo (rank 2, edgelearn/optim/lozo.py): both probes
-                scored by the low-rank graph in one stacked run (the weights untouched), the
-                update one in-place pass (update engine auto, lozo's default: onnxruntime's
-                Gemm, checked to give numpy's bits; big_full_lozo_numpy: the numpy row-block
-                engine); `opt.step` with the evaluator a run builds vs `predict`,
-                interleaved.
+  big_full_lozo the same model and batch, lozo (rank 2, nu 50, edgelearn/optim/lozo.py):
+                both probes scored by the low-rank graph in one stacked run (the weights
+                untouched), stepped as a `Session` run steps it (defer=True: the update waits
+                in the pending low-rank sum and passes over the weights once a period, when V
+                changes): blocks of nu forwards and nu steps plus that pass, interleaved.
+                The pass uses update engine auto, lozo's default (onnxruntime's Gemm, checked
+                to give numpy's bits); big_full_lozo_numpy: the numpy row-block engine;
+                big_full_lozo_per_step: every step passes over the weights (`opt.step`
+                without defer), one step and one forward interleaved.
   torch_mezo    MeZO's algorithm in plain torch on the same model, batch and probes
                 (benchmarks/bench_zo.py's torch child), in its own process, run before, amid
                 and after the big_full rounds (pooled: median of the runs' medians).
@@ -459,10 +462,15 @@ def summarize_big(params: int, variants: dict[str, Any], times: dict[str, list[n
 
 
 def section_big_lozo(bundle_dir: Path, data: Path, rounds: int, steps: int,
-                     rank: int = 2, update: str = "auto") -> dict[str, Any]:
+                     rank: int = 2, update: str = "auto", defer: bool = True
+                     ) -> dict[str, Any]:
     """Full-weight lozo step vs forward on the big MLP: the probes scored by the low-rank
-    graph through the evaluator a run uses (`make_evaluator`), the update one threaded
-    rank-r pass; interleaved with `predict` as in `section_big`."""
+    graph through the evaluator a run uses (`make_evaluator`).
+
+    defer (as a `Session` run steps): rounds of `nu` forwards then `nu` steps with
+    defer=True and one `settle` (the pass over the weights a period needs), both timed as a
+    block and divided by `nu`. Without: each step settles its own update (as `opt.step`
+    without defer), interleaved one forward, one step, `steps` a round, as `section_big`."""
     from edgelearn.bundle import load_bundle
     from edgelearn.losses import cross_entropy
     from edgelearn.model import Model
@@ -477,19 +485,24 @@ def section_big_lozo(bundle_dir: Path, data: Path, rounds: int, steps: int,
     ev = make_evaluator(bundle, model.store, opt, backend="onnxruntime", model=model,
                         loss_fn=cross_entropy)
     fw = ev.forwards(xb, yb)
+    block = opt.options.nu if defer else 1
     times: dict[str, list[np.ndarray]] = {"forward": [], "step": []}
     for r in range(rounds + 1):  # round 0 warms up
-        for _ in range(steps):
+        for _ in range(1 if defer else steps):
             t0 = clock()
-            model.predict(xb)
+            for _ in range(block):
+                model.predict(xb)
             t1 = clock()
-            opt.step(model.store, fw.evaluate, fw.population)
+            for _ in range(block):
+                opt.step(model.store, fw.evaluate, fw.population, defer=defer)
+            opt.settle(model.store)
             if r:
-                times["forward"].append(t1 - t0)
-                times["step"].append(clock() - t1)
+                times["forward"].append((t1 - t0) / block)
+                times["step"].append((clock() - t1) / block)
     ev.close()
     res: dict[str, Any] = {"params": model.store.n_trainable("float32"), "batch_size": BATCH,
                            "rank": rank, "nu": opt.options.nu, "update": update,
+                           "defer": defer,
                            "graph": getattr(ev, "lowrank_info", {}).get("graph", False),
                            "threads": opt.threads}
     for i, kind in enumerate(("", "cpu_")):
@@ -555,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         res["torch_mezo"] = pooled_mezo(mezo)
         log("big MLP full-weight lozo steps (low-rank probes in the graph)")
         res["big_full_lozo"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3)
+        res["big_full_lozo_per_step"] = section_big_lozo(bundle, work / "data_big.npz", rounds,
+                                                         3, defer=False)
         res["big_full_lozo_numpy"] = section_big_lozo(bundle, work / "data_big.npz", rounds, 3,
                                                       update="numpy")
     finally:
@@ -582,6 +597,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
             "step_over_forward"),
         "big_full_lozo_cpu_step_over_forward": res.get("big_full_lozo", {}).get(
             "cpu_step_over_forward"),
+        "big_full_lozo_per_step_step_over_forward": res.get("big_full_lozo_per_step", {}).get(
+            "step_over_forward"),
         "big_full_lozo_numpy_step_over_forward": res.get("big_full_lozo_numpy", {}).get(
             "step_over_forward"),
         "big_full_lozo_rank": res.get("big_full_lozo", {}).get("rank"),

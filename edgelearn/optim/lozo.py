@@ -24,7 +24,8 @@ whose `dense` z the graph adds itself: both probes in one run). Any other evalua
 writes W + s U V^T densely from a copy of the 2-D weights (allocated on first use): the
 losses differ by float rounding, the update does not depend on how they were obtained, so the
 weights after a step, the journal and replay are bit-identical either way for the same losses.
-The update is the only pass over W, by the engine option `update`: "numpy", row blocks of
+The update is the only pass over W (every step, or once a period: deferred, below), by
+the engine option `update`: "numpy", row blocks of
 W += (c U) V^T with a cache-sized temporary, split over a few threads (each element's float
 operations are fixed, so results do not depend on the thread count; with Rademacher factors
 of rank <= 2 every product and partial sum is exact, so BLAS computes the block's products
@@ -35,7 +36,19 @@ differ from numpy's and between CPUs, so a run's engine is recorded and replay u
 C once to the exact product, as numpy does: each weight's first update is compared with
 numpy's bits (==), and any difference sends the run to numpy; so "auto" gives numpy's
 weights on every CPU, faster where onnxruntime is installed.
-Record: (seeds [seed, t, t_v], g, lr, eps, accepted, losses).
+Deferred update (ours; LOZO's lazy V makes it possible): while V stays the same, the updates of
+consecutive steps share it, sum_t c_t U_t V^T = P V^T, so a step called with defer=True
+(every `Session` run) adds c U to the pending sum P [a, r] instead of passing over W, and the
+probes score W + (P + s U) V^T: the graph takes [P | U] and [V | V]
+(`lowrank_graph.rewrite(pending=True)`); the dense fallback writes it. P goes into W
+(`settle`, one pass) when V changes, and when something else reads the weights: `Session`
+reads settle, or read inside `settled` (copy, add, read, copy back: the run's bits do not
+change). A 12.6M MLP's step then passes over W once per `nu` steps instead of every step.
+Without defer (direct `step` callers, ask/tell) every step settles at once, with the bits of
+W += (c U) V^T. The float rounding differs from settling every step (P sums before it adds),
+so each record whose step began with a sum pending says since when ("from": that step), and
+replay adds P where the journal says; the optimizer's state holds P (checkpoints, rollbacks).
+Record: (seeds [seed, t, t_v], g, lr, eps, accepted, losses[, from]).
 """
 
 from __future__ import annotations
@@ -186,9 +199,10 @@ def side_by_side(left: np.ndarray | None, right: np.ndarray, rows: list[int], r:
 
 
 def exact_factors(noise: str, rank: int) -> bool:
-    """Whether c U V^T has exact products and partial sums in float32: Rademacher factors
-    make every U entry +-m (m = |c| / sqrt(r) rounded once) and V entries +-1, so a sum of
-    rank <= 2 terms is 0, +-m or +-2m; a third term could need a 25th mantissa bit."""
+    """Whether P V^T has the same bits in any summation order, FMA or not: Rademacher V has
+    entries +-1, so every product p_k v_k is exact, and a sum of rank <= 2 of them rounds once
+    (the first partial sum is exact); a third term would round twice, order-dependent. (With
+    P = c U, the sum is even exact: 0, +-m or +-2m.)"""
     return noise == "rademacher" and rank <= 2
 
 
@@ -249,14 +263,15 @@ class LOZO(Optimizer):
         return theta
 
     def memory_bytes(self, store: ParamStore) -> int:
-        """Dense part: copy + z; U and V; update temporaries; the dense-probe fallback's copy
-        of the 2-D weights (only allocated when the evaluator has no low-rank graph)."""
+        """Dense part: copy + z; U and V, the pending sum P and the graph's [P | U] and
+        [V | V] (5x the factors); update temporaries; the copy of the 2-D weights (allocated
+        by the dense-probe fallback, or by a read inside `settled` while a sum is pending)."""
         r = self.options.rank
         two_d = [store[n] for n in store.trainable_names
                  if store[n].dtype == np.float32 and store[n].ndim == 2]
         dense = store.n_trainable("float32") - sum(w.size for w in two_d)
         factors = sum(4 * r * (w.shape[0] + w.shape[1]) for w in two_d)
-        return 8 * dense + 2 * factors + 4 * BLOCK * self.threads + 4 * sum(w.size
+        return 8 * dense + 5 * factors + 4 * BLOCK * self.threads + 4 * sum(w.size
                                                                             for w in two_d)
 
     def population_size(self, store: ParamStore) -> int:
