@@ -16,7 +16,8 @@ What it does:
      built in a temporary copy).
   3. On x86: short runs of zo-sgd (restore copy / drift x noise rademacher / gaussian / pool),
      zo-scale and polystep on an int8 bundle (exported here with torch), polystep float on the
-     demo bundle (population graph) and tpSGD on the demo bundle; each journal replayed here.
+     demo bundle (population graph), tpSGD, zo-gn, zo-readout and lozo on the demo bundle;
+     each journal replayed here.
   4. On aarch64: `edgelearn replay` of every journal (tpSGD: re-run on the same data).
 Prints ONE JSON object: per case the x86 and aarch64 sha256 of the replayed weights and
 whether they are equal (or the aarch64 replay's error), plus both sides' versions.
@@ -63,6 +64,10 @@ CASES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("zo-readout", "zo-readout", "demo", ("--trainable", "head.*")),
     # a trust region that binds: M scaled before it is rounded and journaled
     ("zo-readout/trust", "zo-readout", "demo", ("--trainable", "head.*", "--trust", "0.05")),
+    # the update deferred in a pending low-rank sum, added to W when V changes (nu 7 of the
+    # run's steps) and at the end; the Gemm engine checked against numpy's bits on each CPU
+    *((f"lozo/{e}", "lozo", "demo", ("--trainable", "*", "--nu", "7", "--update-engine", e))
+      for e in ("auto", "numpy")),
 )
 
 

@@ -103,6 +103,43 @@ def test_probes_carry_the_pending_sum(graph: bool) -> None:
     assert_close(got["evals"], want, rtol=1e-5)
 
 
+@pytest.mark.torch
+def test_a_deferred_step_matches_torch_reference() -> None:
+    """Step 3 taken with steps 0-2 pending: torch's LOZO step from the weights they describe
+    (W + P V^T) gives its losses, and the settled weights are that step's update."""
+    import torch
+    from torch_reference import lozo_step
+    from zo_helpers import torch_demo_module
+
+    bundle, data, _ = demo()
+    model, opt, _ = steps(3, defer=True)
+    with opt.settled(model.store):
+        params = {n: torch.from_numpy(np.array(model.store[n])) for n in model.store.names}
+    x, y = data.batch_at(3, 32, 7)
+    ev = make_evaluator(bundle, model.store, opt, backend="onnxruntime", model=model,
+                        loss_fn=cross_entropy)
+    fw = ev.forwards(x, y)
+    info = opt.step(model.store, fw.evaluate, fw.population, defer=True)
+    assert info.record["from"] == 0
+    factors = {n: tuple(torch.from_numpy(a) for a in uv) for n, uv in opt.factors(3).items()}
+    zt = opt.noise.fill(np.empty(74, np.float32), run_seed=OPTS["seed"], step=3, probe=2,
+                        start=0)
+    z = {"layers.0.bias": torch.from_numpy(zt[:64].copy()),
+         "head.bias": torch.from_numpy(zt[64:].copy())}
+    module = torch_demo_module()
+    module.load_state_dict(params)
+    new, g, losses = lozo_step(module, params, factors, z, torch.from_numpy(x),
+                               torch.from_numpy(y), lr=OPTS["lr"], eps=OPTS["eps"])
+    assert_close(info.record["evals"], losses)
+    assert_close(info.record["g"], g, atol=0, rtol=1e-3)  # (as test_lozo's step-0 parity)
+    gd = info.record["g"]
+    opt.settle(model.store)
+    for name in model.store.names:
+        d = factors[name][0] @ factors[name][1].T if name in factors else z[name]
+        assert_close(model.store[name], (params[name] - (OPTS["lr"] * gd) * d).numpy())
+        assert_close(model.store[name], new[name].numpy(), rtol=1e-4)
+
+
 def test_without_defer_every_step_is_settled_as_before() -> None:
     """defer=False (direct `step` callers, ask/tell): no "from" in any record, nothing left
     pending, the bits of a per-step update."""
