@@ -89,7 +89,9 @@ class LOZOOptions(OptimizerOptions):
     rank: int = field(default=2, metadata=meta(
         "lozo: rank r of each 2-D weight's perturbation U V^T", cli="--rank"))
     nu: int = field(default=50, metadata=meta(
-        "lozo: steps between fresh draws of V (the lazy factor)", cli="--nu"))
+        "lozo: steps between fresh draws of V (the lazy factor); a run passes over the "
+        "2-D weights once per nu steps (its update waits in a low-rank sum meanwhile)",
+        cli="--nu"))
     # rademacher by default, as every ZO optimizer here: its draws are the same bits on
     # every CPU (gaussian goes through libm / SIMD transcendental functions)
     noise: str = field(default="rademacher", metadata=meta(
