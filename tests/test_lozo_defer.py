@@ -257,3 +257,30 @@ def test_session_store_settles_and_the_journal_says_so(tmp_path) -> None:
     store, _ = replay_journal(bundle, tmp_path / "r" / "journal.bin")
     assert store.digest() == sha
     assert not np.array_equal(w, store["head.weight"])
+
+
+def test_rollbacks_restore_the_pending_sum_and_replay(tmp_path) -> None:
+    """A diverging lozo run (lr 1) rolls back to snapshots taken with a sum pending (nu 4,
+    every 5): each rollback's sha256 is the weights the journal prefix up to its target
+    replays to, and the whole journal replays to the run's weights."""
+    from edgelearn.journal import Journal
+    from edgelearn.training import DivergencePolicy
+
+    bundle, data, _ = demo()
+    pol = DivergencePolicy(factor=2.0, patience=3, lr_scale=0.25, every=5)
+    config = el.TrainConfig(optimizer="lozo", trainable="*", batch_size=32, seed=6,
+                            options={"lr": 1.0, "eps": 1e-3, "nu": 4}, divergence=pol)
+    with el.Session(bundle, tmp_path / "r", config, runtime()) as s:
+        res = s.run(data, 30)
+    recs = read_journal(tmp_path / "r" / "journal.bin")[0]
+    rolls = [r for r in recs if r.get("kind") == "rollback"]
+    assert [r["to_step"] for r in rolls][:2] == [0, 5]  # step 5's snapshot: a sum from step 4
+    for k, roll in enumerate(rolls[1:3]):
+        prefix = tmp_path / f"prefix{k}.bin"
+        with Journal(prefix) as j:
+            for r in recs:
+                if r.get("kind") == "step" and r["step"] >= roll["to_step"]:
+                    break
+                j.append(r)
+        assert replay_journal(bundle, prefix)[0].digest() == roll["sha256"]
+    assert replay_journal(bundle, tmp_path / "r" / "journal.bin")[0].digest() == res.sha256

@@ -224,6 +224,13 @@ def guard_from_header(header: dict[str, Any]) -> GuardRule | None:
         raise InputError("journal header has a malformed divergence policy") from None
 
 
+def weights_digest(store: ParamStore, opt: Optimizer) -> str:
+    """sha256 of the weights the run is at (a pending update included, `Optimizer.settled`):
+    what `replay` of the journal up to that point reports."""
+    with opt.settled(store):
+        return store.digest()
+
+
 def apply_rollback(rule: GuardRule | None, store: ParamStore, opt: Optimizer,
                    record: dict[str, Any]) -> None:
     """Replay a rollback record: same restore as training, checked against its digest."""
@@ -235,7 +242,7 @@ def apply_rollback(rule: GuardRule | None, store: ParamStore, opt: Optimizer,
         raise InputError(f"journal rollback at step {record.get('step')} does not follow from "
                          "the divergence rule (corrupt, or written with other settings)")
     rule.restore_scaled(store, opt)
-    if store.digest() != record.get("sha256"):
+    if weights_digest(store, opt) != record.get("sha256"):
         raise InputError(f"journal rollback at step {record.get('step')} does not reproduce "
                          "its weights digest")
 
@@ -244,7 +251,7 @@ def rollback(rule: GuardRule, journal: Journal, store: ParamStore, opt: Optimize
     """Training side: restore the last good snapshot, lower lr, journal the event."""
     rec: dict[str, Any] = {"kind": "rollback", "step": opt.t, "to_step": rule.snap.step}
     rec["lr_scale"] = rule.restore_scaled(store, opt)
-    rec["sha256"] = store.digest()
+    rec["sha256"] = weights_digest(store, opt)
     journal.append(rec)
     journal.sync()
 
