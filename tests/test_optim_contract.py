@@ -159,11 +159,13 @@ def fresh(name: str, mlp: Mlp, store: ParamStore, **kw: Any) -> Optimizer:
     return opt
 
 
-def run(opt: Optimizer, mlp: Mlp, store: ParamStore, steps: int) -> list[dict[str, Any]]:
-    """`steps` steps from opt.t on; the journal records, through JSON as a journal keeps them."""
+def run(opt: Optimizer, mlp: Mlp, store: ParamStore, steps: int, *,
+        defer: bool = False) -> list[dict[str, Any]]:
+    """`steps` steps from opt.t on; the journal records, through JSON as a journal keeps them.
+    `defer`: as a `Session` run steps (an update may stay pending until `settle`)."""
     out = []
     for _ in range(steps):
-        info = opt.step(store, **mlp.inputs(store, opt.t))
+        info = opt.step(store, **mlp.inputs(store, opt.t), defer=defer)
         out.append(json.loads(json.dumps(info.record)))
     return out
 
@@ -294,6 +296,41 @@ def test_replay_gives_the_trained_weights_bit_exactly(name: str, mlp: Mlp) -> No
     base = mlp.store(name)
     with pytest.raises(InputError, match="does not reproduce"):
         fresh(name, mlp, base).replay(base, tampered, taps=mlp.inputs(base, 0)["taps"])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deferred_steps_checkpoint_read_and_replay_to_the_same_bits(name: str, mlp: Mlp,
+                                                                     tmp_path: Path) -> None:
+    """Steps with defer=True (what `Session` runs pass): the arena and state saved mid-run
+    continue to the same weights; a read inside `settled` sees what `settle` gives and leaves
+    the run's bits alone; replay with defer=True and a final `settle` rebuilds the weights."""
+    whole = mlp.store(name)
+    a = fresh(name, mlp, whole)
+    records = run(a, mlp, whole, 4, defer=True)
+    arena = whole.digest()
+    with a.settled(whole):
+        seen = whole.digest()
+    assert whole.digest() == arena
+    state = json.loads(json.dumps(a.state_dict()))
+    whole.save(tmp_path / "w.safetensors")
+    records += run(a, mlp, whole, 4, defer=True)
+    a.settle(whole)
+
+    second = ParamStore.from_file(tmp_path / "w.safetensors", mlp.specs(name))
+    c = fresh(name, mlp, second)
+    c.load_state_dict(state)
+    with c.settled(second):
+        assert second.digest() == seen
+    run(c, mlp, second, 4, defer=True)
+    c.settle(second)
+    assert second.digest() == whole.digest()
+
+    base = mlp.store(name)
+    again = fresh(name, mlp, base)
+    for rec in records:
+        again.replay(base, rec, taps=mlp.inputs(base, rec["step"])["taps"], defer=True)
+    again.settle(base)
+    assert base.digest() == whole.digest()
 
 
 @pytest.mark.parametrize("name", ALL)
