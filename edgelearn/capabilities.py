@@ -97,7 +97,8 @@ def _float_zo(bundle: Bundle) -> dict[str, dict[str, Any]]:
         "fzoo": {"supported": True, "how": f"K + 1 forwards per step ({pop})"},
         "lozo": {"supported": True, "how": "two forwards per step: one stacked run of a "
                  "low-rank graph on onnxruntime where the perturbed weights feed MatMul/Gemm, "
-                 "dense probes elsewhere"},
+                 "dense probes elsewhere; in a run the update passes over the weights once "
+                 "every nu steps"},
         "zo-gn": {"supported": True, "how": f"K + 2 forwards per step (K + 1 outputs in {pop}"
                   "); losses cross-entropy and mse"},
     }
