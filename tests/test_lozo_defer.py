@@ -68,10 +68,15 @@ def test_deferred_steps_equal_settled_ones_but_for_rounding() -> None:
     assert trained.digest() != model.store.digest()  # the store itself still held P apart
 
 
-@pytest.mark.parametrize("graph", [True, False], ids=["graph", "dense"])
-def test_probes_carry_the_pending_sum(graph: bool) -> None:
+@pytest.mark.parametrize(("graph", "stacked"), [(True, True), (True, False), (False, True)],
+                         ids=["stacked-graph", "graph-per-probe", "dense"])
+def test_probes_carry_the_pending_sum(graph: bool, stacked: bool, monkeypatch) -> None:
     """Step 4's probes (a sum pending since step 0) score W + P V^T +- eps Z, checked against
     those weights written out densely and run by the plain model."""
+    from edgelearn import lowrank_graph
+
+    if not stacked:  # one run per probe, a scalar scale (a graph with MatMul weights)
+        monkeypatch.setattr(lowrank_graph, "why_not_stacked", lambda *a: "forced for the test")
     bundle, data, _ = demo()
     model, opt, _ = steps(4, defer=True, graph=graph)
     with opt.settled(model.store):
@@ -79,6 +84,7 @@ def test_probes_carry_the_pending_sum(graph: bool) -> None:
     x, y = data.batch_at(4, 32, 7)
     ev = make_evaluator(bundle, model.store, opt, backend="onnxruntime", model=model,
                         loss_fn=cross_entropy)
+    assert ev.runner.stacked == stacked
     fw = ev.forwards(x, y)
     got = opt.step(model.store, fw.evaluate, fw.population if graph else None,
                    defer=True).record
