@@ -40,7 +40,7 @@ from edgelearn.params import ParamStore
 from edgelearn.training.cached_evaluator import CachedEvaluator
 from edgelearn.training.callbacks import Callback
 from edgelearn.training.config import RuntimeConfig, TrainConfig
-from edgelearn.training.divergence import DivergenceGuard, guard_from_header
+from edgelearn.training.divergence import DivergenceGuard, guard_from_header, weights_digest
 from edgelearn.training.evaluation import score
 from edgelearn.training.evaluators import StepEvaluator, make_evaluator
 from edgelearn.training.feeds import (
@@ -290,8 +290,7 @@ class Session:
     def digest(self) -> str:
         """sha256 of the current weights (`ParamStore.digest`, as `replay` reports it)."""
         self._ensure_open()
-        with self.optimizer.settled(self.model.store):
-            return self.model.store.digest()
+        return weights_digest(self.model.store, self.optimizer)
 
     def evaluate(self, data: Dataset, *, batch_size: int = 256) -> EvalResult:
         """Loss (and accuracy) of the current weights on `data`; the run is unaffected (no
